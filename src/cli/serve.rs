@@ -1,0 +1,144 @@
+//! `relayq serve`: wires spool, scheduler, workers, SMTP server and control
+//! socket together and runs until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+
+use crate::clock::Clock;
+use crate::config::{Config, TransportKind};
+use crate::delivery::scheduler::Scheduler;
+use crate::delivery::worker::{self, WorkerContext};
+use crate::smtp::{Server, ServerContext};
+use crate::spool::Spool;
+use crate::transport::Sender;
+
+/// How long shutdown waits for SMTP sessions and deliveries in flight.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let spool = Spool::open(&config.spool_dir)
+        .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
+    let clock = Clock::new();
+    let workers = match config.transport_kind() {
+        TransportKind::Relay => config.relay.as_ref().map(|r| r.concurrency).unwrap_or(4),
+        TransportKind::Capture => 2,
+    };
+    let (scheduler, handle, jobs) = Scheduler::new(spool.clone(), clock.clone(), workers);
+    let (shutdown_tx, shutdown) = watch::channel(false);
+
+    let ctx = Arc::new(ServerContext {
+        config: config.clone(),
+        spool: spool.clone(),
+        clock: clock.clone(),
+        scheduler: handle.clone(),
+    });
+    let server = Server::bind(ctx).await?;
+    let addrs = server.local_addrs();
+
+    let sched_task = tokio::spawn(scheduler.run(shutdown.clone()));
+    let wctx = Arc::new(WorkerContext {
+        config: config.clone(),
+        spool: spool.clone(),
+        clock: clock.clone(),
+        scheduler: handle.clone(),
+    });
+    let mut worker_tasks = tokio::task::JoinSet::new();
+    for _ in 0..workers {
+        let sender = Sender::new(&config)?;
+        worker_tasks.spawn(worker::run(
+            wctx.clone(),
+            jobs.clone(),
+            sender,
+            shutdown.clone(),
+        ));
+    }
+    let control = tokio::spawn(crate::control::serve(
+        crate::control::socket_path(&config.spool_dir),
+        handle.clone(),
+        clock.clone(),
+    ));
+
+    // Listen first, recover second: a big queue must not delay accepting.
+    let rspool = spool.clone();
+    let rhandle = handle.clone();
+    tokio::task::spawn_blocking(move || match rspool.recover() {
+        Ok(rec) => {
+            for c in &rec.corrupt {
+                tracing::error!(target: "relayq::queue", "{}: queue file is corrupt ({}); moved to corrupt/", c.id, c.reason);
+            }
+            tracing::info!(
+                "recovered queue: {} queued, {} on hold, {} corrupt, {} unfinished writes discarded",
+                rec.queued.len(),
+                rec.held.len(),
+                rec.corrupt.len(),
+                rec.discarded_tmp
+            );
+            rhandle.recovered(rec.queued, rec.held);
+        }
+        Err(e) => tracing::error!("queue recovery failed: {e}"),
+    });
+
+    let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+    let delivery = match config.transport_kind() {
+        TransportKind::Relay => {
+            let r = config
+                .relay
+                .as_ref()
+                .map(|r| format!("{}:{}", r.host, r.port))
+                .unwrap_or_default();
+            format!("relaying to {r}")
+        }
+        TransportKind::Capture => format!(
+            "capturing mail into the Maildir {}",
+            config
+                .capture
+                .as_ref()
+                .map(|c| c.maildir.display().to_string())
+                .unwrap_or_default()
+        ),
+    };
+    let source = match &config.source {
+        Some(p) => format!("config {}", p.display()),
+        None => format!(
+            "no config file ({} not found): development mode",
+            crate::config::DEFAULT_CONFIG_PATH
+        ),
+    };
+    tracing::info!(
+        "relayq {} started: {source}, listening on {}, {delivery}, spool {}",
+        env!("CARGO_PKG_VERSION"),
+        listen.join(" "),
+        config.spool_dir.display()
+    );
+
+    let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
+    wait_for_signal().await?;
+    tracing::info!(
+        "shutting down: no new mail accepted, deliveries in flight finish, the queue stays on disk"
+    );
+    let _ = shutdown_tx.send(true);
+    let _ = server_task.await;
+    let drained = async { while worker_tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        tracing::warn!("deliveries still in flight after {SHUTDOWN_GRACE:?}; they stay queued");
+    }
+    control.abort();
+    let _ = sched_task.await;
+    let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

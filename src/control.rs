@@ -1,0 +1,177 @@
+//! The control socket: how `relayq queue ...` and `sendmail` talk to the
+//! running daemon, so queue changes go through the scheduler and never
+//! race a delivery.
+//!
+//! Protocol: the client sends one JSON object on one line and reads one
+//! JSON object back: `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+//!
+//! # Security
+//! The socket lives in the spool directory (mode 0700) with mode 0600, so
+//! only the daemon's user (and root) can connect: no further
+//! authentication is done. Requests are size-limited and parsed strictly.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::clock::Clock;
+use crate::delivery::{QueueOp, SchedulerHandle};
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// Retry every deferred message now.
+    Flush,
+    /// A queue operation on one message.
+    Op { id: String, op: Op },
+    /// Rescan the spool for messages written by `sendmail` while we ran.
+    Wake { id: String },
+    /// Test hook: move the injected clock forward (needs RELAYQ_TEST_CLOCK=1).
+    ClockAdvance { secs: u64 },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    Hold,
+    Release,
+    Delete,
+    Requeue,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub count: Option<usize>,
+}
+
+pub fn socket_path(spool_dir: &Path) -> PathBuf {
+    spool_dir.join("control.sock")
+}
+
+/// Serves the control socket until the task is dropped.
+pub async fn serve(path: PathBuf, scheduler: SchedulerHandle, clock: Clock) -> anyhow::Result<()> {
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .map_err(|e| anyhow::anyhow!("cannot create control socket {}: {e}", path.display()))?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let scheduler = scheduler.clone();
+        let clock = clock.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(30), handle(stream, scheduler, clock))
+                .await;
+        });
+    }
+}
+
+async fn handle(
+    stream: UnixStream,
+    scheduler: SchedulerHandle,
+    clock: Clock,
+) -> std::io::Result<()> {
+    let (r, mut w) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(r).take(64 * 1024);
+    reader.read_line(&mut line).await?;
+    let response = match serde_json::from_str::<Request>(&line) {
+        Err(e) => err(format!("bad request: {e}")),
+        Ok(req) => execute(req, &scheduler, &clock).await,
+    };
+    let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    out.push(b'\n');
+    w.write_all(&out).await
+}
+
+fn err(e: String) -> Response {
+    Response {
+        ok: false,
+        error: Some(e),
+        count: None,
+    }
+}
+
+async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Response {
+    match req {
+        Request::Flush => match scheduler.flush().await {
+            Ok(n) => Response {
+                ok: true,
+                error: None,
+                count: Some(n),
+            },
+            Err(e) => err(e.to_string()),
+        },
+        Request::Op { id, op } => {
+            let op = match op {
+                Op::Hold => QueueOp::Hold,
+                Op::Release => QueueOp::Release,
+                Op::Delete => QueueOp::Delete,
+                Op::Requeue => QueueOp::Requeue,
+            };
+            match scheduler.op(&id, op).await {
+                Ok(()) => Response {
+                    ok: true,
+                    error: None,
+                    count: Some(1),
+                },
+                Err(e) => err(e.to_string()),
+            }
+        }
+        Request::Wake { id } => {
+            scheduler.queued(&id);
+            Response {
+                ok: true,
+                error: None,
+                count: None,
+            }
+        }
+        Request::ClockAdvance { secs } => {
+            if !Clock::skew_allowed() {
+                return err(
+                    "clock skew is only allowed when the daemon runs with RELAYQ_TEST_CLOCK=1"
+                        .into(),
+                );
+            }
+            clock.advance(Duration::from_secs(secs));
+            scheduler.tick();
+            Response {
+                ok: true,
+                error: None,
+                count: None,
+            }
+        }
+    }
+}
+
+/// Sends one request to the daemon. `Ok(None)` when no daemon listens.
+pub async fn request(spool_dir: &Path, req: &Request) -> anyhow::Result<Option<Response>> {
+    let path = socket_path(spool_dir);
+    let stream = match UnixStream::connect(&path).await {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(anyhow::anyhow!("cannot connect to {}: {e}", path.display())),
+    };
+    let (r, mut w) = stream.into_split();
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    w.write_all(&line).await?;
+    let mut reply = String::new();
+    BufReader::new(r).read_line(&mut reply).await?;
+    Ok(Some(serde_json::from_str(&reply)?))
+}

@@ -1,0 +1,90 @@
+//! Delivery outcomes as types, and the retry schedule.
+
+use std::time::Duration;
+
+/// What happened to one recipient in one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptOutcome {
+    /// The upstream took responsibility: its reply, verbatim.
+    Delivered { reply: String },
+    /// Try again later (4xx, connection trouble, TLS or AUTH problems).
+    Deferred { reason: String },
+    /// Failed for good (5xx): bounce to the sender.
+    Failed { reply: String, status: String },
+}
+
+impl RcptOutcome {
+    /// The enhanced status code for logs (`dsn=`).
+    pub fn dsn(&self) -> String {
+        match self {
+            RcptOutcome::Delivered { reply } => status_of(reply).unwrap_or_else(|| "2.0.0".into()),
+            RcptOutcome::Deferred { reason } => status_of(reason).unwrap_or_else(|| "4.0.0".into()),
+            RcptOutcome::Failed { status, .. } => status.clone(),
+        }
+    }
+}
+
+/// Extracts "x.y.z" from a reply like "550 5.1.1 user unknown".
+pub fn status_of(reply: &str) -> Option<String> {
+    let mut words = reply.split_whitespace();
+    let code = words.next()?;
+    if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let esc = words.next()?;
+    let parts: Vec<&str> = esc.split('.').collect();
+    let ok = parts.len() == 3
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        && parts[0] == &code[..1];
+    ok.then(|| esc.to_string())
+}
+
+/// The result of one attempt at one message, as a transport reports it.
+#[derive(Debug, Clone)]
+pub struct AttemptReport {
+    /// `host[ip]:port` or `maildir:/path`, for the log.
+    pub relay: String,
+    /// One entry per recipient index that was attempted.
+    pub results: Vec<(usize, RcptOutcome)>,
+    /// Time spent connecting (including TLS and AUTH) and transferring.
+    pub conn_time: Duration,
+    pub xfer_time: Duration,
+}
+
+/// Exponential backoff with jitter: `min * 2^(attempts-1)`, capped at
+/// `max`, then scaled by a random factor in [0.75, 1.0] so that a burst of
+/// messages deferred together does not come back together. Never below `min`.
+pub fn backoff(attempts: u32, min: Duration, max: Duration, jitter: f64) -> Duration {
+    let exp = attempts.saturating_sub(1).min(30);
+    let base = min.saturating_mul(1u32 << exp).min(max);
+    let factor = 0.75 + 0.25 * jitter.clamp(0.0, 1.0);
+    base.mul_f64(factor).max(min)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_parsing() {
+        assert_eq!(
+            status_of("550 5.1.1 no such user").as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(status_of("250 Ok").as_deref(), None);
+        assert_eq!(status_of("451 5.1.1 mismatched class").as_deref(), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_caps() {
+        let (min, max) = (Duration::from_secs(300), Duration::from_secs(4000));
+        assert_eq!(backoff(1, min, max, 1.0), min);
+        assert_eq!(backoff(2, min, max, 1.0), Duration::from_secs(600));
+        assert_eq!(backoff(4, min, max, 1.0), Duration::from_secs(2400));
+        assert_eq!(backoff(10, min, max, 1.0), max);
+        assert_eq!(backoff(10, min, max, 0.0), Duration::from_secs(3000));
+        assert_eq!(backoff(1, min, max, 0.0), min);
+    }
+}

@@ -1,0 +1,397 @@
+//! The scheduler: one task that owns the in-memory queue and hands ready
+//! messages to the delivery workers.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::clock::Clock;
+use crate::spool::{Area, Meta, Spool, SpoolError};
+
+/// Operations an operator can ask for through the control socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOp {
+    Hold,
+    Release,
+    Delete,
+    /// Try now (`postqueue -i` / `postsuper -r`).
+    Requeue,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no such message: {0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("the scheduler is shutting down")]
+    Stopped,
+}
+
+/// What a worker learned about a message it tried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// Every recipient is done; the file is gone.
+    Done,
+    /// Some recipients are deferred; try again at this time (unix ms).
+    RetryAt(u64),
+    /// The file vanished or was moved to corrupt/.
+    Gone,
+}
+
+pub(crate) enum Event {
+    Queued(Box<str>),
+    Recovered {
+        queued: Vec<Meta>,
+        held: Vec<Meta>,
+    },
+    Finished {
+        id: Box<str>,
+        next: Next,
+    },
+    Flush(oneshot::Sender<usize>),
+    Op {
+        id: String,
+        op: QueueOp,
+        done: oneshot::Sender<Result<(), ControlError>>,
+    },
+    /// The injected clock moved; re-evaluate timers.
+    Tick,
+}
+
+/// A cheap, cloneable way to talk to the scheduler.
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::UnboundedSender<Event>,
+}
+
+impl SchedulerHandle {
+    pub fn queued(&self, id: &str) {
+        let _ = self.tx.send(Event::Queued(id.into()));
+    }
+
+    pub fn recovered(&self, queued: Vec<Meta>, held: Vec<Meta>) {
+        let _ = self.tx.send(Event::Recovered { queued, held });
+    }
+
+    pub(crate) fn finished(&self, id: &str, next: Next) {
+        let _ = self.tx.send(Event::Finished {
+            id: id.into(),
+            next,
+        });
+    }
+
+    /// Makes every deferred message due now; returns how many.
+    pub async fn flush(&self) -> Result<usize, ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Flush(tx))
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)
+    }
+
+    pub async fn op(&self, id: &str, op: QueueOp) -> Result<(), ControlError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Op {
+                id: id.to_string(),
+                op,
+                done: tx,
+            })
+            .map_err(|_| ControlError::Stopped)?;
+        rx.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    pub fn tick(&self) {
+        let _ = self.tx.send(Event::Tick);
+    }
+}
+
+/// Resolves once shutdown has been requested.
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for its timer (or in the ready queue).
+    Waiting,
+    /// A worker has it.
+    InFlight,
+    Held,
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: State,
+    next_ms: u64,
+    /// An operation that arrived while a worker had the message.
+    deferred_op: Option<(QueueOp, oneshot::Sender<Result<(), ControlError>>)>,
+}
+
+/// A message handed to a worker.
+pub struct Job {
+    pub id: Box<str>,
+}
+
+pub struct Scheduler {
+    rx: mpsc::UnboundedReceiver<Event>,
+    work: mpsc::Sender<Job>,
+    spool: Spool,
+    clock: Clock,
+    entries: HashMap<Box<str>, Entry>,
+    timers: BTreeSet<(u64, Box<str>)>,
+    ready: VecDeque<Box<str>>,
+}
+
+impl Scheduler {
+    /// Creates the scheduler, its handle, and the receiving end of the work
+    /// queue that workers share.
+    pub fn new(
+        spool: Spool,
+        clock: Clock,
+        workers: usize,
+    ) -> (
+        Scheduler,
+        SchedulerHandle,
+        Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (work, work_rx) = mpsc::channel(workers.max(1));
+        let s = Scheduler {
+            rx,
+            work,
+            spool,
+            clock,
+            entries: HashMap::new(),
+            timers: BTreeSet::new(),
+            ready: VecDeque::new(),
+        };
+        (
+            s,
+            SchedulerHandle { tx },
+            Arc::new(tokio::sync::Mutex::new(work_rx)),
+        )
+    }
+
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            self.promote_due();
+            while let Some(id) = self.ready.front() {
+                match self.work.try_reserve() {
+                    Ok(permit) => {
+                        let id = id.clone();
+                        self.ready.pop_front();
+                        if let Some(e) = self.entries.get_mut(&id)
+                            && e.state == State::Waiting
+                        {
+                            e.state = State::InFlight;
+                            permit.send(Job { id });
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+            let sleep = self.next_timer_in();
+            let has_ready = !self.ready.is_empty();
+            let ev = tokio::select! {
+                ev = self.rx.recv() => match ev {
+                    Some(ev) => Some(ev),
+                    None => return,
+                },
+                // Capacity came back: loop to hand out work. The permit is
+                // dropped unused; try_reserve above takes it again.
+                _ = self.work.reserve(), if has_ready => None,
+                _ = tokio::time::sleep(sleep) => None,
+                _ = stopped(&mut shutdown) => return,
+            };
+            if let Some(ev) = ev {
+                self.handle(ev);
+            }
+        }
+    }
+
+    fn next_timer_in(&self) -> Duration {
+        let now = self.clock.now_ms();
+        match self.timers.first() {
+            Some((due, _)) => Duration::from_millis(due.saturating_sub(now)),
+            // Nothing scheduled: wake up now and then anyway, cheaply.
+            None => Duration::from_secs(3600),
+        }
+    }
+
+    fn promote_due(&mut self) {
+        let now = self.clock.now_ms();
+        while let Some((due, _)) = self.timers.first() {
+            if *due > now {
+                break;
+            }
+            if let Some((_, id)) = self.timers.pop_first() {
+                self.ready.push_back(id);
+            }
+        }
+    }
+
+    fn schedule(&mut self, id: Box<str>, at_ms: u64) {
+        let now = self.clock.now_ms();
+        if let Some(e) = self.entries.get_mut(&id) {
+            e.state = State::Waiting;
+            e.next_ms = at_ms;
+        }
+        if at_ms <= now {
+            self.ready.push_back(id);
+        } else {
+            self.timers.insert((at_ms, id));
+        }
+    }
+
+    fn unschedule(&mut self, id: &str, e_next: u64) {
+        self.timers.remove(&(e_next, Box::from(id)));
+        self.ready.retain(|r| &**r != id);
+    }
+
+    fn handle(&mut self, ev: Event) {
+        match ev {
+            Event::Queued(id) => {
+                if self.entries.contains_key(&id) {
+                    return;
+                }
+                let now = self.clock.now_ms();
+                self.entries.insert(
+                    id.clone(),
+                    Entry {
+                        state: State::Waiting,
+                        next_ms: now,
+                        deferred_op: None,
+                    },
+                );
+                self.ready.push_back(id);
+            }
+            Event::Recovered { queued, held } => {
+                for meta in held {
+                    let id: Box<str> = meta.id.into();
+                    self.entries.insert(
+                        id,
+                        Entry {
+                            state: State::Held,
+                            next_ms: 0,
+                            deferred_op: None,
+                        },
+                    );
+                }
+                for meta in queued {
+                    let id: Box<str> = meta.id.into();
+                    if self.entries.contains_key(&id) {
+                        continue;
+                    }
+                    let at = meta.next_attempt_ms.unwrap_or(0);
+                    self.entries.insert(
+                        id.clone(),
+                        Entry {
+                            state: State::Waiting,
+                            next_ms: at,
+                            deferred_op: None,
+                        },
+                    );
+                    self.schedule(id, at);
+                }
+            }
+            Event::Finished { id, next } => self.finished(id, next),
+            Event::Flush(done) => {
+                let waiting: Vec<(u64, Box<str>)> =
+                    std::mem::take(&mut self.timers).into_iter().collect();
+                let n = waiting.len();
+                for (_, id) in waiting {
+                    self.ready.push_back(id);
+                }
+                let _ = done.send(n);
+            }
+            Event::Op { id, op, done } => self.op(id, op, done),
+            Event::Tick => {}
+        }
+    }
+
+    fn finished(&mut self, id: Box<str>, next: Next) {
+        let deferred_op = self.entries.get_mut(&id).and_then(|e| e.deferred_op.take());
+        match next {
+            Next::Done | Next::Gone => {
+                self.entries.remove(&id);
+                if let Some((_, done)) = deferred_op {
+                    let _ = done.send(Err(ControlError::NotFound(id.to_string())));
+                }
+            }
+            Next::RetryAt(at) => {
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.state = State::Waiting;
+                    e.next_ms = at;
+                }
+                match deferred_op {
+                    Some((op, done)) => self.op(id.to_string(), op, done),
+                    None => self.schedule(id, at),
+                }
+            }
+        }
+    }
+
+    fn op(&mut self, id: String, op: QueueOp, done: oneshot::Sender<Result<(), ControlError>>) {
+        let Some(entry) = self.entries.get_mut(id.as_str()) else {
+            let _ = done.send(Err(ControlError::NotFound(id)));
+            return;
+        };
+        if entry.state == State::InFlight {
+            // Applied when the worker is done, so no file moves under it.
+            entry.deferred_op = Some((op, done));
+            return;
+        }
+        let (state, next) = (entry.state, entry.next_ms);
+        let key: Box<str> = id.as_str().into();
+        let result = match (op, state) {
+            (QueueOp::Hold, State::Held) | (QueueOp::Release, State::Waiting) => Ok(()),
+            (QueueOp::Hold, _) => {
+                self.unschedule(&id, next);
+                let r = self.spool.move_to(&id, Area::Queue, Area::Hold);
+                if r.is_ok() {
+                    tracing::info!(target: "relayq::queue", "{id}: placed on hold");
+                }
+                if let Some(e) = self.entries.get_mut(&key) {
+                    e.state = State::Held;
+                }
+                r.map_err(ControlError::from)
+            }
+            (QueueOp::Release, State::Held) => {
+                let r = self.spool.move_to(&id, Area::Hold, Area::Queue);
+                if r.is_ok() {
+                    tracing::info!(target: "relayq::queue", "{id}: released from hold");
+                    let now = self.clock.now_ms();
+                    self.schedule(key, now);
+                }
+                r.map_err(ControlError::from)
+            }
+            (QueueOp::Delete, _) => {
+                self.unschedule(&id, next);
+                let area = if state == State::Held {
+                    Area::Hold
+                } else {
+                    Area::Queue
+                };
+                let r = self.spool.remove(area, &id);
+                self.entries.remove(&key);
+                if r.is_ok() {
+                    tracing::info!(target: "relayq::queue", "{id}: removed");
+                }
+                r.map_err(ControlError::from)
+            }
+            (QueueOp::Requeue, State::Held) => Ok(()),
+            (QueueOp::Requeue, _) => {
+                self.unschedule(&id, next);
+                let now = self.clock.now_ms();
+                self.schedule(key, now);
+                Ok(())
+            }
+            (QueueOp::Release, State::InFlight) => Ok(()),
+        };
+        let _ = done.send(result);
+    }
+}

@@ -1,0 +1,301 @@
+//! A delivery worker: takes a message from the scheduler, tries its pending
+//! recipients through its own transport connection (kept open between
+//! messages), and records each recipient's outcome in the spool following
+//! the durability rules.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, mpsc, watch};
+
+use super::outcome::{AttemptReport, RcptOutcome, backoff};
+use super::scheduler::{Job, Next, SchedulerHandle, stopped};
+use crate::bounce::{self, Action, BounceInput, BouncedRecipient};
+use crate::clock::{Clock, from_ms};
+use crate::config::Config;
+use crate::spool::{Area, Envelope, Meta, Record, Spool, SpoolError};
+use crate::transport::Sender;
+
+/// What every worker shares.
+pub struct WorkerContext {
+    pub config: Arc<Config>,
+    pub spool: Spool,
+    pub clock: Clock,
+    pub scheduler: SchedulerHandle,
+}
+
+/// Runs one worker until shutdown. The connection it holds is closed after
+/// the transport's idle timeout without work.
+pub async fn run(
+    ctx: Arc<WorkerContext>,
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    mut sender: Sender,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let idle = sender.idle_timeout();
+    loop {
+        let job = tokio::select! {
+            job = async { jobs.lock().await.recv().await } => job,
+            _ = stopped(&mut shutdown) => break,
+            _ = tokio::time::sleep(idle), if sender.is_connected() => {
+                sender.close().await;
+                continue;
+            }
+        };
+        let Some(job) = job else { break };
+        let next = attempt(&ctx, &mut sender, &job.id).await;
+        ctx.scheduler.finished(&job.id, next);
+    }
+    sender.close().await;
+}
+
+/// One attempt at one message. Never loses it: on any doubt the message
+/// stays queued with a retry time.
+pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next {
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
+    let (meta, body) = match loaded {
+        Ok(Ok(x)) => x,
+        Ok(Err(SpoolError::NotFound(_))) => return Next::Gone,
+        Ok(Err(SpoolError::Corrupt { reason, .. })) => {
+            tracing::error!(target: "relayq::queue", "{id}: queue file is corrupt ({reason}); moved to corrupt/");
+            let _ = ctx.spool.move_to(id, Area::Queue, Area::Corrupt);
+            return Next::Gone;
+        }
+        Ok(Err(e)) => {
+            tracing::error!(target: "relayq::queue", "{id}: cannot read queue file: {e}");
+            return retry_later(ctx);
+        }
+        Err(e) => {
+            tracing::error!(target: "relayq::queue", "{id}: cannot read queue file: {e}");
+            return retry_later(ctx);
+        }
+    };
+    let pending: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
+    if pending.is_empty() {
+        return finish(ctx, id);
+    }
+    let started = Instant::now();
+    let report = sender.deliver(&meta, &body, &pending).await;
+    record(ctx, &meta, &body, report, started).await
+}
+
+/// Applies an attempt's outcomes to the spool and decides what comes next.
+async fn record(
+    ctx: &WorkerContext,
+    meta: &Meta,
+    body: &[u8],
+    report: AttemptReport,
+    started: Instant,
+) -> Next {
+    let id = meta.id.as_str();
+    let now = ctx.clock.now();
+    let now_ms = crate::clock::to_ms(now);
+    let delay = now_ms.saturating_sub(meta.arrival_ms) as f64 / 1000.0;
+    let queue_wait = delay - started.elapsed().as_secs_f64();
+    let lifetime_ms =
+        u64::try_from(ctx.config.queue.max_lifetime.0.as_millis()).unwrap_or(u64::MAX);
+    let expired = now_ms.saturating_sub(meta.arrival_ms) >= lifetime_ms;
+
+    let mut durable = Vec::new();
+    let mut bounced: Vec<BouncedRecipient> = Vec::new();
+    let mut deferred = Vec::new();
+    for (idx, outcome) in &report.results {
+        let Some(rcpt) = meta.recipients.get(*idx) else {
+            continue;
+        };
+        let line = |status: &str, text: &str| {
+            tracing::info!(
+                target: "relayq::delivery",
+                "{id}: to=<{}>, relay={}, delay={delay:.2}, delays={:.2}/{:.2}/{:.2}, dsn={}, status={status} ({text})",
+                rcpt.address,
+                report.relay,
+                queue_wait.max(0.0),
+                report.conn_time.as_secs_f64(),
+                report.xfer_time.as_secs_f64(),
+                outcome.dsn(),
+            )
+        };
+        match outcome {
+            RcptOutcome::Delivered { reply } => {
+                line("sent", reply);
+                durable.push(Record::Delivered {
+                    idx: *idx,
+                    at_ms: now_ms,
+                    reply: reply.clone(),
+                });
+            }
+            RcptOutcome::Failed { reply, status } => {
+                line("bounced", reply);
+                bounced.push(bounced_rcpt(
+                    &rcpt.address,
+                    status,
+                    reply,
+                    &report.relay,
+                    now,
+                ));
+                durable.push(Record::Failed {
+                    idx: *idx,
+                    at_ms: now_ms,
+                    reply: reply.clone(),
+                });
+            }
+            RcptOutcome::Deferred { reason } if expired => {
+                line("expired, returned to sender", reason);
+                bounced.push(bounced_rcpt(
+                    &rcpt.address,
+                    "4.4.7",
+                    reason,
+                    &report.relay,
+                    now,
+                ));
+                durable.push(Record::Failed {
+                    idx: *idx,
+                    at_ms: now_ms,
+                    reply: format!(
+                        "message expired after {}: {reason}",
+                        ctx.config.queue.max_lifetime
+                    ),
+                });
+            }
+            RcptOutcome::Deferred { reason } => {
+                line("deferred", reason);
+                deferred.push(Record::Deferred {
+                    idx: *idx,
+                    at_ms: now_ms,
+                    reason: reason.clone(),
+                });
+            }
+        }
+    }
+
+    // Rule 2: a bounce is queued before the failures it reports are recorded.
+    if !bounced.is_empty() && !send_bounce(ctx, meta, body, &bounced, expired).await {
+        return retry_later(ctx);
+    }
+    let finals = durable.len();
+    if !durable.is_empty() {
+        let spool = ctx.spool.clone();
+        let owned = id.to_string();
+        let written =
+            tokio::task::spawn_blocking(move || spool.append(&owned, &durable, true)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            tracing::error!(target: "relayq::queue", "{id}: cannot record delivery status: {written:?}");
+            return retry_later(ctx);
+        }
+    }
+    if meta.pending().count() == finals {
+        return finish(ctx, id);
+    }
+    let attempts = meta.attempts + 1;
+    let q = &ctx.config.queue;
+    let wait = backoff(attempts, q.retry_min.0, q.retry_max.0, fastrand::f64());
+    let next_ms = now_ms + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2);
+    deferred.push(Record::Attempt { attempts, next_ms });
+    if let Err(e) = ctx.spool.append(id, &deferred, false) {
+        tracing::warn!(target: "relayq::queue", "{id}: cannot record deferral: {e}");
+    }
+    Next::RetryAt(next_ms)
+}
+
+fn bounced_rcpt(
+    address: &str,
+    status: &str,
+    reply: &str,
+    relay: &str,
+    now: std::time::SystemTime,
+) -> BouncedRecipient {
+    BouncedRecipient {
+        address: address.to_string(),
+        action: Action::Failed,
+        status: status.to_string(),
+        diagnostic: Some(reply.to_string()),
+        remote_mta: relay
+            .split('[')
+            .next()
+            .filter(|h| !h.is_empty() && !h.starts_with("maildir"))
+            .map(str::to_string),
+        last_attempt: Some(now),
+    }
+}
+
+/// Queues a DSN to the original sender. Mail from the null sender is never
+/// bounced (that is how bounce loops are avoided). Returns false if the
+/// bounce could not be queued, in which case nothing is marked failed.
+async fn send_bounce(
+    ctx: &WorkerContext,
+    meta: &Meta,
+    body: &[u8],
+    rcpts: &[BouncedRecipient],
+    expired: bool,
+) -> bool {
+    let id = meta.id.as_str();
+    if meta.sender.is_empty() {
+        tracing::info!(target: "relayq::queue", "{id}: sender is <>, no bounce is sent");
+        return true;
+    }
+    let reason = if expired {
+        format!(
+            "This message could not be delivered within {} and has been returned to you.",
+            ctx.config.queue.max_lifetime
+        )
+    } else {
+        "The mail system could not deliver your message to one or more recipients.".to_string()
+    };
+    let now = ctx.clock.now();
+    let dsn = bounce::build_dsn(&BounceInput {
+        reporting_mta: &ctx.config.hostname,
+        queue_id: id,
+        arrival: from_ms(meta.arrival_ms),
+        now,
+        original_sender: &meta.sender,
+        original_message: body,
+        recipients: rcpts,
+        reason: &reason,
+        return_full_message_limit: usize::try_from(ctx.config.queue.bounce_full_message_limit.0)
+            .unwrap_or(usize::MAX),
+    });
+    let env = Envelope {
+        sender: String::new(),
+        recipients: vec![meta.sender.clone()],
+        smtputf8: !meta.sender.is_ascii(),
+        eight_bit: dsn.iter().any(|&b| b >= 0x80),
+    };
+    let bounce_id = Spool::new_id();
+    match ctx
+        .spool
+        .commit(bounce_id, env, dsn, crate::clock::to_ms(now))
+        .await
+    {
+        Ok(bid) => {
+            tracing::info!(target: "relayq::queue", "{id}: sender non-delivery notification: {bid}");
+            ctx.scheduler.queued(&bid);
+            true
+        }
+        Err(e) => {
+            tracing::error!(target: "relayq::queue", "{id}: cannot queue bounce: {e}");
+            false
+        }
+    }
+}
+
+fn finish(ctx: &WorkerContext, id: &str) -> Next {
+    match ctx.spool.remove(Area::Queue, id) {
+        Ok(()) | Err(SpoolError::NotFound(_)) => {
+            tracing::info!(target: "relayq::queue", "{id}: removed");
+            Next::Done
+        }
+        Err(e) => {
+            // Every recipient is recorded as done, so recovery removes it.
+            tracing::warn!(target: "relayq::queue", "{id}: cannot remove finished queue file: {e}");
+            Next::Done
+        }
+    }
+}
+
+/// A retry soon, for trouble on our side (spool I/O) rather than upstream.
+fn retry_later(ctx: &WorkerContext) -> Next {
+    let wait = ctx.config.queue.retry_min.0.min(Duration::from_secs(60));
+    Next::RetryAt(ctx.clock.now_ms() + u64::try_from(wait.as_millis()).unwrap_or(60_000))
+}

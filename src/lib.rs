@@ -1,0 +1,26 @@
+//! relayq: a local relay mail transfer agent.
+//!
+//! A message flows through one pipeline:
+//!
+//! ```text
+//!  app --SMTP--> smtp::server ─┐                      ┌─> transport::smtp ──> relayhost
+//!                              ├─> spool (fsync) ─> delivery::scheduler ─┤
+//!  app --stdin--> cli::sendmail┘    queue/  hold/       (retry, expiry)  └─> transport::capture (Maildir)
+//!                                   corrupt/                 │
+//!                                                            └─> bounce (RFC 3464 DSN, back into the spool)
+//! ```
+//!
+//! The spool is the only writer of message files; everything after it reads
+//! them and appends per-recipient outcomes. The client is answered `250` only
+//! once the spool has fsynced the message and its directory entry.
+
+pub mod bounce;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod control;
+pub mod delivery;
+pub mod observe;
+pub mod smtp;
+pub mod spool;
+pub mod transport;

@@ -1,0 +1,572 @@
+//! One inbound SMTP session: the RFC 5321 state machine.
+//!
+//! The session is generic over the byte stream, so tests can drive it
+//! without sockets. Replies are buffered and flushed only when the client
+//! has no more pipelined input waiting, which is what makes PIPELINING
+//! cheap. A transaction exists from MAIL to the end of DATA; the message is
+//! queued (and fsynced, see `spool`) before `250` is sent.
+//!
+//! # Security
+//! Everything read here comes from the network. Lines are read with a hard
+//! length cap (a longer line is consumed and refused, never buffered whole),
+//! the message size is counted while it arrives and the body of an
+//! oversized message is discarded, every read has a timeout, and a client
+//! that keeps making errors is disconnected. Nothing is queued unless the
+//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` never
+//! ends a message (SMTP smuggling).
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use smtp_proto::{Error as ParseError, Request};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+
+use super::message;
+use super::server::ServerContext;
+use crate::spool::{Envelope, SpoolError};
+
+/// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
+/// (SIZE, SMTPUTF8 addresses) need more, and Postfix allows 2048.
+const MAX_COMMAND_LINE: usize = 2048;
+
+/// How a read of one line ended.
+enum Line {
+    Ok(Vec<u8>),
+    /// Longer than allowed; the whole line was consumed and dropped.
+    TooLong,
+    Eof,
+}
+
+#[derive(Debug)]
+struct Transaction {
+    sender: String,
+    recipients: Vec<String>,
+    smtputf8: bool,
+    eight_bit: bool,
+}
+
+pub struct Session<S> {
+    io: BufReader<S>,
+    out: Vec<u8>,
+    ctx: Arc<ServerContext>,
+    peer: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    txn: Option<Transaction>,
+    errors: usize,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Why a session ended early; used for the log line.
+#[derive(Debug)]
+enum Close {
+    Quit,
+    Eof,
+    Timeout,
+    TooManyErrors,
+    Shutdown,
+    Io(std::io::Error),
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    pub fn new(
+        stream: S,
+        peer: SocketAddr,
+        ctx: Arc<ServerContext>,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Session {
+            io: BufReader::with_capacity(16 * 1024, stream),
+            out: Vec::with_capacity(512),
+            ctx,
+            peer,
+            helo: None,
+            esmtp: false,
+            txn: None,
+            errors: 0,
+            shutdown,
+        }
+    }
+
+    /// Runs the session to its end. Never panics on client input.
+    pub async fn run(mut self) {
+        let hostname = self.ctx.config.hostname.clone();
+        self.reply(&format!("220 {hostname} ESMTP relayq"));
+        let result = self.serve().await;
+        match &result {
+            Close::Quit | Close::Eof => {}
+            Close::Io(e) => tracing::debug!(peer = %self.peer, "session ended by I/O error: {e}"),
+            other => tracing::debug!(peer = %self.peer, "session closed: {other:?}"),
+        }
+        let _ = self.flush().await;
+        let _ = self.io.get_mut().shutdown().await;
+        tracing::debug!(peer = %self.peer, "disconnect");
+    }
+
+    async fn serve(&mut self) -> Close {
+        loop {
+            if let Err(e) = self.flush_if_idle().await {
+                return Close::Io(e);
+            }
+            let timeout = self.ctx.config.smtp.command_timeout.0;
+            let mut shutdown = self.shutdown.clone();
+            let line = tokio::select! {
+                r = tokio::time::timeout(timeout, read_line(&mut self.io, MAX_COMMAND_LINE)) => r,
+                _ = crate::delivery::scheduler::stopped(&mut shutdown) => {
+                    self.reply("421 4.3.2 Service shutting down, closing transmission channel");
+                    return Close::Shutdown;
+                }
+            };
+            let line = match line {
+                Err(_) => {
+                    let host = self.ctx.config.hostname.clone();
+                    self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
+                    return Close::Timeout;
+                }
+                Ok(Err(e)) => return Close::Io(e),
+                Ok(Ok(Line::Eof)) => return Close::Eof,
+                Ok(Ok(Line::TooLong)) => {
+                    if self.error("500 5.5.2 Error: command line too long") {
+                        return Close::TooManyErrors;
+                    }
+                    continue;
+                }
+                Ok(Ok(Line::Ok(line))) => line,
+            };
+            match self.command(&line).await {
+                Ok(true) => {}
+                Ok(false) => return Close::Quit,
+                Err(close) => return close,
+            }
+        }
+    }
+
+    /// Handles one command line. `Ok(false)` ends the session.
+    async fn command(&mut self, line: &[u8]) -> Result<bool, Close> {
+        if line.contains(&0) {
+            return self.fail("500 5.5.2 Error: NUL character in command");
+        }
+        let request = Request::parse(&mut line.iter());
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => return self.parse_error(e),
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(&host, true),
+            Request::Helo { host } => self.hello(&host, false),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to),
+            Request::Data => return self.data().await,
+            Request::Rset => {
+                self.txn = None;
+                self.reply("250 2.0.0 Ok");
+                Ok(true)
+            }
+            Request::Noop { .. } => {
+                self.reply("250 2.0.0 Ok");
+                Ok(true)
+            }
+            Request::Quit => {
+                self.reply("221 2.0.0 Bye");
+                Ok(false)
+            }
+            Request::Vrfy { .. } => {
+                self.reply(
+                    "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+                );
+                Ok(true)
+            }
+            Request::Help { .. } => {
+                self.reply("214-2.0.0 relayq: a relay for this host's applications\r\n214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP");
+                Ok(true)
+            }
+            Request::Lhlo { .. } => self.fail("500 5.5.1 Error: LHLO is for LMTP, this is SMTP"),
+            Request::StartTls
+            | Request::Auth { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. }
+            | Request::Bdat { .. } => self.fail("502 5.5.1 Error: command not implemented"),
+        }
+    }
+
+    fn hello(&mut self, host: &str, esmtp: bool) -> Result<bool, Close> {
+        self.helo = Some(host.to_string());
+        self.esmtp = esmtp;
+        self.txn = None;
+        let name = &self.ctx.config.hostname;
+        if esmtp {
+            let size = self.ctx.config.smtp.max_message_size.0;
+            let text = format!(
+                "250-{name}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-VRFY\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8"
+            );
+            self.reply(&text);
+        } else {
+            let text = format!("250 {name}");
+            self.reply(&text);
+        }
+        Ok(true)
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<Cow<'_, str>>) -> Result<bool, Close> {
+        if self.helo.is_none() {
+            return self.fail("503 5.5.1 Error: send HELO/EHLO first");
+        }
+        if self.txn.is_some() {
+            return self.fail("503 5.5.1 Error: nested MAIL command");
+        }
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        if (smtputf8 || from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0) && !self.esmtp {
+            return self.fail("555 5.5.4 Error: MAIL parameters need EHLO");
+        }
+        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0
+            || from.env_id.is_some()
+            || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS) != 0
+        {
+            return self.fail("555 5.5.4 Error: unsupported MAIL parameter");
+        }
+        let max = self.ctx.config.smtp.max_message_size.0;
+        if from.size as u64 > max {
+            self.reply("552 5.3.4 Error: message size exceeds fixed limit");
+            return Ok(true);
+        }
+        if !from.address.is_ascii() && !smtputf8 {
+            return self
+                .fail("553 5.6.7 Error: non-ASCII sender address needs the SMTPUTF8 parameter");
+        }
+        match self.ctx.spool.free_space() {
+            Ok(free)
+                if free
+                    < self
+                        .ctx
+                        .config
+                        .smtp
+                        .min_free_space
+                        .0
+                        .saturating_add(from.size as u64) =>
+            {
+                tracing::warn!(
+                    "refusing mail from {}: spool file system has only {free} bytes free",
+                    self.peer
+                );
+                self.reply("452 4.3.1 Insufficient system storage");
+                return Ok(true);
+            }
+            _ => {}
+        }
+        self.txn = Some(Transaction {
+            sender: from.address.into_owned(),
+            recipients: Vec::new(),
+            smtputf8,
+            eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+        });
+        self.reply("250 2.1.0 Ok");
+        Ok(true)
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) -> Result<bool, Close> {
+        let max = self.ctx.config.smtp.max_recipients;
+        let Some(txn) = self.txn.as_mut() else {
+            return self.fail("503 5.5.1 Error: need MAIL command");
+        };
+        if txn.recipients.len() >= max {
+            self.reply("452 4.5.3 Error: too many recipients");
+            return Ok(true);
+        }
+        let addr = to.address;
+        if addr.is_empty() || !addr.contains('@') || addr.starts_with('@') || addr.ends_with('@') {
+            return self
+                .fail("501 5.1.3 Error: recipient address must be fully qualified (user@domain)");
+        }
+        if !addr.is_ascii() && !txn.smtputf8 {
+            return self
+                .fail("553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8 in MAIL FROM");
+        }
+        if to.orcpt.is_some() || to.flags != 0 {
+            return self.fail("555 5.5.4 Error: unsupported RCPT parameter");
+        }
+        txn.recipients.push(addr.into_owned());
+        self.reply("250 2.1.5 Ok");
+        Ok(true)
+    }
+
+    async fn data(&mut self) -> Result<bool, Close> {
+        match &self.txn {
+            None => return self.fail("503 5.5.1 Error: need MAIL command"),
+            Some(t) if t.recipients.is_empty() => {
+                return self.fail("503 5.5.1 Error: need RCPT command");
+            }
+            Some(_) => {}
+        }
+        self.reply("354 End data with <CR><LF>.<CR><LF>");
+        self.flush().await.map_err(Close::Io)?;
+
+        let body = match self.read_body().await {
+            Ok(Ok(body)) => body,
+            Ok(Err(refusal)) => {
+                self.txn = None;
+                self.reply(refusal);
+                return Ok(true);
+            }
+            Err(close) => {
+                self.txn = None;
+                return Err(close);
+            }
+        };
+        let Some(txn) = self.txn.take() else {
+            return Ok(true);
+        };
+        self.queue(txn, body).await;
+        Ok(true)
+    }
+
+    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing and
+    /// turning bare LF line ends into CRLF. `Ok(Err(reply))` means the whole
+    /// body was read but must be refused with that reply.
+    async fn read_body(&mut self) -> Result<Result<Vec<u8>, &'static str>, Close> {
+        let limits = &self.ctx.config.smtp;
+        let max_size = usize::try_from(limits.max_message_size.0).unwrap_or(usize::MAX);
+        // Two bytes for the line end, one for a stuffed dot.
+        let max_line = limits.max_line_length + 3;
+        let timeout = limits.data_timeout.0;
+        let mut body = Vec::with_capacity(4096);
+        let mut refusal: Option<&'static str> = None;
+        loop {
+            let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
+            {
+                Err(_) => {
+                    let host = self.ctx.config.hostname.clone();
+                    self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
+                    return Err(Close::Timeout);
+                }
+                Ok(Err(e)) => return Err(Close::Io(e)),
+                Ok(Ok(Line::Eof)) => return Err(Close::Eof),
+                Ok(Ok(Line::TooLong)) => {
+                    refusal.get_or_insert(
+                        "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)",
+                    );
+                    continue;
+                }
+                Ok(Ok(Line::Ok(line))) => line,
+            };
+            if line == b".\r\n" {
+                break;
+            }
+            let content = line.strip_prefix(b".").unwrap_or(&line);
+            let text = content
+                .strip_suffix(b"\r\n")
+                .or_else(|| content.strip_suffix(b"\n"))
+                .unwrap_or(content);
+            if refusal.is_some() {
+                continue;
+            }
+            if text.len() > limits.max_line_length {
+                refusal =
+                    Some("500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)");
+                continue;
+            }
+            if text.contains(&0) {
+                refusal = Some("554 5.6.0 Error: message contains NUL characters");
+                continue;
+            }
+            if body.len() + text.len() + 2 > max_size {
+                refusal = Some("552 5.3.4 Error: message size exceeds fixed limit");
+                body = Vec::new();
+                continue;
+            }
+            body.extend_from_slice(text);
+            // A last line without any line end is only possible at EOF,
+            // which aborts the transaction above; every stored line ends in
+            // CRLF.
+            body.extend_from_slice(b"\r\n");
+        }
+        Ok(match refusal {
+            Some(r) => Err(r),
+            None => Ok(body),
+        })
+    }
+
+    async fn queue(&mut self, txn: Transaction, body: Vec<u8>) {
+        let ctx = self.ctx.clone();
+        let id = crate::spool::Spool::new_id();
+        let now = ctx.clock.now();
+        let date = message::rfc5322_now(now);
+        let protocol = match (self.esmtp, txn.smtputf8) {
+            (_, true) => "UTF8SMTP",
+            (true, false) => "ESMTP",
+            (false, false) => "SMTP",
+        };
+        let helo = self.helo.clone().unwrap_or_default();
+        let trace = message::Trace {
+            helo: &helo,
+            client_ip: self.peer.ip(),
+            hostname: &ctx.config.hostname,
+            protocol,
+            id: &id,
+            single_rcpt: (txn.recipients.len() == 1).then(|| txn.recipients[0].as_str()),
+            date: &date,
+        };
+        let mut msg = message::prefix(&trace, &message::scan_headers(&body));
+        msg.extend_from_slice(&body);
+        drop(body);
+        let eight_bit = txn.eight_bit || msg.iter().any(|&b| b >= 0x80);
+        let env = Envelope {
+            sender: txn.sender,
+            recipients: txn.recipients,
+            smtputf8: txn.smtputf8,
+            eight_bit,
+        };
+        let size = msg.len();
+        let nrcpt = env.recipients.len();
+        let sender = env.sender.clone();
+        match ctx
+            .spool
+            .commit(id, env, msg, crate::clock::to_ms(now))
+            .await
+        {
+            Ok(id) => {
+                tracing::info!(
+                    target: "relayq::queue",
+                    "{id}: client=[{}], from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
+                    self.peer.ip()
+                );
+                ctx.queued(&id);
+                self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
+            }
+            Err(SpoolError::Full) => {
+                tracing::warn!("refusing mail from <{sender}>: spool out of disk space");
+                self.reply("452 4.3.1 Insufficient system storage");
+            }
+            Err(e) => {
+                tracing::error!("cannot queue mail from <{sender}>: {e}");
+                self.reply("451 4.3.0 Error: queue file write error");
+            }
+        }
+    }
+
+    fn parse_error(&mut self, e: ParseError) -> Result<bool, Close> {
+        let reply = match e {
+            ParseError::UnknownCommand => "500 5.5.2 Error: command not recognized",
+            ParseError::InvalidSenderAddress => "501 5.1.7 Error: bad sender address syntax",
+            ParseError::InvalidRecipientAddress => "501 5.1.3 Error: bad recipient address syntax",
+            ParseError::SyntaxError { syntax } => {
+                let text = format!("501 5.5.4 Syntax: {syntax}");
+                return self.fail(&text);
+            }
+            ParseError::InvalidParameter { param } => {
+                let text = format!("501 5.5.4 Error: invalid value for parameter {param}");
+                return self.fail(&text);
+            }
+            ParseError::UnsupportedParameter { param } => {
+                let param: String = param
+                    .chars()
+                    .filter(|c| c.is_ascii_graphic())
+                    .take(64)
+                    .collect();
+                let text = format!("555 5.5.4 Error: unsupported parameter {param}");
+                return self.fail(&text);
+            }
+            ParseError::ResponseTooLong => "500 5.5.2 Error: command line too long",
+            ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
+                "501 5.5.2 Error: syntax error"
+            }
+        };
+        self.fail(reply)
+    }
+
+    /// Replies with an error and counts it; too many end the session.
+    fn fail(&mut self, reply: &str) -> Result<bool, Close> {
+        if self.error(reply) {
+            return Err(Close::TooManyErrors);
+        }
+        Ok(true)
+    }
+
+    /// Returns true when the client has now made too many errors.
+    fn error(&mut self, reply: &str) -> bool {
+        self.errors += 1;
+        if self.errors >= self.ctx.config.smtp.max_errors {
+            let host = self.ctx.config.hostname.clone();
+            self.reply(&format!("421 4.7.0 {host} Error: too many errors"));
+            tracing::info!(peer = %self.peer, "too many errors; disconnecting");
+            return true;
+        }
+        self.reply(reply);
+        false
+    }
+
+    fn reply(&mut self, text: &str) {
+        self.out.extend_from_slice(text.as_bytes());
+        self.out.extend_from_slice(b"\r\n");
+    }
+
+    /// Flushes replies unless more pipelined commands are already waiting.
+    async fn flush_if_idle(&mut self) -> std::io::Result<()> {
+        if self.io.buffer().is_empty() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let stream = self.io.get_mut();
+        // Writes are bounded like reads: a client that stops reading must
+        // not hold the session forever.
+        let write = async {
+            stream.write_all(&self.out).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout(Duration::from_secs(60), write).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "write timeout",
+                ));
+            }
+        }
+        self.out.clear();
+        Ok(())
+    }
+}
+
+/// Reads one line including its LF, up to `max` bytes. A longer line is
+/// consumed to its end and reported as [`Line::TooLong`].
+async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok(Line::Eof);
+        }
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(pos) => (&buf[..=pos], true),
+            None => (buf, false),
+        };
+        let n = chunk.len();
+        if !too_long {
+            if line.len() + n > max {
+                too_long = true;
+                line = Vec::new();
+            } else {
+                line.extend_from_slice(chunk);
+            }
+        }
+        r.consume(n);
+        if done {
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Ok(line)
+            });
+        }
+    }
+}

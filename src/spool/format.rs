@@ -1,0 +1,399 @@
+//! Encoding and decoding of one queue file (the format is specified in the
+//! doc comment of the parent module).
+//!
+//! # Security
+//! A queue file may have been damaged by a disk, an operator or a bug; the
+//! decoder treats it as untrusted input: every length is checked, nothing is
+//! indexed without a bound, and any surprise is a [`FormatError`], which
+//! sends the file to `corrupt/` instead of crashing the daemon.
+
+use std::fmt::Write as _;
+
+pub const MAGIC: &str = "relayq-queue 1";
+pub const END: &[u8] = b"end\n";
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FormatError {
+    #[error("not a relayq queue file (bad first line)")]
+    BadMagic,
+    #[error("header truncated or not terminated by an empty line")]
+    TruncatedHeader,
+    #[error("bad header line: {0}")]
+    BadHeader(String),
+    #[error("missing header field: {0}")]
+    Missing(&'static str),
+    #[error("message body truncated: header says {expected} bytes, file has {actual}")]
+    TruncatedBody { expected: u64, actual: u64 },
+    #[error("end marker missing after the message body")]
+    NoEndMarker,
+    #[error("bad status record: {0}")]
+    BadRecord(String),
+}
+
+/// What the sender asked of the message in MAIL FROM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Envelope {
+    /// Reverse path; empty for the null sender `<>`.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    /// The envelope or headers need SMTPUTF8.
+    pub smtputf8: bool,
+    /// The body has 8-bit octets (BODY=8BITMIME).
+    pub eight_bit: bool,
+}
+
+/// Where one recipient stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RcptState {
+    Pending,
+    Delivered,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RcptStatus {
+    pub address: String,
+    pub state: RcptState,
+    /// The last reply or error for this recipient, verbatim, one line.
+    pub last_reply: Option<String>,
+}
+
+/// A status record appended after the end marker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// The upstream accepted recipient `idx` (durable before it is trusted).
+    Delivered {
+        idx: usize,
+        at_ms: u64,
+        reply: String,
+    },
+    /// Recipient `idx` failed for good and a bounce has been queued.
+    Failed {
+        idx: usize,
+        at_ms: u64,
+        reply: String,
+    },
+    /// Recipient `idx` was deferred with this reason.
+    Deferred {
+        idx: usize,
+        at_ms: u64,
+        reason: String,
+    },
+    /// The message has been tried `attempts` times; next try not before.
+    Attempt { attempts: u32, next_ms: u64 },
+}
+
+/// Everything about a queued message except its content.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Meta {
+    pub id: String,
+    pub arrival_ms: u64,
+    pub sender: String,
+    pub smtputf8: bool,
+    pub eight_bit: bool,
+    pub recipients: Vec<RcptStatus>,
+    /// Length of the message content in bytes.
+    pub size: u64,
+    /// Byte offset of the content in the file.
+    pub body_offset: u64,
+    pub attempts: u32,
+    pub next_attempt_ms: Option<u64>,
+}
+
+impl Meta {
+    pub fn pending(&self) -> impl Iterator<Item = (usize, &RcptStatus)> {
+        self.recipients
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.state == RcptState::Pending)
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.pending().next().is_none()
+    }
+}
+
+/// Makes a value safe for a line-oriented record: no CR, LF or NUL.
+pub fn one_line(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if matches!(c, '\r' | '\n' | '\0') {
+                ' '
+            } else {
+                c
+            }
+        })
+        .collect()
+}
+
+/// The header of a new queue file, up to and including the empty line.
+pub fn encode_header(id: &str, arrival_ms: u64, env: &Envelope, size: u64) -> Vec<u8> {
+    let mut h = String::with_capacity(128 + 64 * env.recipients.len());
+    let _ = writeln!(h, "{MAGIC}");
+    let _ = writeln!(h, "id {id}");
+    let _ = writeln!(h, "arrival {arrival_ms}");
+    let _ = writeln!(h, "sender {}", one_line(&env.sender));
+    let mut flags = Vec::new();
+    if env.smtputf8 {
+        flags.push("smtputf8");
+    }
+    if env.eight_bit {
+        flags.push("8bitmime");
+    }
+    let _ = writeln!(
+        h,
+        "flags {}",
+        if flags.is_empty() {
+            "-".to_string()
+        } else {
+            flags.join(",")
+        }
+    );
+    for r in &env.recipients {
+        let _ = writeln!(h, "rcpt {}", one_line(r));
+    }
+    let _ = writeln!(h, "size {size}");
+    h.push('\n');
+    h.into_bytes()
+}
+
+pub fn encode_record(rec: &Record) -> Vec<u8> {
+    let line = match rec {
+        Record::Delivered { idx, at_ms, reply } => {
+            format!("delivered {idx} {at_ms} {}\n", one_line(reply))
+        }
+        Record::Failed { idx, at_ms, reply } => {
+            format!("failed {idx} {at_ms} {}\n", one_line(reply))
+        }
+        Record::Deferred { idx, at_ms, reason } => {
+            format!("deferred {idx} {at_ms} {}\n", one_line(reason))
+        }
+        Record::Attempt { attempts, next_ms } => format!("attempt {attempts} {next_ms}\n"),
+    };
+    line.into_bytes()
+}
+
+/// Parses the header at the start of `buf`. Returns the partial [`Meta`]
+/// (recipients all pending) and the header's length, or `Ok(None)` when
+/// `buf` ends before the header does.
+pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
+    let Some(end) = find_blank_line(buf) else {
+        return Ok(None);
+    };
+    let text =
+        std::str::from_utf8(&buf[..end]).map_err(|_| FormatError::BadHeader("not UTF-8".into()))?;
+    let mut lines = text.split('\n');
+    if lines.next() != Some(MAGIC) {
+        return Err(FormatError::BadMagic);
+    }
+    let mut id = None;
+    let mut arrival = None;
+    let mut sender = None;
+    let mut size = None;
+    let (mut smtputf8, mut eight_bit) = (false, false);
+    let mut recipients = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (key, value) = line
+            .split_once(' ')
+            .ok_or_else(|| FormatError::BadHeader(line.into()))?;
+        match key {
+            "id" => id = Some(value.to_string()),
+            "arrival" => arrival = Some(parse_num(value, line)?),
+            "sender" => sender = Some(value.to_string()),
+            "flags" => {
+                for f in value.split(',') {
+                    match f {
+                        "smtputf8" => smtputf8 = true,
+                        "8bitmime" => eight_bit = true,
+                        "-" => {}
+                        _ => return Err(FormatError::BadHeader(line.into())),
+                    }
+                }
+            }
+            "rcpt" => recipients.push(RcptStatus {
+                address: value.to_string(),
+                state: RcptState::Pending,
+                last_reply: None,
+            }),
+            "size" => size = Some(parse_num(value, line)?),
+            _ => return Err(FormatError::BadHeader(line.into())),
+        }
+    }
+    if recipients.is_empty() {
+        return Err(FormatError::Missing("rcpt"));
+    }
+    Ok(Some(Meta {
+        id: id.ok_or(FormatError::Missing("id"))?,
+        arrival_ms: arrival.ok_or(FormatError::Missing("arrival"))?,
+        sender: sender.ok_or(FormatError::Missing("sender"))?,
+        smtputf8,
+        eight_bit,
+        recipients,
+        size: size.ok_or(FormatError::Missing("size"))?,
+        body_offset: (end + 2) as u64,
+        attempts: 0,
+        next_attempt_ms: None,
+    }))
+}
+
+/// Applies the tail of a file (from the end of the body on): the end
+/// marker, then status records. A last record without its newline is a
+/// write torn by a crash and is ignored; it was never relied upon.
+pub fn apply_tail(meta: &mut Meta, tail: &[u8]) -> Result<(), FormatError> {
+    let rest = tail.strip_prefix(END).ok_or(FormatError::NoEndMarker)?;
+    let complete = match rest.iter().rposition(|&b| b == b'\n') {
+        Some(pos) => &rest[..=pos],
+        None => &[][..],
+    };
+    let text = String::from_utf8_lossy(complete);
+    for line in text.lines() {
+        apply_record(meta, line)?;
+    }
+    Ok(())
+}
+
+fn apply_record(meta: &mut Meta, line: &str) -> Result<(), FormatError> {
+    let bad = || FormatError::BadRecord(line.chars().take(200).collect());
+    let mut parts = line.splitn(4, ' ');
+    let kind = parts.next().ok_or_else(bad)?;
+    if kind == "attempt" {
+        meta.attempts = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        meta.next_attempt_ms = Some(parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?);
+        return Ok(());
+    }
+    let idx: usize = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let _at: u64 = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+    let text = parts.next().unwrap_or("").to_string();
+    let rcpt = meta.recipients.get_mut(idx).ok_or_else(bad)?;
+    match kind {
+        "delivered" => rcpt.state = RcptState::Delivered,
+        "failed" => rcpt.state = RcptState::Failed,
+        // A deferral never undoes a final state: records are appended in
+        // order, but be strict about it anyway.
+        "deferred" => {}
+        _ => return Err(bad()),
+    }
+    rcpt.last_reply = Some(text);
+    Ok(())
+}
+
+fn parse_num(value: &str, line: &str) -> Result<u64, FormatError> {
+    value
+        .parse()
+        .map_err(|_| FormatError::BadHeader(line.into()))
+}
+
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n")
+}
+
+/// Decodes a whole file held in memory; used by tests and the fuzz target.
+pub fn decode(file: &[u8]) -> Result<(Meta, &[u8]), FormatError> {
+    let mut meta = decode_header(file)?.ok_or(FormatError::TruncatedHeader)?;
+    let start = usize::try_from(meta.body_offset).map_err(|_| FormatError::TruncatedHeader)?;
+    let end = start
+        .checked_add(usize::try_from(meta.size).unwrap_or(usize::MAX))
+        .filter(|&e| e <= file.len())
+        .ok_or(FormatError::TruncatedBody {
+            expected: meta.size,
+            actual: file.len().saturating_sub(start) as u64,
+        })?;
+    apply_tail(&mut meta, &file[end..])?;
+    Ok((meta, &file[start..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> (Envelope, Vec<u8>) {
+        let env = Envelope {
+            sender: "app@example.com".into(),
+            recipients: vec!["a@example.net".into(), "ü@例え.jp".into()],
+            smtputf8: true,
+            eight_bit: false,
+        };
+        (
+            env,
+            b"Subject: hi\r\n\r\nbody\n\nwith blank lines\r\n".to_vec(),
+        )
+    }
+
+    fn file(env: &Envelope, body: &[u8], records: &[Record]) -> Vec<u8> {
+        let mut f = encode_header("01ID", 1234, env, body.len() as u64);
+        f.extend_from_slice(body);
+        f.extend_from_slice(END);
+        for r in records {
+            f.extend_from_slice(&encode_record(r));
+        }
+        f
+    }
+
+    #[test]
+    fn round_trip_with_records() {
+        let (env, body) = sample();
+        let f = file(
+            &env,
+            &body,
+            &[
+                Record::Deferred {
+                    idx: 0,
+                    at_ms: 5,
+                    reason: "451 4.3.0 try\r\nlater".into(),
+                },
+                Record::Delivered {
+                    idx: 1,
+                    at_ms: 6,
+                    reply: "250 ok".into(),
+                },
+                Record::Attempt {
+                    attempts: 2,
+                    next_ms: 99,
+                },
+            ],
+        );
+        let (meta, got) = decode(&f).unwrap();
+        assert_eq!(got, &body[..]);
+        assert_eq!(meta.sender, env.sender);
+        assert!(meta.smtputf8 && !meta.eight_bit);
+        assert_eq!(meta.recipients[0].state, RcptState::Pending);
+        assert_eq!(
+            meta.recipients[0].last_reply.as_deref(),
+            Some("451 4.3.0 try  later")
+        );
+        assert_eq!(meta.recipients[1].state, RcptState::Delivered);
+        assert_eq!((meta.attempts, meta.next_attempt_ms), (2, Some(99)));
+        assert!(!meta.is_done());
+    }
+
+    #[test]
+    fn torn_last_record_is_ignored() {
+        let (env, body) = sample();
+        let mut f = file(
+            &env,
+            &body,
+            &[Record::Delivered {
+                idx: 0,
+                at_ms: 1,
+                reply: "250".into(),
+            }],
+        );
+        f.extend_from_slice(b"delivered 1 2 25");
+        let (meta, _) = decode(&f).unwrap();
+        assert_eq!(meta.recipients[0].state, RcptState::Delivered);
+        assert_eq!(meta.recipients[1].state, RcptState::Pending);
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let (env, body) = sample();
+        let f = file(&env, &body, &[]);
+        assert!(matches!(decode(b"hello\n\n"), Err(FormatError::BadMagic)));
+        for cut in 0..f.len() {
+            assert!(decode(&f[..cut]).is_err(), "truncated at {cut} accepted");
+        }
+        let mut g = f.clone();
+        g.extend_from_slice(b"delivered 7 1 out of range\n");
+        assert!(matches!(decode(&g), Err(FormatError::BadRecord(_))));
+    }
+}

@@ -1,0 +1,1300 @@
+//! relayq's SMTP client to the upstream relay (the "relayhost").
+//!
+//! This module owns one outbound connection and everything said on it:
+//! [`Connection::open`] connects, does implicit TLS or STARTTLS, reads the
+//! greeting, says EHLO (HELO if EHLO is refused) and logs in once;
+//! [`Connection::send`] runs one mail transaction and reports an outcome per
+//! recipient; [`Connection::reset`] and [`Connection::quit`] end it. A delivery
+//! worker keeps one connection for many messages, because relay providers
+//! throttle clients that log in again for every message (nullmailer's flaw).
+//!
+//! Replies are read with our own buffered reader: pipelined replies often
+//! arrive in one packet, and a reader that drops the bytes after one reply
+//! desynchronises the session, which can duplicate or lose mail.
+//!
+//! Submodules: `tls` builds the rustls client (trust roots, server name,
+//! pinning, readable verification errors); `auth` speaks SMTP AUTH.
+//!
+//! # Security
+//! The upstream is not trusted to be well behaved. A reply is capped at
+//! [`MAX_REPLY_BYTES`] and every line must parse, or the session ends with a
+//! protocol error. Certificates are always verified; STARTTLS that is not
+//! offered is an error, never a fall-back to clear text, and bytes that arrive
+//! before the TLS handshake are refused (STARTTLS command injection,
+//! CVE-2011-0411). Credentials are only sent over TLS unless the caller
+//! explicitly allows clear text (for a loopback upstream). Secrets print as
+//! `<redacted>` and are scrubbed from upstream text quoted in errors. Envelope
+//! addresses with control characters or angle brackets are never written (no
+//! command injection from a crafted address), and the body is dot-stuffed after
+//! every LF, bare or not, so no body content can end DATA early (SMTP
+//! smuggling).
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+use tracing::Instrument;
+
+mod auth;
+#[cfg(test)]
+mod tests;
+mod tls;
+
+/// Largest reply (all lines) accepted from the upstream.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024;
+/// Commands written per round trip when pipelining. Bounded so that a message
+/// to thousands of recipients can't fill both sides' socket buffers and
+/// deadlock (RFC 2920, section 3.1).
+const PIPELINE_BATCH: usize = 100;
+/// Size of the pieces the body is written in: the body is never copied whole.
+const BODY_CHUNK: usize = 64 * 1024;
+/// QUIT is a courtesy; never wait long for it.
+const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How the connection is protected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Clear text (only sensible for a loopback upstream).
+    None,
+    /// Plain connect, then STARTTLS, required (port 587/25).
+    StartTls,
+    /// TLS from the first byte (port 465).
+    Implicit,
+}
+
+/// Login details for the upstream.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub username: String,
+    pub secret: Secret,
+    /// `None`: pick the best mechanism the server offers.
+    pub mechanism: Option<AuthMechanism>,
+}
+
+/// A password or an OAuth2 access token. Never printed.
+#[derive(Clone)]
+pub enum Secret {
+    Password(String),
+    OAuth2Token(String),
+}
+
+impl Secret {
+    fn expose(&self) -> &str {
+        match self {
+            Secret::Password(s) | Secret::OAuth2Token(s) => s,
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// SASL mechanisms relayq can use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMechanism {
+    Plain,
+    Login,
+    CramMd5,
+    XOAuth2,
+}
+
+impl AuthMechanism {
+    /// The name used in EHLO and in the AUTH command.
+    pub fn name(self) -> &'static str {
+        match self {
+            AuthMechanism::Plain => "PLAIN",
+            AuthMechanism::Login => "LOGIN",
+            AuthMechanism::CramMd5 => "CRAM-MD5",
+            AuthMechanism::XOAuth2 => "XOAUTH2",
+        }
+    }
+}
+
+/// How the server's certificate is checked.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// A private CA (PEM). If set, used instead of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Hex SHA-256 of the leaf certificate (DER), colons and case ignored. If
+    /// set, the leaf must match, in addition to normal verification.
+    pub pin_sha256: Option<String>,
+    /// The name verified against the certificate; empty means `ClientConfig::host`.
+    pub server_name: String,
+}
+
+/// Everything needed to open a connection.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Already resolved by the caller.
+    pub addr: SocketAddr,
+    /// For logs and as the TLS server name when `tls_options.server_name` is empty.
+    pub host: String,
+    pub helo_name: String,
+    pub tls: TlsMode,
+    pub tls_options: TlsOptions,
+    pub auth: Option<Credentials>,
+    /// Send credentials over a clear-text connection. The caller sets this only
+    /// for loopback upstreams.
+    pub allow_plaintext_auth: bool,
+    pub connect_timeout: Duration,
+    /// Limit for each command's write and for each reply.
+    pub command_timeout: Duration,
+    /// Limit for each body chunk's write (a no-progress limit, not a limit on
+    /// the whole body) and for the reply after the body.
+    pub data_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// STARTTLS, no AUTH, and RFC 5321's suggested timeouts (as Postfix uses).
+    pub fn new(addr: SocketAddr, host: impl Into<String>, helo_name: impl Into<String>) -> Self {
+        let host = host.into();
+        ClientConfig {
+            addr,
+            tls_options: TlsOptions {
+                server_name: host.clone(),
+                ..TlsOptions::default()
+            },
+            host,
+            helo_name: helo_name.into(),
+            tls: TlsMode::StartTls,
+            auth: None,
+            allow_plaintext_auth: false,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// One SMTP reply, possibly of several lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// RFC 3463 code from the first line, if the server sent one.
+    pub enhanced: Option<(u8, u16, u16)>,
+    /// Every line's text after "ddd-" or "ddd ", joined with "\n", as received
+    /// (so it still starts with the enhanced code when there is one).
+    pub text: String,
+}
+
+impl Reply {
+    pub fn new(code: u16, text: impl Into<String>) -> Self {
+        let text = text.into();
+        let enhanced = parse_enhanced(code, &text);
+        Reply {
+            code,
+            enhanced,
+            text,
+        }
+    }
+
+    /// 2xx: the command succeeded.
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+    /// 3xx: go on (354 to DATA, 334 during AUTH).
+    pub fn is_intermediate(&self) -> bool {
+        (300..400).contains(&self.code)
+    }
+    /// 4xx.
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+    /// 5xx.
+    pub fn is_permanent(&self) -> bool {
+        (500..600).contains(&self.code)
+    }
+
+    /// "5.1.1": the enhanced code, or one derived from the basic code.
+    pub fn status(&self) -> String {
+        match self.enhanced {
+            Some((class, subject, detail)) => format!("{class}.{subject}.{detail}"),
+            None => format!("{}.0.0", self.code / 100),
+        }
+    }
+
+    /// "550 5.1.1 user unknown": code and all lines joined by spaces, verbatim,
+    /// for logs and DSNs.
+    pub fn one_line(&self) -> String {
+        let text = self.text.replace('\n', " ");
+        if text.is_empty() {
+            self.code.to_string()
+        } else {
+            format!("{} {text}", self.code)
+        }
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.one_line())
+    }
+}
+
+/// Reads "d.ddd.ddd" at the start of the first line; its class must match the
+/// basic code, as RFC 3463 requires, or it is someone's prose, not a code.
+fn parse_enhanced(code: u16, text: &str) -> Option<(u8, u16, u16)> {
+    let first = text.split('\n').next()?;
+    let token = first.split(' ').next()?;
+    let mut parts = token.split('.');
+    let class: u8 = parse_digits(parts.next()?, 1)?.try_into().ok()?;
+    let subject = parse_digits(parts.next()?, 3)?;
+    let detail = parse_digits(parts.next()?, 3)?;
+    if parts.next().is_some() || u16::from(class) != code / 100 {
+        return None;
+    }
+    Some((class, subject, detail))
+}
+
+fn parse_digits(s: &str, max_len: usize) -> Option<u16> {
+    if s.is_empty() || s.len() > max_len || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// What the server said it supports in its EHLO reply.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    pub pipelining: bool,
+    /// `Some(0)` when SIZE is offered without a fixed limit.
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+    /// Mechanism names, upper case.
+    pub auth: Vec<String>,
+    pub enhanced_status_codes: bool,
+    /// Every extension line as received (the greeting line excluded).
+    pub raw: Vec<String>,
+}
+
+impl Capabilities {
+    /// Parses a positive EHLO reply; a HELO session has the default (nothing).
+    pub fn from_ehlo(reply: &Reply) -> Self {
+        let mut caps = Capabilities::default();
+        for line in reply.text.split('\n').skip(1) {
+            caps.raw.push(line.to_string());
+            let mut words = line.split_ascii_whitespace();
+            let Some(keyword) = words.next() else {
+                continue;
+            };
+            let keyword = keyword.to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => caps.pipelining = true,
+                "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => caps.eight_bit_mime = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                "STARTTLS" => caps.starttls = true,
+                "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
+                "AUTH" => caps.add_auth(words),
+                // Pre-RFC 2554 servers (old Exchange) say "AUTH=LOGIN PLAIN".
+                k if k.starts_with("AUTH=") => {
+                    caps.add_auth(std::iter::once(&k["AUTH=".len()..]).chain(words));
+                }
+                _ => {}
+            }
+        }
+        caps
+    }
+
+    fn add_auth<'a>(&mut self, names: impl Iterator<Item = &'a str>) {
+        for name in names {
+            let name = name.to_ascii_uppercase();
+            if !name.is_empty() && !self.auth.contains(&name) {
+                self.auth.push(name);
+            }
+        }
+    }
+}
+
+/// The sender and recipients of one transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    /// "" for the null sender (bounces).
+    pub from: &'a str,
+    pub rcpts: &'a [&'a str],
+    /// The message needs SMTPUTF8 (also implied by a non-ASCII address).
+    pub smtputf8: bool,
+    /// The body has 8-bit content. Sent as BODY=8BITMIME when offered, and
+    /// as-is otherwise, as Postfix does by default.
+    pub eight_bit: bool,
+}
+
+/// What the upstream said about one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TxnReport {
+    /// One per recipient, in envelope order. A recipient whose address could
+    /// not be written safely gets a local 501 5.1.3 reply ("relayq: ...") and
+    /// is never sent.
+    pub rcpts: Vec<Reply>,
+    /// The reply after the body, or the 4xx/5xx refusal of DATA itself (which
+    /// then applies to every accepted recipient). `None` if no recipient was
+    /// accepted, so no body was sent.
+    pub data: Option<Reply>,
+}
+
+/// Where in the session something happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Tls,
+    Greeting,
+    Ehlo,
+    Helo,
+    StartTls,
+    Auth,
+    Mail,
+    Rcpt,
+    Data,
+    /// The body and the reply after it.
+    Body,
+    Rset,
+    Quit,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Tls => "tls",
+            Stage::Greeting => "greeting",
+            Stage::Ehlo => "ehlo",
+            Stage::Helo => "helo",
+            Stage::StartTls => "starttls",
+            Stage::Auth => "auth",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Body => "body",
+            Stage::Rset => "rset",
+            Stage::Quit => "quit",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why TLS failed, worded for an operator.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFailure {
+    #[error("certificate verification failed for {server_name}: {reason}")]
+    Verify { server_name: String, reason: String },
+    #[error(
+        "certificate pin mismatch for {server_name}: expected sha256 {expected}, server presented {actual}"
+    )]
+    PinMismatch {
+        server_name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("TLS handshake with {server_name} failed: {reason}")]
+    Handshake { server_name: String, reason: String },
+}
+
+/// Everything that can go wrong talking to the upstream. Only
+/// [`SmtpError::is_permanent`] errors may bounce mail; all others keep it queued.
+#[derive(Debug, thiserror::Error)]
+pub enum SmtpError {
+    #[error("invalid relay configuration: {0}")]
+    Config(String),
+    #[error("connect to {addr} failed: {source}")]
+    Connect { addr: SocketAddr, source: io::Error },
+    #[error("connect to {addr} timed out after {after:?}")]
+    ConnectTimeout { addr: SocketAddr, after: Duration },
+    #[error("I/O error during {stage}: {source}")]
+    Io { stage: Stage, source: io::Error },
+    #[error("connection closed by the server during {stage}")]
+    Closed { stage: Stage },
+    #[error("timed out after {after:?} during {stage}")]
+    Timeout { stage: Stage, after: Duration },
+    #[error("protocol error during {stage}: {detail}")]
+    Protocol { stage: Stage, detail: String },
+    #[error("{stage} rejected: {reply}")]
+    Rejected { stage: Stage, reply: Reply },
+    #[error("{0}")]
+    Tls(TlsFailure),
+    #[error("{host} does not offer STARTTLS; refusing to continue in clear text")]
+    StartTlsNotOffered { host: String },
+    #[error("authentication rejected: {reply}")]
+    AuthRejected { reply: Reply },
+    #[error("credentials are configured but the server does not offer AUTH")]
+    AuthNotOffered,
+    #[error("no usable AUTH mechanism; the server offers: {}", offered.join(" "))]
+    NoCommonAuthMechanism { offered: Vec<String> },
+    #[error("AUTH {mechanism} cannot be used with {secret_kind}")]
+    AuthMechanismMismatch {
+        mechanism: &'static str,
+        secret_kind: &'static str,
+    },
+    #[error("refusing to send credentials over a connection without TLS")]
+    CredentialsWithoutTls,
+    #[error("the message needs SMTPUTF8 but the upstream does not offer it")]
+    SmtpUtf8NotOffered,
+    #[error("invalid sender address {address:?}: {reason}")]
+    InvalidSender {
+        address: String,
+        reason: &'static str,
+    },
+    #[error("connection is unusable after an earlier error")]
+    Unusable,
+}
+
+impl SmtpError {
+    /// True when retrying can't help: a 5xx reply to MAIL, or an envelope the
+    /// upstream can't take. 530 to MAIL ("authentication required") is the
+    /// exception: it means our relay settings are wrong, not the message, so
+    /// mail stays queued while an operator fixes them. Everything else
+    /// (greeting 554, 535 to AUTH, TLS failures, timeouts) keeps mail queued.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            SmtpError::Rejected {
+                stage: Stage::Mail,
+                reply,
+            } => reply.is_permanent() && reply.code != 530,
+            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Where it happened, for logs and metrics labels.
+    pub fn stage(&self) -> &'static str {
+        match self {
+            SmtpError::Config(_) => "config",
+            SmtpError::Connect { .. } | SmtpError::ConnectTimeout { .. } => "connect",
+            SmtpError::Io { stage, .. }
+            | SmtpError::Closed { stage }
+            | SmtpError::Timeout { stage, .. }
+            | SmtpError::Protocol { stage, .. }
+            | SmtpError::Rejected { stage, .. } => stage.as_str(),
+            SmtpError::Tls(_) => "tls",
+            SmtpError::StartTlsNotOffered { .. } => "starttls",
+            SmtpError::AuthRejected { .. }
+            | SmtpError::AuthNotOffered
+            | SmtpError::NoCommonAuthMechanism { .. }
+            | SmtpError::AuthMechanismMismatch { .. }
+            | SmtpError::CredentialsWithoutTls => "auth",
+            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => "mail",
+            SmtpError::Unusable => "session",
+        }
+    }
+
+    /// Errors after which the server and we still agree where we are.
+    fn leaves_session_in_sync(&self) -> bool {
+        match self {
+            SmtpError::Rejected { reply, .. } => reply.code != 421,
+            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+fn io_error(stage: Stage, source: io::Error) -> SmtpError {
+    if source.kind() == io::ErrorKind::UnexpectedEof {
+        SmtpError::Closed { stage }
+    } else {
+        SmtpError::Io { stage, source }
+    }
+}
+
+/// The byte stream, upgradable from plain TCP to TLS by STARTTLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The stream plus our read buffer: bytes past the end of one reply stay here
+/// for the next read (pipelined replies arrive together).
+struct Wire {
+    stream: Stream,
+    inbuf: Vec<u8>,
+    /// Start of the unread bytes in `inbuf`.
+    pos: usize,
+}
+
+impl Wire {
+    fn new(stream: Stream) -> Self {
+        Wire {
+            stream,
+            inbuf: Vec::with_capacity(4096),
+            pos: 0,
+        }
+    }
+
+    fn is_tls(&self) -> bool {
+        matches!(self.stream, Stream::Tls(_))
+    }
+
+    /// Gives back the TCP stream for the TLS handshake. Anything the server
+    /// sent after its STARTTLS reply would be read as if it came over TLS
+    /// (CVE-2011-0411), so leftover bytes are an error.
+    fn into_tcp_for_starttls(self) -> Result<TcpStream, SmtpError> {
+        if self.pos < self.inbuf.len() {
+            return Err(SmtpError::Protocol {
+                stage: Stage::StartTls,
+                detail: "server sent data after its STARTTLS reply (possible injection)".into(),
+            });
+        }
+        match self.stream {
+            Stream::Plain(tcp) => Ok(tcp),
+            Stream::Tls(_) => Err(SmtpError::Protocol {
+                stage: Stage::StartTls,
+                detail: "STARTTLS on a connection that is already TLS".into(),
+            }),
+        }
+    }
+
+    /// Writes and flushes. `shown` is what the log says was sent (AUTH hides
+    /// its payload).
+    async fn write(
+        &mut self,
+        bytes: &[u8],
+        shown: &str,
+        stage: Stage,
+        limit: Duration,
+    ) -> Result<(), SmtpError> {
+        tracing::trace!("> {}", shown.trim_end());
+        let stream = &mut self.stream;
+        let written = timeout(limit, async move {
+            stream.write_all(bytes).await?;
+            stream.flush().await
+        })
+        .await;
+        match written {
+            Ok(result) => result.map_err(|e| io_error(stage, e)),
+            Err(_) => Err(SmtpError::Timeout {
+                stage,
+                after: limit,
+            }),
+        }
+    }
+
+    async fn command(
+        &mut self,
+        line: &str,
+        stage: Stage,
+        limit: Duration,
+    ) -> Result<Reply, SmtpError> {
+        self.write(line.as_bytes(), line, stage, limit).await?;
+        self.read_reply(stage, limit).await
+    }
+
+    /// Reads one complete reply, all its lines, within `limit`.
+    async fn read_reply(&mut self, stage: Stage, limit: Duration) -> Result<Reply, SmtpError> {
+        let reply = match timeout(limit, self.read_reply_untimed(stage)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(SmtpError::Timeout {
+                    stage,
+                    after: limit,
+                });
+            }
+        };
+        tracing::trace!("< {}", reply.one_line());
+        Ok(reply)
+    }
+
+    async fn read_reply_untimed(&mut self, stage: Stage) -> Result<Reply, SmtpError> {
+        let mut parser = ReplyParser::default();
+        loop {
+            let budget = MAX_REPLY_BYTES.saturating_sub(parser.size);
+            let line = self.read_line(stage, budget).await?;
+            let parsed = parser
+                .push(&line)
+                .map_err(|detail| SmtpError::Protocol { stage, detail })?;
+            if let Some(reply) = parsed {
+                return Ok(reply);
+            }
+        }
+    }
+
+    /// One line without its line ending. A line longer than `budget` is a
+    /// protocol error, so a hostile server can't make us buffer without end.
+    async fn read_line(&mut self, stage: Stage, budget: usize) -> Result<Vec<u8>, SmtpError> {
+        loop {
+            let unread = &self.inbuf[self.pos..];
+            if let Some(i) = unread.iter().position(|&b| b == b'\n') {
+                if i > budget {
+                    return Err(reply_too_long(stage));
+                }
+                let line = unread[..i]
+                    .strip_suffix(b"\r")
+                    .unwrap_or(&unread[..i])
+                    .to_vec();
+                self.pos += i + 1;
+                return Ok(line);
+            }
+            if unread.len() > budget {
+                return Err(reply_too_long(stage));
+            }
+            self.fill(stage).await?;
+        }
+    }
+
+    async fn fill(&mut self, stage: Stage) -> Result<(), SmtpError> {
+        if self.pos > 0 {
+            self.inbuf.drain(..self.pos);
+            self.pos = 0;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = self
+            .stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| io_error(stage, e))?;
+        if n == 0 {
+            return Err(SmtpError::Closed { stage });
+        }
+        self.inbuf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+}
+
+fn reply_too_long(stage: Stage) -> SmtpError {
+    SmtpError::Protocol {
+        stage,
+        detail: format!("reply longer than {MAX_REPLY_BYTES} bytes"),
+    }
+}
+
+/// Collects the lines of one reply.
+#[derive(Default)]
+struct ReplyParser {
+    code: Option<u16>,
+    lines: Vec<String>,
+    size: usize,
+}
+
+impl ReplyParser {
+    /// Adds a line; returns the reply once its last line ("ddd " or "ddd") is in.
+    fn push(&mut self, line: &[u8]) -> Result<Option<Reply>, String> {
+        self.size += line.len() + 2;
+        let (code, last, text) = parse_reply_line(line)?;
+        if let Some(first) = self.code
+            && first != code
+        {
+            return Err(format!("reply line code {code} does not continue {first}"));
+        }
+        self.code = Some(code);
+        self.lines.push(text);
+        if !last {
+            return Ok(None);
+        }
+        Ok(Some(Reply::new(
+            code,
+            std::mem::take(&mut self.lines).join("\n"),
+        )))
+    }
+}
+
+fn parse_reply_line(line: &[u8]) -> Result<(u16, bool, String), String> {
+    let malformed = || format!("malformed reply line {:?}", snippet(line));
+    let digits = line.get(..3).ok_or_else(malformed)?;
+    if !digits.iter().all(u8::is_ascii_digit) || !(b'2'..=b'5').contains(&digits[0]) {
+        return Err(malformed());
+    }
+    let code = digits
+        .iter()
+        .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+    let last = match line.get(3) {
+        None | Some(b' ') => true,
+        Some(b'-') => false,
+        Some(_) => return Err(malformed()),
+    };
+    let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned();
+    Ok((code, last, text))
+}
+
+/// A short, printable excerpt of hostile input for an error message.
+fn snippet(bytes: &[u8]) -> String {
+    let cut = &bytes[..bytes.len().min(80)];
+    String::from_utf8_lossy(cut).escape_debug().to_string()
+}
+
+/// Why an address can't be written into a command, if it can't.
+fn address_problem(addr: &str) -> Option<&'static str> {
+    if addr.chars().any(char::is_control) {
+        Some("contains control characters")
+    } else if addr.contains(['<', '>']) {
+        Some("contains angle brackets")
+    } else {
+        None
+    }
+}
+
+/// The DATA payload: the body dot-stuffed, ending in CRLF, then ".\r\n",
+/// produced in bounded pieces without copying the whole body.
+struct DataEncoder<'a> {
+    rest: &'a [u8],
+    /// What completes the last line: "", "\n" or "\r\n".
+    suffix: &'static [u8],
+    at_line_start: bool,
+    finished: bool,
+}
+
+impl<'a> DataEncoder<'a> {
+    fn new(body: &'a [u8]) -> Self {
+        // A bare LF at the very end becomes CRLF, so the terminator is always
+        // "\r\n.\r\n" and never "\n.\r\n", which some servers misread.
+        let (rest, suffix): (&[u8], &[u8]) = if body.is_empty() || body.ends_with(b"\r\n") {
+            (body, b"")
+        } else if let Some(head) = body.strip_suffix(b"\n") {
+            (head, b"\r\n")
+        } else if body.ends_with(b"\r") {
+            (body, b"\n")
+        } else {
+            (body, b"\r\n")
+        };
+        DataEncoder {
+            rest,
+            suffix,
+            at_line_start: true,
+            finished: false,
+        }
+    }
+
+    /// Appends up to about `limit` bytes to `out`; false once the terminator
+    /// has been appended.
+    fn fill(&mut self, out: &mut Vec<u8>, limit: usize) -> bool {
+        while out.len() < limit && !self.rest.is_empty() {
+            if self.at_line_start && self.rest[0] == b'.' {
+                out.push(b'.');
+            }
+            let room = limit.saturating_sub(out.len()).max(1);
+            let line_len = self
+                .rest
+                .iter()
+                .position(|&b| b == b'\n')
+                .map_or(self.rest.len(), |i| i + 1)
+                .min(room);
+            let (piece, rest) = self.rest.split_at(line_len);
+            out.extend_from_slice(piece);
+            // Any LF starts a line for stuffing: a bare LF followed by "."
+            // must not become an end of data on a lenient server.
+            self.at_line_start = piece.ends_with(b"\n");
+            self.rest = rest;
+        }
+        if self.rest.is_empty() && !self.finished {
+            out.extend_from_slice(self.suffix);
+            out.extend_from_slice(b".\r\n");
+            self.finished = true;
+        }
+        !self.finished
+    }
+}
+
+/// A command of the envelope phase.
+enum Step {
+    Mail(String),
+    /// Index into the envelope's recipients.
+    Rcpt(usize, String),
+    Data,
+}
+
+impl Step {
+    fn line(&self) -> &str {
+        match self {
+            Step::Mail(line) | Step::Rcpt(_, line) => line,
+            Step::Data => "DATA\r\n",
+        }
+    }
+
+    fn stage(&self) -> Stage {
+        match self {
+            Step::Mail(_) => Stage::Mail,
+            Step::Rcpt(..) => Stage::Rcpt,
+            Step::Data => Stage::Data,
+        }
+    }
+}
+
+/// Replies collected during the envelope phase.
+struct EnvelopeReplies {
+    mail: Option<Reply>,
+    rcpts: Vec<Option<Reply>>,
+    data: Option<Reply>,
+}
+
+impl EnvelopeReplies {
+    fn record(&mut self, step: &Step, reply: Reply) {
+        match step {
+            Step::Mail(_) => self.mail = Some(reply),
+            Step::Rcpt(i, _) => self.rcpts[*i] = Some(reply),
+            Step::Data => self.data = Some(reply),
+        }
+    }
+
+    fn mail_refused(&self) -> bool {
+        self.mail.as_ref().is_some_and(|r| !r.is_positive())
+    }
+
+    fn any_rcpt_accepted(&self) -> bool {
+        self.rcpts.iter().flatten().any(Reply::is_positive)
+    }
+}
+
+/// One open session with the upstream.
+pub struct Connection {
+    wire: Wire,
+    caps: Capabilities,
+    peer: SocketAddr,
+    tls_version: Option<String>,
+    auth_mechanism: Option<AuthMechanism>,
+    command_timeout: Duration,
+    data_timeout: Duration,
+    /// Set after an error that leaves the session out of step (421, I/O,
+    /// timeout, garbage): the only safe thing left is to close.
+    broken: bool,
+    span: tracing::Span,
+}
+
+impl Connection {
+    /// Connects and gets the session ready for mail: TLS, EHLO, AUTH.
+    pub async fn open(cfg: &ClientConfig) -> Result<Connection, SmtpError> {
+        let span = tracing::debug_span!("smtp", host = %cfg.host, peer = %cfg.addr);
+        Self::open_inner(cfg, span.clone()).instrument(span).await
+    }
+
+    async fn open_inner(cfg: &ClientConfig, span: tracing::Span) -> Result<Connection, SmtpError> {
+        if cfg.auth.is_some() && cfg.tls == TlsMode::None && !cfg.allow_plaintext_auth {
+            return Err(SmtpError::CredentialsWithoutTls);
+        }
+        check_helo_name(&cfg.helo_name)?;
+        // Built before connecting, so a bad CA file or pin fails without
+        // bothering the upstream.
+        let tls = match cfg.tls {
+            TlsMode::None => None,
+            TlsMode::StartTls | TlsMode::Implicit => {
+                Some(tls::TlsSetup::new(&cfg.tls_options, &cfg.host).await?)
+            }
+        };
+        let limit = cfg.command_timeout;
+        let tcp = connect(cfg.addr, cfg.connect_timeout).await?;
+        let (mut wire, mut tls_version) = match (&tls, cfg.tls) {
+            (Some(setup), TlsMode::Implicit) => {
+                let stream = setup.handshake(tcp, limit).await?;
+                let version = tls::version_name(&stream);
+                (Wire::new(Stream::Tls(Box::new(stream))), version)
+            }
+            _ => (Wire::new(Stream::Plain(tcp)), None),
+        };
+        let greeting = wire.read_reply(Stage::Greeting, limit).await?;
+        if !greeting.is_positive() {
+            return Err(SmtpError::Rejected {
+                stage: Stage::Greeting,
+                reply: greeting,
+            });
+        }
+        let mut caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+        if let (Some(setup), TlsMode::StartTls) = (&tls, cfg.tls) {
+            if !caps.starttls {
+                return Err(SmtpError::StartTlsNotOffered {
+                    host: cfg.host.clone(),
+                });
+            }
+            let reply = wire.command("STARTTLS\r\n", Stage::StartTls, limit).await?;
+            if reply.code != 220 {
+                return Err(SmtpError::Rejected {
+                    stage: Stage::StartTls,
+                    reply,
+                });
+            }
+            let stream = setup
+                .handshake(wire.into_tcp_for_starttls()?, limit)
+                .await?;
+            tls_version = tls::version_name(&stream);
+            wire = Wire::new(Stream::Tls(Box::new(stream)));
+            // RFC 3207: forget what was said in clear text and ask again.
+            caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+        }
+        let auth_mechanism = match &cfg.auth {
+            Some(creds) => {
+                if !wire.is_tls() && !cfg.allow_plaintext_auth {
+                    return Err(SmtpError::CredentialsWithoutTls);
+                }
+                Some(auth::authenticate(&mut wire, creds, &caps.auth, limit).await?)
+            }
+            None => None,
+        };
+        tracing::debug!(tls = ?tls_version, auth = ?auth_mechanism.map(AuthMechanism::name), "session ready");
+        Ok(Connection {
+            wire,
+            caps,
+            peer: cfg.addr,
+            tls_version,
+            auth_mechanism,
+            command_timeout: cfg.command_timeout,
+            data_timeout: cfg.data_timeout,
+            broken: false,
+            span,
+        })
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// "TLSv1.3", "TLSv1.2", or `None` in clear text.
+    pub fn tls_version(&self) -> Option<String> {
+        self.tls_version.clone()
+    }
+
+    /// The mechanism used to log in, if we did.
+    pub fn auth_mechanism(&self) -> Option<AuthMechanism> {
+        self.auth_mechanism
+    }
+
+    /// False after an error that left the session out of step; the worker
+    /// should drop this connection and open a new one.
+    pub fn is_usable(&self) -> bool {
+        !self.broken
+    }
+
+    /// Runs one transaction. `body` has CRLF line endings and is not yet
+    /// dot-stuffed. Err means no recipient got the message; the caller may
+    /// RSET after an error that [`Connection::is_usable`] survives.
+    pub async fn send(&mut self, env: &Envelope<'_>, body: &[u8]) -> Result<TxnReport, SmtpError> {
+        if self.broken {
+            return Err(SmtpError::Unusable);
+        }
+        let span = self.span.clone();
+        let result = self.transaction(env, body).instrument(span).await;
+        if let Err(e) = &result
+            && !e.leaves_session_in_sync()
+        {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// RSET, to start the next transaction from a clean state.
+    pub async fn reset(&mut self) -> Result<(), SmtpError> {
+        if self.broken {
+            return Err(SmtpError::Unusable);
+        }
+        let reply = self
+            .wire
+            .command("RSET\r\n", Stage::Rset, self.command_timeout)
+            .await;
+        match reply {
+            Ok(reply) if reply.is_positive() => Ok(()),
+            Ok(reply) => {
+                self.broken = true;
+                Err(SmtpError::Rejected {
+                    stage: Stage::Rset,
+                    reply,
+                })
+            }
+            Err(e) => {
+                self.broken = true;
+                Err(e)
+            }
+        }
+    }
+
+    /// Best-effort QUIT, then close (with a TLS close_notify).
+    pub async fn quit(mut self) {
+        let limit = self.command_timeout.min(QUIT_TIMEOUT);
+        // On a broken session the server may be reading a body: "QUIT" would
+        // become part of it, so just close.
+        if !self.broken
+            && self
+                .wire
+                .command("QUIT\r\n", Stage::Quit, limit)
+                .await
+                .is_err()
+        {
+            tracing::debug!(parent: &self.span, "no reply to QUIT");
+        }
+        let _ = timeout(QUIT_TIMEOUT, self.wire.stream.shutdown()).await;
+    }
+
+    async fn transaction(
+        &mut self,
+        env: &Envelope<'_>,
+        body: &[u8],
+    ) -> Result<TxnReport, SmtpError> {
+        let mut replies = EnvelopeReplies {
+            mail: None,
+            rcpts: vec![None; env.rcpts.len()],
+            data: None,
+        };
+        let mut steps = vec![Step::Mail(self.mail_command(env, body.len())?)];
+        for (i, rcpt) in env.rcpts.iter().enumerate() {
+            match address_problem(rcpt) {
+                None => steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>\r\n"))),
+                Some(reason) => replies.rcpts[i] = Some(invalid_rcpt_reply(reason)),
+            }
+        }
+        if steps.len() == 1 {
+            // Nothing to send to: don't open a transaction at all.
+            return Ok(TxnReport {
+                rcpts: replies.rcpts.into_iter().flatten().collect(),
+                data: None,
+            });
+        }
+        steps.push(Step::Data);
+        self.exchange_envelope(&steps, &mut replies).await?;
+        self.finish_transaction(replies, body).await
+    }
+
+    fn mail_command(&self, env: &Envelope<'_>, size: usize) -> Result<String, SmtpError> {
+        if let Some(reason) = address_problem(env.from) {
+            return Err(SmtpError::InvalidSender {
+                address: env.from.to_string(),
+                reason,
+            });
+        }
+        let needs_utf8 =
+            env.smtputf8 || !env.from.is_ascii() || env.rcpts.iter().any(|r| !r.is_ascii());
+        let mut line = format!("MAIL FROM:<{}>", env.from);
+        if needs_utf8 {
+            if !self.caps.smtputf8 {
+                return Err(SmtpError::SmtpUtf8NotOffered);
+            }
+            line.push_str(" SMTPUTF8");
+        }
+        if env.eight_bit && self.caps.eight_bit_mime {
+            line.push_str(" BODY=8BITMIME");
+        }
+        if self.caps.size.is_some() {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        line.push_str("\r\n");
+        Ok(line)
+    }
+
+    /// Sends MAIL, RCPTs and DATA, in batches when pipelining and one by one
+    /// otherwise, and reads every reply to what was sent, in order, so the
+    /// session stays in step whatever the answers were.
+    async fn exchange_envelope(
+        &mut self,
+        steps: &[Step],
+        replies: &mut EnvelopeReplies,
+    ) -> Result<(), SmtpError> {
+        let batch = if self.caps.pipelining {
+            PIPELINE_BATCH
+        } else {
+            1
+        };
+        let mut next = 0;
+        while next < steps.len() {
+            let starts_with_data = matches!(steps[next], Step::Data);
+            if replies.mail_refused() || (starts_with_data && !replies.any_rcpt_accepted()) {
+                break;
+            }
+            let group = &steps[next..(next + batch).min(steps.len())];
+            let bytes: String = group.iter().map(Step::line).collect();
+            self.wire
+                .write(
+                    bytes.as_bytes(),
+                    &bytes,
+                    group[0].stage(),
+                    self.command_timeout,
+                )
+                .await?;
+            for step in group {
+                let reply = self
+                    .wire
+                    .read_reply(step.stage(), self.command_timeout)
+                    .await?;
+                if reply.code == 421 {
+                    return Err(SmtpError::Rejected {
+                        stage: step.stage(),
+                        reply,
+                    });
+                }
+                replies.record(step, reply);
+            }
+            next += group.len();
+        }
+        Ok(())
+    }
+
+    async fn finish_transaction(
+        &mut self,
+        replies: EnvelopeReplies,
+        body: &[u8],
+    ) -> Result<TxnReport, SmtpError> {
+        let go_ahead = replies.data.as_ref().is_some_and(|r| r.code == 354);
+        let accepted = replies.any_rcpt_accepted();
+        let Some(mail) = replies.mail else {
+            return Err(SmtpError::Protocol {
+                stage: Stage::Mail,
+                detail: "no reply to MAIL".into(),
+            });
+        };
+        if go_ahead && (!mail.is_positive() || !accepted) {
+            // A pipelined DATA got 354 though there is no one to deliver to.
+            // Sending "." could deliver an empty message; closing is safe.
+            self.broken = true;
+        }
+        if !mail.is_positive() {
+            return Err(SmtpError::Rejected {
+                stage: Stage::Mail,
+                reply: mail,
+            });
+        }
+        let rcpts = replies
+            .rcpts
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Reply::new(451, "4.3.0 relayq: no reply to RCPT")))
+            .collect();
+        let data = match replies.data {
+            _ if !accepted => None,
+            Some(reply) if reply.code == 354 => Some(self.send_body(body).await?),
+            Some(reply) if reply.is_positive() || reply.is_intermediate() => {
+                return Err(SmtpError::Protocol {
+                    stage: Stage::Data,
+                    detail: format!("unexpected reply to DATA: {}", reply.one_line()),
+                });
+            }
+            refusal => refusal,
+        };
+        Ok(TxnReport { rcpts, data })
+    }
+
+    /// Writes the body in chunks, each under `data_timeout`, and reads the
+    /// final reply.
+    async fn send_body(&mut self, body: &[u8]) -> Result<Reply, SmtpError> {
+        let mut encoder = DataEncoder::new(body);
+        let mut chunk = Vec::with_capacity(BODY_CHUNK + 3);
+        loop {
+            chunk.clear();
+            let more = encoder.fill(&mut chunk, BODY_CHUNK);
+            self.wire
+                .write(
+                    &chunk,
+                    "<message body chunk>",
+                    Stage::Body,
+                    self.data_timeout,
+                )
+                .await?;
+            if !more {
+                break;
+            }
+        }
+        let reply = self.wire.read_reply(Stage::Body, self.data_timeout).await?;
+        if reply.code == 421 {
+            return Err(SmtpError::Rejected {
+                stage: Stage::Body,
+                reply,
+            });
+        }
+        Ok(reply)
+    }
+}
+
+fn invalid_rcpt_reply(reason: &str) -> Reply {
+    Reply::new(501, format!("5.1.3 relayq: recipient address {reason}"))
+}
+
+/// The HELO name goes into a command line: it must be one word.
+fn check_helo_name(name: &str) -> Result<(), SmtpError> {
+    if name.is_empty() || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(SmtpError::Config(format!("invalid helo_name {name:?}")));
+    }
+    Ok(())
+}
+
+async fn connect(addr: SocketAddr, limit: Duration) -> Result<TcpStream, SmtpError> {
+    let tcp = match timeout(limit, TcpStream::connect(addr)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(source)) => return Err(SmtpError::Connect { addr, source }),
+        Err(_) => return Err(SmtpError::ConnectTimeout { addr, after: limit }),
+    };
+    // Commands are small and each waits for its reply: Nagle would add a
+    // delayed-ACK stall to every round trip.
+    tcp.set_nodelay(true)
+        .map_err(|source| SmtpError::Connect { addr, source })?;
+    Ok(tcp)
+}
+
+/// EHLO, or HELO when EHLO is refused with 5xx (a 4xx is the server's
+/// problem, not a lack of ESMTP).
+async fn hello(
+    wire: &mut Wire,
+    helo_name: &str,
+    limit: Duration,
+) -> Result<Capabilities, SmtpError> {
+    let reply = wire
+        .command(&format!("EHLO {helo_name}\r\n"), Stage::Ehlo, limit)
+        .await?;
+    if reply.is_positive() {
+        return Ok(Capabilities::from_ehlo(&reply));
+    }
+    if !reply.is_permanent() {
+        return Err(SmtpError::Rejected {
+            stage: Stage::Ehlo,
+            reply,
+        });
+    }
+    let reply = wire
+        .command(&format!("HELO {helo_name}\r\n"), Stage::Helo, limit)
+        .await?;
+    if !reply.is_positive() {
+        return Err(SmtpError::Rejected {
+            stage: Stage::Helo,
+            reply,
+        });
+    }
+    Ok(Capabilities::default())
+}
