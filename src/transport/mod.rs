@@ -15,14 +15,14 @@ use crate::spool::Meta;
 
 /// A worker's own transport instance (it owns at most one connection).
 pub enum Sender {
-    Relay(relay::RelaySender),
+    Relay(Box<relay::RelaySender>),
     Capture(capture::CaptureSender),
 }
 
 impl Sender {
     pub fn new(config: &Arc<Config>) -> anyhow::Result<Sender> {
         Ok(match config.transport_kind() {
-            TransportKind::Relay => Sender::Relay(relay::RelaySender::new(config)?),
+            TransportKind::Relay => Sender::Relay(Box::new(relay::RelaySender::new(config)?)),
             TransportKind::Capture => Sender::Capture(capture::CaptureSender::new(config)?),
         })
     }

@@ -1,0 +1,220 @@
+//! Starts the real `relayq` binary with a config written for the test, and
+//! watches its log.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_relayq");
+
+pub struct Daemon {
+    child: Option<Child>,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<String>>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// A config relaying to `upstream` in clear text (allowed: loopback).
+pub fn relay_config(upstream: SocketAddr, extra: &str) -> String {
+    format!(
+        "hostname = \"relayq.test\"\n{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconcurrency = 2\nidle_timeout = \"2s\"\nconnect_timeout = \"2s\"\n",
+        upstream.ip(),
+        upstream.port()
+    )
+}
+
+impl Daemon {
+    /// Starts relayq with `config` (spool_dir and listen are filled in
+    /// unless `config` sets them).
+    pub fn start(config: &str) -> Daemon {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut d = Daemon::start_in(&dir, config);
+        d._tmp = Some(tmp);
+        d
+    }
+
+    pub fn start_in(dir: &Path, config: &str) -> Daemon {
+        let mut text = String::new();
+        if !config.contains("spool_dir") {
+            text.push_str(&format!(
+                "spool_dir = \"{}\"\n",
+                dir.join("spool").display()
+            ));
+        }
+        text.push_str(config);
+        if !config.contains("[smtp]") {
+            text.push_str("\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n");
+        }
+        let config_path = dir.join("relayq.toml");
+        std::fs::write(&config_path, text).expect("write config");
+        let mut d = Daemon {
+            child: None,
+            dir: dir.to_path_buf(),
+            config: config_path,
+            addr: "127.0.0.1:0".parse().expect("addr"),
+            log: Arc::new(Mutex::new(String::new())),
+            _tmp: None,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&self.config)
+            .env("RELAYQ_TEST_CLOCK", "1")
+            .env("RELAYQ_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start relayq");
+        let stderr = child.stderr.take().expect("stderr");
+        let log = self.log.clone();
+        let mark = log.lock().unwrap().len();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("RELAYQ_TEST_ECHO").is_some() {
+                    eprintln!("relayq| {line}");
+                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        self.child = Some(child);
+        let started = self.wait_log_after(mark, "started:", Duration::from_secs(20));
+        let listen = started
+            .split("listening on ")
+            .nth(1)
+            .and_then(|s| s.split([' ', ',']).next())
+            .expect("listen address in start line");
+        self.addr = listen.parse().expect("parse listen address");
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for a log line containing `needle`; returns that line.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> String {
+        self.wait_log_after(0, needle, timeout)
+    }
+
+    fn wait_log_after(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                if let Some(line) = log[mark.min(log.len())..]
+                    .lines()
+                    .find(|l| l.contains(needle))
+                {
+                    return line.to_string();
+                }
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "no log line containing {needle:?} within {timeout:?}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Counts log lines containing `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log().lines().filter(|l| l.contains(needle)).count()
+    }
+
+    /// SIGTERM and wait; returns the exit status success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// kill -9: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the daemon again on the same spool and config.
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    /// Runs `relayq ARGS --config <ours>`.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run relayq cli")
+    }
+
+    /// Moves the daemon's injected clock forward, then flushes the queue.
+    pub fn advance_clock(&self, secs: u64) {
+        let out = self.cli(&["clock-advance", &secs.to_string()]);
+        assert!(
+            out.status.success(),
+            "clock-advance: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn flush(&self) {
+        let out = self.cli(&["queue", "flush"]);
+        assert!(
+            out.status.success(),
+            "flush: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Queue files currently in `queue/`.
+    pub fn queued(&self) -> usize {
+        std::fs::read_dir(self.dir.join("spool").join("queue"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}

@@ -1,0 +1,7 @@
+//! Shared test support: the daemon launcher, a raw SMTP client, and a
+//! scriptable fake upstream.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod daemon;
+pub mod upstream;

@@ -1,0 +1,810 @@
+//! A scriptable fake upstream SMTP server (the "smarthost") for integration
+//! tests: relayq's relay is pointed at it, it records exactly what it
+//! receives, and a [`Script`] tells it how to misbehave (reject a recipient,
+//! answer 4xx, drop the line at a given stage, answer slowly).
+//!
+//! It listens on 127.0.0.1 only. Each connection runs on the test's tokio
+//! runtime, so a test that talks to it must not block that runtime (use
+//! `tokio::net::TcpStream`, or a child process, not `std::net` on a
+//! current-thread runtime).
+//!
+//! Deliberately plain: lines are parsed by hand, each command is answered as
+//! soon as it is read (so pipelined commands are answered in order, which is
+//! all PIPELINING requires), and the body is read line by line up to a line
+//! that is exactly ".\r\n" (a lone ".\n" does not end it, so a client that
+//! gets CRLF wrong shows up as a timeout rather than as a passing test).
+//!
+//! The session ([`serve`]) is generic over `AsyncRead + AsyncWrite` so that
+//! STARTTLS and implicit TLS can be added later: the accept loop would wrap
+//! the socket in a TLS acceptor first (implicit TLS), and a STARTTLS command
+//! would make `serve` hand its stream back for the handshake and start a
+//! fresh session on the TLS stream (RFC 3207 forgets the earlier EHLO).
+//! AUTH would be one more command arm with its own `Script` fields.
+//!
+//! The script is read afresh for every decision, so `set_script` takes effect
+//! on the next command, also on connections already open.
+
+// Each integration test binary compiles this module; not all use every item.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::{Notify, watch};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+
+/// The name the fake server gives itself in its greeting and EHLO reply.
+pub const HOSTNAME: &str = "fake.upstream.test";
+
+/// A point in the SMTP dialogue at which [`Script::drop_at`] closes the socket
+/// without replying.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    /// Right after accepting, before any greeting.
+    Greeting,
+    /// On receiving EHLO or HELO.
+    Ehlo,
+    /// On receiving MAIL.
+    Mail,
+    /// On receiving the first RCPT of a transaction.
+    Rcpt,
+    /// On receiving DATA, before the 354.
+    Data,
+    /// After the 354 and the first line of the body (mid-body).
+    DataBody,
+    /// After the whole body, before the final reply.
+    DataEnd,
+}
+
+/// How the fake server behaves. `Script::default()` is a well-behaved server
+/// advertising PIPELINING, 8BITMIME, SMTPUTF8 and ENHANCEDSTATUSCODES.
+#[derive(Clone, Debug)]
+pub struct Script {
+    /// Replaces the 220 greeting. A 4xx greeting is followed by closing the
+    /// connection; after a 5xx greeting every command but QUIT gets 503.
+    pub greeting: Option<(u16, String)>,
+    pub pipelining: bool,
+    pub smtputf8: bool,
+    pub eightbitmime: bool,
+    pub enhancedstatuscodes: bool,
+    /// Advertise `SIZE n` and enforce it on MAIL's SIZE= and on the body.
+    pub size: Option<usize>,
+    /// Replaces the EHLO reply (e.g. 502 so the client falls back to HELO).
+    pub ehlo_reply: Option<(u16, String)>,
+    /// Replaces the reply to MAIL; a non-2xx one starts no transaction.
+    pub mail_reply: Option<(u16, String)>,
+    /// Per-address replies to RCPT (address compared without case);
+    /// everything else gets "250 2.1.5 Ok". Only 2xx recipients are kept.
+    pub rcpt_replies: Vec<(String, u16, String)>,
+    /// Replaces the final reply after the body; default
+    /// "250 2.0.0 Ok: queued as FAKE<n>". A non-2xx one records nothing.
+    pub data_reply: Option<(u16, String)>,
+    /// Close the socket without replying when this stage is reached.
+    pub drop_at: Option<Stage>,
+    /// Waited before every reply, greeting included (a far-away provider).
+    pub reply_delay: Duration,
+    /// Answer 451 to the first N bodies (counted across connections since the
+    /// server started or `set_script` was last called), then behave normally.
+    pub fail_first_n_transactions: usize,
+}
+
+impl Default for Script {
+    fn default() -> Self {
+        Script {
+            greeting: None,
+            pipelining: true,
+            smtputf8: true,
+            eightbitmime: true,
+            enhancedstatuscodes: true,
+            size: None,
+            ehlo_reply: None,
+            mail_reply: None,
+            rcpt_replies: Vec::new(),
+            data_reply: None,
+            drop_at: None,
+            reply_delay: Duration::ZERO,
+            fail_first_n_transactions: 0,
+        }
+    }
+}
+
+/// Builder-style helpers, so a test reads
+/// `Script::default().rcpt("bob@x", 550, "5.1.1 no such user").drop_at(Stage::DataEnd)`.
+impl Script {
+    pub fn greeting(mut self, code: u16, text: &str) -> Self {
+        self.greeting = Some((code, text.to_string()));
+        self
+    }
+    pub fn ehlo_reply(mut self, code: u16, text: &str) -> Self {
+        self.ehlo_reply = Some((code, text.to_string()));
+        self
+    }
+    pub fn mail_reply(mut self, code: u16, text: &str) -> Self {
+        self.mail_reply = Some((code, text.to_string()));
+        self
+    }
+    pub fn rcpt(mut self, address: &str, code: u16, text: &str) -> Self {
+        self.rcpt_replies
+            .push((address.to_string(), code, text.to_string()));
+        self
+    }
+    pub fn data_reply(mut self, code: u16, text: &str) -> Self {
+        self.data_reply = Some((code, text.to_string()));
+        self
+    }
+    pub fn drop_at(mut self, stage: Stage) -> Self {
+        self.drop_at = Some(stage);
+        self
+    }
+    pub fn reply_delay(mut self, delay: Duration) -> Self {
+        self.reply_delay = delay;
+        self
+    }
+    pub fn fail_first(mut self, n: usize) -> Self {
+        self.fail_first_n_transactions = n;
+        self
+    }
+    pub fn size(mut self, limit: usize) -> Self {
+        self.size = Some(limit);
+        self
+    }
+    pub fn no_pipelining(mut self) -> Self {
+        self.pipelining = false;
+        self
+    }
+}
+
+/// One completed transaction: the server answered 2xx to its body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// Connection number, from 1, in order of acceptance.
+    pub conn: usize,
+    /// The argument of the last EHLO/HELO on that connection.
+    pub helo: String,
+    /// Reverse-path without angle brackets; "" for `<>`.
+    pub mail_from: String,
+    /// Everything after the reverse-path, e.g. "BODY=8BITMIME SMTPUTF8".
+    pub mail_params: String,
+    /// Accepted recipients only, in order, without angle brackets.
+    pub rcpts: Vec<String>,
+    /// The body as sent, dot-stuffing undone, CRLF kept, without ".\r\n".
+    pub data: Vec<u8>,
+    /// The id given in the final reply ("FAKE<n>"), or "" if scripted.
+    pub queue_id: String,
+}
+
+impl Received {
+    /// The body as text (lossy), for assertions.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.data).into_owned()
+    }
+}
+
+/// A running fake server; dropping it shuts it down like [`FakeUpstream::stop`]
+/// but without waiting.
+pub struct FakeUpstream {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    accept_task: Option<JoinHandle<()>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Woken on every new connection and every recorded message.
+    changed: Notify,
+}
+
+#[derive(Default)]
+struct State {
+    script: Script,
+    messages: Vec<Received>,
+    /// (connection, command line) in order of arrival.
+    commands: Vec<(usize, String)>,
+    connections: usize,
+    /// Bodies received since start or the last `set_script`, for fail_first.
+    bodies_seen: usize,
+    /// For the "queued as FAKE<n>" ids.
+    queued: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A test that panicked while holding the lock must not hide the
+        // server's record from the test's own failure message.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    fn script(&self) -> Script {
+        self.lock().script.clone()
+    }
+}
+
+impl FakeUpstream {
+    /// Starts on 127.0.0.1 on a free port.
+    pub async fn start() -> FakeUpstream {
+        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .await
+            .expect("bind the fake upstream on 127.0.0.1:0")
+    }
+
+    /// Starts with `script` already in place, so even the first connection
+    /// sees it.
+    pub async fn start_with(script: Script) -> FakeUpstream {
+        let upstream = Self::start().await;
+        upstream.set_script(script);
+        upstream
+    }
+
+    /// Starts on a given address, e.g. the one a stopped server had, to
+    /// simulate the upstream coming back. SO_REUSEADDR lets it rebind while
+    /// the old connections are in TIME_WAIT.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<FakeUpstream> {
+        assert!(
+            addr.ip().is_loopback(),
+            "the fake upstream only listens on loopback"
+        );
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        let listener = socket.listen(128)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let accept_task = tokio::spawn(accept_loop(listener, shared.clone(), shutdown_rx));
+        Ok(FakeUpstream {
+            shared,
+            addr,
+            shutdown,
+            accept_task: Some(accept_task),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Replaces the script; applies from the next command on every
+    /// connection, and restarts the `fail_first_n_transactions` count.
+    pub fn set_script(&self, script: Script) {
+        let mut state = self.shared.lock();
+        state.script = script;
+        state.bodies_seen = 0;
+    }
+
+    /// Completed transactions so far.
+    pub fn messages(&self) -> Vec<Received> {
+        self.shared.lock().messages.clone()
+    }
+
+    /// Connections accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.lock().connections
+    }
+
+    /// Every command line received, in order, tagged with its connection
+    /// number: "#1 EHLO relay.example". Body lines are not included.
+    pub fn commands(&self) -> Vec<String> {
+        self.shared
+            .lock()
+            .commands
+            .iter()
+            .map(|(conn, line)| format!("#{conn} {line}"))
+            .collect()
+    }
+
+    /// The command lines of one connection, untagged.
+    pub fn commands_on(&self, conn: usize) -> Vec<String> {
+        self.shared
+            .lock()
+            .commands
+            .iter()
+            .filter(|(c, _)| *c == conn)
+            .map(|(_, line)| line.clone())
+            .collect()
+    }
+
+    /// Waits until at least `n` transactions completed and returns them all.
+    /// Panics on timeout, listing what did arrive and the command log.
+    pub async fn wait_for_messages(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        self.wait_until(timeout, |s| s.messages.len() >= n)
+            .await
+            .unwrap_or_else(|report| {
+                panic!("fake upstream: expected {n} message(s) within {timeout:?}; {report}")
+            });
+        self.messages()
+    }
+
+    /// Waits until at least `n` connections were accepted. Panics on timeout.
+    pub async fn wait_for_connections(&self, n: usize, timeout: Duration) {
+        self.wait_until(timeout, |s| s.connections >= n)
+            .await
+            .unwrap_or_else(|report| {
+                panic!("fake upstream: expected {n} connection(s) within {timeout:?}; {report}")
+            });
+    }
+
+    async fn wait_until(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&State) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Register for the wake-up before looking, so a change between
+            // the look and the wait is not missed.
+            let notified = self.shared.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if done(&self.shared.lock()) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(self.report());
+            }
+        }
+    }
+
+    /// What arrived so far, for failure messages.
+    fn report(&self) -> String {
+        let state = self.shared.lock();
+        let mut out = format!(
+            "{} connection(s), {} message(s) arrived",
+            state.connections,
+            state.messages.len()
+        );
+        for m in &state.messages {
+            let _ = write!(
+                out,
+                "\n  conn #{}: MAIL FROM:<{}> RCPT {:?}, {} body octets",
+                m.conn,
+                m.mail_from,
+                m.rcpts,
+                m.data.len()
+            );
+        }
+        out.push_str("\ncommands received:");
+        if state.commands.is_empty() {
+            out.push_str(" none");
+        }
+        for (conn, line) in &state.commands {
+            let _ = write!(out, "\n  #{conn} {line}");
+        }
+        out
+    }
+
+    /// Stops listening and drops every open connection, as if the upstream
+    /// went down. When this returns the port is free and every client socket
+    /// has been closed by this side.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.accept_task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        // Aborting the accept task drops its JoinSet, which aborts every
+        // connection task in turn.
+        if let Some(task) = self.accept_task.take() {
+            task.abort();
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break,
+            // Reap finished sessions so the set does not grow without bound.
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => {
+                let Ok((stream, _peer)) = accepted else { continue };
+                let conn = {
+                    let mut state = shared.lock();
+                    state.connections += 1;
+                    state.connections
+                };
+                shared.changed.notify_waiters();
+                sessions.spawn(serve(stream, conn, shared.clone()));
+            }
+        }
+    }
+    drop(listener);
+    // Abort every session and wait until each has dropped its socket.
+    sessions.shutdown().await;
+}
+
+/// The envelope of the transaction in progress, from MAIL to the end of DATA.
+struct Transaction {
+    mail_from: String,
+    mail_params: String,
+    rcpts: Vec<String>,
+}
+
+/// Why a session ended early; all of them just close the socket.
+enum Closed {
+    /// The peer went away or an I/O error occurred.
+    Peer,
+    /// The script said to drop the connection, or QUIT/421 ended it.
+    ByUs,
+}
+
+/// One SMTP session over any byte stream.
+async fn serve<S>(stream: S, conn: usize, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut session = Session {
+        io: BufReader::new(stream),
+        conn,
+        shared,
+        helo: None,
+        tx: None,
+        greeting_refused: false,
+    };
+    let _ = session.run().await;
+}
+
+struct Session<S> {
+    io: BufReader<S>,
+    conn: usize,
+    shared: Arc<Shared>,
+    helo: Option<String>,
+    tx: Option<Transaction>,
+    /// After a 5xx greeting the only useful command is QUIT.
+    greeting_refused: bool,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
+    async fn run(&mut self) -> Result<(), Closed> {
+        let script = self.shared.script();
+        if script.drop_at == Some(Stage::Greeting) {
+            return Err(Closed::ByUs);
+        }
+        match script.greeting {
+            Some((code, text)) => {
+                self.reply(code, &text).await?;
+                if (400..500).contains(&code) {
+                    return Err(Closed::ByUs);
+                }
+                self.greeting_refused = code >= 500;
+            }
+            None => {
+                self.reply(220, &format!("{HOSTNAME} ESMTP fake upstream"))
+                    .await?
+            }
+        }
+        loop {
+            let line = self.read_line().await?;
+            let line = String::from_utf8_lossy(trim_crlf(&line)).into_owned();
+            self.shared.lock().commands.push((self.conn, line.clone()));
+            self.command(&line).await?;
+        }
+    }
+
+    async fn command(&mut self, line: &str) -> Result<(), Closed> {
+        let script = self.shared.script();
+        let (verb, arg) = match line.split_once(' ') {
+            Some((verb, arg)) => (verb.to_ascii_uppercase(), arg.trim()),
+            None => (line.trim().to_ascii_uppercase(), ""),
+        };
+        if verb == "QUIT" {
+            self.std_reply(&script, 221, "2.0.0", "Bye").await?;
+            return Err(Closed::ByUs);
+        }
+        if self.greeting_refused {
+            return self
+                .std_reply(&script, 503, "5.5.1", "Error: service refused at greeting")
+                .await;
+        }
+        match verb.as_str() {
+            "EHLO" | "HELO" => {
+                if script.drop_at == Some(Stage::Ehlo) {
+                    return Err(Closed::ByUs);
+                }
+                if arg.is_empty() {
+                    return self
+                        .std_reply(&script, 501, "5.5.4", "Syntax: EHLO hostname")
+                        .await;
+                }
+                if verb == "EHLO"
+                    && let Some((code, text)) = &script.ehlo_reply
+                {
+                    return self.reply(*code, text).await;
+                }
+                self.helo = Some(arg.to_string());
+                self.tx = None;
+                if verb == "HELO" {
+                    return self.reply(250, HOSTNAME).await;
+                }
+                let mut lines = vec![HOSTNAME.to_string()];
+                if script.pipelining {
+                    lines.push("PIPELINING".into());
+                }
+                if let Some(limit) = script.size {
+                    lines.push(format!("SIZE {limit}"));
+                }
+                if script.eightbitmime {
+                    lines.push("8BITMIME".into());
+                }
+                if script.smtputf8 {
+                    lines.push("SMTPUTF8".into());
+                }
+                if script.enhancedstatuscodes {
+                    lines.push("ENHANCEDSTATUSCODES".into());
+                }
+                self.reply(250, &lines.join("\n")).await
+            }
+            "MAIL" => self.mail(&script, arg).await,
+            "RCPT" => self.rcpt(&script, arg).await,
+            "DATA" => self.data(&script).await,
+            "RSET" => {
+                self.tx = None;
+                self.std_reply(&script, 250, "2.0.0", "Ok").await
+            }
+            "NOOP" => self.std_reply(&script, 250, "2.0.0", "Ok").await,
+            _ => {
+                self.std_reply(&script, 502, "5.5.2", "Error: command not recognized")
+                    .await
+            }
+        }
+    }
+
+    async fn mail(&mut self, script: &Script, arg: &str) -> Result<(), Closed> {
+        if script.drop_at == Some(Stage::Mail) {
+            return Err(Closed::ByUs);
+        }
+        if self.helo.is_none() {
+            return self
+                .std_reply(script, 503, "5.5.1", "Error: send HELO/EHLO first")
+                .await;
+        }
+        if self.tx.is_some() {
+            return self
+                .std_reply(script, 503, "5.5.1", "Error: nested MAIL command")
+                .await;
+        }
+        let Some((mail_from, mail_params)) = strip_prefix_ci(arg, "FROM:").and_then(parse_path)
+        else {
+            return self
+                .std_reply(script, 501, "5.5.4", "Syntax: MAIL FROM:<address>")
+                .await;
+        };
+        if let Some(limit) = script.size {
+            let declared = mail_params
+                .split_whitespace()
+                .find_map(|p| strip_prefix_ci(p, "SIZE="))
+                .and_then(|n| n.parse::<usize>().ok());
+            if declared.is_some_and(|n| n > limit) {
+                return self
+                    .std_reply(script, 552, "5.3.4", "Message size exceeds fixed limit")
+                    .await;
+            }
+        }
+        let (code, text) = script
+            .mail_reply
+            .clone()
+            .unwrap_or_else(|| (250, enhanced(script, "2.1.0", "Ok")));
+        if is_positive(code) {
+            self.tx = Some(Transaction {
+                mail_from,
+                mail_params,
+                rcpts: Vec::new(),
+            });
+        }
+        self.reply(code, &text).await
+    }
+
+    async fn rcpt(&mut self, script: &Script, arg: &str) -> Result<(), Closed> {
+        let Some(tx) = &self.tx else {
+            return self
+                .std_reply(script, 503, "5.5.1", "Error: need MAIL command")
+                .await;
+        };
+        if script.drop_at == Some(Stage::Rcpt) && tx.rcpts.is_empty() {
+            return Err(Closed::ByUs);
+        }
+        let Some((address, _params)) = strip_prefix_ci(arg, "TO:").and_then(parse_path) else {
+            return self
+                .std_reply(script, 501, "5.5.4", "Syntax: RCPT TO:<address>")
+                .await;
+        };
+        let (code, text) = script
+            .rcpt_replies
+            .iter()
+            .find(|(a, _, _)| a.eq_ignore_ascii_case(&address))
+            .map(|(_, code, text)| (*code, text.clone()))
+            .unwrap_or_else(|| (250, enhanced(script, "2.1.5", "Ok")));
+        if is_positive(code)
+            && let Some(tx) = &mut self.tx
+        {
+            tx.rcpts.push(address);
+        }
+        self.reply(code, &text).await
+    }
+
+    async fn data(&mut self, script: &Script) -> Result<(), Closed> {
+        if script.drop_at == Some(Stage::Data) {
+            return Err(Closed::ByUs);
+        }
+        match &self.tx {
+            None => {
+                return self
+                    .std_reply(script, 503, "5.5.1", "Error: need RCPT command")
+                    .await;
+            }
+            Some(tx) if tx.rcpts.is_empty() => {
+                return self
+                    .std_reply(script, 554, "5.5.1", "Error: no valid recipients")
+                    .await;
+            }
+            Some(_) => {}
+        }
+        self.reply(354, "End data with <CR><LF>.<CR><LF>").await?;
+
+        let mut data = Vec::new();
+        loop {
+            let line = self.read_line().await?;
+            if line == b".\r\n" {
+                break;
+            }
+            // RFC 5321 4.5.2: a leading dot was added by the client; drop it.
+            data.extend_from_slice(line.strip_prefix(b".").unwrap_or(&line));
+            if script.drop_at == Some(Stage::DataBody) {
+                return Err(Closed::ByUs);
+            }
+        }
+        // The script may have changed while the body was arriving.
+        let script = self.shared.script();
+        if script.drop_at == Some(Stage::DataEnd) {
+            return Err(Closed::ByUs);
+        }
+        let Some(tx) = self.tx.take() else {
+            return Err(Closed::ByUs);
+        };
+
+        let failing = {
+            let mut state = self.shared.lock();
+            state.bodies_seen += 1;
+            state.bodies_seen <= script.fail_first_n_transactions
+        };
+        let (code, text, queue_id) = if failing {
+            let text = enhanced(&script, "4.3.0", "Error: temporary failure (scripted)");
+            (451, text, String::new())
+        } else if script.size.is_some_and(|limit| data.len() > limit) {
+            let text = enhanced(&script, "5.3.4", "Message size exceeds fixed limit");
+            (552, text, String::new())
+        } else if let Some((code, text)) = &script.data_reply {
+            (*code, text.clone(), String::new())
+        } else {
+            let n = {
+                let mut state = self.shared.lock();
+                state.queued += 1;
+                state.queued
+            };
+            let id = format!("FAKE{n}");
+            let text = enhanced(&script, "2.0.0", &format!("Ok: queued as {id}"));
+            (250, text, id)
+        };
+
+        if !script.reply_delay.is_zero() {
+            tokio::time::sleep(script.reply_delay).await;
+        }
+        if is_positive(code) {
+            // Recorded just before the reply: whoever has seen the 250 can
+            // also see the message.
+            let received = Received {
+                conn: self.conn,
+                helo: self.helo.clone().unwrap_or_default(),
+                mail_from: tx.mail_from,
+                mail_params: tx.mail_params,
+                rcpts: tx.rcpts,
+                data,
+                queue_id,
+            };
+            self.shared.lock().messages.push(received);
+            self.shared.changed.notify_waiters();
+        }
+        self.write_reply(code, &text).await
+    }
+
+    /// A reply whose text gets the enhanced code when the script advertises it.
+    async fn std_reply(
+        &mut self,
+        script: &Script,
+        code: u16,
+        enh: &str,
+        text: &str,
+    ) -> Result<(), Closed> {
+        self.reply(code, &enhanced(script, enh, text)).await
+    }
+
+    /// Waits the scripted delay, then writes the reply.
+    async fn reply(&mut self, code: u16, text: &str) -> Result<(), Closed> {
+        let delay = self.shared.script().reply_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        self.write_reply(code, text).await
+    }
+
+    /// Writes `code text`; a text with '\n' in it becomes a multi-line reply.
+    async fn write_reply(&mut self, code: u16, text: &str) -> Result<(), Closed> {
+        let lines: Vec<&str> = text.split('\n').map(|l| l.trim_end_matches('\r')).collect();
+        let mut out = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
+            let _ = write!(out, "{code}{sep}{line}\r\n");
+        }
+        let io = self.io.get_mut();
+        io.write_all(out.as_bytes())
+            .await
+            .map_err(|_| Closed::Peer)?;
+        io.flush().await.map_err(|_| Closed::Peer)
+    }
+
+    /// One line including its line ending; end of stream ends the session.
+    async fn read_line(&mut self) -> Result<Vec<u8>, Closed> {
+        let mut line = Vec::new();
+        match self.io.read_until(b'\n', &mut line).await {
+            Ok(0) | Err(_) => Err(Closed::Peer),
+            Ok(_) => Ok(line),
+        }
+    }
+}
+
+fn enhanced(script: &Script, enh: &str, text: &str) -> String {
+    if script.enhancedstatuscodes {
+        format!("{enh} {text}")
+    } else {
+        text.to_string()
+    }
+}
+
+fn is_positive(code: u16) -> bool {
+    (200..300).contains(&code)
+}
+
+fn trim_crlf(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn strip_prefix_ci<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
+    let head = s.get(..prefix.len())?;
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &s[prefix.len()..])
+}
+
+/// Splits "<addr> PARAMS" (a space after the colon tolerated) into the
+/// address without brackets and the trimmed parameters.
+fn parse_path(s: &str) -> Option<(String, String)> {
+    let s = s.trim_start();
+    let rest = s.strip_prefix('<')?;
+    let end = rest.find('>')?;
+    Some((rest[..end].to_string(), rest[end + 1..].trim().to_string()))
+}
