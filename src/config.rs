@@ -87,6 +87,23 @@ pub struct SmtpConfig {
     /// Refuse new mail with `452 4.3.1` when the spool's file system has
     /// less free space than this.
     pub min_free_space: Size,
+    /// Largest header section accepted (Postfix's header_size_limit).
+    pub max_header_size: Size,
+    /// Concurrent sessions from one non-loopback client address.
+    pub max_connections_per_ip: usize,
+    /// Client networks that may relay without AUTH. Loopback by default;
+    /// setting it replaces the default (list 127.0.0.0/8 yourself to keep it).
+    pub allow_networks: Vec<ipnet::IpNet>,
+    /// Certificate chain (PEM) for inbound STARTTLS.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for inbound STARTTLS.
+    pub tls_key: Option<PathBuf>,
+    /// Users allowed to relay after AUTH: lines of `user:hash` with argon2
+    /// (`$argon2id$...`) or bcrypt (`$2b$...`) hashes; see `relayq hash-password`.
+    pub auth_users_file: Option<PathBuf>,
+    /// Set when the file gave `allow_networks` explicitly.
+    #[serde(skip)]
+    pub allow_networks_explicit: bool,
 }
 
 impl Default for SmtpConfig {
@@ -104,8 +121,22 @@ impl Default for SmtpConfig {
             command_timeout: HumanDuration(Duration::from_secs(300)),
             data_timeout: HumanDuration(Duration::from_secs(300)),
             min_free_space: Size(64 * 1024 * 1024),
+            max_header_size: Size(100 * 1024),
+            max_connections_per_ip: 20,
+            allow_networks: default_allow_networks(),
+            tls_cert: None,
+            tls_key: None,
+            auth_users_file: None,
+            allow_networks_explicit: false,
         }
     }
+}
+
+fn default_allow_networks() -> Vec<ipnet::IpNet> {
+    ["127.0.0.0/8", "::1/128"]
+        .iter()
+        .filter_map(|n| n.parse().ok())
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -142,6 +173,123 @@ pub struct RelayConfig {
     /// How long an unused connection is kept open for the next message.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
+    /// AUTH user name (an API key name like `apikey` for SendGrid).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// The password itself. Prefer `password_file` or `password_env`.
+    #[serde(default)]
+    pub password: Option<SecretString>,
+    /// A file holding the password (trailing newline ignored).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// An environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// A file holding an OAuth2 access token for XOAUTH2 (Gmail, Office
+    /// 365); re-read for every new connection so a refresher can rotate it.
+    #[serde(default)]
+    pub oauth2_token_file: Option<PathBuf>,
+    /// Force one mechanism: "plain", "login", "cram-md5" or "xoauth2".
+    #[serde(default)]
+    pub auth_mechanism: Option<AuthMechanismConfig>,
+    /// A private CA (PEM) to verify the relay's certificate, instead of the
+    /// system trust store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the relay's certificate (hex, colons allowed);
+    /// the connection is refused if the certificate does not match.
+    #[serde(default)]
+    pub pin_sha256: Option<String>,
+    /// Name to verify the certificate against (default: `host`).
+    #[serde(default)]
+    pub tls_server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuthMechanismConfig {
+    Plain,
+    Login,
+    CramMd5,
+    Xoauth2,
+}
+
+/// A secret from the config file: never printed, not even in Debug.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct SecretString(pub String);
+
+impl fmt::Debug for SecretString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where the relay's AUTH secret comes from, resolved at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Inline,
+    File(PathBuf),
+    Env(String),
+    OAuth2File(PathBuf),
+}
+
+impl RelayConfig {
+    /// Whether the relay's address is loopback (clear text is then allowed).
+    pub fn is_loopback(&self) -> bool {
+        self.host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(self.host == "localhost")
+    }
+
+    pub fn secret_source(&self) -> Option<SecretSource> {
+        if self.password.is_some() {
+            Some(SecretSource::Inline)
+        } else if let Some(p) = &self.password_file {
+            Some(SecretSource::File(p.clone()))
+        } else if let Some(v) = &self.password_env {
+            Some(SecretSource::Env(v.clone()))
+        } else {
+            self.oauth2_token_file.clone().map(SecretSource::OAuth2File)
+        }
+    }
+
+    /// Reads the secret now. The error names where it looked, never the
+    /// secret.
+    pub fn read_secret(&self) -> Result<Option<(String, bool)>, String> {
+        let Some(source) = self.secret_source() else {
+            return Ok(None);
+        };
+        let trim = |s: String| s.trim_end_matches(['\r', '\n']).to_string();
+        match source {
+            SecretSource::Inline => Ok(self.password.as_ref().map(|p| (p.0.clone(), false))),
+            SecretSource::File(p) => std::fs::read_to_string(&p)
+                .map(|s| Some((trim(s), false)))
+                .map_err(|e| format!("cannot read relay.password_file {}: {e}", p.display())),
+            SecretSource::Env(v) => std::env::var(&v)
+                .map(|s| Some((s, false)))
+                .map_err(|_| format!("relay.password_env: environment variable {v} is not set")),
+            SecretSource::OAuth2File(p) => std::fs::read_to_string(&p)
+                .map(|s| Some((trim(s), true)))
+                .map_err(|e| format!("cannot read relay.oauth2_token_file {}: {e}", p.display())),
+        }
+    }
+
+    /// Files holding a secret that users other than the owner can read.
+    pub fn exposed_secret_files(&self) -> Vec<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        [&self.password_file, &self.oauth2_token_file]
+            .into_iter()
+            .flatten()
+            .filter(|p| {
+                std::fs::metadata(p)
+                    .map(|m| m.permissions().mode() & 0o044 != 0)
+                    .unwrap_or(false)
+            })
+            .cloned()
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -220,6 +368,14 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         config.source = Some(path.to_path_buf());
+        config.smtp.allow_networks_explicit = toml::from_str::<toml::Table>(text)
+            .ok()
+            .and_then(|t| {
+                t.get("smtp")
+                    .and_then(|s| s.get("allow_networks"))
+                    .map(|_| ())
+            })
+            .is_some();
         config.validate()?;
         Ok(config)
     }
@@ -279,14 +435,7 @@ impl Config {
         if self.smtp.listen.is_empty() {
             return Err(self.invalid("smtp.listen", "at least one listen address is needed"));
         }
-        if let Some(open) = self.smtp.listen.iter().find(|a| !a.ip().is_loopback()) {
-            return Err(self.invalid(
-                "smtp.listen",
-                format!(
-                    "{open} is not a loopback address; relayq only listens on loopback so it can never be an open relay"
-                ),
-            ));
-        }
+        self.validate_inbound()?;
         if self.smtp.max_recipients == 0 || self.smtp.max_connections == 0 {
             return Err(self.invalid(
                 "smtp.max_recipients / smtp.max_connections",
@@ -309,17 +458,86 @@ impl Config {
             if relay.host.trim().is_empty() {
                 return Err(self.invalid("relay.host", "must not be empty"));
             }
-            let loopback = relay
-                .host
-                .parse::<std::net::IpAddr>()
-                .map(|ip| ip.is_loopback())
-                .unwrap_or(relay.host == "localhost");
-            if relay.tls == TlsModeConfig::None && !loopback && !relay.insecure {
+            if relay.tls == TlsModeConfig::None && !relay.is_loopback() && !relay.insecure {
                 return Err(self.invalid(
                     "relay.tls",
                     "tls = \"none\" sends mail in clear text; it is allowed only for a loopback relay or with insecure = true",
                 ));
             }
+            let sources = [
+                relay.password.is_some(),
+                relay.password_file.is_some(),
+                relay.password_env.is_some(),
+                relay.oauth2_token_file.is_some(),
+            ]
+            .iter()
+            .filter(|x| **x)
+            .count();
+            if sources > 1 {
+                return Err(self.invalid(
+                    "relay.password",
+                    "set only one of password, password_file, password_env and oauth2_token_file",
+                ));
+            }
+            if sources == 1 && relay.username.is_none() {
+                return Err(self.invalid(
+                    "relay.username",
+                    "a password or token is set but no username",
+                ));
+            }
+            if relay.username.is_some() && sources == 0 {
+                return Err(self.invalid(
+                    "relay.username",
+                    "username is set but no secret: add password_file, password_env, password or oauth2_token_file",
+                ));
+            }
+            if relay.username.is_some() && relay.tls == TlsModeConfig::None && !relay.is_loopback()
+            {
+                return Err(self.invalid("relay.tls", "AUTH credentials are never sent in clear text: use tls = \"starttls\" or \"implicit\""));
+            }
+            if let Some(pin) = &relay.pin_sha256 {
+                let hex: String = pin.chars().filter(|c| *c != ':').collect();
+                if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(self.invalid(
+                        "relay.pin_sha256",
+                        "must be a SHA-256 fingerprint: 64 hex digits, colons allowed",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The open-relay rules: loopback listeners only, unless the config
+    /// says who may relay (explicit networks, or AUTH behind STARTTLS).
+    fn validate_inbound(&self) -> Result<(), ConfigError> {
+        let smtp = &self.smtp;
+        if smtp.tls_cert.is_some() != smtp.tls_key.is_some() {
+            return Err(self.invalid("smtp.tls_cert", "tls_cert and tls_key go together"));
+        }
+        if smtp.auth_users_file.is_some() && smtp.tls_cert.is_none() {
+            return Err(self.invalid(
+                "smtp.auth_users_file",
+                "inbound AUTH is only offered after STARTTLS: set smtp.tls_cert and smtp.tls_key too",
+            ));
+        }
+        if let Some(any) = smtp.allow_networks.iter().find(|n| n.prefix_len() == 0) {
+            return Err(self.invalid(
+                "smtp.allow_networks",
+                format!("{any} would let the whole Internet relay through relayq (an open relay); list your own networks"),
+            ));
+        }
+        let auth = smtp.auth_users_file.is_some();
+        if let Some(open) = smtp.listen.iter().find(|a| !a.ip().is_loopback())
+            && !smtp.allow_networks_explicit
+            && !auth
+        {
+            return Err(self.invalid(
+                "smtp.listen",
+                format!(
+                    "{open} is not a loopback address; to accept mail from other hosts say who may relay: smtp.allow_networks = [\"10.0.0.0/8\"], or inbound AUTH (smtp.auth_users_file with smtp.tls_cert and smtp.tls_key)"
+                ),
+            ));
         }
         Ok(())
     }
@@ -495,8 +713,51 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("smtp.listen") && err.contains("open relay"),
+            err.contains("smtp.listen") && err.contains("allow_networks"),
             "{err}"
         );
+        let ok = "[smtp]\nlisten = [\"0.0.0.0:25\"]\nallow_networks = [\"10.1.0.0/16\"]\n[capture]\nmaildir = \"/tmp/m\"\n";
+        assert!(parse(ok).is_ok());
+        let err =
+            parse("[smtp]\nallow_networks = [\"0.0.0.0/0\"]\n[capture]\nmaildir = \"/tmp/m\"\n")
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("open relay"), "{err}");
+        let err = parse(
+            "[smtp]\nauth_users_file = \"/etc/relayq/users\"\n[capture]\nmaildir = \"/tmp/m\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("STARTTLS"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_validated_and_never_printed() {
+        let c = parse(
+            "[relay]\nhost = \"smtp.example.com\"\nusername = \"apikey\"\npassword = \"hunter2\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let err = parse("[relay]\nhost = \"smtp.example.com\"\nusername = \"u\"\npassword = \"hunter2\"\npassword_env = \"X\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("only one") && !err.contains("hunter2"),
+            "{err}"
+        );
+        let err = parse("[relay]\nhost = \"smtp.example.com\"\ntls = \"none\"\ninsecure = true\nusername = \"u\"\npassword = \"p\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("clear text"), "{err}");
+        let err = parse("[relay]\nhost = \"smtp.example.com\"\npin_sha256 = \"abc\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pin_sha256"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/relayq.toml");
+        Config::load(&path).unwrap();
     }
 }

@@ -20,6 +20,18 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    if let Some(relay) = &config.relay {
+        for file in relay.exposed_secret_files() {
+            tracing::warn!(
+                "{} holds a relay secret and is readable by other users; run `chmod 600 {}`",
+                file.display(),
+                file.display()
+            );
+        }
+        if let Err(e) = relay.read_secret() {
+            tracing::warn!("{e}; deliveries will be deferred until it is fixed");
+        }
+    }
     let spool = Spool::open(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     let clock = Clock::new();

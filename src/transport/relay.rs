@@ -6,8 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::smtp::{ClientConfig, Connection, Envelope, Reply, SmtpError, TlsMode, TlsOptions};
-use crate::config::{Config, RelayConfig, TlsModeConfig};
+use super::smtp::{
+    AuthMechanism, ClientConfig, Connection, Credentials, Envelope, Reply, Secret, SmtpError,
+    TlsMode, TlsOptions,
+};
+use crate::config::{AuthMechanismConfig, Config, RelayConfig, TlsModeConfig};
 use crate::delivery::outcome::{AttemptReport, RcptOutcome};
 use crate::spool::Meta;
 
@@ -72,27 +75,8 @@ impl RelaySender {
         }
     }
 
-    fn client_config(&self, addr: SocketAddr) -> ClientConfig {
-        ClientConfig {
-            addr,
-            host: self.relay.host.clone(),
-            helo_name: self.helo_name.clone(),
-            tls: match self.relay.tls {
-                TlsModeConfig::Starttls => TlsMode::StartTls,
-                TlsModeConfig::Implicit => TlsMode::Implicit,
-                TlsModeConfig::None => TlsMode::None,
-            },
-            tls_options: TlsOptions {
-                ca_file: None,
-                pin_sha256: None,
-                server_name: self.relay.host.clone(),
-            },
-            auth: None,
-            allow_plaintext_auth: false,
-            connect_timeout: self.relay.connect_timeout.0,
-            command_timeout: self.relay.command_timeout.0,
-            data_timeout: self.relay.command_timeout.0,
-        }
+    fn client_config(&self, addr: SocketAddr) -> Result<ClientConfig, String> {
+        client_config(&self.relay, &self.helo_name, addr)
     }
 
     /// Opens a connection, trying each address of the relay in turn.
@@ -100,10 +84,31 @@ impl RelaySender {
         let addrs = self.resolve().await.map_err(|e| (self.describe(None), e))?;
         let mut last = (self.describe(None), String::from("no address"));
         for addr in addrs {
-            match Connection::open(&self.client_config(addr)).await {
+            let cfg = match self.client_config(addr) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(target: "relayq::delivery", "relay {}: {e}", self.describe(None));
+                    return Err((self.describe(None), e));
+                }
+            };
+            match Connection::open(&cfg).await {
                 Ok(c) => {
                     self.conn = Some(c);
                     return Ok(());
+                }
+                Err(
+                    e @ (SmtpError::AuthRejected { .. }
+                    | SmtpError::AuthNotOffered
+                    | SmtpError::NoCommonAuthMechanism { .. }),
+                ) => {
+                    // Always a configuration problem an operator must fix,
+                    // and the same on every address: stop here.
+                    let relay = self.describe(Some(addr));
+                    tracing::error!(
+                        target: "relayq::delivery",
+                        "relay {relay}: {e}; check [relay] username and password (mail stays queued)"
+                    );
+                    return Err((relay, e.to_string()));
                 }
                 Err(e) => {
                     tracing::warn!(target: "relayq::delivery", "connect to {}: {e}", self.describe(Some(addr)));
@@ -119,7 +124,7 @@ impl RelaySender {
         // A kept connection is reset first; if that fails it went stale
         // (the upstream timed us out) and a fresh one is opened.
         if let Some(conn) = self.conn.as_mut()
-            && conn.reset().await.is_err()
+            && (!conn.is_usable() || conn.reset().await.is_err())
         {
             self.conn = None;
         }
@@ -146,7 +151,22 @@ impl RelaySender {
         let conn_time = started.elapsed();
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
-            unreachable!("connected above")
+            return AttemptReport {
+                relay,
+                results: rcpts
+                    .iter()
+                    .map(|&i| {
+                        (
+                            i,
+                            RcptOutcome::Deferred {
+                                reason: "no connection".into(),
+                            },
+                        )
+                    })
+                    .collect(),
+                conn_time,
+                xfer_time: Duration::ZERO,
+            };
         };
         let addrs: Vec<&str> = rcpts
             .iter()
@@ -167,9 +187,7 @@ impl RelaySender {
                 .collect(),
             Err(e) => {
                 let permanent = e.is_permanent();
-                if !matches!(e, SmtpError::Rejected { .. }) || !permanent {
-                    // After anything but a clean 5xx to MAIL the session
-                    // state is unknown: start over next time.
+                if !conn.is_usable() {
                     self.conn = None;
                 }
                 let text = e.to_string();
@@ -202,6 +220,57 @@ impl RelaySender {
             xfer_time: xfer_start.elapsed(),
         }
     }
+}
+
+/// The client settings for one address of a relay: TLS mode and
+/// verification, and the AUTH secret read now (a token file may have been
+/// rotated since the last connection).
+pub fn client_config(
+    relay: &RelayConfig,
+    helo_name: &str,
+    addr: SocketAddr,
+) -> Result<ClientConfig, String> {
+    let auth = match (&relay.username, relay.read_secret()?) {
+        (Some(user), Some((secret, oauth))) => Some(Credentials {
+            username: user.clone(),
+            secret: if oauth {
+                Secret::OAuth2Token(secret)
+            } else {
+                Secret::Password(secret)
+            },
+            mechanism: relay.auth_mechanism.map(|m| match m {
+                AuthMechanismConfig::Plain => AuthMechanism::Plain,
+                AuthMechanismConfig::Login => AuthMechanism::Login,
+                AuthMechanismConfig::CramMd5 => AuthMechanism::CramMd5,
+                AuthMechanismConfig::Xoauth2 => AuthMechanism::XOAuth2,
+            }),
+        }),
+        _ => None,
+    };
+    Ok(ClientConfig {
+        addr,
+        host: relay.host.clone(),
+        helo_name: helo_name.to_string(),
+        tls: match relay.tls {
+            TlsModeConfig::Starttls => TlsMode::StartTls,
+            TlsModeConfig::Implicit => TlsMode::Implicit,
+            TlsModeConfig::None => TlsMode::None,
+        },
+        tls_options: TlsOptions {
+            ca_file: relay.ca_file.clone(),
+            pin_sha256: relay.pin_sha256.clone(),
+            server_name: relay
+                .tls_server_name
+                .clone()
+                .unwrap_or_else(|| relay.host.clone()),
+        },
+        auth,
+        // Clear-text AUTH only ever to this machine itself.
+        allow_plaintext_auth: relay.is_loopback() && addr.ip().is_loopback(),
+        connect_timeout: relay.connect_timeout.0,
+        command_timeout: relay.command_timeout.0,
+        data_timeout: relay.command_timeout.0,
+    })
 }
 
 /// A recipient's fate from its RCPT reply and the reply to the message body.
