@@ -48,6 +48,9 @@ enum Command {
         #[command(subcommand)]
         action: QueueAction,
     },
+    /// Print an argon2 hash of a password read from stdin, for
+    /// smtp.auth_users_file lines (`user:HASH`).
+    HashPassword,
     /// Test support: move the daemon's clock forward (needs the daemon to
     /// run with RELAYQ_TEST_CLOCK=1).
     #[command(hide = true)]
@@ -120,6 +123,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Queue { config, action } => run_queue(config.config, action),
+        Command::HashPassword => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\r', '\n']);
+            if password.is_empty() {
+                anyhow::bail!(
+                    "no password on standard input; use: echo -n 'secret' | relayq hash-password"
+                );
+            }
+            let hash =
+                relayq::smtp::auth::hash_password(password).map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{hash}");
+            Ok(())
+        }
         Command::ClockAdvance { config, secs } => {
             let c = cli::load_config(config.config.as_deref())?;
             runtime()?.block_on(cli::queue::to_daemon(&c, Request::ClockAdvance { secs }))?;

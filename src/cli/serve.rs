@@ -42,12 +42,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (scheduler, handle, jobs) = Scheduler::new(spool.clone(), clock.clone(), workers);
     let (shutdown_tx, shutdown) = watch::channel(false);
 
-    let ctx = Arc::new(ServerContext {
-        config: config.clone(),
-        spool: spool.clone(),
-        clock: clock.clone(),
-        scheduler: handle.clone(),
-    });
+    let ctx = Arc::new(ServerContext::new(
+        config.clone(),
+        spool.clone(),
+        clock.clone(),
+        handle.clone(),
+    )?);
     let server = Server::bind(ctx).await?;
     let addrs = server.local_addrs();
 

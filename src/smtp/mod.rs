@@ -2,8 +2,10 @@
 //! machine ([`session`]) that turns a client's dialogue into a queued
 //! message.
 
+pub mod auth;
 pub mod message;
 pub mod server;
 pub mod session;
+pub mod tls;
 
 pub use server::{Server, ServerContext};

@@ -27,6 +27,10 @@ pub struct ServerContext {
     pub spool: Spool,
     pub clock: Clock,
     pub scheduler: SchedulerHandle,
+    /// Inbound STARTTLS, when a certificate is configured.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Inbound AUTH users, when a users file is configured.
+    pub users: Option<super::auth::Users>,
 }
 
 impl ServerContext {
@@ -34,6 +38,71 @@ impl ServerContext {
     /// at once rather than on the next scan.
     pub fn queued(&self, id: &str) {
         self.scheduler.queued(id);
+    }
+
+    /// Builds the context, loading the TLS certificate and users file the
+    /// config names (errors name the file).
+    pub fn new(
+        config: Arc<Config>,
+        spool: Spool,
+        clock: Clock,
+        scheduler: SchedulerHandle,
+    ) -> anyhow::Result<Self> {
+        let tls = match (&config.smtp.tls_cert, &config.smtp.tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::acceptor(cert, key)?),
+            _ => None,
+        };
+        let users = match &config.smtp.auth_users_file {
+            Some(path) => Some(super::auth::Users::load(path)?),
+            None => None,
+        };
+        Ok(ServerContext {
+            config,
+            spool,
+            clock,
+            scheduler,
+            tls,
+            users,
+        })
+    }
+}
+
+/// Open sessions per client address, for `max_connections_per_ip`.
+#[derive(Default)]
+struct PerIp {
+    counts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// Holds one connection slot of an address; gives it back when dropped.
+struct IpSlot {
+    table: Arc<PerIp>,
+    ip: std::net::IpAddr,
+}
+
+impl PerIp {
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            table: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -66,6 +135,7 @@ impl Server {
     /// open sessions to finish.
     pub async fn run(self, shutdown: watch::Receiver<bool>, grace: Duration) {
         let limit = Arc::new(Semaphore::new(self.ctx.config.smtp.max_connections));
+        let per_ip = Arc::new(PerIp::default());
         let mut sessions = JoinSet::new();
         let mut acceptors = JoinSet::new();
         for listener in self.listeners {
@@ -73,7 +143,14 @@ impl Server {
             let limit = limit.clone();
             let shutdown = shutdown.clone();
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            acceptors.spawn(accept_loop(listener, ctx, limit, shutdown, tx));
+            acceptors.spawn(accept_loop(
+                listener,
+                ctx,
+                limit,
+                per_ip.clone(),
+                shutdown,
+                tx,
+            ));
             sessions.spawn(async move {
                 let mut inner = JoinSet::new();
                 while let Some(fut) = rx.recv().await {
@@ -102,6 +179,7 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ServerContext>,
     limit: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
     shutdown: watch::Receiver<bool>,
     spawn: tokio::sync::mpsc::UnboundedSender<SessionFuture>,
 ) {
@@ -143,11 +221,39 @@ async fn accept_loop(
             ));
             continue;
         };
+        // Trusted networks are exempt (like Postfix's
+        // smtpd_client_event_limit_exceptions = $mynetworks): by default
+        // that is loopback, where the app itself connects from.
+        let slot = if ctx
+            .config
+            .smtp
+            .allow_networks
+            .iter()
+            .any(|n| n.contains(&peer.ip()))
+        {
+            None
+        } else {
+            match per_ip.take(peer.ip(), ctx.config.smtp.max_connections_per_ip) {
+                Some(slot) => Some(slot),
+                None => {
+                    tracing::warn!("refusing {peer}: too many connections from this address");
+                    tokio::spawn(refuse(
+                        stream,
+                        format!(
+                            "421 4.7.0 {host} Error: too many connections from {}",
+                            peer.ip()
+                        ),
+                    ));
+                    continue;
+                }
+            }
+        };
         let session = Session::new(stream, peer, ctx.clone(), shutdown.clone());
         tracing::debug!(%peer, "connect");
         let _ = tx.send(Box::pin(async move {
             session.run().await;
             drop(permit);
+            drop(slot);
         }));
     }
 }

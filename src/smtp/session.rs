@@ -24,8 +24,8 @@ use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
-use super::message;
 use super::server::ServerContext;
+use super::{auth, message};
 use crate::spool::{Envelope, SpoolError};
 
 /// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
@@ -48,8 +48,17 @@ struct Transaction {
     eight_bit: bool,
 }
 
-pub struct Session<S> {
-    io: BufReader<S>,
+/// Any byte stream a session can run on (TCP, TLS over TCP, a pipe).
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Type-erased so STARTTLS can swap a plain stream for a TLS one in place.
+type Stream = Box<dyn Io>;
+
+const READ_BUFFER: usize = 16 * 1024;
+
+pub struct Session {
+    io: BufReader<Stream>,
     out: Vec<u8>,
     ctx: Arc<ServerContext>,
     peer: SocketAddr,
@@ -58,6 +67,11 @@ pub struct Session<S> {
     txn: Option<Transaction>,
     errors: usize,
     shutdown: watch::Receiver<bool>,
+    tls: bool,
+    /// The AUTH user, once authenticated.
+    auth_user: Option<String>,
+    /// The client may relay without AUTH (its address is in allow_networks).
+    trusted: bool,
 }
 
 /// Why a session ended early; used for the log line.
@@ -71,15 +85,21 @@ enum Close {
     Io(std::io::Error),
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    pub fn new(
+impl Session {
+    pub fn new<S: Io + 'static>(
         stream: S,
         peer: SocketAddr,
         ctx: Arc<ServerContext>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let trusted = ctx
+            .config
+            .smtp
+            .allow_networks
+            .iter()
+            .any(|n| n.contains(&peer.ip()));
         Session {
-            io: BufReader::with_capacity(16 * 1024, stream),
+            io: BufReader::with_capacity(READ_BUFFER, Box::new(stream) as Stream),
             out: Vec::with_capacity(512),
             ctx,
             peer,
@@ -88,7 +108,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             txn: None,
             errors: 0,
             shutdown,
+            tls: false,
+            auth_user: None,
+            trusted,
         }
+    }
+
+    /// Marks the session as coming from a local, trusted submitter (the
+    /// `sendmail -bs` path), which may relay whatever allow_networks says.
+    pub fn trusted(mut self) -> Self {
+        self.trusted = true;
+        self
     }
 
     /// Runs the session to its end. Never panics on client input.
@@ -184,9 +214,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 Ok(true)
             }
             Request::Lhlo { .. } => self.fail("500 5.5.1 Error: LHLO is for LMTP, this is SMTP"),
-            Request::StartTls
-            | Request::Auth { .. }
-            | Request::Expn { .. }
+            Request::StartTls => self.starttls().await,
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => {
+                let initial = initial_response.into_owned();
+                self.auth(mechanism, initial).await
+            }
+            Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
             | Request::Burl { .. }
@@ -201,9 +237,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let name = &self.ctx.config.hostname;
         if esmtp {
             let size = self.ctx.config.smtp.max_message_size.0;
-            let text = format!(
-                "250-{name}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-VRFY\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8"
-            );
+            let mut text =
+                format!("250-{name}\r\n250-PIPELINING\r\n250-SIZE {size}\r\n250-VRFY\r\n");
+            if self.ctx.tls.is_some() && !self.tls {
+                text.push_str("250-STARTTLS\r\n");
+            }
+            if self.ctx.users.is_some() && self.tls {
+                text.push_str("250-AUTH PLAIN LOGIN\r\n");
+            }
+            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8");
             self.reply(&text);
         } else {
             let text = format!("250 {name}");
@@ -289,6 +331,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if to.orcpt.is_some() || to.flags != 0 {
             return self.fail("555 5.5.4 Error: unsupported RCPT parameter");
         }
+        if !self.trusted && self.auth_user.is_none() {
+            let shown: String = addr.chars().filter(|c| !c.is_control()).take(256).collect();
+            tracing::warn!(
+                target: "relayq::smtp",
+                "NOQUEUE: reject: RCPT from [{}]: 554 5.7.1 <{shown}>: Relay access denied; from=<{}> to=<{shown}> (client is not in smtp.allow_networks and did not authenticate)",
+                self.peer.ip(),
+                txn.sender
+            );
+            let text = format!("554 5.7.1 <{shown}>: Relay access denied");
+            return self.fail(&text);
+        }
         txn.recipients.push(addr.into_owned());
         self.reply("250 2.1.5 Ok");
         Ok(true)
@@ -333,6 +386,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         // Two bytes for the line end, one for a stuffed dot.
         let max_line = limits.max_line_length + 3;
         let timeout = limits.data_timeout.0;
+        let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
+        let mut in_header = true;
         let mut body = Vec::with_capacity(4096);
         let mut refusal: Option<&'static str> = None;
         loop {
@@ -372,6 +427,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if text.contains(&0) {
                 refusal = Some("554 5.6.0 Error: message contains NUL characters");
                 continue;
+            }
+            if in_header {
+                if text.is_empty() {
+                    in_header = false;
+                } else if body.len() + text.len() + 2 > max_header {
+                    refusal = Some("552 5.3.4 Error: message header size exceeds limit");
+                    continue;
+                }
             }
             if body.len() + text.len() + 2 > max_size {
                 refusal = Some("552 5.3.4 Error: message size exceeds fixed limit");
@@ -445,6 +508,118 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 tracing::error!("cannot queue mail from <{sender}>: {e}");
                 self.reply("451 4.3.0 Error: queue file write error");
             }
+        }
+    }
+
+    /// RFC 3207. Anything the client pipelined after STARTTLS is thrown
+    /// away unread: it was sent in clear text and must not be executed as
+    /// if it came over TLS (CVE-2011-0411).
+    async fn starttls(&mut self) -> Result<bool, Close> {
+        let Some(acceptor) = self.ctx.tls.clone() else {
+            return self.fail("502 5.5.1 Error: command not implemented");
+        };
+        if self.tls {
+            return self.fail("503 5.5.1 Error: TLS already active");
+        }
+        self.reply("220 2.0.0 Ready to start TLS");
+        self.flush().await.map_err(Close::Io)?;
+        let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
+        let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
+        let timeout = self.ctx.config.smtp.command_timeout.0;
+        match tokio::time::timeout(timeout, acceptor.accept(plain)).await {
+            Ok(Ok(tls)) => {
+                self.io = BufReader::with_capacity(READ_BUFFER, Box::new(tls) as Stream);
+                self.tls = true;
+                // The client must start over with EHLO (RFC 3207 4.2).
+                self.helo = None;
+                self.esmtp = false;
+                self.txn = None;
+                Ok(true)
+            }
+            Ok(Err(e)) => {
+                tracing::info!(target: "relayq::smtp", "TLS handshake with [{}] failed: {e}", self.peer.ip());
+                Err(Close::Io(e))
+            }
+            Err(_) => Err(Close::Timeout),
+        }
+    }
+
+    async fn auth(&mut self, mechanism: u64, initial: String) -> Result<bool, Close> {
+        let Some(users) = self.ctx.users.clone() else {
+            return self.fail("502 5.5.1 Error: authentication not enabled");
+        };
+        if !self.tls {
+            return self
+                .fail("538 5.7.11 Encryption required for requested authentication mechanism");
+        }
+        if !self.esmtp {
+            return self.fail("503 5.5.1 Error: send EHLO first");
+        }
+        if self.auth_user.is_some() {
+            return self.fail("503 5.5.1 Error: already authenticated");
+        }
+        if self.txn.is_some() {
+            return self.fail("503 5.5.1 Error: MAIL transaction in progress");
+        }
+        let (method, creds) = match mechanism {
+            smtp_proto::AUTH_PLAIN => {
+                let response = match initial.as_str() {
+                    "" => self.challenge("334 ").await?,
+                    "=" => String::new(),
+                    _ => initial,
+                };
+                if response == "*" {
+                    return self.fail("501 5.7.0 Error: authentication aborted");
+                }
+                ("PLAIN", auth::decode_plain(&response))
+            }
+            smtp_proto::AUTH_LOGIN => {
+                let user = match initial.as_str() {
+                    "" => self.challenge("334 VXNlcm5hbWU6").await?,
+                    _ => initial,
+                };
+                if user == "*" {
+                    return self.fail("501 5.7.0 Error: authentication aborted");
+                }
+                let pass = self.challenge("334 UGFzc3dvcmQ6").await?;
+                if pass == "*" {
+                    return self.fail("501 5.7.0 Error: authentication aborted");
+                }
+                let creds = auth::decode_b64_text(&user).zip(auth::decode_b64_text(&pass));
+                ("LOGIN", creds)
+            }
+            _ => return self.fail("504 5.5.4 Error: authentication mechanism not supported"),
+        };
+        let Some((user, password)) = creds else {
+            return self.fail("501 5.5.2 Error: malformed authentication response");
+        };
+        let check_user = user.clone();
+        let ok = tokio::task::spawn_blocking(move || users.verify(&check_user, &password))
+            .await
+            .unwrap_or(false);
+        let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
+        if ok {
+            tracing::info!(target: "relayq::smtp", "client=[{}], sasl_method={method}, sasl_username={shown}", self.peer.ip());
+            self.auth_user = Some(user);
+            self.reply("235 2.7.0 Authentication successful");
+            Ok(true)
+        } else {
+            tracing::warn!(target: "relayq::smtp", "[{}]: SASL {method} authentication failed for user {shown}", self.peer.ip());
+            self.fail("535 5.7.8 Error: authentication failed")
+        }
+    }
+
+    /// Sends an AUTH challenge and reads the client's one-line answer.
+    async fn challenge(&mut self, prompt: &str) -> Result<String, Close> {
+        self.reply(prompt);
+        self.flush().await.map_err(Close::Io)?;
+        let timeout = self.ctx.config.smtp.command_timeout.0;
+        match tokio::time::timeout(timeout, read_line(&mut self.io, 12 * 1024)).await {
+            Err(_) => Err(Close::Timeout),
+            Ok(Err(e)) => Err(Close::Io(e)),
+            Ok(Ok(Line::Eof)) => Err(Close::Eof),
+            Ok(Ok(Line::TooLong)) => Ok(String::new()),
+            Ok(Ok(Line::Ok(line))) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
         }
     }
 

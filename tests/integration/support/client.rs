@@ -21,6 +21,16 @@ impl Client {
         (c, greeting)
     }
 
+    /// Wraps an already connected stream (e.g. bound to a chosen source
+    /// address) and returns the client with the greeting.
+    pub async fn from_stream(s: TcpStream) -> (Client, String) {
+        let mut c = Client {
+            io: BufReader::new(s),
+        };
+        let greeting = c.reply().await;
+        (c, greeting)
+    }
+
     pub async fn send(&mut self, bytes: &[u8]) {
         self.io.get_mut().write_all(bytes).await.expect("write");
     }

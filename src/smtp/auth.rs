@@ -1,0 +1,205 @@
+//! Inbound AUTH: the users allowed to relay from outside `allow_networks`,
+//! and checking their passwords.
+//!
+//! The users file holds one `user:hash` per line (`#` comments allowed),
+//! the hash an argon2 PHC string (`$argon2id$...`, what `relayq
+//! hash-password` prints) or bcrypt (`$2b$...`, what `htpasswd -B` makes).
+//!
+//! # Security
+//! Only hashes are stored; verification runs on the blocking pool because
+//! argon2 is deliberately slow. An unknown user is checked against a dummy
+//! hash so that the answer takes as long as for a known one (no user
+//! enumeration by timing). AUTH is only offered on a TLS session.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
+
+#[derive(Debug, thiserror::Error)]
+pub enum UsersError {
+    #[error("cannot read users file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("users file {path}, line {line}: {reason}")]
+    Bad {
+        path: String,
+        line: usize,
+        reason: String,
+    },
+}
+
+/// The users file, loaded once at start.
+#[derive(Clone, Default)]
+pub struct Users {
+    hashes: Arc<HashMap<String, String>>,
+}
+
+impl Users {
+    pub fn load(path: &Path) -> Result<Users, UsersError> {
+        let text = std::fs::read_to_string(path).map_err(|source| UsersError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Users::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, path: &str) -> Result<Users, UsersError> {
+        let mut hashes = HashMap::new();
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let bad = |reason: &str| UsersError::Bad {
+                path: path.to_string(),
+                line: n + 1,
+                reason: reason.to_string(),
+            };
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| bad("expected user:hash"))?;
+            if user.is_empty() {
+                return Err(bad("empty user name"));
+            }
+            if !(hash.starts_with("$argon2") || hash.starts_with("$2")) {
+                return Err(bad(
+                    "the hash must be argon2 ($argon2id$...) or bcrypt ($2b$...); make one with `relayq hash-password`",
+                ));
+            }
+            if hash.starts_with("$argon2") && PasswordHash::new(hash).is_err() {
+                return Err(bad("malformed argon2 hash"));
+            }
+            hashes.insert(user.to_string(), hash.to_string());
+        }
+        Ok(Users {
+            hashes: Arc::new(hashes),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    /// Checks a user's password; slow on purpose, call from a blocking task.
+    pub fn verify(&self, user: &str, password: &str) -> bool {
+        match self.hashes.get(user) {
+            Some(hash) => verify_hash(hash, password),
+            None => {
+                // Same work for an unknown user as for a wrong password.
+                let _ = verify_hash(dummy_hash(), password);
+                false
+            }
+        }
+    }
+}
+
+fn verify_hash(hash: &str, password: &str) -> bool {
+    if hash.starts_with("$argon2") {
+        PasswordHash::new(hash)
+            .map(|h| {
+                Argon2::default()
+                    .verify_password(password.as_bytes(), &h)
+                    .is_ok()
+            })
+            .unwrap_or(false)
+    } else {
+        bcrypt::verify(password, hash).unwrap_or(false)
+    }
+}
+
+fn dummy_hash() -> &'static str {
+    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DUMMY.get_or_init(|| hash_password("relayq-dummy-password").unwrap_or_default())
+}
+
+/// An argon2id hash for the users file, with a random salt.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    Argon2::default()
+        .hash_password(password.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
+/// Decodes AUTH PLAIN's initial response: authzid NUL authcid NUL password.
+pub fn decode_plain(b64: &str) -> Option<(String, String)> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    let mut parts = raw.split(|&b| b == 0);
+    let authzid = parts.next()?;
+    let user = parts.next()?;
+    let pass = parts.next()?;
+    if parts.next().is_some() {
+        return None;
+    }
+    let user = std::str::from_utf8(user).ok()?.to_string();
+    let authzid = std::str::from_utf8(authzid).ok()?;
+    // Acting for someone else is not supported.
+    if !authzid.is_empty() && authzid != user {
+        return None;
+    }
+    Some((user, std::str::from_utf8(pass).ok()?.to_string()))
+}
+
+pub fn decode_b64_text(b64: &str) -> Option<String> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(b64.trim())
+        .ok()?;
+    String::from_utf8(raw).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argon2_and_bcrypt_users() {
+        let a = hash_password("s3cret").unwrap();
+        let b = bcrypt::hash("b-pass", 4).unwrap();
+        let users = Users::parse(&format!("# comment\nalice:{a}\nbob:{b}\n"), "users").unwrap();
+        assert_eq!(users.len(), 2);
+        assert!(users.verify("alice", "s3cret"));
+        assert!(!users.verify("alice", "wrong"));
+        assert!(users.verify("bob", "b-pass"));
+        assert!(!users.verify("carol", "s3cret"));
+    }
+
+    #[test]
+    fn bad_lines_are_named() {
+        let err = Users::parse("alice:plaintext\n", "/etc/relayq/users")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("/etc/relayq/users, line 1") && err.contains("hash-password"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plain_decoding() {
+        use base64::Engine;
+        let enc = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+        assert_eq!(
+            decode_plain(&enc(b"\0alice\0pw")),
+            Some(("alice".into(), "pw".into()))
+        );
+        assert_eq!(
+            decode_plain(&enc(b"alice\0alice\0pw")),
+            Some(("alice".into(), "pw".into()))
+        );
+        assert_eq!(decode_plain(&enc(b"root\0alice\0pw")), None);
+        assert_eq!(decode_plain("not base64!"), None);
+    }
+}
