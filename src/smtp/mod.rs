@@ -3,6 +3,8 @@
 //! message.
 
 pub mod auth;
+#[cfg(test)]
+mod fuzz;
 pub mod message;
 pub mod server;
 pub mod session;

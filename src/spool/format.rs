@@ -396,4 +396,74 @@ mod tests {
         g.extend_from_slice(b"delivered 7 1 out of range\n");
         assert!(matches!(decode(&g), Err(FormatError::BadRecord(_))));
     }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn address() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9._+\\-\u{e9}\u{4f8b}]{1,20}@[a-z0-9.\\-]{1,20}"
+        }
+
+        fn record() -> impl Strategy<Value = Record> {
+            prop_oneof![
+                (0usize..3, any::<u64>(), ".{0,40}")
+                    .prop_map(|(idx, at_ms, reply)| Record::Delivered { idx, at_ms, reply }),
+                (0usize..3, any::<u64>(), ".{0,40}")
+                    .prop_map(|(idx, at_ms, reply)| Record::Failed { idx, at_ms, reply }),
+                (0usize..3, any::<u64>(), ".{0,40}")
+                    .prop_map(|(idx, at_ms, reason)| Record::Deferred { idx, at_ms, reason }),
+                (any::<u32>(), any::<u64>())
+                    .prop_map(|(attempts, next_ms)| Record::Attempt { attempts, next_ms }),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+                let _ = decode(&bytes);
+            }
+
+            #[test]
+            fn decoding_a_damaged_file_never_panics(cut in 0usize..400, flip in 0usize..400, byte in any::<u8>()) {
+                let env = Envelope { sender: "a@b.c".into(), recipients: vec!["d@e.f".into(), "g@h.i".into()], ..Envelope::default() };
+                let mut f = encode_header("01ID", 7, &env, 5);
+                f.extend_from_slice(b"hello");
+                f.extend_from_slice(END);
+                f.extend_from_slice(&encode_record(&Record::Delivered { idx: 1, at_ms: 9, reply: "250 ok".into() }));
+                if flip < f.len() { f[flip] = byte; }
+                f.truncate(cut.min(f.len()));
+                let _ = decode(&f);
+            }
+
+            #[test]
+            fn round_trip(sender in prop_oneof![Just(String::new()), address()],
+                          recipients in proptest::collection::vec(address(), 3..6),
+                          body in proptest::collection::vec(any::<u8>(), 0..512),
+                          smtputf8 in any::<bool>(), eight_bit in any::<bool>(),
+                          records in proptest::collection::vec(record(), 0..8)) {
+                let env = Envelope { sender, recipients, smtputf8, eight_bit };
+                let mut f = encode_header("01ID", 42, &env, body.len() as u64);
+                f.extend_from_slice(&body);
+                f.extend_from_slice(END);
+                for r in &records { f.extend_from_slice(&encode_record(r)); }
+                let (meta, got) = decode(&f).unwrap();
+                prop_assert_eq!(got, &body[..]);
+                prop_assert_eq!(&meta.sender, &env.sender);
+                prop_assert_eq!(meta.recipients.iter().map(|r| r.address.clone()).collect::<Vec<_>>(), env.recipients.clone());
+                prop_assert_eq!((meta.smtputf8, meta.eight_bit, meta.arrival_ms), (smtputf8, eight_bit, 42));
+                // The last final record for a recipient decides its state.
+                for (i, r) in meta.recipients.iter().enumerate() {
+                    let last = records.iter().rev().find_map(|rec| match rec {
+                        Record::Delivered { idx, .. } if *idx == i => Some(RcptState::Delivered),
+                        Record::Failed { idx, .. } if *idx == i => Some(RcptState::Failed),
+                        _ => None,
+                    });
+                    prop_assert_eq!(&r.state, &last.unwrap_or(RcptState::Pending));
+                }
+            }
+        }
+    }
 }
