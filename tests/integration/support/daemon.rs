@@ -17,6 +17,9 @@ pub struct Daemon {
     pub addr: SocketAddr,
     log: Arc<Mutex<String>>,
     _tmp: Option<tempfile::TempDir>,
+    /// Extra environment for the daemon (after RELAYQ_LOG, so it may
+    /// override it).
+    env: Vec<(String, String)>,
 }
 
 /// A config relaying to `upstream` in clear text (allowed: loopback).
@@ -40,6 +43,12 @@ impl Daemon {
     }
 
     pub fn start_in(dir: &Path, config: &str) -> Daemon {
+        Daemon::start_in_with_env(dir, config, &[])
+    }
+
+    /// Like [`Daemon::start_in`], with extra environment variables for the
+    /// daemon process (e.g. a `password_env` secret, or `RELAYQ_LOG`).
+    pub fn start_in_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
         let mut text = String::new();
         if !config.contains("spool_dir") {
             text.push_str(&format!(
@@ -60,6 +69,10 @@ impl Daemon {
             addr: "127.0.0.1:0".parse().expect("addr"),
             log: Arc::new(Mutex::new(String::new())),
             _tmp: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         d.spawn();
         d
@@ -71,6 +84,7 @@ impl Daemon {
             .arg(&self.config)
             .env("RELAYQ_TEST_CLOCK", "1")
             .env("RELAYQ_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

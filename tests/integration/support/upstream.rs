@@ -14,12 +14,16 @@
 //! that is exactly ".\r\n" (a lone ".\n" does not end it, so a client that
 //! gets CRLF wrong shows up as a timeout rather than as a passing test).
 //!
-//! The session ([`serve`]) is generic over `AsyncRead + AsyncWrite` so that
-//! STARTTLS and implicit TLS can be added later: the accept loop would wrap
-//! the socket in a TLS acceptor first (implicit TLS), and a STARTTLS command
-//! would make `serve` hand its stream back for the handshake and start a
-//! fresh session on the TLS stream (RFC 3207 forgets the earlier EHLO).
-//! AUTH would be one more command arm with its own `Script` fields.
+//! The session ([`serve`]) is generic over `AsyncRead + AsyncWrite`, so the
+//! same code speaks clear text and TLS. With [`FakeUpstream::start_tls`] the
+//! server offers STARTTLS (the accepted command hands the socket back for the
+//! handshake and a fresh session starts on the TLS stream, forgetting the
+//! earlier EHLO as RFC 3207 says) or does implicit TLS from the first byte;
+//! [`Script::require_auth`] makes it demand AUTH PLAIN, LOGIN or XOAUTH2
+//! before MAIL. Both live in `upstream/secure.rs`. Every command is recorded
+//! with whether TLS was up when it arrived ([`FakeUpstream::seen`]), and
+//! every AUTH attempt with its outcome ([`FakeUpstream::auths`]), so a test
+//! can prove nothing was said in clear text.
 //!
 //! The script is read afresh for every decision, so `set_script` takes effect
 //! on the next command, also on connections already open.
@@ -37,6 +41,9 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Notify, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
+
+mod secure;
+pub use secure::{AuthAttempt, Handshake, Seen, UpstreamTls};
 
 /// The name the fake server gives itself in its greeting and EHLO reply.
 pub const HOSTNAME: &str = "fake.upstream.test";
@@ -91,6 +98,10 @@ pub struct Script {
     /// Answer 451 to the first N bodies (counted across connections since the
     /// server started or `set_script` was last called), then behave normally.
     pub fail_first_n_transactions: usize,
+    /// `(user, password)`: advertise AUTH PLAIN LOGIN XOAUTH2 and answer
+    /// MAIL with 530 until the client logged in (XOAUTH2 takes the password
+    /// as its bearer token).
+    pub auth: Option<(String, String)>,
 }
 
 impl Default for Script {
@@ -109,6 +120,7 @@ impl Default for Script {
             drop_at: None,
             reply_delay: Duration::ZERO,
             fail_first_n_transactions: 0,
+            auth: None,
         }
     }
 }
@@ -211,6 +223,12 @@ struct State {
     bodies_seen: usize,
     /// For the "queued as FAKE<n>" ids.
     queued: usize,
+    /// Set by `start_tls`/`set_tls`: read at each new connection.
+    tls: Option<secure::ServerTls>,
+    /// Every command line with its TLS state, in order of arrival.
+    seen: Vec<Seen>,
+    auths: Vec<AuthAttempt>,
+    handshakes: Vec<Handshake>,
 }
 
 impl Shared {
@@ -429,7 +447,7 @@ async fn accept_loop(
                     state.connections
                 };
                 shared.changed.notify_waiters();
-                sessions.spawn(serve(stream, conn, shared.clone()));
+                sessions.spawn(secure::serve_connection(stream, conn, shared.clone()));
             }
         }
     }
@@ -451,10 +469,15 @@ enum Closed {
     Peer,
     /// The script said to drop the connection, or QUIT/421 ended it.
     ByUs,
+    /// STARTTLS was answered 220: the stream goes to the TLS handshake.
+    StartTls,
 }
 
-/// One SMTP session over any byte stream.
-async fn serve<S>(stream: S, conn: usize, shared: Arc<Shared>)
+/// One SMTP session over any byte stream. `tls` says whether the stream is
+/// already TLS; `greet` is false for the session after STARTTLS (RFC 3207:
+/// the client speaks first). After a 220 to STARTTLS the stream is handed
+/// back for the handshake.
+async fn serve<S>(stream: S, conn: usize, shared: Arc<Shared>, tls: bool, greet: bool) -> Option<S>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -465,8 +488,13 @@ where
         helo: None,
         tx: None,
         greeting_refused: false,
+        tls,
+        authenticated: None,
     };
-    let _ = session.run().await;
+    match session.run(greet).await {
+        Err(Closed::StartTls) => Some(session.into_stream()),
+        _ => None,
+    }
 }
 
 struct Session<S> {
@@ -477,10 +505,26 @@ struct Session<S> {
     tx: Option<Transaction>,
     /// After a 5xx greeting the only useful command is QUIT.
     greeting_refused: bool,
+    /// TLS was up when this session started (implicit, or after STARTTLS).
+    tls: bool,
+    /// The user name after a successful AUTH.
+    authenticated: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
-    async fn run(&mut self) -> Result<(), Closed> {
+    async fn run(&mut self, greet: bool) -> Result<(), Closed> {
+        if greet {
+            self.greet().await?;
+        }
+        loop {
+            let line = self.read_line().await?;
+            let line = String::from_utf8_lossy(trim_crlf(&line)).into_owned();
+            self.record(&line);
+            self.command(&line).await?;
+        }
+    }
+
+    async fn greet(&mut self) -> Result<(), Closed> {
         let script = self.shared.script();
         if script.drop_at == Some(Stage::Greeting) {
             return Err(Closed::ByUs);
@@ -498,12 +542,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                     .await?
             }
         }
-        loop {
-            let line = self.read_line().await?;
-            let line = String::from_utf8_lossy(trim_crlf(&line)).into_owned();
-            self.shared.lock().commands.push((self.conn, line.clone()));
-            self.command(&line).await?;
-        }
+        Ok(())
     }
 
     async fn command(&mut self, line: &str) -> Result<(), Closed> {
@@ -557,6 +596,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if script.enhancedstatuscodes {
                     lines.push("ENHANCEDSTATUSCODES".into());
                 }
+                lines.extend(self.secure_capabilities(&script));
                 self.reply(250, &lines.join("\n")).await
             }
             "MAIL" => self.mail(&script, arg).await,
@@ -567,6 +607,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 self.std_reply(&script, 250, "2.0.0", "Ok").await
             }
             "NOOP" => self.std_reply(&script, 250, "2.0.0", "Ok").await,
+            "STARTTLS" => self.starttls(&script).await,
+            "AUTH" => self.auth(&script, arg).await,
             _ => {
                 self.std_reply(&script, 502, "5.5.2", "Error: command not recognized")
                     .await
@@ -586,6 +628,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if self.tx.is_some() {
             return self
                 .std_reply(script, 503, "5.5.1", "Error: nested MAIL command")
+                .await;
+        }
+        if script.auth.is_some() && self.authenticated.is_none() {
+            return self
+                .std_reply(script, 530, "5.7.0", "Authentication required")
                 .await;
         }
         let Some((mail_from, mail_params)) = strip_prefix_ci(arg, "FROM:").and_then(parse_path)
