@@ -429,11 +429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             .await
         {
             Ok(id) => {
-                tracing::info!(
-                    target: "relayq::queue",
-                    "{id}: client=[{}], from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
-                    self.peer.ip()
-                );
+                crate::observe::events::accepted(&id, self.peer.ip(), &sender, size, nrcpt);
                 ctx.queued(&id);
                 self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }

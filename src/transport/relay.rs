@@ -72,7 +72,9 @@ impl RelaySender {
         }
     }
 
-    fn client_config(&self, addr: SocketAddr) -> ClientConfig {
+    /// The client settings for one resolved address of the relay (also
+    /// used by `relayq check`, so it tests exactly what delivery uses).
+    pub fn client_config(&self, addr: SocketAddr) -> ClientConfig {
         ClientConfig {
             addr,
             host: self.relay.host.clone(),
@@ -97,16 +99,25 @@ impl RelaySender {
 
     /// Opens a connection, trying each address of the relay in turn.
     async fn connect(&mut self) -> Result<(), (String, String)> {
-        let addrs = self.resolve().await.map_err(|e| (self.describe(None), e))?;
+        let addrs = self.resolve().await.map_err(|e| {
+            crate::observe::events::relay_failed(&self.describe(None), "dns", &e);
+            (self.describe(None), e)
+        })?;
         let mut last = (self.describe(None), String::from("no address"));
         for addr in addrs {
             match Connection::open(&self.client_config(addr)).await {
                 Ok(c) => {
+                    crate::observe::events::relay_connected(&self.describe(None));
                     self.conn = Some(c);
                     return Ok(());
                 }
                 Err(e) => {
                     tracing::warn!(target: "relayq::delivery", "connect to {}: {e}", self.describe(Some(addr)));
+                    crate::observe::events::relay_failed(
+                        &self.describe(None),
+                        e.stage(),
+                        &e.to_string(),
+                    );
                     last = (self.describe(Some(addr)), e.to_string());
                 }
             }
