@@ -112,6 +112,16 @@ pub fn render(r: &StatusReport) -> String {
 
     h.push_str("<section id=\"chart\"><h2>Queue size, last hour</h2>");
     h.push_str(&chart(&r.history, r.now));
+    if let Some(&(first, _)) = r.history.first()
+        && r.now.saturating_sub(first) < 3_500_000
+    {
+        let _ = write!(
+            h,
+            "<p class=\"muted\">Sampled every {}s since the status endpoint started {} ago.</p>",
+            super::state::SAMPLE_EVERY_SECS,
+            ago(r.now.saturating_sub(first) as f64 / 1000.0)
+        );
+    }
     h.push_str("</section>");
 
     h.push_str("<section id=\"queued\"><h2>Waiting messages (oldest first)</h2>");

@@ -3,4 +3,7 @@
 
 mod support;
 
+mod check;
+mod observe;
 mod relay;
+mod status_page;
