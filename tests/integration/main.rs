@@ -4,6 +4,7 @@
 mod support;
 
 mod check;
+mod install;
 mod observe;
 mod relay;
 mod status_page;
