@@ -140,11 +140,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
+    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
+    let signals = Signals::new()?;
     // systemd (Type=notify): we are listening; a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");
     }
-    wait_for_signal().await?;
+    signals.wait().await;
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         "shutting down: no new mail accepted, deliveries in flight finish, the queue stays on disk"
@@ -157,7 +159,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     control.abort();
     if let Some(task) = status_task {
-        let _ = task.await;
+        // A browser may hold a keep-alive connection open; don't wait on it.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
     let _ = sched_task.await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
@@ -165,12 +168,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is created.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

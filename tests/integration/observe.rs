@@ -522,3 +522,52 @@ async fn status_endpoint_is_off_by_default_and_loopback_only() {
         "{err}"
     );
 }
+
+/// Under systemd (`Type=notify`) relayq says READY=1 only once it accepts
+/// mail, and STOPPING=1 when it begins to shut down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_systemd_when_ready_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+
+    let dir = tempfile::tempdir().unwrap();
+    let notify = UnixDatagram::bind(dir.path().join("notify.sock")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("relayq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:{port}\"]\n[capture]\nmaildir = \"{}\"\n",
+            dir.path().join("spool").display(),
+            dir.path().join("Maildir").display()
+        ),
+    )
+    .unwrap();
+    let mut child = std::process::Command::new(crate::support::daemon::BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("NOTIFY_SOCKET", dir.path().join("notify.sock"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 from relayq");
+    assert_eq!(&buf[..n], b"READY=1\n");
+    // Ready means ready: the SMTP port answers at once.
+    let (_c, greeting) =
+        crate::support::client::Client::connect(format!("127.0.0.1:{port}").parse().unwrap()).await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let n = notify.recv(&mut buf).expect("STOPPING=1 from relayq");
+    assert_eq!(&buf[..n], b"STOPPING=1\n");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}
