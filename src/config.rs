@@ -54,9 +54,27 @@ pub struct Config {
     pub capture: Option<CaptureConfig>,
     #[serde(default)]
     pub queue: QueueConfig,
+    /// `text` (Postfix-style lines, the default) or `json` (one object per line).
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// The status and metrics HTTP endpoint (`/`, `/status`, `/metrics`,
+    /// `/healthz`); off unless set, and only ever on a loopback address.
+    #[serde(default)]
+    pub status_listen: Option<SocketAddr>,
     /// Set when the config came from no file at all (development default).
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// How log lines are written (see `observe`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Postfix-style lines, queue id first.
+    #[default]
+    Text,
+    /// One JSON object per line, the same fields as keys.
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -396,6 +414,8 @@ impl Config {
                 maildir: base.join("Maildir"),
             }),
             queue: QueueConfig::default(),
+            log_format: LogFormat::default(),
+            status_listen: None,
             source: None,
         }
     }
@@ -436,6 +456,16 @@ impl Config {
             return Err(self.invalid("smtp.listen", "at least one listen address is needed"));
         }
         self.validate_inbound()?;
+        if let Some(addr) = self.status_listen
+            && !addr.ip().is_loopback()
+        {
+            return Err(self.invalid(
+                "status_listen",
+                format!(
+                    "{addr} is not a loopback address; the status page and metrics show queued addresses and have no login, so they are only served on loopback (e.g. \"127.0.0.1:9325\"); reach them from elsewhere through an SSH tunnel or a reverse proxy with authentication"
+                ),
+            ));
+        }
         if self.smtp.max_recipients == 0 || self.smtp.max_connections == 0 {
             return Err(self.invalid(
                 "smtp.max_recipients / smtp.max_connections",
@@ -705,6 +735,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("relay.tls"), "{err}");
+    }
+
+    #[test]
+    fn log_format_and_status_listen() {
+        let c = parse("log_format = \"json\"\nstatus_listen = \"127.0.0.1:9325\"\n[capture]\nmaildir = \"/tmp/m\"\n").unwrap();
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.status_listen, Some("127.0.0.1:9325".parse().unwrap()));
+        let c = parse("[capture]\nmaildir = \"/tmp/m\"\n").unwrap();
+        assert_eq!(c.log_format, LogFormat::Text);
+        assert_eq!(c.status_listen, None);
+        let err = parse("log_format = \"xml\"\n").unwrap_err().to_string();
+        assert!(
+            err.contains("log_format") && err.contains("line 1"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn non_loopback_status_listen_is_refused() {
+        for addr in ["0.0.0.0:9325", "[::]:9325", "192.0.2.1:9325"] {
+            let err = parse(&format!(
+                "status_listen = \"{addr}\"\n[capture]\nmaildir = \"/tmp/m\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                err.contains("status_listen") && err.contains("not a loopback address"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

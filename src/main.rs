@@ -41,6 +41,21 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Check the config, the spool, the listen addresses and the relay
+    /// (DNS, TCP, EHLO, TLS, AUTH); one line per check, exit 0 only if all
+    /// pass.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Also send a real test message to ADDR through the relay and print
+        /// the relay's reply.
+        #[arg(long, value_name = "ADDR")]
+        send_to: Option<String>,
+        /// Envelope sender and From: of the test message
+        /// [default: postmaster@<hostname>].
+        #[arg(long, value_name = "ADDR", requires = "send_to")]
+        from: Option<String>,
+    },
     /// Look at and manage the queue (like postqueue and postsuper).
     Queue {
         #[command(flatten)]
@@ -110,8 +125,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
-            relayq::observe::init();
             let config = cli::load_config(config.config.as_deref())?;
+            relayq::observe::init(config.log_format);
             runtime()?.block_on(cli::serve::run(config))
         }
         Command::CheckConfig { config } => {
@@ -121,6 +136,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 None => println!("no config file: the development default is valid"),
             }
             Ok(())
+        }
+        Command::Check {
+            config,
+            send_to,
+            from,
+        } => {
+            let opts = cli::check::Options {
+                config: config.config,
+                send_to,
+                from,
+            };
+            if runtime()?.block_on(cli::check::main(&opts)) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!(
+                    "some checks failed; change what each FAIL line says, then run relayq check again"
+                ))
+            }
         }
         Command::Queue { config, action } => run_queue(config.config, action),
         Command::HashPassword => {

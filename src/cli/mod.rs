@@ -1,6 +1,7 @@
 //! Command-line front ends: the daemon (`serve`), config checking, and the
 //! queue tools.
 
+pub mod check;
 pub mod queue;
 pub mod serve;
 

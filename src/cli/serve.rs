@@ -51,6 +51,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let server = Server::bind(ctx).await?;
     let addrs = server.local_addrs();
 
+    let relay_names: Vec<String> = config
+        .relay
+        .iter()
+        .filter(|_| config.transport_kind() == TransportKind::Relay)
+        .map(|r| format!("{}:{}", r.host, r.port))
+        .collect();
+    for name in &relay_names {
+        crate::observe::state::relay_known(name);
+    }
+    crate::observe::metrics::install(&relay_names)?;
+    let status_task = match config.status_listen {
+        Some(addr) => {
+            let sctx = Arc::new(crate::observe::http::StatusContext {
+                config: config.clone(),
+                spool: spool.clone(),
+                clock: clock.clone(),
+            });
+            let (local, task) = crate::observe::http::serve(addr, sctx, shutdown.clone()).await?;
+            tracing::info!("status endpoint on http://{local}/ (also /status, /metrics, /healthz)");
+            Some(task)
+        }
+        None => None,
+    };
+
     let sched_task = tokio::spawn(scheduler.run(shutdown.clone()));
     let wctx = Arc::new(WorkerContext {
         config: config.clone(),
@@ -128,7 +152,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
-    wait_for_signal().await?;
+    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
+    let signals = Signals::new()?;
+    // systemd (Type=notify): we are listening; a no-op outside systemd.
+    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        tracing::warn!("cannot notify systemd of readiness: {e}");
+    }
+    signals.wait().await;
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         "shutting down: no new mail accepted, deliveries in flight finish, the queue stays on disk"
     );
@@ -139,18 +170,34 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!("deliveries still in flight after {SHUTDOWN_GRACE:?}; they stay queued");
     }
     control.abort();
+    if let Some(task) = status_task {
+        // A browser may hold a keep-alive connection open; don't wait on it.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
     let _ = sched_task.await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from the moment this is created.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
     }
-    Ok(())
+
+    async fn wait(mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

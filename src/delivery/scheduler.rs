@@ -353,7 +353,7 @@ impl Scheduler {
                 self.unschedule(&id, next);
                 let r = self.spool.move_to(&id, Area::Queue, Area::Hold);
                 if r.is_ok() {
-                    tracing::info!(target: "relayq::queue", "{id}: placed on hold");
+                    crate::observe::events::held(&id);
                 }
                 if let Some(e) = self.entries.get_mut(&key) {
                     e.state = State::Held;
@@ -363,7 +363,7 @@ impl Scheduler {
             (QueueOp::Release, State::Held) => {
                 let r = self.spool.move_to(&id, Area::Hold, Area::Queue);
                 if r.is_ok() {
-                    tracing::info!(target: "relayq::queue", "{id}: released from hold");
+                    crate::observe::events::released(&id);
                     let now = self.clock.now_ms();
                     self.schedule(key, now);
                 }
@@ -379,7 +379,7 @@ impl Scheduler {
                 let r = self.spool.remove(area, &id);
                 self.entries.remove(&key);
                 if r.is_ok() {
-                    tracing::info!(target: "relayq::queue", "{id}: removed");
+                    crate::observe::events::removed(&id);
                 }
                 r.map_err(ControlError::from)
             }

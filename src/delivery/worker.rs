@@ -13,6 +13,7 @@ use super::scheduler::{Job, Next, SchedulerHandle, stopped};
 use crate::bounce::{self, Action, BounceInput, BouncedRecipient};
 use crate::clock::{Clock, from_ms};
 use crate::config::Config;
+use crate::observe::events::{self, Status};
 use crate::spool::{Area, Envelope, Meta, Record, Spool, SpoolError};
 use crate::transport::Sender;
 
@@ -59,16 +60,19 @@ pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next
         Ok(Ok(x)) => x,
         Ok(Err(SpoolError::NotFound(_))) => return Next::Gone,
         Ok(Err(SpoolError::Corrupt { reason, .. })) => {
-            tracing::error!(target: "relayq::queue", "{id}: queue file is corrupt ({reason}); moved to corrupt/");
+            events::queue_error(
+                id,
+                &format!("queue file is corrupt ({reason}); moved to corrupt/"),
+            );
             let _ = ctx.spool.move_to(id, Area::Queue, Area::Corrupt);
             return Next::Gone;
         }
         Ok(Err(e)) => {
-            tracing::error!(target: "relayq::queue", "{id}: cannot read queue file: {e}");
+            events::queue_error(id, &format!("cannot read queue file: {e}"));
             return retry_later(ctx);
         }
         Err(e) => {
-            tracing::error!(target: "relayq::queue", "{id}: cannot read queue file: {e}");
+            events::queue_error(id, &format!("cannot read queue file: {e}"));
             return retry_later(ctx);
         }
     };
@@ -105,21 +109,26 @@ async fn record(
         let Some(rcpt) = meta.recipients.get(*idx) else {
             continue;
         };
-        let line = |status: &str, text: &str| {
-            tracing::info!(
-                target: "relayq::delivery",
-                "{id}: to=<{}>, relay={}, delay={delay:.2}, delays={:.2}/{:.2}/{:.2}, dsn={}, status={status} ({text})",
-                rcpt.address,
-                report.relay,
-                queue_wait.max(0.0),
-                report.conn_time.as_secs_f64(),
-                report.xfer_time.as_secs_f64(),
-                outcome.dsn(),
-            )
+        let dsn = outcome.dsn();
+        let line = |status: Status, reply: &str| {
+            events::attempt(&events::Attempt {
+                queue_id: id,
+                to: &rcpt.address,
+                relay: &report.relay,
+                delay,
+                delays: [
+                    queue_wait,
+                    report.conn_time.as_secs_f64(),
+                    report.xfer_time.as_secs_f64(),
+                ],
+                dsn: &dsn,
+                status,
+                reply,
+            })
         };
         match outcome {
             RcptOutcome::Delivered { reply } => {
-                line("sent", reply);
+                line(Status::Sent, reply);
                 durable.push(Record::Delivered {
                     idx: *idx,
                     at_ms: now_ms,
@@ -127,7 +136,7 @@ async fn record(
                 });
             }
             RcptOutcome::Failed { reply, status } => {
-                line("bounced", reply);
+                line(Status::Bounced, reply);
                 bounced.push(bounced_rcpt(
                     &rcpt.address,
                     status,
@@ -142,7 +151,7 @@ async fn record(
                 });
             }
             RcptOutcome::Deferred { reason } if expired => {
-                line("expired, returned to sender", reason);
+                line(Status::Expired, reason);
                 bounced.push(bounced_rcpt(
                     &rcpt.address,
                     "4.4.7",
@@ -160,7 +169,7 @@ async fn record(
                 });
             }
             RcptOutcome::Deferred { reason } => {
-                line("deferred", reason);
+                line(Status::Deferred, reason);
                 deferred.push(Record::Deferred {
                     idx: *idx,
                     at_ms: now_ms,
@@ -181,7 +190,7 @@ async fn record(
         let written =
             tokio::task::spawn_blocking(move || spool.append(&owned, &durable, true)).await;
         if !matches!(written, Ok(Ok(()))) {
-            tracing::error!(target: "relayq::queue", "{id}: cannot record delivery status: {written:?}");
+            events::queue_error(id, &format!("cannot record delivery status: {written:?}"));
             return retry_later(ctx);
         }
     }
@@ -194,7 +203,7 @@ async fn record(
     let next_ms = now_ms + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2);
     deferred.push(Record::Attempt { attempts, next_ms });
     if let Err(e) = ctx.spool.append(id, &deferred, false) {
-        tracing::warn!(target: "relayq::queue", "{id}: cannot record deferral: {e}");
+        events::queue_warning(id, &format!("cannot record deferral: {e}"));
     }
     Next::RetryAt(next_ms)
 }
@@ -232,7 +241,7 @@ async fn send_bounce(
 ) -> bool {
     let id = meta.id.as_str();
     if meta.sender.is_empty() {
-        tracing::info!(target: "relayq::queue", "{id}: sender is <>, no bounce is sent");
+        events::bounce_suppressed(id);
         return true;
     }
     let reason = if expired {
@@ -269,12 +278,12 @@ async fn send_bounce(
         .await
     {
         Ok(bid) => {
-            tracing::info!(target: "relayq::queue", "{id}: sender non-delivery notification: {bid}");
+            events::bounce_queued(id, &bid);
             ctx.scheduler.queued(&bid);
             true
         }
         Err(e) => {
-            tracing::error!(target: "relayq::queue", "{id}: cannot queue bounce: {e}");
+            events::queue_error(id, &format!("cannot queue bounce: {e}"));
             false
         }
     }
@@ -283,12 +292,12 @@ async fn send_bounce(
 fn finish(ctx: &WorkerContext, id: &str) -> Next {
     match ctx.spool.remove(Area::Queue, id) {
         Ok(()) | Err(SpoolError::NotFound(_)) => {
-            tracing::info!(target: "relayq::queue", "{id}: removed");
+            events::removed(id);
             Next::Done
         }
         Err(e) => {
             // Every recipient is recorded as done, so recovery removes it.
-            tracing::warn!(target: "relayq::queue", "{id}: cannot remove finished queue file: {e}");
+            events::queue_warning(id, &format!("cannot remove finished queue file: {e}"));
             Next::Done
         }
     }

@@ -1,20 +1,104 @@
-//! Logging: one line per event, Postfix style, queue id first, on stderr
-//! (which systemd sends to the journal).
+//! Observability: what an operator sees of a running relayq.
+//!
+//! - [`events`]: the per-message log lines (Postfix style, queue id first)
+//!   together with the metrics and status state each event updates, so a
+//!   line, a counter and the status page can never disagree.
+//! - [`metrics`]: the Prometheus recorder and the queue gauges.
+//! - [`state`]: relay up/down state, recent deliveries and failures, queue
+//!   size history, and queue snapshots read from the spool.
+//! - [`http`] and [`page`]: the optional status endpoint (`status_listen`):
+//!   `/metrics`, `/healthz`, `/status` (JSON) and `/` (an HTML page).
+//!
+//! Logs go to stderr (the journal under systemd). In `text` format an
+//! event that carries a `queue_id` field prints as its Postfix-style message
+//! alone; in `json` format every event is one object per line whose keys
+//! are the same tracing fields (`queue_id`, `to`, `relay`, `dsn`, `status`,
+//! `reply`, ...) plus `message`. Both come from one tracing call per event.
 
+pub mod events;
+pub mod http;
+pub mod metrics;
+pub mod page;
+pub mod state;
+
+use std::fmt;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::{Format, Writer};
+use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+use crate::config::LogFormat;
 
 /// Installs the global subscriber. `RELAYQ_LOG` (or `RUST_LOG`) overrides
 /// the level, e.g. `RELAYQ_LOG=debug`.
-pub fn init() {
+pub fn init(format: LogFormat) {
     let filter = std::env::var("RELAYQ_LOG")
         .ok()
         .and_then(|v| EnvFilter::try_new(v).ok())
         .or_else(|| EnvFilter::try_from_default_env().ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .event_format(TextFormat {
+                inner: Format::default().with_target(false),
+            })
+            .try_init(),
+    };
+}
+
+/// The text format: events about a message (they carry `queue_id`) print
+/// their Postfix-style message only, because their fields are already in
+/// it; everything else prints like tracing's default format.
+struct TextFormat {
+    inner: Format,
+}
+
+impl<S, N> FormatEvent<S, N> for TextFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        if event.metadata().fields().field("queue_id").is_none() {
+            return self.inner.format_event(ctx, writer, event);
+        }
+        let mut message = MessageOnly(String::new());
+        event.record(&mut message);
+        SystemTime.format_time(&mut writer)?;
+        writeln!(writer, " {:>5} {}", event.metadata().level(), message.0)
+    }
+}
+
+struct MessageOnly(String);
+
+impl Visit for MessageOnly {
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}");
+        }
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = value.to_string();
+        }
+    }
 }

@@ -492,11 +492,7 @@ impl Session {
             .await
         {
             Ok(id) => {
-                tracing::info!(
-                    target: "relayq::queue",
-                    "{id}: client=[{}], from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active)",
-                    self.peer.ip()
-                );
+                crate::observe::events::accepted(&id, self.peer.ip(), &sender, size, nrcpt);
                 ctx.queued(&id);
                 self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }

@@ -75,13 +75,18 @@ impl RelaySender {
         }
     }
 
-    fn client_config(&self, addr: SocketAddr) -> Result<ClientConfig, String> {
+    /// The client settings for one resolved address of the relay (also
+    /// used by `relayq check`, so it tests exactly what delivery uses).
+    pub fn client_config(&self, addr: SocketAddr) -> Result<ClientConfig, String> {
         client_config(&self.relay, &self.helo_name, addr)
     }
 
     /// Opens a connection, trying each address of the relay in turn.
     async fn connect(&mut self) -> Result<(), (String, String)> {
-        let addrs = self.resolve().await.map_err(|e| (self.describe(None), e))?;
+        let addrs = self.resolve().await.map_err(|e| {
+            crate::observe::events::relay_failed(&self.describe(None), "dns", &e);
+            (self.describe(None), e)
+        })?;
         let mut last = (self.describe(None), String::from("no address"));
         for addr in addrs {
             let cfg = match self.client_config(addr) {
@@ -93,6 +98,7 @@ impl RelaySender {
             };
             match Connection::open(&cfg).await {
                 Ok(c) => {
+                    crate::observe::events::relay_connected(&self.describe(None));
                     self.conn = Some(c);
                     return Ok(());
                 }
@@ -104,6 +110,7 @@ impl RelaySender {
                     // Always a configuration problem an operator must fix,
                     // and the same on every address: stop here.
                     let relay = self.describe(Some(addr));
+                    crate::observe::events::relay_failed(&self.describe(None), "auth", &e.to_string());
                     tracing::error!(
                         target: "relayq::delivery",
                         "relay {relay}: {e}; check [relay] username and password (mail stays queued)"
@@ -112,6 +119,11 @@ impl RelaySender {
                 }
                 Err(e) => {
                     tracing::warn!(target: "relayq::delivery", "connect to {}: {e}", self.describe(Some(addr)));
+                    crate::observe::events::relay_failed(
+                        &self.describe(None),
+                        e.stage(),
+                        &e.to_string(),
+                    );
                     last = (self.describe(Some(addr)), e.to_string());
                 }
             }

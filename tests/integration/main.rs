@@ -3,6 +3,10 @@
 
 mod support;
 
+mod check;
 mod inbound;
+mod install;
+mod observe;
 mod relay;
+mod status_page;
 mod tls;

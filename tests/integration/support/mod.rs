@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod daemon;
+pub mod http;
 pub mod pki;
 pub mod upstream;

@@ -1,0 +1,352 @@
+//! `relayq check` against the fake upstream, in each failure mode that
+//! works without TLS: the right FAIL line, and exit code 1; and all `ok`
+//! with exit code 0 when the config is right, including a real test
+//! message with `--send-to`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+
+use crate::support::daemon::{BIN, Daemon, relay_config};
+use crate::support::upstream::{FakeUpstream, Script};
+
+struct Checked {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Checked {
+    /// The line of the check `name` ("tcp", "tls", ...).
+    fn line(&self, name: &str) -> &str {
+        self.stdout
+            .lines()
+            .find(|l| {
+                l.strip_prefix("ok   ")
+                    .or_else(|| l.strip_prefix("FAIL "))
+                    .is_some_and(|r| r.starts_with(&format!("{name}:")))
+            })
+            .unwrap_or_else(|| panic!("no {name} line in:\n{}", self.stdout))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.stdout
+            .lines()
+            .any(|l| l.contains(&format!(" {name}: ")) || l.starts_with(&format!("{name}:")))
+    }
+
+    /// Exactly one FAIL line, for `name`; returns it.
+    fn only_failure(&self, name: &str) -> &str {
+        let fails: Vec<&str> = self
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("FAIL "))
+            .collect();
+        assert_eq!(fails.len(), 1, "one failure expected:\n{}", self.stdout);
+        assert!(
+            fails[0].starts_with(&format!("FAIL {name}: ")),
+            "{name} should fail:\n{}",
+            self.stdout
+        );
+        assert_eq!(self.code, 1, "exit code: {}", self.stderr);
+        assert!(
+            fails[0].contains(" -> fix: "),
+            "says what to change: {}",
+            fails[0]
+        );
+        fails[0]
+    }
+}
+
+/// Writes a config in `dir` relaying to `upstream` with `tls`, listening on
+/// a free loopback port.
+fn write_config(dir: &Path, upstream: SocketAddr, tls: &str, extra: &str) -> PathBuf {
+    let path = dir.join("relayq.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "hostname = \"relayq.test\"\nspool_dir = \"{}\"\n{extra}\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"{tls}\"\nconnect_timeout = \"3s\"\ncommand_timeout = \"5s\"\n",
+            dir.join("spool").display(),
+            upstream.ip(),
+            upstream.port()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn check(config: &Path, extra_args: &[&str]) -> Checked {
+    let out = tokio::process::Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(config)
+        .args(extra_args)
+        .output()
+        .await
+        .expect("run relayq check");
+    Checked {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_ok_exits_zero() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "none", "");
+    let c = check(&config, &[]).await;
+    assert_eq!(c.code, 0, "{}\n{}", c.stdout, c.stderr);
+    assert!(!c.stdout.contains("FAIL"), "{}", c.stdout);
+    for name in [
+        "config",
+        "spool",
+        "listen 127.0.0.1:0",
+        "dns",
+        "tcp",
+        "greeting",
+        "ehlo",
+        "tls",
+        "auth",
+    ] {
+        assert!(c.line(name).starts_with("ok   "), "{}", c.stdout);
+    }
+    assert!(c.line("dns").contains("127.0.0.1 is an IP address"));
+    assert!(
+        c.line("greeting").contains("220 fake.upstream.test ESMTP"),
+        "{}",
+        c.stdout
+    );
+    let ehlo = c.line("ehlo");
+    for cap in ["PIPELINING", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES"] {
+        assert!(ehlo.contains(cap), "{ehlo}");
+    }
+    assert!(c.line("tls").contains("clear text"), "{}", c.stdout);
+    assert!(
+        c.line("spool").contains("creates it with mode 0700"),
+        "{}",
+        c.stdout
+    );
+    // Nothing was sent without --send-to.
+    assert!(up.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_delivers_a_test_message_and_prints_the_reply() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "none", "");
+    let c = check(
+        &config,
+        &["--send-to", "ops@example.net", "--from", "app@example.com"],
+    )
+    .await;
+    assert_eq!(c.code, 0, "{}\n{}", c.stdout, c.stderr);
+    let got = up.wait_for_messages(1, Duration::from_secs(10)).await;
+    assert_eq!(got[0].mail_from, "app@example.com");
+    assert_eq!(got[0].rcpts, ["ops@example.net"]);
+    assert!(
+        got[0]
+            .text()
+            .contains("Subject: relayq check: test message from relayq.test")
+    );
+    // The upstream's reply, verbatim, with its own message id.
+    let send = c.line("send");
+    assert!(
+        send.starts_with("ok   ")
+            && send.ends_with(&format!("250 2.0.0 Ok: queued as {}", got[0].queue_id)),
+        "{send}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_to_a_refused_recipient_fails_with_the_reply() {
+    let up = FakeUpstream::start_with(Script::default().rcpt(
+        "nobody@example.net",
+        550,
+        "5.1.1 <nobody@example.net>: Recipient address rejected",
+    ))
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "none", "");
+    let c = check(&config, &["--send-to", "nobody@example.net"]).await;
+    let line = c.only_failure("send");
+    assert!(
+        line.contains("550 5.1.1 <nobody@example.net>: Recipient address rejected"),
+        "{line}"
+    );
+    assert!(up.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_down() {
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), addr, "none", "");
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("tcp");
+    assert!(
+        line.contains(&format!("connect to {addr} failed")),
+        "{line}"
+    );
+    assert!(line.contains("Connection refused"), "{line}");
+    assert!(line.contains("relay.port"), "{line}");
+    assert!(c.line("dns").starts_with("ok"));
+    // Nothing is claimed about steps that could not run.
+    assert!(!c.has("ehlo") && !c.has("auth"), "{}", c.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_port_not_smtp() {
+    // Something that is not a mail server, e.g. a web server.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let _ = s
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), addr, "none", "");
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("greeting");
+    assert!(line.contains("not an SMTP server"), "{line}");
+    assert!(line.contains("HTTP/1.1 400 Bad Request"), "{line}");
+    assert!(line.contains("587") && line.contains("465"), "{line}");
+    assert!(c.line("tcp").starts_with("ok"));
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greeting_5xx() {
+    let up = FakeUpstream::start_with(
+        Script::default().greeting(554, "5.7.1 fake.upstream.test: access denied for your IP"),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "none", "");
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("greeting");
+    assert!(
+        line.contains("554 5.7.1 fake.upstream.test: access denied for your IP"),
+        "{line}"
+    );
+    assert!(line.contains("IP address"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_not_offered() {
+    // The fake upstream does not offer STARTTLS.
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "starttls", "");
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("tls");
+    assert!(line.contains("does not offer STARTTLS"), "{line}");
+    assert!(
+        line.contains("(tls = \"starttls\" is configured)"),
+        "{line}"
+    );
+    // What the server does offer, so the operator sees STARTTLS missing.
+    let ehlo = c.line("ehlo");
+    assert!(
+        ehlo.starts_with("ok") && ehlo.contains("PIPELINING"),
+        "{ehlo}"
+    );
+    assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    // No mail transaction was started in clear text.
+    assert!(
+        up.commands()
+            .iter()
+            .all(|c| !c.contains("MAIL FROM") && !c.contains("AUTH")),
+        "{:?}",
+        up.commands()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_config_names_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relayq.toml");
+    std::fs::write(&path, "[relay]\nhost = \"127.0.0.1\"\nport = \"twenty\"\n").unwrap();
+    let c = check(&path, &[]).await;
+    let line = c.only_failure("config");
+    assert!(line.contains("line 3") && line.contains("port"), "{line}");
+    assert_eq!(c.stdout.lines().count(), 1, "{}", c.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_writable_by_others() {
+    let up = FakeUpstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "none", "");
+    let spool = dir.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    std::fs::set_permissions(&spool, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("spool");
+    assert!(
+        line.contains("mode 0777") && line.contains("chmod 700"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_port_taken_by_another_mta() {
+    let up = FakeUpstream::start().await;
+    // Another MTA holds the port we are configured to listen on.
+    let other = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let taken = other.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        while let Ok((mut s, _)) = other.accept().await {
+            let _ = s
+                .write_all(b"220 mail.example ESMTP Postfix (Debian)\r\n")
+                .await;
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), up.addr(), "none", "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:0", &taken.to_string());
+    std::fs::write(&config, text).unwrap();
+    let c = check(&config, &[]).await;
+    let line = c.only_failure(&format!("listen {taken}"));
+    assert!(line.contains("ESMTP Postfix"), "{line}");
+    assert!(line.contains("smtp.listen"), "{line}");
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_relayq_is_recognised() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
+    // The daemon's own ports, as the operator would configure them.
+    let status = crate::support::http::status_addr(&d);
+    let text = std::fs::read_to_string(&d.config)
+        .unwrap()
+        .replace("127.0.0.1:0\"]", &format!("{}\"]", d.addr))
+        .replace(
+            "status_listen = \"127.0.0.1:0\"",
+            &format!("status_listen = \"{status}\""),
+        );
+    let config = d.dir.join("check.toml");
+    std::fs::write(&config, text).unwrap();
+    let c = check(&config, &[]).await;
+    assert_eq!(c.code, 0, "{}\n{}", c.stdout, c.stderr);
+    let listen = c.line(&format!("listen {}", d.addr));
+    assert!(listen.contains("a running relayq answers"), "{listen}");
+    let status = c.line(&format!("status_listen {status}"));
+    assert!(
+        status.contains("a running relayq answers /healthz"),
+        "{status}"
+    );
+}
