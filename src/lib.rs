@@ -21,6 +21,8 @@ pub mod config;
 pub mod control;
 pub mod delivery;
 pub mod observe;
+pub mod pickup;
 pub mod smtp;
 pub mod spool;
+pub mod submit;
 pub mod transport;
