@@ -78,7 +78,7 @@ pub fn exit_code(prog: &str, args: Vec<OsString>) -> u8 {
 fn run(prog: &str, args: Vec<OsString>) -> Result<(), Fail> {
     let opts = args::parse(args).map_err(|e| Fail(Exit::Usage, e.0))?;
     let config = super::load_config(opts.config.as_deref())
-        .map_err(|e| Fail(Exit::Config, format!("{e:#}")))?;
+        .map_err(|e| Fail(Exit::Config, e.to_string()))?;
     match opts.mode {
         Mode::Newaliases => Ok(()),
         Mode::ListQueue => super::queue::list(&config, false, &mut std::io::stdout().lock())

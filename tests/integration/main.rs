@@ -3,4 +3,6 @@
 
 mod support;
 
+mod queue;
 mod relay;
+mod sendmail;
