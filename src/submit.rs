@@ -407,6 +407,24 @@ mod tests {
     }
 
     #[test]
+    fn config_keys_are_checked() {
+        let parse = |t: &str| Config::parse(t, Path::new("/etc/relayq/relayq.toml"));
+        let base = "[capture]\nmaildir = \"/tmp/m\"\n";
+        let c = parse(&format!(
+            "myorigin = \"example.com\"\n{base}[sendmail]\nrewrite_sender = \"noreply@example.com\"\ntrusted_users = [\"www-data\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.myorigin(), "example.com");
+        assert_eq!(c.sendmail.trusted_users, vec!["www-data"]);
+        let e = parse(&format!("myorigin = \"bad domain\"\n{base}")).unwrap_err();
+        assert!(e.to_string().contains("myorigin"), "{e}");
+        let e = parse(&format!("{base}[sendmail]\nrewrite_sender = \"nobody\"\n")).unwrap_err();
+        assert!(e.to_string().contains("sendmail.rewrite_sender"), "{e}");
+        let e = parse(&format!("{base}[sendmail]\nrewite_sender = \"a@b\"\n")).unwrap_err();
+        assert!(e.to_string().contains("rewite_sender"), "{e}");
+    }
+
+    #[test]
     fn trace_names_the_uid_and_adds_only_missing_headers() {
         let env = Envelope {
             recipients: vec!["b@example.net".into()],

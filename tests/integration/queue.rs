@@ -227,8 +227,24 @@ async fn delete_all_through_the_daemon() {
     let ids = deferred(&d, 250).await;
     ok(&d.cli(&["queue", "hold", &ids[0], &ids[1]]));
     assert_eq!(in_dir(&d, "hold").len(), 2);
-    let out = ok(&d.cli(&["queue", "requeue", "ALL"]));
+    // On a terminal (script(1) gives it one) a long operation shows a
+    // progress bar.
+    let tty = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{BIN} queue requeue ALL --config {}",
+            d.config.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script(1) from util-linux");
+    let out = ok(&tty);
     assert!(out.contains("requeued: 248 messages"), "{out}");
+    assert!(
+        out.contains("requeued [") && out.contains("/248"),
+        "{out:?}"
+    );
     let o = d.cli(&["queue", "delete", "ALL"]);
     let out = ok(&o);
     assert!(out.contains("deleted: 250 messages"), "{out}");

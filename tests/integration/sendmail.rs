@@ -61,17 +61,39 @@ pub fn can_switch_user() -> bool {
     root
 }
 
-/// `setpriv` to uid/gid 65534 (nobody/nogroup), then PROGRAM ARGS.
+/// `setpriv` to uid/gid 65534 (nobody/nogroup), then PROGRAM ARGS. For
+/// relayq itself pass [`BIN`]: a copy that nobody may run is used, since
+/// the build directory may sit where nobody cannot reach it.
 pub fn as_nobody(program: &str) -> Command {
+    let program = if program == BIN {
+        nobody_bin()
+    } else {
+        program.to_string()
+    };
     let mut c = Command::new("setpriv");
     c.args([
         "--reuid=65534",
         "--regid=65534",
         "--clear-groups",
         "--",
-        program,
+        &program,
     ]);
     c
+}
+
+fn nobody_bin() -> String {
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    COPY.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.path().join("relayq");
+        std::fs::copy(BIN, &bin).expect("copy relayq");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = bin.display().to_string();
+        (dir, path)
+    })
+    .1
+    .clone()
 }
 
 /// The header section of a received message, as text.
@@ -405,6 +427,8 @@ async fn exit_codes_follow_sysexits() {
     assert!(stderr(&o).contains("too big"), "{}", stderr(&o));
     let o = sendmail(c, &["a@example.com"], b"Subject: nul\n\na\0b\n");
     assert_eq!(code(&o), Some(65));
+    // -bi (newaliases) has nothing to do and says so by succeeding.
+    ok(&sendmail(c, &["-bi"], b""));
     let bad_config = d.dir.join("bad.toml");
     std::fs::write(&bad_config, "[smtp]\nnope = 1\n").unwrap();
     let o = sendmail(&bad_config, &["a@example.com"], b"x\n");
@@ -428,6 +452,7 @@ async fn exit_codes_follow_sysexits() {
     if can_switch_user() {
         // A spool that no daemon has prepared (no maildrop, mode 0700):
         // root may write it, an ordinary user may not.
+        open_to_others(&d);
         let fresh = d.dir.join("fresh.toml");
         std::fs::write(
             &fresh,
@@ -515,9 +540,10 @@ async fn bp_lists_and_q_flushes() {
     d.wait_log(&format!("{id}: removed"), WAIT);
 }
 
-/// Makes a test's directory passable for `nobody` (tempdirs are 0700).
+/// Makes a test's directory and config reachable for `nobody`.
 pub fn open_to_others(d: &Daemon) {
     std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
