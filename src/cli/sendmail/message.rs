@@ -16,8 +16,6 @@ use mail_parser::{HeaderValue, MessageParser};
 pub enum InputError {
     #[error("message too big: more than {limit} bytes (smtp.max_message_size)")]
     TooBig { limit: u64 },
-    #[error("line {line} is longer than {limit} characters (RFC 5322; smtp.max_line_length)")]
-    LineTooLong { line: usize, limit: usize },
     #[error("line {line} contains a NUL character")]
     Nul { line: usize },
     #[error("cannot read the message from standard input: {0}")]
@@ -27,6 +25,10 @@ pub enum InputError {
 /// Reads the message: bare LF (and CRLF) line ends become CRLF, a last
 /// line without an end gets one, and unless `ignore_dots` a line holding
 /// only "." ends the message. A leading mbox "From " line is dropped.
+/// Lines longer than `max_line` are broken by inserting CRLF SPACE, as
+/// Postfix's `smtp_line_length_limit` does: the upstream would refuse
+/// them, and refusing here would lose mail from programs (PHP with long
+/// HTML lines) that never check.
 pub fn read(
     mut input: impl BufRead,
     ignore_dots: bool,
@@ -38,19 +40,16 @@ pub fn read(
     let mut n = 0;
     loop {
         line.clear();
-        // Bounded: a line longer than allowed is an error, not a buffer.
-        let cap = (max_line + 3) as u64;
-        input.by_ref().take(cap).read_until(b'\n', &mut line)?;
+        // Bounded by what is left of the size limit (and a line end).
+        let budget = max_size.saturating_sub(out.len() as u64) + 3;
+        input.by_ref().take(budget).read_until(b'\n', &mut line)?;
         if line.is_empty() {
             break;
         }
         n += 1;
         let ended = line.last() == Some(&b'\n');
-        if !ended && line.len() as u64 >= cap {
-            return Err(InputError::LineTooLong {
-                line: n,
-                limit: max_line,
-            });
+        if !ended && line.len() as u64 >= budget {
+            return Err(InputError::TooBig { limit: max_size });
         }
         let mut text = &line[..];
         if ended {
@@ -63,22 +62,34 @@ pub fn read(
         if !ignore_dots && text == b"." {
             break;
         }
-        if text.len() > max_line {
-            return Err(InputError::LineTooLong {
-                line: n,
-                limit: max_line,
-            });
-        }
         if text.contains(&0) {
             return Err(InputError::Nul { line: n });
         }
-        if (out.len() + text.len() + 2) as u64 > max_size {
+        fold(text, max_line.max(2), &mut out);
+        if out.len() as u64 > max_size {
             return Err(InputError::TooBig { limit: max_size });
         }
-        out.extend_from_slice(text);
-        out.extend_from_slice(b"\r\n");
     }
     Ok(separate(out))
+}
+
+/// Appends `text` and CRLF, breaking it into pieces of at most `max`
+/// bytes joined by CRLF SPACE, never inside a UTF-8 character.
+fn fold(mut text: &[u8], max: usize, out: &mut Vec<u8>) {
+    let mut room = max;
+    while text.len() > room {
+        let mut cut = room;
+        // Back off continuation bytes (10xxxxxx) to a character start.
+        while cut > room.saturating_sub(3) && cut > 1 && text[cut] & 0xC0 == 0x80 {
+            cut -= 1;
+        }
+        out.extend_from_slice(&text[..cut]);
+        out.extend_from_slice(b"\r\n ");
+        text = &text[cut..];
+        room = max - 1;
+    }
+    out.extend_from_slice(text);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Whether a line is a header field ("Name: value").
@@ -309,15 +320,27 @@ mod tests {
     }
 
     #[test]
+    fn long_lines_are_folded() {
+        let got = read(&b"S: x\n\n0123456789abc\nok\n"[..], false, 1000, 5).unwrap();
+        assert_eq!(got, b"S: x\r\n\r\n01234\r\n 5678\r\n 9abc\r\nok\r\n");
+        // Never inside a UTF-8 character (\u{e9} is two bytes).
+        let got = read("S: x\n\nabc\u{e9}\u{e9}\n".as_bytes(), false, 1000, 4).unwrap();
+        assert_eq!(got, "S: x\r\n\r\nabc\r\n \u{e9}\r\n \u{e9}\r\n".as_bytes());
+        let long = vec![b'a'; 2000];
+        let got = read(&long[..], false, 1 << 20, 998).unwrap();
+        assert!(got.split(|&b| b == b'\n').all(|l| l.len() <= 999));
+    }
+
+    #[test]
     fn limits() {
         assert!(matches!(
             read(&b"S: x\n\n0123456789\n"[..], false, 12, 998),
             Err(InputError::TooBig { .. })
         ));
-        let long = vec![b'a'; 2000];
+        let endless = vec![b'a'; 5000];
         assert!(matches!(
-            read(&long[..], false, 1 << 20, 998),
-            Err(InputError::LineTooLong { line: 1, .. })
+            read(&endless[..], false, 1000, 998),
+            Err(InputError::TooBig { .. })
         ));
         assert!(matches!(
             read(&b"S: x\n\na\0b\n"[..], false, 1 << 20, 998),
