@@ -35,6 +35,32 @@ pub struct PickupContext {
     pub spool: Spool,
     pub clock: Clock,
     pub scheduler: SchedulerHandle,
+    /// Drop files already queued whose removal failed: never queued twice.
+    queued_not_removed: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+impl PickupContext {
+    pub fn new(
+        config: Arc<Config>,
+        spool: Spool,
+        clock: Clock,
+        scheduler: SchedulerHandle,
+    ) -> Self {
+        PickupContext {
+            config,
+            spool,
+            clock,
+            scheduler,
+            queued_not_removed: Default::default(),
+        }
+    }
+
+    fn already_queued(&self, name: &str) -> bool {
+        self.queued_not_removed
+            .lock()
+            .map(|s| s.contains(name))
+            .unwrap_or(false)
+    }
 }
 
 /// Serves `pickup.sock` (mode 0666): every connection wakes the pickup.
@@ -91,6 +117,14 @@ pub async fn scan(ctx: &PickupContext) -> usize {
 }
 
 async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool {
+    if ctx.already_queued(&name) {
+        if maildrop::remove(root, &name).is_ok()
+            && let Ok(mut s) = ctx.queued_not_removed.lock()
+        {
+            s.remove(&name);
+        }
+        return false;
+    }
     let max = ctx.config.smtp.max_message_size.0;
     let read = {
         let root = root.to_path_buf();
@@ -159,6 +193,9 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
                     // delivers twice rather than never.
                     if let Err(e) = maildrop::remove(root, &name) {
                         tracing::error!("pickup: {id}: cannot remove maildrop/{name}: {e}");
+                        if let Ok(mut s) = ctx.queued_not_removed.lock() {
+                            s.insert(name);
+                        }
                     }
                     true
                 }

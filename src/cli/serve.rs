@@ -73,12 +73,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         wake.clone(),
     ));
     let pickup_task = tokio::spawn(crate::pickup::run(
-        Arc::new(crate::pickup::PickupContext {
-            config: config.clone(),
-            spool: spool.clone(),
-            clock: clock.clone(),
-            scheduler: handle.clone(),
-        }),
+        Arc::new(crate::pickup::PickupContext::new(
+            config.clone(),
+            spool.clone(),
+            clock.clone(),
+            handle.clone(),
+        )),
         wake,
         shutdown.clone(),
     ));

@@ -68,6 +68,8 @@
 //! # Security
 //! Queue files hold other people's mail: the directories are 0700 and the
 //! files 0600, and the daemon refuses a spool that others may write.
+//! Once the daemon has prepared the maildrop the root is 0711, so other
+//! users can reach `maildrop/` and `pickup.sock` but list nothing.
 //! Queue file contents are parsed as untrusted input (see `format`).
 
 pub mod format;
