@@ -61,6 +61,12 @@ pub struct Config {
     /// `/healthz`); off unless set, and only ever on a loopback address.
     #[serde(default)]
     pub status_listen: Option<SocketAddr>,
+    /// The domain of locally submitted mail (`sendmail`): a user without
+    /// `-f` sends as `user@myorigin`. Defaults to `hostname`.
+    #[serde(default)]
+    pub myorigin: Option<String>,
+    #[serde(default)]
+    pub sendmail: SendmailConfig,
     /// Set when the config came from no file at all (development default).
     #[serde(skip)]
     pub source: Option<PathBuf>,
@@ -75,6 +81,19 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, the same fields as keys.
     Json,
+}
+
+/// The `sendmail` command and the maildrop pickup.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendmailConfig {
+    /// Envelope sender for local submissions instead of `user@myorigin`
+    /// (a provider may accept only a verified sender). `-f` from a trusted
+    /// user still overrides it.
+    pub rewrite_sender: Option<String>,
+    /// Users besides root and the spool's owner who may set the envelope
+    /// sender with `-f`/`-r`; `"*"` trusts every local user.
+    pub trusted_users: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -416,8 +435,15 @@ impl Config {
             queue: QueueConfig::default(),
             log_format: LogFormat::default(),
             status_listen: None,
+            myorigin: None,
+            sendmail: SendmailConfig::default(),
             source: None,
         }
+    }
+
+    /// The domain for `user@domain` senders of local submissions.
+    pub fn myorigin(&self) -> &str {
+        self.myorigin.as_deref().unwrap_or(&self.hostname)
     }
 
     pub fn transport_kind(&self) -> TransportKind {
@@ -479,6 +505,25 @@ impl Config {
             return Err(self.invalid(
                 "queue.retry_max",
                 "retry_min must be above zero and retry_max at least retry_min",
+            ));
+        }
+        if self.myorigin.as_deref().is_some_and(|m| {
+            m.is_empty()
+                || !m
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b))
+        }) {
+            return Err(self.invalid("myorigin", "must be a domain name like \"example.com\""));
+        }
+        if let Some(s) = &self.sendmail.rewrite_sender
+            && (s.is_empty()
+                || !s.contains('@')
+                || s.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || "<>".contains(c)))
+        {
+            return Err(self.invalid(
+                "sendmail.rewrite_sender",
+                "must be an address like \"noreply@example.com\"",
             ));
         }
         if let Some(relay) = &self.relay {

@@ -18,6 +18,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::clock::Clock;
+use crate::delivery::scheduler::ControlError;
 use crate::delivery::{QueueOp, SchedulerHandle};
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -27,13 +28,17 @@ pub enum Request {
     Flush,
     /// A queue operation on one message.
     Op { id: String, op: Op },
+    /// The same operation on many messages (`delete ALL`); the answer's
+    /// `count` says how many were done and `missing` lists the ids that
+    /// were no longer queued.
+    Ops { ids: Vec<String>, op: Op },
     /// Rescan the spool for messages written by `sendmail` while we ran.
     Wake { id: String },
     /// Test hook: move the injected clock forward (needs RELAYQ_TEST_CLOCK=1).
     ClockAdvance { secs: u64 },
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     Hold,
@@ -49,7 +54,34 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub count: Option<usize>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub missing: Vec<String>,
 }
+
+impl Response {
+    fn ok(count: Option<usize>) -> Response {
+        Response {
+            ok: true,
+            error: None,
+            count,
+            missing: Vec::new(),
+        }
+    }
+}
+
+impl From<Op> for QueueOp {
+    fn from(op: Op) -> QueueOp {
+        match op {
+            Op::Hold => QueueOp::Hold,
+            Op::Release => QueueOp::Release,
+            Op::Delete => QueueOp::Delete,
+            Op::Requeue => QueueOp::Requeue,
+        }
+    }
+}
+
+/// The longest request line the daemon reads; batches of ids must fit.
+pub const MAX_REQUEST: usize = 64 * 1024;
 
 pub fn socket_path(spool_dir: &Path) -> PathBuf {
     spool_dir.join("control.sock")
@@ -81,7 +113,7 @@ async fn handle(
 ) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut line = String::new();
-    let mut reader = BufReader::new(r).take(64 * 1024);
+    let mut reader = BufReader::new(r).take(MAX_REQUEST as u64);
     reader.read_line(&mut line).await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => err(format!("bad request: {e}")),
@@ -97,42 +129,62 @@ fn err(e: String) -> Response {
         ok: false,
         error: Some(e),
         count: None,
+        missing: Vec::new(),
+    }
+}
+
+/// Applies one operation to many messages at once; a message that is
+/// already gone is reported, not an error.
+async fn ops(scheduler: &SchedulerHandle, ids: Vec<String>, op: QueueOp) -> Response {
+    let mut set = tokio::task::JoinSet::new();
+    for id in ids {
+        let s = scheduler.clone();
+        set.spawn(async move {
+            let r = s.op(&id, op).await;
+            (id, r)
+        });
+    }
+    let mut done = 0;
+    let mut missing = Vec::new();
+    let mut first_error = None;
+    while let Some(joined) = set.join_next().await {
+        match joined {
+            Ok((_, Ok(()))) => done += 1,
+            Ok((id, Err(ControlError::NotFound(_)))) => missing.push(id),
+            Ok((id, Err(e))) => {
+                first_error.get_or_insert_with(|| format!("{id}: {e}"));
+            }
+            Err(e) => {
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    missing.sort();
+    match first_error {
+        Some(e) => err(e),
+        None => Response {
+            ok: true,
+            error: None,
+            count: Some(done),
+            missing,
+        },
     }
 }
 
 async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Response {
     match req {
         Request::Flush => match scheduler.flush().await {
-            Ok(n) => Response {
-                ok: true,
-                error: None,
-                count: Some(n),
-            },
+            Ok(n) => Response::ok(Some(n)),
             Err(e) => err(e.to_string()),
         },
-        Request::Op { id, op } => {
-            let op = match op {
-                Op::Hold => QueueOp::Hold,
-                Op::Release => QueueOp::Release,
-                Op::Delete => QueueOp::Delete,
-                Op::Requeue => QueueOp::Requeue,
-            };
-            match scheduler.op(&id, op).await {
-                Ok(()) => Response {
-                    ok: true,
-                    error: None,
-                    count: Some(1),
-                },
-                Err(e) => err(e.to_string()),
-            }
-        }
+        Request::Op { id, op } => match scheduler.op(&id, op.into()).await {
+            Ok(()) => Response::ok(Some(1)),
+            Err(e) => err(e.to_string()),
+        },
+        Request::Ops { ids, op } => ops(scheduler, ids, op.into()).await,
         Request::Wake { id } => {
             scheduler.queued(&id);
-            Response {
-                ok: true,
-                error: None,
-                count: None,
-            }
+            Response::ok(None)
         }
         Request::ClockAdvance { secs } => {
             if !Clock::skew_allowed() {
@@ -143,11 +195,7 @@ async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Re
             }
             clock.advance(Duration::from_secs(secs));
             scheduler.tick();
-            Response {
-                ok: true,
-                error: None,
-                count: None,
-            }
+            Response::ok(None)
         }
     }
 }
@@ -173,5 +221,32 @@ pub async fn request(spool_dir: &Path, req: &Request) -> anyhow::Result<Option<R
     w.write_all(&line).await?;
     let mut reply = String::new();
     BufReader::new(r).read_line(&mut reply).await?;
+    Ok(Some(serde_json::from_str(&reply)?))
+}
+
+/// [`request`] for callers without a runtime (`sendmail`). `Ok(None)`
+/// when no daemon listens.
+pub fn request_blocking(spool_dir: &Path, req: &Request) -> anyhow::Result<Option<Response>> {
+    use std::io::{BufRead, Write};
+    let path = socket_path(spool_dir);
+    let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
+        Ok(s) => s,
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => return Err(anyhow::anyhow!("cannot connect to {}: {e}", path.display())),
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    std::io::BufReader::new(stream).read_line(&mut reply)?;
     Ok(Some(serde_json::from_str(&reply)?))
 }

@@ -1,5 +1,5 @@
-//! The `relayq` binary: subcommands, plus argv[0] dispatch so that a
-//! `mailq` symlink behaves like Postfix's.
+//! The `relayq` binary: subcommands, plus argv[0] dispatch so that
+//! `mailq` and `sendmail` symlinks behave like Postfix's.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +66,12 @@ enum Command {
     /// Print an argon2 hash of a password read from stdin, for
     /// smtp.auth_users_file lines (`user:HASH`).
     HashPassword,
+    /// The sendmail command (also as a `sendmail` symlink): reads a message
+    /// on stdin and queues it. Flags as Postfix's: -t -i -f -F -bs -bp -q...
+    Sendmail {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// Test support: move the daemon's clock forward (needs the daemon to
     /// run with RELAYQ_TEST_CLOCK=1).
     #[command(hide = true)]
@@ -86,14 +92,28 @@ enum QueueAction {
     },
     /// Retry every deferred message now (like postqueue -f).
     Flush,
-    /// Put a message on hold (like postsuper -h).
-    Hold { id: String },
-    /// Release a held message (like postsuper -H).
-    Release { id: String },
-    /// Delete a message (like postsuper -d).
-    Delete { id: String },
-    /// Retry a message now (like postsuper -r).
-    Requeue { id: String },
+    /// Show a message's envelope, recipients and headers (like postcat -eh).
+    Show { id: String },
+    /// Put messages on hold (like postsuper -h); ALL for every one.
+    Hold {
+        #[arg(required = true, value_name = "ID|ALL")]
+        ids: Vec<String>,
+    },
+    /// Release held messages (like postsuper -H); ALL for every one.
+    Release {
+        #[arg(required = true, value_name = "ID|ALL")]
+        ids: Vec<String>,
+    },
+    /// Delete messages (like postsuper -d); ALL empties the queue.
+    Delete {
+        #[arg(required = true, value_name = "ID|ALL")]
+        ids: Vec<String>,
+    },
+    /// Retry messages now (like postsuper -r); ALL for every one.
+    Requeue {
+        #[arg(required = true, value_name = "ID|ALL")]
+        ids: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -102,6 +122,15 @@ fn main() -> ExitCode {
         .map(PathBuf::from)
         .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_default();
+    let mut args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // sendmail's flags (-oi, -F name, -bs) are not clap's: parse them
+    // before clap sees them.
+    if argv0 == "sendmail" {
+        return cli::sendmail::main("sendmail", args.split_off(1.min(args.len())));
+    }
+    if args.get(1).is_some_and(|a| a == "sendmail") {
+        return cli::sendmail::main("sendmail", args.split_off(2));
+    }
     let result = if argv0 == "mailq" {
         run_queue(None, QueueAction::List { json: false })
     } else {
@@ -170,6 +199,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{hash}");
             Ok(())
         }
+        // Normally dispatched in main() before clap; kept for completeness.
+        Command::Sendmail { args } => {
+            std::process::exit(i32::from(cli::sendmail::exit_code("sendmail", args)))
+        }
         Command::ClockAdvance { config, secs } => {
             let c = cli::load_config(config.config.as_deref())?;
             runtime()?.block_on(cli::queue::to_daemon(&c, Request::ClockAdvance { secs }))?;
@@ -183,17 +216,25 @@ fn run_queue(config: Option<PathBuf>, action: QueueAction) -> anyhow::Result<()>
     let rt = runtime()?;
     match action {
         QueueAction::List { json } => cli::queue::list(&c, json, &mut std::io::stdout().lock()),
-        QueueAction::Flush => {
-            let r = rt.block_on(cli::queue::to_daemon(&c, Request::Flush))?;
-            println!(
-                "flushed: {} deferred message(s) scheduled now",
-                r.count.unwrap_or(0)
-            );
-            Ok(())
+        QueueAction::Flush => rt.block_on(cli::queue::flush(&c, &mut std::io::stdout())),
+        QueueAction::Show { id } => cli::queue::show(&c, &id, &mut std::io::stdout().lock()),
+        QueueAction::Hold { ids } => {
+            rt.block_on(cli::queue::op(&c, &ids, Op::Hold, &mut std::io::stdout()))
         }
-        QueueAction::Hold { id } => rt.block_on(cli::queue::op(&c, &id, Op::Hold)),
-        QueueAction::Release { id } => rt.block_on(cli::queue::op(&c, &id, Op::Release)),
-        QueueAction::Delete { id } => rt.block_on(cli::queue::op(&c, &id, Op::Delete)),
-        QueueAction::Requeue { id } => rt.block_on(cli::queue::op(&c, &id, Op::Requeue)),
+        QueueAction::Release { ids } => rt.block_on(cli::queue::op(
+            &c,
+            &ids,
+            Op::Release,
+            &mut std::io::stdout(),
+        )),
+        QueueAction::Delete { ids } => {
+            rt.block_on(cli::queue::op(&c, &ids, Op::Delete, &mut std::io::stdout()))
+        }
+        QueueAction::Requeue { ids } => rt.block_on(cli::queue::op(
+            &c,
+            &ids,
+            Op::Requeue,
+            &mut std::io::stdout(),
+        )),
     }
 }

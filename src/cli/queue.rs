@@ -3,16 +3,29 @@
 //!
 //! Reading (list, show) works on the spool directly: queue files are only
 //! ever appended to or renamed, so a reader never sees a torn state.
-//! Changes go through the daemon's control socket so they never race a
-//! delivery in flight.
+//! Changes (hold, release, delete, requeue, flush) go through the daemon's
+//! control socket so they never race a delivery in flight. With the daemon
+//! down they act on the spool directly while holding `<spool>/daemon.lock`,
+//! the lock a running daemon holds, so a daemon starting meanwhile waits.
+//!
+//! # Security
+//! Only root and the spool's owner may change the queue: checked up front
+//! for a clear message, and enforced anyway by the spool's permissions
+//! (0700) and the control socket's (0600).
 
-use std::io::Write;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::control::{self, Op, Request};
-use crate::spool::{Area, Meta, RcptState, Spool};
+use crate::spool::{Area, Meta, RcptState, Record, Spool, SpoolError};
+
+/// Ids per control request; a request line must stay under 64 KiB.
+const BATCH: usize = 1000;
+/// Batches this big or bigger get a progress bar (on a terminal).
+const PROGRESS_FROM: usize = 200;
 
 #[derive(Serialize)]
 struct JsonRcpt<'a> {
@@ -32,6 +45,16 @@ struct JsonMessage<'a> {
     recipients: Vec<JsonRcpt<'a>>,
 }
 
+/// Opens the spool for reading, with a hint when we may not.
+fn open_spool(config: &Config) -> anyhow::Result<Spool> {
+    Spool::open(&config.spool_dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot open the queue: {e} (only root and the owner of {} may read it)",
+            config.spool_dir.display()
+        )
+    })
+}
+
 /// Every queued and held message, oldest first.
 pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
     let mut all = Vec::new();
@@ -40,7 +63,7 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
             match spool.read_meta(area, &id) {
                 Ok(m) => all.push((area, m)),
                 // Delivered and removed while we listed: not in the queue.
-                Err(crate::spool::SpoolError::NotFound(_)) => {}
+                Err(SpoolError::NotFound(_)) => {}
                 Err(e) => eprintln!("relayq: {id}: {e}"),
             }
         }
@@ -50,7 +73,7 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
 }
 
 pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
-    let spool = Spool::open(&config.spool_dir)?;
+    let spool = open_spool(config)?;
     let all = collect(&spool)?;
     if json {
         for (area, m) in &all {
@@ -80,10 +103,14 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         writeln!(out, "Mail queue is empty")?;
         return Ok(());
     }
+    // Columns as postqueue -p, widened for our 26-character ids: id and
+    // status mark (! = held), size, arrival time, sender; then each
+    // pending recipient under the sender, its last error above it.
     writeln!(
         out,
         "-Queue ID-                  --Size-- ----Arrival Time---- -Sender/Recipient-------"
     )?;
+    let indent = 26 + 1 + 1 + 8 + 1 + 20 + 1;
     let mut bytes = 0;
     for (area, m) in &all {
         bytes += m.size;
@@ -95,16 +122,16 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         };
         writeln!(
             out,
-            "{}{mark} {:>8} {} {sender}",
+            "{}{mark} {:>8} {:>20} {sender}",
             m.id,
             m.size,
             arrival(m.arrival_ms)
         )?;
         for (_, r) in m.pending() {
             if let Some(reason) = &r.last_reply {
-                writeln!(out, "{:49}({reason})", "")?;
+                writeln!(out, "{:indent$}({reason})", "")?;
             }
-            writeln!(out, "{:49}{}", "", r.address)?;
+            writeln!(out, "{:indent$}{}", "", r.address)?;
         }
         writeln!(out)?;
     }
@@ -123,6 +150,84 @@ fn arrival(ms: u64) -> String {
     ts.to_zoned_datetime(jiff::tz::TimeZone::system())
         .strftime("%a %b %e %H:%M:%S")
         .to_string()
+}
+
+fn full_date(ms: u64) -> String {
+    let ts = jiff::Timestamp::from_millisecond(ms as i64).unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    ts.to_zoned_datetime(jiff::tz::TimeZone::system())
+        .strftime("%Y-%m-%d %H:%M:%S %z")
+        .to_string()
+}
+
+/// `queue show ID`: the envelope, each recipient's state, and the
+/// message's header section (like `postcat -eh`).
+pub fn show(config: &Config, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
+    let spool = open_spool(config)?;
+    let (area, meta) = [Area::Queue, Area::Hold]
+        .into_iter()
+        .find_map(|a| spool.read_meta(a, id).ok().map(|m| (a, m)))
+        .ok_or_else(|| anyhow::anyhow!("no such message in the queue: {id}"))?;
+    let queue = if area == Area::Hold { "hold" } else { "queue" };
+    writeln!(out, "queue id:    {} ({queue})", meta.id)?;
+    writeln!(out, "arrival:     {}", full_date(meta.arrival_ms))?;
+    writeln!(out, "size:        {} bytes", meta.size)?;
+    let sender = if meta.sender.is_empty() {
+        "<> (a bounce)".to_string()
+    } else {
+        format!("<{}>", meta.sender)
+    };
+    writeln!(out, "sender:      {sender}")?;
+    let mut flags = Vec::new();
+    if meta.smtputf8 {
+        flags.push("SMTPUTF8");
+    }
+    if meta.eight_bit {
+        flags.push("8BITMIME");
+    }
+    if !flags.is_empty() {
+        writeln!(out, "flags:       {}", flags.join(" "))?;
+    }
+    let next = match meta.next_attempt_ms {
+        Some(ms) if meta.attempts > 0 => format!(", next {}", full_date(ms)),
+        _ => String::new(),
+    };
+    writeln!(out, "attempts:    {}{next}", meta.attempts)?;
+    writeln!(out, "recipients:")?;
+    for r in &meta.recipients {
+        let state = match r.state {
+            RcptState::Pending => "pending",
+            RcptState::Delivered => "delivered",
+            RcptState::Failed => "failed",
+        };
+        match &r.last_reply {
+            Some(reply) => writeln!(out, "  {state:<10}{}  ({reply})", r.address)?,
+            None => writeln!(out, "  {state:<10}{}", r.address)?,
+        }
+    }
+    writeln!(out, "headers:")?;
+    let head = read_headers(&spool, area, &meta)?;
+    for line in String::from_utf8_lossy(&head).split("\r\n") {
+        if !line.is_empty() {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
+}
+
+/// The header section of a queued message (at most 256 KiB of it).
+fn read_headers(spool: &Spool, area: Area, meta: &Meta) -> anyhow::Result<Vec<u8>> {
+    let path = spool.path(area, &meta.id)?;
+    let mut file = std::fs::File::open(&path)?;
+    file.seek(SeekFrom::Start(meta.body_offset))?;
+    let mut buf = Vec::new();
+    file.take(meta.size.min(256 * 1024)).read_to_end(&mut buf)?;
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 2)
+        .unwrap_or(buf.len());
+    buf.truncate(end);
+    Ok(buf)
 }
 
 /// Number of recipients still pending, for tests and scripts.
@@ -147,14 +252,226 @@ pub async fn to_daemon(config: &Config, req: Request) -> anyhow::Result<control:
     }
 }
 
-pub async fn op(config: &Config, id: &str, op: Op) -> anyhow::Result<()> {
-    to_daemon(
-        config,
-        Request::Op {
-            id: id.to_string(),
+/// What an operation did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Done {
+    pub count: usize,
+    /// Ids that were not (or no longer) in the queue.
+    pub missing: Vec<String>,
+    /// Whether the daemon did it (false: done on the spool directly).
+    pub online: bool,
+}
+
+fn verb(op: Op) -> &'static str {
+    match op {
+        Op::Hold => "put on hold",
+        Op::Release => "released",
+        Op::Delete => "deleted",
+        Op::Requeue => "requeued",
+    }
+}
+
+/// `hold|release|delete|requeue ID... | ALL`: through the daemon, or on
+/// the spool under the lock when it is down. Prints a summary; fails if
+/// an id named explicitly was not found.
+pub async fn op(
+    config: &Config,
+    ids: &[String],
+    op: Op,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let what = match op {
+        Op::Hold => "put messages on hold",
+        Op::Release => "release held messages",
+        Op::Delete => "delete messages",
+        Op::Requeue => "requeue messages",
+    };
+    super::ensure_operator(&config.spool_dir, what)?;
+    let all = ids.iter().any(|i| i == "ALL");
+    let targets = if all {
+        let spool = open_spool(config)?;
+        let mut v = Vec::new();
+        if matches!(op, Op::Delete | Op::Release) {
+            v.extend(spool.list(Area::Hold)?);
+        }
+        if matches!(op, Op::Delete | Op::Hold | Op::Requeue) {
+            v.extend(spool.list(Area::Queue)?);
+        }
+        v
+    } else {
+        ids.to_vec()
+    };
+    let done = apply(config, targets, op).await?;
+    writeln!(
+        out,
+        "{}: {} message{}{}",
+        verb(op),
+        done.count,
+        if done.count == 1 { "" } else { "s" },
+        if done.online {
+            ""
+        } else {
+            " (relayq is not running: done on the spool)"
+        }
+    )?;
+    if !all && !done.missing.is_empty() {
+        return Err(anyhow::anyhow!(
+            "no such message in the queue: {}",
+            done.missing.join(" ")
+        ));
+    }
+    Ok(())
+}
+
+/// `flush`: through the daemon, or, when it is down, every queued message
+/// made due so the daemon tries it as soon as it starts.
+pub async fn flush(config: &Config, out: &mut impl Write) -> anyhow::Result<()> {
+    match control::request(&config.spool_dir, &Request::Flush).await {
+        Ok(Some(r)) if r.ok => {
+            writeln!(
+                out,
+                "flushed: {} deferred message(s) scheduled now",
+                r.count.unwrap_or(0)
+            )?;
+            return Ok(());
+        }
+        Ok(Some(r)) => return Err(anyhow::anyhow!(r.error.unwrap_or_default())),
+        Ok(None) => {}
+        Err(e) => {
+            super::ensure_operator(&config.spool_dir, "flush the queue")?;
+            return Err(e);
+        }
+    }
+    super::ensure_operator(&config.spool_dir, "flush the queue")?;
+    let ids = open_spool(config)?.list(Area::Queue)?;
+    let done = apply(config, ids, Op::Requeue).await?;
+    writeln!(
+        out,
+        "relayq is not running: {} message(s) will be tried as soon as it starts",
+        done.count
+    )?;
+    Ok(())
+}
+
+fn progress(total: usize, op: Op) -> indicatif::ProgressBar {
+    if total < PROGRESS_FROM {
+        return indicatif::ProgressBar::hidden();
+    }
+    // Drawn on stderr only when it is a terminal.
+    let bar = indicatif::ProgressBar::new(total as u64);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(verb(op));
+    bar
+}
+
+/// Applies `op` to `ids`: through the daemon in batches if it runs, else
+/// on the spool under the daemon lock.
+pub async fn apply(config: &Config, ids: Vec<String>, op: Op) -> anyhow::Result<Done> {
+    let mut done = Done {
+        online: true,
+        ..Done::default()
+    };
+    if ids.is_empty() {
+        done.online = control::socket_path(&config.spool_dir).exists();
+        return Ok(done);
+    }
+    let bar = progress(ids.len(), op);
+    let mut rest = &ids[..];
+    // A daemon that holds the lock but has no socket yet is starting.
+    let mut starting = Duration::ZERO;
+    while !rest.is_empty() {
+        let batch = &rest[..rest.len().min(BATCH)];
+        let req = Request::Ops {
+            ids: batch.to_vec(),
             op,
-        },
-    )
-    .await
-    .map(|_| ())
+        };
+        match control::request(&config.spool_dir, &req).await? {
+            Some(r) if r.ok => {
+                done.count += r.count.unwrap_or(0);
+                done.missing.extend(r.missing);
+                bar.inc(batch.len() as u64);
+                rest = &rest[batch.len()..];
+            }
+            Some(r) => {
+                bar.abandon();
+                return Err(anyhow::anyhow!(
+                    r.error.unwrap_or_else(|| "request failed".into())
+                ));
+            }
+            None => match super::lock_spool(&config.spool_dir, Duration::ZERO) {
+                Ok(lock) => {
+                    let spool = open_spool(config)?;
+                    let r = offline(&spool, rest, op, &bar);
+                    drop(lock);
+                    let (count, missing) = r?;
+                    done.count += count;
+                    done.missing.extend(missing);
+                    done.online = false;
+                    break;
+                }
+                Err(_) if starting < Duration::from_secs(10) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    starting += Duration::from_millis(200);
+                }
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    bar.finish_and_clear();
+    Ok(done)
+}
+
+/// The operations on the spool itself, for a stopped daemon (the caller
+/// holds the daemon lock). Same state changes as the scheduler's.
+fn offline(
+    spool: &Spool,
+    ids: &[String],
+    op: Op,
+    bar: &indicatif::ProgressBar,
+) -> anyhow::Result<(usize, Vec<String>)> {
+    let now = crate::clock::to_ms(std::time::SystemTime::now());
+    let mut count = 0;
+    let mut missing = Vec::new();
+    for id in ids {
+        let in_queue = spool.path(Area::Queue, id)?.exists();
+        let in_hold = spool.path(Area::Hold, id)?.exists();
+        let result = match (op, in_queue, in_hold) {
+            (_, false, false) => Err(SpoolError::NotFound(id.clone())),
+            (Op::Delete, true, _) => spool.remove(Area::Queue, id),
+            (Op::Delete, false, true) => spool.remove(Area::Hold, id),
+            (Op::Hold, true, _) => spool.move_to(id, Area::Queue, Area::Hold),
+            (Op::Release, _, true) => spool.move_to(id, Area::Hold, Area::Queue),
+            // Due now: recovery schedules by the last attempt record.
+            (Op::Requeue, true, _) => spool.read_meta(Area::Queue, id).and_then(|m| {
+                spool.append(
+                    id,
+                    &[Record::Attempt {
+                        attempts: m.attempts,
+                        next_ms: now,
+                    }],
+                    true,
+                )
+            }),
+            // Already in the wanted state, as the daemon treats it.
+            (Op::Hold, false, true) | (Op::Release, true, false) | (Op::Requeue, false, true) => {
+                Ok(())
+            }
+        };
+        match result {
+            Ok(()) => count += 1,
+            Err(SpoolError::NotFound(_)) => missing.push(id.clone()),
+            Err(e) => return Err(e.into()),
+        }
+        bar.inc(1);
+    }
+    if op == Op::Delete {
+        for dir in ["queue", "hold"] {
+            let _ = std::fs::File::open(spool.root().join(dir)).and_then(|d| d.sync_all());
+        }
+    }
+    Ok((count, missing))
 }

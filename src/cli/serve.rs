@@ -34,6 +34,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let spool = Spool::open(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
+    // Held until we exit: queue tools change the spool only without us.
+    let _daemon_lock = super::lock_spool(&config.spool_dir, Duration::from_secs(60))?;
+    crate::spool::maildrop::prepare(&config.spool_dir)
+        .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
     let clock = Clock::new();
     let workers = match config.transport_kind() {
         TransportKind::Relay => config.relay.as_ref().map(|r| r.concurrency).unwrap_or(4),
@@ -96,6 +100,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::control::socket_path(&config.spool_dir),
         handle.clone(),
         clock.clone(),
+    ));
+
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let pickup_socket = crate::spool::maildrop::pickup_socket(&config.spool_dir);
+    let pickup_wake = tokio::spawn(crate::pickup::serve_wake(
+        pickup_socket.clone(),
+        wake.clone(),
+    ));
+    let pickup_task = tokio::spawn(crate::pickup::run(
+        Arc::new(crate::pickup::PickupContext::new(
+            config.clone(),
+            spool.clone(),
+            clock.clone(),
+            handle.clone(),
+        )),
+        wake,
+        shutdown.clone(),
     ));
 
     // Listen first, recover second: a big queue must not delay accepting.
@@ -174,6 +195,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // A browser may hold a keep-alive connection open; don't wait on it.
         let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     }
+    pickup_wake.abort();
+    let _ = pickup_task.await;
+    let _ = std::fs::remove_file(&pickup_socket);
     let _ = sched_task.await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");

@@ -48,6 +48,16 @@ struct Transaction {
     eight_bit: bool,
 }
 
+/// Where a session run by `sendmail -bs` (SMTP on stdin/stdout) hands its
+/// messages, instead of committing them itself: the local submission
+/// route (`crate::submit`), which adds its own trace headers and applies
+/// the local sender rules.
+pub trait LocalSink: Send + Sync + 'static {
+    fn free_space(&self) -> std::io::Result<u64>;
+    /// Stores the message durably; returns the name it was stored under.
+    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, SpoolError>;
+}
+
 /// Any byte stream a session can run on (TCP, TLS over TCP, a pipe).
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
@@ -72,6 +82,7 @@ pub struct Session {
     auth_user: Option<String>,
     /// The client may relay without AUTH (its address is in allow_networks).
     trusted: bool,
+    local: Option<Arc<dyn LocalSink>>,
 }
 
 /// Why a session ended early; used for the log line.
@@ -111,6 +122,31 @@ impl Session {
             tls: false,
             auth_user: None,
             trusted,
+            local: None,
+        }
+    }
+
+    /// A session with a local user on a pipe (`sendmail -bs`): messages go
+    /// to `sink` rather than straight into the spool.
+    pub fn new_local<S: Io + 'static>(
+        stream: S,
+        ctx: Arc<ServerContext>,
+        shutdown: watch::Receiver<bool>,
+        sink: Arc<dyn LocalSink>,
+    ) -> Self {
+        let peer = SocketAddr::from(([127, 0, 0, 1], 0));
+        let mut s = Session::new(stream, peer, ctx, shutdown);
+        s.local = Some(sink);
+        // A local user on a pipe is not a network client: the local
+        // submission rules (crate::submit) decide what it may send.
+        s.trusted = true;
+        s
+    }
+
+    fn free_space(&self) -> std::io::Result<u64> {
+        match &self.local {
+            Some(sink) => sink.free_space(),
+            None => self.ctx.spool.free_space(),
         }
     }
 
@@ -280,7 +316,7 @@ impl Session {
             return self
                 .fail("553 5.6.7 Error: non-ASCII sender address needs the SMTPUTF8 parameter");
         }
-        match self.ctx.spool.free_space() {
+        match self.free_space() {
             Ok(free)
                 if free
                     < self
@@ -454,6 +490,9 @@ impl Session {
     }
 
     async fn queue(&mut self, txn: Transaction, body: Vec<u8>) {
+        if let Some(sink) = self.local.clone() {
+            return self.queue_local(sink, txn, body).await;
+        }
         let ctx = self.ctx.clone();
         let id = crate::spool::Spool::new_id();
         let now = ctx.clock.now();
@@ -616,6 +655,24 @@ impl Session {
             Ok(Ok(Line::Eof)) => Err(Close::Eof),
             Ok(Ok(Line::TooLong)) => Ok(String::new()),
             Ok(Ok(Line::Ok(line))) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
+        }
+    }
+
+    async fn queue_local(&mut self, sink: Arc<dyn LocalSink>, txn: Transaction, body: Vec<u8>) {
+        let env = Envelope {
+            sender: txn.sender,
+            recipients: txn.recipients,
+            smtputf8: txn.smtputf8,
+            eight_bit: txn.eight_bit,
+        };
+        match tokio::task::spawn_blocking(move || sink.submit(env, body)).await {
+            Ok(Ok(id)) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
+            Ok(Err(SpoolError::Full)) => self.reply("452 4.3.1 Insufficient system storage"),
+            Ok(Err(e)) => {
+                tracing::error!("cannot queue a locally submitted message: {e}");
+                self.reply("451 4.3.0 Error: queue file write error");
+            }
+            Err(_) => self.reply("451 4.3.0 Error: queue file write error"),
         }
     }
 

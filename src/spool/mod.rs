@@ -9,6 +9,10 @@
 //!   hold/<ID>             put on hold by an operator; not delivered
 //!   corrupt/<ID>          could not be read; kept for a human, never deleted
 //!   control.sock          the daemon's control socket (see `control`)
+//!   daemon.lock           flock held by the running daemon, or by a queue
+//!                         tool changing the spool while the daemon is down
+//!   maildrop/             drop box for `sendmail` run by other users, and
+//!   pickup.sock           its wake-up socket (see `maildrop`)
 //! ```
 //! A message's state is the directory it is in, and a change of state is a
 //! `rename(2)`, so `ls` tells an operator the truth.
@@ -64,9 +68,12 @@
 //! # Security
 //! Queue files hold other people's mail: the directories are 0700 and the
 //! files 0600, and the daemon refuses a spool that others may write.
+//! Once the daemon has prepared the maildrop the root is 0711, so other
+//! users can reach `maildrop/` and `pickup.sock` but list nothing.
 //! Queue file contents are parsed as untrusted input (see `format`).
 
 pub mod format;
+pub mod maildrop;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};

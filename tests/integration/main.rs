@@ -7,6 +7,8 @@ mod check;
 mod inbound;
 mod install;
 mod observe;
+mod queue;
 mod relay;
+mod sendmail;
 mod status_page;
 mod tls;

@@ -1,0 +1,303 @@
+//! The queue tools against a real queue of deferred mail (the upstream is
+//! down): list, --json, show, hold/release, requeue, delete, flush; and
+//! the same tools with the daemon stopped, under the spool lock.
+
+use std::os::unix::io::AsRawFd;
+use std::process::Output;
+use std::time::Duration;
+
+use crate::sendmail::{as_nobody, can_switch_user, open_to_others, stderr};
+use crate::support::client::{queue_id, send_mail};
+use crate::support::daemon::{BIN, Daemon, relay_config};
+use crate::support::upstream::FakeUpstream;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn ok(o: &Output) -> String {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+/// Queues `n` messages that the down upstream defers; returns their ids.
+async fn deferred(d: &Daemon, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let r = send_mail(
+            d.addr,
+            "app@example.com",
+            &["bob@example.net"],
+            format!("Subject: m{i}\r\n\r\nmessage {i}\r\n").as_bytes(),
+        )
+        .await;
+        assert!(r.starts_with("250"), "{r}");
+        ids.push(queue_id(&r));
+    }
+    for id in &ids {
+        d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+    }
+    ids
+}
+
+fn in_dir(d: &Daemon, dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(d.dir.join("spool").join(dir))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_tools_on_deferred_mail() {
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let d = Daemon::start(&relay_config(addr, ""));
+    let ids = deferred(&d, 3).await;
+
+    let list = ok(&d.cli(&["queue", "list"]));
+    assert!(list.starts_with("-Queue ID-"), "{list}");
+    for id in &ids {
+        let row = list.lines().find(|l| l.starts_with(id.as_str())).expect(id);
+        assert!(row.ends_with(" app@example.com"), "{row}");
+    }
+    let indent = " ".repeat(58);
+    assert!(
+        list.contains(&format!("\n{indent}bob@example.net\n")),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("\n{indent}(")),
+        "reason shown: {list}"
+    );
+    assert!(list.contains("in 3 Requests."), "{list}");
+
+    let json = ok(&d.cli(&["queue", "list", "--json"]));
+    let rows: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect();
+    assert_eq!(rows.len(), 3);
+    for (row, id) in rows.iter().zip(&ids) {
+        assert_eq!(row["queue_id"], id.as_str());
+        assert_eq!(row["queue_name"], "deferred");
+        assert_eq!(row["sender"], "app@example.com");
+        assert!(row["message_size"].as_u64().unwrap() > 0);
+        assert_eq!(row["recipients"][0]["address"], "bob@example.net");
+        assert!(row["recipients"][0]["delay_reason"].is_string(), "{row}");
+    }
+
+    let show = ok(&d.cli(&["queue", "show", &ids[0]]));
+    assert!(
+        show.contains(&format!("queue id:    {} (queue)", ids[0])),
+        "{show}"
+    );
+    assert!(show.contains("sender:      <app@example.com>"), "{show}");
+    assert!(show.contains("  pending   bob@example.net  ("), "{show}");
+    assert!(show.contains("attempts:    1"), "{show}");
+    assert!(show.contains("\n  Subject: m0\n"), "{show}");
+    assert!(show.contains("\n  Received: from client.test"), "{show}");
+    assert!(!show.contains("message 0"), "headers only: {show}");
+
+    // hold / release
+    let out = ok(&d.cli(&["queue", "hold", &ids[0]]));
+    assert!(out.contains("put on hold: 1 message"), "{out}");
+    assert_eq!(in_dir(&d, "hold"), vec![ids[0].clone()]);
+    let list = ok(&d.cli(&["queue", "list"]));
+    assert!(list.contains(&format!("{}!", ids[0])), "{list}");
+    let json = ok(&d.cli(&["queue", "list", "--json"]));
+    assert!(
+        json.lines()
+            .next()
+            .unwrap()
+            .contains("\"queue_name\":\"hold\"")
+    );
+    let show = ok(&d.cli(&["queue", "show", &ids[0]]));
+    assert!(show.contains("(hold)"), "{show}");
+    ok(&d.cli(&["queue", "release", &ids[0]]));
+    assert!(in_dir(&d, "hold").is_empty());
+    assert_eq!(in_dir(&d, "queue").len(), 3);
+
+    // requeue makes one due now: it is tried (and deferred) again.
+    ok(&d.cli(&["queue", "requeue", &ids[1]]));
+    let tries = |id: &str| d.count_log(&format!("{id}: to=<bob@example.net>"));
+    let deadline = std::time::Instant::now() + WAIT;
+    while tries(&ids[1]) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "requeue did not retry"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // delete, and a clear error for an unknown id
+    let out = ok(&d.cli(&["queue", "delete", &ids[2]]));
+    assert!(out.contains("deleted: 1 message"), "{out}");
+    d.wait_log(&format!("{}: removed", ids[2]), WAIT);
+    let o = d.cli(&["queue", "delete", "01ZZZZZZZZZZZZZZZZZZZZZZZZ"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("no such message"), "{}", stderr(&o));
+    assert!(ok(&d.cli(&["queue", "list"])).contains("in 2 Requests."));
+
+    // flush with the upstream back delivers the rest.
+    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    let out = ok(&d.cli(&["queue", "flush"]));
+    assert!(out.contains("flushed"), "{out}");
+    let got = up.wait_for_messages(2, WAIT).await;
+    assert_eq!(got.len(), 2);
+    for id in &ids[..2] {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    assert_eq!(ok(&d.cli(&["queue", "list"])).trim(), "Mail queue is empty");
+}
+
+/// Tries to take the daemon lock without waiting.
+fn lock_is_free(d: &Daemon) -> bool {
+    let f = std::fs::File::open(d.dir.join("spool").join("daemon.lock")).unwrap();
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    r == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_work_on_the_spool_while_the_daemon_is_down() {
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let mut d = Daemon::start(&relay_config(addr, ""));
+    let ids = deferred(&d, 5).await;
+    assert!(!lock_is_free(&d), "the running daemon holds daemon.lock");
+    ok(&d.cli(&["queue", "hold", &ids[4]]));
+    assert!(d.stop());
+    assert!(lock_is_free(&d));
+
+    let list = ok(&d.cli(&["queue", "list"]));
+    assert!(list.contains("in 5 Requests."), "{list}");
+    let out = ok(&d.cli(&["queue", "release", &ids[4]]));
+    assert!(
+        out.contains("released: 1 message (relayq is not running"),
+        "{out}"
+    );
+    assert_eq!(in_dir(&d, "queue").len(), 5);
+    let out = ok(&d.cli(&["queue", "hold", &ids[3]]));
+    assert!(out.contains("put on hold: 1 message"), "{out}");
+    assert_eq!(in_dir(&d, "hold"), vec![ids[3].clone()]);
+    let out = ok(&d.cli(&["queue", "requeue", &ids[0]]));
+    assert!(out.contains("requeued: 1 message"), "{out}");
+    let out = ok(&d.cli(&["queue", "flush"]));
+    assert!(
+        out.contains("4 message(s) will be tried as soon as it starts"),
+        "{out}"
+    );
+    let show = ok(&d.cli(&["queue", "show", &ids[0]]));
+    assert!(show.contains("pending"), "{show}");
+
+    let out = ok(&d.cli(&["queue", "delete", "ALL"]));
+    assert!(
+        out.contains("deleted: 5 messages (relayq is not running"),
+        "{out}"
+    );
+    assert!(in_dir(&d, "queue").is_empty() && in_dir(&d, "hold").is_empty());
+    assert_eq!(ok(&d.cli(&["queue", "list"])).trim(), "Mail queue is empty");
+    assert!(lock_is_free(&d), "the tool released the lock");
+
+    // A daemon started afterwards finds nothing to send.
+    d.restart();
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.count_log("recovered queue: 0 queued, 0 on hold") < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_all_through_the_daemon() {
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let d = Daemon::start(&relay_config(addr, ""));
+    let ids = deferred(&d, 250).await;
+    ok(&d.cli(&["queue", "hold", &ids[0], &ids[1]]));
+    assert_eq!(in_dir(&d, "hold").len(), 2);
+    // On a terminal (script(1) gives it one) a long operation shows a
+    // progress bar.
+    let tty = std::process::Command::new("script")
+        .args(["-qec"])
+        .arg(format!(
+            "{BIN} queue requeue ALL --config {}",
+            d.config.display()
+        ))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("script(1) from util-linux");
+    let out = ok(&tty);
+    assert!(out.contains("requeued: 248 messages"), "{out}");
+    assert!(
+        out.contains("requeued [") && out.contains("/248"),
+        "{out:?}"
+    );
+    let o = d.cli(&["queue", "delete", "ALL"]);
+    let out = ok(&o);
+    assert!(out.contains("deleted: 250 messages"), "{out}");
+    assert_eq!(stderr(&o), "", "no progress bar without a terminal");
+    assert!(!out.contains("not running"), "{out}");
+    assert!(in_dir(&d, "queue").is_empty() && in_dir(&d, "hold").is_empty());
+    // The daemon forgot them too: nothing is retried.
+    d.advance_clock(3600);
+    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    d.flush();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(up.messages().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_root_or_the_owner_may_change_the_queue() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let d = Daemon::start(&relay_config(addr, ""));
+    open_to_others(&d);
+    let ids = deferred(&d, 1).await;
+    std::fs::set_permissions(
+        &d.config,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    for verb in ["hold", "release", "delete", "requeue"] {
+        let o = as_nobody(BIN)
+            .args(["queue", verb, &ids[0], "--config"])
+            .arg(&d.config)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "nobody could {verb}");
+        let e = stderr(&o);
+        assert!(
+            e.contains("permission denied: only root or the owner of") && e.contains("(root)"),
+            "{e}"
+        );
+    }
+    let o = as_nobody(BIN)
+        .args(["queue", "list", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("only root and the owner"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(in_dir(&d, "queue"), ids);
+}
