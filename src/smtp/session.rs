@@ -335,6 +335,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let timeout = limits.data_timeout.0;
         let mut body = Vec::with_capacity(4096);
         let mut refusal: Option<&'static str> = None;
+        // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
+        // only when the line before it ended in CRLF (or there was none).
+        // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
+        // second transaction past an upstream that reads it differently.
+        let mut after_crlf = true;
         loop {
             let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
             {
@@ -353,9 +358,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Ok(Ok(Line::Ok(line))) => line,
             };
-            if line == b".\r\n" {
+            if line == b".\r\n" && after_crlf {
                 break;
             }
+            after_crlf = line.ends_with(b"\r\n");
             let content = line.strip_prefix(b".").unwrap_or(&line);
             let text = content
                 .strip_suffix(b"\r\n")
