@@ -3,5 +3,7 @@
 
 mod support;
 
+mod bounce;
+mod durability;
 mod relay;
 mod smtp;
