@@ -5,5 +5,6 @@ mod support;
 
 mod bounce;
 mod durability;
+mod interop;
 mod relay;
 mod smtp;
