@@ -259,7 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             _ => {}
         }
         self.txn = Some(Transaction {
-            sender: from.address.into_owned(),
+            sender: requote(&from.address),
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
@@ -289,7 +289,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if to.orcpt.is_some() || to.flags != 0 {
             return self.fail("555 5.5.4 Error: unsupported RCPT parameter");
         }
-        txn.recipients.push(addr.into_owned());
+        let addr = requote(&addr);
+        // Listed once, as Postfix's cleanup does: a client that names an
+        // address in both To and Cc must not make the upstream send twice.
+        if !txn.recipients.contains(&addr) {
+            txn.recipients.push(addr);
+        }
         self.reply("250 2.1.5 Ok");
         Ok(true)
     }
@@ -543,6 +548,37 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     }
 }
 
+/// smtp-proto returns a quoted local part without its quotes (`"a b"@x`
+/// comes back as `a b@x`): quote it again, so that what is queued and
+/// relayed is the address the client gave, and one token on a command
+/// line. A local part that is a dot-atom is returned unchanged.
+fn requote(addr: &str) -> String {
+    let Some(at) = addr.rfind('@') else {
+        return addr.to_string();
+    };
+    let (local, domain) = addr.split_at(at);
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_atom {
+        return addr.to_string();
+    }
+    let mut out = String::with_capacity(addr.len() + 4);
+    out.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out.push_str(domain);
+    out
+}
+
 /// Reads one line including its LF, up to `max` bytes. A longer line is
 /// consumed to its end and reported as [`Line::TooLong`].
 async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
@@ -574,5 +610,23 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
                 Line::Ok(line)
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requote;
+
+    #[test]
+    fn requote_restores_quoted_local_parts_only() {
+        assert_eq!(requote("bob@example.net"), "bob@example.net");
+        assert_eq!(requote("a.b+tag@example.net"), "a.b+tag@example.net");
+        assert_eq!(requote("jörg@bücher.example"), "jörg@bücher.example");
+        assert_eq!(requote(""), "");
+        assert_eq!(requote("john smith@x"), "\"john smith\"@x");
+        assert_eq!(requote("a..b@x"), "\"a..b\"@x");
+        assert_eq!(requote(".a@x"), "\".a\"@x");
+        assert_eq!(requote("a@b@x"), "\"a@b\"@x");
+        assert_eq!(requote("say \"hi\\\"@x"), "\"say \\\"hi\\\\\\\"\"@x");
     }
 }
