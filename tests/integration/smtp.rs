@@ -702,3 +702,56 @@ async fn sigterm_drains_and_keeps_the_queue() {
         "still listening after exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_local_parts_stay_quoted() {
+    let (up, d) = setup("").await;
+    let mut c = ehlo(&d).await;
+    let r = c
+        .mail(
+            "\"odd \\\"sender\\\"\"@example.com",
+            &[
+                "\"john smith\"@example.net",
+                "\"a..b\"@example.net",
+                "plain@example.net",
+            ],
+            b"Subject: quoted\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert_reply(&r, "250 2.0.0", "end of data");
+    let got = up.wait_for_messages(1, WAIT).await;
+    // Relayed as the client wrote them: each address still one token.
+    assert_eq!(got[0].mail_from, "\"odd \\\"sender\\\"\"@example.com");
+    assert_eq!(
+        got[0].rcpts,
+        vec![
+            "\"john smith\"@example.net",
+            "\"a..b\"@example.net",
+            "plain@example.net"
+        ]
+    );
+    let cmds = up.commands();
+    assert!(
+        cmds.iter()
+            .any(|l| l.ends_with("RCPT TO:<\"john smith\"@example.net>")),
+        "{cmds:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_given_twice_gets_one_copy() {
+    let (up, d) = setup("").await;
+    let mut c = ehlo(&d).await;
+    // As smtplib's send_message does when an address is in both To and Cc.
+    let r = c
+        .mail(
+            "app@example.com",
+            &["bob@example.net", "carol@example.net", "bob@example.net"],
+            b"Subject: twice\r\n\r\nhi\r\n",
+        )
+        .await;
+    assert_reply(&r, "250 2.0.0", "end of data");
+    let got = up.wait_for_messages(1, WAIT).await;
+    assert_eq!(got[0].rcpts, vec!["bob@example.net", "carol@example.net"]);
+    d.wait_log("nrcpt=2", WAIT);
+}
