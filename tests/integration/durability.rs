@@ -55,6 +55,23 @@ async fn wait_for_subjects(up: &FakeUpstream, want: &BTreeSet<String>, timeout: 
     }
 }
 
+/// Brings the upstream back on the address it had. The port was free when
+/// the old one stopped, but another test's socket may hold it for a
+/// moment, so a busy port is retried for a few seconds.
+async fn upstream_back_on(addr: SocketAddr) -> FakeUpstream {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match FakeUpstream::start_on(addr).await {
+            Ok(up) => return up,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("upstream port {addr} busy ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot bring the upstream back on {addr}: {e}"),
+        }
+    }
+}
+
 /// Waits until the queue directory is empty.
 async fn wait_queue_empty(d: &Daemon, timeout: Duration) {
     let deadline = Instant::now() + timeout;
@@ -101,7 +118,7 @@ async fn restart_with_a_full_queue_delivers_everything_once() {
     d.restart();
     let line = d.wait_log_since(mark, "recovered queue:", WAIT);
     assert!(line.contains(&format!("{N} queued")), "{line}");
-    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    let up = upstream_back_on(addr).await;
     d.flush();
     let got = up.wait_for_messages(N, WAIT).await;
     for id in &ids {
@@ -439,7 +456,7 @@ async fn corrupt_and_half_written_files_at_start() {
     );
 
     // The good message is untouched by its broken neighbours.
-    let up = FakeUpstream::start_on(addr).await.unwrap();
+    let up = upstream_back_on(addr).await;
     d.flush();
     let got = up.wait_for_messages(1, WAIT).await;
     d.wait_log_since(mark, &format!("{good}: removed"), WAIT);
@@ -450,4 +467,118 @@ async fn corrupt_and_half_written_files_at_start() {
     );
     assert_eq!(got.len(), 1);
     assert_eq!(d.queued(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_delivery_in_flight_finish() {
+    // A slow upstream: each reply takes 300 ms.
+    let up =
+        FakeUpstream::start_with(Script::default().reply_delay(Duration::from_millis(300))).await;
+    let mut d = Daemon::start(&relay_config(up.addr(), ""));
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["bob@example.net"],
+        b"Subject: in flight\r\n\r\nbeing relayed at SIGTERM\r\n",
+    )
+    .await;
+    let id = queue_id(&r);
+    // SIGTERM once the transaction has started upstream.
+    let deadline = Instant::now() + WAIT;
+    while !up
+        .commands()
+        .iter()
+        .any(|c| c.contains("MAIL FROM:<app@example.com>"))
+    {
+        assert!(Instant::now() < deadline, "no delivery started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        up.messages().is_empty(),
+        "terminated too late to test anything"
+    );
+    d.terminate();
+    let status = d.wait_exit(WAIT).expect("relayq exits");
+    assert!(status.success(), "{status:?}; log:\n{}", d.log());
+    let line = d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+    assert!(
+        line.contains("status=sent"),
+        "the delivery finished: {line}"
+    );
+    d.wait_log(&format!("{id}: removed"), WAIT);
+    assert_eq!(up.messages().len(), 1);
+    assert_eq!(d.queued(), 0);
+
+    // Nothing is sent again after a restart.
+    up.set_script(Script::default());
+    let mark = d.log_mark();
+    d.restart();
+    let line = d.wait_log_since(mark, "recovered queue:", WAIT);
+    assert!(line.contains("0 queued"), "{line}");
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["carol@example.net"],
+        b"Subject: control\r\n\r\nx\r\n",
+    )
+    .await;
+    d.wait_log(&format!("{}: removed", queue_id(&r)), WAIT);
+    let subjects = subject_counts(&up.messages());
+    assert_eq!(
+        subjects,
+        BTreeMap::from([("control".to_string(), 1), ("in flight".to_string(), 1)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_line_at_any_stage_neither_loses_nor_duplicates() {
+    use crate::support::upstream::Stage;
+    for stage in [
+        Stage::Greeting,
+        Stage::Ehlo,
+        Stage::Mail,
+        Stage::Rcpt,
+        Stage::Data,
+        Stage::DataBody,
+        Stage::DataEnd,
+    ] {
+        // A fresh pair per stage: a connection relayq kept open from an
+        // earlier message would skip the greeting and EHLO.
+        let up = FakeUpstream::start_with(Script::default().drop_at(stage)).await;
+        let d = Daemon::start(&relay_config(up.addr(), ""));
+        let body = format!("Subject: drop at {stage:?}\r\n\r\nline one\r\nline two\r\n");
+        let r = send_mail(
+            d.addr,
+            "app@example.com",
+            &["bob@example.net"],
+            body.as_bytes(),
+        )
+        .await;
+        let id = queue_id(&r);
+        let line = d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+        assert!(
+            line.contains("status=deferred"),
+            "drop at {stage:?}: {line}"
+        );
+        assert_eq!(d.queued(), 1, "drop at {stage:?}: still queued");
+        assert!(
+            up.messages().is_empty(),
+            "drop at {stage:?}: nothing recorded"
+        );
+
+        up.set_script(Script::default());
+        d.flush();
+        let got = up.wait_for_messages(1, WAIT).await;
+        d.wait_log(&format!("{id}: removed"), WAIT);
+        assert_eq!(got.len(), 1, "drop at {stage:?}: delivered once");
+        assert!(got[0].data.ends_with(body.as_bytes()), "drop at {stage:?}");
+        let line = d
+            .log()
+            .lines()
+            .rfind(|l| l.contains(&format!("{id}: to=<bob@example.net>")))
+            .unwrap()
+            .to_string();
+        assert!(line.contains("status=sent"), "{line}");
+        assert_eq!(d.queued(), 0);
+    }
 }
