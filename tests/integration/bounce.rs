@@ -468,3 +468,63 @@ async fn bounce_to_a_utf8_sender_of_an_8bit_message() {
         "the 8-bit original comes back intact"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounce_that_cannot_be_queued_does_not_resend_delivered_recipients() {
+    let up = FakeUpstream::start_with(
+        Script::default()
+            .rcpt("ann@example.net", 451, "4.3.0 later")
+            .rcpt("bob@example.net", 451, "4.3.0 later"),
+    )
+    .await;
+    let d = Daemon::start(&relay_config(up.addr(), ""));
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["ann@example.net", "bob@example.net"],
+        b"Subject: spool trouble\r\n\r\nhi\r\n",
+    )
+    .await;
+    let id = queue_id(&r);
+    d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+
+    // The spool cannot take new files (its tmp/ is gone), so the bounce
+    // for bob cannot be queued while ann is delivered.
+    let tmp = d.spool().join("tmp");
+    let away = d.spool().join("tmp.away");
+    std::fs::rename(&tmp, &away).unwrap();
+    up.set_script(Script::default().rcpt("bob@example.net", 550, "5.1.1 no such user"));
+    d.advance_clock(3600);
+    d.wait_log(&format!("{id}: cannot queue bounce"), WAIT);
+    // (The outcome lines are logged before the bounce is tried.)
+    let ann = d
+        .log()
+        .lines()
+        .rfind(|l| l.contains(&format!("{id}: to=<ann@example.net>")))
+        .unwrap()
+        .to_string();
+    assert!(ann.contains("status=sent"), "{ann}");
+    assert_eq!(up.messages().len(), 1, "ann got her copy");
+
+    // The spool recovers; the retry bounces bob and must not send ann's
+    // copy again.
+    std::fs::rename(&away, &tmp).unwrap();
+    d.advance_clock(3600);
+    d.flush();
+    let bid = d
+        .wait_log(&format!("{id}: sender non-delivery notification: "), WAIT)
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    d.wait_log(&format!("{bid}: removed"), WAIT);
+    d.wait_log(&format!("{id}: removed"), WAIT);
+    let got = up.messages();
+    let to_ann = got
+        .iter()
+        .filter(|m| m.rcpts.contains(&"ann@example.net".to_string()))
+        .count();
+    assert_eq!(to_ann, 1, "ann's copy was sent {to_ann} times: {got:#?}");
+    assert_eq!(got.len(), 2, "ann's copy and the bounce");
+    assert_eq!(d.queued(), 0);
+}
