@@ -528,3 +528,65 @@ async fn a_bounce_that_cannot_be_queued_does_not_resend_delivered_recipients() {
     assert_eq!(got.len(), 2, "ann's copy and the bounce");
     assert_eq!(d.queued(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_while_the_upstream_is_unreachable() {
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let d = Daemon::start(&relay_config(addr, "[queue]\nmax_lifetime = \"1h\"\n"));
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["bob@example.net"],
+        b"Subject: unreachable\r\n\r\nnobody home\r\n",
+    )
+    .await;
+    let id = queue_id(&r);
+    let line = d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+    assert!(line.contains("status=deferred"), "{line}");
+    d.advance_clock(2 * 3600);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !d.log().contains("status=expired") {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    d.wait_log(&format!("{id}: removed"), WAIT);
+    let bid = d
+        .wait_log(&format!("{id}: sender non-delivery notification: "), WAIT)
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    // The bounce waits for the upstream like any message.
+    d.wait_log(&format!("{bid}: to=<app@example.com>"), WAIT);
+    assert_eq!(d.queued(), 1);
+    // Back on its old port (retried: another test's socket may hold it
+    // for a moment).
+    let up = loop {
+        match FakeUpstream::start_on(addr).await {
+            Ok(up) => break up,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{addr}: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    d.flush();
+    let got = up.wait_for_messages(1, WAIT).await;
+    let dsn = parse_dsn(&got[0]);
+    let groups = recipient_groups(&dsn.status);
+    assert_eq!(
+        field(&groups[0], "Final-Recipient"),
+        "rfc822; bob@example.net"
+    );
+    assert_eq!(field(&groups[0], "Status"), "4.4.7");
+    assert!(
+        field(&groups[0], "Diagnostic-Code").contains("Connection refused"),
+        "the last reason is reported: {}",
+        groups[0]
+    );
+    assert_eq!(field(&groups[0], "Action"), "failed");
+    d.wait_log(&format!("{bid}: removed"), WAIT);
+    assert_eq!(d.queued(), 0);
+}
