@@ -36,7 +36,10 @@ const MAX_COMMAND_LINE: usize = 2048;
 enum Line {
     Ok(Vec<u8>),
     /// Longer than allowed; the whole line was consumed and dropped.
-    TooLong,
+    /// `crlf` tells whether it ended in CRLF (for the end-of-data rule).
+    TooLong {
+        crlf: bool,
+    },
     Eof,
 }
 
@@ -128,7 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Ok(Err(e)) => return Close::Io(e),
                 Ok(Ok(Line::Eof)) => return Close::Eof,
-                Ok(Ok(Line::TooLong)) => {
+                Ok(Ok(Line::TooLong { .. })) => {
                     if self.error("500 5.5.2 Error: command line too long") {
                         return Close::TooManyErrors;
                     }
@@ -355,7 +358,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 }
                 Ok(Err(e)) => return Err(Close::Io(e)),
                 Ok(Ok(Line::Eof)) => return Err(Close::Eof),
-                Ok(Ok(Line::TooLong)) => {
+                Ok(Ok(Line::TooLong { crlf })) => {
+                    after_crlf = crlf;
                     refusal.get_or_insert(
                         "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)",
                     );
@@ -584,6 +588,8 @@ fn requote(addr: &str) -> String {
 async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
+    // The byte before this chunk: a CR that arrived just before the LF.
+    let mut prev = 0u8;
     loop {
         let buf = r.fill_buf().await?;
         if buf.is_empty() {
@@ -594,6 +600,12 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
             None => (buf, false),
         };
         let n = chunk.len();
+        let crlf = if n >= 2 {
+            chunk[n - 2] == b'\r'
+        } else {
+            prev == b'\r'
+        };
+        prev = chunk[n - 1];
         if !too_long {
             if line.len() + n > max {
                 too_long = true;
@@ -605,7 +617,7 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
         r.consume(n);
         if done {
             return Ok(if too_long {
-                Line::TooLong
+                Line::TooLong { crlf }
             } else {
                 Line::Ok(line)
             });
