@@ -311,6 +311,13 @@ async fn over_long_lines_are_refused() {
         .mail("app@example.com", &["bob@example.net"], body.as_bytes())
         .await;
     assert_reply(&r, "500 5.5.2", "999-octet body line");
+    // A far longer line (never buffered whole) after a bare-LF line: the
+    // CRLF that ends it still makes the next dot line the end of data.
+    let body = format!("Subject: long\n\n{}\r\n", "w".repeat(5000));
+    let r = c
+        .mail("app@example.com", &["bob@example.net"], body.as_bytes())
+        .await;
+    assert_reply(&r, "500 5.5.2", "5000-octet body line");
     // 998 octets is the limit and is fine.
     let ok = format!("Subject: limit\r\n\r\n{}\r\n", "z".repeat(998));
     let r = c
