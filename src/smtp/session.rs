@@ -160,6 +160,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
             Request::Helo { host } => self.hello(&host, false),
+            // smtp-proto reads "<postmaster>" as the null path "<>": that
+            // would silently switch bounces off for the message.
+            Request::Mail { from } if from.address.is_empty() && !is_null_path(line) => self.fail(
+                "501 5.1.7 Error: sender address must be fully qualified (user@domain) or <>",
+            ),
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { to } => self.rcpt(to),
             Request::Data => return self.data().await,
@@ -581,6 +586,14 @@ fn requote(addr: &str) -> String {
     out.push('"');
     out.push_str(domain);
     out
+}
+
+/// Whether a MAIL command line's reverse-path is literally `<>`.
+fn is_null_path(line: &[u8]) -> bool {
+    let Some(open) = line.iter().position(|&b| b == b'<') else {
+        return false;
+    };
+    line.get(open + 1) == Some(&b'>')
 }
 
 /// Reads one line including its LF, up to `max` bytes. A longer line is
