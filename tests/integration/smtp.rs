@@ -762,3 +762,25 @@ async fn a_recipient_given_twice_gets_one_copy() {
     assert_eq!(got[0].rcpts, vec!["bob@example.net", "carol@example.net"]);
     d.wait_log("nrcpt=2", WAIT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unqualified_addresses_are_refused() {
+    let (up, d) = setup("").await;
+    let mut c = ehlo(&d).await;
+    // "<postmaster>" is not a reverse-path; it must not turn into "<>"
+    // (which would silently switch off bounces for the message).
+    assert_reply(
+        &c.cmd("MAIL FROM:<postmaster>").await,
+        "501 5.1.7",
+        "MAIL FROM:<postmaster>",
+    );
+    assert_reply(
+        &c.cmd("MAIL FROM:<app>").await,
+        "501 5.1.7",
+        "MAIL FROM:<app>",
+    );
+    assert_reply(&c.cmd("MAIL FROM:<>").await, "250 2.1.0", "MAIL FROM:<>");
+    assert_reply(&c.cmd("RCPT TO:<bob>").await, "501 5.1.3", "RCPT TO:<bob>");
+    c.cmd("RSET").await;
+    only_this_arrives(&mut c, &d, &up).await;
+}
