@@ -105,6 +105,7 @@ impl Aiosmtpd {
             .args(["-c", "aiosmtpd_dump.DumpHandler"])
             .arg(out.path())
             .env("PYTHONPATH", PEERS)
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
@@ -312,6 +313,7 @@ async fn python_smtplib_through_relayq_to_aiosmtpd() {
     let report = d.dir.join("smtplib.json");
     let out = Command::new("python3")
         .arg(Path::new(PEERS).join("smtplib_client.py"))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .arg(d.addr.port().to_string())
         .arg(&report)
         .output()
