@@ -1,6 +1,8 @@
-//! Nothing answered `250` is lost: restarts with a full queue, a restart
-//! between recipients of one message, `kill -9` while many clients are
-//! sending, and damaged files in the spool at start.
+//! Nothing answered `250` is lost, and nothing delivered is sent again:
+//! restarts with a full queue, a crash between recipients of one message,
+//! `kill -9` while many clients are sending, SIGTERM during a delivery, an
+//! upstream that drops the line at every stage, and damaged files in the
+//! spool at start.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;

@@ -616,8 +616,8 @@ async fn non_ascii_addresses_need_smtputf8() {
     only_this_arrives(&mut c, &d, &up).await;
 }
 
-/// Reads whatever the server sends until it closes; None if the
-/// connection was refused or reset before any byte.
+/// Reads whatever the server sends until it closes; an error if the
+/// connection was refused, or reset before any byte arrived.
 async fn connect_and_read(addr: SocketAddr) -> Result<String, std::io::Error> {
     let mut s = TcpStream::connect(addr).await?;
     let mut buf = Vec::new();
