@@ -181,18 +181,18 @@ async fn record(
 
     // Rule 2: a bounce is queued before the failures it reports are recorded.
     if !bounced.is_empty() && !send_bounce(ctx, meta, body, &bounced, expired).await {
+        // The failures wait for the retry, but what the upstream accepted
+        // in this attempt must be recorded now, or it is sent again.
+        let delivered: Vec<Record> = durable
+            .into_iter()
+            .filter(|r| matches!(r, Record::Delivered { .. }))
+            .collect();
+        append_durably(ctx, id, delivered).await;
         return retry_later(ctx);
     }
     let finals = durable.len();
-    if !durable.is_empty() {
-        let spool = ctx.spool.clone();
-        let owned = id.to_string();
-        let written =
-            tokio::task::spawn_blocking(move || spool.append(&owned, &durable, true)).await;
-        if !matches!(written, Ok(Ok(()))) {
-            events::queue_error(id, &format!("cannot record delivery status: {written:?}"));
-            return retry_later(ctx);
-        }
+    if !append_durably(ctx, id, durable).await {
+        return retry_later(ctx);
     }
     if meta.pending().count() == finals {
         return finish(ctx, id);
@@ -206,6 +206,22 @@ async fn record(
         events::queue_warning(id, &format!("cannot record deferral: {e}"));
     }
     Next::RetryAt(next_ms)
+}
+
+/// Appends final records and fsyncs them (durability rule 2); false, after
+/// logging, if they could not be written.
+async fn append_durably(ctx: &WorkerContext, id: &str, records: Vec<Record>) -> bool {
+    if records.is_empty() {
+        return true;
+    }
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    let written = tokio::task::spawn_blocking(move || spool.append(&owned, &records, true)).await;
+    if !matches!(written, Ok(Ok(()))) {
+        events::queue_error(id, &format!("cannot record delivery status: {written:?}"));
+        return false;
+    }
+    true
 }
 
 fn bounced_rcpt(

@@ -36,7 +36,10 @@ const MAX_COMMAND_LINE: usize = 2048;
 enum Line {
     Ok(Vec<u8>),
     /// Longer than allowed; the whole line was consumed and dropped.
-    TooLong,
+    /// `crlf` tells whether it ended in CRLF (for the end-of-data rule).
+    TooLong {
+        crlf: bool,
+    },
     Eof,
 }
 
@@ -194,7 +197,7 @@ impl Session {
                 }
                 Ok(Err(e)) => return Close::Io(e),
                 Ok(Ok(Line::Eof)) => return Close::Eof,
-                Ok(Ok(Line::TooLong)) => {
+                Ok(Ok(Line::TooLong { .. })) => {
                     if self.error("500 5.5.2 Error: command line too long") {
                         return Close::TooManyErrors;
                     }
@@ -223,6 +226,11 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
             Request::Helo { host } => self.hello(&host, false),
+            // smtp-proto reads "<postmaster>" as the null path "<>": that
+            // would silently switch bounces off for the message.
+            Request::Mail { from } if from.address.is_empty() && !is_null_path(line) => self.fail(
+                "501 5.1.7 Error: sender address must be fully qualified (user@domain) or <>",
+            ),
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { to } => self.rcpt(to),
             Request::Data => return self.data().await,
@@ -337,7 +345,7 @@ impl Session {
             _ => {}
         }
         self.txn = Some(Transaction {
-            sender: from.address.into_owned(),
+            sender: requote(&from.address),
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
@@ -378,7 +386,12 @@ impl Session {
             let text = format!("554 5.7.1 <{shown}>: Relay access denied");
             return self.fail(&text);
         }
-        txn.recipients.push(addr.into_owned());
+        let addr = requote(&addr);
+        // Listed once, as Postfix's cleanup does: a client that names an
+        // address in both To and Cc must not make the upstream send twice.
+        if !txn.recipients.contains(&addr) {
+            txn.recipients.push(addr);
+        }
         self.reply("250 2.1.5 Ok");
         Ok(true)
     }
@@ -426,6 +439,11 @@ impl Session {
         let mut in_header = true;
         let mut body = Vec::with_capacity(4096);
         let mut refusal: Option<&'static str> = None;
+        // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
+        // only when the line before it ended in CRLF (or there was none).
+        // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
+        // second transaction past an upstream that reads it differently.
+        let mut after_crlf = true;
         loop {
             let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
             {
@@ -436,7 +454,8 @@ impl Session {
                 }
                 Ok(Err(e)) => return Err(Close::Io(e)),
                 Ok(Ok(Line::Eof)) => return Err(Close::Eof),
-                Ok(Ok(Line::TooLong)) => {
+                Ok(Ok(Line::TooLong { crlf })) => {
+                    after_crlf = crlf;
                     refusal.get_or_insert(
                         "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)",
                     );
@@ -444,9 +463,10 @@ impl Session {
                 }
                 Ok(Ok(Line::Ok(line))) => line,
             };
-            if line == b".\r\n" {
+            if line == b".\r\n" && after_crlf {
                 break;
             }
+            after_crlf = line.ends_with(b"\r\n");
             let content = line.strip_prefix(b".").unwrap_or(&line);
             let text = content
                 .strip_suffix(b"\r\n")
@@ -653,7 +673,7 @@ impl Session {
             Err(_) => Err(Close::Timeout),
             Ok(Err(e)) => Err(Close::Io(e)),
             Ok(Ok(Line::Eof)) => Err(Close::Eof),
-            Ok(Ok(Line::TooLong)) => Ok(String::new()),
+            Ok(Ok(Line::TooLong { .. })) => Ok(String::new()),
             Ok(Ok(Line::Ok(line))) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
         }
     }
@@ -765,11 +785,52 @@ impl Session {
     }
 }
 
+/// smtp-proto returns a quoted local part without its quotes (`"a b"@x`
+/// comes back as `a b@x`): quote it again, so that what is queued and
+/// relayed is the address the client gave, and one token on a command
+/// line. A local part that is a dot-atom is returned unchanged.
+fn requote(addr: &str) -> String {
+    let Some(at) = addr.rfind('@') else {
+        return addr.to_string();
+    };
+    let (local, domain) = addr.split_at(at);
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_atom {
+        return addr.to_string();
+    }
+    let mut out = String::with_capacity(addr.len() + 4);
+    out.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out.push_str(domain);
+    out
+}
+
+/// Whether a MAIL command line's reverse-path is literally `<>`.
+fn is_null_path(line: &[u8]) -> bool {
+    let Some(open) = line.iter().position(|&b| b == b'<') else {
+        return false;
+    };
+    line.get(open + 1) == Some(&b'>')
+}
+
 /// Reads one line including its LF, up to `max` bytes. A longer line is
 /// consumed to its end and reported as [`Line::TooLong`].
 async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
     let mut line = Vec::new();
     let mut too_long = false;
+    // The byte before this chunk: a CR that arrived just before the LF.
+    let mut prev = 0u8;
     loop {
         let buf = r.fill_buf().await?;
         if buf.is_empty() {
@@ -780,6 +841,12 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
             None => (buf, false),
         };
         let n = chunk.len();
+        let crlf = if n >= 2 {
+            chunk[n - 2] == b'\r'
+        } else {
+            prev == b'\r'
+        };
+        prev = chunk[n - 1];
         if !too_long {
             if line.len() + n > max {
                 too_long = true;
@@ -791,10 +858,28 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
         r.consume(n);
         if done {
             return Ok(if too_long {
-                Line::TooLong
+                Line::TooLong { crlf }
             } else {
                 Line::Ok(line)
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::requote;
+
+    #[test]
+    fn requote_restores_quoted_local_parts_only() {
+        assert_eq!(requote("bob@example.net"), "bob@example.net");
+        assert_eq!(requote("a.b+tag@example.net"), "a.b+tag@example.net");
+        assert_eq!(requote("jörg@bücher.example"), "jörg@bücher.example");
+        assert_eq!(requote(""), "");
+        assert_eq!(requote("john smith@x"), "\"john smith\"@x");
+        assert_eq!(requote("a..b@x"), "\"a..b\"@x");
+        assert_eq!(requote(".a@x"), "\".a\"@x");
+        assert_eq!(requote("a@b@x"), "\"a@b\"@x");
+        assert_eq!(requote("say \"hi\\\"@x"), "\"say \\\"hi\\\\\\\"\"@x");
     }
 }

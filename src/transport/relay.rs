@@ -110,7 +110,11 @@ impl RelaySender {
                     // Always a configuration problem an operator must fix,
                     // and the same on every address: stop here.
                     let relay = self.describe(Some(addr));
-                    crate::observe::events::relay_failed(&self.describe(None), "auth", &e.to_string());
+                    crate::observe::events::relay_failed(
+                        &self.describe(None),
+                        "auth",
+                        &e.to_string(),
+                    );
                     tracing::error!(
                         target: "relayq::delivery",
                         "relay {relay}: {e}; check [relay] username and password (mail stays queued)"

@@ -3,12 +3,16 @@
 
 mod support;
 
+mod bounce;
 mod check;
+mod durability;
 mod inbound;
 mod install;
+mod interop;
 mod observe;
 mod queue;
 mod relay;
 mod sendmail;
+mod smtp;
 mod status_page;
 mod tls;

@@ -4,7 +4,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -143,6 +143,48 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The current end of the log, for [`Daemon::wait_log_since`]: the log
+    /// is kept across restarts, so a test that restarts looks past a mark.
+    pub fn log_mark(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Like [`Daemon::wait_log`], but only lines written after `mark`.
+    pub fn wait_log_since(&self, mark: usize, needle: &str, timeout: Duration) -> String {
+        self.wait_log_after(mark, needle, timeout)
+    }
+
+    /// Sends SIGTERM and returns at once (see [`Daemon::wait_exit`]).
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+    }
+
+    /// Waits for the process to exit; `None` if it is still running after
+    /// `timeout` (it is then left running).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The spool directory (`<dir>/spool` unless the config set another).
+    pub fn spool(&self) -> PathBuf {
+        self.dir.join("spool")
     }
 
     /// Counts log lines containing `needle`.

@@ -91,6 +91,10 @@ pub struct Script {
     /// Replaces the final reply after the body; default
     /// "250 2.0.0 Ok: queued as FAKE<n>". A non-2xx one records nothing.
     pub data_reply: Option<(u16, String)>,
+    /// Replies to the body by reverse-path (compared without case; "" is
+    /// `<>`), checked before `data_reply`: lets a test refuse a message but
+    /// accept the bounce relayq sends about it.
+    pub data_replies_by_sender: Vec<(String, u16, String)>,
     /// Close the socket without replying when this stage is reached.
     pub drop_at: Option<Stage>,
     /// Waited before every reply, greeting included (a far-away provider).
@@ -117,6 +121,7 @@ impl Default for Script {
             mail_reply: None,
             rcpt_replies: Vec::new(),
             data_reply: None,
+            data_replies_by_sender: Vec::new(),
             drop_at: None,
             reply_delay: Duration::ZERO,
             fail_first_n_transactions: 0,
@@ -147,6 +152,11 @@ impl Script {
     }
     pub fn data_reply(mut self, code: u16, text: &str) -> Self {
         self.data_reply = Some((code, text.to_string()));
+        self
+    }
+    pub fn data_reply_from(mut self, sender: &str, code: u16, text: &str) -> Self {
+        self.data_replies_by_sender
+            .push((sender.to_string(), code, text.to_string()));
         self
     }
     pub fn drop_at(mut self, stage: Stage) -> Self {
@@ -441,6 +451,10 @@ async fn accept_loop(
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => {
                 let Ok((stream, _peer)) = accepted else { continue };
+                // Replies are written one by one as commands arrive; with
+                // Nagle on, a pipelined batch stalls for the peer's delayed
+                // ACK (40 ms on Linux) on every message.
+                let _ = stream.set_nodelay(true);
                 let conn = {
                     let mut state = shared.lock();
                     state.connections += 1;
@@ -745,6 +759,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         } else if script.size.is_some_and(|limit| data.len() > limit) {
             let text = enhanced(&script, "5.3.4", "Message size exceeds fixed limit");
             (552, text, String::new())
+        } else if let Some((_, code, text)) = script
+            .data_replies_by_sender
+            .iter()
+            .find(|(s, _, _)| s.eq_ignore_ascii_case(&tx.mail_from))
+        {
+            (*code, text.clone(), String::new())
         } else if let Some((code, text)) = &script.data_reply {
             (*code, text.clone(), String::new())
         } else {
