@@ -20,11 +20,8 @@ use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UsersError {
-    #[error("cannot read users file {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read users file {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("users file {path}, line {line}: {reason}")]
     Bad {
         path: String,
@@ -41,9 +38,9 @@ pub struct Users {
 
 impl Users {
     pub fn load(path: &Path) -> Result<Users, UsersError> {
-        let text = std::fs::read_to_string(path).map_err(|source| UsersError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| UsersError::Read {
             path: path.display().to_string(),
-            source,
+            error,
         })?;
         Users::parse(&text, &path.display().to_string())
     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod bench;
 mod bounce;
 mod check;
 mod durability;

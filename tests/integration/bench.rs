@@ -1,0 +1,21 @@
+//! The benchmark in smoke mode: CI checks that it runs end to end and that
+//! its counts add up (figures are printed, never asserted: see issue 6).
+
+use std::process::Command;
+
+#[test]
+fn bench_smoke_runs_and_counts_correctly() {
+    let out = Command::new(env!("CARGO_BIN_EXE_relayq-bench"))
+        .args(["--smoke", "--scale", "100"])
+        .output()
+        .expect("run relayq-bench");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed:\n{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("relayq: 250 messages accepted and relayed, count matches"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("drained 100 in"), "{stdout}");
+    assert!(stdout.trim_end().ends_with("bench: ok"), "{stdout}");
+}
