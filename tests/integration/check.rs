@@ -1,5 +1,6 @@
-//! `relayq check` against the fake upstream, in each failure mode that
-//! works without TLS: the right FAIL line, and exit code 1; and all `ok`
+//! `relayq check` against the fake upstream, in each failure mode (down,
+//! not SMTP, 5xx greeting, no STARTTLS, bad certificate, bad password):
+//! the right FAIL line, and exit code 1; and all `ok`
 //! with exit code 0 when the config is right, including a real test
 //! message with `--send-to`.
 
@@ -348,5 +349,81 @@ async fn a_running_relayq_is_recognised() {
     assert!(
         status.contains("a running relayq answers /healthz"),
         "{status}"
+    );
+}
+
+/// A config for a TLS relay on the fake upstream, with `relay_extra` lines
+/// in the `[relay]` section.
+fn write_tls_config(dir: &Path, upstream: SocketAddr, relay_extra: &str) -> PathBuf {
+    let path = write_config(dir, upstream, "starttls", "");
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    text.push_str(relay_extra);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificate() {
+    use crate::support::pki::{CertKind, TestCa};
+    use crate::support::upstream::UpstreamTls;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(&dir.path().join("pki"));
+    let cert = ca.server_cert(CertKind::SelfSigned);
+    let up = FakeUpstream::start_tls(UpstreamTls::StartTls, &cert, Script::default()).await;
+    let config = write_tls_config(
+        dir.path(),
+        up.addr(),
+        &format!("ca_file = \"{}\"\n", ca.ca_file.display()),
+    );
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("tls");
+    assert!(line.contains("certificate verification failed"), "{line}");
+    assert!(
+        line.contains("ca_file"),
+        "the fix names the key to change: {line}"
+    );
+    // With the right certificate the same config passes.
+    let good = ca.server_cert(CertKind::Good);
+    up.set_tls(UpstreamTls::StartTls, &good);
+    let c = check(&config, &[]).await;
+    assert_eq!(c.code, 0, "{}", c.stdout);
+    assert!(c.line("tls").contains("TLSv1."), "{}", c.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_password() {
+    use crate::support::pki::{CertKind, TestCa};
+    use crate::support::upstream::UpstreamTls;
+    const SECRET: &str = "Wrong-Pass-9f1e";
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(&dir.path().join("pki"));
+    let cert = ca.server_cert(CertKind::Good);
+    let up = FakeUpstream::start_tls(
+        UpstreamTls::StartTls,
+        &cert,
+        Script::default().require_auth("apikey", "the-right-one"),
+    )
+    .await;
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, SECRET).unwrap();
+    std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let config = write_tls_config(
+        dir.path(),
+        up.addr(),
+        &format!(
+            "ca_file = \"{}\"\nusername = \"apikey\"\npassword_file = \"{}\"\n",
+            ca.ca_file.display(),
+            secret.display()
+        ),
+    );
+    let c = check(&config, &[]).await;
+    let line = c.only_failure("auth");
+    assert!(line.contains("535"), "the upstream's rejection: {line}");
+    assert!(c.line("tls").starts_with("ok"), "{}", c.stdout);
+    assert!(
+        !c.stdout.contains(SECRET) && !c.stderr.contains(SECRET),
+        "the password was printed:\n{}\n{}",
+        c.stdout,
+        c.stderr
     );
 }
