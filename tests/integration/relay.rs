@@ -219,3 +219,38 @@ async fn upstream_down_then_up_delivers_everything() {
     }
     assert_eq!(d.queued(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_went_stale_is_replaced_without_deferring() {
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    let d = Daemon::start(
+        &relay_config(addr, "").replace("idle_timeout = \"2s\"", "idle_timeout = \"60s\""),
+    );
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["bob@example.net"],
+        b"Subject: one\r\n\r\n1\r\n",
+    )
+    .await;
+    d.wait_log(&format!("{}: removed", queue_id(&r)), WAIT);
+    // The upstream restarts: relayq's kept connections are now dead.
+    up.stop().await;
+    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["bob@example.net"],
+        b"Subject: two\r\n\r\n2\r\n",
+    )
+    .await;
+    d.wait_log(&format!("{}: removed", queue_id(&r)), WAIT);
+    let got = up.wait_for_messages(1, WAIT).await;
+    assert!(got[0].text().contains("Subject: two"));
+    assert!(
+        !d.log().contains("status=deferred"),
+        "a stale connection must not defer mail:\n{}",
+        d.log()
+    );
+}

@@ -586,9 +586,12 @@ async fn mail_rejected_451_keeps_the_session_in_step() {
         .hello(&["PIPELINING"])
         .rx("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
         .tx("451 4.3.0 try later\r\n503 5.5.1 need MAIL\r\n503 5.5.1 need RCPT\r\n")
-        // No body may follow: the next thing the client says must be RSET.
-        .rx("RSET\r\n")
-        .tx("250 2.0.0 reset\r\n")
+        // No body may follow: the next thing the client says must be RSET,
+        // pipelined with the next transaction's envelope in one write.
+        .rx("RSET\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nDATA\r\n")
+        .tx("250 2.0.0 reset\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        .rx("x\r\n.\r\n")
+        .tx("250 2.0.0 queued\r\n")
         .quit();
     let server = TestServer::start(script).await;
     let mut conn = Connection::open(&client(server.addr)).await.unwrap();
@@ -598,9 +601,13 @@ async fn mail_rejected_451_keeps_the_session_in_step() {
         .unwrap_err();
     assert!(conn.is_usable());
     let reset = conn.reset().await;
+    let second = conn
+        .send(&envelope("a@x.test", &["b@y.test"]), b"x\r\n")
+        .await;
     conn.quit().await;
     server.finish().await;
     reset.unwrap();
+    assert_eq!(second.unwrap().data.map(|r| r.code), Some(250));
     match &err {
         SmtpError::Rejected {
             stage: Stage::Mail,
@@ -658,8 +665,7 @@ async fn no_accepted_recipient_sends_no_body_when_pipelining() {
         .hello(&["PIPELINING"])
         .rx("MAIL FROM:<a@x.test>\r\nRCPT TO:<b@y.test>\r\nRCPT TO:<c@y.test>\r\nDATA\r\n")
         .tx("250 ok\r\n550 5.1.1 no\r\n450 4.2.0 later\r\n554 5.5.1 no valid recipients\r\n")
-        .rx("RSET\r\n")
-        .tx("250 ok\r\n")
+        // The owed RSET would go with a next MAIL; QUIT needs none.
         .quit();
     let server = TestServer::start(script).await;
     let mut conn = Connection::open(&client(server.addr)).await.unwrap();
