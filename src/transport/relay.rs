@@ -203,6 +203,17 @@ impl RelaySender {
                 .collect(),
             Err(e) => {
                 let permanent = e.is_permanent();
+                if matches!(
+                    e,
+                    SmtpError::Connect { .. }
+                        | SmtpError::ConnectTimeout { .. }
+                        | SmtpError::Tls(_)
+                ) {
+                    // A stale kept connection was replaced inside send()
+                    // and the new one could not be opened.
+                    let name = format!("{}:{}", self.relay.host, self.relay.port);
+                    crate::observe::events::relay_failed(&name, e.stage(), &e.to_string());
+                }
                 if !conn.is_usable() {
                     self.conn = None;
                 }
