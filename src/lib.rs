@@ -21,6 +21,7 @@ pub mod config;
 pub mod control;
 pub mod delivery;
 pub mod observe;
+pub mod routing;
 pub mod smtp;
 pub mod spool;
 pub mod transport;
