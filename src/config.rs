@@ -57,7 +57,7 @@ pub struct Config {
     /// also in `relays`, named "default").
     #[serde(skip)]
     pub relay: Option<RelayConfig>,
-    /// Every relay by name, in config order (filled in by `parse`).
+    /// Every relay, sorted by name (filled in by `parse`).
     #[serde(skip)]
     pub relays: Vec<NamedRelay>,
     /// `[[route]]`: which mail goes to which relay, in order.

@@ -79,7 +79,7 @@ pub enum RelaySection {
 }
 
 impl RelaySection {
-    /// Every relay with its name, in config order.
+    /// Every relay with its name, sorted by name.
     pub fn relays(&self) -> Vec<NamedRelay> {
         match self {
             RelaySection::Single(r) => vec![NamedRelay {

@@ -1,3 +1,5 @@
 //! Routing: several named relays, which mail goes to which, failover when
 //! a relay is down, a relay-wide circuit breaker, and provider limits.
 pub mod config;
+pub mod headers;
+pub mod route;
