@@ -31,6 +31,8 @@ pub enum Request {
     Wake { id: String },
     /// Test hook: move the injected clock forward (needs RELAYQ_TEST_CLOCK=1).
     ClockAdvance { secs: u64 },
+    /// Every relay's state and limits.
+    Relays,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -49,6 +51,8 @@ pub struct Response {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub count: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub relays: Option<Vec<crate::routing::RelayState>>,
 }
 
 pub fn socket_path(spool_dir: &Path) -> PathBuf {
@@ -97,19 +101,42 @@ fn err(e: String) -> Response {
         ok: false,
         error: Some(e),
         count: None,
+        relays: None,
     }
 }
 
 async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Response {
     match req {
-        Request::Flush => match scheduler.flush().await {
-            Ok(n) => Response {
+        Request::Flush => {
+            // "Try now" includes relays that are down or paused.
+            if let Some(router) = crate::routing::current() {
+                router.reset_health();
+            }
+            match scheduler.flush().await {
+                Ok(n) => Response {
+                    ok: true,
+                    error: None,
+                    count: Some(n),
+                    relays: None,
+                },
+                Err(e) => err(e.to_string()),
+            }
+        }
+        Request::Relays => {
+            let relays = match crate::routing::current() {
+                Some(router) => {
+                    router.refresh().await;
+                    router.relay_states()
+                }
+                None => Vec::new(),
+            };
+            Response {
                 ok: true,
                 error: None,
-                count: Some(n),
-            },
-            Err(e) => err(e.to_string()),
-        },
+                count: None,
+                relays: Some(relays),
+            }
+        }
         Request::Op { id, op } => {
             let op = match op {
                 Op::Hold => QueueOp::Hold,
@@ -122,6 +149,7 @@ async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Re
                     ok: true,
                     error: None,
                     count: Some(1),
+                    relays: None,
                 },
                 Err(e) => err(e.to_string()),
             }
@@ -132,6 +160,7 @@ async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Re
                 ok: true,
                 error: None,
                 count: None,
+                relays: None,
             }
         }
         Request::ClockAdvance { secs } => {
@@ -147,6 +176,7 @@ async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Re
                 ok: true,
                 error: None,
                 count: None,
+                relays: None,
             }
         }
     }

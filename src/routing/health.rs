@@ -4,15 +4,20 @@
 //! A relay goes down on its first connection-level failure (refused,
 //! timed out, TLS, a non-2xx greeting, AUTH refused). After
 //! `breaker_failures` failures in a row, or at once on a `421`/`454`
-//! ("too many connections/logins"), the breaker pauses it: no message is
-//! sent to it until the pause ends, and then only a probe connection
-//! tries it. Every failed probe doubles the pause, up to
-//! `breaker_pause_max`. One success (a delivery or a probe) makes it up.
+//! ("too many connections/logins"), the breaker opens and pauses it: no
+//! message is sent to it any more, and when the pause ends only a probe
+//! connection tries it (so waiting mail does not stampede a relay that may
+//! still be down). Every failed probe doubles the pause, up to
+//! `breaker_pause_max`. One success (a probe, or a delivery that was
+//! already under way) closes the breaker: the relay is up.
 //!
 //! For the first `failover_after` of an outage, mail waits for (or keeps
 //! trying) the relay; after that, routes with a fallback send it to the
 //! next relay. A permanent reply for a recipient is not a failure of the
 //! relay: it is [`Signal::Ok`]. Pure state: times are passed in (unix ms).
+
+/// How long mail waits for a due probe's verdict before looking again.
+const PROBE_RESULT_WAIT: u64 = 1_000;
 
 /// What an attempt or probe said about the relay itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +87,8 @@ pub struct Health {
     failures: u32,
     /// Consecutive pauses (the pause doubles with each).
     pauses: u32,
+    /// Set while the breaker is open: the end of the current pause (a
+    /// past time means the probe is due or running).
     paused_until: Option<u64>,
     /// When the prober should try the relay next; `None` while up or while
     /// a probe runs.
@@ -90,11 +97,11 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn status(&self, now: u64) -> Status {
+    pub fn status(&self, _now: u64) -> Status {
         match (self.down_since, self.paused_until) {
             (None, _) => Status::Up,
-            (Some(since), Some(until)) if until > now => Status::Paused { since, until },
-            (Some(since), _) => Status::Down { since },
+            (Some(since), Some(until)) => Status::Paused { since, until },
+            (Some(since), None) => Status::Down { since },
         }
     }
 
@@ -120,13 +127,16 @@ impl Health {
                 let first = self.down_since.is_none();
                 self.down_since.get_or_insert(now);
                 self.last_error = Some(e.clone());
-                if matches!(self.status(now), Status::Paused { .. }) {
+                if self.paused_until.is_some_and(|until| until > now) {
                     // Attempts that started before the pause report late;
                     // they must not lengthen it.
                     return Transition::None;
                 }
                 self.failures += 1;
-                if matches!(signal, Signal::Throttled(_)) || self.failures >= policy.failures {
+                if matches!(signal, Signal::Throttled(_))
+                    || self.failures >= policy.failures
+                    || self.paused_until.is_some()
+                {
                     self.pauses += 1;
                     let factor = 1u64 << (self.pauses - 1).min(20);
                     let until = now + policy.pause.saturating_mul(factor).min(policy.pause_max);
@@ -152,13 +162,22 @@ impl Health {
             }
             Status::Down { .. } => Availability::Skip { until: None },
             Status::Paused { since, until } => {
+                // Once the pause is over, the probe decides; look again
+                // shortly (its success also wakes waiting mail at once).
+                let reopen = if until > now {
+                    until
+                } else {
+                    now + PROBE_RESULT_WAIT
+                };
                 let grace_end = since.saturating_add(policy.failover_after);
                 if now < grace_end {
                     Availability::WaitFor {
-                        until: until.min(grace_end),
+                        until: reopen.min(grace_end),
                     }
                 } else {
-                    Availability::Skip { until: Some(until) }
+                    Availability::Skip {
+                        until: Some(reopen),
+                    }
                 }
             }
         }
@@ -232,6 +251,11 @@ mod tests {
         assert!(!h.take_probe(1_299));
         assert!(h.take_probe(1_300));
         assert!(!h.take_probe(1_300));
+        // Until the probe says so, mail does not try the relay itself.
+        assert_eq!(
+            h.availability(1_350, &POLICY),
+            Availability::WaitFor { until: 2_100 }
+        );
         // A failed probe doubles the pause.
         assert_eq!(
             h.record(&down(), 1_400, &POLICY),
@@ -241,6 +265,10 @@ mod tests {
         assert_eq!(
             h.availability(2_500, &POLICY),
             Availability::Skip { until: Some(3_400) }
+        );
+        assert_eq!(
+            h.availability(3_500, &POLICY),
+            Availability::Skip { until: Some(4_500) }
         );
         // Capped at pause_max.
         assert!(h.take_probe(3_400));

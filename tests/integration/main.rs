@@ -5,3 +5,4 @@ mod support;
 
 mod inbound;
 mod relay;
+mod routing;
