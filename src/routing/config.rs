@@ -614,11 +614,14 @@ fallback = ["sendgrid"]
             .unwrap_err()
             .to_string();
         assert!(err.contains("redis_fallback_share"), "{err}");
-        assert!(
-            parse(&format!(
-                "limits_backend = \"redis://127.0.0.1:6379\"\nredis_fallback_share = 0.25\n{base}"
-            ))
-            .is_ok()
-        );
+        let fleet = parse(&format!(
+            "limits_backend = \"redis://127.0.0.1:6379\"\nredis_fallback_share = 0.25\n{base}"
+        ));
+        if cfg!(feature = "redis") {
+            assert!(fleet.is_ok(), "{fleet:?}");
+        } else {
+            let err = fleet.unwrap_err().to_string();
+            assert!(err.contains("without the \"redis\" cargo feature"), "{err}");
+        }
     }
 }

@@ -39,6 +39,7 @@ pub const TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Keys and arguments of one script call: per window, a key and
 /// (kind, span, limit, period end).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 fn layout(relay: &str, specs: &[WindowSpec], now: u64) -> (Vec<String>, Vec<String>) {
     let mut keys = Vec::new();
     let mut args = Vec::new();
@@ -62,6 +63,7 @@ fn layout(relay: &str, specs: &[WindowSpec], now: u64) -> (Vec<String>, Vec<Stri
 
 /// Decodes the script's reply: `{granted, index, used_at_index, resumes_at,
 /// used_1 .. used_n}`.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 fn decode(reply: &[i64], windows: usize) -> Result<Answer, String> {
     if reply.len() != 4 + windows {
         return Err(format!(
@@ -220,12 +222,19 @@ return out
             for a in &args {
                 inv.arg(a);
             }
-            let mut conn = self.conn.clone();
-            let reply: Vec<i64> = tokio::time::timeout(TIMEOUT, inv.invoke_async(&mut conn))
-                .await
-                .map_err(|_| format!("no reply within {TIMEOUT:?}"))?
-                .map_err(|e| e.to_string())?;
-            decode(&reply, specs.len())
+            // After an outage the manager answers the first call with the
+            // old connection's error and reconnects in the background; the
+            // second call waits for that new connection.
+            let mut last = String::new();
+            for _ in 0..2 {
+                let mut conn = self.conn.clone();
+                match tokio::time::timeout(TIMEOUT, inv.invoke_async::<Vec<i64>>(&mut conn)).await {
+                    Ok(Ok(reply)) => return decode(&reply, specs.len()),
+                    Ok(Err(e)) => last = e.to_string(),
+                    Err(_) => return Err(format!("no reply within {TIMEOUT:?}")),
+                }
+            }
+            Err(last)
         }
 
         /// Counts one message for `relay` if every window has room.

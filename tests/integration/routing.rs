@@ -320,3 +320,133 @@ async fn circuit_breaker_pauses_a_throttling_relay() {
     assert_eq!(counts.len(), 6);
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
 }
+
+/// Fleet-wide limits need Redis support compiled in.
+#[cfg(feature = "redis")]
+mod fleet {
+    use super::*;
+    use crate::support::redis_server::RedisServer;
+
+    /// Distinct queue ids with a log line containing all of `needles`.
+    fn ids_with(log: &str, needles: &[&str]) -> Vec<String> {
+        let mut ids: Vec<String> = log
+            .lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.len() == 27 && w.ends_with(':'))
+            })
+            .map(|w| w.trim_end_matches(':').to_string())
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
+    }
+
+    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + WAIT;
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fleet_wide_limit_shared_through_redis_with_local_fallback() {
+        let mut redis = RedisServer::start();
+        let up = FakeUpstream::start().await;
+        let config = format!(
+            "hostname = \"relayq.test\"\nlimits_backend = \"{}\"\nredis_fallback_share = 0.5\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nconcurrency = 2\nmessages_per_day = 4\n",
+            redis.url(),
+            up.port()
+        );
+        let d1 = Daemon::start(&config);
+        let d2 = Daemon::start(&config);
+
+        // Two instances, six messages, one shared cap of four.
+        for i in 1..=3 {
+            send(&d1, "app@a.example", &format!("f{i}"), "").await;
+            send(&d2, "app@a.example", &format!("f{}", i + 3), "").await;
+        }
+        up.wait_for_messages(4, WAIT).await;
+        let over = "status=deferred (quota: 4/day reached, resumes at";
+        wait_for("two quota deferrals", || {
+            ids_with(&(d1.log() + &d2.log()), &[over]).len() == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(up.messages().len(), 4, "exactly the shared cap went out");
+        assert_eq!(d1.queued() + d2.queued(), 2);
+        let listing = String::from_utf8_lossy(&d1.cli(&["queue", "list"]).stdout).to_string();
+        assert!(
+            listing.contains("day 4/4 used, 0 left (rolling, fleet-wide)"),
+            "{listing}"
+        );
+
+        // Redis goes away. A day later each instance may send its local share
+        // (half of 4) on its own, and says so in its log.
+        redis.stop();
+        d1.advance_clock(86_460);
+        d2.advance_clock(86_460);
+        for i in 1..=3 {
+            send(&d1, "app@a.example", &format!("g{i}"), "").await;
+            send(&d2, "app@a.example", &format!("g{}", i + 3), "").await;
+        }
+        let fallback = format!("limits backend {} is unreachable", redis.url());
+        for d in [&d1, &d2] {
+            let line = d.wait_log(&fallback, WAIT);
+            assert!(
+                line.contains("falling back to local limits at 50% of each limit (default 2/day)"),
+                "{line}"
+            );
+        }
+        up.wait_for_messages(8, WAIT).await;
+        let share = "reached, resumes at";
+        wait_for("four local-share deferrals", || {
+            ids_with(
+                &(d1.log() + &d2.log()),
+                &[
+                    "quota: 2/day (local share 50% of 4/day: Redis unreachable)",
+                    share,
+                ],
+            )
+            .len()
+                == 4
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            up.messages().len(),
+            8,
+            "two per instance while Redis is down"
+        );
+        assert_eq!(d1.queued() + d2.queued(), 4);
+        let mut s = subjects(&up.messages());
+        let n = s.len();
+        s.sort();
+        s.dedup();
+        assert_eq!(s.len(), n, "no message twice");
+        let listing = String::from_utf8_lossy(&d2.cli(&["queue", "list"]).stdout).to_string();
+        assert!(
+            listing.contains("day 2/2 used, 0 left (rolling, local share: Redis unreachable)"),
+            "{listing}"
+        );
+
+        // Redis comes back (empty: it kept nothing on disk). The next time an
+        // instance asks, it uses Redis again and says so.
+        let redis = RedisServer::start_on(redis.addr.port());
+        for d in [&d1, &d2] {
+            d.advance_clock(10);
+            send(d, "app@a.example", "h", "").await;
+            d.wait_log(
+                &format!("limits backend {} is reachable again", redis.url()),
+                WAIT,
+            );
+        }
+        let log = d1.log() + &d2.log();
+        assert!(!log.contains("status=bounced"), "{log}");
+    }
+}

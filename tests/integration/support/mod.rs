@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod daemon;
+pub mod redis_server;
 pub mod upstream;
