@@ -624,4 +624,32 @@ fallback = ["sendgrid"]
             assert!(err.contains("without the \"redis\" cargo feature"), "{err}");
         }
     }
+
+    #[test]
+    fn the_readme_example_is_valid() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+        let readme = std::fs::read_to_string(path).unwrap();
+        let section = readme
+            .split("## Several relays, failover and quotas")
+            .nth(1)
+            .expect("README section");
+        let example = section
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|b| b.split("```").next())
+            .expect("a toml example");
+        // Without Redis support the example is refused for limits_backend
+        // alone; check the rest.
+        let example: String = example
+            .lines()
+            .filter(|l| cfg!(feature = "redis") || !l.starts_with("limits_backend"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let c = parse(&example).unwrap_or_else(|e| panic!("README example: {e}"));
+        assert_eq!(c.relays.len(), 2);
+        assert_eq!(c.route.len(), 4);
+        if cfg!(feature = "redis") {
+            assert!(c.limits_backend.is_some());
+        }
+    }
 }

@@ -360,7 +360,7 @@ impl Router {
             Transition::WentDown => {
                 let failover = if self.relays.len() > 1 {
                     format!(
-                        "; routes with a fallback use it after {}s",
+                        "; its mail moves to the route's fallback after {}s down",
                         relay.policy.failover_after / 1000
                     )
                 } else {

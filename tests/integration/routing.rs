@@ -321,6 +321,105 @@ async fn circuit_breaker_pauses_a_throttling_relay() {
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_does_not_reset_the_daily_count() {
+    let up = FakeUpstream::start().await;
+    let mut d = Daemon::start(&format!(
+        "hostname = \"relayq.test\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmessages_per_day = 2\n",
+        up.port()
+    ));
+    for i in 1..=3 {
+        send(&d, "app@a.example", &format!("r{i}"), "").await;
+    }
+    up.wait_for_messages(2, WAIT).await;
+    let saved = d.dir.join("spool").join("limits.json");
+    wait_for("limits.json with two sends", || {
+        std::fs::read_to_string(&saved).is_ok_and(|t| t.matches(',').count() >= 2)
+    })
+    .await;
+    // Even kill -9 keeps what was saved; the third message still waits.
+    d.restart();
+    let log_mark = d.log().len();
+    d.flush();
+    wait_for("a quota deferral after the restart", || {
+        d.log()[log_mark..].contains("status=deferred (quota: 2/day reached")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(up.messages().len(), 2);
+    d.advance_clock(86_401);
+    up.wait_for_messages(3, WAIT).await;
+    wait_empty(&d).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_relay_keeps_its_connection_limit_and_holds_up_no_other() {
+    // Every reply takes 200 ms: a message takes over a second.
+    let slow =
+        FakeUpstream::start_with(Script::default().reply_delay(Duration::from_millis(200))).await;
+    let fast = FakeUpstream::start().await;
+    let d = Daemon::start(&config(
+        "",
+        &[
+            relay("slow", slow.addr(), "max_connections = 1"),
+            relay("fast", fast.addr(), "max_connections = 1"),
+        ],
+        "[[route]]\nsender_domain = \"fast.example\"\nrelay = \"fast\"\n[[route]]\nrelay = \"slow\"\n",
+    ));
+    for i in 1..=4 {
+        send(&d, "app@slow.example", &format!("s{i}"), "").await;
+    }
+    send(&d, "app@fast.example", "f1", "").await;
+    fast.wait_for_messages(1, WAIT).await;
+    // The fast relay's message did not wait behind the slow backlog.
+    assert!(
+        slow.messages().len() < 4,
+        "{:?}",
+        subjects(&slow.messages())
+    );
+    let got = slow.wait_for_messages(4, WAIT).await;
+    wait_empty(&d).await;
+    assert_eq!(subjects(&got), ["s1", "s2", "s3", "s4"]);
+    assert_eq!(slow.connections(), 1, "max_connections = 1, reused");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_per_second_spreads_a_burst() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&format!(
+        "hostname = \"relayq.test\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nmessages_per_second = 2\n",
+        up.port()
+    ));
+    let started = std::time::Instant::now();
+    for i in 1..=6 {
+        send(&d, "app@a.example", &format!("p{i}"), "").await;
+    }
+    up.wait_for_messages(6, WAIT).await;
+    // Six at two per second cannot all go within two seconds.
+    assert!(
+        started.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_empty(&d).await;
+    assert!(
+        !d.log().contains("status=deferred"),
+        "waited out in the worker, not requeued"
+    );
+}
+
+/// Waits until `done` holds.
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Fleet-wide limits need Redis support compiled in.
 #[cfg(feature = "redis")]
 mod fleet {
@@ -341,17 +440,6 @@ mod fleet {
         ids.sort();
         ids.dedup();
         ids
-    }
-
-    async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-        let deadline = std::time::Instant::now() + WAIT;
-        while !done() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
