@@ -431,6 +431,13 @@ impl Scheduler {
                 for relay in relays {
                     self.waiting_on.entry(relay).or_default().insert(id.clone());
                 }
+                // Put back an operation that arrived meanwhile, for the
+                // RetryAt handling to apply.
+                if let Some(op) = deferred_op
+                    && let Some(e) = self.entries.get_mut(&id)
+                {
+                    e.deferred_op = Some(op);
+                }
                 self.finished(id, Next::RetryAt(at));
             }
             Next::Parked { relay, seen } => {
@@ -513,5 +520,125 @@ impl Scheduler {
             (QueueOp::Release, State::InFlight) => Ok(()),
         };
         let _ = done.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Envelope;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    struct Setup {
+        handle: SchedulerHandle,
+        jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+        spool: Spool,
+        _dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let (scheduler, handle, jobs) = Scheduler::new(spool.clone(), Clock::new(), 1);
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(scheduler.run(shutdown));
+        Setup {
+            handle,
+            jobs,
+            spool,
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    async fn queue(s: &Setup) -> String {
+        let env = Envelope {
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.net".into()],
+            ..Envelope::default()
+        };
+        let id = s
+            .spool
+            .commit(Spool::new_id(), env, b"Subject: x\r\n\r\nx\r\n".to_vec(), 1)
+            .await
+            .unwrap();
+        s.handle.queued(&id);
+        id
+    }
+
+    /// The next job handed to a worker (waiting for it, not timing it).
+    async fn next_job(s: &Setup) -> String {
+        let job = tokio::time::timeout(LONG, async { s.jobs.lock().await.recv().await })
+            .await
+            .expect("a job")
+            .expect("channel open");
+        job.id.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_parked_message_goes_when_a_connection_comes_back() {
+        let s = setup().await;
+        let relay: Arc<str> = "a".into();
+        let id = queue(&s).await;
+        assert_eq!(next_job(&s).await, id);
+        s.handle.finished(
+            &id,
+            Next::Parked {
+                relay: relay.clone(),
+                seen: 0,
+            },
+        );
+        s.handle.relay_free(&relay, 1);
+        assert_eq!(next_job(&s).await, id);
+        // A connection that came back before the message was parked
+        // (release 2 > seen 1) is not missed.
+        s.handle.relay_free(&relay, 2);
+        s.handle.finished(&id, Next::Parked { relay, seen: 1 });
+        assert_eq!(next_job(&s).await, id);
+    }
+
+    #[tokio::test]
+    async fn mail_waiting_for_a_relay_goes_when_it_is_up() {
+        let s = setup().await;
+        let relay: Arc<str> = "a".into();
+        let id = queue(&s).await;
+        assert_eq!(next_job(&s).await, id);
+        let far = Clock::new().now_ms() + 3_600_000;
+        s.handle.finished(
+            &id,
+            Next::WaitFor {
+                at: far,
+                relays: vec![relay.clone()],
+            },
+        );
+        s.handle.relay_up(&relay);
+        assert_eq!(next_job(&s).await, id);
+    }
+
+    #[tokio::test]
+    async fn an_operation_during_an_attempt_survives_a_wait() {
+        let s = setup().await;
+        let id = queue(&s).await;
+        assert_eq!(next_job(&s).await, id);
+        // The hold request is queued before the worker's report, so it
+        // arrives while the message is in flight.
+        let (done, hold) = oneshot::channel();
+        let _ = s.handle.tx.send(Event::Op {
+            id: id.clone(),
+            op: QueueOp::Hold,
+            done,
+        });
+        s.handle.finished(
+            &id,
+            Next::WaitFor {
+                at: Clock::new().now_ms() + 3_600_000,
+                relays: vec!["a".into()],
+            },
+        );
+        let result = tokio::time::timeout(LONG, hold).await.unwrap().unwrap();
+        assert!(result.is_ok(), "{result:?}");
+        assert!(s.spool.path(Area::Hold, &id).unwrap().exists());
     }
 }

@@ -83,9 +83,31 @@ pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next
             until,
             reason,
             relays,
-        } => wait(ctx, &meta, &pending, until, &reason, relays),
+        } if !expired(ctx, &meta) => wait(ctx, &meta, &pending, until, &reason, relays),
+        // Waiting for a relay does not stop the clock on max_lifetime.
+        Delivery::Wait { reason, .. } => {
+            let report = AttemptReport {
+                relay: "none".into(),
+                results: pending
+                    .iter()
+                    .map(|&i| {
+                        let reason = reason.clone();
+                        (i, RcptOutcome::Deferred { reason })
+                    })
+                    .collect(),
+                ..AttemptReport::default()
+            };
+            record(ctx, &meta, &body, report, started).await
+        }
         Delivery::Parked { relay, seen } => Next::Parked { relay, seen },
     }
+}
+
+/// Whether the message has been queued for `max_lifetime` or longer.
+fn expired(ctx: &WorkerContext, meta: &Meta) -> bool {
+    let lifetime_ms =
+        u64::try_from(ctx.config.queue.max_lifetime.0.as_millis()).unwrap_or(u64::MAX);
+    ctx.clock.now_ms().saturating_sub(meta.arrival_ms) >= lifetime_ms
 }
 
 /// Not tried: every relay it may use is paused, down or over a limit.
@@ -278,7 +300,7 @@ fn bounced_rcpt(
         remote_mta: relay
             .split('[')
             .next()
-            .filter(|h| !h.is_empty() && !h.starts_with("maildir"))
+            .filter(|h| !h.is_empty() && !h.starts_with("maildir") && *h != "none")
             .map(str::to_string),
         last_attempt: Some(now),
     }

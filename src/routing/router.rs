@@ -393,8 +393,7 @@ impl Router {
         for _ in 0..5 {
             let now = self.clock.now_ms();
             match self.reserve_once(id, now).await {
-                Err((d, text)) if d.period == Period::Second && d.resumes_at <= now + 1_000 => {
-                    let _ = text;
+                Err((d, _)) if d.period == Period::Second && d.resumes_at <= now + 1_000 => {
                     tokio::time::sleep(Duration::from_millis(d.resumes_at - now)).await;
                 }
                 Err((d, text)) => return Err((text, d.resumes_at)),

@@ -408,6 +408,31 @@ async fn messages_per_second_spreads_a_burst() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_waiting_for_a_paused_relay_still_expires() {
+    let up = FakeUpstream::start_with(Script::default().greeting(421, "4.7.0 Try later")).await;
+    let d = Daemon::start(&format!(
+        "hostname = \"relayq.test\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nbreaker_pause = \"1h\"\nbreaker_pause_max = \"1h\"\n[queue]\nmax_lifetime = \"1d\"\n",
+        up.port()
+    ));
+    let first = send(&d, "app@a.example", "x1", "").await;
+    d.wait_log("paused by the circuit breaker until", WAIT);
+    let id = send(&d, "app@a.example", "x2", "").await;
+    d.wait_log(&format!("{id}: to=<rcpt@example.net>, relay=none"), WAIT);
+    // A day and more later the relay is still throttling: both messages
+    // expire and are returned to the sender, as any undeliverable mail.
+    d.advance_clock(86_400 + 3_700);
+    for id in [&first, &id] {
+        d.wait_log(&format!("{id}: sender non-delivery notification"), WAIT);
+    }
+    assert!(
+        d.log().contains("status=expired, returned to sender"),
+        "{}",
+        d.log()
+    );
+    assert!(up.messages().is_empty());
+}
+
 /// Waits until `done` holds.
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + WAIT;
