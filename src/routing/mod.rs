@@ -27,6 +27,7 @@ pub mod fleet;
 pub mod headers;
 pub mod health;
 pub mod quota;
+mod reserve;
 pub mod route;
 pub mod router;
 pub mod status;

@@ -206,6 +206,37 @@ async fn failover_to_the_second_relay_and_back_without_duplicates() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_over_its_quota_fails_over_to_the_fallback() {
+    let primary = FakeUpstream::start().await;
+    let second = FakeUpstream::start().await;
+    let d = Daemon::start(&config(
+        "",
+        &[
+            relay(
+                "primary",
+                primary.addr(),
+                "messages_per_day = 2\nmax_connections = 1",
+            ),
+            relay("second", second.addr(), ""),
+        ],
+        "[[route]]\nrelay = \"primary\"\nfallback = \"second\"\n",
+    ));
+    for i in 1..=4 {
+        send(&d, "app@a.example", &format!("o{i}"), "").await;
+    }
+    primary.wait_for_messages(2, WAIT).await;
+    second.wait_for_messages(2, WAIT).await;
+    wait_empty(&d).await;
+    assert_eq!(subjects(&primary.messages()), ["o1", "o2"]);
+    assert_eq!(subjects(&second.messages()), ["o3", "o4"]);
+    let line = d.wait_log("relay=second[", WAIT);
+    assert!(
+        line.contains("failover from primary: quota: 2/day reached, resumes at"),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daily_quota_waits_in_order_and_resumes_when_the_window_opens() {
     let up = FakeUpstream::start().await;
     let d = Daemon::start(&format!(
