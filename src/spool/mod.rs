@@ -9,6 +9,8 @@
 //!   hold/<ID>             put on hold by an operator; not delivered
 //!   corrupt/<ID>          could not be read; kept for a human, never deleted
 //!   control.sock          the daemon's control socket (see `control`)
+//!   limits.json           relay limit counts kept across restarts (see
+//!                         `routing::status`); not a queue file
 //! ```
 //! A message's state is the directory it is in, and a change of state is a
 //! `rename(2)`, so `ls` tells an operator the truth.
