@@ -63,10 +63,10 @@ pub struct Config {
     /// `[[route]]`: which mail goes to which relay, in order.
     #[serde(default)]
     pub route: Vec<RouteConfig>,
-    /// `redis://host:port[/db]`: share relay limits with other relayq
-    /// instances through Redis.
+    /// `redis://[:password@]host:port[/db]`: share relay limits with other
+    /// relayq instances through Redis. May hold a password: never printed.
     #[serde(default)]
-    pub limits_backend: Option<String>,
+    pub limits_backend: Option<SecretString>,
     /// While Redis is unreachable, each instance may use this share of
     /// every limit on its own (e.g. 0.5 with two instances).
     #[serde(default = "default_redis_fallback_share")]
@@ -628,11 +628,12 @@ impl Config {
                 "must be above 0 and at most 1 (e.g. 0.5 for two instances)",
             ));
         }
-        if let Some(url) = &self.limits_backend {
+        if let Some(SecretString(url)) = &self.limits_backend {
             if !url.starts_with("redis://") {
+                let shown = crate::routing::fleet::display_url(url);
                 return Err(self.invalid(
                     "limits_backend",
-                    format!("{url:?}: only redis://host:port[/db] is supported (rediss:// is not built in; reach Redis over a private network or a local TLS tunnel)"),
+                    format!("{shown:?}: only redis://host:port[/db] is supported (rediss:// is not built in; reach Redis over a private network or a local TLS tunnel)"),
                 ));
             }
             if !cfg!(feature = "redis") {

@@ -622,6 +622,18 @@ fallback = ["sendgrid"]
             let err = parse(&format!("{base}{extra}")).unwrap_err().to_string();
             assert!(err.contains(want), "{extra}: {err}");
         }
+        let c = parse(&format!(
+            "limits_backend = \"redis://:hunter2@127.0.0.1:6379\"\n{base}"
+        ));
+        if let Ok(c) = c {
+            assert!(!format!("{c:?}").contains("hunter2"));
+        }
+        let err = parse(&format!(
+            "limits_backend = \"rediss://:hunter2@x:6379\"\n{base}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(!err.contains("hunter2"), "{err}");
         let err = parse(&format!("limits_backend = \"http://x\"\n{base}"))
             .unwrap_err()
             .to_string();

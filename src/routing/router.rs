@@ -122,8 +122,8 @@ impl Router {
             .collect();
         let fleet = config
             .limits_backend
-            .as_deref()
-            .map(Fleet::new)
+            .as_ref()
+            .map(|url| Fleet::new(&url.0))
             .transpose()?;
         Ok(Router {
             relays,
