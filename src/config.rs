@@ -14,6 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use crate::routing::config::{NamedRelay, QuotaWindow, RelaySection, RouteConfig};
+
 /// Where `relayq serve` looks when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/relayq/relayq.toml";
 
@@ -31,7 +33,7 @@ pub enum ConfigError {
     #[error("invalid config file {path}: {key}: {message}")]
     Invalid {
         path: PathBuf,
-        key: &'static str,
+        key: String,
         message: String,
     },
 }
@@ -50,8 +52,27 @@ pub struct Config {
     pub transport: Option<TransportKind>,
     #[serde(default)]
     pub smtp: SmtpConfig,
-    #[serde(default)]
+    /// `[relay]` as written: one relay, or named relays `[relay.NAME]`.
+    #[serde(default, rename = "relay")]
+    pub relay_section: Option<RelaySection>,
+    /// The single `[relay]` form, if that is what the file uses (it is
+    /// also in `relays`, named "default").
+    #[serde(skip)]
     pub relay: Option<RelayConfig>,
+    /// Every relay, sorted by name (filled in by `parse`).
+    #[serde(skip)]
+    pub relays: Vec<NamedRelay>,
+    /// `[[route]]`: which mail goes to which relay, in order.
+    #[serde(default)]
+    pub route: Vec<RouteConfig>,
+    /// `redis://[:password@]host:port[/db]`: share relay limits with other
+    /// relayq instances through Redis. May hold a password: never printed.
+    #[serde(default)]
+    pub limits_backend: Option<SecretString>,
+    /// While Redis is unreachable, each instance may use this share of
+    /// every limit on its own (e.g. 0.5 with two instances).
+    #[serde(default = "default_redis_fallback_share")]
+    pub redis_fallback_share: f64,
     #[serde(default)]
     pub capture: Option<CaptureConfig>,
     #[serde(default)]
@@ -242,6 +263,39 @@ pub struct RelayConfig {
     /// Name to verify the certificate against (default: `host`).
     #[serde(default)]
     pub tls_server_name: Option<String>,
+    /// Parallel connections, the provider-facing name of `concurrency`
+    /// (wins when both are set).
+    #[serde(default)]
+    pub max_connections: Option<usize>,
+    /// Close a connection after this many messages (providers cap it).
+    #[serde(default)]
+    pub max_messages_per_connection: Option<u32>,
+    /// Provider limits: over one, mail waits in the queue.
+    #[serde(default)]
+    pub messages_per_second: Option<u32>,
+    #[serde(default)]
+    pub messages_per_hour: Option<u32>,
+    #[serde(default)]
+    pub messages_per_day: Option<u32>,
+    /// How the hour and day limits count: `rolling` or `calendar`.
+    #[serde(default)]
+    pub window: QuotaWindow,
+    /// Time zone of calendar windows (IANA name; default UTC).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// How long this relay may be down before routes with a fallback
+    /// send its mail elsewhere.
+    #[serde(default = "default_failover_after")]
+    pub failover_after: HumanDuration,
+    /// Consecutive connection failures that pause the relay (circuit
+    /// breaker); a 421 or 454 "too many connections/logins" pauses at once.
+    #[serde(default = "default_breaker_failures")]
+    pub breaker_failures: u32,
+    /// The first pause; it doubles while probes keep failing.
+    #[serde(default = "default_breaker_pause")]
+    pub breaker_pause: HumanDuration,
+    #[serde(default = "default_breaker_pause_max")]
+    pub breaker_pause_max: HumanDuration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -274,6 +328,11 @@ pub enum SecretSource {
 }
 
 impl RelayConfig {
+    /// Connections this relay may have open at once.
+    pub fn connections(&self) -> usize {
+        self.max_connections.unwrap_or(self.concurrency)
+    }
+
     /// Whether the relay's address is loopback (clear text is then allowed).
     pub fn is_loopback(&self) -> bool {
         self.host
@@ -390,6 +449,21 @@ fn default_command_timeout() -> HumanDuration {
 fn default_idle_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
 }
+fn default_failover_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_breaker_failures() -> u32 {
+    3
+}
+fn default_breaker_pause() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_breaker_pause_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
+}
+fn default_redis_fallback_share() -> f64 {
+    0.5
+}
 
 impl Config {
     /// Reads and validates a config file.
@@ -407,6 +481,12 @@ impl Config {
             message: e.to_string().trim_end().to_string(),
         })?;
         config.source = Some(path.to_path_buf());
+        if let Some(section) = &config.relay_section {
+            config.relays = section.relays();
+            if let RelaySection::Single(r) = section {
+                config.relay = Some((**r).clone());
+            }
+        }
         config.smtp.allow_networks_explicit = toml::from_str::<toml::Table>(text)
             .ok()
             .and_then(|t| {
@@ -430,7 +510,12 @@ impl Config {
                 listen: vec![SocketAddr::from(([127, 0, 0, 1], 2525))],
                 ..SmtpConfig::default()
             },
+            relay_section: None,
             relay: None,
+            relays: Vec::new(),
+            route: Vec::new(),
+            limits_backend: None,
+            redis_fallback_share: default_redis_fallback_share(),
             capture: Some(CaptureConfig {
                 maildir: base.join("Maildir"),
             }),
@@ -449,24 +534,24 @@ impl Config {
     }
 
     pub fn transport_kind(&self) -> TransportKind {
-        self.transport.unwrap_or(if self.relay.is_some() {
+        self.transport.unwrap_or(if !self.relays.is_empty() {
             TransportKind::Relay
         } else {
             TransportKind::Capture
         })
     }
 
-    fn invalid(&self, key: &'static str, message: impl Into<String>) -> ConfigError {
+    fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             path: self.source.clone().unwrap_or_default(),
-            key,
+            key: key.into(),
             message: message.into(),
         }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         match self.transport_kind() {
-            TransportKind::Relay if self.relay.is_none() => {
+            TransportKind::Relay if self.relays.is_empty() => {
                 return Err(self.invalid(
                     "transport",
                     "transport = \"relay\" needs a [relay] section with host and port",
@@ -528,16 +613,31 @@ impl Config {
                 "must be an address like \"noreply@example.com\"",
             ));
         }
-        if let Some(relay) = &self.relay {
+        for named in &self.relays {
+            self.validate_relay(named)?;
+        }
+        self.validate_routing()?;
+        Ok(())
+    }
+
+    /// The checks of one relay; keys are `relay.KEY` for the single form
+    /// and `relay.NAME.KEY` for named relays.
+    fn validate_relay(&self, named: &NamedRelay) -> Result<(), ConfigError> {
+        let relay = &named.relay;
+        let key = |k: &str| match &self.relay {
+            Some(_) => format!("relay.{k}"),
+            None => format!("relay.{}.{k}", named.name),
+        };
+        {
             if relay.concurrency == 0 {
-                return Err(self.invalid("relay.concurrency", "must be at least 1"));
+                return Err(self.invalid(key("concurrency"), "must be at least 1"));
             }
             if relay.host.trim().is_empty() {
-                return Err(self.invalid("relay.host", "must not be empty"));
+                return Err(self.invalid(key("host"), "must not be empty"));
             }
             if relay.tls == TlsModeConfig::None && !relay.is_loopback() && !relay.insecure {
                 return Err(self.invalid(
-                    "relay.tls",
+                    key("tls"),
                     "tls = \"none\" sends mail in clear text; it is allowed only for a loopback relay or with insecure = true",
                 ));
             }
@@ -552,34 +652,72 @@ impl Config {
             .count();
             if sources > 1 {
                 return Err(self.invalid(
-                    "relay.password",
+                    key("password"),
                     "set only one of password, password_file, password_env and oauth2_token_file",
                 ));
             }
             if sources == 1 && relay.username.is_none() {
                 return Err(self.invalid(
-                    "relay.username",
+                    key("username"),
                     "a password or token is set but no username",
                 ));
             }
             if relay.username.is_some() && sources == 0 {
                 return Err(self.invalid(
-                    "relay.username",
+                    key("username"),
                     "username is set but no secret: add password_file, password_env, password or oauth2_token_file",
                 ));
             }
             if relay.username.is_some() && relay.tls == TlsModeConfig::None && !relay.is_loopback()
             {
-                return Err(self.invalid("relay.tls", "AUTH credentials are never sent in clear text: use tls = \"starttls\" or \"implicit\""));
+                return Err(self.invalid(key("tls"), "AUTH credentials are never sent in clear text: use tls = \"starttls\" or \"implicit\""));
             }
             if let Some(pin) = &relay.pin_sha256 {
                 let hex: String = pin.chars().filter(|c| *c != ':').collect();
                 if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
                     return Err(self.invalid(
-                        "relay.pin_sha256",
+                        key("pin_sha256"),
                         "must be a SHA-256 fingerprint: 64 hex digits, colons allowed",
                     ));
                 }
+            }
+            if let Err((k, message)) = crate::routing::config::check_relay_limits(relay) {
+                return Err(self.invalid(key(k), message));
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes, failover and the fleet-wide limits backend.
+    fn validate_routing(&self) -> Result<(), ConfigError> {
+        if !self.route.is_empty() && self.relays.is_empty() {
+            return Err(self.invalid("route", "routes need relays: add [relay.NAME] tables"));
+        }
+        if !self.relays.is_empty()
+            && let Err((key, message)) =
+                crate::routing::config::check_routes(&self.relays, &self.route)
+        {
+            return Err(self.invalid(key, message));
+        }
+        if !(self.redis_fallback_share > 0.0 && self.redis_fallback_share <= 1.0) {
+            return Err(self.invalid(
+                "redis_fallback_share",
+                "must be above 0 and at most 1 (e.g. 0.5 for two instances)",
+            ));
+        }
+        if let Some(SecretString(url)) = &self.limits_backend {
+            if !url.starts_with("redis://") {
+                let shown = crate::routing::fleet::display_url(url);
+                return Err(self.invalid(
+                    "limits_backend",
+                    format!("{shown:?}: only redis://host:port[/db] is supported (rediss:// is not built in; reach Redis over a private network or a local TLS tunnel)"),
+                ));
+            }
+            if !cfg!(feature = "redis") {
+                return Err(self.invalid(
+                    "limits_backend",
+                    "this relayq was built without the \"redis\" cargo feature",
+                ));
             }
         }
         Ok(())

@@ -36,6 +36,8 @@ pub enum Request {
     Wake { id: String },
     /// Test hook: move the injected clock forward (needs RELAYQ_TEST_CLOCK=1).
     ClockAdvance { secs: u64 },
+    /// Every relay's state and limits.
+    Relays,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +58,8 @@ pub struct Response {
     pub count: Option<usize>,
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub missing: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub relays: Option<Vec<crate::routing::RelayState>>,
 }
 
 impl Response {
@@ -65,6 +69,7 @@ impl Response {
             error: None,
             count,
             missing: Vec::new(),
+            relays: None,
         }
     }
 }
@@ -130,6 +135,7 @@ fn err(e: String) -> Response {
         error: Some(e),
         count: None,
         missing: Vec::new(),
+        relays: None,
     }
 }
 
@@ -167,16 +173,36 @@ async fn ops(scheduler: &SchedulerHandle, ids: Vec<String>, op: QueueOp) -> Resp
             error: None,
             count: Some(done),
             missing,
+            relays: None,
         },
     }
 }
 
 async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Response {
     match req {
-        Request::Flush => match scheduler.flush().await {
-            Ok(n) => Response::ok(Some(n)),
-            Err(e) => err(e.to_string()),
-        },
+        Request::Flush => {
+            // "Try now" includes relays that are down or paused.
+            if let Some(router) = crate::routing::current() {
+                router.reset_health();
+            }
+            match scheduler.flush().await {
+                Ok(n) => Response::ok(Some(n)),
+                Err(e) => err(e.to_string()),
+            }
+        }
+        Request::Relays => {
+            let relays = match crate::routing::current() {
+                Some(router) => {
+                    router.refresh().await;
+                    router.relay_states()
+                }
+                None => Vec::new(),
+            };
+            Response {
+                relays: Some(relays),
+                ..Response::ok(None)
+            }
+        }
         Request::Op { id, op } => match scheduler.op(&id, op.into()).await {
             Ok(()) => Response::ok(Some(1)),
             Err(e) => err(e.to_string()),

@@ -26,6 +26,7 @@ pub mod control;
 pub mod delivery;
 pub mod observe;
 pub mod pickup;
+pub mod routing;
 pub mod smtp;
 pub mod spool;
 pub mod submit;

@@ -2,7 +2,9 @@
 //! `postqueue` and `postsuper` do.
 //!
 //! Reading (list, show) works on the spool directly: queue files are only
-//! ever appended to or renamed, so a reader never sees a torn state.
+//! ever appended to or renamed, so a reader never sees a torn state. The
+//! relays' states (up, down, paused, limits used) live in the daemon and
+//! are asked for on its control socket.
 //! Changes (hold, release, delete, requeue, flush) go through the daemon's
 //! control socket so they never race a delivery in flight. With the daemon
 //! down they act on the spool directly while holding `<spool>/daemon.lock`,
@@ -20,6 +22,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::control::{self, Op, Request};
+use crate::routing::{RelayState, fmt_time};
 use crate::spool::{Area, Meta, RcptState, Record, Spool, SpoolError};
 
 /// Ids per control request; a request line must stay under 64 KiB.
@@ -75,6 +78,7 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
 pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let spool = open_spool(config)?;
     let all = collect(&spool)?;
+    let relays = relay_states(config);
     if json {
         for (area, m) in &all {
             let msg = JsonMessage {
@@ -97,11 +101,14 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
             };
             writeln!(out, "{}", serde_json::to_string(&msg)?)?;
         }
+        for r in relays.iter().flatten() {
+            writeln!(out, "{}", relay_json(r)?)?;
+        }
         return Ok(());
     }
     if all.is_empty() {
         writeln!(out, "Mail queue is empty")?;
-        return Ok(());
+        return write_relays(&relays, out);
     }
     // Columns as postqueue -p, widened for our 26-character ids: id and
     // status mark (! = held), size, arrival time, sender; then each
@@ -142,6 +149,99 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         all.len(),
         if all.len() == 1 { "" } else { "s" }
     )?;
+    write_relays(&relays, out)
+}
+
+/// The daemon's relay states; `None` when it is not running.
+fn relay_states(config: &Config) -> Option<Vec<RelayState>> {
+    if config.relays.is_empty() {
+        return Some(Vec::new());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .ok()?;
+    rt.block_on(async {
+        match control::request(&config.spool_dir, &Request::Relays).await {
+            Ok(Some(r)) => r.relays,
+            _ => None,
+        }
+    })
+}
+
+/// A relay as one JSON line: `{"relay":"ses","state":"up",...}` (message
+/// lines have a `queue_id` instead).
+fn relay_json(r: &RelayState) -> anyhow::Result<String> {
+    let mut v = serde_json::to_value(r)?;
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("name");
+        let mut out = serde_json::Map::new();
+        out.insert("relay".into(), serde_json::Value::from(r.name.clone()));
+        out.extend(std::mem::take(obj));
+        return Ok(serde_json::Value::Object(out).to_string());
+    }
+    Ok(v.to_string())
+}
+
+/// The per-relay summary after the message list.
+fn write_relays(relays: &Option<Vec<RelayState>>, out: &mut impl Write) -> anyhow::Result<()> {
+    let Some(relays) = relays else {
+        writeln!(out, "\nRelays: state unknown (relayq is not running)")?;
+        return Ok(());
+    };
+    if relays.is_empty() {
+        return Ok(());
+    }
+    writeln!(out, "\nRelays:")?;
+    let width = relays.iter().map(|r| r.name.len()).max().unwrap_or(0);
+    for r in relays {
+        let state = match (r.state.as_str(), r.paused_until_ms, r.down_since_ms) {
+            ("paused", Some(until), since) => format!(
+                "paused until {}{}",
+                fmt_time(until, None),
+                since
+                    .map(|s| format!(" (down since {})", fmt_time(s, None)))
+                    .unwrap_or_default()
+            ),
+            ("down", _, Some(since)) => format!("down since {}", fmt_time(since, None)),
+            (s, _, _) => s.to_string(),
+        };
+        let error = r
+            .last_error
+            .as_deref()
+            .map(|e| format!(": {e}"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  {:width$}  {}  {state}{error}, connections {}/{}",
+            r.name, r.endpoint, r.connections, r.max_connections
+        )?;
+        for l in &r.limits {
+            let tz = l
+                .window
+                .strip_prefix("calendar ")
+                .and_then(|name| jiff::tz::TimeZone::get(name).ok());
+            let resets = l
+                .resets_at_ms
+                .map(|t| format!(", resets at {}", fmt_time(t, tz.as_ref())))
+                .unwrap_or_default();
+            let scope = match (l.shared, l.fallback) {
+                (_, true) => ", local share: Redis unreachable",
+                (true, false) => ", fleet-wide",
+                _ => "",
+            };
+            writeln!(
+                out,
+                "  {:width$}    {} {}/{} used, {} left ({}{scope}){resets}",
+                "",
+                l.period.label(),
+                l.used,
+                l.limit,
+                l.left,
+                l.window
+            )?;
+        }
+    }
     Ok(())
 }
 

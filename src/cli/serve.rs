@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::config::{Config, TransportKind};
 use crate::delivery::scheduler::Scheduler;
 use crate::delivery::worker::{self, WorkerContext};
+use crate::routing::Router;
 use crate::smtp::{Server, ServerContext};
 use crate::spool::Spool;
 use crate::transport::Sender;
@@ -20,7 +21,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
-    if let Some(relay) = &config.relay {
+    for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(
                 "{} holds a relay secret and is readable by other users; run `chmod 600 {}`",
@@ -39,12 +40,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::spool::maildrop::prepare(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
     let clock = Clock::new();
+    // One worker per relay connection: a worker never waits for a busy
+    // relay (see transport::pool), so each can use its full concurrency.
     let workers = match config.transport_kind() {
-        TransportKind::Relay => config.relay.as_ref().map(|r| r.concurrency).unwrap_or(4),
+        TransportKind::Relay => config
+            .relays
+            .iter()
+            .map(|r| r.relay.connections())
+            .sum::<usize>()
+            .clamp(1, 512),
         TransportKind::Capture => 2,
     };
     let (scheduler, handle, jobs) = Scheduler::new(spool.clone(), clock.clone(), workers);
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let limits_file = config.spool_dir.join("limits.json");
+    let router = match config.transport_kind() {
+        TransportKind::Relay => {
+            let router = Router::new(&config, clock.clone(), Some(handle.clone()))
+                .map_err(|e| anyhow::anyhow!(e))?;
+            router.load_limits(&limits_file);
+            let router = Arc::new(router);
+            crate::routing::install(&router);
+            Some(router)
+        }
+        TransportKind::Capture => None,
+    };
 
     let ctx = Arc::new(ServerContext::new(
         config.clone(),
@@ -87,8 +107,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         scheduler: handle.clone(),
     });
     let mut worker_tasks = tokio::task::JoinSet::new();
+    let upkeep = router.as_ref().map(|r| {
+        tokio::spawn(crate::routing::maintain(
+            r.clone(),
+            Some(limits_file.clone()),
+            shutdown.clone(),
+        ))
+    });
     for _ in 0..workers {
-        let sender = Sender::new(&config)?;
+        let sender = match &router {
+            Some(r) => Sender::Routed(r.clone()),
+            None => Sender::new(&config)?,
+        };
         worker_tasks.spawn(worker::run(
             wctx.clone(),
             jobs.clone(),
@@ -142,12 +172,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
     let delivery = match config.transport_kind() {
         TransportKind::Relay => {
-            let r = config
-                .relay
-                .as_ref()
-                .map(|r| format!("{}:{}", r.host, r.port))
-                .unwrap_or_default();
-            format!("relaying to {r}")
+            let r: Vec<String> = config
+                .relays
+                .iter()
+                .map(|r| match &config.relay {
+                    Some(_) => format!("{}:{}", r.relay.host, r.relay.port),
+                    None => format!("{} ({}:{})", r.name, r.relay.host, r.relay.port),
+                })
+                .collect();
+            format!("relaying to {}", r.join(", "))
         }
         TransportKind::Capture => format!(
             "capturing mail into the Maildir {}",
@@ -189,6 +222,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let drained = async { while worker_tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         tracing::warn!("deliveries still in flight after {SHUTDOWN_GRACE:?}; they stay queued");
+    }
+    if let Some(router) = &router {
+        if let Some(task) = upkeep {
+            let _ = task.await;
+        }
+        crate::routing::shutdown(router, Some(limits_file.clone())).await;
     }
     control.abort();
     if let Some(task) = status_task {

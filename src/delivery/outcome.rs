@@ -1,5 +1,6 @@
 //! Delivery outcomes as types, and the retry schedule.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What happened to one recipient in one attempt.
@@ -42,7 +43,7 @@ pub fn status_of(reply: &str) -> Option<String> {
 }
 
 /// The result of one attempt at one message, as a transport reports it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AttemptReport {
     /// `host[ip]:port` or `maildir:/path`, for the log.
     pub relay: String,
@@ -51,6 +52,46 @@ pub struct AttemptReport {
     /// Time spent connecting (including TLS and AUTH) and transferring.
     pub conn_time: Duration,
     pub xfer_time: Duration,
+    /// The relay's name when relays are named; the log shows it in place
+    /// of the host (`relay=ses[192.0.2.1]:587`).
+    pub via: Option<String>,
+    /// Why this relay took it (route and failover), for the log.
+    pub note: Option<String>,
+    /// Retry deferred recipients no later than this (unix ms): when the
+    /// relay's outage reaches `failover_after` or its pause ends.
+    pub retry_at_ms: Option<u64>,
+    /// Relays whose recovery should wake this message early.
+    pub wake_on: Vec<Arc<str>>,
+}
+
+impl AttemptReport {
+    /// `relay=` in the log: the relay's name in place of the host when
+    /// relays are named.
+    pub fn log_relay(&self) -> String {
+        match (&self.via, self.relay.find('[')) {
+            (Some(name), Some(bracket)) => format!("{name}{}", &self.relay[bracket..]),
+            (Some(name), None) => format!("{name}[{}]", self.relay),
+            (None, _) => self.relay.clone(),
+        }
+    }
+}
+
+/// What a transport did with a message.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// It was tried (or the connection attempt failed).
+    Attempted(AttemptReport),
+    /// Not tried: every relay it may use is paused, down or over a limit.
+    /// Try again at `until` (unix ms), or when one of `relays` comes back.
+    Wait {
+        until: u64,
+        reason: String,
+        relays: Vec<Arc<str>>,
+    },
+    /// Not tried: every connection to `relay` is busy. `seen` is the
+    /// pool's release count when that was found, so the scheduler can tell
+    /// whether a connection has come back since.
+    Parked { relay: Arc<str>, seen: u64 },
 }
 
 /// Exponential backoff with jitter: `min * 2^(attempts-1)`, capped at

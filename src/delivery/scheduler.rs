@@ -1,7 +1,14 @@
 //! The scheduler: one task that owns the in-memory queue and hands ready
 //! messages to the delivery workers.
+//!
+//! Besides timers, two things wake a message early: a message *parked* on
+//! a relay (every connection busy) goes out when the relay's pool returns
+//! a connection, and a message *waiting for* a relay (down, paused) goes
+//! out when the relay comes back up. Parked messages have no timer: the
+//! pool's release count tells whether a connection came back between the
+//! worker finding none and the scheduler parking the message.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,12 +38,17 @@ pub enum ControlError {
 }
 
 /// What a worker learned about a message it tried.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
     /// Every recipient is done; the file is gone.
     Done,
     /// Some recipients are deferred; try again at this time (unix ms).
     RetryAt(u64),
+    /// Try again at `at`, or as soon as one of these relays is up again.
+    WaitFor { at: u64, relays: Vec<Arc<str>> },
+    /// Every connection to `relay` was busy; try again when one comes
+    /// back (`seen` is the pool's release count at the time).
+    Parked { relay: Arc<str>, seen: u64 },
     /// The file vanished or was moved to corrupt/.
     Gone,
 }
@@ -59,6 +71,13 @@ pub(crate) enum Event {
     },
     /// The injected clock moved; re-evaluate timers.
     Tick,
+    /// A relay's pool returned a connection (its release count).
+    RelayFree {
+        relay: Arc<str>,
+        releases: u64,
+    },
+    /// A relay is up again after an outage.
+    RelayUp(Arc<str>),
 }
 
 /// A cheap, cloneable way to talk to the scheduler.
@@ -107,7 +126,23 @@ impl SchedulerHandle {
     pub fn tick(&self) {
         let _ = self.tx.send(Event::Tick);
     }
+
+    /// A connection to `relay` came back to its pool.
+    pub fn relay_free(&self, relay: &Arc<str>, releases: u64) {
+        let _ = self.tx.send(Event::RelayFree {
+            relay: relay.clone(),
+            releases,
+        });
+    }
+
+    /// `relay` is up again: messages waiting for it go now.
+    pub fn relay_up(&self, relay: &Arc<str>) {
+        let _ = self.tx.send(Event::RelayUp(relay.clone()));
+    }
 }
+
+/// `next_ms` of a parked message: it has no timer.
+const PARKED: u64 = u64::MAX;
 
 /// Resolves once shutdown has been requested.
 pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
@@ -144,6 +179,12 @@ pub struct Scheduler {
     entries: HashMap<Box<str>, Entry>,
     timers: BTreeSet<(u64, Box<str>)>,
     ready: VecDeque<Box<str>>,
+    /// Messages parked per relay, in the order they were parked.
+    parked: HashMap<Arc<str>, Vec<Box<str>>>,
+    /// The latest release count each relay's pool reported.
+    releases: HashMap<Arc<str>, u64>,
+    /// Messages to wake when a relay comes back up.
+    waiting_on: HashMap<Arc<str>, HashSet<Box<str>>>,
 }
 
 impl Scheduler {
@@ -168,6 +209,9 @@ impl Scheduler {
             entries: HashMap::new(),
             timers: BTreeSet::new(),
             ready: VecDeque::new(),
+            parked: HashMap::new(),
+            releases: HashMap::new(),
+            waiting_on: HashMap::new(),
         };
         (
             s,
@@ -302,14 +346,64 @@ impl Scheduler {
             Event::Flush(done) => {
                 let waiting: Vec<(u64, Box<str>)> =
                     std::mem::take(&mut self.timers).into_iter().collect();
-                let n = waiting.len();
+                let mut n = waiting.len();
                 for (_, id) in waiting {
                     self.ready.push_back(id);
+                }
+                let relays: Vec<Arc<str>> = self.parked.keys().cloned().collect();
+                for relay in relays {
+                    n += self.unpark(&relay);
                 }
                 let _ = done.send(n);
             }
             Event::Op { id, op, done } => self.op(id, op, done),
             Event::Tick => {}
+            Event::RelayFree { relay, releases } => {
+                let known = self.releases.entry(relay.clone()).or_default();
+                *known = (*known).max(releases);
+                self.unpark(&relay);
+            }
+            Event::RelayUp(relay) => {
+                let now = self.clock.now_ms();
+                for id in self.waiting_on.remove(&relay).unwrap_or_default() {
+                    if let Some(e) = self.entries.get_mut(&id)
+                        && e.state == State::Waiting
+                        && e.next_ms != PARKED
+                        && e.next_ms > now
+                    {
+                        self.timers.remove(&(e.next_ms, id.clone()));
+                        e.next_ms = now;
+                        self.ready.push_back(id);
+                    }
+                }
+                self.unpark(&relay);
+            }
+        }
+    }
+
+    /// Moves the messages parked on `relay` to the front of the ready
+    /// queue, oldest first; returns how many.
+    fn unpark(&mut self, relay: &Arc<str>) -> usize {
+        let ids = self.parked.remove(relay).unwrap_or_default();
+        let now = self.clock.now_ms();
+        let mut n = 0;
+        for id in ids.into_iter().rev() {
+            if let Some(e) = self.entries.get_mut(&id)
+                && e.state == State::Waiting
+                && e.next_ms == PARKED
+            {
+                e.next_ms = now;
+                self.ready.push_front(id);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Forgets a finished message in the wake-up indexes.
+    fn forget_waits(&mut self, id: &str) {
+        for set in self.waiting_on.values_mut() {
+            set.remove(id);
         }
     }
 
@@ -317,6 +411,7 @@ impl Scheduler {
         let deferred_op = self.entries.get_mut(&id).and_then(|e| e.deferred_op.take());
         match next {
             Next::Done | Next::Gone => {
+                self.forget_waits(&id);
                 self.entries.remove(&id);
                 if let Some((_, done)) = deferred_op {
                     let _ = done.send(Err(ControlError::NotFound(id.to_string())));
@@ -330,6 +425,37 @@ impl Scheduler {
                 match deferred_op {
                     Some((op, done)) => self.op(id.to_string(), op, done),
                     None => self.schedule(id, at),
+                }
+            }
+            Next::WaitFor { at, relays } => {
+                for relay in relays {
+                    self.waiting_on.entry(relay).or_default().insert(id.clone());
+                }
+                // Put back an operation that arrived meanwhile, for the
+                // RetryAt handling to apply.
+                if let Some(op) = deferred_op
+                    && let Some(e) = self.entries.get_mut(&id)
+                {
+                    e.deferred_op = Some(op);
+                }
+                self.finished(id, Next::RetryAt(at));
+            }
+            Next::Parked { relay, seen } => {
+                let returned = self.releases.get(&relay).is_some_and(|&n| n > seen);
+                if returned || deferred_op.is_some() {
+                    if let Some(op) = deferred_op
+                        && let Some(e) = self.entries.get_mut(&id)
+                    {
+                        e.deferred_op = Some(op);
+                    }
+                    let now = self.clock.now_ms();
+                    self.finished(id, Next::RetryAt(now));
+                    return;
+                }
+                if let Some(e) = self.entries.get_mut(&id) {
+                    e.state = State::Waiting;
+                    e.next_ms = PARKED;
+                    self.parked.entry(relay).or_default().push(id);
                 }
             }
         }
@@ -371,6 +497,7 @@ impl Scheduler {
             }
             (QueueOp::Delete, _) => {
                 self.unschedule(&id, next);
+                self.forget_waits(&id);
                 let area = if state == State::Held {
                     Area::Hold
                 } else {
@@ -393,5 +520,125 @@ impl Scheduler {
             (QueueOp::Release, State::InFlight) => Ok(()),
         };
         let _ = done.send(result);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Envelope;
+
+    const LONG: Duration = Duration::from_secs(10);
+
+    struct Setup {
+        handle: SchedulerHandle,
+        jobs: Arc<tokio::sync::Mutex<mpsc::Receiver<Job>>>,
+        spool: Spool,
+        _dir: tempfile::TempDir,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let (scheduler, handle, jobs) = Scheduler::new(spool.clone(), Clock::new(), 1);
+        let (stop, shutdown) = watch::channel(false);
+        tokio::spawn(scheduler.run(shutdown));
+        Setup {
+            handle,
+            jobs,
+            spool,
+            _dir: dir,
+            _stop: stop,
+        }
+    }
+
+    async fn queue(s: &Setup) -> String {
+        let env = Envelope {
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.net".into()],
+            ..Envelope::default()
+        };
+        let id = s
+            .spool
+            .commit(Spool::new_id(), env, b"Subject: x\r\n\r\nx\r\n".to_vec(), 1)
+            .await
+            .unwrap();
+        s.handle.queued(&id);
+        id
+    }
+
+    /// The next job handed to a worker (waiting for it, not timing it).
+    async fn next_job(s: &Setup) -> String {
+        let job = tokio::time::timeout(LONG, async { s.jobs.lock().await.recv().await })
+            .await
+            .expect("a job")
+            .expect("channel open");
+        job.id.to_string()
+    }
+
+    #[tokio::test]
+    async fn a_parked_message_goes_when_a_connection_comes_back() {
+        let s = setup().await;
+        let relay: Arc<str> = "a".into();
+        let id = queue(&s).await;
+        assert_eq!(next_job(&s).await, id);
+        s.handle.finished(
+            &id,
+            Next::Parked {
+                relay: relay.clone(),
+                seen: 0,
+            },
+        );
+        s.handle.relay_free(&relay, 1);
+        assert_eq!(next_job(&s).await, id);
+        // A connection that came back before the message was parked
+        // (release 2 > seen 1) is not missed.
+        s.handle.relay_free(&relay, 2);
+        s.handle.finished(&id, Next::Parked { relay, seen: 1 });
+        assert_eq!(next_job(&s).await, id);
+    }
+
+    #[tokio::test]
+    async fn mail_waiting_for_a_relay_goes_when_it_is_up() {
+        let s = setup().await;
+        let relay: Arc<str> = "a".into();
+        let id = queue(&s).await;
+        assert_eq!(next_job(&s).await, id);
+        let far = Clock::new().now_ms() + 3_600_000;
+        s.handle.finished(
+            &id,
+            Next::WaitFor {
+                at: far,
+                relays: vec![relay.clone()],
+            },
+        );
+        s.handle.relay_up(&relay);
+        assert_eq!(next_job(&s).await, id);
+    }
+
+    #[tokio::test]
+    async fn an_operation_during_an_attempt_survives_a_wait() {
+        let s = setup().await;
+        let id = queue(&s).await;
+        assert_eq!(next_job(&s).await, id);
+        // The hold request is queued before the worker's report, so it
+        // arrives while the message is in flight.
+        let (done, hold) = oneshot::channel();
+        let _ = s.handle.tx.send(Event::Op {
+            id: id.clone(),
+            op: QueueOp::Hold,
+            done,
+        });
+        s.handle.finished(
+            &id,
+            Next::WaitFor {
+                at: Clock::new().now_ms() + 3_600_000,
+                relays: vec!["a".into()],
+            },
+        );
+        let result = tokio::time::timeout(LONG, hold).await.unwrap().unwrap();
+        assert!(result.is_ok(), "{result:?}");
+        assert!(s.spool.path(Area::Hold, &id).unwrap().exists());
     }
 }

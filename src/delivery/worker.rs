@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, mpsc, watch};
 
-use super::outcome::{AttemptReport, RcptOutcome, backoff};
+use super::outcome::{AttemptReport, Delivery, RcptOutcome, backoff};
 use super::scheduler::{Job, Next, SchedulerHandle, stopped};
 use crate::bounce::{self, Action, BounceInput, BouncedRecipient};
 use crate::clock::{Clock, from_ms};
@@ -81,8 +81,77 @@ pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next
         return finish(ctx, id);
     }
     let started = Instant::now();
-    let report = sender.deliver(&meta, &body, &pending).await;
-    record(ctx, &meta, &body, report, started).await
+    match sender.deliver(&meta, &body, &pending).await {
+        Delivery::Attempted(report) => record(ctx, &meta, &body, report, started).await,
+        Delivery::Wait {
+            until,
+            reason,
+            relays,
+        } if !expired(ctx, &meta) => wait(ctx, &meta, &pending, until, &reason, relays),
+        // Waiting for a relay does not stop the clock on max_lifetime.
+        Delivery::Wait { reason, .. } => {
+            let report = AttemptReport {
+                relay: "none".into(),
+                results: pending
+                    .iter()
+                    .map(|&i| {
+                        let reason = reason.clone();
+                        (i, RcptOutcome::Deferred { reason })
+                    })
+                    .collect(),
+                ..AttemptReport::default()
+            };
+            record(ctx, &meta, &body, report, started).await
+        }
+        Delivery::Parked { relay, seen } => Next::Parked { relay, seen },
+    }
+}
+
+/// Whether the message has been queued for `max_lifetime` or longer.
+fn expired(ctx: &WorkerContext, meta: &Meta) -> bool {
+    let lifetime_ms =
+        u64::try_from(ctx.config.queue.max_lifetime.0.as_millis()).unwrap_or(u64::MAX);
+    ctx.clock.now_ms().saturating_sub(meta.arrival_ms) >= lifetime_ms
+}
+
+/// Not tried: every relay it may use is paused, down or over a limit.
+/// Each recipient's deferral is logged and recorded (so `relayq queue
+/// list` shows why), and the attempt count is left alone: nothing was tried.
+fn wait(
+    ctx: &WorkerContext,
+    meta: &Meta,
+    pending: &[usize],
+    until: u64,
+    reason: &str,
+    relays: Vec<std::sync::Arc<str>>,
+) -> Next {
+    let id = meta.id.as_str();
+    let now_ms = ctx.clock.now_ms();
+    let delay = now_ms.saturating_sub(meta.arrival_ms) as f64 / 1000.0;
+    let mut records = Vec::new();
+    for &idx in pending {
+        let Some(rcpt) = meta.recipients.get(idx) else {
+            continue;
+        };
+        tracing::info!(
+            target: "relayq::delivery",
+            "{id}: to=<{}>, relay=none, delay={delay:.2}, delays={delay:.2}/0.00/0.00, dsn=4.0.0, status=deferred ({reason})",
+            rcpt.address,
+        );
+        records.push(Record::Deferred {
+            idx,
+            at_ms: now_ms,
+            reason: reason.to_string(),
+        });
+    }
+    records.push(Record::Attempt {
+        attempts: meta.attempts,
+        next_ms: until,
+    });
+    if let Err(e) = ctx.spool.append(id, &records, false) {
+        tracing::warn!(target: "relayq::queue", "{id}: cannot record deferral: {e}");
+    }
+    Next::WaitFor { at: until, relays }
 }
 
 /// Applies an attempt's outcomes to the spool and decides what comes next.
@@ -105,6 +174,12 @@ async fn record(
     let mut durable = Vec::new();
     let mut bounced: Vec<BouncedRecipient> = Vec::new();
     let mut deferred = Vec::new();
+    let log_relay = report.log_relay();
+    let note = report
+        .note
+        .as_deref()
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default();
     for (idx, outcome) in &report.results {
         let Some(rcpt) = meta.recipients.get(*idx) else {
             continue;
@@ -114,7 +189,8 @@ async fn record(
             events::attempt(&events::Attempt {
                 queue_id: id,
                 to: &rcpt.address,
-                relay: &report.relay,
+                relay: &log_relay,
+                note: &note,
                 delay,
                 delays: [
                     queue_wait,
@@ -200,12 +276,24 @@ async fn record(
     let attempts = meta.attempts + 1;
     let q = &ctx.config.queue;
     let wait = backoff(attempts, q.retry_min.0, q.retry_max.0, fastrand::f64());
-    let next_ms = now_ms + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2);
+    let mut next_ms = now_ms + u64::try_from(wait.as_millis()).unwrap_or(u64::MAX / 2);
+    // The relay failed: look again when failover becomes possible or its
+    // pause ends, if that is sooner than the backoff.
+    if let Some(hint) = report.retry_at_ms {
+        next_ms = next_ms.min(hint.max(now_ms));
+    }
     deferred.push(Record::Attempt { attempts, next_ms });
     if let Err(e) = ctx.spool.append(id, &deferred, false) {
         events::queue_warning(id, &format!("cannot record deferral: {e}"));
     }
-    Next::RetryAt(next_ms)
+    if report.wake_on.is_empty() {
+        Next::RetryAt(next_ms)
+    } else {
+        Next::WaitFor {
+            at: next_ms,
+            relays: report.wake_on,
+        }
+    }
 }
 
 /// Appends final records and fsyncs them (durability rule 2); false, after
@@ -239,7 +327,7 @@ fn bounced_rcpt(
         remote_mta: relay
             .split('[')
             .next()
-            .filter(|h| !h.is_empty() && !h.starts_with("maildir"))
+            .filter(|h| !h.is_empty() && !h.starts_with("maildir") && *h != "none")
             .map(str::to_string),
         last_attempt: Some(now),
     }

@@ -71,6 +71,8 @@ pub struct Attempt<'a> {
     pub status: Status,
     /// The upstream's reply verbatim, or why no reply was had.
     pub reply: &'a str,
+    /// Why this relay (route, failover), as ` (route: ...)`; may be empty.
+    pub note: &'a str,
 }
 
 /// `host[ip]:port` without the address, for metric labels and the relay
@@ -124,13 +126,15 @@ pub fn attempt(a: &Attempt<'_>) {
         dsn = a.dsn,
         status,
         reply = a.reply,
-        "{}: to=<{}>, relay={}, delay={delay:.2}, delays={delays}, dsn={}, status={} ({})",
+        route = a.note.trim().trim_start_matches('(').trim_end_matches(')'),
+        "{}: to=<{}>, relay={}, delay={delay:.2}, delays={delays}, dsn={}, status={} ({}){}",
         a.queue_id,
         a.to,
         a.relay,
         a.dsn,
         a.status.text(),
         a.reply,
+        a.note,
     );
     let relay = relay_name(a.relay);
     match a.status {

@@ -13,6 +13,8 @@
 //!                         tool changing the spool while the daemon is down
 //!   maildrop/             drop box for `sendmail` run by other users, and
 //!   pickup.sock           its wake-up socket (see `maildrop`)
+//!   limits.json           relay limit counts kept across restarts (see
+//!                         `routing::status`); not a queue file
 //! ```
 //! A message's state is the directory it is in, and a change of state is a
 //! `rename(2)`, so `ls` tells an operator the truth.

@@ -83,6 +83,7 @@ impl CaptureSender {
             results: rcpts.iter().map(|&i| (i, outcome.clone())).collect(),
             conn_time: Duration::ZERO,
             xfer_time: started.elapsed(),
+            ..AttemptReport::default()
         }
     }
 }

@@ -1,8 +1,10 @@
-//! Transports: how a worker hands a message on. `relay` speaks SMTP to the
-//! configured upstream over a connection kept open between messages;
-//! `capture` drops mail into a local Maildir for development and tests.
+//! Transports: how a worker hands a message on. `relay` speaks SMTP to a
+//! relay over a connection kept open between messages, in the relay's
+//! `pool`; the router (`crate::routing`) picks the relay. `capture` drops
+//! mail into a local Maildir for development and tests.
 
 pub mod capture;
+pub mod pool;
 pub mod relay;
 pub mod smtp;
 
@@ -10,48 +12,45 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, TransportKind};
-use crate::delivery::outcome::AttemptReport;
+use crate::delivery::outcome::Delivery;
+use crate::routing::Router;
 use crate::spool::Meta;
 
-/// A worker's own transport instance (it owns at most one connection).
+/// A worker's way to hand mail on. Relaying goes through the shared
+/// router (its pools own the connections); capture is per worker.
 pub enum Sender {
-    Relay(Box<relay::RelaySender>),
+    Routed(Arc<Router>),
     Capture(capture::CaptureSender),
 }
 
 impl Sender {
+    /// The capture transport; relaying needs the daemon's router
+    /// ([`Sender::Routed`]).
     pub fn new(config: &Arc<Config>) -> anyhow::Result<Sender> {
-        Ok(match config.transport_kind() {
-            TransportKind::Relay => Sender::Relay(Box::new(relay::RelaySender::new(config)?)),
-            TransportKind::Capture => Sender::Capture(capture::CaptureSender::new(config)?),
-        })
+        match config.transport_kind() {
+            TransportKind::Relay => Err(anyhow::anyhow!(
+                "relaying goes through the router: use Sender::Routed"
+            )),
+            TransportKind::Capture => Ok(Sender::Capture(capture::CaptureSender::new(config)?)),
+        }
     }
 
     /// Tries the recipients `rcpts` (indices into `meta.recipients`).
-    pub async fn deliver(&mut self, meta: &Meta, body: &[u8], rcpts: &[usize]) -> AttemptReport {
+    pub async fn deliver(&mut self, meta: &Meta, body: &[u8], rcpts: &[usize]) -> Delivery {
         match self {
-            Sender::Relay(r) => r.deliver(meta, body, rcpts).await,
-            Sender::Capture(c) => c.deliver(meta, body, rcpts).await,
+            Sender::Routed(r) => r.deliver(meta, body, rcpts).await,
+            Sender::Capture(c) => Delivery::Attempted(c.deliver(meta, body, rcpts).await),
         }
     }
 
+    /// Whether this worker holds a connection (pools hold relay ones).
     pub fn is_connected(&self) -> bool {
-        match self {
-            Sender::Relay(r) => r.is_connected(),
-            Sender::Capture(_) => false,
-        }
+        false
     }
 
     pub fn idle_timeout(&self) -> Duration {
-        match self {
-            Sender::Relay(r) => r.idle_timeout(),
-            Sender::Capture(_) => Duration::from_secs(3600),
-        }
+        Duration::from_secs(3600)
     }
 
-    pub async fn close(&mut self) {
-        if let Sender::Relay(r) = self {
-            r.close().await;
-        }
-    }
+    pub async fn close(&mut self) {}
 }

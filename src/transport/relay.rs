@@ -1,6 +1,14 @@
-//! The relay transport: delivery to the configured relayhost over SMTP,
-//! one connection per worker, reused across messages (RSET between them)
-//! and closed after `idle_timeout` without work.
+//! The relay transport: delivery to one relay over SMTP on one connection,
+//! reused across messages (RSET between them). Connections live in the
+//! relay's pool (`transport::pool`), which closes them after
+//! `idle_timeout` without work.
+//!
+//! Besides each recipient's outcome, an attempt says what it learned about
+//! the relay itself (a [`Signal`] for the circuit breaker): a connection,
+//! TLS or greeting failure is the relay being down, a `421` or a `454` to
+//! AUTH ("too many connections/logins") is it throttling us, and anything
+//! the relay said about the message, a permanent refusal included, means
+//! it is up.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +20,23 @@ use super::smtp::{
 };
 use crate::config::{AuthMechanismConfig, Config, RelayConfig, TlsModeConfig};
 use crate::delivery::outcome::{AttemptReport, RcptOutcome};
+use crate::routing::health::Signal;
 use crate::spool::Meta;
 
 pub struct RelaySender {
     relay: RelayConfig,
     helo_name: String,
     conn: Option<Connection>,
+    /// Messages sent on the current connection.
+    sent: u32,
+}
+
+/// Why a connection could not be opened: where, what, and what it says
+/// about the relay.
+struct ConnectFailure {
+    relay: String,
+    reason: String,
+    signal: Signal,
 }
 
 impl RelaySender {
@@ -26,11 +45,22 @@ impl RelaySender {
             .relay
             .clone()
             .ok_or_else(|| anyhow::anyhow!("the relay transport needs a [relay] section"))?;
-        Ok(RelaySender {
+        Ok(RelaySender::for_relay(relay, config.hostname.clone()))
+    }
+
+    /// A sender for one relay, not yet connected.
+    pub fn for_relay(relay: RelayConfig, helo_name: String) -> RelaySender {
+        RelaySender {
             relay,
-            helo_name: config.hostname.clone(),
+            helo_name,
             conn: None,
-        })
+            sent: 0,
+        }
+    }
+
+    /// Messages sent on the current connection.
+    pub fn sent_on_connection(&self) -> u32 {
+        self.sent
     }
 
     pub fn is_connected(&self) -> bool {
@@ -42,6 +72,7 @@ impl RelaySender {
     }
 
     pub async fn close(&mut self) {
+        self.sent = 0;
         if let Some(c) = self.conn.take() {
             c.quit().await;
         }
@@ -82,18 +113,24 @@ impl RelaySender {
     }
 
     /// Opens a connection, trying each address of the relay in turn.
-    async fn connect(&mut self) -> Result<(), (String, String)> {
+    async fn connect(&mut self) -> Result<(), ConnectFailure> {
+        let down = |relay: String, reason: String| ConnectFailure {
+            signal: Signal::Down(reason.clone()),
+            relay,
+            reason,
+        };
+        self.sent = 0;
         let addrs = self.resolve().await.map_err(|e| {
             crate::observe::events::relay_failed(&self.describe(None), "dns", &e);
-            (self.describe(None), e)
+            down(self.describe(None), e)
         })?;
-        let mut last = (self.describe(None), String::from("no address"));
+        let mut last = down(self.describe(None), String::from("no address"));
         for addr in addrs {
             let cfg = match self.client_config(addr) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(target: "relayq::delivery", "relay {}: {e}", self.describe(None));
-                    return Err((self.describe(None), e));
+                    return Err(down(self.describe(None), e));
                 }
             };
             match Connection::open(&cfg).await {
@@ -119,7 +156,11 @@ impl RelaySender {
                         target: "relayq::delivery",
                         "relay {relay}: {e}; check [relay] username and password (mail stays queued)"
                     );
-                    return Err((relay, e.to_string()));
+                    return Err(ConnectFailure {
+                        signal: connect_signal(&e),
+                        reason: e.to_string(),
+                        relay,
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(target: "relayq::delivery", "connect to {}: {e}", self.describe(Some(addr)));
@@ -128,26 +169,62 @@ impl RelaySender {
                         e.stage(),
                         &e.to_string(),
                     );
-                    last = (self.describe(Some(addr)), e.to_string());
+                    last = ConnectFailure {
+                        signal: connect_signal(&e),
+                        relay: self.describe(Some(addr)),
+                        reason: e.to_string(),
+                    };
                 }
             }
         }
         Err(last)
     }
 
+    /// Makes sure a usable connection is open (RSET on a kept one, else a
+    /// new one): what the prober does to see whether a relay is back.
+    pub async fn probe(&mut self) -> Signal {
+        if let Some(conn) = self.conn.as_mut()
+            && (!conn.is_usable() || conn.ping().await.is_err())
+        {
+            self.conn = None;
+        }
+        if self.conn.is_some() {
+            return Signal::Ok;
+        }
+        match self.connect().await {
+            Ok(()) => Signal::Ok,
+            Err(f) => f.signal,
+        }
+    }
+
     pub async fn deliver(&mut self, meta: &Meta, body: &[u8], rcpts: &[usize]) -> AttemptReport {
+        self.deliver_checked(meta, body, rcpts).await.0
+    }
+
+    /// Delivers, and says what the attempt showed about the relay.
+    pub async fn deliver_checked(
+        &mut self,
+        meta: &Meta,
+        body: &[u8],
+        rcpts: &[usize],
+    ) -> (AttemptReport, Signal) {
         let started = Instant::now();
-        // A kept connection is reset first; if that fails it went stale
-        // (the upstream timed us out) and a fresh one is opened.
+        // A kept connection owes a RSET, which goes out pipelined with the
+        // next MAIL; if the connection went stale meanwhile, send() opens a
+        // fresh one. Without pipelining the RSET is a round trip here.
         if let Some(conn) = self.conn.as_mut()
             && (!conn.is_usable() || conn.reset().await.is_err())
         {
             self.conn = None;
         }
         if self.conn.is_none()
-            && let Err((relay, reason)) = self.connect().await
+            && let Err(ConnectFailure {
+                relay,
+                reason,
+                signal,
+            }) = self.connect().await
         {
-            return AttemptReport {
+            let report = AttemptReport {
                 relay,
                 results: rcpts
                     .iter()
@@ -161,13 +238,14 @@ impl RelaySender {
                     })
                     .collect(),
                 conn_time: started.elapsed(),
-                xfer_time: Duration::ZERO,
+                ..AttemptReport::default()
             };
+            return (report, signal);
         }
         let conn_time = started.elapsed();
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
-            return AttemptReport {
+            let report = AttemptReport {
                 relay,
                 results: rcpts
                     .iter()
@@ -181,8 +259,9 @@ impl RelaySender {
                     })
                     .collect(),
                 conn_time,
-                xfer_time: Duration::ZERO,
+                ..AttemptReport::default()
             };
+            return (report, Signal::Down("no connection".into()));
         };
         let addrs: Vec<&str> = rcpts
             .iter()
@@ -195,6 +274,8 @@ impl RelaySender {
             eight_bit: meta.eight_bit,
         };
         let xfer_start = Instant::now();
+        self.sent += 1;
+        let mut signal = Signal::Ok;
         let results = match conn.send(&env, body).await {
             Ok(report) => rcpts
                 .iter()
@@ -214,6 +295,7 @@ impl RelaySender {
                     let name = format!("{}:{}", self.relay.host, self.relay.port);
                     crate::observe::events::relay_failed(&name, e.stage(), &e.to_string());
                 }
+                signal = transaction_signal(&e);
                 if !conn.is_usable() {
                     self.conn = None;
                 }
@@ -240,12 +322,47 @@ impl RelaySender {
                     .collect()
             }
         };
-        AttemptReport {
+        let report = AttemptReport {
             relay,
             results,
             conn_time,
             xfer_time: xfer_start.elapsed(),
+            ..AttemptReport::default()
+        };
+        (report, signal)
+    }
+}
+
+/// "Too many connections / logins / sessions": the relay throttles us.
+fn says_too_many(reply: &Reply) -> bool {
+    let text = reply.text.to_ascii_lowercase();
+    text.contains("too many") || text.contains("rate limit")
+}
+
+/// What a failure to open a connection says about the relay.
+fn connect_signal(e: &SmtpError) -> Signal {
+    let text = e.to_string();
+    match e {
+        SmtpError::Rejected { reply, .. } if reply.code == 421 || says_too_many(reply) => {
+            Signal::Throttled(text)
         }
+        SmtpError::AuthRejected { reply } if reply.code == 454 || says_too_many(reply) => {
+            Signal::Throttled(text)
+        }
+        _ => Signal::Down(text),
+    }
+}
+
+/// What a failed transaction says about the relay: a reply about the
+/// message (a permanent refusal included) means it is up; 421 means it
+/// throttles us; a broken connection means it is down.
+fn transaction_signal(e: &SmtpError) -> Signal {
+    match e {
+        SmtpError::Rejected { reply, .. } if reply.code == 421 => Signal::Throttled(e.to_string()),
+        SmtpError::Rejected { .. }
+        | SmtpError::SmtpUtf8NotOffered
+        | SmtpError::InvalidSender { .. } => Signal::Ok,
+        _ => Signal::Down(e.to_string()),
     }
 }
 

@@ -757,6 +757,21 @@ impl Connection {
             self.pending_rset = true;
             return Ok(());
         }
+        self.rset_now().await
+    }
+
+    /// Checks that the upstream still answers: a RSET round trip now (it
+    /// also settles an owed RSET). For probes, where a deferred RSET would
+    /// prove nothing.
+    pub async fn ping(&mut self) -> Result<(), SmtpError> {
+        if self.broken {
+            return Err(SmtpError::Unusable);
+        }
+        self.pending_rset = false;
+        self.rset_now().await
+    }
+
+    async fn rset_now(&mut self) -> Result<(), SmtpError> {
         let reply = self
             .wire
             .command("RSET\r\n", Stage::Rset, self.command_timeout)

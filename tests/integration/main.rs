@@ -13,6 +13,7 @@ mod interop;
 mod observe;
 mod queue;
 mod relay;
+mod routing;
 mod sendmail;
 mod smtp;
 mod status_page;

@@ -6,4 +6,5 @@ pub mod client;
 pub mod daemon;
 pub mod http;
 pub mod pki;
+pub mod redis_server;
 pub mod upstream;

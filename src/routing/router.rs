@@ -1,0 +1,418 @@
+//! The router: for one message, picks the relay that takes it now and
+//! hands it over, or says how long it must wait.
+//!
+//! For each relay of the message's route, in order (primary, then
+//! fallbacks): is it usable (its health, see `health`)? Is there room
+//! under its limits (counted here, or in Redis for a fleet)? Is a
+//! connection free (its pool)? The first relay that passes all three takes
+//! the message. A relay that is paused while its outage is younger than
+//! `failover_after` makes the message wait for it; one that is down or
+//! paused for longer, or over a limit, is skipped (failover). When every
+//! relay is skipped, a relay that is merely down (not paused) is tried
+//! anyway as a last resort; otherwise the message waits until the earliest
+//! time one of them reopens, or until one comes back up.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::fleet::Fleet;
+use super::health::{Availability, Health, Policy, Signal, Status, Transition};
+use super::quota::{Denied, Quota, WindowSpec};
+use super::reserve::Ticket;
+use super::route::{RelayId, RouteTable, Routed};
+use super::{fmt_time, headers};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::delivery::SchedulerHandle;
+use crate::delivery::outcome::{AttemptReport, Delivery, RcptOutcome};
+use crate::spool::Meta;
+use crate::transport::pool::{Lease, RelayPool};
+
+pub(super) struct RelayEntry {
+    pub(super) name: Arc<str>,
+    /// `host:port`, for logs and listings.
+    pub(super) endpoint: String,
+    pub(super) pool: Arc<RelayPool>,
+    pub(super) policy: Policy,
+    pub(super) specs: Vec<WindowSpec>,
+    pub(super) state: Mutex<RelayRuntime>,
+}
+
+pub(super) struct RelayRuntime {
+    pub(super) health: Health,
+    pub(super) quota: Quota,
+    /// Redis said the relay is full until then (fleet mode).
+    pub(super) fleet_full: Option<Denied>,
+    /// The counts Redis last reported, per window.
+    pub(super) fleet_used: Option<Vec<u32>>,
+}
+
+impl RelayEntry {
+    pub(super) fn state(&self) -> MutexGuard<'_, RelayRuntime> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[derive(Default)]
+pub(super) struct FleetState {
+    pub(super) down_since: Option<u64>,
+    pub(super) retry_at: u64,
+}
+
+/// A relay passed over for a message, and why.
+struct Skipped {
+    relay: RelayId,
+    text: String,
+    /// When it may be usable again (a pause or a quota window ending).
+    until: Option<u64>,
+    /// Skipped for its health (so its recovery should wake the message).
+    health: bool,
+}
+
+pub struct Router {
+    pub(super) relays: Vec<RelayEntry>,
+    table: RouteTable,
+    pub(super) clock: Clock,
+    /// Show relay names in logs (not for the single `[relay]` form).
+    named: bool,
+    /// Several relays or routes: log why a relay was chosen.
+    routed: bool,
+    pub(super) fleet: Option<Fleet>,
+    pub(super) share: f64,
+    pub(super) fleet_state: Mutex<FleetState>,
+    scheduler: Option<SchedulerHandle>,
+    /// Local counts changed since they were last saved.
+    pub(super) dirty: AtomicBool,
+    pub(super) seq: AtomicU64,
+}
+
+impl Router {
+    /// Builds the router for `config`'s relays; `scheduler` is told when
+    /// connections come back and relays recover.
+    pub fn new(
+        config: &Config,
+        clock: Clock,
+        scheduler: Option<SchedulerHandle>,
+    ) -> Result<Router, String> {
+        let relays = config
+            .relays
+            .iter()
+            .map(|named| {
+                let name: Arc<str> = named.name.as_str().into();
+                let specs = WindowSpec::of(&named.relay);
+                RelayEntry {
+                    endpoint: format!("{}:{}", named.relay.host, named.relay.port),
+                    pool: RelayPool::new(
+                        name.clone(),
+                        named.relay.clone(),
+                        config.hostname.clone(),
+                        scheduler.clone(),
+                    ),
+                    policy: Policy::of(&named.relay),
+                    state: Mutex::new(RelayRuntime {
+                        health: Health::default(),
+                        quota: Quota::new(specs.clone()),
+                        fleet_full: None,
+                        fleet_used: None,
+                    }),
+                    specs,
+                    name,
+                }
+            })
+            .collect();
+        let fleet = config
+            .limits_backend
+            .as_ref()
+            .map(|url| Fleet::new(&url.0))
+            .transpose()?;
+        Ok(Router {
+            relays,
+            table: RouteTable::new(&config.relays, &config.route),
+            clock,
+            named: config.relay.is_none(),
+            routed: config.relays.len() > 1 || !config.route.is_empty(),
+            fleet,
+            share: config.redis_fallback_share,
+            fleet_state: Mutex::new(FleetState::default()),
+            scheduler,
+            dirty: AtomicBool::new(false),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Connections all relays may have open together: the number of
+    /// delivery workers worth running.
+    pub fn total_connections(&self) -> usize {
+        self.relays.iter().map(|r| r.pool.max_connections()).sum()
+    }
+
+    pub(super) fn fleet_state(&self) -> MutexGuard<'_, FleetState> {
+        self.fleet_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Routes one message and delivers it through the first relay that can
+    /// take it now.
+    pub async fn deliver(&self, meta: &Meta, body: &[u8], rcpts: &[usize]) -> Delivery {
+        let routed = self.table.route(&meta.sender, body);
+        let mut skipped: Vec<Skipped> = Vec::new();
+        // (relay, tried as a last resort despite being down)
+        let mut order: Vec<(RelayId, bool)> = routed.relays.iter().map(|&id| (id, false)).collect();
+        let mut i = 0;
+        while let Some(&(id, last_resort)) = order.get(i) {
+            i += 1;
+            let Some(relay) = self.relays.get(id) else {
+                continue;
+            };
+            let now = self.clock.now_ms();
+            if !last_resort {
+                let availability = relay.state().health.availability(now, &relay.policy);
+                match availability {
+                    Availability::Use => {}
+                    Availability::WaitFor { until } => {
+                        skipped.push(Skipped {
+                            relay: id,
+                            text: self.health_text(relay, now),
+                            until: Some(until),
+                            health: true,
+                        });
+                        return self.wait(&skipped, now);
+                    }
+                    Availability::Skip { until } => {
+                        if until.is_none() {
+                            order.push((id, true));
+                        }
+                        skipped.push(Skipped {
+                            relay: id,
+                            text: self.health_text(relay, now),
+                            until,
+                            health: true,
+                        });
+                        continue;
+                    }
+                }
+            }
+            let ticket = match self.reserve(id).await {
+                Ok(t) => t,
+                Err((text, until)) => {
+                    skipped.push(Skipped {
+                        relay: id,
+                        text,
+                        until: Some(until),
+                        health: false,
+                    });
+                    continue;
+                }
+            };
+            let lease = match relay.pool.try_checkout() {
+                Ok(lease) => lease,
+                Err(seen) => {
+                    self.give_back(id, ticket).await;
+                    return Delivery::Parked {
+                        relay: relay.name.clone(),
+                        seen,
+                    };
+                }
+            };
+            let report = self
+                .attempt(id, lease, ticket, (meta, body, rcpts), &routed, &skipped)
+                .await;
+            return Delivery::Attempted(report);
+        }
+        self.wait(&skipped, self.clock.now_ms())
+    }
+
+    /// Not now: until the earliest reopening, or a recovery.
+    fn wait(&self, skipped: &[Skipped], now: u64) -> Delivery {
+        let until = skipped
+            .iter()
+            .filter_map(|s| s.until)
+            .min()
+            .unwrap_or(now + 60_000)
+            .max(now + 1);
+        let mut relays: Vec<Arc<str>> = Vec::new();
+        let mut texts: Vec<String> = Vec::new();
+        for s in skipped {
+            let name = &self.relays[s.relay].name;
+            if s.health && !relays.contains(name) {
+                relays.push(name.clone());
+            }
+            let text = if self.named {
+                format!("{name}: {}", s.text)
+            } else {
+                s.text.clone()
+            };
+            if !texts.contains(&text) {
+                texts.push(text);
+            }
+        }
+        if texts.is_empty() {
+            texts.push("no relay for this message".into());
+        }
+        Delivery::Wait {
+            until,
+            reason: texts.join("; "),
+            relays,
+        }
+    }
+
+    async fn attempt(
+        &self,
+        id: RelayId,
+        mut lease: Lease,
+        ticket: Ticket,
+        (meta, body, rcpts): (&Meta, &[u8], &[usize]),
+        routed: &Routed,
+        skipped: &[Skipped],
+    ) -> AttemptReport {
+        let others = routed.relays.len() > 1;
+        let relay = &self.relays[id];
+        let body = headers::strip_private(body);
+        let (mut report, signal) = lease.sender.deliver_checked(meta, &body, rcpts).await;
+        relay.pool.checkin(lease);
+        let now = self.clock.now_ms();
+        self.record_signal(id, &signal, now);
+        let took = report
+            .results
+            .iter()
+            .any(|(_, o)| matches!(o, RcptOutcome::Delivered { .. }));
+        if !took {
+            self.give_back(id, ticket).await;
+        }
+        if self.named {
+            report.via = Some(relay.name.to_string());
+        }
+        if self.routed {
+            let mut note = format!("route: {}", routed.reason);
+            for s in skipped {
+                note.push_str(&format!(
+                    "; failover from {}: {}",
+                    self.relays[s.relay].name, s.text
+                ));
+            }
+            report.note = Some(note);
+        }
+        if signal != Signal::Ok {
+            report.wake_on = vec![relay.name.clone()];
+            report.retry_at_ms = self.retry_hint(relay, now, others);
+        }
+        report
+    }
+
+    /// After a relay failure: when to look again. With other relays to
+    /// fail over to, as soon as the outage reaches `failover_after`; for
+    /// a paused relay, when the pause ends.
+    fn retry_hint(&self, relay: &RelayEntry, now: u64, others: bool) -> Option<u64> {
+        let hint = match relay.state().health.status(now) {
+            Status::Up => None,
+            Status::Down { since } if others => {
+                Some(since.saturating_add(relay.policy.failover_after))
+            }
+            Status::Down { .. } => None,
+            Status::Paused { since, until } if others => {
+                Some(until.min(since.saturating_add(relay.policy.failover_after)))
+            }
+            Status::Paused { until, .. } => Some(until),
+        };
+        hint.map(|t| t.max(now + 1_000))
+    }
+
+    fn health_text(&self, relay: &RelayEntry, now: u64) -> String {
+        let st = relay.state();
+        let error = st.health.last_error().unwrap_or("no answer");
+        match st.health.status(now) {
+            Status::Up => "up".into(),
+            Status::Down { since } => {
+                format!("relay down since {} ({error})", fmt_time(since, None))
+            }
+            Status::Paused { until, .. } if until > now => format!(
+                "relay paused by the circuit breaker until {} ({error})",
+                fmt_time(until, None)
+            ),
+            Status::Paused { .. } => {
+                format!("relay paused by the circuit breaker, waiting for a probe ({error})")
+            }
+        }
+    }
+
+    /// Notes what an attempt or probe showed about a relay, and says so in
+    /// the log when that changes its state.
+    pub(super) fn record_signal(&self, id: RelayId, signal: &Signal, now: u64) {
+        let relay = &self.relays[id];
+        let transition = relay.state().health.record(signal, now, &relay.policy);
+        let (name, endpoint) = (&relay.name, &relay.endpoint);
+        let error = match signal {
+            Signal::Down(e) | Signal::Throttled(e) => e.as_str(),
+            Signal::Ok => "",
+        };
+        match transition {
+            Transition::None => {}
+            Transition::WentDown => {
+                let failover = if self.relays.len() > 1 {
+                    format!(
+                        "; its mail moves to the route's fallback after {}s down",
+                        relay.policy.failover_after / 1000
+                    )
+                } else {
+                    String::new()
+                };
+                tracing::warn!(target: "relayq::routing", "relay {name} ({endpoint}) is down: {error}{failover}");
+            }
+            Transition::Paused { until } => tracing::warn!(
+                target: "relayq::routing",
+                "relay {name} ({endpoint}) paused by the circuit breaker until {}: {error}; no mail is sent to it until a probe succeeds",
+                fmt_time(until, None)
+            ),
+            Transition::CameUp { down_for } => {
+                tracing::info!(
+                    target: "relayq::routing",
+                    "relay {name} ({endpoint}) is up again after {}s",
+                    down_for / 1000
+                );
+                if let Some(s) = &self.scheduler {
+                    s.relay_up(name);
+                }
+            }
+        }
+    }
+
+    /// An operator flushed the queue: forget outages and pauses so every
+    /// relay is tried again now.
+    pub fn reset_health(&self) {
+        let now = self.clock.now_ms();
+        for r in &self.relays {
+            let mut st = r.state();
+            if st.health.status(now) != Status::Up {
+                tracing::info!(target: "relayq::routing", "relay {} ({}): outage forgotten by a queue flush; trying it again", r.name, r.endpoint);
+            }
+            st.health = Health::default();
+            st.fleet_full = None;
+        }
+    }
+
+    /// Probes every relay whose probe is due (see `health`).
+    pub async fn probe_due(self: &Arc<Self>) {
+        let now = self.clock.now_ms();
+        for id in 0..self.relays.len() {
+            if !self.relays[id].state().health.take_probe(now) {
+                continue;
+            }
+            let this = self.clone();
+            tokio::spawn(async move {
+                let relay = &this.relays[id];
+                match relay.pool.probe().await {
+                    Some(signal) => {
+                        if let Signal::Down(e) | Signal::Throttled(e) = &signal {
+                            tracing::info!(target: "relayq::routing", "relay {} ({}): probe failed: {e}", relay.name, relay.endpoint);
+                        }
+                        let now = this.clock.now_ms();
+                        this.record_signal(id, &signal, now);
+                    }
+                    None => {
+                        let now = this.clock.now_ms();
+                        relay.state().health.probe_later(now + 1_000);
+                    }
+                }
+            });
+        }
+    }
+}
