@@ -47,6 +47,9 @@ pub struct StatusReport {
     pub now: u64,
     pub queue: QueueSummary,
     pub relays: Vec<RelayReport>,
+    /// Each configured relay as the router sees it: up, down since, paused
+    /// by the circuit breaker until, connections, and each limit's use.
+    pub routing: Vec<crate::routing::RelayState>,
     /// The oldest queued messages with their pending recipients and the
     /// reason of each one's last deferral.
     pub messages: Vec<QueuedMessage>,
@@ -151,6 +154,14 @@ pub async fn report(ctx: &Arc<StatusContext>) -> anyhow::Result<StatusReport> {
     let snap = snapshot(ctx, LISTED).await?;
     let now = state::now_ms();
     let (recent_deliveries, recent_failures) = state::recent();
+    let routing = match crate::routing::current() {
+        Some(router) => {
+            // Fleet-wide counts come from Redis: fetch fresh ones.
+            router.refresh().await;
+            router.relay_states()
+        }
+        None => Vec::new(),
+    };
     let mut history = state::history(now);
     history.push((now, snap.queued + snap.held));
     Ok(StatusReport {
@@ -173,6 +184,7 @@ pub async fn report(ctx: &Arc<StatusContext>) -> anyhow::Result<StatusReport> {
                 last_error_at: s.last_error_ms,
             })
             .collect(),
+        routing,
         messages: snap.messages,
         recent_deliveries,
         recent_failures,

@@ -110,6 +110,54 @@ pub fn render(r: &StatusReport) -> String {
     }
     h.push_str("</section>");
 
+    if !r.routing.is_empty() {
+        h.push_str("<section id=\"routing\"><h2>Relays and limits</h2>");
+        h.push_str("<table><tr><th>name</th><th>endpoint</th><th>state</th><th>connections</th><th>limits (used/limit, resets)</th></tr>");
+        for relay in &r.routing {
+            let state = match (relay.down_since_ms, relay.paused_until_ms) {
+                (_, Some(until)) => format!(
+                    "paused by the circuit breaker until {}",
+                    crate::routing::fmt_time(until, None)
+                ),
+                (Some(since_ms), None) => format!("down since {}", since(r.now, since_ms)),
+                _ => relay.state.clone(),
+            };
+            let limits: Vec<String> = relay
+                .limits
+                .iter()
+                .map(|l| {
+                    let resets = l
+                        .resets_at_ms
+                        .map(|t| format!(", resets {}", crate::routing::fmt_time(t, None)))
+                        .unwrap_or_default();
+                    format!(
+                        "{}/{} per {} ({}{resets})",
+                        l.used,
+                        l.limit,
+                        l.period.label(),
+                        l.window
+                    )
+                })
+                .collect();
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}/{}</td><td>{}</td></tr>",
+                esc(&relay.name),
+                esc(&relay.endpoint),
+                esc(&relay.state),
+                esc(&state),
+                relay.connections,
+                relay.max_connections,
+                if limits.is_empty() {
+                    "none".to_string()
+                } else {
+                    esc(&limits.join("; "))
+                },
+            );
+        }
+        h.push_str("</table></section>");
+    }
+
     h.push_str("<section id=\"chart\"><h2>Queue size, last hour</h2>");
     h.push_str(&chart(&r.history, r.now));
     if let Some(&(first, _)) = r.history.first()

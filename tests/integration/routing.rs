@@ -594,3 +594,57 @@ mod fleet {
         assert!(!log.contains("status=bounced"), "{log}");
     }
 }
+
+/// The status endpoint shows each relay's state and its limits' use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_endpoint_shows_relay_states_and_quota_use() {
+    use crate::support::http::{get, status_addr};
+    let up = FakeUpstream::start().await;
+    let down = FakeUpstream::start().await;
+    let down_addr = down.addr();
+    down.stop().await;
+    let d = Daemon::start(&config(
+        "status_listen = \"127.0.0.1:0\"",
+        &[
+            relay("capped", up.addr(), "messages_per_day = 5"),
+            relay("gone", down_addr, ""),
+        ],
+        "[[route]]\nsender_domain = \"b.example\"\nrelay = \"gone\"\n[[route]]\nrelay = \"capped\"\n",
+    ));
+    send(&d, "app@a.example", "q1", "").await;
+    send(&d, "app@a.example", "q2", "").await;
+    up.wait_for_messages(2, WAIT).await;
+    send(&d, "app@b.example", "to-the-dead-relay", "").await;
+    d.wait_log("status=deferred", WAIT);
+    let addr = status_addr(&d);
+    let status = get(addr, "/status").await;
+    assert_eq!(status.status, 200);
+    let v: serde_json::Value = serde_json::from_str(&status.body).expect("JSON");
+    let routing = v["routing"].as_array().expect("routing array");
+    let capped = routing
+        .iter()
+        .find(|r| r["name"] == "capped")
+        .expect("capped relay");
+    assert_eq!(capped["state"], "up");
+    let day = &capped["limits"][0];
+    assert_eq!(
+        (
+            day["used"].as_u64(),
+            day["left"].as_u64(),
+            day["limit"].as_u64()
+        ),
+        (Some(2), Some(3), Some(5)),
+        "{day}"
+    );
+    assert!(day["resets_at_ms"].as_u64().is_some(), "{day}");
+    let gone = routing
+        .iter()
+        .find(|r| r["name"] == "gone")
+        .expect("gone relay");
+    assert_eq!(gone["state"], "down", "{gone}");
+    assert!(gone["down_since_ms"].as_u64().is_some(), "{gone}");
+    let page = get(addr, "/").await;
+    assert!(page.body.contains("Relays and limits"), "{}", page.body);
+    assert!(page.body.contains("2/5 per day"), "{}", page.body);
+    assert!(page.body.contains("down since"), "{}", page.body);
+}
