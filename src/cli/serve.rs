@@ -14,7 +14,6 @@ use crate::delivery::worker::{self, WorkerContext};
 use crate::routing::Router;
 use crate::smtp::{Server, ServerContext};
 use crate::spool::Spool;
-use crate::transport::Sender;
 
 /// How long shutdown waits for SMTP sessions and deliveries in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -72,7 +71,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         clock.clone(),
         handle.clone(),
     )?);
-    let server = Server::bind(ctx).await?;
+    let (server_ctx_tx, server_ctx) = watch::channel(ctx);
+    let server = Server::bind(server_ctx).await?;
     let addrs = server.local_addrs();
 
     let relay_names: Vec<String> = config
@@ -105,24 +105,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         spool: spool.clone(),
         clock: clock.clone(),
         scheduler: handle.clone(),
+        router: router.clone(),
     });
+    // Fail at start, not in a worker, if the transport cannot be set up.
+    drop(wctx.sender()?);
+    let (worker_ctx_tx, worker_ctx) = watch::channel(wctx);
     let mut worker_tasks = tokio::task::JoinSet::new();
-    let upkeep = router.as_ref().map(|r| {
+    let (upkeep_stop, upkeep_stopped) = watch::channel(false);
+    let mut upkeep = router.as_ref().map(|r| {
         tokio::spawn(crate::routing::maintain(
             r.clone(),
             Some(limits_file.clone()),
-            shutdown.clone(),
+            upkeep_stopped,
         ))
     });
     for _ in 0..workers {
-        let sender = match &router {
-            Some(r) => Sender::Routed(r.clone()),
-            None => Sender::new(&config)?,
-        };
         worker_tasks.spawn(worker::run(
-            wctx.clone(),
+            worker_ctx.clone(),
             jobs.clone(),
-            sender,
             shutdown.clone(),
         ));
     }
@@ -212,7 +212,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");
     }
-    signals.wait().await;
+    let mut live = Live {
+        config: config.clone(),
+        spool: spool.clone(),
+        clock: clock.clone(),
+        scheduler: handle.clone(),
+        server: server_ctx_tx,
+        workers: worker_ctx_tx,
+        router: router.clone(),
+        upkeep_stop,
+        limits_file: limits_file.clone(),
+        worker_count: workers,
+    };
+    let mut signals = signals;
+    while signals.wait().await == Wake::Reload {
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading]);
+        if let Some(task) = live.reload().await
+            && let Some(old) = upkeep.replace(task)
+        {
+            let _ = old.await;
+        }
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
+    let router = live.router.clone();
+    let _ = live.upkeep_stop.send(true);
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     tracing::info!(
         "shutting down: no new mail accepted, deliveries in flight finish, the queue stays on disk"
@@ -243,10 +266,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT, caught from the moment this is created.
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is created.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Wake {
+    Stop,
+    Reload,
 }
 
 impl Signals {
@@ -254,13 +284,161 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    async fn wait(mut self) {
+    async fn wait(&mut self) -> Wake {
         tokio::select! {
-            _ = self.term.recv() => {}
-            _ = self.int.recv() => {}
+            _ = self.term.recv() => Wake::Stop,
+            _ = self.int.recv() => Wake::Stop,
+            _ = self.hup.recv() => Wake::Reload,
         }
+    }
+}
+
+/// A multi-line parser message (TOML shows the offending line with a
+/// caret under it) as one log line that still names the line and key.
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.chars().all(|c| matches!(c, '|' | '^' | ' ')))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What a config reload (SIGHUP) replaces: the context new SMTP sessions
+/// get, and the context (transport, relays, routes, limits) delivery
+/// workers take up for their next message. Sessions and deliveries in
+/// flight finish with the old ones; queued mail stays where it is.
+struct Live {
+    config: Arc<Config>,
+    spool: Spool,
+    clock: Clock,
+    scheduler: crate::delivery::SchedulerHandle,
+    server: watch::Sender<Arc<ServerContext>>,
+    workers: watch::Sender<Arc<WorkerContext>>,
+    router: Option<Arc<Router>>,
+    upkeep_stop: watch::Sender<bool>,
+    limits_file: std::path::PathBuf,
+    worker_count: usize,
+}
+
+impl Live {
+    /// Re-reads the config file. An invalid file changes nothing. Returns
+    /// the new router's upkeep task when the relays were rebuilt.
+    async fn reload(&mut self) -> Option<tokio::task::JoinHandle<()>> {
+        let Some(path) = self.config.source.clone() else {
+            tracing::warn!(
+                "SIGHUP: no config file to reload (development default); nothing changed"
+            );
+            return None;
+        };
+        let new = match Config::load(&path) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!(
+                    "reload failed, the running configuration stays: {}",
+                    one_line(&e.to_string())
+                );
+                return None;
+            }
+        };
+        for (key, changed) in [
+            ("spool_dir", new.spool_dir != self.config.spool_dir),
+            ("smtp.listen", new.smtp.listen != self.config.smtp.listen),
+            (
+                "smtp.max_connections",
+                new.smtp.max_connections != self.config.smtp.max_connections,
+            ),
+            (
+                "status_listen",
+                new.status_listen != self.config.status_listen,
+            ),
+            ("log_format", new.log_format != self.config.log_format),
+            (
+                "transport",
+                new.transport_kind() != self.config.transport_kind(),
+            ),
+        ] {
+            if changed {
+                tracing::warn!(
+                    "reload: {key} changed in {}; it takes effect at the next restart",
+                    path.display()
+                );
+            }
+        }
+        if new.transport_kind() != self.config.transport_kind() {
+            tracing::error!(
+                "reload failed, the running configuration stays: switching between relay and capture needs a restart"
+            );
+            return None;
+        }
+        let server = match ServerContext::new(
+            new.clone(),
+            self.spool.clone(),
+            self.clock.clone(),
+            self.scheduler.clone(),
+        ) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                tracing::error!("reload failed, the running configuration stays: {e:#}");
+                return None;
+            }
+        };
+        if self.router.is_none()
+            && let Err(e) = crate::transport::Sender::new(&new)
+        {
+            tracing::error!("reload failed, the running configuration stays: {e:#}");
+            return None;
+        }
+        let mut upkeep = None;
+        let router = match &self.router {
+            None => None,
+            Some(old) => {
+                let router =
+                    match Router::new(&new, self.clock.clone(), Some(self.scheduler.clone())) {
+                        Ok(r) => Arc::new(r),
+                        Err(e) => {
+                            tracing::error!("reload failed, the running configuration stays: {e}");
+                            return None;
+                        }
+                    };
+                // Limit counts carry over through the limits file.
+                let (old, path) = (old.clone(), self.limits_file.clone());
+                let _ = tokio::task::spawn_blocking(move || old.save_limits(&path)).await;
+                router.load_limits(&self.limits_file);
+                crate::routing::install(&router);
+                let _ = self.upkeep_stop.send(true);
+                let (stop, stopped) = watch::channel(false);
+                self.upkeep_stop = stop;
+                upkeep = Some(tokio::spawn(crate::routing::maintain(
+                    router.clone(),
+                    Some(self.limits_file.clone()),
+                    stopped,
+                )));
+                let wanted: usize = new.relays.iter().map(|r| r.relay.connections()).sum();
+                if wanted > self.worker_count {
+                    tracing::warn!(
+                        "reload: the relays now allow {wanted} connections but {} delivery workers run; restart relayq to use them all",
+                        self.worker_count
+                    );
+                }
+                Some(router)
+            }
+        };
+        let workers = Arc::new(WorkerContext {
+            config: new.clone(),
+            spool: self.spool.clone(),
+            clock: self.clock.clone(),
+            scheduler: self.scheduler.clone(),
+            router: router.clone(),
+        });
+        let _ = self.server.send(server);
+        let _ = self.workers.send(workers);
+        self.router = router;
+        self.config = new;
+        tracing::info!("reloaded {}", path.display());
+        upkeep
     }
 }

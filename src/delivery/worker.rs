@@ -23,21 +23,64 @@ pub struct WorkerContext {
     pub spool: Spool,
     pub clock: Clock,
     pub scheduler: SchedulerHandle,
+    /// The relays, routes and limits, when relaying (not capturing).
+    pub router: Option<Arc<crate::routing::Router>>,
+}
+
+impl WorkerContext {
+    /// A transport instance for one worker under this context.
+    pub fn sender(&self) -> anyhow::Result<Sender> {
+        Ok(match &self.router {
+            Some(r) => Sender::Routed(r.clone()),
+            None => Sender::new(&self.config)?,
+        })
+    }
 }
 
 /// Runs one worker until shutdown. The connection it holds is closed after
-/// the transport's idle timeout without work.
+/// the transport's idle timeout without work. When the context is replaced
+/// (a config reload), the worker finishes the message in hand and takes
+/// up the new context for the next one.
 pub async fn run(
-    ctx: Arc<WorkerContext>,
+    mut contexts: watch::Receiver<Arc<WorkerContext>>,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
-    mut sender: Sender,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let idle = sender.idle_timeout();
+    let mut ctx = contexts.borrow_and_update().clone();
+    let mut sender = match ctx.sender() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("delivery worker cannot start: {e:#}");
+            return;
+        }
+    };
+    // False once the daemon dropped the sending side (shutting down).
+    let mut live = true;
+    // `changed()` below marks the new context as seen: remember it.
+    let mut switch = false;
     loop {
+        if std::mem::take(&mut switch) || (live && contexts.has_changed().unwrap_or(false)) {
+            let next = contexts.borrow_and_update().clone();
+            match next.sender() {
+                Ok(fresh) => {
+                    sender.close().await;
+                    sender = fresh;
+                    ctx = next;
+                }
+                Err(e) => {
+                    tracing::error!("reloaded transport cannot start, keeping the old one: {e:#}")
+                }
+            }
+        }
+        let idle = sender.idle_timeout();
         let job = tokio::select! {
             job = async { jobs.lock().await.recv().await } => job,
             _ = stopped(&mut shutdown) => break,
+            r = contexts.changed(), if live => {
+                live = r.is_ok();
+                switch = live;
+                continue;
+            }
             _ = tokio::time::sleep(idle), if sender.is_connected() => {
                 sender.close().await;
                 continue;

@@ -108,14 +108,17 @@ impl Drop for IpSlot {
 
 pub struct Server {
     listeners: Vec<TcpListener>,
-    ctx: Arc<ServerContext>,
+    /// The context for new sessions; replaced on a config reload (SIGHUP),
+    /// while running sessions keep the one they started with.
+    ctx: watch::Receiver<Arc<ServerContext>>,
 }
 
 impl Server {
     /// Binds every listen address; fails if any cannot be bound.
-    pub async fn bind(ctx: Arc<ServerContext>) -> anyhow::Result<Server> {
+    pub async fn bind(ctx: watch::Receiver<Arc<ServerContext>>) -> anyhow::Result<Server> {
+        let current = ctx.borrow().clone();
         let mut listeners = Vec::new();
-        for addr in &ctx.config.smtp.listen {
+        for addr in &current.config.smtp.listen {
             let l = TcpListener::bind(addr)
                 .await
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -134,7 +137,9 @@ impl Server {
     /// Serves until `shutdown` becomes true, then waits up to `grace` for
     /// open sessions to finish.
     pub async fn run(self, shutdown: watch::Receiver<bool>, grace: Duration) {
-        let limit = Arc::new(Semaphore::new(self.ctx.config.smtp.max_connections));
+        // The total limit is fixed at start (changing it needs a restart).
+        let max = self.ctx.borrow().config.smtp.max_connections;
+        let limit = Arc::new(Semaphore::new(max));
         let per_ip = Arc::new(PerIp::default());
         let mut sessions = JoinSet::new();
         let mut acceptors = JoinSet::new();
@@ -177,7 +182,7 @@ type SessionFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Se
 
 async fn accept_loop(
     listener: TcpListener,
-    ctx: Arc<ServerContext>,
+    contexts: watch::Receiver<Arc<ServerContext>>,
     limit: Arc<Semaphore>,
     per_ip: Arc<PerIp>,
     shutdown: watch::Receiver<bool>,
@@ -205,6 +210,7 @@ async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let ctx = contexts.borrow().clone();
         let host = ctx.config.hostname.clone();
         let Some(tx) = spawn.as_ref() else {
             tokio::spawn(refuse(

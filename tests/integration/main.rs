@@ -13,6 +13,7 @@ mod interop;
 mod observe;
 mod queue;
 mod relay;
+mod reload;
 mod routing;
 mod sendmail;
 mod smtp;
