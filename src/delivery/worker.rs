@@ -309,12 +309,25 @@ async fn record(
         append_durably(ctx, id, delivered).await;
         return retry_later(ctx);
     }
-    let finals = durable.len();
+    // Every pending recipient is done: the message leaves the spool, and
+    // its records would be written only to be deleted (durability rule 4).
+    if meta.pending().count() == durable.len() {
+        return match ctx.spool.remove(Area::Queue, id) {
+            Ok(()) | Err(SpoolError::NotFound(_)) => {
+                events::removed(id);
+                Next::Done
+            }
+            Err(e) => {
+                // The file stays: record the outcomes so that recovery
+                // removes it instead of sending it again.
+                events::queue_warning(id, &format!("cannot remove finished queue file: {e}"));
+                append_durably(ctx, id, durable).await;
+                Next::Done
+            }
+        };
+    }
     if !append_durably(ctx, id, durable).await {
         return retry_later(ctx);
-    }
-    if meta.pending().count() == finals {
-        return finish(ctx, id);
     }
     let attempts = meta.attempts + 1;
     let q = &ctx.config.queue;

@@ -47,16 +47,21 @@
 //!    `queue/` directory. Only after that may a client be told `250`.
 //!    Directory fsyncs of concurrent accepts are batched (group commit): one
 //!    fsync covers every rename that happened before it started.
-//! 2. **Delivered / failed**: append the record and `fdatasync` before the
-//!    scheduler forgets the recipient. A bounce is committed (rule 1) before
-//!    the `failed` records that it reports. A crash between the upstream's
-//!    `250` and our fsync can make us send once more: delivery is at least
-//!    once, never at most once.
+//! 2. **Delivered / failed**: while other recipients of the message are
+//!    still pending, append the record and `fdatasync` before the scheduler
+//!    forgets the recipient. When the attempt leaves no recipient pending,
+//!    the file is unlinked instead (rule 4): writing records only to delete
+//!    them would cost an fsync per message. A bounce is committed (rule 1)
+//!    before the `failed` records, or the unlink, that it reports. A crash
+//!    between the upstream's `250` and our fsync can make us send once
+//!    more: delivery is at least once, never at most once.
 //! 3. **Deferred / attempt**: appended without fsync. Losing them only
 //!    makes a retry come early after a crash.
-//! 4. **Done**: when no recipient is pending the file is unlinked. If the
-//!    unlink is lost in a crash, recovery sees every recipient done and
-//!    unlinks it again.
+//! 4. **Done**: when no recipient is pending the file is unlinked, without
+//!    a directory fsync. A killed process cannot lose the unlink (it is in
+//!    the kernel); a machine crash within the file system's commit interval
+//!    can, and then the message is sent again, as Postfix would. A file
+//!    whose records say every recipient is done is unlinked by recovery.
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
 //!    by an fsync of both.
 //!
