@@ -53,6 +53,10 @@ struct Args {
     /// Tiny loads, for CI: checks that everything runs and counts add up.
     #[arg(long)]
     smoke: bool,
+    /// Rounds of the main loads, relayq and Postfix interleaved; figures
+    /// are the medians (the disk here is noisy, see BENCHMARKING.md).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
 }
 
 #[derive(Default, Clone)]
@@ -95,15 +99,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cores(),
         other_cpu_percent()
     );
-    let relayq = bench_relayq(&args).await?;
-    print_figures("relayq", &relayq);
-    let postfix = if args.compare_postfix {
-        Some(bench_postfix(&args).await?)
-    } else {
-        None
-    };
+    let mut relayq_rounds = Vec::new();
+    let mut postfix_rounds = Vec::new();
+    for round in 1..=args.rounds.max(1) {
+        if args.rounds > 1 {
+            println!("\n-- round {round} of {}", args.rounds);
+        }
+        let r = bench_relayq(&args).await?;
+        print_figures("relayq", &r);
+        relayq_rounds.push(r);
+        if args.compare_postfix {
+            let p = bench_postfix(&args).await?;
+            print_figures("postfix", &p);
+            postfix_rounds.push(p);
+        }
+    }
+    let relayq = median(&relayq_rounds);
+    let postfix = (!postfix_rounds.is_empty()).then(|| median(&postfix_rounds));
+    if args.rounds > 1 {
+        println!("\nmedians of {} rounds:", args.rounds);
+        print_figures("relayq", &relayq);
+    }
     if let Some(p) = &postfix {
-        print_figures("postfix", p);
+        if args.rounds > 1 {
+            print_figures("postfix", p);
+        }
         println!();
         println!("| figure | relayq | postfix | ratio | target |");
         println!("|---|---|---|---|---|");
@@ -156,6 +176,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("\nbench: ok");
     Ok(())
+}
+
+/// Each figure's median over the rounds.
+fn median(rounds: &[Figures]) -> Figures {
+    let m = |f: fn(&Figures) -> f64| {
+        let mut v: Vec<f64> = rounds.iter().map(f).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    Figures {
+        accept_rate: m(|f| f.accept_rate),
+        accept_p50_ms: m(|f| f.accept_p50_ms),
+        accept_p99_ms: m(|f| f.accept_p99_ms),
+        single_p50_ms: m(|f| f.single_p50_ms),
+        single_p99_ms: m(|f| f.single_p99_ms),
+        drain_rate: m(|f| f.drain_rate),
+        drain_lag_s: m(|f| f.drain_lag_s),
+        mem_mb: m(|f| f.mem_mb),
+        idle_mb: m(|f| f.idle_mb),
+        cpu_ms_per_msg: m(|f| f.cpu_ms_per_msg),
+    }
 }
 
 fn row(name: &str, a: f64, b: f64, ratio: f64, target: &str) {
