@@ -506,32 +506,44 @@ fn start_relayq(
     })
 }
 
-async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
-    let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq(sink.addr, 4, "", None)?;
-    let pid = r.child.id();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let idle = rss_kb(pid).unwrap_or(0) as f64 / 1024.0;
-    let cpu0 = cpu_ms(pid).unwrap_or(0.0);
-    let (rate, mut lat) = accept_load(r.addr, args.sessions, args.messages, args.size).await?;
+/// How to read a system's memory (in KB) and CPU (in ms) during a run.
+struct Probe {
+    /// Memory under load: relayq's peak RSS, Postfix's PSS summed.
+    loaded_kb: Box<dyn Fn() -> u64>,
+    idle_kb: Box<dyn Fn() -> u64>,
+    cpu_ms: Box<dyn Fn() -> f64>,
+}
+
+/// The same loads and the same figures for whichever system listens on
+/// `addr` and relays to `sink`.
+async fn measure(
+    addr: SocketAddr,
+    sink: &Sink,
+    args: &Args,
+    probe: &Probe,
+) -> anyhow::Result<Figures> {
+    let idle = (probe.idle_kb)() as f64 / 1024.0;
+    let cpu0 = (probe.cpu_ms)();
+    let (rate, mut lat) = accept_load(addr, args.sessions, args.messages, args.size).await?;
     let accepted_at = Instant::now();
     let mut fig = Figures {
         accept_rate: rate,
         idle_mb: idle,
         ..Figures::default()
     };
+    fig.mem_mb = (probe.loaded_kb)() as f64 / 1024.0;
     fig.accept_p50_ms = percentile(&mut lat, 0.5);
     fig.accept_p99_ms = percentile(&mut lat, 0.99);
     let drain_start = Instant::now();
-    wait_count(&sink.count, args.messages as u64, Duration::from_secs(600)).await?;
+    wait_count(&sink.count, args.messages as u64, Duration::from_secs(900)).await?;
     fig.drain_lag_s = accepted_at.elapsed().as_secs_f64();
+    // From the first accept: the mean session's send time plus the wait.
     fig.drain_rate = args.messages as f64
         / (drain_start.elapsed().as_secs_f64()
             + lat.iter().map(|d| d.as_secs_f64()).sum::<f64>() / args.sessions as f64);
-    fig.mem_mb = hwm_kb(pid).unwrap_or(0) as f64 / 1024.0;
-    fig.cpu_ms_per_msg = (cpu_ms(pid).unwrap_or(0.0) - cpu0) / args.messages as f64;
+    fig.cpu_ms_per_msg = ((probe.cpu_ms)() - cpu0) / args.messages as f64;
     let before = sink.count.load(Ordering::Relaxed);
-    let (_, mut single) = accept_load(r.addr, 1, args.latency_messages, args.size).await?;
+    let (_, mut single) = accept_load(addr, 1, args.latency_messages, args.size).await?;
     fig.single_p50_ms = percentile(&mut single, 0.5);
     fig.single_p99_ms = percentile(&mut single, 0.99);
     wait_count(
@@ -540,13 +552,30 @@ async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
         Duration::from_secs(300),
     )
     .await?;
-    let _ = r.child.kill();
     let total = sink.count.load(Ordering::Relaxed);
     let expected = (args.messages + args.latency_messages) as u64;
     if total != expected {
         bail!("the sink received {total} messages, expected {expected}");
     }
-    println!("relayq: {total} messages accepted and relayed, count matches");
+    Ok(fig)
+}
+
+async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
+    let sink = sink(Duration::ZERO, true).await?;
+    let mut r = start_relayq(sink.addr, 4, "", None)?;
+    let pid = r.child.id();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let probe = Probe {
+        loaded_kb: Box::new(move || hwm_kb(pid).unwrap_or(0)),
+        idle_kb: Box::new(move || rss_kb(pid).unwrap_or(0)),
+        cpu_ms: Box::new(move || cpu_ms(pid).unwrap_or(0.0)),
+    };
+    let fig = measure(r.addr, &sink, args, &probe).await?;
+    let _ = r.child.kill();
+    println!(
+        "relayq: {} messages accepted and relayed, count matches",
+        args.messages + args.latency_messages
+    );
     Ok(fig)
 }
 
@@ -666,37 +695,14 @@ async fn bench_postfix(args: &Args) -> anyhow::Result<Figures> {
     let port = setup_postfix(sink.addr)?;
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let idle = postfix_pss_kb() as f64 / 1024.0;
-    let cpu0 = postfix_cpu_ms();
-    let (rate, mut lat) = accept_load(addr, args.sessions, args.messages, args.size).await?;
-    let accepted_at = Instant::now();
-    let mut fig = Figures {
-        accept_rate: rate,
-        idle_mb: idle,
-        ..Figures::default()
+    let probe = Probe {
+        loaded_kb: Box::new(postfix_pss_kb),
+        idle_kb: Box::new(postfix_pss_kb),
+        cpu_ms: Box::new(postfix_cpu_ms),
     };
-    fig.mem_mb = postfix_pss_kb() as f64 / 1024.0;
-    fig.accept_p50_ms = percentile(&mut lat, 0.5);
-    fig.accept_p99_ms = percentile(&mut lat, 0.99);
-    let drain_start = Instant::now();
-    wait_count(&sink.count, args.messages as u64, Duration::from_secs(900)).await?;
-    fig.drain_lag_s = accepted_at.elapsed().as_secs_f64();
-    fig.drain_rate = args.messages as f64
-        / (drain_start.elapsed().as_secs_f64()
-            + lat.iter().map(|d| d.as_secs_f64()).sum::<f64>() / args.sessions as f64);
-    fig.cpu_ms_per_msg = (postfix_cpu_ms() - cpu0) / args.messages as f64;
-    let before = sink.count.load(Ordering::Relaxed);
-    let (_, mut single) = accept_load(addr, 1, args.latency_messages, args.size).await?;
-    fig.single_p50_ms = percentile(&mut single, 0.5);
-    fig.single_p99_ms = percentile(&mut single, 0.99);
-    wait_count(
-        &sink.count,
-        before + args.latency_messages as u64,
-        Duration::from_secs(300),
-    )
-    .await?;
+    let fig = measure(addr, &sink, args, &probe).await;
     let _ = Command::new("postfix").arg("stop").status();
-    Ok(fig)
+    fig
 }
 
 /// Installs Postfix if needed and configures it as a loopback null client

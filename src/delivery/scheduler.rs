@@ -185,6 +185,10 @@ pub struct Scheduler {
     releases: HashMap<Arc<str>, u64>,
     /// Messages to wake when a relay comes back up.
     waiting_on: HashMap<Arc<str>, HashSet<Box<str>>>,
+    /// A flush was asked for: mail recovered from the spool after it (a
+    /// big queue is read after the daemon already listens) is due at once
+    /// too, so `relayq queue flush` right after a restart means all of it.
+    flushed: bool,
 }
 
 impl Scheduler {
@@ -211,6 +215,7 @@ impl Scheduler {
             ready: VecDeque::new(),
             parked: HashMap::new(),
             releases: HashMap::new(),
+            flushed: false,
             waiting_on: HashMap::new(),
         };
         (
@@ -330,7 +335,11 @@ impl Scheduler {
                     if self.entries.contains_key(&id) {
                         continue;
                     }
-                    let at = meta.next_attempt_ms.unwrap_or(0);
+                    let at = if self.flushed {
+                        0
+                    } else {
+                        meta.next_attempt_ms.unwrap_or(0)
+                    };
                     self.entries.insert(
                         id.clone(),
                         Entry {
@@ -344,6 +353,7 @@ impl Scheduler {
             }
             Event::Finished { id, next } => self.finished(id, next),
             Event::Flush(done) => {
+                self.flushed = true;
                 let waiting: Vec<(u64, Box<str>)> =
                     std::mem::take(&mut self.timers).into_iter().collect();
                 let mut n = waiting.len();

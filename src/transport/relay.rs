@@ -224,43 +224,12 @@ impl RelaySender {
                 signal,
             }) = self.connect().await
         {
-            let report = AttemptReport {
-                relay,
-                results: rcpts
-                    .iter()
-                    .map(|&i| {
-                        (
-                            i,
-                            RcptOutcome::Deferred {
-                                reason: reason.clone(),
-                            },
-                        )
-                    })
-                    .collect(),
-                conn_time: started.elapsed(),
-                ..AttemptReport::default()
-            };
-            return (report, signal);
+            return (deferred(relay, rcpts, &reason, started.elapsed()), signal);
         }
         let conn_time = started.elapsed();
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
-            let report = AttemptReport {
-                relay,
-                results: rcpts
-                    .iter()
-                    .map(|&i| {
-                        (
-                            i,
-                            RcptOutcome::Deferred {
-                                reason: "no connection".into(),
-                            },
-                        )
-                    })
-                    .collect(),
-                conn_time,
-                ..AttemptReport::default()
-            };
+            let report = deferred(relay, rcpts, "no connection", conn_time);
             return (report, Signal::Down("no connection".into()));
         };
         let addrs: Vec<&str> = rcpts
@@ -415,6 +384,26 @@ pub fn client_config(
         command_timeout: relay.command_timeout.0,
         data_timeout: relay.command_timeout.0,
     })
+}
+
+/// Every recipient deferred for one reason, no transaction made.
+fn deferred(relay: String, rcpts: &[usize], reason: &str, conn_time: Duration) -> AttemptReport {
+    AttemptReport {
+        relay,
+        results: rcpts
+            .iter()
+            .map(|&i| {
+                (
+                    i,
+                    RcptOutcome::Deferred {
+                        reason: reason.to_string(),
+                    },
+                )
+            })
+            .collect(),
+        conn_time,
+        ..AttemptReport::default()
+    }
 }
 
 /// A recipient's fate from its RCPT reply and the reply to the message body.

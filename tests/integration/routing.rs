@@ -413,7 +413,11 @@ async fn a_busy_relay_keeps_its_connection_limit_and_holds_up_no_other() {
     );
     let got = slow.wait_for_messages(4, WAIT).await;
     wait_empty(&d).await;
-    assert_eq!(subjects(&got), ["s1", "s2", "s3", "s4"]);
+    // Each exactly once (the order among workers sharing one connection is
+    // not what this test is about; quota releases are checked for order).
+    let mut got = subjects(&got);
+    got.sort();
+    assert_eq!(got, ["s1", "s2", "s3", "s4"]);
     assert_eq!(slow.connections(), 1, "max_connections = 1, reused");
 }
 
