@@ -261,7 +261,14 @@ fn delivery_status(input: &BounceInput<'_>, host: &str) -> Vec<u8> {
         if let Some(diag) = &rcpt.diagnostic {
             let diag = escape_non_ascii(&one_line(diag));
             if !diag.is_empty() {
-                push_field(&mut part, "Diagnostic-Code", &format!("smtp; {diag}"));
+                // RFC 3464: "smtp" types an SMTP reply; anything else (a
+                // refused connection, a TLS failure) gets a private type.
+                let kind = if is_smtp_reply(&diag) {
+                    "smtp"
+                } else {
+                    "x-relayq"
+                };
+                push_field(&mut part, "Diagnostic-Code", &format!("{kind}; {diag}"));
             }
         }
         if let Some(at) = rcpt.last_attempt {
@@ -526,6 +533,15 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     find(haystack, needle).is_some()
 }
 
+/// Whether a diagnostic is an SMTP reply ("550 5.1.1 ...").
+fn is_smtp_reply(diag: &str) -> bool {
+    let b = diag.as_bytes();
+    b.len() >= 4
+        && b[..3].iter().all(u8::is_ascii_digit)
+        && matches!(b[0], b'2'..=b'5')
+        && matches!(b[3], b' ' | b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -736,6 +752,10 @@ mod tests {
             "{status}"
         );
         assert!(!status.contains("Remote-MTA") && !status.contains("Diagnostic-Code"));
+        assert!(is_smtp_reply("550 5.1.1 no") && is_smtp_reply("421-busy"));
+        assert!(!is_smtp_reply(
+            "connect to 127.0.0.1:25 failed: Connection refused"
+        ));
         let human = children(&msg)[0].text_contents().expect("text").to_string();
         assert!(
             human.contains("<bob@example.org>: delivery delayed, status 4.0.0"),

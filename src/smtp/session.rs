@@ -232,7 +232,14 @@ impl Session {
                 "501 5.1.7 Error: sender address must be fully qualified (user@domain) or <>",
             ),
             Request::Mail { from } => self.mail(from),
-            Request::Rcpt { to } => self.rcpt(to),
+            Request::Rcpt { mut to } => {
+                // RFC 5321 4.5.1: "RCPT TO:<Postmaster>" without a domain
+                // must be accepted; it means this host's postmaster.
+                if is_bare_postmaster(line) {
+                    to.address = format!("postmaster@{}", self.ctx.config.hostname).into();
+                }
+                self.rcpt(to)
+            }
             Request::Data => return self.data().await,
             Request::Rset => {
                 self.txn = None;
@@ -817,6 +824,15 @@ fn requote(addr: &str) -> String {
 }
 
 /// Whether a MAIL command line's reverse-path is literally `<>`.
+/// `RCPT TO:<postmaster>` with no domain, any case.
+fn is_bare_postmaster(line: &[u8]) -> bool {
+    let Some(open) = line.iter().position(|&b| b == b'<') else {
+        return false;
+    };
+    line.get(open + 1..open + 12)
+        .is_some_and(|s| s.eq_ignore_ascii_case(b"postmaster>"))
+}
+
 fn is_null_path(line: &[u8]) -> bool {
     let Some(open) = line.iter().position(|&b| b == b'<') else {
         return false;

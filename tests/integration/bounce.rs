@@ -586,6 +586,11 @@ async fn expiry_while_the_upstream_is_unreachable() {
         "the last reason is reported: {}",
         groups[0]
     );
+    assert!(
+        field(&groups[0], "Diagnostic-Code").starts_with("x-relayq;"),
+        "not an SMTP reply, so not typed smtp: {}",
+        groups[0]
+    );
     assert_eq!(field(&groups[0], "Action"), "failed");
     d.wait_log(&format!("{bid}: removed"), WAIT);
     assert_eq!(d.queued(), 0);

@@ -781,6 +781,12 @@ async fn unqualified_addresses_are_refused() {
     );
     assert_reply(&c.cmd("MAIL FROM:<>").await, "250 2.1.0", "MAIL FROM:<>");
     assert_reply(&c.cmd("RCPT TO:<bob>").await, "501 5.1.3", "RCPT TO:<bob>");
+    // RFC 5321 4.5.1: the bare postmaster is always accepted, as ours.
+    assert_reply(
+        &c.cmd("RCPT TO:<Postmaster>").await,
+        "250 2.1.5",
+        "RCPT TO:<Postmaster>",
+    );
     c.cmd("RSET").await;
     only_this_arrives(&mut c, &d, &up).await;
 }
