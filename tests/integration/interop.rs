@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
-use crate::support::client::{Client, queue_id};
+use crate::support::client::{Client, dot_stuff, queue_id};
 use crate::support::daemon::{Daemon, relay_config};
 use crate::support::upstream::FakeUpstream;
 
@@ -267,13 +267,7 @@ async fn aiosmtpd_upstream_receives_byte_for_byte() {
             assert!(r.starts_with("250"), "{r}");
         }
         assert!(c.cmd("DATA").await.starts_with("354"));
-        let mut wire = Vec::new();
-        for line in data.split_inclusive(|&b| b == b'\n') {
-            if line.starts_with(b".") {
-                wire.push(b'.');
-            }
-            wire.extend_from_slice(line);
-        }
+        let wire = dot_stuff(data);
         c.send(&wire).await;
         c.send(b".\r\n").await;
         let r = c.reply().await;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::support::client::{Client, queue_id, send_mail};
+use crate::support::client::{Client, dot_stuff, queue_id, send_mail};
 use crate::support::daemon::{Daemon, relay_config};
 use crate::support::upstream::FakeUpstream;
 
@@ -71,13 +71,7 @@ async fn message_arrives_byte_for_byte() {
         }
         assert!(c.cmd("DATA").await.starts_with("354"));
         // Dot-stuff like any client must.
-        let mut wire = Vec::new();
-        for line in data.split_inclusive(|&b| b == b'\n') {
-            if line.starts_with(b".") {
-                wire.push(b'.');
-            }
-            wire.extend_from_slice(line);
-        }
+        let wire = dot_stuff(data);
         c.send(&wire).await;
         c.send(b".\r\n").await;
         let r = c.reply().await;

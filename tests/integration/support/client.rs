@@ -100,6 +100,19 @@ pub async fn send_mail(addr: SocketAddr, from: &str, rcpts: &[&str], data: &[u8]
     reply
 }
 
+/// A message as a client puts it on the wire after DATA: every line that
+/// starts with a dot gets another one (RFC 5321 4.5.2).
+pub fn dot_stuff(data: &[u8]) -> Vec<u8> {
+    let mut wire = Vec::with_capacity(data.len() + 8);
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b".") {
+            wire.push(b'.');
+        }
+        wire.extend_from_slice(line);
+    }
+    wire
+}
+
 /// The queue id from "250 2.0.0 Ok: queued as ID".
 pub fn queue_id(reply: &str) -> String {
     reply
