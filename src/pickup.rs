@@ -182,11 +182,8 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
             let (size, nrcpt, sender) = (full.len(), env.recipients.len(), env.sender.clone());
             match ctx.spool.commit(id, env, full, arrival).await {
                 Ok(id) => {
-                    tracing::info!(
-                        target: "relayq::queue",
-                        "{id}: uid={} ({}), from=<{sender}>, size={size}, nrcpt={nrcpt} (queue active, from maildrop {name})",
-                        who.uid,
-                        who.name
+                    crate::observe::events::accepted_local(
+                        &id, who.uid, &who.name, &sender, size, nrcpt, &name,
                     );
                     ctx.scheduler.queued(&id);
                     // Queued first, removed second: a crash in between

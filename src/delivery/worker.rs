@@ -121,7 +121,7 @@ pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next
     };
     let pending: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
     if pending.is_empty() {
-        return finish(ctx, id);
+        return finish(ctx, id, Vec::new()).await;
     }
     let started = Instant::now();
     match sender.deliver(&meta, &body, &pending).await {
@@ -312,19 +312,7 @@ async fn record(
     // Every pending recipient is done: the message leaves the spool, and
     // its records would be written only to be deleted (durability rule 4).
     if meta.pending().count() == durable.len() {
-        return match ctx.spool.remove(Area::Queue, id) {
-            Ok(()) | Err(SpoolError::NotFound(_)) => {
-                events::removed(id);
-                Next::Done
-            }
-            Err(e) => {
-                // The file stays: record the outcomes so that recovery
-                // removes it instead of sending it again.
-                events::queue_warning(id, &format!("cannot remove finished queue file: {e}"));
-                append_durably(ctx, id, durable).await;
-                Next::Done
-            }
-        };
+        return finish(ctx, id, durable).await;
     }
     if !append_durably(ctx, id, durable).await {
         return retry_later(ctx);
@@ -449,18 +437,18 @@ async fn send_bounce(
     }
 }
 
-fn finish(ctx: &WorkerContext, id: &str) -> Next {
+/// Removes a message whose recipients are all done. Should the file stay
+/// (an I/O error), `records` (this attempt's outcomes) are written so that
+/// recovery removes it instead of sending it again.
+async fn finish(ctx: &WorkerContext, id: &str, records: Vec<Record>) -> Next {
     match ctx.spool.remove(Area::Queue, id) {
-        Ok(()) | Err(SpoolError::NotFound(_)) => {
-            events::removed(id);
-            Next::Done
-        }
+        Ok(()) | Err(SpoolError::NotFound(_)) => events::removed(id),
         Err(e) => {
-            // Every recipient is recorded as done, so recovery removes it.
             events::queue_warning(id, &format!("cannot remove finished queue file: {e}"));
-            Next::Done
+            append_durably(ctx, id, records).await;
         }
     }
+    Next::Done
 }
 
 /// A retry soon, for trouble on our side (spool I/O) rather than upstream.

@@ -105,6 +105,31 @@ pub fn accepted(queue_id: &str, client: IpAddr, from: &str, size: usize, nrcpt: 
     counter!(m::ACCEPTED).increment(1);
 }
 
+/// A message a local user handed to `sendmail`, queued by the pickup: the
+/// same event as [`accepted`], with the submitter instead of a client.
+pub fn accepted_local(
+    queue_id: &str,
+    uid: u32,
+    user: &str,
+    from: &str,
+    size: usize,
+    nrcpt: usize,
+    drop_file: &str,
+) {
+    tracing::info!(
+        target: "relayq::queue",
+        event = "accepted",
+        queue_id,
+        uid,
+        user,
+        from,
+        size,
+        nrcpt,
+        "{queue_id}: uid={uid} ({user}), from=<{from}>, size={size}, nrcpt={nrcpt} (queue active, from maildrop {drop_file})"
+    );
+    counter!(m::ACCEPTED).increment(1);
+}
+
 /// One recipient's outcome in one attempt.
 pub fn attempt(a: &Attempt<'_>) {
     let delay = round2(a.delay);
