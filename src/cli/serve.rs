@@ -36,6 +36,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     // Held until we exit: queue tools change the spool only without us.
     let _daemon_lock = super::lock_spool(&config.spool_dir, Duration::from_secs(60))?;
+    // Under the lock: the slots present now are recovery's to look at.
+    spool
+        .enable_slots()
+        .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     crate::spool::maildrop::prepare(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
     let clock = Clock::new();
@@ -164,6 +168,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rec.corrupt.len(),
                 rec.discarded_tmp
             );
+            if rec.relinked > 0 {
+                tracing::warn!(
+                    "{} accepted messages restored to queue/ from their slots (links lost in a crash)",
+                    rec.relinked
+                );
+            }
             rhandle.recovered(rec.queued, rec.held);
         }
         Err(e) => tracing::error!("queue recovery failed: {e}"),

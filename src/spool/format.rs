@@ -10,6 +10,8 @@
 use std::fmt::Write as _;
 
 pub const MAGIC: &str = "relayq-queue 1";
+/// The end marker without a checksum (files written by older versions and
+/// by the sendmail maildrop).
 pub const END: &[u8] = b"end\n";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +28,12 @@ pub enum FormatError {
     TruncatedBody { expected: u64, actual: u64 },
     #[error("end marker missing after the message body")]
     NoEndMarker,
+    #[error("checksum mismatch: the file was not written whole")]
+    BadChecksum,
+    /// The first byte is NUL: a finished message whose removal did not
+    /// complete (see the durability rules), or a free slot.
+    #[error("not a message: a removed message or a free slot")]
+    Freed,
     #[error("bad status record: {0}")]
     BadRecord(String),
 }
@@ -98,6 +106,8 @@ pub struct Meta {
     pub body_offset: u64,
     pub attempts: u32,
     pub next_attempt_ms: Option<u64>,
+    /// The file's permanent name in `slots/`, when it is a reused file.
+    pub slot: Option<String>,
 }
 
 impl Meta {
@@ -126,11 +136,42 @@ pub fn one_line(s: &str) -> String {
         .collect()
 }
 
+/// A whole new queue file: header, content and an end marker that carries
+/// the CRC-32 of everything before it, so a write torn by a crash is
+/// recognised (a reused slot file may still hold an older message's bytes).
+pub fn encode_message(
+    id: &str,
+    arrival_ms: u64,
+    env: &Envelope,
+    message: &[u8],
+    slot: Option<&str>,
+) -> Vec<u8> {
+    let mut f = encode_header_with_slot(id, arrival_ms, env, message.len() as u64, slot);
+    f.reserve(message.len() + 16);
+    f.extend_from_slice(message);
+    let crc = crc32fast::hash(&f);
+    f.extend_from_slice(format!("end {crc:08x}\n").as_bytes());
+    f
+}
+
 /// The header of a new queue file, up to and including the empty line.
 pub fn encode_header(id: &str, arrival_ms: u64, env: &Envelope, size: u64) -> Vec<u8> {
+    encode_header_with_slot(id, arrival_ms, env, size, None)
+}
+
+fn encode_header_with_slot(
+    id: &str,
+    arrival_ms: u64,
+    env: &Envelope,
+    size: u64,
+    slot: Option<&str>,
+) -> Vec<u8> {
     let mut h = String::with_capacity(128 + 64 * env.recipients.len());
     let _ = writeln!(h, "{MAGIC}");
     let _ = writeln!(h, "id {id}");
+    if let Some(slot) = slot {
+        let _ = writeln!(h, "slot {slot}");
+    }
     let _ = writeln!(h, "arrival {arrival_ms}");
     let _ = writeln!(h, "sender {}", one_line(&env.sender));
     let mut flags = Vec::new();
@@ -177,6 +218,9 @@ pub fn encode_record(rec: &Record) -> Vec<u8> {
 /// (recipients all pending) and the header's length, or `Ok(None)` when
 /// `buf` ends before the header does.
 pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
+    if buf.first() == Some(&0) {
+        return Err(FormatError::Freed);
+    }
     let Some(end) = find_blank_line(buf) else {
         return Ok(None);
     };
@@ -187,6 +231,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
         return Err(FormatError::BadMagic);
     }
     let mut id = None;
+    let mut slot = None;
     let mut arrival = None;
     let mut sender = None;
     let mut size = None;
@@ -198,6 +243,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
             .ok_or_else(|| FormatError::BadHeader(line.into()))?;
         match key {
             "id" => id = Some(value.to_string()),
+            "slot" => slot = Some(value.to_string()),
             "arrival" => arrival = Some(parse_num(value, line)?),
             "sender" => sender = Some(value.to_string()),
             "flags" => {
@@ -233,23 +279,50 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
         body_offset: (end + 2) as u64,
         attempts: 0,
         next_attempt_ms: None,
+        slot,
     }))
 }
 
 /// Applies the tail of a file (from the end of the body on): the end
-/// marker, then status records. A last record without its newline is a
+/// marker, then status records, up to the first NUL (a reused file is
+/// zero-filled past its content). A last record without its newline is a
 /// write torn by a crash and is ignored; it was never relied upon.
-pub fn apply_tail(meta: &mut Meta, tail: &[u8]) -> Result<(), FormatError> {
-    let rest = tail.strip_prefix(END).ok_or(FormatError::NoEndMarker)?;
-    let complete = match rest.iter().rposition(|&b| b == b'\n') {
-        Some(pos) => &rest[..=pos],
-        None => &[][..],
-    };
-    let text = String::from_utf8_lossy(complete);
+/// Returns the checksum the end marker carries, if any.
+pub fn apply_tail(meta: &mut Meta, tail: &[u8]) -> Result<Option<u32>, FormatError> {
+    let (crc, rest) = split_end(tail)?;
+    let rest = &rest[..records_len(rest)];
+    let text = String::from_utf8_lossy(rest);
     for line in text.lines() {
         apply_record(meta, line)?;
     }
-    Ok(())
+    Ok(crc)
+}
+
+/// Length of the whole records in `rest` (after the end marker): up to the
+/// last newline before the first NUL. New records are written there.
+pub fn records_len(rest: &[u8]) -> usize {
+    let used = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    rest[..used]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1)
+}
+
+/// Splits the end marker (`end\n` or `end <crc32 hex>\n`) off the tail.
+pub fn split_end(tail: &[u8]) -> Result<(Option<u32>, &[u8]), FormatError> {
+    if let Some(rest) = tail.strip_prefix(END) {
+        return Ok((None, rest));
+    }
+    let rest = tail.strip_prefix(b"end ").ok_or(FormatError::NoEndMarker)?;
+    let hex = rest.get(..8).ok_or(FormatError::NoEndMarker)?;
+    if rest.get(8) != Some(&b'\n') {
+        return Err(FormatError::NoEndMarker);
+    }
+    let crc = std::str::from_utf8(hex)
+        .ok()
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or(FormatError::NoEndMarker)?;
+    Ok((Some(crc), &rest[9..]))
 }
 
 fn apply_record(meta: &mut Meta, line: &str) -> Result<(), FormatError> {
@@ -287,7 +360,8 @@ fn find_blank_line(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\n\n")
 }
 
-/// Decodes a whole file held in memory; used by tests and the fuzz target.
+/// Decodes a whole file held in memory, checking its checksum when it has
+/// one.
 pub fn decode(file: &[u8]) -> Result<(Meta, &[u8]), FormatError> {
     let mut meta = decode_header(file)?.ok_or(FormatError::TruncatedHeader)?;
     let start = usize::try_from(meta.body_offset).map_err(|_| FormatError::TruncatedHeader)?;
@@ -298,7 +372,11 @@ pub fn decode(file: &[u8]) -> Result<(Meta, &[u8]), FormatError> {
             expected: meta.size,
             actual: file.len().saturating_sub(start) as u64,
         })?;
-    apply_tail(&mut meta, &file[end..])?;
+    if let Some(crc) = apply_tail(&mut meta, &file[end..])?
+        && crc32fast::hash(&file[..end]) != crc
+    {
+        return Err(FormatError::BadChecksum);
+    }
     Ok((meta, &file[start..end]))
 }
 
@@ -382,6 +460,36 @@ mod tests {
         let (meta, _) = decode(&f).unwrap();
         assert_eq!(meta.recipients[0].state, RcptState::Delivered);
         assert_eq!(meta.recipients[1].state, RcptState::Pending);
+    }
+
+    #[test]
+    fn checksummed_file_with_padding() {
+        let (env, body) = sample();
+        let mut f = encode_message("01ID", 7, &env, &body, Some("SLOT"));
+        assert!(f.ends_with(b"\n"));
+        let end = f.len();
+        f.extend_from_slice(&encode_record(&Record::Delivered {
+            idx: 0,
+            at_ms: 1,
+            reply: "250".into(),
+        }));
+        f.resize(f.len() + 3000, 0);
+        // Stale bytes after the zeros are not records.
+        f.extend_from_slice(b"delivered 1 1 stale\n");
+        let (meta, got) = decode(&f).unwrap();
+        assert_eq!(got, &body[..]);
+        assert_eq!(meta.slot.as_deref(), Some("SLOT"));
+        assert_eq!(meta.recipients[0].state, RcptState::Delivered);
+        assert_eq!(meta.recipients[1].state, RcptState::Pending);
+        // Any flipped byte before the end marker is caught.
+        for i in (0..end - 15).step_by(7) {
+            let mut g = f.clone();
+            g[i] ^= 0x20;
+            assert!(decode(&g).is_err(), "flip at {i} accepted");
+        }
+        let mut g = f.clone();
+        g[0] = 0;
+        assert_eq!(decode(&g).unwrap_err(), FormatError::Freed);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //!   queue/<ID>            accepted, waiting for (re)delivery
 //!   hold/<ID>             put on hold by an operator; not delivered
 //!   corrupt/<ID>          could not be read; kept for a human, never deleted
+//!   slots/<NAME>          the daemon's reusable queue files (see below)
 //!   control.sock          the daemon's control socket (see `control`)
 //!   daemon.lock           flock held by the running daemon, or by a queue
 //!                         tool changing the spool while the daemon is down
@@ -19,10 +20,27 @@
 //! A message's state is the directory it is in, and a change of state is a
 //! `rename(2)`, so `ls` tells an operator the truth.
 //!
+//! # Slots: reused queue files
+//! Creating a file per message costs the file system an inode allocation
+//! and two directory updates that must reach the disk before `250`; that
+//! was most of the time an accept took. So the daemon keeps its queue files
+//! and reuses them: each has a permanent name `slots/<NAME>`, and while it
+//! holds a message it has a second name (a hard link) `queue/<ID>`,
+//! `hold/<ID>` or `corrupt/<ID>`. Overwriting a file whose blocks already
+//! exist and `fdatasync`ing it writes only the data: one disk write per
+//! accept, and no directory fsync. The slot name is durable before the
+//! file is first used, so the message is safe once its data is; the
+//! `queue/<ID>` link is made at once but needs no fsync, because recovery
+//! re-links a message found in a slot without one. A free slot starts with
+//! a NUL byte. At most 1024 free slots are kept (others are deleted), and
+//! only files up to 64 KiB are reused. The `sendmail` command and queue
+//! tools never take slots; they write new files (rule 1b).
+//!
 //! # Queue file format (version 1)
 //! ```text
 //! relayq-queue 1\n
 //! id <ID>\n                 ULID: time-ordered, 26 characters
+//! slot <NAME>\n             only in slot files: the permanent name
 //! arrival <unix ms>\n
 //! sender <address>\n        empty for the null sender <>
 //! flags <smtputf8,8bitmime | ->\n
@@ -30,67 +48,92 @@
 //! size <n>\n
 //! \n
 //! <n bytes: the message, CRLF line ends, headers we added included>
-//! end\n                     the end marker: the file was written whole
+//! end <crc>\n               the end marker; <crc> is the CRC-32 (8 hex
+//!                           digits) of every byte before this line. Files
+//!                           from the maildrop or older versions have
+//!                           `end\n` without it.
 //! <status records, appended later, one per line:>
 //! delivered <idx> <unix ms> <upstream reply>\n
 //! failed <idx> <unix ms> <upstream reply or reason>\n
 //! deferred <idx> <unix ms> <reason>\n
 //! attempt <count> <next attempt unix ms>\n
+//! <NUL bytes up to the end of the file: a reused file is zero-filled>
 //! ```
 //! Addresses and replies never contain CR, LF or NUL (they are replaced by
-//! spaces before they are written).
+//! spaces before they are written). A record is written where the records
+//! end (the first NUL, or the end of the file).
 //!
 //! # Durability rules (every write follows them)
-//! 1. **Accept**: create `tmp/<ID>` with `O_EXCL` and mode 0600, hold an
-//!    exclusive `flock` on it while writing, write header, content and end
-//!    marker, `fdatasync` it, `rename` it to `queue/<ID>`, then `fsync` the
-//!    `queue/` directory. Only after that may a client be told `250`.
-//!    Directory fsyncs of concurrent accepts are batched (group commit): one
-//!    fsync covers every rename that happened before it started.
+//! 1. **Accept** (the daemon): take a free slot, or create a new one with
+//!    `O_EXCL` and mode 0600 in `slots/`. Write the whole file (header,
+//!    content, end marker, zeros up to the old length) at offset 0 and
+//!    `fdatasync` it; a new slot's directory entry is then made durable by
+//!    an fsync of `slots/` (group commit: one fsync covers every new slot
+//!    created before it started). Then hard-link it as `queue/<ID>`
+//!    (no fsync: see recovery). Only after that may a client be told `250`.
+//!    1b. **Accept** (the `sendmail` command, or without slots): create
+//!    `tmp/<ID>` with `O_EXCL` and mode 0600, hold an exclusive `flock` on
+//!    it while writing, write it whole, `fdatasync` it, `rename` it to
+//!    `queue/<ID>`, then `fsync` the `queue/` directory (group commit in
+//!    the daemon).
 //! 2. **Delivered / failed**: while other recipients of the message are
-//!    still pending, append the record and `fdatasync` before the scheduler
+//!    still pending, write the record and `fdatasync` before the scheduler
 //!    forgets the recipient. When the attempt leaves no recipient pending,
-//!    the file is unlinked instead (rule 4): writing records only to delete
-//!    them would cost an fsync per message. A bounce is committed (rule 1)
-//!    before the `failed` records, or the unlink, that it reports. A crash
-//!    between the upstream's `250` and our fsync can make us send once
-//!    more: delivery is at least once, never at most once.
-//! 3. **Deferred / attempt**: appended without fsync. Losing them only
+//!    the message is removed instead (rule 4): writing records only to
+//!    delete them would cost an fsync per message. A bounce is committed
+//!    (rule 1) before the `failed` records, or the removal, that it
+//!    reports. A crash between the upstream's `250` and our fsync can make
+//!    us send once more: delivery is at least once, never at most once.
+//! 3. **Deferred / attempt**: written without fsync. Losing them only
 //!    makes a retry come early after a crash.
-//! 4. **Done**: when no recipient is pending the file is unlinked, without
-//!    a directory fsync. A killed process cannot lose the unlink (it is in
-//!    the kernel); a machine crash within the file system's commit interval
-//!    can, and then the message is sent again, as Postfix would. A file
-//!    whose records say every recipient is done is unlinked by recovery.
+//! 4. **Done** (or deleted): overwrite the first byte of the file with NUL,
+//!    then unlink its `queue/` (or `hold/`) name, without fsync; a slot
+//!    then goes back to the free list. The NUL comes first so that a
+//!    deleted message cannot come back from its slot. A killed process
+//!    cannot lose either write (they are in the kernel); a machine crash
+//!    within the file system's commit interval can lose them, and then the
+//!    message is sent again, as Postfix would. A file whose records say
+//!    every recipient is done is removed by recovery.
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
-//!    by an fsync of both.
+//!    by an fsync of both. The slot name stays.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
 //! got `250`: it is deleted, unless another process (the `sendmail`
-//! command) still holds its lock. A file in `queue/` or `hold/` that does not
-//! decode goes to `corrupt/` with an error in the log. A file whose
-//! recipients are all done is deleted.
+//! command) still holds its lock. In `queue/` and `hold/`, a file starting
+//! with NUL, or whose recipients are all done, is removed; one that does
+//! not decode goes to `corrupt/` with an error in the log. Then each slot
+//! with no other name is read whole: if it holds a complete message (its
+//! checksum matches) that is not done, its `queue/<ID>` link was lost in a
+//! crash and is made again (and fsynced); otherwise it is free (a torn
+//! write of an accept that was never acknowledged, or a finished message).
+//! Recovery runs while the daemon already accepts mail; it only looks at
+//! the slots that existed when the daemon started, and a slot freed
+//! meanwhile is handed out once only.
 //!
 //! # Security
 //! Queue files hold other people's mail: the directories are 0700 and the
 //! files 0600, and the daemon refuses a spool that others may write.
 //! Once the daemon has prepared the maildrop the root is 0711, so other
 //! users can reach `maildrop/` and `pickup.sock` but list nothing.
-//! Queue file contents are parsed as untrusted input (see `format`).
+//! Queue file contents are parsed as untrusted input (see `format`); a slot
+//! name read from a file is used only if it is well formed and names the
+//! same inode.
 
 pub mod format;
 pub mod maildrop;
+mod slots;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, OnceLock, mpsc};
 
 use tokio::sync::oneshot;
 
 pub use format::{Envelope, Meta, RcptState, RcptStatus, Record};
+use slots::Slots;
 
 /// The directories a message can be in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -155,6 +198,9 @@ pub struct Recovery {
     pub corrupt: Vec<CorruptFile>,
     pub discarded_tmp: usize,
     pub removed_done: usize,
+    /// Messages found in a slot whose `queue/` link a crash had lost
+    /// (also in `queued`).
+    pub relinked: usize,
 }
 
 /// Handle to the spool directory; cheap to clone.
@@ -165,8 +211,10 @@ pub struct Spool {
 
 struct Inner {
     root: PathBuf,
-    /// Group commit of `queue/` directory fsyncs (durability rule 1).
-    dir_sync: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    /// Group commit of `queue/` directory fsyncs (durability rule 1b).
+    queue_sync: DirSync,
+    /// The daemon's reusable files; unset in the command-line tools.
+    slots: OnceLock<Slots>,
 }
 
 impl Spool {
@@ -184,22 +232,26 @@ impl Spool {
                 ),
             });
         }
-        for sub in ["tmp", "queue", "hold", "corrupt"] {
+        for sub in ["tmp", "queue", "hold", "corrupt", "slots"] {
             create_private_dir(&root.join(sub))?;
         }
-        let queue_dir = root.join("queue");
-        let dir = File::open(&queue_dir).map_err(|e| SpoolError::io(&queue_dir, e))?;
-        let (tx, rx) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
-        std::thread::Builder::new()
-            .name("spool-dirsync".into())
-            .spawn(move || dir_sync_loop(dir, rx))
-            .map_err(|e| SpoolError::io(&queue_dir, e))?;
         Ok(Spool {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
-                dir_sync: tx,
+                queue_sync: DirSync::start(&root.join("queue"))?,
+                slots: OnceLock::new(),
             }),
         })
+    }
+
+    /// Makes accepts reuse queue files (the daemon only, holding the spool
+    /// lock, before it accepts mail and before [`Spool::recover`]).
+    pub fn enable_slots(&self) -> Result<(), SpoolError> {
+        if self.inner.slots.get().is_none() {
+            let slots = Slots::open(&self.inner.root.join("slots"))?;
+            let _ = self.inner.slots.set(slots);
+        }
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -228,12 +280,25 @@ impl Spool {
     ) -> Result<String, SpoolError> {
         check_id(&id)?;
         let this = self.clone();
-        let id = tokio::task::spawn_blocking(move || {
-            this.write_and_rename(id, &env, &message, arrival_ms)
+        let Some(slots) = self.inner.slots.get() else {
+            let id = tokio::task::spawn_blocking(move || {
+                this.write_and_rename(id, &env, &message, arrival_ms)
+            })
+            .await
+            .map_err(|e| SpoolError::io(self.root(), io::Error::other(e)))??;
+            self.inner.queue_sync.sync().await?;
+            return Ok(id);
+        };
+        let free = slots.take();
+        let owned = id.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            this.write_slot(&owned, &env, &message, arrival_ms, free)
         })
         .await
         .map_err(|e| SpoolError::io(self.root(), io::Error::other(e)))??;
-        self.sync_queue_dir().await?;
+        if created {
+            slots.dir_sync.sync().await?;
+        }
         Ok(id)
     }
 
@@ -243,7 +308,7 @@ impl Spool {
     }
 
     /// [`Spool::commit`] for callers without a runtime (the sendmail
-    /// command): same rules, the directory is fsynced directly.
+    /// command): rule 1b, the directory is fsynced directly.
     pub fn commit_blocking(
         &self,
         id: String,
@@ -256,6 +321,62 @@ impl Spool {
         let dir = self.inner.root.join("queue");
         fsync_dir(&dir)?;
         Ok(id)
+    }
+
+    /// Rule 1: writes the message into a free slot (or a new one) and links
+    /// it into `queue/`. Returns whether the slot is new, in which case
+    /// `slots/` must be fsynced before the message counts as accepted.
+    fn write_slot(
+        &self,
+        id: &str,
+        env: &Envelope,
+        message: &[u8],
+        arrival_ms: u64,
+        free: Option<String>,
+    ) -> Result<bool, SpoolError> {
+        let dir = self.inner.root.join("slots");
+        let reused = free.and_then(|name| {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join(&name))
+                .ok()?;
+            Some((name, file))
+        });
+        let (name, file, created) = match reused {
+            Some((name, file)) => (name, file, false),
+            None => {
+                let name = Spool::new_id();
+                let path = dir.join(&name);
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(|e| SpoolError::io(&path, e))?;
+                (name, file, true)
+            }
+        };
+        let path = dir.join(&name);
+        let result = (|| {
+            let old_len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
+            let mut buf = format::encode_message(id, arrival_ms, env, message, Some(&name));
+            // Zeros over whatever an older message left, so that no stale
+            // record can be read as this message's.
+            let len = buf.len().div_ceil(slots::BLOCK) * slots::BLOCK;
+            buf.resize(len.max(old_len), 0);
+            file.write_all_at(&buf, 0)?;
+            file.sync_data()?;
+            fs::hard_link(&path, self.inner.root.join("queue").join(id))
+        })();
+        if let Err(e) = result {
+            // Never acknowledged: the slot must not pass for a message.
+            let _ = file.write_all_at(&[0], 0);
+            let _ = fs::remove_file(&path);
+            return Err(SpoolError::io(&path, e));
+        }
+        Ok(created)
     }
 
     fn write_and_rename(
@@ -275,10 +396,7 @@ impl Spool {
             // Recovery in a starting daemon must not delete a file that a
             // live sendmail process is still writing.
             rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
-            let header = format::encode_header(&id, arrival_ms, env, message.len() as u64);
-            file.write_all(&header)?;
-            file.write_all(message)?;
-            file.write_all(format::END)?;
+            file.write_all(&format::encode_message(&id, arrival_ms, env, message, None))?;
             file.sync_data()?;
             fs::rename(&tmp, self.inner.root.join("queue").join(&id))
         })();
@@ -289,41 +407,29 @@ impl Spool {
         Ok(id)
     }
 
-    async fn sync_queue_dir(&self) -> Result<(), SpoolError> {
-        let (tx, rx) = oneshot::channel();
-        let dir = self.inner.root.join("queue");
-        let gone = || SpoolError::io(&dir, io::Error::other("directory sync thread stopped"));
-        self.inner.dir_sync.send(tx).map_err(|_| gone())?;
-        rx.await
-            .map_err(|_| gone())?
-            .map_err(|e| SpoolError::io(&dir, io::Error::other(e)))
-    }
-
     /// Reads a queued message's metadata and status records, not its
     /// content (two reads: the header, then the tail after the body).
     pub fn read_meta(&self, area: Area, id: &str) -> Result<Meta, SpoolError> {
         let path = self.path(area, id)?;
         let mut file = open_existing(&path, id)?;
-        read_meta_from(&mut file, &path)
+        Ok(read_meta_from(&mut file, &path)?.0)
     }
 
-    /// Reads a message for delivery: metadata and content.
+    /// Reads a message for delivery: metadata and content (checksum
+    /// verified).
     pub fn load(&self, id: &str) -> Result<(Meta, Vec<u8>), SpoolError> {
         let path = self.path(Area::Queue, id)?;
         let mut file = open_existing(&path, id)?;
         let mut buf = Vec::new();
         file.read_to_end(&mut buf)
             .map_err(|e| SpoolError::io(&path, e))?;
-        let (meta, body) = format::decode(&buf).map_err(|e| SpoolError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        let (meta, body) = format::decode(&buf).map_err(|e| format_err(&path, e))?;
         let body = body.to_vec();
         Ok((meta, body))
     }
 
-    /// Appends status records; with `durable` they are fsynced before this
-    /// returns (durability rules 2 and 3).
+    /// Writes status records after the last one; with `durable` they are
+    /// fsynced before this returns (durability rules 2 and 3).
     pub fn append(&self, id: &str, records: &[Record], durable: bool) -> Result<(), SpoolError> {
         let path = self.path(Area::Queue, id)?;
         let mut buf = Vec::new();
@@ -331,10 +437,18 @@ impl Spool {
             buf.extend_from_slice(&format::encode_record(r));
         }
         let mut file = OpenOptions::new()
-            .append(true)
+            .read(true)
+            .write(true)
             .open(&path)
             .map_err(|e| not_found_or(e, &path, id))?;
-        file.write_all(&buf).map_err(|e| SpoolError::io(&path, e))?;
+        let (_, ends) = read_meta_from(&mut file, &path)?;
+        // Covers a record torn by a crash, which the reader ignores.
+        let torn = usize::try_from(ends.used - ends.records).unwrap_or(0);
+        if buf.len() < torn {
+            buf.resize(torn, 0);
+        }
+        file.write_all_at(&buf, ends.records)
+            .map_err(|e| SpoolError::io(&path, e))?;
         if durable {
             file.sync_data().map_err(|e| SpoolError::io(&path, e))?;
         }
@@ -344,7 +458,33 @@ impl Spool {
     /// Removes a finished or deleted message (durability rule 4).
     pub fn remove(&self, area: Area, id: &str) -> Result<(), SpoolError> {
         let path = self.path(area, id)?;
-        fs::remove_file(&path).map_err(|e| not_found_or(e, &path, id))
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| not_found_or(e, &path, id))?;
+        let st = file.metadata().map_err(|e| SpoolError::io(&path, e))?;
+        let mut slot = None;
+        if st.nlink() > 1 {
+            // Another name (a slot) keeps the file: read which, then make
+            // sure the message cannot come back from it.
+            slot = read_header(&mut file, &path).ok().and_then(|m| m.slot);
+            file.write_all_at(&[0], 0)
+                .map_err(|e| SpoolError::io(&path, e))?;
+        }
+        let mut state = self.inner.slots.get().map(|s| s.lock());
+        match fs::remove_file(&path) {
+            // Recovery may have removed it first, having seen the NUL.
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(SpoolError::io(&path, e)),
+        }
+        if let (Some(state), Some(slots), Some(name)) =
+            (state.as_mut(), self.inner.slots.get(), slot)
+        {
+            state.give_back(slots.dir(), &name, st.dev(), st.ino());
+        }
+        Ok(())
     }
 
     /// Moves a message between areas (durability rule 5).
@@ -401,12 +541,113 @@ impl Spool {
                         self.move_to(&id, area, Area::Corrupt)?;
                         rec.corrupt.push(CorruptFile { id, reason });
                     }
-                    Err(SpoolError::NotFound(_)) => {}
+                    // Gone, or a removal a crash interrupted (rule 4).
+                    Err(SpoolError::NotFound(_)) => match self.remove(area, &id) {
+                        Ok(()) => rec.removed_done += 1,
+                        Err(SpoolError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    },
                     Err(e) => return Err(e),
                 }
             }
         }
+        // The messages found so far must reach the scheduler whatever
+        // happens to one slot.
+        if let Err(e) = self.recover_slots(&mut rec) {
+            tracing::error!("recovery of queue file slots stopped early: {e}");
+        }
         Ok(rec)
+    }
+
+    /// The slot part of recovery: re-links messages whose `queue/` link a
+    /// crash lost, frees the rest of the slots with no other name.
+    fn recover_slots(&self, rec: &mut Recovery) -> Result<(), SpoolError> {
+        let dir = self.inner.root.join("slots");
+        let slots = self.inner.slots.get();
+        let names = match slots {
+            Some(s) => s.unrecovered(),
+            None => fs::read_dir(&dir)
+                .map_err(|e| SpoolError::io(&dir, e))?
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+        };
+        let queue = self.inner.root.join("queue");
+        let before = rec.relinked;
+        for name in names {
+            if check_id(&name).is_err() {
+                continue;
+            }
+            let mut state = slots.map(|s| s.lock());
+            if let Some(state) = state.as_mut()
+                && !state.claim(&name)
+            {
+                continue;
+            }
+            let path = dir.join(&name);
+            let Ok(st) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !st.is_file() || st.nlink() > 1 {
+                // In use: the message is in queue/, hold/ or corrupt/.
+                continue;
+            }
+            let buf = fs::read(&path).map_err(|e| SpoolError::io(&path, e))?;
+            match format::decode(&buf) {
+                Ok((meta, _)) if meta.slot.as_deref() == Some(&name) && !meta.is_done() => {
+                    let q = queue.join(&meta.id);
+                    if check_id(&meta.id).is_err()
+                        || q.exists()
+                        || self.path(Area::Hold, &meta.id)?.exists()
+                    {
+                        // Not ours to decide: leave it for a human.
+                        tracing::warn!(
+                            "slot {} holds message {:?} that also exists elsewhere; left alone",
+                            path.display(),
+                            meta.id
+                        );
+                        continue;
+                    }
+                    fs::hard_link(&path, &q).map_err(|e| SpoolError::io(&q, e))?;
+                    rec.relinked += 1;
+                    rec.queued.push(meta);
+                }
+                // A finished message, or a torn write never acknowledged.
+                _ => {
+                    if buf.first().is_some_and(|&b| b != 0) {
+                        let file = OpenOptions::new()
+                            .write(true)
+                            .open(&path)
+                            .map_err(|e| SpoolError::io(&path, e))?;
+                        file.write_all_at(&[0], 0)
+                            .map_err(|e| SpoolError::io(&path, e))?;
+                    }
+                    match state.as_mut() {
+                        Some(state) => state.free_or_delete(&path, &name, st.len()),
+                        None => {
+                            let _ = fs::remove_file(&path);
+                        }
+                    }
+                }
+            }
+        }
+        if rec.relinked > before {
+            fsync_dir(&queue)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+impl Spool {
+    fn free_slots(&self) -> usize {
+        self.inner.slots.get().map_or(0, |s| {
+            let mut n = 0;
+            while s.take().is_some() {
+                n += 1;
+            }
+            n
+        })
     }
 }
 
@@ -430,33 +671,66 @@ fn open_existing(path: &Path, id: &str) -> Result<File, SpoolError> {
     File::open(path).map_err(|e| not_found_or(e, path, id))
 }
 
-fn read_meta_from(file: &mut File, path: &Path) -> Result<Meta, SpoolError> {
-    let corrupt = |reason: String| SpoolError::Corrupt {
+/// Where a file's records end (new records go there) and where its used
+/// part ends (the first NUL, or the end of the file).
+struct Ends {
+    records: u64,
+    used: u64,
+}
+
+fn corrupt_err(path: &Path, reason: String) -> SpoolError {
+    SpoolError::Corrupt {
         path: path.to_path_buf(),
         reason,
-    };
+    }
+}
+
+/// A file starting with NUL is a message being (or not quite) removed:
+/// for readers it is gone.
+fn format_err(path: &Path, e: format::FormatError) -> SpoolError {
+    match e {
+        format::FormatError::Freed => SpoolError::NotFound(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        ),
+        e => corrupt_err(path, e.to_string()),
+    }
+}
+
+/// Reads and decodes the header at the start of `file`.
+fn read_header(file: &mut File, path: &Path) -> Result<Meta, SpoolError> {
     let io_err = |e| SpoolError::io(path, e);
-    let len = file.metadata().map_err(io_err)?.len();
     let mut head = vec![0u8; 4096];
     let mut filled = 0;
-    let mut meta = loop {
+    loop {
         let n = file.read(&mut head[filled..]).map_err(io_err)?;
         filled += n;
         if let Some(meta) =
-            format::decode_header(&head[..filled]).map_err(|e| corrupt(e.to_string()))?
+            format::decode_header(&head[..filled]).map_err(|e| format_err(path, e))?
         {
-            break meta;
+            return Ok(meta);
         }
         if n == 0 {
-            return Err(corrupt(format::FormatError::TruncatedHeader.to_string()));
+            return Err(corrupt_err(
+                path,
+                format::FormatError::TruncatedHeader.to_string(),
+            ));
         }
         if filled == head.len() {
             if head.len() >= 16 << 20 {
-                return Err(corrupt("header larger than 16 MiB".into()));
+                return Err(corrupt_err(path, "header larger than 16 MiB".into()));
             }
             head.resize(head.len() * 2, 0);
         }
-    };
+    }
+}
+
+fn read_meta_from(file: &mut File, path: &Path) -> Result<(Meta, Ends), SpoolError> {
+    let corrupt = |reason: String| corrupt_err(path, reason);
+    let io_err = |e| SpoolError::io(path, e);
+    let len = file.metadata().map_err(io_err)?.len();
+    let mut meta = read_header(file, path)?;
     let body_end = meta.body_offset.saturating_add(meta.size);
     if body_end > len {
         return Err(corrupt(
@@ -471,7 +745,14 @@ fn read_meta_from(file: &mut File, path: &Path) -> Result<Meta, SpoolError> {
     let mut tail = Vec::new();
     file.read_to_end(&mut tail).map_err(io_err)?;
     format::apply_tail(&mut meta, &tail).map_err(|e| corrupt(e.to_string()))?;
-    Ok(meta)
+    let (_, rest) = format::split_end(&tail).map_err(|e| corrupt(e.to_string()))?;
+    let start = body_end + (tail.len() - rest.len()) as u64;
+    let used = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    let ends = Ends {
+        records: start + format::records_len(rest) as u64,
+        used: start + used as u64,
+    };
+    Ok((meta, ends))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), SpoolError> {
@@ -492,16 +773,44 @@ fn fsync_dir(path: &Path) -> Result<(), SpoolError> {
         .map_err(|e| SpoolError::io(path, e))
 }
 
-/// One thread fsyncs the queue directory for everyone who asked before it
-/// started: renames that happened before the fsync are covered by it.
-fn dir_sync_loop(dir: File, rx: mpsc::Receiver<oneshot::Sender<Result<(), String>>>) {
-    while let Ok(first) = rx.recv() {
-        let mut waiting = vec![first];
-        waiting.extend(rx.try_iter());
-        let result = dir.sync_all().map_err(|e| e.to_string());
-        for w in waiting {
-            let _ = w.send(result.clone());
-        }
+/// Group commit of one directory's fsyncs: one thread fsyncs it for
+/// everyone who asked before the fsync started (entries made before the
+/// fsync are covered by it).
+struct DirSync {
+    dir: PathBuf,
+    requests: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+}
+
+impl DirSync {
+    fn start(dir: &Path) -> Result<DirSync, SpoolError> {
+        let handle = File::open(dir).map_err(|e| SpoolError::io(dir, e))?;
+        let (tx, rx) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
+        std::thread::Builder::new()
+            .name("spool-dirsync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    waiting.extend(rx.try_iter());
+                    let result = handle.sync_all().map_err(|e| e.to_string());
+                    for w in waiting {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            })
+            .map_err(|e| SpoolError::io(dir, e))?;
+        Ok(DirSync {
+            dir: dir.to_path_buf(),
+            requests: tx,
+        })
+    }
+
+    async fn sync(&self) -> Result<(), SpoolError> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || SpoolError::io(&self.dir, io::Error::other("directory sync thread stopped"));
+        self.requests.send(tx).map_err(|_| gone())?;
+        rx.await
+            .map_err(|_| gone())?
+            .map_err(|e| SpoolError::io(&self.dir, io::Error::other(e)))
     }
 }
 
@@ -590,6 +899,202 @@ mod tests {
             .unwrap();
         let rec = spool.recover().unwrap();
         assert_eq!((rec.queued.len(), rec.removed_done), (0, 1));
+    }
+
+    fn slot_files(root: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(root.join("slots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn daemon_spool(root: &Path) -> Spool {
+        let spool = Spool::open(root).unwrap();
+        spool.enable_slots().unwrap();
+        spool
+    }
+
+    #[tokio::test]
+    async fn slots_are_reused_without_stale_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = daemon_spool(dir.path()).await;
+        let long = vec![b'x'; 3000];
+        let id = spool
+            .commit(Spool::new_id(), env(), long.clone(), 1)
+            .await
+            .unwrap();
+        let path = spool.path(Area::Queue, &id).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().nlink(), 2);
+        let slots = slot_files(dir.path());
+        assert_eq!(slots.len(), 1);
+        assert_eq!(
+            spool.read_meta(Area::Queue, &id).unwrap().slot.as_deref(),
+            Some(slots[0].as_str())
+        );
+        let deferred = Record::Deferred {
+            idx: 0,
+            at_ms: 2,
+            reason: "451 later".into(),
+        };
+        let delivered = Record::Delivered {
+            idx: 1,
+            at_ms: 3,
+            reply: "250 ok".into(),
+        };
+        spool
+            .append(&id, std::slice::from_ref(&deferred), false)
+            .unwrap();
+        spool.append(&id, &[delivered], true).unwrap();
+        let (meta, body) = spool.load(&id).unwrap();
+        assert_eq!(body, long);
+        assert_eq!(meta.pending().count(), 1);
+        spool.remove(Area::Queue, &id).unwrap();
+        assert!(!path.exists());
+
+        // The same file, a shorter message: nothing of the old one shows.
+        let id2 = spool
+            .commit(Spool::new_id(), env(), b"short\r\n".to_vec(), 4)
+            .await
+            .unwrap();
+        assert_eq!(slot_files(dir.path()), slots);
+        let (meta, body) = spool.load(&id2).unwrap();
+        assert_eq!(body, b"short\r\n");
+        assert_eq!(meta.pending().count(), 2);
+        assert!(meta.recipients.iter().all(|r| r.last_reply.is_none()));
+        spool.append(&id2, &[deferred], false).unwrap();
+        let meta = spool.read_meta(Area::Queue, &id2).unwrap();
+        assert_eq!(meta.recipients[0].last_reply.as_deref(), Some("451 later"));
+        // A message that outgrows the file grows it.
+        spool.remove(Area::Queue, &id2).unwrap();
+        let big = vec![b'y'; 10_000];
+        let id3 = spool
+            .commit(Spool::new_id(), env(), big.clone(), 5)
+            .await
+            .unwrap();
+        assert_eq!(slot_files(dir.path()), slots);
+        assert_eq!(spool.load(&id3).unwrap().1, big);
+    }
+
+    #[tokio::test]
+    async fn a_record_torn_by_a_crash_is_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = daemon_spool(dir.path()).await;
+        let id = spool
+            .commit(Spool::new_id(), env(), b"hi\r\n".to_vec(), 1)
+            .await
+            .unwrap();
+        let path = spool.path(Area::Queue, &id).unwrap();
+        let (_, ends) = read_meta_from(&mut File::open(&path).unwrap(), &path).unwrap();
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(b"delivered 0 1 250 torn, no newl", ends.records)
+            .unwrap();
+        assert_eq!(
+            spool.read_meta(Area::Queue, &id).unwrap().pending().count(),
+            2
+        );
+        spool
+            .append(
+                &id,
+                &[Record::Failed {
+                    idx: 1,
+                    at_ms: 2,
+                    reply: "550".into(),
+                }],
+                true,
+            )
+            .unwrap();
+        let (meta, _) = spool.load(&id).unwrap();
+        assert_eq!(meta.recipients[0].state, RcptState::Pending);
+        assert_eq!(meta.recipients[1].state, RcptState::Failed);
+    }
+
+    #[tokio::test]
+    async fn recovery_restores_lost_links_and_never_resurrects_removed_mail() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let (lost, removed, done, kept) = {
+            let spool = daemon_spool(root).await;
+            let mut ids = Vec::new();
+            for i in 0..4u8 {
+                ids.push(
+                    spool
+                        .commit(Spool::new_id(), env(), vec![b'a' + i; 100], 1)
+                        .await
+                        .unwrap(),
+                );
+            }
+            // A crash lost this message's queue/ link (never written back).
+            fs::remove_file(spool.path(Area::Queue, &ids[0]).unwrap()).unwrap();
+            // Deleted by an operator: must not come back from its slot.
+            spool.remove(Area::Queue, &ids[1]).unwrap();
+            // Removal interrupted after the NUL: a relic in queue/.
+            let p = spool.path(Area::Queue, &ids[2]).unwrap();
+            OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .write_all_at(&[0], 0)
+                .unwrap();
+            (
+                ids[0].clone(),
+                ids[1].clone(),
+                ids[2].clone(),
+                ids[3].clone(),
+            )
+        };
+        // A torn accept: a slot whose message fails its checksum.
+        let torn_name = Spool::new_id();
+        let torn_slot = root.join("slots").join(&torn_name);
+        let torn_id = Spool::new_id();
+        let mut torn = format::encode_message(&torn_id, 1, &env(), b"whole", Some(&torn_name));
+        let n = torn.len();
+        // The last body byte, just before "end <crc>\n".
+        torn[n - 14] ^= 0xff;
+        fs::write(&torn_slot, &torn).unwrap();
+
+        let spool = daemon_spool(root).await;
+        let rec = spool.recover().unwrap();
+        let mut queued: Vec<String> = rec.queued.iter().map(|m| m.id.clone()).collect();
+        queued.sort();
+        let mut want = vec![lost.clone(), kept.clone()];
+        want.sort();
+        assert_eq!(queued, want);
+        assert_eq!(rec.relinked, 1);
+        assert_eq!(rec.removed_done, 1);
+        assert_eq!(spool.load(&lost).unwrap().1, vec![b'a'; 100]);
+        assert_eq!(spool.list(Area::Queue).unwrap(), {
+            let mut v = vec![lost, kept];
+            v.sort();
+            v
+        });
+        for id in [&removed, &done] {
+            assert!(!spool.path(Area::Queue, id).unwrap().exists());
+        }
+        assert_eq!(rec.corrupt.len(), 0);
+        // removed, done and the torn one are free: 3 slots to reuse.
+        assert_eq!(spool.free_slots(), 3);
+        assert_eq!(slot_files(root).len(), 5);
+    }
+
+    #[tokio::test]
+    async fn a_slot_freed_during_recovery_is_handed_out_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let id = {
+            let spool = daemon_spool(root).await;
+            spool
+                .commit(Spool::new_id(), env(), b"x".to_vec(), 1)
+                .await
+                .unwrap()
+        };
+        let spool = daemon_spool(root).await;
+        // Delivered before recovery reached its slot.
+        spool.remove(Area::Queue, &id).unwrap();
+        let rec = spool.recover().unwrap();
+        assert!(rec.queued.is_empty());
+        assert_eq!(spool.free_slots(), 1);
     }
 
     #[test]

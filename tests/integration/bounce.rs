@@ -488,11 +488,15 @@ async fn a_bounce_that_cannot_be_queued_does_not_resend_delivered_recipients() {
     let id = queue_id(&r);
     d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
 
-    // The spool cannot take new files (its tmp/ is gone), so the bounce
-    // for bob cannot be queued while ann is delivered.
+    // The spool cannot take new files (its tmp/ and slots/ are gone, and
+    // no slot is free), so the bounce for bob cannot be queued while ann
+    // is delivered.
     let tmp = d.spool().join("tmp");
     let away = d.spool().join("tmp.away");
     std::fs::rename(&tmp, &away).unwrap();
+    let slots = d.spool().join("slots");
+    let slots_away = d.spool().join("slots.away");
+    std::fs::rename(&slots, &slots_away).unwrap();
     up.set_script(Script::default().rcpt("bob@example.net", 550, "5.1.1 no such user"));
     d.advance_clock(3600);
     d.wait_log(&format!("{id}: cannot queue bounce"), WAIT);
@@ -509,6 +513,7 @@ async fn a_bounce_that_cannot_be_queued_does_not_resend_delivered_recipients() {
     // The spool recovers; the retry bounces bob and must not send ann's
     // copy again.
     std::fs::rename(&away, &tmp).unwrap();
+    std::fs::rename(&slots_away, &slots).unwrap();
     d.advance_clock(3600);
     d.flush();
     let bid = d
