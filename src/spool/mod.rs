@@ -346,7 +346,10 @@ impl Spool {
         let (name, file, created) = match reused {
             Some((name, file)) => (name, file, false),
             None => {
-                let name = Spool::new_id();
+                let name = match self.inner.slots.get() {
+                    Some(slots) => slots.new_name(),
+                    None => Spool::new_id(),
+                };
                 let path = dir.join(&name);
                 let file = OpenOptions::new()
                     .read(true)
@@ -511,6 +514,14 @@ impl Spool {
 
     /// Start-up recovery; see the module documentation.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
+        let rec = self.recover_areas();
+        if let Some(s) = self.inner.slots.get() {
+            s.lock().recovered();
+        }
+        rec
+    }
+
+    fn recover_areas(&self) -> Result<Recovery, SpoolError> {
         let mut rec = Recovery::default();
         let tmp = self.inner.root.join("tmp");
         for entry in fs::read_dir(&tmp)
@@ -564,18 +575,15 @@ impl Spool {
     fn recover_slots(&self, rec: &mut Recovery) -> Result<(), SpoolError> {
         let dir = self.inner.root.join("slots");
         let slots = self.inner.slots.get();
-        let names = match slots {
-            Some(s) => s.unrecovered(),
-            None => fs::read_dir(&dir)
-                .map_err(|e| SpoolError::io(&dir, e))?
-                .filter_map(|e| e.ok())
-                .filter_map(|e| e.file_name().into_string().ok())
-                .collect(),
-        };
         let queue = self.inner.root.join("queue");
         let before = rec.relinked;
-        for name in names {
-            if check_id(&name).is_err() {
+        // Streamed, not collected: a big queue has a slot per message.
+        let entries = fs::read_dir(&dir).map_err(|e| SpoolError::io(&dir, e))?;
+        for name in entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            if check_id(&name).is_err() || slots.is_some_and(|s| s.is_ours(&name)) {
                 continue;
             }
             let mut state = slots.map(|s| s.lock());
@@ -1095,6 +1103,18 @@ mod tests {
         let rec = spool.recover().unwrap();
         assert!(rec.queued.is_empty());
         assert_eq!(spool.free_slots(), 1);
+
+        // Slots this run made (and freed) before recovery got to them are
+        // not recovery's: none is listed twice.
+        let fresh = daemon_spool(root).await;
+        let id = fresh
+            .commit(Spool::new_id(), env(), b"y".to_vec(), 1)
+            .await
+            .unwrap();
+        fresh.remove(Area::Queue, &id).unwrap();
+        fresh.recover().unwrap();
+        assert_eq!(fresh.free_slots(), 2);
+        assert_eq!(slot_files(root).len(), 2);
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use super::{DirSync, SpoolError, check_id};
@@ -21,6 +22,10 @@ pub const BLOCK: usize = 4096;
 
 pub struct Slots {
     dir: PathBuf,
+    /// Names of slots made by this run start with it (16 characters, then
+    /// a 10-digit counter): recovery leaves them alone.
+    run: String,
+    made: AtomicU64,
     state: Mutex<State>,
     /// Group commit of `slots/` fsyncs for new slots (durability rule 1).
     pub dir_sync: DirSync,
@@ -28,27 +33,21 @@ pub struct Slots {
 
 pub struct State {
     free: Vec<String>,
-    /// Slots that existed at start and recovery has not looked at yet:
-    /// only recovery may decide about them, unless a delivery frees one
-    /// first (then recovery skips it).
-    unrecovered: HashSet<String>,
+    /// Until recovery is done: older slots that deliveries gave back
+    /// meanwhile, which recovery must skip (they may be in use again).
+    recovering: Option<HashSet<String>>,
 }
 
 impl Slots {
-    /// Takes note of the slots present now (under the daemon lock) for
-    /// recovery to look at.
     pub fn open(dir: &Path) -> Result<Slots, SpoolError> {
-        let unrecovered = fs::read_dir(dir)
-            .map_err(|e| SpoolError::io(dir, e))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|n| check_id(n).is_ok())
-            .collect();
+        let run = super::Spool::new_id()[10..].to_string();
         Ok(Slots {
             dir: dir.to_path_buf(),
+            run,
+            made: AtomicU64::new(0),
             state: Mutex::new(State {
                 free: Vec::new(),
-                unrecovered,
+                recovering: Some(HashSet::new()),
             }),
             dir_sync: DirSync::start(dir)?,
         })
@@ -56,6 +55,17 @@ impl Slots {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A name for a new slot, unique in this spool.
+    pub fn new_name(&self) -> String {
+        let n = self.made.fetch_add(1, Ordering::Relaxed);
+        format!("{}{:010}", self.run, n % 10_000_000_000)
+    }
+
+    /// Made by this run (and so not recovery's to judge).
+    pub fn is_ours(&self, name: &str) -> bool {
+        name.starts_with(&self.run)
     }
 
     /// The state, held while a message's last name goes away or while
@@ -68,18 +78,20 @@ impl Slots {
     pub fn take(&self) -> Option<String> {
         self.lock().free.pop()
     }
-
-    /// Names recovery has still to look at.
-    pub fn unrecovered(&self) -> Vec<String> {
-        self.lock().unrecovered.iter().cloned().collect()
-    }
 }
 
 impl State {
-    /// Claims an unrecovered slot for recovery; false if a delivery has
-    /// freed it already.
+    /// Whether recovery may judge this older slot: false if a delivery
+    /// has given it back already.
     pub fn claim(&mut self, name: &str) -> bool {
-        self.unrecovered.remove(name)
+        self.recovering
+            .as_mut()
+            .is_none_or(|given| !given.remove(name))
+    }
+
+    /// Recovery is over: deliveries need not leave notes any more.
+    pub fn recovered(&mut self) {
+        self.recovering = None;
     }
 
     /// Puts a slot whose message is gone back on the free list, or
@@ -97,7 +109,9 @@ impl State {
         if !st.is_file() || st.dev() != dev || st.ino() != ino {
             return;
         }
-        self.unrecovered.remove(name);
+        if let Some(given) = self.recovering.as_mut() {
+            given.insert(name.to_string());
+        }
         self.free_or_delete(&path, name, st.len());
     }
 
