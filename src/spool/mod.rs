@@ -107,9 +107,10 @@
 //! checksum matches) that is not done, its `queue/<ID>` link was lost in a
 //! crash and is made again (and fsynced); otherwise it is free (a torn
 //! write of an accept that was never acknowledged, or a finished message).
-//! Recovery runs while the daemon already accepts mail; it only looks at
-//! the slots that existed when the daemon started, and a slot freed
-//! meanwhile is handed out once only.
+//! Recovery runs while the daemon already accepts mail. It skips the slots
+//! this run made (their names start with a prefix chosen at start), and a
+//! delivery that frees an older slot before recovery reaches it leaves a
+//! note so that recovery skips it: no slot is handed out twice.
 //!
 //! # Security
 //! Queue files hold other people's mail: the directories are 0700 and the
