@@ -146,12 +146,27 @@ pub fn encode_message(
     message: &[u8],
     slot: Option<&str>,
 ) -> Vec<u8> {
-    let mut f = encode_header_with_slot(id, arrival_ms, env, message.len() as u64, slot);
-    f.reserve(message.len() + 16);
+    let (mut f, end) = encode_around(id, arrival_ms, env, message, slot);
     f.extend_from_slice(message);
-    let crc = crc32fast::hash(&f);
-    f.extend_from_slice(format!("end {crc:08x}\n").as_bytes());
+    f.extend_from_slice(&end);
     f
+}
+
+/// [`encode_message`] without copying the content: the header and the end
+/// marker, to be written before and after it.
+pub fn encode_around(
+    id: &str,
+    arrival_ms: u64,
+    env: &Envelope,
+    message: &[u8],
+    slot: Option<&str>,
+) -> (Vec<u8>, Vec<u8>) {
+    let header = encode_header_with_slot(id, arrival_ms, env, message.len() as u64, slot);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    crc.update(message);
+    let end = format!("end {:08x}\n", crc.finalize()).into_bytes();
+    (header, end)
 }
 
 /// The header of a new queue file, up to and including the empty line.

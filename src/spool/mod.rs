@@ -364,13 +364,27 @@ impl Spool {
         };
         let path = dir.join(&name);
         let result = (|| {
-            let old_len = usize::try_from(file.metadata()?.len()).unwrap_or(usize::MAX);
-            let mut buf = format::encode_message(id, arrival_ms, env, message, Some(&name));
+            let old_len = file.metadata()?.len();
+            let (header, mut end) =
+                format::encode_around(id, arrival_ms, env, message, Some(&name));
+            let body_at = header.len() as u64;
+            let end_at = body_at + message.len() as u64;
             // Zeros over whatever an older message left, so that no stale
             // record can be read as this message's.
-            let len = buf.len().div_ceil(slots::BLOCK) * slots::BLOCK;
-            buf.resize(len.max(old_len), 0);
-            file.write_all_at(&buf, 0)?;
+            let used = end_at + end.len() as u64;
+            let len = used.div_ceil(slots::BLOCK as u64) * slots::BLOCK as u64;
+            end.resize(end.len() + (len.max(old_len) - used) as usize, 0);
+            if message.len() < 64 * 1024 {
+                // One write for the common small message.
+                let mut all = header;
+                all.extend_from_slice(message);
+                all.extend_from_slice(&end);
+                file.write_all_at(&all, 0)?;
+            } else {
+                file.write_all_at(&header, 0)?;
+                file.write_all_at(message, body_at)?;
+                file.write_all_at(&end, end_at)?;
+            }
             file.sync_data()?;
             fs::hard_link(&path, self.inner.root.join("queue").join(id))
         })();
@@ -400,7 +414,10 @@ impl Spool {
             // Recovery in a starting daemon must not delete a file that a
             // live sendmail process is still writing.
             rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
-            file.write_all(&format::encode_message(&id, arrival_ms, env, message, None))?;
+            let (header, end) = format::encode_around(&id, arrival_ms, env, message, None);
+            file.write_all(&header)?;
+            file.write_all(message)?;
+            file.write_all(&end)?;
             file.sync_data()?;
             fs::rename(&tmp, self.inner.root.join("queue").join(&id))
         })();
@@ -984,6 +1001,17 @@ mod tests {
             .unwrap();
         assert_eq!(slot_files(dir.path()), slots);
         assert_eq!(spool.load(&id3).unwrap().1, big);
+        // A large message is written in pieces; its file is not kept.
+        spool.remove(Area::Queue, &id3).unwrap();
+        let huge: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let id4 = spool
+            .commit(Spool::new_id(), env(), huge.clone(), 6)
+            .await
+            .unwrap();
+        assert_eq!(spool.load(&id4).unwrap().1, huge);
+        spool.remove(Area::Queue, &id4).unwrap();
+        assert!(slot_files(dir.path()).is_empty());
+        assert_eq!(spool.free_slots(), 0);
     }
 
     #[tokio::test]
