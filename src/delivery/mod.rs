@@ -7,6 +7,7 @@
 //! message while it is being tried, so the spool's append-only status
 //! records never race.
 
+pub mod lookahead;
 pub mod outcome;
 pub mod scheduler;
 pub mod worker;

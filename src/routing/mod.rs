@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod fleet;
+mod follow;
 pub mod headers;
 pub mod health;
 pub mod quota;
