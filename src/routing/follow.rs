@@ -151,7 +151,13 @@ impl Follow {
 impl Router {
     /// The worker's next ready message, if the router would send it to
     /// relay `id` now anyway; it is then counted against the relay's limits.
+    /// Not while a message is parked waiting for one of the relay's
+    /// connections: this one then goes back to the pool after the current
+    /// message, so a worker can't keep it from others for long.
     pub(super) async fn look_ahead(&self, id: RelayId, ahead: &mut Lookahead) -> Option<Ahead> {
+        if self.relays[id].pool.is_wanted() {
+            return None;
+        }
         let cand = ahead.candidate().await?;
         let routed = self.table.route(&cand.meta.sender, &cand.body);
         let relay = &self.relays[id];
