@@ -239,6 +239,9 @@ struct State {
     seen: Vec<Seen>,
     auths: Vec<AuthAttempt>,
     handshakes: Vec<Handshake>,
+    /// Bodies whose final dot arrived with more commands already behind it
+    /// (sent before the reply to the dot: pipelined after the data).
+    sent_behind_dot: usize,
 }
 
 impl Shared {
@@ -345,6 +348,13 @@ impl FakeUpstream {
             .filter(|(c, _)| *c == conn)
             .map(|(_, line)| line.clone())
             .collect()
+    }
+
+    /// How many times the client sent commands behind a body's final dot
+    /// without waiting for the reply to it: the next message's envelope
+    /// pipelined after the end of data (RFC 2920).
+    pub fn sent_behind_dot(&self) -> usize {
+        self.shared.lock().sent_behind_dot
     }
 
     /// Waits until at least `n` transactions completed and returns them all.
@@ -731,6 +741,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             let line = self.read_line().await?;
             if line == b".\r\n" {
+                // Nothing has been answered since the dot arrived, so bytes
+                // already here were sent without waiting for the reply.
+                if !self.io.buffer().is_empty() {
+                    self.shared.lock().sent_behind_dot += 1;
+                }
                 break;
             }
             // RFC 5321 4.5.2: a leading dot was added by the client; drop it.
