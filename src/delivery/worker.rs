@@ -15,7 +15,7 @@ use crate::bounce::{self, Action, BounceInput, BouncedRecipient};
 use crate::clock::{Clock, from_ms};
 use crate::config::Config;
 use crate::observe::events::{self, Status};
-use crate::routing::router::Follow;
+use crate::routing::router::{Follow, Resumed};
 use crate::spool::{Area, Envelope, Meta, Record, Spool, SpoolError};
 use crate::transport::Sender;
 
@@ -128,11 +128,18 @@ async fn chain(
         if must_stop() {
             ahead.stop();
         }
-        let resumed = f.resume(&mut ahead).await;
-        let job = resumed.job;
-        let next = record(ctx, &job.meta, &job.body, resumed.report, job.started).await;
+        let Some(Resumed {
+            job,
+            report,
+            follow: after,
+        }) = f.resume(&mut ahead).await
+        else {
+            // Handed back: `ahead` holds it, for the usual way.
+            break;
+        };
+        let next = record(ctx, &job.meta, &job.body, report, job.started).await;
         ctx.scheduler.finished(&job.id, next);
-        follow = resumed.follow;
+        follow = after;
     }
     ahead.take_held()
 }

@@ -23,7 +23,7 @@ use crate::delivery::lookahead::{Candidate, Lookahead};
 use crate::delivery::outcome::AttemptReport;
 use crate::transport::pool::Lease;
 use crate::transport::relay::Outgoing;
-use crate::transport::smtp::{NextTxn, Opened, SmtpError, TxnReport};
+use crate::transport::smtp::{NextTxn, Opened, Pending, SmtpError, TxnReport};
 
 /// The next message, admitted to go out behind the current one.
 pub(super) struct Ahead {
@@ -55,7 +55,15 @@ pub(super) struct Done {
     pub(super) since: Instant,
 }
 
+/// Where a held message stands, once its envelope's replies are read.
+enum Ready {
+    Open(Opened),
+    Over(Result<TxnReport, SmtpError>),
+}
+
 enum State {
+    /// Its envelope went out behind the previous dot; replies unread.
+    Pending(Pending),
     /// 354: the relay waits for its body.
     Open(Opened),
     /// Its envelope was answered without a go-ahead: this is its outcome.
@@ -79,7 +87,7 @@ pub struct Follow {
 pub struct Resumed {
     pub job: Candidate,
     pub report: AttemptReport,
-    /// The one after it, if it went out behind this one.
+    /// The message after it, if that went out behind it.
     pub follow: Option<Follow>,
 }
 
@@ -91,7 +99,10 @@ impl Follow {
 
     /// Finishes the message: sends its body (with the next envelope from
     /// `ahead` behind it, again, if it qualifies), or reports the refusal.
-    pub async fn resume(self, ahead: &mut Lookahead) -> Resumed {
+    /// `None` when its envelope was never answered (the connection broke):
+    /// nothing of it was taken, and it is handed back to `ahead`, to be
+    /// tried the usual way.
+    pub async fn resume(self, ahead: &mut Lookahead) -> Option<Resumed> {
         let Follow {
             router,
             relay: id,
@@ -100,13 +111,28 @@ impl Follow {
             state,
             since,
         } = self;
+        let ready = match state {
+            State::Pending(pending) => match lease.sender.settle_next(pending).await {
+                NextTxn::Open(opened) => Ready::Open(opened),
+                NextTxn::Done(result) => Ready::Over(result),
+                txn @ (NextTxn::NotSent | NextTxn::Lost(_) | NextTxn::Pending(_)) => {
+                    log_unanswered(&this.cand.id, &txn);
+                    router.relays[id].pool.checkin(lease);
+                    router.give_back(id, this.ticket).await;
+                    ahead.hand_back(this.cand);
+                    return None;
+                }
+            },
+            State::Open(opened) => Ready::Open(opened),
+            State::Over(result) => Ready::Over(result),
+        };
         let mut next_since = since;
-        let (report, signal, next) = match state {
-            State::Over(result) => {
+        let (report, signal, next) = match ready {
+            Ready::Over(result) => {
                 let (report, signal) = lease.sender.report_done(result, &this.cand.rcpts, since);
                 (report, signal, None)
             }
-            State::Open(opened) => {
+            Ready::Open(opened) => {
                 let next = if lease.sender.can_pipeline() {
                     router.look_ahead(id, ahead).await
                 } else {
@@ -140,11 +166,11 @@ impl Follow {
             since: next_since,
         };
         let (report, follow) = router.conclude(done, &routed, &[], next, ahead).await;
-        Resumed {
+        Some(Resumed {
             job: cand,
             report,
             follow,
-        }
+        })
     }
 }
 
@@ -197,16 +223,11 @@ impl Router {
             return (Some(lease), None);
         };
         let state = match txn {
+            NextTxn::Pending(pending) => State::Pending(pending),
             NextTxn::Open(opened) => State::Open(opened),
             NextTxn::Done(result) => State::Over(result),
             NextTxn::NotSent | NextTxn::Lost(_) => {
-                if let NextTxn::Lost(reason) = &txn {
-                    tracing::debug!(
-                        target: "relayq::delivery",
-                        "{}: envelope sent behind the previous message was not answered ({reason}); trying it again",
-                        this.cand.id
-                    );
-                }
+                log_unanswered(&this.cand.id, &txn);
                 self.give_back(id, this.ticket).await;
                 ahead.hand_back(this.cand);
                 return (Some(lease), None);
@@ -221,5 +242,14 @@ impl Router {
             since,
         };
         (None, Some(follow))
+    }
+}
+
+fn log_unanswered(id: &str, txn: &NextTxn) {
+    if let NextTxn::Lost(reason) = txn {
+        tracing::debug!(
+            target: "relayq::delivery",
+            "{id}: envelope sent behind the previous message was not answered ({reason}); trying it again"
+        );
     }
 }

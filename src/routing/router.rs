@@ -32,8 +32,8 @@ use crate::transport::pool::{Lease, RelayPool};
 use crate::transport::relay::Outgoing;
 use crate::transport::smtp::NextTxn;
 
-pub use super::follow::Follow;
 use super::follow::{Ahead, Done};
+pub use super::follow::{Follow, Resumed};
 
 pub(super) struct RelayEntry {
     pub(super) name: Arc<str>,

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::smtp::{
-    AuthMechanism, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened, Reply, Secret,
-    SmtpError, TlsMode, TlsOptions, TxnReport,
+    AuthMechanism, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened, Pending,
+    Reply, Secret, SmtpError, TlsMode, TlsOptions, TxnReport,
 };
 use crate::config::{AuthMechanismConfig, Config, RelayConfig, TlsModeConfig};
 use crate::delivery::outcome::{AttemptReport, RcptOutcome};
@@ -327,6 +327,19 @@ impl RelaySender {
             ..AttemptReport::default()
         };
         (report, signal, sent.next)
+    }
+
+    /// Reads the replies to the envelope sent behind the previous message's
+    /// end of data ([`NextTxn::Pending`]).
+    pub async fn settle_next(&mut self, pending: Pending) -> NextTxn {
+        let Some(conn) = self.conn.as_mut() else {
+            return NextTxn::Lost("connection closed".into());
+        };
+        let next = conn.settle_next(pending).await;
+        if !conn.is_usable() && !matches!(next, NextTxn::Done(_)) {
+            self.conn = None;
+        }
+        next
     }
 
     /// The report of a transaction pipelined behind the previous message

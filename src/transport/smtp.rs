@@ -48,7 +48,7 @@ mod tests;
 mod tls;
 mod wire;
 
-pub use pipeline::{NextTxn, Opened, Sent};
+pub use pipeline::{NextTxn, Opened, Pending, Sent};
 use wire::{Stream, Wire};
 
 /// Largest reply (all lines) accepted from the upstream.
@@ -519,6 +519,7 @@ fn address_problem(addr: &str) -> Option<&'static str> {
 }
 
 /// A command of the envelope phase.
+#[derive(Debug)]
 enum Step {
     /// Ends the previous transaction; sent in the same write as the next
     /// MAIL when the upstream pipelines (saves a round trip per message).
@@ -578,6 +579,7 @@ enum Settled {
 }
 
 /// Replies collected during the envelope phase.
+#[derive(Debug)]
 struct EnvelopeReplies {
     mail: Option<Reply>,
     rcpts: Vec<Option<Reply>>,
@@ -620,6 +622,9 @@ pub struct Connection {
     /// The server said 354 to a transaction pipelined behind the previous
     /// end of data and waits for its body ([`Connection::send_opened`]).
     awaiting_body: bool,
+    /// Replies to an envelope pipelined behind the previous end of data
+    /// are still to be read ([`Connection::settle_next`]).
+    awaiting_replies: bool,
     /// How this connection was opened, to open it again if it went stale
     /// while idle.
     cfg: ClientConfig,
@@ -706,6 +711,7 @@ impl Connection {
             broken: false,
             pending_rset: false,
             awaiting_body: false,
+            awaiting_replies: false,
             cfg: cfg.clone(),
             span,
         })
@@ -796,7 +802,8 @@ impl Connection {
     /// can withdraw it; closing can, as the server must not deliver a
     /// message whose data was cut off (RFC 5321, section 4.1.1.4).
     fn abandon_open(&mut self) {
-        if std::mem::take(&mut self.awaiting_body) {
+        let replies = std::mem::take(&mut self.awaiting_replies);
+        if std::mem::take(&mut self.awaiting_body) || replies {
             tracing::debug!(parent: &self.span, "pipelined transaction not completed; closing");
             self.broken = true;
         }

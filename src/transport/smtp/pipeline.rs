@@ -8,20 +8,24 @@
 //! [250 for this one, 250, 250..., 354 for the next]. No RSET is needed
 //! between them: the reply to the dot ends the transaction either way.
 //!
-//! The next transaction is then *open*: the server waits for its body, which
+//! This message's outcome is returned as soon as the reply to its dot is
+//! read (so the caller can record it at once); the replies to the next
+//! envelope are read by [`Connection::settle_next`]. If it got 354 the next
+//! transaction is *open*: the server waits for its body, which
 //! [`Connection::send_opened`] sends (with the one after it, again). After
 //! 354 everything up to a dot is message text, so an open transaction can't
 //! be withdrawn by any command; anything else done with the connection
-//! closes it, and the server must then discard the unfinished message.
-//! When the next transaction ends without a body (MAIL or every RCPT
-//! refused, DATA refused), a RSET is owed as after any such transaction.
+//! (or with replies still unread) closes it, and the server must then
+//! discard the unfinished message. When the next transaction ends without a
+//! body (MAIL or every RCPT refused, DATA refused), a RSET is owed as after
+//! any such transaction.
 
 use tracing::Instrument;
 
 use super::wire::DataEncoder;
 use super::{
-    BODY_CHUNK, Connection, Envelope, PIPELINE_BATCH, Planned, Reply, Settled, SmtpError, Stage,
-    Step, TxnReport,
+    BODY_CHUNK, Connection, Envelope, EnvelopeReplies, PIPELINE_BATCH, Planned, Reply, Settled,
+    SmtpError, Stage, Step, TxnReport,
 };
 
 /// What [`Connection::send_then`] and [`Connection::send_opened`] did.
@@ -50,6 +54,9 @@ pub enum NextTxn {
     /// none that can be written, or a sender that can't), or this body
     /// never got that far. Send it the usual way.
     NotSent,
+    /// Its envelope was written behind a dot that got a reply: pass this
+    /// to [`Connection::settle_next`] to read the replies to it.
+    Pending(Pending),
     /// Its envelope was written, but the session broke before it was
     /// answered (or the dot before it failed): the upstream took nothing
     /// of it, as no body was sent. Send it the usual way, on a new
@@ -64,6 +71,15 @@ pub enum NextTxn {
     Open(Opened),
 }
 
+/// A transaction whose envelope went out behind the previous end of data,
+/// its replies not read yet.
+#[must_use = "the replies to this envelope must be read: Connection::settle_next"]
+#[derive(Debug)]
+pub struct Pending {
+    steps: Vec<Step>,
+    replies: EnvelopeReplies,
+}
+
 /// A transaction whose envelope was accepted and whose DATA got 354.
 #[must_use = "the server waits for this body: send it with Connection::send_opened"]
 #[derive(Debug)]
@@ -73,6 +89,48 @@ pub struct Opened {
 }
 
 impl Connection {
+    /// Reads the replies to an envelope sent behind the previous end of
+    /// data: the transaction is then open, done, or lost.
+    pub async fn settle_next(&mut self, pending: Pending) -> NextTxn {
+        if self.broken || !std::mem::take(&mut self.awaiting_replies) {
+            return NextTxn::Lost("connection unusable".into());
+        }
+        let span = self.span.clone();
+        self.read_next(pending).instrument(span).await
+    }
+
+    async fn read_next(&mut self, pending: Pending) -> NextTxn {
+        let Pending { steps, mut replies } = pending;
+        match self.read_group(&steps, &mut replies).await {
+            Err(e @ SmtpError::Rejected { .. }) => {
+                // 421: an answer about this transaction, as send() gives it.
+                self.broken = true;
+                NextTxn::Done(Err(e))
+            }
+            Err(e) => {
+                self.broken = true;
+                NextTxn::Lost(e.to_string())
+            }
+            Ok(()) => match self.settle(replies) {
+                Ok(Settled::GoAhead(rcpts)) => {
+                    self.awaiting_body = true;
+                    NextTxn::Open(Opened { rcpts })
+                }
+                Ok(Settled::Over(report)) => {
+                    self.pending_rset = true;
+                    NextTxn::Done(Ok(report))
+                }
+                Err(e) => {
+                    self.pending_rset = true;
+                    if !e.leaves_session_in_sync() {
+                        self.broken = true;
+                    }
+                    NextTxn::Done(Err(e))
+                }
+            },
+        }
+    }
+
     /// Sends the body of the transaction opened behind the previous one
     /// (see [`NextTxn::Open`]), followed, when `next` is given, by the next
     /// envelope, as [`Connection::send_then`] does.
@@ -96,7 +154,7 @@ impl Connection {
 
     /// Writes the body in chunks, each under `data_timeout`, the next
     /// envelope (if it can go in one group) in the same write as the final
-    /// dot, and reads the replies: this body's, then the next envelope's.
+    /// dot, and reads the reply to this body.
     pub(super) async fn body_then(
         &mut self,
         rcpts: Vec<Reply>,
@@ -154,7 +212,7 @@ impl Connection {
             }),
             Err(e) => Err(e),
         };
-        let Some((steps, mut replies)) = planned else {
+        let Some((steps, replies)) = planned else {
             return Sent::alone(this);
         };
         if let Err(e) = &this {
@@ -166,34 +224,8 @@ impl Connection {
                 next: NextTxn::Lost(reason),
             };
         }
-        let next = match self.read_group(&steps, &mut replies).await {
-            Err(e @ SmtpError::Rejected { .. }) => {
-                // 421: an answer about this transaction, as send() gives it.
-                self.broken = true;
-                NextTxn::Done(Err(e))
-            }
-            Err(e) => {
-                self.broken = true;
-                NextTxn::Lost(e.to_string())
-            }
-            Ok(()) => match self.settle(replies) {
-                Ok(Settled::GoAhead(rcpts)) => {
-                    self.awaiting_body = true;
-                    NextTxn::Open(Opened { rcpts })
-                }
-                Ok(Settled::Over(report)) => {
-                    self.pending_rset = true;
-                    NextTxn::Done(Ok(report))
-                }
-                Err(e) => {
-                    self.pending_rset = true;
-                    if !e.leaves_session_in_sync() {
-                        self.broken = true;
-                    }
-                    NextTxn::Done(Err(e))
-                }
-            },
-        };
+        self.awaiting_replies = true;
+        let next = NextTxn::Pending(Pending { steps, replies });
         Sent { this, next }
     }
 }

@@ -22,12 +22,29 @@ fn opening() -> Script {
 async fn send_first(conn: &mut Connection) -> Sent {
     let second = ["d@y.test", "e@y.test"];
     let next = envelope("c@x.test", &second);
-    conn.send_then(
-        &envelope("a@x.test", &["b@y.test"]),
-        b"one\r\n",
-        Some((&next, 5)),
-    )
-    .await
+    let sent = conn
+        .send_then(
+            &envelope("a@x.test", &["b@y.test"]),
+            b"one\r\n",
+            Some((&next, 5)),
+        )
+        .await;
+    settled(conn, sent).await
+}
+
+/// Reads the replies to a pending next envelope, as the caller does once it
+/// has recorded this message's outcome.
+async fn settled(conn: &mut Connection, sent: Sent) -> Sent {
+    match sent.next {
+        NextTxn::Pending(p) => Sent {
+            this: sent.this,
+            next: conn.settle_next(p).await,
+        },
+        next => Sent {
+            this: sent.this,
+            next,
+        },
+    }
 }
 
 /// The third message, sent the usual way after the second ended without
@@ -71,6 +88,7 @@ async fn next_envelope_follows_the_dot_in_the_same_write() {
     let sent = conn
         .send_opened(opened(sent.next), b"two\r\n", Some((&third_env, 7)))
         .await;
+    let sent = settled(&mut conn, sent).await;
     let second = sent.this.unwrap();
     let sent = conn
         .send_opened(opened(sent.next), b"three\r\n", None)
@@ -95,6 +113,31 @@ async fn next_envelope_follows_the_dot_in_the_same_write() {
         !t.text().contains("RSET"),
         "no RSET between pipelined messages"
     );
+}
+
+#[tokio::test]
+async fn the_first_outcome_needs_only_the_reply_to_its_dot() {
+    // The server answers the dot and nothing else: the first message's
+    // outcome is known, the next envelope's replies are still to be read.
+    let server = TestServer::start(opening().tx("250 first\r\n")).await;
+    let mut conn = Connection::open(&client(server.addr)).await.unwrap();
+    let second = ["d@y.test", "e@y.test"];
+    let next = envelope("c@x.test", &second);
+    let sent = conn
+        .send_then(
+            &envelope("a@x.test", &["b@y.test"]),
+            b"one\r\n",
+            Some((&next, 5)),
+        )
+        .await;
+    assert_eq!(sent.this.unwrap().data.unwrap().text, "first");
+    let NextTxn::Pending(_pending) = sent.next else {
+        panic!("expected unread replies, got {:?}", sent.next)
+    };
+    // Giving up on them closes the connection rather than desynchronise.
+    conn.quit().await;
+    let t = server.finish().await;
+    assert_eq!(t.after_script(), "", "no QUIT with replies unread");
 }
 
 #[tokio::test]
