@@ -1,7 +1,9 @@
 //! A delivery worker: takes a message from the scheduler, tries its pending
 //! recipients through its own transport connection (kept open between
 //! messages), and records each recipient's outcome in the spool following
-//! the durability rules.
+//! the durability rules. On a relay that pipelines, the next ready message
+//! may go out behind the current one (see `lookahead`); the worker then
+//! records the current one and finishes the next on the same connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

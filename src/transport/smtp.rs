@@ -14,7 +14,8 @@
 //!
 //! Submodules: `wire` (the TCP-or-TLS stream, the reply reader, the DATA
 //! encoder), `tls` (trust roots, server name, pinning, readable verification
-//! errors), `auth` (SMTP AUTH mechanisms), `tests` (a scripted server).
+//! errors), `auth` (SMTP AUTH mechanisms), `pipeline` (the next message's
+//! envelope sent behind this one's end of data), `tests` (a scripted server).
 //!
 //! # Security
 //! The upstream is not trusted to be well behaved. A reply is capped at
