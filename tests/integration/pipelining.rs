@@ -33,12 +33,14 @@ fn subject(m: &Received) -> String {
 
 /// Queues `n` messages (from `sender(i)` to `rcpts(i)`) while the upstream
 /// is down, then brings it back with `script` and flushes the queue.
+/// Returns the daemon, the upstream, the queue ids, and the daemon's log
+/// mark from just before the flush.
 async fn queue_then_flow(
     n: usize,
     script: Script,
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
-) -> (Daemon, FakeUpstream, Vec<String>) {
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
@@ -55,14 +57,15 @@ async fn queue_then_flow(
     }
     let up = FakeUpstream::start_on(addr).await.expect("upstream back");
     up.set_script(script);
+    let mark = d.log_mark();
     d.flush();
-    (d, up, ids)
+    (d, up, ids, mark)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_mail_flows_pipelined_and_arrives_once_each() {
     let n = 40;
-    let (d, up, ids) = queue_then_flow(
+    let (d, up, ids, _) = queue_then_flow(
         n,
         Script::default(),
         |_| "app@example.com",
@@ -124,7 +127,7 @@ async fn refusals_in_a_pipelined_stream_are_reported_per_message() {
     let script = Script::default()
         .rcpt("gone@example.net", 550, "5.1.1 no such user")
         .data_reply_from("spam@example.com", 554, "5.7.1 content refused");
-    let (d, up, ids) = queue_then_flow(
+    let (d, up, ids, _) = queue_then_flow(
         n,
         script,
         move |i| {
@@ -207,4 +210,43 @@ async fn refusals_in_a_pipelined_stream_are_reported_per_message() {
         "nothing was pipelined behind a dot"
     );
     assert_eq!(d.queued(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_dropped_behind_a_dot_loses_nothing_and_sends_nothing_twice() {
+    // The upstream hangs up right after answering the third body: the
+    // envelope pipelined behind that dot is never answered. That message
+    // must go out again on a new connection, without a deferral, and the
+    // third must not be sent again.
+    let n = 12;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        Script::default().close_after_body(3),
+        |_| "app@example.com",
+        |_| vec!["bob@example.net"],
+    )
+    .await;
+    for id in &ids {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    let got = up.messages();
+    let subjects: std::collections::HashSet<String> = got.iter().map(subject).collect();
+    assert_eq!(got.len(), n, "each message exactly once: {subjects:?}");
+    assert_eq!(subjects.len(), n, "no message twice");
+    for m in &got {
+        let i: usize = subject(m)["Subject: pipelined ".len()..].parse().unwrap();
+        assert!(m.data.ends_with(&body(i)), "message {i} changed in transit");
+    }
+    assert!(up.connections() >= 2, "the dropped connection was replaced");
+    let after = &d.log()[mark..];
+    assert!(
+        !after.contains("status=deferred"),
+        "an unanswered envelope must not defer its message:\n{after}"
+    );
+    assert_eq!(after.matches("status=sent").count(), n);
+    eprintln!("envelopes pipelined behind a dot: {}", up.sent_behind_dot());
+    assert!(
+        up.sent_behind_dot() > 0,
+        "nothing was pipelined behind a dot"
+    );
 }

@@ -102,6 +102,9 @@ pub struct Script {
     /// Answer 451 to the first N bodies (counted across connections since the
     /// server started or `set_script` was last called), then behave normally.
     pub fail_first_n_transactions: usize,
+    /// Close the connection right after answering the Nth body (counted
+    /// like `fail_first_n_transactions`), before reading what follows it.
+    pub close_after_body: Option<usize>,
     /// `(user, password)`: advertise AUTH PLAIN LOGIN XOAUTH2 and answer
     /// MAIL with 530 until the client logged in (XOAUTH2 takes the password
     /// as its bearer token).
@@ -125,6 +128,7 @@ impl Default for Script {
             drop_at: None,
             reply_delay: Duration::ZERO,
             fail_first_n_transactions: 0,
+            close_after_body: None,
             auth: None,
         }
     }
@@ -165,6 +169,10 @@ impl Script {
     }
     pub fn reply_delay(mut self, delay: Duration) -> Self {
         self.reply_delay = delay;
+        self
+    }
+    pub fn close_after_body(mut self, n: usize) -> Self {
+        self.close_after_body = Some(n);
         self
     }
     pub fn fail_first(mut self, n: usize) -> Self {
@@ -763,10 +771,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Closed::ByUs);
         };
 
-        let failing = {
+        let (failing, close) = {
             let mut state = self.shared.lock();
             state.bodies_seen += 1;
-            state.bodies_seen <= script.fail_first_n_transactions
+            (
+                state.bodies_seen <= script.fail_first_n_transactions,
+                script.close_after_body == Some(state.bodies_seen),
+            )
         };
         let (code, text, queue_id) = if failing {
             let text = enhanced(&script, "4.3.0", "Error: temporary failure (scripted)");
@@ -811,7 +822,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
         }
-        self.write_reply(code, &text).await
+        self.write_reply(code, &text).await?;
+        if close {
+            return Err(Closed::ByUs);
+        }
+        Ok(())
     }
 
     /// A reply whose text gets the enhanced code when the script advertises it.
