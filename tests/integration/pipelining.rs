@@ -37,6 +37,7 @@ fn subject(m: &Received) -> String {
 /// mark from just before the flush.
 async fn queue_then_flow(
     n: usize,
+    relay_extra: &str,
     script: Script,
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
@@ -44,7 +45,8 @@ async fn queue_then_flow(
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
-    let d = Daemon::start(&relay_config(addr, ""));
+    // Appended to the [relay] section, which relay_config writes last.
+    let d = Daemon::start(&format!("{}{relay_extra}\n", relay_config(addr, "")));
     let mut ids = Vec::new();
     for i in 0..n {
         // Dot-stuffed like any client must; relayq undoes it on receipt.
@@ -67,6 +69,7 @@ async fn queued_mail_flows_pipelined_and_arrives_once_each() {
     let n = 40;
     let (d, up, ids, _) = queue_then_flow(
         n,
+        "",
         Script::default(),
         |_| "app@example.com",
         |i| {
@@ -129,6 +132,7 @@ async fn refusals_in_a_pipelined_stream_are_reported_per_message() {
         .data_reply_from("spam@example.com", 554, "5.7.1 content refused");
     let (d, up, ids, _) = queue_then_flow(
         n,
+        "",
         script,
         move |i| {
             if refused_body(i) {
@@ -221,6 +225,7 @@ async fn a_line_dropped_behind_a_dot_loses_nothing_and_sends_nothing_twice() {
     let n = 12;
     let (d, up, ids, mark) = queue_then_flow(
         n,
+        "",
         Script::default().close_after_body(3),
         |_| "app@example.com",
         |_| vec!["bob@example.net"],
@@ -245,6 +250,41 @@ async fn a_line_dropped_behind_a_dot_loses_nothing_and_sends_nothing_twice() {
     );
     assert_eq!(after.matches("status=sent").count(), n);
     eprintln!("envelopes pipelined behind a dot: {}", up.sent_behind_dot());
+    assert!(
+        up.sent_behind_dot() > 0,
+        "nothing was pipelined behind a dot"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_messages_per_connection_counts_pipelined_messages() {
+    let n = 14;
+    let (d, up, ids, _) = queue_then_flow(
+        n,
+        "max_messages_per_connection = 3",
+        Script::default(),
+        |_| "app@example.com",
+        |_| vec!["bob@example.net"],
+    )
+    .await;
+    for id in &ids {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    let got = up.messages();
+    let subjects: std::collections::HashSet<String> = got.iter().map(subject).collect();
+    assert_eq!(
+        (got.len(), subjects.len()),
+        (n, n),
+        "each message exactly once"
+    );
+    let mut per_conn: HashMap<usize, usize> = HashMap::new();
+    for m in &got {
+        *per_conn.entry(m.conn).or_default() += 1;
+    }
+    assert!(
+        per_conn.values().all(|&k| k <= 3),
+        "a connection carried more than 3 messages: {per_conn:?}"
+    );
     assert!(
         up.sent_behind_dot() > 0,
         "nothing was pipelined behind a dot"
