@@ -57,6 +57,9 @@ struct Args {
     /// are the medians (the disk here is noisy, see BENCHMARKING.md).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Run only this part: "slow" (the slow-upstream test).
+    #[arg(long)]
+    only: Option<String>,
 }
 
 #[derive(Default, Clone)]
@@ -90,6 +93,15 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    match args.only.as_deref() {
+        None => {}
+        Some("slow") => {
+            slow_upstream(&args).await?;
+            println!("\nbench: ok");
+            return Ok(());
+        }
+        Some(other) => bail!("--only {other:?}: the only part that runs alone is \"slow\""),
+    }
     println!(
         "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session",
         args.messages, args.size, args.sessions, args.latency_messages

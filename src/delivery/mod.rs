@@ -5,8 +5,11 @@
 //! next attempt time, state) and never the content; a worker reads the
 //! queue file only when it tries the message. Exactly one worker owns a
 //! message while it is being tried, so the spool's append-only status
-//! records never race.
+//! records never race. A worker may hold one more message it took ahead,
+//! to send behind the current one on a pipelining connection (`lookahead`).
+//! That one is the worker's like any job: the scheduler has it in flight.
 
+pub mod lookahead;
 pub mod outcome;
 pub mod scheduler;
 pub mod worker;

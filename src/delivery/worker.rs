@@ -1,19 +1,23 @@
 //! A delivery worker: takes a message from the scheduler, tries its pending
 //! recipients through its own transport connection (kept open between
 //! messages), and records each recipient's outcome in the spool following
-//! the durability rules.
+//! the durability rules. On a relay that pipelines, the next ready message
+//! may go out behind the current one (see `lookahead`); the worker then
+//! records the current one and finishes the next on the same connection.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, mpsc, watch};
 
+use super::lookahead::Lookahead;
 use super::outcome::{AttemptReport, Delivery, RcptOutcome, backoff};
 use super::scheduler::{Job, Next, SchedulerHandle, stopped};
 use crate::bounce::{self, Action, BounceInput, BouncedRecipient};
 use crate::clock::{Clock, from_ms};
 use crate::config::Config;
 use crate::observe::events::{self, Status};
+use crate::routing::router::{Follow, Resumed};
 use crate::spool::{Area, Envelope, Meta, Record, Spool, SpoolError};
 use crate::transport::Sender;
 
@@ -58,6 +62,7 @@ pub async fn run(
     let mut live = true;
     // `changed()` below marks the new context as seen: remember it.
     let mut switch = false;
+    let mut held: Option<Box<str>> = None;
     loop {
         if std::mem::take(&mut switch) || (live && contexts.has_changed().unwrap_or(false)) {
             let next = contexts.borrow_and_update().clone();
@@ -73,58 +78,120 @@ pub async fn run(
             }
         }
         let idle = sender.idle_timeout();
-        let job = tokio::select! {
-            job = async { jobs.lock().await.recv().await } => job,
-            _ = stopped(&mut shutdown) => break,
-            r = contexts.changed(), if live => {
-                live = r.is_ok();
-                switch = live;
-                continue;
-            }
-            _ = tokio::time::sleep(idle), if sender.is_connected() => {
-                sender.close().await;
-                continue;
+        let id = match held.take() {
+            // Taken ahead and not sent behind the previous message: it is
+            // this worker's next one.
+            Some(id) if !*shutdown.borrow() => id,
+            Some(_) => break,
+            None => {
+                let job = tokio::select! {
+                    job = async { jobs.lock().await.recv().await } => job,
+                    _ = stopped(&mut shutdown) => break,
+                    r = contexts.changed(), if live => {
+                        live = r.is_ok();
+                        switch = live;
+                        continue;
+                    }
+                    _ = tokio::time::sleep(idle), if sender.is_connected() => {
+                        sender.close().await;
+                        continue;
+                    }
+                };
+                let Some(job) = job else { break };
+                job.id
             }
         };
-        let Some(job) = job else { break };
-        let next = attempt(&ctx, &mut sender, &job.id).await;
-        ctx.scheduler.finished(&job.id, next);
+        held = chain(&ctx, &mut sender, id, &jobs, &shutdown, &contexts).await;
     }
     sender.close().await;
+}
+
+/// Tries a message, then each message that went out behind it on the same
+/// connection (see `lookahead`), recording each outcome as soon as it is
+/// known. Returns a job taken ahead but not sent, to try next.
+async fn chain(
+    ctx: &WorkerContext,
+    sender: &mut Sender,
+    id: Box<str>,
+    jobs: &Arc<Mutex<mpsc::Receiver<Job>>>,
+    shutdown: &watch::Receiver<bool>,
+    contexts: &watch::Receiver<Arc<WorkerContext>>,
+) -> Option<Box<str>> {
+    let mut ahead = Lookahead::new(jobs.clone(), ctx.spool.clone());
+    // What is open is finished, but no more work is taken ahead once the
+    // worker should stop or take up a new configuration.
+    let must_stop = || *shutdown.borrow() || contexts.has_changed().unwrap_or(true);
+    if must_stop() {
+        ahead.stop();
+    }
+    let (next, mut follow) = attempt_ahead(ctx, sender, &id, &mut ahead).await;
+    ctx.scheduler.finished(&id, next);
+    while let Some(f) = follow {
+        if must_stop() {
+            ahead.stop();
+        }
+        let Some(Resumed {
+            job,
+            report,
+            follow: after,
+        }) = f.resume(&mut ahead).await
+        else {
+            // Handed back: `ahead` holds it, for the usual way.
+            break;
+        };
+        let next = record(ctx, &job.meta, &job.body, report, job.started).await;
+        ctx.scheduler.finished(&job.id, next);
+        follow = after;
+    }
+    ahead.take_held()
 }
 
 /// One attempt at one message. Never loses it: on any doubt the message
 /// stays queued with a retry time.
 pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next {
+    attempt_ahead(ctx, sender, id, &mut Lookahead::off())
+        .await
+        .0
+}
+
+/// [`attempt`], with the next ready message from `ahead` possibly sent
+/// behind this one: returned open, to resume.
+async fn attempt_ahead(
+    ctx: &WorkerContext,
+    sender: &mut Sender,
+    id: &str,
+    ahead: &mut Lookahead,
+) -> (Next, Option<Follow>) {
     let spool = ctx.spool.clone();
     let owned = id.to_string();
     let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
     let (meta, body) = match loaded {
         Ok(Ok(x)) => x,
-        Ok(Err(SpoolError::NotFound(_))) => return Next::Gone,
+        Ok(Err(SpoolError::NotFound(_))) => return (Next::Gone, None),
         Ok(Err(SpoolError::Corrupt { reason, .. })) => {
             events::queue_error(
                 id,
                 &format!("queue file is corrupt ({reason}); moved to corrupt/"),
             );
             let _ = ctx.spool.move_to(id, Area::Queue, Area::Corrupt);
-            return Next::Gone;
+            return (Next::Gone, None);
         }
         Ok(Err(e)) => {
             events::queue_error(id, &format!("cannot read queue file: {e}"));
-            return retry_later(ctx);
+            return (retry_later(ctx), None);
         }
         Err(e) => {
             events::queue_error(id, &format!("cannot read queue file: {e}"));
-            return retry_later(ctx);
+            return (retry_later(ctx), None);
         }
     };
     let pending: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
     if pending.is_empty() {
-        return finish(ctx, id, Vec::new()).await;
+        return (finish(ctx, id, Vec::new()).await, None);
     }
     let started = Instant::now();
-    match sender.deliver(&meta, &body, &pending).await {
+    let (delivery, follow) = sender.deliver_ahead(&meta, &body, &pending, ahead).await;
+    let next = match delivery {
         Delivery::Attempted(report) => record(ctx, &meta, &body, report, started).await,
         Delivery::Wait {
             until,
@@ -147,7 +214,8 @@ pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next
             record(ctx, &meta, &body, report, started).await
         }
         Delivery::Parked { relay, seen } => Next::Parked { relay, seen },
-    }
+    };
+    (next, follow)
 }
 
 /// Whether the message has been queued for `max_lifetime` or longer.

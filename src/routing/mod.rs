@@ -10,6 +10,7 @@
 //!              fleet::Fleet          the same counts in Redis, atomically (Lua)
 //!              transport::pool       at most max_connections per relay
 //!           <- Attempted(report) | Wait { until, reason } | Parked { relay }
+//!              follow::Follow        + the next message, sent behind this one's end of data
 //! ```
 //!
 //! The route is decided each time a message is tried, from its envelope
@@ -24,6 +25,7 @@
 
 pub mod config;
 pub mod fleet;
+mod follow;
 pub mod headers;
 pub mod health;
 pub mod quota;

@@ -43,7 +43,11 @@ impl Router {
             .map_err(|(d, text)| (text, d.resumes_at))
     }
 
-    async fn reserve_once(&self, id: RelayId, now: u64) -> Result<Ticket, (Denied, String)> {
+    pub(super) async fn reserve_once(
+        &self,
+        id: RelayId,
+        now: u64,
+    ) -> Result<Ticket, (Denied, String)> {
         let relay = &self.relays[id];
         if relay.specs.is_empty() {
             return Ok(Ticket {

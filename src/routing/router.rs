@@ -14,6 +14,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use super::fleet::Fleet;
 use super::health::{Availability, Health, Policy, Signal, Status, Transition};
@@ -24,9 +25,15 @@ use super::{fmt_time, headers};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::SchedulerHandle;
+use crate::delivery::lookahead::Lookahead;
 use crate::delivery::outcome::{AttemptReport, Delivery, RcptOutcome};
 use crate::spool::Meta;
 use crate::transport::pool::{Lease, RelayPool};
+use crate::transport::relay::Outgoing;
+use crate::transport::smtp::NextTxn;
+
+use super::follow::{Ahead, Done};
+pub use super::follow::{Follow, Resumed};
 
 pub(super) struct RelayEntry {
     pub(super) name: Arc<str>,
@@ -60,7 +67,7 @@ pub(super) struct FleetState {
 }
 
 /// A relay passed over for a message, and why.
-struct Skipped {
+pub(super) struct Skipped {
     relay: RelayId,
     text: String,
     /// When it may be usable again (a pause or a quota window ending).
@@ -71,10 +78,10 @@ struct Skipped {
 
 pub struct Router {
     pub(super) relays: Vec<RelayEntry>,
-    table: RouteTable,
+    pub(super) table: RouteTable,
     pub(super) clock: Clock,
     /// Show relay names in logs (not for the single `[relay]` form).
-    named: bool,
+    pub(super) named: bool,
     /// Several relays or routes: log why a relay was chosen.
     routed: bool,
     pub(super) fleet: Option<Fleet>,
@@ -152,7 +159,24 @@ impl Router {
 
     /// Routes one message and delivers it through the first relay that can
     /// take it now.
-    pub async fn deliver(&self, meta: &Meta, body: &[u8], rcpts: &[usize]) -> Delivery {
+    pub async fn deliver(self: &Arc<Self>, meta: &Meta, body: &[u8], rcpts: &[usize]) -> Delivery {
+        let (delivery, follow) = self
+            .deliver_ahead(meta, body, rcpts, &mut Lookahead::off())
+            .await;
+        debug_assert!(follow.is_none(), "nothing follows without a lookahead");
+        delivery
+    }
+
+    /// [`Router::deliver`], and when the relay pipelines, the next ready
+    /// message from `ahead` may go out behind this one's end of data on the
+    /// same connection: it is then returned open, to [`Follow::resume`].
+    pub async fn deliver_ahead(
+        self: &Arc<Self>,
+        meta: &Meta,
+        body: &[u8],
+        rcpts: &[usize],
+        ahead: &mut Lookahead,
+    ) -> (Delivery, Option<Follow>) {
         let routed = self.table.route(&meta.sender, body);
         let mut skipped: Vec<Skipped> = Vec::new();
         // (relay, tried as a last resort despite being down)
@@ -175,7 +199,7 @@ impl Router {
                             until: Some(until),
                             health: true,
                         });
-                        return self.wait(&skipped, now);
+                        return (self.wait(&skipped, now), None);
                     }
                     Availability::Skip { until } => {
                         if until.is_none() {
@@ -207,18 +231,27 @@ impl Router {
                 Ok(lease) => lease,
                 Err(seen) => {
                     self.give_back(id, ticket).await;
-                    return Delivery::Parked {
+                    let parked = Delivery::Parked {
                         relay: relay.name.clone(),
                         seen,
                     };
+                    return (parked, None);
                 }
             };
-            let report = self
-                .attempt(id, lease, ticket, (meta, body, rcpts), &routed, &skipped)
+            let (report, follow) = self
+                .attempt(
+                    id,
+                    lease,
+                    ticket,
+                    (meta, body, rcpts),
+                    &routed,
+                    &skipped,
+                    ahead,
+                )
                 .await;
-            return Delivery::Attempted(report);
+            return (Delivery::Attempted(report), follow);
         }
-        self.wait(&skipped, self.clock.now_ms())
+        (self.wait(&skipped, self.clock.now_ms()), None)
     }
 
     /// Not now: until the earliest reopening, or a recovery.
@@ -255,20 +288,79 @@ impl Router {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
-        &self,
+        self: &Arc<Self>,
         id: RelayId,
         mut lease: Lease,
         ticket: Ticket,
         (meta, body, rcpts): (&Meta, &[u8], &[usize]),
         routed: &Routed,
         skipped: &[Skipped],
-    ) -> AttemptReport {
+        ahead: &mut Lookahead,
+    ) -> (AttemptReport, Option<Follow>) {
+        let body = headers::strip_private(body);
+        let started = Instant::now();
+        // When the next message's envelope (if any) goes out.
+        let mut since = started;
+        let (report, signal, next) = match lease.sender.ready(rcpts, started).await {
+            Err((report, signal)) => (report, signal, None),
+            Ok(()) => {
+                let next = if lease.sender.can_pipeline() {
+                    self.look_ahead(id, ahead).await
+                } else {
+                    None
+                };
+                let msg = Outgoing {
+                    meta,
+                    body: &body,
+                    rcpts,
+                };
+                since = Instant::now();
+                let (report, signal, txn) = lease
+                    .sender
+                    .transmit(msg, next.as_ref().map(Ahead::outgoing), started)
+                    .await;
+                (report, signal, next.map(|n| (n, txn)))
+            }
+        };
+        let done = Done {
+            id,
+            lease,
+            ticket,
+            report,
+            signal,
+            since,
+        };
+        self.conclude(done, routed, skipped, next, ahead).await
+    }
+
+    /// What every attempt ends with: the connection back to the pool
+    /// (unless a transaction is open on it for the next message), the
+    /// relay's health, the quota given back if the relay took nothing, and
+    /// the log's relay name, route note and retry hints.
+    pub(super) async fn conclude(
+        self: &Arc<Self>,
+        done: Done,
+        routed: &Routed,
+        skipped: &[Skipped],
+        next: Option<(Ahead, NextTxn)>,
+        ahead: &mut Lookahead,
+    ) -> (AttemptReport, Option<Follow>) {
+        let Done {
+            id,
+            lease,
+            ticket,
+            mut report,
+            signal,
+            since,
+        } = done;
         let others = routed.relays.len() > 1;
         let relay = &self.relays[id];
-        let body = headers::strip_private(body);
-        let (mut report, signal) = lease.sender.deliver_checked(meta, &body, rcpts).await;
-        relay.pool.checkin(lease);
+        let (lease, follow) = self.follow_on(id, lease, next, ahead, since).await;
+        if let Some(lease) = lease {
+            relay.pool.checkin(lease);
+        }
         let now = self.clock.now_ms();
         self.record_signal(id, &signal, now);
         let took = report
@@ -295,7 +387,7 @@ impl Router {
             report.wake_on = vec![relay.name.clone()];
             report.retry_at_ms = self.retry_hint(relay, now, others);
         }
-        report
+        (report, follow)
     }
 
     /// After a relay failure: when to look again. With other relays to

@@ -12,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{Config, TransportKind};
+use crate::delivery::lookahead::Lookahead;
 use crate::delivery::outcome::Delivery;
 use crate::routing::Router;
+use crate::routing::router::Follow;
 use crate::spool::Meta;
 
 /// A worker's way to hand mail on. Relaying goes through the shared
@@ -40,6 +42,25 @@ impl Sender {
         match self {
             Sender::Routed(r) => r.deliver(meta, body, rcpts).await,
             Sender::Capture(c) => Delivery::Attempted(c.deliver(meta, body, rcpts).await),
+        }
+    }
+
+    /// [`Sender::deliver`]; when relaying to a relay that pipelines, the
+    /// next ready message from `ahead` may go out behind this one on the
+    /// same connection, returned as a [`Follow`] to resume.
+    pub async fn deliver_ahead(
+        &mut self,
+        meta: &Meta,
+        body: &[u8],
+        rcpts: &[usize],
+        ahead: &mut Lookahead,
+    ) -> (Delivery, Option<Follow>) {
+        match self {
+            Sender::Routed(r) => r.deliver_ahead(meta, body, rcpts, ahead).await,
+            Sender::Capture(c) => (
+                Delivery::Attempted(c.deliver(meta, body, rcpts).await),
+                None,
+            ),
         }
     }
 

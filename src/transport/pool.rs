@@ -44,6 +44,10 @@ pub struct RelayPool {
     idle: Mutex<Vec<Idle>>,
     /// Grows by one every time a slot or an idle connection comes back.
     releases: AtomicU64,
+    /// One more than the release count a refused checkout saw (the highest
+    /// such): while `releases` is below it, a message waits for a
+    /// connection to this relay.
+    wanted_until: AtomicU64,
     /// Told about releases, so parked messages go out.
     scheduler: Option<SchedulerHandle>,
 }
@@ -64,6 +68,7 @@ impl RelayPool {
             slots: Arc::new(Semaphore::new(max)),
             idle: Mutex::new(Vec::new()),
             releases: AtomicU64::new(0),
+            wanted_until: AtomicU64::new(0),
             scheduler,
         })
     }
@@ -96,8 +101,18 @@ impl RelayPool {
                 sender: RelaySender::for_relay(self.relay.clone(), self.helo.clone()),
                 permit,
             }),
-            Err(_) => Err(seen),
+            Err(_) => {
+                self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
+                Err(seen)
+            }
         }
+    }
+
+    /// Whether a message is parked waiting for a connection to come back.
+    /// A worker keeping its connection for message after message (sending
+    /// each behind the previous one's end of data) gives it back then.
+    pub fn is_wanted(&self) -> bool {
+        self.wanted_until.load(Ordering::SeqCst) > self.releases.load(Ordering::SeqCst)
     }
 
     /// Takes a connection back: kept for the next message if it is open
@@ -185,4 +200,22 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
         set.spawn(f);
     }
     while set.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_refused_checkout_is_wanted_until_a_connection_comes_back() {
+        let relay: RelayConfig =
+            toml::from_str("host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n").unwrap();
+        let pool = RelayPool::new("a".into(), relay, "client.test".into(), None);
+        let lease = pool.try_checkout().ok().unwrap();
+        assert!(!pool.is_wanted(), "nobody waits yet");
+        assert!(pool.try_checkout().is_err());
+        assert!(pool.is_wanted(), "a message waits for the only connection");
+        pool.checkin(lease);
+        assert!(!pool.is_wanted(), "the connection came back");
+    }
 }

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::smtp::{
-    AuthMechanism, ClientConfig, Connection, Credentials, Envelope, Reply, Secret, SmtpError,
-    TlsMode, TlsOptions,
+    AuthMechanism, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened, Pending,
+    Reply, Secret, SmtpError, TlsMode, TlsOptions, TxnReport,
 };
 use crate::config::{AuthMechanismConfig, Config, RelayConfig, TlsModeConfig};
 use crate::delivery::outcome::{AttemptReport, RcptOutcome};
@@ -209,6 +209,23 @@ impl RelaySender {
         rcpts: &[usize],
     ) -> (AttemptReport, Signal) {
         let started = Instant::now();
+        if let Err(failed) = self.ready(rcpts, started).await {
+            return failed;
+        }
+        let (report, signal, _) = self
+            .transmit(Outgoing { meta, body, rcpts }, None, started)
+            .await;
+        (report, signal)
+    }
+
+    /// Makes sure a connection is open for the next message: the kept one
+    /// (owing a RSET) or a new one. `Err` is the attempt's report when none
+    /// could be opened.
+    pub async fn ready(
+        &mut self,
+        rcpts: &[usize],
+        started: Instant,
+    ) -> Result<(), (AttemptReport, Signal)> {
         // A kept connection owes a RSET, which goes out pipelined with the
         // next MAIL; if the connection went stale meanwhile, send() opens a
         // fresh one. Without pipelining the RSET is a round trip here.
@@ -224,73 +241,52 @@ impl RelaySender {
                 signal,
             }) = self.connect().await
         {
-            return (deferred(relay, rcpts, &reason, started.elapsed()), signal);
+            return Err((deferred(relay, rcpts, &reason, started.elapsed()), signal));
         }
+        Ok(())
+    }
+
+    /// Whether another message may ride behind the next one sent: the
+    /// connection pipelines and `max_messages_per_connection` leaves room
+    /// for both.
+    pub fn can_pipeline(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_some_and(|c| c.is_usable() && c.capabilities().pipelining)
+            && self
+                .relay
+                .max_messages_per_connection
+                .is_none_or(|max| self.sent.saturating_add(1) < max)
+    }
+
+    /// Sends `msg` on the connection [`RelaySender::ready`] opened and,
+    /// when the relay pipelines, `next`'s envelope behind its end of data.
+    pub async fn transmit(
+        &mut self,
+        msg: Outgoing<'_>,
+        next: Option<Outgoing<'_>>,
+        started: Instant,
+    ) -> (AttemptReport, Signal, NextTxn) {
         let conn_time = started.elapsed();
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
-            let report = deferred(relay, rcpts, "no connection", conn_time);
-            return (report, Signal::Down("no connection".into()));
+            let report = deferred(relay, msg.rcpts, "no connection", conn_time);
+            return (
+                report,
+                Signal::Down("no connection".into()),
+                NextTxn::NotSent,
+            );
         };
-        let addrs: Vec<&str> = rcpts
-            .iter()
-            .filter_map(|&i| meta.recipients.get(i).map(|r| r.address.as_str()))
-            .collect();
-        let env = Envelope {
-            from: &meta.sender,
-            rcpts: &addrs,
-            smtputf8: meta.smtputf8,
-            eight_bit: meta.eight_bit,
-        };
+        let addrs = msg.addresses();
+        let env = msg.envelope(&addrs);
+        let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
+        let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         let xfer_start = Instant::now();
         self.sent += 1;
-        let mut signal = Signal::Ok;
-        let results = match conn.send(&env, body).await {
-            Ok(report) => rcpts
-                .iter()
-                .zip(report.rcpts.iter())
-                .map(|(&i, rcpt_reply)| (i, outcome(rcpt_reply, report.data.as_ref())))
-                .collect(),
-            Err(e) => {
-                let permanent = e.is_permanent();
-                if matches!(
-                    e,
-                    SmtpError::Connect { .. }
-                        | SmtpError::ConnectTimeout { .. }
-                        | SmtpError::Tls(_)
-                ) {
-                    // A stale kept connection was replaced inside send()
-                    // and the new one could not be opened.
-                    let name = format!("{}:{}", self.relay.host, self.relay.port);
-                    crate::observe::events::relay_failed(&name, e.stage(), &e.to_string());
-                }
-                signal = transaction_signal(&e);
-                if !conn.is_usable() {
-                    self.conn = None;
-                }
-                let text = e.to_string();
-                rcpts
-                    .iter()
-                    .map(|&i| {
-                        let o = if permanent {
-                            let status = match &e {
-                                SmtpError::Rejected { reply, .. } => reply.status(),
-                                _ => "5.0.0".to_string(),
-                            };
-                            RcptOutcome::Failed {
-                                reply: text.clone(),
-                                status,
-                            }
-                        } else {
-                            RcptOutcome::Deferred {
-                                reason: text.clone(),
-                            }
-                        };
-                        (i, o)
-                    })
-                    .collect()
-            }
-        };
+        let sent = conn
+            .send_then(&env, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+            .await;
+        let (results, signal) = self.outcomes(sent.this, msg.rcpts);
         let report = AttemptReport {
             relay,
             results,
@@ -298,7 +294,159 @@ impl RelaySender {
             xfer_time: xfer_start.elapsed(),
             ..AttemptReport::default()
         };
+        (report, signal, sent.next)
+    }
+
+    /// Sends the body of the transaction opened behind the previous
+    /// message (and `next`'s envelope behind it). `since` is when its
+    /// envelope went out.
+    pub async fn transmit_opened(
+        &mut self,
+        opened: Opened,
+        msg: Outgoing<'_>,
+        next: Option<Outgoing<'_>>,
+        since: Instant,
+    ) -> (AttemptReport, Signal, NextTxn) {
+        let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
+        let Some(conn) = self.conn.as_mut() else {
+            let reason = "connection lost before the body was sent";
+            let report = deferred(relay, msg.rcpts, reason, Duration::ZERO);
+            return (report, Signal::Down(reason.into()), NextTxn::NotSent);
+        };
+        let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
+        let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
+        self.sent += 1;
+        let sent = conn
+            .send_opened(opened, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+            .await;
+        let (results, signal) = self.outcomes(sent.this, msg.rcpts);
+        let report = AttemptReport {
+            relay,
+            results,
+            xfer_time: since.elapsed(),
+            ..AttemptReport::default()
+        };
+        (report, signal, sent.next)
+    }
+
+    /// Reads the replies to the envelope sent behind the previous message's
+    /// end of data ([`NextTxn::Pending`]).
+    pub async fn settle_next(&mut self, pending: Pending) -> NextTxn {
+        let Some(conn) = self.conn.as_mut() else {
+            return NextTxn::Lost("connection closed".into());
+        };
+        let next = conn.settle_next(pending).await;
+        if !conn.is_usable() && !matches!(next, NextTxn::Done(_)) {
+            self.conn = None;
+        }
+        next
+    }
+
+    /// The report of a transaction pipelined behind the previous message
+    /// that ended without a body ([`NextTxn::Done`]).
+    pub fn report_done(
+        &mut self,
+        result: Result<TxnReport, SmtpError>,
+        rcpts: &[usize],
+        since: Instant,
+    ) -> (AttemptReport, Signal) {
+        let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
+        self.sent += 1;
+        let (results, signal) = self.outcomes(result, rcpts);
+        let report = AttemptReport {
+            relay,
+            results,
+            xfer_time: since.elapsed(),
+            ..AttemptReport::default()
+        };
         (report, signal)
+    }
+
+    /// Each recipient's outcome, and what the transaction showed about the
+    /// relay. Drops the connection if it can't be used again.
+    fn outcomes(
+        &mut self,
+        result: Result<TxnReport, SmtpError>,
+        rcpts: &[usize],
+    ) -> (Vec<(usize, RcptOutcome)>, Signal) {
+        if self.conn.as_ref().is_some_and(|c| !c.is_usable()) {
+            self.conn = None;
+        }
+        let e = match result {
+            Ok(report) => {
+                let results = rcpts
+                    .iter()
+                    .zip(report.rcpts.iter())
+                    .map(|(&i, rcpt_reply)| (i, outcome(rcpt_reply, report.data.as_ref())))
+                    .collect();
+                return (results, Signal::Ok);
+            }
+            Err(e) => e,
+        };
+        let permanent = e.is_permanent();
+        if matches!(
+            e,
+            SmtpError::Connect { .. } | SmtpError::ConnectTimeout { .. } | SmtpError::Tls(_)
+        ) {
+            // A stale kept connection was replaced inside send() and the
+            // new one could not be opened.
+            let name = format!("{}:{}", self.relay.host, self.relay.port);
+            crate::observe::events::relay_failed(&name, e.stage(), &e.to_string());
+        }
+        let signal = transaction_signal(&e);
+        let text = e.to_string();
+        let results = rcpts
+            .iter()
+            .map(|&i| {
+                let o = if permanent {
+                    let status = match &e {
+                        SmtpError::Rejected { reply, .. } => reply.status(),
+                        _ => "5.0.0".to_string(),
+                    };
+                    RcptOutcome::Failed {
+                        reply: text.clone(),
+                        status,
+                    }
+                } else {
+                    RcptOutcome::Deferred {
+                        reason: text.clone(),
+                    }
+                };
+                (i, o)
+            })
+            .collect();
+        (results, signal)
+    }
+}
+
+/// One message to hand over: its envelope as queued, the body as sent
+/// (relayq's private headers removed), and the recipients to try (indices
+/// into `meta.recipients`).
+#[derive(Clone, Copy)]
+pub struct Outgoing<'a> {
+    pub meta: &'a Meta,
+    pub body: &'a [u8],
+    pub rcpts: &'a [usize],
+}
+
+impl<'a> Outgoing<'a> {
+    fn addresses(&self) -> Vec<&'a str> {
+        self.rcpts
+            .iter()
+            .filter_map(|&i| self.meta.recipients.get(i).map(|r| r.address.as_str()))
+            .collect()
+    }
+
+    fn envelope<'b>(&self, addrs: &'b [&'b str]) -> Envelope<'b>
+    where
+        'a: 'b,
+    {
+        Envelope {
+            from: &self.meta.sender,
+            rcpts: addrs,
+            smtputf8: self.meta.smtputf8,
+            eight_bit: self.meta.eight_bit,
+        }
     }
 }
 

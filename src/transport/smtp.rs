@@ -14,7 +14,8 @@
 //!
 //! Submodules: `wire` (the TCP-or-TLS stream, the reply reader, the DATA
 //! encoder), `tls` (trust roots, server name, pinning, readable verification
-//! errors), `auth` (SMTP AUTH mechanisms), `tests` (a scripted server).
+//! errors), `auth` (SMTP AUTH mechanisms), `pipeline` (the next message's
+//! envelope sent behind this one's end of data), `tests` (a scripted server).
 //!
 //! # Security
 //! The upstream is not trusted to be well behaved. A reply is capped at
@@ -42,12 +43,14 @@ use tokio::time::timeout;
 use tracing::Instrument;
 
 mod auth;
+mod pipeline;
 #[cfg(test)]
 mod tests;
 mod tls;
 mod wire;
 
-use wire::{DataEncoder, Stream, Wire};
+pub use pipeline::{NextTxn, Opened, Pending, Sent};
+use wire::{Stream, Wire};
 
 /// Largest reply (all lines) accepted from the upstream.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024;
@@ -517,6 +520,7 @@ fn address_problem(addr: &str) -> Option<&'static str> {
 }
 
 /// A command of the envelope phase.
+#[derive(Debug)]
 enum Step {
     /// Ends the previous transaction; sent in the same write as the next
     /// MAIL when the upstream pipelines (saves a round trip per message).
@@ -559,7 +563,24 @@ fn is_stale(e: &SmtpError) -> bool {
     )
 }
 
+/// An envelope ready to go out.
+enum Planned {
+    /// The commands, and the replies known without asking.
+    Steps(Vec<Step>, EnvelopeReplies),
+    /// No recipient can be written: this is the report, nothing is sent.
+    Nothing(TxnReport),
+}
+
+/// Where a transaction stands once its envelope is answered.
+enum Settled {
+    /// 354: the server waits for the body. The recipients' replies.
+    GoAhead(Vec<Reply>),
+    /// No body goes out: the transaction's report.
+    Over(TxnReport),
+}
+
 /// Replies collected during the envelope phase.
+#[derive(Debug)]
 struct EnvelopeReplies {
     mail: Option<Reply>,
     rcpts: Vec<Option<Reply>>,
@@ -599,6 +620,12 @@ pub struct Connection {
     broken: bool,
     /// A RSET is owed before the next MAIL (see [`Connection::reset`]).
     pending_rset: bool,
+    /// The server said 354 to a transaction pipelined behind the previous
+    /// end of data and waits for its body ([`Connection::send_opened`]).
+    awaiting_body: bool,
+    /// Replies to an envelope pipelined behind the previous end of data
+    /// are still to be read ([`Connection::settle_next`]).
+    awaiting_replies: bool,
     /// How this connection was opened, to open it again if it went stale
     /// while idle.
     cfg: ClientConfig,
@@ -684,6 +711,8 @@ impl Connection {
             data_timeout: cfg.data_timeout,
             broken: false,
             pending_rset: false,
+            awaiting_body: false,
+            awaiting_replies: false,
             cfg: cfg.clone(),
             span,
         })
@@ -719,37 +748,73 @@ impl Connection {
     /// have: retrying then risks a duplicate, as with any SMTP client). After
     /// an error, RSET if [`Connection::is_usable`], else reconnect.
     pub async fn send(&mut self, env: &Envelope<'_>, body: &[u8]) -> Result<TxnReport, SmtpError> {
+        self.send_then(env, body, None).await.this
+    }
+
+    /// Like [`Connection::send`]; in addition, when the server pipelines,
+    /// `next` (an envelope and its body's size) goes out right behind this
+    /// body's end of data, in the same write (see `pipeline`).
+    pub async fn send_then(
+        &mut self,
+        env: &Envelope<'_>,
+        body: &[u8],
+        next: Option<(&Envelope<'_>, usize)>,
+    ) -> Sent {
+        self.abandon_open();
         if self.broken {
-            return Err(SmtpError::Unusable);
+            return Sent::alone(Err(SmtpError::Unusable));
         }
         let owed_rset = self.pending_rset;
         let span = self.span.clone();
-        let mut result = self.transaction(env, body).instrument(span).await;
+        let mut sent = self.transaction(env, body, next).instrument(span).await;
         if owed_rset
-            && let Err(e) = &result
+            && let Err(e) = &sent.this
             && is_stale(e)
         {
             // The connection died while idle (the upstream timed it out or
             // restarted); nothing of this transaction was accepted, since
-            // not even the RSET was answered. Open a fresh one and retry.
+            // not even the RSET was answered (and `next` was not written,
+            // as it only follows a body). Open a fresh one and retry.
             tracing::debug!(parent: &self.span, "connection went stale ({e}); reconnecting");
             let cfg = self.cfg.clone();
-            *self = Connection::open(&cfg).await?;
+            *self = match Connection::open(&cfg).await {
+                Ok(c) => c,
+                Err(e) => return Sent::alone(Err(e)),
+            };
             let span = self.span.clone();
-            result = self.transaction(env, body).instrument(span).await;
+            sent = self.transaction(env, body, next).instrument(span).await;
         }
-        if let Err(e) = &result
+        self.note_result(&sent.this);
+        sent
+    }
+
+    /// After an error that leaves the session out of step, the only safe
+    /// thing left is to close.
+    fn note_result(&mut self, result: &Result<TxnReport, SmtpError>) {
+        if let Err(e) = result
             && !e.leaves_session_in_sync()
         {
             self.broken = true;
         }
-        result
+    }
+
+    /// A body the server waits for will never come (the caller moved on):
+    /// after 354 everything up to the dot is message text, so no command
+    /// can withdraw it; closing can, as the server must not deliver a
+    /// message whose data was cut off (RFC 5321, section 4.1.1.4).
+    fn abandon_open(&mut self) {
+        let replies = std::mem::take(&mut self.awaiting_replies);
+        if std::mem::take(&mut self.awaiting_body) || replies {
+            tracing::debug!(parent: &self.span, "pipelined transaction not completed; closing");
+            self.broken = true;
+        }
     }
 
     /// Ends the current transaction. With PIPELINING the RSET is not sent
     /// on its own but at the head of the next transaction's first write,
     /// which saves a round trip per message to a far-away upstream.
     pub async fn reset(&mut self) -> Result<(), SmtpError> {
+        self.abandon_open();
         if self.broken {
             return Err(SmtpError::Unusable);
         }
@@ -764,6 +829,7 @@ impl Connection {
     /// also settles an owed RSET). For probes, where a deferred RSET would
     /// prove nothing.
     pub async fn ping(&mut self) -> Result<(), SmtpError> {
+        self.abandon_open();
         if self.broken {
             return Err(SmtpError::Unusable);
         }
@@ -794,6 +860,7 @@ impl Connection {
 
     /// Best-effort QUIT, then close (with a TLS close_notify).
     pub async fn quit(mut self) {
+        self.abandon_open();
         let limit = self.command_timeout.min(QUIT_TIMEOUT);
         // On a broken session the server may be reading a body: "QUIT" would
         // become part of it, so just close.
@@ -813,15 +880,37 @@ impl Connection {
         &mut self,
         env: &Envelope<'_>,
         body: &[u8],
-    ) -> Result<TxnReport, SmtpError> {
+        next: Option<(&Envelope<'_>, usize)>,
+    ) -> Sent {
+        let planned = match self.plan(env, body.len(), true) {
+            Ok(p) => p,
+            Err(e) => return Sent::alone(Err(e)),
+        };
+        let (steps, mut replies) = match planned {
+            Planned::Nothing(report) => return Sent::alone(Ok(report)),
+            Planned::Steps(steps, replies) => (steps, replies),
+        };
+        if let Err(e) = self.exchange_envelope(&steps, &mut replies).await {
+            return Sent::alone(Err(e));
+        }
+        match self.settle(replies) {
+            Ok(Settled::GoAhead(rcpts)) => self.body_then(rcpts, body, next).await,
+            Ok(Settled::Over(report)) => Sent::alone(Ok(report)),
+            Err(e) => Sent::alone(Err(e)),
+        }
+    }
+
+    /// The envelope's commands, with the replies already known (recipients
+    /// whose address can't be written). A RSET owed goes first if `rset`.
+    fn plan(&mut self, env: &Envelope<'_>, size: usize, rset: bool) -> Result<Planned, SmtpError> {
         let mut replies = EnvelopeReplies {
             mail: None,
             rcpts: vec![None; env.rcpts.len()],
             data: None,
         };
-        let mail = self.mail_command(env, body.len())?;
+        let mail = self.mail_command(env, size)?;
         let mut steps = Vec::with_capacity(env.rcpts.len() + 3);
-        if std::mem::take(&mut self.pending_rset) {
+        if rset && std::mem::take(&mut self.pending_rset) {
             steps.push(Step::Rset);
         }
         steps.push(Step::Mail(mail));
@@ -833,14 +922,13 @@ impl Connection {
         }
         if !steps.iter().any(|s| matches!(s, Step::Rcpt(..))) {
             // Nothing to send to: don't open a transaction at all.
-            return Ok(TxnReport {
+            return Ok(Planned::Nothing(TxnReport {
                 rcpts: replies.rcpts.into_iter().flatten().collect(),
                 data: None,
-            });
+            }));
         }
         steps.push(Step::Data);
-        self.exchange_envelope(&steps, &mut replies).await?;
-        self.finish_transaction(replies, body).await
+        Ok(Planned::Steps(steps, replies))
     }
 
     fn mail_command(&self, env: &Envelope<'_>, size: usize) -> Result<String, SmtpError> {
@@ -898,29 +986,36 @@ impl Connection {
                     self.command_timeout,
                 )
                 .await?;
-            for step in group {
-                let reply = self
-                    .wire
-                    .read_reply(step.stage(), self.command_timeout)
-                    .await?;
-                if reply.code == 421 || (matches!(step, Step::Rset) && !reply.is_positive()) {
-                    return Err(SmtpError::Rejected {
-                        stage: step.stage(),
-                        reply,
-                    });
-                }
-                replies.record(step, reply);
-            }
+            self.read_group(group, replies).await?;
             next += group.len();
         }
         Ok(())
     }
 
-    async fn finish_transaction(
+    /// Reads the reply to each command of a group written together.
+    async fn read_group(
         &mut self,
-        replies: EnvelopeReplies,
-        body: &[u8],
-    ) -> Result<TxnReport, SmtpError> {
+        group: &[Step],
+        replies: &mut EnvelopeReplies,
+    ) -> Result<(), SmtpError> {
+        for step in group {
+            let reply = self
+                .wire
+                .read_reply(step.stage(), self.command_timeout)
+                .await?;
+            if reply.code == 421 || (matches!(step, Step::Rset) && !reply.is_positive()) {
+                return Err(SmtpError::Rejected {
+                    stage: step.stage(),
+                    reply,
+                });
+            }
+            replies.record(step, reply);
+        }
+        Ok(())
+    }
+
+    /// What the envelope's replies leave: a body to send, or a report.
+    fn settle(&mut self, replies: EnvelopeReplies) -> Result<Settled, SmtpError> {
         let go_ahead = replies.data.as_ref().is_some_and(|r| r.code == 354);
         let accepted = replies.any_rcpt_accepted();
         let Some(mail) = replies.mail else {
@@ -947,7 +1042,7 @@ impl Connection {
             .collect();
         let data = match replies.data {
             _ if !accepted => None,
-            Some(reply) if reply.code == 354 => Some(self.send_body(body).await?),
+            Some(reply) if reply.code == 354 => return Ok(Settled::GoAhead(rcpts)),
             Some(reply) if reply.is_positive() || reply.is_intermediate() => {
                 return Err(SmtpError::Protocol {
                     stage: Stage::Data,
@@ -956,37 +1051,7 @@ impl Connection {
             }
             refusal => refusal,
         };
-        Ok(TxnReport { rcpts, data })
-    }
-
-    /// Writes the body in chunks, each under `data_timeout`, and reads the
-    /// final reply.
-    async fn send_body(&mut self, body: &[u8]) -> Result<Reply, SmtpError> {
-        let mut encoder = DataEncoder::new(body);
-        let mut chunk = Vec::with_capacity(BODY_CHUNK + 3);
-        loop {
-            chunk.clear();
-            let more = encoder.fill(&mut chunk, BODY_CHUNK);
-            self.wire
-                .write(
-                    &chunk,
-                    "<message body chunk>",
-                    Stage::Body,
-                    self.data_timeout,
-                )
-                .await?;
-            if !more {
-                break;
-            }
-        }
-        let reply = self.wire.read_reply(Stage::Body, self.data_timeout).await?;
-        if reply.code == 421 {
-            return Err(SmtpError::Rejected {
-                stage: Stage::Body,
-                reply,
-            });
-        }
-        Ok(reply)
+        Ok(Settled::Over(TxnReport { rcpts, data }))
     }
 }
 

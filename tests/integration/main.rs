@@ -11,6 +11,7 @@ mod inbound;
 mod install;
 mod interop;
 mod observe;
+mod pipelining;
 mod queue;
 mod relay;
 mod reload;

@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::wire::ReplyParser;
+use super::wire::{DataEncoder, ReplyParser};
 use super::*;
 
 const GREETING: &str = "220 relay.test ESMTP ready\r\n";
@@ -1427,3 +1427,5 @@ async fn many_recipients_are_pipelined_in_bounded_batches() {
     assert_eq!(report.rcpts.len(), 150);
     assert_eq!(report.data.map(|r| r.code), Some(250));
 }
+
+mod pipeline;

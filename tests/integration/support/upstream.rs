@@ -102,6 +102,9 @@ pub struct Script {
     /// Answer 451 to the first N bodies (counted across connections since the
     /// server started or `set_script` was last called), then behave normally.
     pub fail_first_n_transactions: usize,
+    /// Close the connection right after answering the Nth body (counted
+    /// like `fail_first_n_transactions`), before reading what follows it.
+    pub close_after_body: Option<usize>,
     /// `(user, password)`: advertise AUTH PLAIN LOGIN XOAUTH2 and answer
     /// MAIL with 530 until the client logged in (XOAUTH2 takes the password
     /// as its bearer token).
@@ -125,6 +128,7 @@ impl Default for Script {
             drop_at: None,
             reply_delay: Duration::ZERO,
             fail_first_n_transactions: 0,
+            close_after_body: None,
             auth: None,
         }
     }
@@ -165,6 +169,10 @@ impl Script {
     }
     pub fn reply_delay(mut self, delay: Duration) -> Self {
         self.reply_delay = delay;
+        self
+    }
+    pub fn close_after_body(mut self, n: usize) -> Self {
+        self.close_after_body = Some(n);
         self
     }
     pub fn fail_first(mut self, n: usize) -> Self {
@@ -239,6 +247,9 @@ struct State {
     seen: Vec<Seen>,
     auths: Vec<AuthAttempt>,
     handshakes: Vec<Handshake>,
+    /// Bodies whose final dot arrived with more commands already behind it
+    /// (sent before the reply to the dot: pipelined after the data).
+    sent_behind_dot: usize,
 }
 
 impl Shared {
@@ -345,6 +356,13 @@ impl FakeUpstream {
             .filter(|(c, _)| *c == conn)
             .map(|(_, line)| line.clone())
             .collect()
+    }
+
+    /// How many times the client sent commands behind a body's final dot
+    /// without waiting for the reply to it: the next message's envelope
+    /// pipelined after the end of data (RFC 2920).
+    pub fn sent_behind_dot(&self) -> usize {
+        self.shared.lock().sent_behind_dot
     }
 
     /// Waits until at least `n` transactions completed and returns them all.
@@ -731,6 +749,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         loop {
             let line = self.read_line().await?;
             if line == b".\r\n" {
+                // Nothing has been answered since the dot arrived, so bytes
+                // already here were sent without waiting for the reply.
+                if !self.io.buffer().is_empty() {
+                    self.shared.lock().sent_behind_dot += 1;
+                }
                 break;
             }
             // RFC 5321 4.5.2: a leading dot was added by the client; drop it.
@@ -748,10 +771,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Closed::ByUs);
         };
 
-        let failing = {
+        let (failing, close) = {
             let mut state = self.shared.lock();
             state.bodies_seen += 1;
-            state.bodies_seen <= script.fail_first_n_transactions
+            (
+                state.bodies_seen <= script.fail_first_n_transactions,
+                script.close_after_body == Some(state.bodies_seen),
+            )
         };
         let (code, text, queue_id) = if failing {
             let text = enhanced(&script, "4.3.0", "Error: temporary failure (scripted)");
@@ -796,7 +822,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
         }
-        self.write_reply(code, &text).await
+        self.write_reply(code, &text).await?;
+        if close {
+            return Err(Closed::ByUs);
+        }
+        Ok(())
     }
 
     /// A reply whose text gets the enhanced code when the script advertises it.

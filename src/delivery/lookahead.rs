@@ -1,0 +1,105 @@
+//! A worker's look at the next message while it sends one: to a relay that
+//! pipelines, the next message's envelope can go out behind this one's end
+//! of data (see `transport::smtp::pipeline`), saving a round trip each.
+//!
+//! The worker takes the next ready job only if one is waiting (never
+//! waiting for one, and never when another worker is idle: that one is
+//! already waiting for the work queue and holds it). The job is the
+//! worker's from then on, exactly as if it had been handed over next:
+//! the scheduler has it in flight, so no queue operation moves its file
+//! meanwhile. A job the transport can't send on the same connection is
+//! handed back here, and the worker tries it the usual way next.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::{Mutex, mpsc};
+
+use super::scheduler::Job;
+use crate::spool::{Meta, Spool};
+
+/// A message taken ahead, loaded, with recipients to try.
+pub struct Candidate {
+    pub id: Box<str>,
+    pub meta: Meta,
+    pub body: Vec<u8>,
+    /// Pending recipients (indices into `meta.recipients`).
+    pub rcpts: Vec<usize>,
+    /// When the worker took it (the start of its attempt, for `delays=`).
+    pub started: Instant,
+}
+
+pub struct Lookahead {
+    /// Where jobs come from; `None`: don't look ahead.
+    source: Option<(Arc<Mutex<mpsc::Receiver<Job>>>, Spool)>,
+    /// A job taken ahead but not sent: the worker's next.
+    held: Option<Box<str>>,
+}
+
+impl Lookahead {
+    pub fn new(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, spool: Spool) -> Lookahead {
+        Lookahead {
+            source: Some((jobs, spool)),
+            held: None,
+        }
+    }
+
+    /// One that never finds a next message.
+    pub fn off() -> Lookahead {
+        Lookahead {
+            source: None,
+            held: None,
+        }
+    }
+
+    /// Takes no more jobs ahead (shutdown, or a new configuration to take
+    /// up); one already held stays held.
+    pub fn stop(&mut self) {
+        self.source = None;
+    }
+
+    /// The next ready message, if one is waiting and none is held already.
+    /// One that can't be loaded or has nothing pending is held for the
+    /// usual path, which knows how to report it.
+    pub async fn candidate(&mut self) -> Option<Candidate> {
+        if self.held.is_some() {
+            return None;
+        }
+        let (jobs, spool) = self.source.as_ref()?;
+        let job = {
+            let mut rx = jobs.try_lock().ok()?;
+            rx.try_recv().ok()?
+        };
+        let started = Instant::now();
+        let spool = spool.clone();
+        let owned = job.id.to_string();
+        let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
+        let Ok(Ok((meta, body))) = loaded else {
+            self.held = Some(job.id);
+            return None;
+        };
+        let rcpts: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
+        if rcpts.is_empty() {
+            self.held = Some(job.id);
+            return None;
+        }
+        Some(Candidate {
+            id: job.id,
+            meta,
+            body,
+            rcpts,
+            started,
+        })
+    }
+
+    /// A candidate that did not go out behind the previous message: the
+    /// worker tries it next, the usual way.
+    pub fn hand_back(&mut self, c: Candidate) {
+        self.held = Some(c.id);
+    }
+
+    /// The job to try next, if one was taken ahead and not sent.
+    pub fn take_held(&mut self) -> Option<Box<str>> {
+        self.held.take()
+    }
+}
