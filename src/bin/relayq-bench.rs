@@ -60,6 +60,11 @@ struct Args {
     /// Run only this part: "slow" (the slow-upstream test).
     #[arg(long)]
     only: Option<String>,
+    /// relayq's delivery connections to the sink in the main loads
+    /// (`concurrency` in [relay]; Postfix's default allows 20 parallel
+    /// deliveries to one destination).
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
 }
 
 #[derive(Default, Clone)]
@@ -103,8 +108,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(other) => bail!("--only {other:?}: the only part that runs alone is \"slow\""),
     }
     println!(
-        "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session",
-        args.messages, args.size, args.sessions, args.latency_messages
+        "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session; relayq delivers over {} connections",
+        args.messages, args.size, args.sessions, args.latency_messages, args.concurrency
     );
     println!(
         "machine: {} cores; other load at start: {:.0}% CPU",
@@ -574,7 +579,7 @@ async fn measure(
 
 async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
     let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq(sink.addr, 4, "", None)?;
+    let mut r = start_relayq(sink.addr, args.concurrency, "", None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = Probe {
