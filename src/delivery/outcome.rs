@@ -8,8 +8,10 @@ use std::time::Duration;
 pub enum RcptOutcome {
     /// The upstream took responsibility: its reply, verbatim.
     Delivered { reply: String },
-    /// Try again later (4xx, connection trouble, TLS or AUTH problems).
-    Deferred { reason: String },
+    /// Try again later (4xx, connection trouble, TLS or AUTH problems),
+    /// with the enhanced status code that says why (RFC 3463; `4.4.1` no
+    /// answer from the host, `4.4.2` connection lost, `4.7.5` TLS...).
+    Deferred { reason: String, status: String },
     /// Failed for good (5xx): bounce to the sender.
     Failed { reply: String, status: String },
 }
@@ -19,7 +21,7 @@ impl RcptOutcome {
     pub fn dsn(&self) -> String {
         match self {
             RcptOutcome::Delivered { reply } => status_of(reply).unwrap_or_else(|| "2.0.0".into()),
-            RcptOutcome::Deferred { reason } => status_of(reason).unwrap_or_else(|| "4.0.0".into()),
+            RcptOutcome::Deferred { status, .. } => status.clone(),
             RcptOutcome::Failed { status, .. } => status.clone(),
         }
     }

@@ -206,7 +206,8 @@ async fn attempt_ahead(
                     .iter()
                     .map(|&i| {
                         let reason = reason.clone();
-                        (i, RcptOutcome::Deferred { reason })
+                        let status = WAIT_STATUS.to_string();
+                        (i, RcptOutcome::Deferred { reason, status })
                     })
                     .collect(),
                 ..AttemptReport::default()
@@ -224,6 +225,10 @@ fn expired(ctx: &WorkerContext, meta: &Meta) -> bool {
         u64::try_from(ctx.config.queue.max_lifetime.0.as_millis()).unwrap_or(u64::MAX);
     ctx.clock.now_ms().saturating_sub(meta.arrival_ms) >= lifetime_ms
 }
+
+/// The status of mail waiting for a relay (paused, down or over a limit):
+/// "mail system congestion" (RFC 3463 X.4.5).
+const WAIT_STATUS: &str = "4.4.5";
 
 /// Not tried: every relay it may use is paused, down or over a limit.
 /// Each recipient's deferral is logged and recorded (so `relayq queue
@@ -246,7 +251,7 @@ fn wait(
         };
         tracing::info!(
             target: "relayq::delivery",
-            "{id}: to=<{}>, relay=none, delay={delay:.2}, delays={delay:.2}/0.00/0.00, dsn=4.0.0, status=deferred ({reason})",
+            "{id}: to=<{}>, relay=none, delay={delay:.2}, delays={delay:.2}/0.00/0.00, dsn={WAIT_STATUS}, status=deferred ({reason})",
             rcpt.address,
         );
         records.push(Record::Deferred {
@@ -337,7 +342,7 @@ async fn record(
                     reply: reply.clone(),
                 });
             }
-            RcptOutcome::Deferred { reason } if expired => {
+            RcptOutcome::Deferred { reason, .. } if expired => {
                 line(Status::Expired, reason);
                 bounced.push(bounced_rcpt(
                     &rcpt.address,
@@ -355,7 +360,7 @@ async fn record(
                     ),
                 });
             }
-            RcptOutcome::Deferred { reason } => {
+            RcptOutcome::Deferred { reason, .. } => {
                 line(Status::Deferred, reason);
                 deferred.push(Record::Deferred {
                     idx: *idx,

@@ -76,6 +76,11 @@ impl CaptureSender {
             },
             Err(e) => RcptOutcome::Deferred {
                 reason: format!("cannot write to Maildir {}: {e}", self.maildir.display()),
+                status: if e.raw_os_error() == Some(libc::ENOSPC) {
+                    "4.3.1".into()
+                } else {
+                    "4.3.0".into()
+                },
             },
         };
         AttemptReport {

@@ -36,6 +36,8 @@ pub struct RelaySender {
 struct ConnectFailure {
     relay: String,
     reason: String,
+    /// Enhanced status code for the deferral (see `SmtpError::dsn`).
+    status: String,
     signal: Signal,
 }
 
@@ -114,23 +116,26 @@ impl RelaySender {
 
     /// Opens a connection, trying each address of the relay in turn.
     async fn connect(&mut self) -> Result<(), ConnectFailure> {
-        let down = |relay: String, reason: String| ConnectFailure {
+        // No address (4.4.3, as Postfix says for a name service error), or
+        // a relay setting that can't be used (4.3.5).
+        let down = |relay: String, reason: String, status: &str| ConnectFailure {
             signal: Signal::Down(reason.clone()),
+            status: status.into(),
             relay,
             reason,
         };
         self.sent = 0;
         let addrs = self.resolve().await.map_err(|e| {
             crate::observe::events::relay_failed(&self.describe(None), "dns", &e);
-            down(self.describe(None), e)
+            down(self.describe(None), e, "4.4.3")
         })?;
-        let mut last = down(self.describe(None), String::from("no address"));
+        let mut last = down(self.describe(None), String::from("no address"), "4.4.3");
         for addr in addrs {
             let cfg = match self.client_config(addr) {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(target: "relayq::delivery", "relay {}: {e}", self.describe(None));
-                    return Err(down(self.describe(None), e));
+                    return Err(down(self.describe(None), e, "4.3.5"));
                 }
             };
             match Connection::open(&cfg).await {
@@ -159,6 +164,7 @@ impl RelaySender {
                     return Err(ConnectFailure {
                         signal: connect_signal(&e),
                         reason: e.to_string(),
+                        status: e.dsn(),
                         relay,
                     });
                 }
@@ -173,6 +179,7 @@ impl RelaySender {
                         signal: connect_signal(&e),
                         relay: self.describe(Some(addr)),
                         reason: e.to_string(),
+                        status: e.dsn(),
                     };
                 }
             }
@@ -238,10 +245,12 @@ impl RelaySender {
             && let Err(ConnectFailure {
                 relay,
                 reason,
+                status,
                 signal,
             }) = self.connect().await
         {
-            return Err((deferred(relay, rcpts, &reason, started.elapsed()), signal));
+            let report = deferred(relay, rcpts, &reason, &status, started.elapsed());
+            return Err((report, signal));
         }
         Ok(())
     }
@@ -270,7 +279,7 @@ impl RelaySender {
         let conn_time = started.elapsed();
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
-            let report = deferred(relay, msg.rcpts, "no connection", conn_time);
+            let report = deferred(relay, msg.rcpts, "no connection", "4.4.1", conn_time);
             return (
                 report,
                 Signal::Down("no connection".into()),
@@ -310,7 +319,7 @@ impl RelaySender {
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
             let reason = "connection lost before the body was sent";
-            let report = deferred(relay, msg.rcpts, reason, Duration::ZERO);
+            let report = deferred(relay, msg.rcpts, reason, "4.4.2", Duration::ZERO);
             return (report, Signal::Down(reason.into()), NextTxn::NotSent);
         };
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
@@ -399,17 +408,14 @@ impl RelaySender {
             .iter()
             .map(|&i| {
                 let o = if permanent {
-                    let status = match &e {
-                        SmtpError::Rejected { reply, .. } => reply.status(),
-                        _ => "5.0.0".to_string(),
-                    };
                     RcptOutcome::Failed {
                         reply: text.clone(),
-                        status,
+                        status: e.dsn(),
                     }
                 } else {
                     RcptOutcome::Deferred {
                         reason: text.clone(),
+                        status: e.dsn(),
                     }
                 };
                 (i, o)
@@ -535,7 +541,13 @@ pub fn client_config(
 }
 
 /// Every recipient deferred for one reason, no transaction made.
-fn deferred(relay: String, rcpts: &[usize], reason: &str, conn_time: Duration) -> AttemptReport {
+fn deferred(
+    relay: String,
+    rcpts: &[usize],
+    reason: &str,
+    status: &str,
+    conn_time: Duration,
+) -> AttemptReport {
     AttemptReport {
         relay,
         results: rcpts
@@ -545,6 +557,7 @@ fn deferred(relay: String, rcpts: &[usize], reason: &str, conn_time: Duration) -
                     i,
                     RcptOutcome::Deferred {
                         reason: reason.to_string(),
+                        status: status.to_string(),
                     },
                 )
             })
@@ -562,6 +575,7 @@ fn outcome(rcpt: &Reply, data: Option<&Reply>) -> RcptOutcome {
         (true, None) => {
             return RcptOutcome::Deferred {
                 reason: "upstream accepted no recipient; body not sent".into(),
+                status: "4.0.0".into(),
             };
         }
     };
@@ -577,6 +591,7 @@ fn outcome(rcpt: &Reply, data: Option<&Reply>) -> RcptOutcome {
     } else {
         RcptOutcome::Deferred {
             reason: reply.one_line(),
+            status: reply.status(),
         }
     }
 }

@@ -476,6 +476,36 @@ impl SmtpError {
         }
     }
 
+    /// The enhanced status code (RFC 3463) for a recipient this error
+    /// leaves undelivered, as Postfix logs them: `4.4.1` no answer from the
+    /// host, `4.4.2` connection lost, `4.7.5` TLS failed, `4.7.8` login
+    /// refused, the upstream's own code for its replies. The class is `5`
+    /// only for an error that fails the message ([`SmtpError::is_permanent`]).
+    pub fn dsn(&self) -> String {
+        let code = match self {
+            SmtpError::Rejected { reply, .. } | SmtpError::AuthRejected { reply } => reply.status(),
+            SmtpError::Config(_) => "4.3.5".into(),
+            SmtpError::Connect { .. } | SmtpError::ConnectTimeout { .. } => "4.4.1".into(),
+            SmtpError::Io { .. }
+            | SmtpError::Closed { .. }
+            | SmtpError::Timeout { .. }
+            | SmtpError::Unusable => "4.4.2".into(),
+            SmtpError::Protocol { .. } => "4.5.0".into(),
+            SmtpError::Tls(_) => "4.7.5".into(),
+            SmtpError::StartTlsNotOffered { .. } => "4.7.4".into(),
+            SmtpError::AuthNotOffered
+            | SmtpError::NoCommonAuthMechanism { .. }
+            | SmtpError::AuthMechanismMismatch { .. }
+            | SmtpError::CredentialsWithoutTls => "4.7.0".into(),
+            SmtpError::SmtpUtf8NotOffered => "5.6.7".into(),
+            SmtpError::InvalidSender { .. } => "5.1.7".into(),
+        };
+        let class = if self.is_permanent() { '5' } else { '4' };
+        let mut code = code;
+        code.replace_range(..1, &class.to_string());
+        code
+    }
+
     /// Where it happened, for logs and metrics labels.
     pub fn stage(&self) -> &'static str {
         match self {

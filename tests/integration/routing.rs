@@ -252,7 +252,7 @@ async fn daily_quota_waits_in_order_and_resumes_when_the_window_opens() {
     for id in &ids[3..] {
         let line = d.wait_log(&format!("{id}: to=<rcpt@example.net>"), WAIT);
         assert!(
-            line.contains("status=deferred (quota: 3/day reached, resumes at 20")
+            line.contains("dsn=4.4.5, status=deferred (quota: 3/day reached, resumes at 20")
                 && (line.contains(" CET)") || line.contains(" CEST)")),
             "{line}"
         );

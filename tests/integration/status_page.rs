@@ -176,7 +176,7 @@ async fn status_page_in_headless_chromium() {
     );
 
     let failures = text_of(&dom, "failures");
-    assert!(failures.contains("deferred (4.0.0)"), "{failures}");
+    assert!(failures.contains("deferred (4.4.1)"), "{failures}");
     assert_eq!(
         text_of(&dom, "deliveries"),
         "Last deliveries No deliveries since relayq started."

@@ -1429,3 +1429,29 @@ async fn many_recipients_are_pipelined_in_bounded_batches() {
 }
 
 mod pipeline;
+
+#[test]
+fn errors_carry_the_status_postfix_would_log() {
+    let refused = SmtpError::Connect {
+        addr: "127.0.0.1:25".parse().unwrap(),
+        source: std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+    };
+    assert_eq!(refused.dsn(), "4.4.1");
+    assert_eq!(SmtpError::Closed { stage: Stage::Data }.dsn(), "4.4.2");
+    let auth = SmtpError::AuthRejected {
+        reply: Reply::new(535, "5.7.8 bad credentials"),
+    };
+    assert_eq!(auth.dsn(), "4.7.8", "kept queued, so class 4");
+    let mail = SmtpError::Rejected {
+        stage: Stage::Mail,
+        reply: Reply::new(553, "5.1.8 sender domain unknown"),
+    };
+    assert!(mail.is_permanent());
+    assert_eq!(mail.dsn(), "5.1.8");
+    let throttled = SmtpError::Rejected {
+        stage: Stage::Greeting,
+        reply: Reply::new(421, "too busy"),
+    };
+    assert_eq!(throttled.dsn(), "4.0.0");
+    assert_eq!(SmtpError::SmtpUtf8NotOffered.dsn(), "5.6.7");
+}

@@ -27,6 +27,7 @@ async fn refused_certificate(mode: UpstreamTls, kind: CertKind, with_ca: bool, r
         "deferral should say {reason:?}: {line}"
     );
     assert!(line.contains("certificate verification failed"), "{line}");
+    assert!(line.contains("dsn=4.7.5,"), "TLS failure status: {line}");
     assert!(line.contains(&relay_name(&up)), "{line}");
     up.wait_for_handshakes(1, WAIT).await;
 
@@ -155,6 +156,8 @@ async fn missing_credentials_keep_mail_queued_rather_than_bounce() {
     let id = send(&d, 1).await;
     let line = status_line(&d, &id, "deferred", 1).await;
     assert!(line.contains("530 5.7.0"), "{line}");
+    // A deferral, so a 4xx status even for the upstream's 5xx reply.
+    assert!(line.contains("dsn=4.7.0,"), "{line}");
     assert_eq!(d.count_log("status=bounced"), 0, "{}", d.log());
     assert!(up.auths().is_empty());
     assert_secrets_only_over_tls(&up);
