@@ -387,8 +387,26 @@ async fn record(
     if meta.pending().count() == durable.len() {
         return finish(ctx, id, durable).await;
     }
+    // RFC 5321 4.5.3.1.10: a 452 to RCPT after other recipients were
+    // taken means "too many recipients for one transaction"; the rest go
+    // in the next transaction, now. Each such retry finishes at least one
+    // recipient, so this ends.
+    let too_many = !durable.is_empty()
+        && report.results.iter().any(
+            |(_, o)| matches!(o, RcptOutcome::Deferred { reason, .. } if reason.starts_with("452")),
+        );
     if !append_durably(ctx, id, durable).await {
         return retry_later(ctx);
+    }
+    if too_many {
+        deferred.push(Record::Attempt {
+            attempts: meta.attempts,
+            next_ms: now_ms,
+        });
+        if let Err(e) = ctx.spool.append(id, &deferred, false) {
+            events::queue_warning(id, &format!("cannot record deferral: {e}"));
+        }
+        return Next::RetryAt(now_ms);
     }
     let attempts = meta.attempts + 1;
     let q = &ctx.config.queue;

@@ -248,3 +248,55 @@ async fn a_connection_that_went_stale_is_replaced_without_deferring() {
         d.log()
     );
 }
+
+/// An upstream that takes only so many recipients per transaction answers
+/// the rest with 452 (RFC 5321 4.5.3.1.10): they go in the next
+/// transactions at once, not after the retry backoff, each recipient
+/// once, with the same message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recipients_over_the_upstreams_limit_go_in_the_next_transaction_at_once() {
+    let up =
+        FakeUpstream::start_with(crate::support::upstream::Script::default().max_rcpts(2)).await;
+    let d = Daemon::start(&relay_config(up.addr(), ""));
+    let rcpts = [
+        "a@example.net",
+        "b@example.net",
+        "c@example.net",
+        "d@example.net",
+        "e@example.net",
+    ];
+    let body = b"Subject: many\r\n\r\nfive recipients\r\n";
+    let r = send_mail(d.addr, "app@example.com", &rcpts, body).await;
+    let id = queue_id(&r);
+    // No clock advance: the backoff would hold them for five minutes.
+    d.wait_log(&format!("{id}: removed"), WAIT);
+    let got = up.messages();
+    let batches: Vec<Vec<String>> = got.iter().map(|m| m.rcpts.clone()).collect();
+    assert_eq!(
+        batches,
+        [
+            vec!["a@example.net", "b@example.net"],
+            vec!["c@example.net", "d@example.net"],
+            vec!["e@example.net"]
+        ],
+        "{batches:?}"
+    );
+    assert!(
+        got.iter()
+            .all(|m| m.text().ends_with("\r\n\r\nfive recipients\r\n"))
+    );
+    let log = d.log();
+    for rcpt in rcpts {
+        let sent = log
+            .lines()
+            .filter(|l| l.contains(&format!("{id}: to=<{rcpt}>")) && l.contains("status=sent"))
+            .count();
+        assert_eq!(sent, 1, "{rcpt}: {log}");
+    }
+    // The 452s are logged as what they are.
+    assert!(
+        log.contains("dsn=4.5.3, status=deferred (452 4.5.3 Too many recipients)"),
+        "{log}"
+    );
+    assert_eq!(d.count_log("status=sent"), 5, "{}", d.log());
+}

@@ -109,6 +109,9 @@ pub struct Script {
     /// MAIL with 530 until the client logged in (XOAUTH2 takes the password
     /// as its bearer token).
     pub auth: Option<(String, String)>,
+    /// Recipients taken per transaction; more get "452 4.5.3 Too many
+    /// recipients" (RFC 5321 4.5.3.1.10).
+    pub max_rcpts: Option<usize>,
 }
 
 impl Default for Script {
@@ -130,6 +133,7 @@ impl Default for Script {
             fail_first_n_transactions: 0,
             close_after_body: None,
             auth: None,
+            max_rcpts: None,
         }
     }
 }
@@ -183,6 +187,11 @@ impl Script {
         self.size = Some(limit);
         self
     }
+    pub fn max_rcpts(mut self, n: usize) -> Self {
+        self.max_rcpts = Some(n);
+        self
+    }
+
     pub fn no_pipelining(mut self) -> Self {
         self.pipelining = false;
         self
@@ -712,12 +721,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .std_reply(script, 501, "5.5.4", "Syntax: RCPT TO:<address>")
                 .await;
         };
+        let full = script.max_rcpts.is_some_and(|max| tx.rcpts.len() >= max);
         let (code, text) = script
             .rcpt_replies
             .iter()
             .find(|(a, _, _)| a.eq_ignore_ascii_case(&address))
             .map(|(_, code, text)| (*code, text.clone()))
-            .unwrap_or_else(|| (250, enhanced(script, "2.1.5", "Ok")));
+            .filter(|_| !full)
+            .unwrap_or_else(|| {
+                if full {
+                    (452, enhanced(script, "4.5.3", "Too many recipients"))
+                } else {
+                    (250, enhanced(script, "2.1.5", "Ok"))
+                }
+            });
         if is_positive(code)
             && let Some(tx) = &mut self.tx
         {
