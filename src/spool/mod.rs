@@ -67,10 +67,12 @@
 //! 1. **Accept** (the daemon): take a free slot, or create a new one with
 //!    `O_EXCL` and mode 0600 in `slots/`. Write the whole file (header,
 //!    content, end marker, zeros up to the old length) at offset 0 and
-//!    `fdatasync` it; a new slot's directory entry is then made durable by
-//!    an fsync of `slots/` (group commit: one fsync covers every new slot
-//!    created before it started). Then hard-link it as `queue/<ID>`
-//!    (no fsync: see recovery). Only after that may a client be told `250`.
+//!    `fdatasync` it, and hard-link it as `queue/<ID>` (no fsync: see
+//!    recovery). A new slot's directory entry is then made durable by an
+//!    fsync of `slots/` (group commit: one fsync covers every new slot
+//!    created before it started). Only after that may a client be told
+//!    `250`. (Should we crash before the `250`, the message may still be
+//!    delivered: at least once, as with every MTA.)
 //!    1b. **Accept** (the `sendmail` command, or without slots): create
 //!    `tmp/<ID>` with `O_EXCL` and mode 0600, hold an exclusive `flock` on
 //!    it while writing, write it whole, `fdatasync` it, `rename` it to
