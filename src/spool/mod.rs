@@ -337,7 +337,9 @@ impl Spool {
         arrival_ms: u64,
         free: Option<String>,
     ) -> Result<bool, SpoolError> {
-        let dir = self.inner.root.join("slots");
+        let gone = || SpoolError::io(self.root(), io::Error::other("slots are not enabled"));
+        let slots = self.inner.slots.get().ok_or_else(gone)?;
+        let dir = slots.dir();
         let reused = free.and_then(|name| {
             let file = OpenOptions::new()
                 .read(true)
@@ -349,10 +351,7 @@ impl Spool {
         let (name, file, created) = match reused {
             Some((name, file)) => (name, file, false),
             None => {
-                let name = match self.inner.slots.get() {
-                    Some(slots) => slots.new_name(),
-                    None => Spool::new_id(),
-                };
+                let name = slots.new_name();
                 let path = dir.join(&name);
                 let file = OpenOptions::new()
                     .read(true)
