@@ -136,7 +136,8 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Concurrent inbound sessions; further clients get `421`.
     pub max_connections: usize,
-    /// Longest line in a message body, excluding CRLF (RFC 5322: 998).
+    /// Longest line relayed as it is, excluding CRLF (RFC 5322: 998):
+    /// longer body lines are re-encoded, longer header lines folded.
     pub max_line_length: usize,
     /// Protocol errors a client may make before it is disconnected.
     pub max_errors: usize,
@@ -147,8 +148,12 @@ pub struct SmtpConfig {
     /// Refuse new mail with `452 4.3.1` when the spool's file system has
     /// less free space than this.
     pub min_free_space: Size,
-    /// Largest header section accepted (Postfix's header_size_limit).
+    /// Largest header field accepted, continuation lines included
+    /// (Postfix's header_size_limit), on every way in.
     pub max_header_size: Size,
+    /// A message with this many `Received:` headers is refused as a mail
+    /// loop (Postfix's hopcount_limit).
+    pub max_hops: usize,
     /// Concurrent sessions from one non-loopback client address.
     pub max_connections_per_ip: usize,
     /// Client networks that may relay without AUTH. Loopback by default;
@@ -181,7 +186,10 @@ impl Default for SmtpConfig {
             command_timeout: HumanDuration(Duration::from_secs(300)),
             data_timeout: HumanDuration(Duration::from_secs(300)),
             min_free_space: Size(64 * 1024 * 1024),
-            max_header_size: Size(100 * 1024),
+            // Postfix's null-client recipe for SendGrid sets
+            // header_size_limit = 4096000 so that X-SMTPAPI fits.
+            max_header_size: Size(4_096_000),
+            max_hops: 50,
             max_connections_per_ip: 20,
             allow_networks: default_allow_networks(),
             tls_cert: None,
@@ -585,8 +593,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.smtp.max_line_length < 78 {
-            return Err(self.invalid("smtp.max_line_length", "must be at least 78"));
+        if !(78..=998).contains(&self.smtp.max_line_length) {
+            return Err(self.invalid(
+                "smtp.max_line_length",
+                "must be between 78 and 998 (RFC 5322's limit)",
+            ));
+        }
+        if self.smtp.max_hops == 0 {
+            return Err(self.invalid("smtp.max_hops", "must be at least 1"));
         }
         if self.queue.retry_min.0.is_zero() || self.queue.retry_max.0 < self.queue.retry_min.0 {
             return Err(self.invalid(

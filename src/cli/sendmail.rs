@@ -24,7 +24,7 @@
 //! `submit`, `spool::maildrop` and `pickup` modules.
 
 mod args;
-mod message;
+mod stdin;
 
 use std::ffi::OsString;
 use std::io::{BufReader, Write};
@@ -32,9 +32,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use self::args::{Mode, Options};
+use crate::cleanup::address;
 use crate::config::Config;
 use crate::spool::{Envelope, SpoolError};
-use crate::submit::{self, Submitted, Submitter};
+use crate::submit::{self, SubmitError, Submitted, Submitter};
 
 /// sysexits.h: what scripts and PHP test for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,7 +136,7 @@ fn spool_fail(e: SpoolError) -> Fail {
 }
 
 /// Qualifies (`root` -> `root@myorigin`) and checks one address.
-fn qualify(config: &Config, found: message::Found, what: &str) -> Result<String, Fail> {
+fn qualify(config: &Config, found: address::Found, what: &str) -> Result<String, Fail> {
     let Some(addr) = found else {
         return fail(
             Exit::NoUser,
@@ -182,25 +183,32 @@ fn sender(prog: &str, s: &Submitter, requested: Option<&str>) -> Result<String, 
     Ok(forced)
 }
 
+/// Maps a failed submission to its exit code.
+fn submit_fail(e: SubmitError) -> Fail {
+    match e {
+        SubmitError::Refused(r) => Fail(Exit::DataErr, r.to_string()),
+        SubmitError::Spool(e) => spool_fail(e),
+    }
+}
+
 fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
-    let max_size = config.smtp.max_message_size.0;
-    let max_line = config.smtp.max_line_length;
+    let limits = crate::cleanup::Limits::from_config(&config.smtp);
     let s = Submitter::new(config).map_err(spool_fail)?;
     let sender = sender(prog, &s, opts.sender.as_deref())?;
     let mut recipients = Vec::new();
     for arg in &opts.recipients {
-        for found in message::argument_recipients(arg) {
+        for found in address::argument_recipients(arg) {
             recipients.push(qualify(s.config(), found, "recipient address")?);
         }
     }
     let stdin = std::io::stdin().lock();
-    let content = message::read(BufReader::new(stdin), opts.ignore_dots, max_size, max_line)
-        .map_err(|e| match e {
-            message::InputError::Io(_) => Fail(Exit::IoErr, e.to_string()),
-            _ => Fail(Exit::DataErr, e.to_string()),
+    let content =
+        stdin::read(BufReader::new(stdin), opts.ignore_dots, limits).map_err(|e| match e {
+            stdin::InputError::Io(_) => Fail(Exit::IoErr, e.to_string()),
+            stdin::InputError::Refused(_) => Fail(Exit::DataErr, e.to_string()),
         })?;
     if opts.extract {
-        for found in message::header_recipients(&content) {
+        for found in address::header_recipients(&content) {
             recipients.push(qualify(
                 s.config(),
                 found,
@@ -214,34 +222,23 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         return fail(
             Exit::Usage,
             if opts.extract {
-                "no recipients: the message has no To:, Cc: or Bcc: address and none was given on the command line"
+                "no recipients: the message has no To:, Cc: or Bcc: address (nor Resent-To:, Resent-Cc:, Resent-Bcc:) and none was given on the command line"
             } else {
                 "no recipients: name them on the command line, or use -t to take them from To:, Cc: and Bcc:"
             },
         );
     }
-    let mut content = message::remove_bcc(&content);
-    if !message::has_header(&content, "from") {
-        let name = opts
-            .full_name
-            .clone()
-            .or_else(|| std::env::var("NAME").ok())
-            .or_else(|| s.identity.full_name.clone());
-        let from = if sender.is_empty() {
-            s.default_sender()
-        } else {
-            sender.clone()
-        };
-        let mut with = message::from_field(name.as_deref(), &from);
-        with.extend_from_slice(&content);
-        content = with;
-    }
+    let full_name = opts
+        .full_name
+        .clone()
+        .or_else(|| std::env::var("NAME").ok())
+        .or_else(|| s.identity.full_name.clone());
     let env = Envelope {
         sender,
         recipients,
         ..Envelope::default()
     };
-    let stored = s.submit(env, &content).map_err(spool_fail)?;
+    let stored = s.submit(env, content, full_name).map_err(submit_fail)?;
     let woke = s.wake(&stored);
     if opts.verbose {
         let mut err = std::io::stderr().lock();
@@ -273,11 +270,12 @@ impl crate::smtp::session::LocalSink for BsSink {
         self.submitter.free_space()
     }
 
-    fn submit(&self, mut env: Envelope, body: Vec<u8>) -> Result<String, SpoolError> {
+    fn submit(&self, mut env: Envelope, body: Vec<u8>) -> Result<String, SubmitError> {
         if !self.submitter.trusted() {
             env.sender = self.submitter.default_sender();
         }
-        let stored = self.submitter.submit(env, &body)?;
+        let name = self.submitter.identity.full_name.clone();
+        let stored = self.submitter.submit(env, body, name)?;
         self.submitter.wake(&stored);
         Ok(stored.name().to_string())
     }

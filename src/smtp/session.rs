@@ -24,8 +24,9 @@ use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
+use super::auth;
 use super::server::ServerContext;
-use super::{auth, message};
+use crate::cleanup::{self, Refusal, trace};
 use crate::spool::{Envelope, SpoolError};
 
 /// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
@@ -57,8 +58,9 @@ struct Transaction {
 /// the local sender rules.
 pub trait LocalSink: Send + Sync + 'static {
     fn free_space(&self) -> std::io::Result<u64>;
-    /// Stores the message durably; returns the name it was stored under.
-    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, SpoolError>;
+    /// Applies the local rules and stores the message durably; returns
+    /// the name it was stored under.
+    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, crate::submit::SubmitError>;
 }
 
 /// Any byte stream a session can run on (TCP, TLS over TCP, a pipe).
@@ -418,7 +420,7 @@ impl Session {
             Ok(Ok(body)) => body,
             Ok(Err(refusal)) => {
                 self.txn = None;
-                self.reply(refusal);
+                self.refuse(&refusal);
                 return Ok(true);
             }
             Err(close) => {
@@ -433,19 +435,18 @@ impl Session {
         Ok(true)
     }
 
-    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing and
-    /// turning bare LF line ends into CRLF. `Ok(Err(reply))` means the whole
-    /// body was read but must be refused with that reply.
-    async fn read_body(&mut self) -> Result<Result<Vec<u8>, &'static str>, Close> {
-        let limits = &self.ctx.config.smtp;
-        let max_size = usize::try_from(limits.max_message_size.0).unwrap_or(usize::MAX);
-        // Two bytes for the line end, one for a stuffed dot.
-        let max_line = limits.max_line_length + 3;
-        let timeout = limits.data_timeout.0;
-        let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
-        let mut in_header = true;
-        let mut body = Vec::with_capacity(4096);
-        let mut refusal: Option<&'static str> = None;
+    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing, into
+    /// the cleanup intake (line ends, bare CR, limits). `Ok(Err(refusal))`
+    /// means the whole body was read but must be refused.
+    async fn read_body(&mut self) -> Result<Result<Vec<u8>, Refusal>, Close> {
+        let limits = cleanup::Limits::from_config(&self.ctx.config.smtp);
+        // Long lines are content (cleanup re-encodes them); only the size
+        // limit bounds a line. Two bytes for the line end, one for a
+        // stuffed dot.
+        let max_line = limits.max_message_size.saturating_add(3);
+        let timeout = self.ctx.config.smtp.data_timeout.0;
+        let mut intake = cleanup::Intake::new(limits);
+        let mut too_big = false;
         // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
         // only when the line before it ended in CRLF (or there was none).
         // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
@@ -463,9 +464,7 @@ impl Session {
                 Ok(Ok(Line::Eof)) => return Err(Close::Eof),
                 Ok(Ok(Line::TooLong { crlf })) => {
                     after_crlf = crlf;
-                    refusal.get_or_insert(
-                        "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)",
-                    );
+                    too_big = true;
                     continue;
                 }
                 Ok(Ok(Line::Ok(line))) => line,
@@ -474,46 +473,22 @@ impl Session {
                 break;
             }
             after_crlf = line.ends_with(b"\r\n");
+            if too_big || intake.refused() {
+                continue;
+            }
             let content = line.strip_prefix(b".").unwrap_or(&line);
             let text = content
                 .strip_suffix(b"\r\n")
                 .or_else(|| content.strip_suffix(b"\n"))
                 .unwrap_or(content);
-            if refusal.is_some() {
-                continue;
-            }
-            if text.len() > limits.max_line_length {
-                refusal =
-                    Some("500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)");
-                continue;
-            }
-            if text.contains(&0) {
-                refusal = Some("554 5.6.0 Error: message contains NUL characters");
-                continue;
-            }
-            if in_header {
-                if text.is_empty() {
-                    in_header = false;
-                } else if body.len() + text.len() + 2 > max_header {
-                    refusal = Some("552 5.3.4 Error: message header size exceeds limit");
-                    continue;
-                }
-            }
-            if body.len() + text.len() + 2 > max_size {
-                refusal = Some("552 5.3.4 Error: message size exceeds fixed limit");
-                body = Vec::new();
-                continue;
-            }
-            body.extend_from_slice(text);
-            // A last line without any line end is only possible at EOF,
-            // which aborts the transaction above; every stored line ends in
-            // CRLF.
-            body.extend_from_slice(b"\r\n");
+            intake.line(text);
         }
-        Ok(match refusal {
-            Some(r) => Err(r),
-            None => Ok(body),
-        })
+        if too_big {
+            return Ok(Err(Refusal::TooBig {
+                limit: limits.max_message_size,
+            }));
+        }
+        Ok(intake.finish())
     }
 
     async fn queue(&mut self, txn: Transaction, body: Vec<u8>) {
@@ -521,25 +496,32 @@ impl Session {
             return self.queue_local(sink, txn, body).await;
         }
         let ctx = self.ctx.clone();
+        let rules = cleanup::Rules::smtp(&ctx.config, self.trusted);
+        let body = match rewrite_off_thread(body, rules).await {
+            Ok(body) => body,
+            Err(refusal) => return self.refuse(&refusal),
+        };
         let id = crate::spool::Spool::new_id();
         let now = ctx.clock.now();
-        let date = message::rfc5322_now(now);
+        let date = trace::rfc5322_now(now);
         let protocol = match (self.esmtp, txn.smtputf8) {
             (_, true) => "UTF8SMTP",
             (true, false) => "ESMTP",
             (false, false) => "SMTP",
         };
         let helo = self.helo.clone().unwrap_or_default();
-        let trace = message::Trace {
-            helo: &helo,
-            client_ip: self.peer.ip(),
+        let trace = trace::Trace {
+            origin: trace::Origin::Smtp {
+                helo: &helo,
+                client_ip: self.peer.ip(),
+                protocol,
+            },
             hostname: &ctx.config.hostname,
-            protocol,
             id: &id,
             single_rcpt: (txn.recipients.len() == 1).then(|| txn.recipients[0].as_str()),
             date: &date,
         };
-        let mut msg = message::prefix(&trace, &message::scan_headers(&body));
+        let mut msg = trace::prefix(&trace, &body);
         msg.extend_from_slice(&body);
         drop(body);
         let eight_bit = txn.eight_bit || msg.iter().any(|&b| b >= 0x80);
@@ -692,15 +674,30 @@ impl Session {
             smtputf8: txn.smtputf8,
             eight_bit: txn.eight_bit,
         };
+        use crate::submit::SubmitError;
         match tokio::task::spawn_blocking(move || sink.submit(env, body)).await {
             Ok(Ok(id)) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
-            Ok(Err(SpoolError::Full)) => self.reply("452 4.3.1 Insufficient system storage"),
+            Ok(Err(SubmitError::Refused(r))) => self.refuse(&r),
+            Ok(Err(SubmitError::Spool(SpoolError::Full))) => {
+                self.reply("452 4.3.1 Insufficient system storage")
+            }
             Ok(Err(e)) => {
                 tracing::error!("cannot queue a locally submitted message: {e}");
                 self.reply("451 4.3.0 Error: queue file write error");
             }
             Err(_) => self.reply("451 4.3.0 Error: queue file write error"),
         }
+    }
+
+    /// Refuses the message at the end of data, with cleanup's reason.
+    fn refuse(&mut self, refusal: &Refusal) {
+        let reply = refusal.smtp_reply();
+        tracing::warn!(
+            target: "relayq::smtp",
+            "NOQUEUE: reject: DATA from [{}]: {reply}; {refusal}",
+            self.peer.ip()
+        );
+        self.reply(&reply);
     }
 
     fn parse_error(&mut self, e: ParseError) -> Result<bool, Close> {
@@ -790,6 +787,17 @@ impl Session {
         self.out.clear();
         Ok(())
     }
+}
+
+/// Runs cleanup's rewrite; a big message on a blocking thread, so a
+/// 25 MB MIME re-encoding does not stall other sessions.
+async fn rewrite_off_thread(body: Vec<u8>, rules: cleanup::Rules) -> Result<Vec<u8>, Refusal> {
+    if body.len() < 256 * 1024 {
+        return cleanup::rewrite(body, &rules);
+    }
+    tokio::task::spawn_blocking(move || cleanup::rewrite(body, &rules))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// smtp-proto returns a quoted local part without its quotes (`"a b"@x`

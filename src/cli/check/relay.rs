@@ -357,7 +357,7 @@ async fn send_test<W: Write>(
     let body = format!(
         "From: <{from}>\r\nTo: <{to}>\r\nSubject: relayq check: test message from {host}\r\nDate: {date}\r\nMessage-ID: <{id}.check@{host}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThis is a test message sent by `relayq check --send-to` on {host}\r\nthrough the relay {target}. No reply is needed.\r\n",
         host = config.hostname,
-        date = crate::smtp::message::rfc5322_now(std::time::SystemTime::now()),
+        date = crate::cleanup::trace::rfc5322_now(std::time::SystemTime::now()),
     );
     let rcpts = [to];
     let env = Envelope {

@@ -5,6 +5,7 @@
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod mime;
 pub mod pki;
 pub mod redis_server;
 pub mod upstream;
