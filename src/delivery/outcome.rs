@@ -12,8 +12,14 @@ pub enum RcptOutcome {
     /// with the enhanced status code that says why (RFC 3463; `4.4.1` no
     /// answer from the host, `4.4.2` connection lost, `4.7.5` TLS...).
     Deferred { reason: String, status: String },
-    /// Failed for good (5xx): bounce to the sender.
-    Failed { reply: String, status: String },
+    /// Failed for good (5xx): bounce to the sender. `local`: relayq
+    /// decided it (the upstream was never asked), so the bounce names no
+    /// remote MTA.
+    Failed {
+        reply: String,
+        status: String,
+        local: bool,
+    },
 }
 
 impl RcptOutcome {

@@ -327,15 +327,15 @@ async fn record(
                     reply: reply.clone(),
                 });
             }
-            RcptOutcome::Failed { reply, status } => {
+            RcptOutcome::Failed {
+                reply,
+                status,
+                local,
+            } => {
                 line(Status::Bounced, reply);
-                bounced.push(bounced_rcpt(
-                    &rcpt.address,
-                    status,
-                    reply,
-                    &report.relay,
-                    now,
-                ));
+                // A refusal relayq decided names no remote MTA: none said it.
+                let relay = if *local { "" } else { report.relay.as_str() };
+                bounced.push(bounced_rcpt(&rcpt.address, status, reply, relay, now));
                 durable.push(Record::Failed {
                     idx: *idx,
                     at_ms: now_ms,

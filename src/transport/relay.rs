@@ -288,12 +288,13 @@ impl RelaySender {
         };
         let addrs = msg.addresses();
         let env = msg.envelope(&addrs);
+        let body = for_upstream(conn, msg);
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
         let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         let xfer_start = Instant::now();
         self.sent += 1;
         let sent = conn
-            .send_then(&env, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+            .send_then(&env, &body, next_env.as_ref().map(|(e, n)| (e, *n)))
             .await;
         let (results, signal) = self.outcomes(sent.this, msg.rcpts);
         let report = AttemptReport {
@@ -325,8 +326,9 @@ impl RelaySender {
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
         let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         self.sent += 1;
+        let body = for_upstream(conn, msg);
         let sent = conn
-            .send_opened(opened, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+            .send_opened(opened, &body, next_env.as_ref().map(|(e, n)| (e, *n)))
             .await;
         let (results, signal) = self.outcomes(sent.this, msg.rcpts);
         let report = AttemptReport {
@@ -411,6 +413,7 @@ impl RelaySender {
                     RcptOutcome::Failed {
                         reply: text.clone(),
                         status: e.dsn(),
+                        local: e.is_local(),
                     }
                 } else {
                     RcptOutcome::Deferred {
@@ -447,13 +450,28 @@ impl<'a> Outgoing<'a> {
     where
         'a: 'b,
     {
+        let addresses = std::iter::once(self.meta.sender.as_str()).chain(addrs.iter().copied());
         Envelope {
             from: &self.meta.sender,
             rcpts: addrs,
             smtputf8: self.meta.smtputf8,
+            // Postfix's rule: only a message that asked for SMTPUTF8 (or a
+            // local one with UTF-8 in it) and really holds UTF-8 needs it.
+            smtputf8_required: self.meta.smtputf8
+                && crate::cleanup::needs_smtputf8(addresses, self.body),
             eight_bit: self.meta.eight_bit,
         }
     }
+}
+
+/// The body as this upstream may receive it: 8-bit content converted to
+/// quoted-printable or base64 when it does not offer 8BITMIME (RFC 6152
+/// forbids sending it 8-bit), losslessly (see `cleanup::mime`).
+fn for_upstream<'b>(conn: &Connection, msg: Outgoing<'b>) -> std::borrow::Cow<'b, [u8]> {
+    if !msg.meta.eight_bit || conn.capabilities().eight_bit_mime {
+        return std::borrow::Cow::Borrowed(msg.body);
+    }
+    crate::cleanup::seven_bit(msg.body)
 }
 
 /// "Too many connections / logins / sessions": the relay throttles us.
@@ -483,7 +501,7 @@ fn transaction_signal(e: &SmtpError) -> Signal {
     match e {
         SmtpError::Rejected { reply, .. } if reply.code == 421 => Signal::Throttled(e.to_string()),
         SmtpError::Rejected { .. }
-        | SmtpError::SmtpUtf8NotOffered
+        | SmtpError::SmtpUtf8NotOffered { .. }
         | SmtpError::InvalidSender { .. } => Signal::Ok,
         _ => Signal::Down(e.to_string()),
     }
@@ -587,6 +605,7 @@ fn outcome(rcpt: &Reply, data: Option<&Reply>) -> RcptOutcome {
         RcptOutcome::Failed {
             reply: reply.one_line(),
             status: reply.status(),
+            local: false,
         }
     } else {
         RcptOutcome::Deferred {

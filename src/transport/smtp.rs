@@ -329,10 +329,16 @@ pub struct Envelope<'a> {
     /// "" for the null sender (bounces).
     pub from: &'a str,
     pub rcpts: &'a [&'a str],
-    /// The message needs SMTPUTF8 (also implied by a non-ASCII address).
+    /// The sender asked for SMTPUTF8: it is passed on when offered.
     pub smtputf8: bool,
-    /// The body has 8-bit content. Sent as BODY=8BITMIME when offered, and
-    /// as-is otherwise, as Postfix does by default.
+    /// The message cannot be relayed without SMTPUTF8: UTF-8 in an address
+    /// or header (a non-ASCII address implies it). Without SMTPUTF8
+    /// offered, it is not sent ([`SmtpError::SmtpUtf8NotOffered`]).
+    pub smtputf8_required: bool,
+    /// The body has 8-bit content: sent as BODY=8BITMIME when offered.
+    /// For an upstream without 8BITMIME the caller converts the body first
+    /// (`cleanup::seven_bit`), as Postfix does unless
+    /// `disable_mime_output_conversion` is set.
     pub eight_bit: bool,
 }
 
@@ -448,8 +454,10 @@ pub enum SmtpError {
     },
     #[error("refusing to send credentials over a connection without TLS")]
     CredentialsWithoutTls,
-    #[error("the message needs SMTPUTF8 but the upstream does not offer it")]
-    SmtpUtf8NotOffered,
+    #[error(
+        "relayq did not send the message: it needs SMTPUTF8 (UTF-8 in an address or header), but host {host} does not offer SMTPUTF8"
+    )]
+    SmtpUtf8NotOffered { host: String },
     #[error("invalid sender address {address:?}: {reason}")]
     InvalidSender {
         address: String,
@@ -471,7 +479,7 @@ impl SmtpError {
                 stage: Stage::Mail,
                 reply,
             } => reply.is_permanent() && reply.code != 530,
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
         }
     }
@@ -497,7 +505,7 @@ impl SmtpError {
             | SmtpError::NoCommonAuthMechanism { .. }
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls => "4.7.0".into(),
-            SmtpError::SmtpUtf8NotOffered => "5.6.7".into(),
+            SmtpError::SmtpUtf8NotOffered { .. } => "5.6.7".into(),
             SmtpError::InvalidSender { .. } => "5.1.7".into(),
         };
         let class = if self.is_permanent() { '5' } else { '4' };
@@ -523,16 +531,25 @@ impl SmtpError {
             | SmtpError::NoCommonAuthMechanism { .. }
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls => "auth",
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => "mail",
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => "mail",
             SmtpError::Unusable => "session",
         }
+    }
+
+    /// Decided by relayq, not said by the upstream: a bounce must not
+    /// name the upstream as the one who refused.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. }
+        )
     }
 
     /// Errors after which the server and we still agree where we are.
     fn leaves_session_in_sync(&self) -> bool {
         match self {
             SmtpError::Rejected { reply, .. } => reply.code != 421,
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
         }
     }
@@ -968,13 +985,16 @@ impl Connection {
                 reason,
             });
         }
-        let needs_utf8 =
-            env.smtputf8 || !env.from.is_ascii() || env.rcpts.iter().any(|r| !r.is_ascii());
+        let required = env.smtputf8_required
+            || !env.from.is_ascii()
+            || env.rcpts.iter().any(|r| !r.is_ascii());
+        if required && !self.caps.smtputf8 {
+            return Err(SmtpError::SmtpUtf8NotOffered {
+                host: self.cfg.host.clone(),
+            });
+        }
         let mut line = format!("MAIL FROM:<{}>", env.from);
-        if needs_utf8 {
-            if !self.caps.smtputf8 {
-                return Err(SmtpError::SmtpUtf8NotOffered);
-            }
+        if (required || env.smtputf8) && self.caps.smtputf8 {
             line.push_str(" SMTPUTF8");
         }
         if env.eight_bit && self.caps.eight_bit_mime {

@@ -364,6 +364,7 @@ async fn send_test<W: Write>(
         from: &from,
         rcpts: &rcpts,
         smtputf8: !from.is_ascii() || !to.is_ascii(),
+        smtputf8_required: false,
         eight_bit: false,
     };
     let sender_fix = format!(
