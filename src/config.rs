@@ -107,7 +107,7 @@ pub enum LogFormat {
 }
 
 /// The `sendmail` command and the maildrop pickup.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SendmailConfig {
     /// Envelope sender for local submissions instead of `user@myorigin`
@@ -115,8 +115,20 @@ pub struct SendmailConfig {
     /// user still overrides it.
     pub rewrite_sender: Option<String>,
     /// Users besides root and the spool's owner who may set the envelope
-    /// sender with `-f`/`-r`; `"*"` trusts every local user.
+    /// sender with `-f`/`-r`. `"*"` (the default) trusts every local user,
+    /// as Postfix, sendmail, nullmailer, dma and msmtp do: PHP's `mail()`
+    /// passes `-f` for a sender the provider has verified. A list of names
+    /// restricts it.
     pub trusted_users: Vec<String>,
+}
+
+impl Default for SendmailConfig {
+    fn default() -> Self {
+        SendmailConfig {
+            rewrite_sender: None,
+            trusted_users: vec!["*".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -339,6 +351,21 @@ impl RelayConfig {
     /// Connections this relay may have open at once.
     pub fn connections(&self) -> usize {
         self.max_connections.unwrap_or(self.concurrency)
+    }
+
+    /// The relay's addresses that need no DNS lookup: an IP literal, or
+    /// `localhost`.
+    pub fn known_addrs(&self) -> Vec<SocketAddr> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return vec![SocketAddr::new(ip, self.port)];
+        }
+        if self.host.eq_ignore_ascii_case("localhost") {
+            return vec![
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.port)),
+            ];
+        }
+        Vec::new()
     }
 
     /// Whether the relay's address is loopback (clear text is then allowed).
@@ -636,6 +663,18 @@ impl Config {
 
     /// The checks of one relay; keys are `relay.KEY` for the single form
     /// and `relay.NAME.KEY` for named relays.
+    /// Whether `addr` is one of relayq's own listen addresses: a relay
+    /// there would send every message back to relayq (a mail loop).
+    pub fn listens_on(&self, addr: SocketAddr) -> bool {
+        self.smtp.listen.iter().any(|l| {
+            l.port() != 0
+                && l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
+    }
+
     fn validate_relay(&self, named: &NamedRelay) -> Result<(), ConfigError> {
         let relay = &named.relay;
         let key = |k: &str| match &self.relay {
@@ -648,6 +687,15 @@ impl Config {
             }
             if relay.host.trim().is_empty() {
                 return Err(self.invalid(key("host"), "must not be empty"));
+            }
+            if relay.known_addrs().into_iter().any(|a| self.listens_on(a)) {
+                return Err(self.invalid(
+                    key("port"),
+                    format!(
+                        "{}:{} is relayq's own listen address (smtp.listen): every message would loop back to relayq; point the relay at your provider",
+                        relay.host, relay.port
+                    ),
+                ));
             }
             if relay.tls == TlsModeConfig::None && !relay.is_loopback() && !relay.insecure {
                 return Err(self.invalid(

@@ -17,13 +17,17 @@
 //!
 //! # Security
 //! Who a local user is comes from the kernel (the real uid here, the drop
-//! file's owner in the pickup), never from the message. A user may choose
-//! the envelope sender (`-f`) only if trusted: root, the spool's owner, or
-//! listed in `[sendmail] trusted_users`; everybody else sends as
-//! `user@myorigin` (or `rewrite_sender`). The pickup applies the same rule
-//! again, since a drop file's contents are the user's to write. The
-//! `Received:` header names the uid, so a forged `From:` header can be
-//! traced to its author.
+//! file's owner in the pickup), never from the message. Every local user
+//! may choose the envelope sender (`-f`) by default, as with Postfix,
+//! sendmail and nullmailer (PHP's `mail()` passes `-f` for the sender the
+//! provider has verified); `[sendmail] trusted_users` set to a list of
+//! names restricts it to them, root and the spool's owner, and everybody
+//! else then sends as `user@myorigin` (or `rewrite_sender`). The pickup
+//! applies the same rule again, since a drop file's contents are the
+//! user's to write. Whatever the sender, the real user stays visible: the
+//! `Received:` header names the uid, and the pickup's accepted log line
+//! the uid and name (`uid=33 (www-data)`), so a forged sender or `From:`
+//! can be traced to its author.
 
 use std::ffi::CStr;
 use std::io::{self, Write};
@@ -424,6 +428,9 @@ mod tests {
             name: "alice".into(),
             full_name: None,
         };
+        // Every local user may choose the sender unless restricted.
+        assert!(is_trusted(&c, &alice, 999));
+        c.sendmail.trusted_users = vec![];
         assert!(!is_trusted(&c, &alice, 999));
         assert!(is_trusted(&c, &alice, 1000));
         assert!(is_trusted(&c, &Identity::of_uid(0), 999));

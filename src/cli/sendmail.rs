@@ -18,10 +18,12 @@
 //! spool root (0711: traverse only), and pokes `pickup.sock`. The daemon
 //! reads the file without following links, checks it like any untrusted
 //! input, takes the submitter from the file's owner (the kernel's word),
-//! forces the envelope sender to `user@myorigin` unless that user is
-//! trusted, and re-queues it through the one spool writer. Root and the
-//! spool's owner write `queue/` directly when they own it. Details: the
-//! `submit`, `spool::maildrop` and `pickup` modules.
+//! applies the sender rule (every user may choose it with `-f` unless
+//! `[sendmail] trusted_users` restricts it; the uid is always named in the
+//! `Received:` header and the log), runs the same content rules as every
+//! other way in (`cleanup`), and re-queues it through the one spool
+//! writer. Root and the spool's owner write `queue/` directly when they
+//! own it. Details: the `submit`, `spool::maildrop` and `pickup` modules.
 
 mod args;
 mod stdin;

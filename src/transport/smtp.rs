@@ -282,12 +282,22 @@ pub struct Capabilities {
     pub enhanced_status_codes: bool,
     /// Every extension line as received (the greeting line excluded).
     pub raw: Vec<String>,
+    /// The first line of the EHLO reply: the server's name, then prose.
+    pub greeting: String,
 }
 
 impl Capabilities {
+    /// The first line of the EHLO reply, as a reply (for the loop check).
+    fn greeting_line(&self) -> Reply {
+        Reply::new(250, self.greeting.clone())
+    }
+
     /// Parses a positive EHLO reply; a HELO session has the default (nothing).
     pub fn from_ehlo(reply: &Reply) -> Self {
-        let mut caps = Capabilities::default();
+        let mut caps = Capabilities {
+            greeting: reply.text.split('\n').next().unwrap_or("").to_string(),
+            ..Capabilities::default()
+        };
         for line in reply.text.split('\n').skip(1) {
             caps.raw.push(line.to_string());
             let mut words = line.split_ascii_whitespace();
@@ -465,6 +475,15 @@ pub enum SmtpError {
     },
     #[error("connection is unusable after an earlier error")]
     Unusable,
+    /// The upstream greeted us, or answered EHLO, with our own host name:
+    /// the relay is relayq itself (Postfix: "mail for ... loops back to
+    /// myself").
+    #[error("mail for {host} loops back to myself: it {said} with my own hostname {name}")]
+    Loop {
+        host: String,
+        said: &'static str,
+        name: String,
+    },
 }
 
 impl SmtpError {
@@ -507,6 +526,7 @@ impl SmtpError {
             | SmtpError::CredentialsWithoutTls => "4.7.0".into(),
             SmtpError::SmtpUtf8NotOffered { .. } => "5.6.7".into(),
             SmtpError::InvalidSender { .. } => "5.1.7".into(),
+            SmtpError::Loop { .. } => "4.4.6".into(),
         };
         let class = if self.is_permanent() { '5' } else { '4' };
         let mut code = code;
@@ -533,6 +553,7 @@ impl SmtpError {
             | SmtpError::CredentialsWithoutTls => "auth",
             SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => "mail",
             SmtpError::Unusable => "session",
+            SmtpError::Loop { .. } => "loop",
         }
     }
 
@@ -716,7 +737,9 @@ impl Connection {
                 reply: greeting,
             });
         }
+        check_loop(&greeting, cfg, "greeted me")?;
         let mut caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+        check_loop(&caps.greeting_line(), cfg, "answered EHLO")?;
         if let (Some(setup), TlsMode::StartTls) = (&tls, cfg.tls) {
             if !caps.starttls {
                 return Err(SmtpError::StartTlsNotOffered {
@@ -1107,6 +1130,20 @@ impl Connection {
 
 fn invalid_rcpt_reply(reason: &str) -> Reply {
     Reply::new(501, format!("5.1.3 relayq: recipient address {reason}"))
+}
+
+/// A greeting or EHLO reply whose first word is our own host name: the
+/// upstream is relayq itself, and sending would loop.
+fn check_loop(reply: &Reply, cfg: &ClientConfig, said: &'static str) -> Result<(), SmtpError> {
+    let name = reply.text.split_ascii_whitespace().next().unwrap_or("");
+    if name.eq_ignore_ascii_case(&cfg.helo_name) {
+        return Err(SmtpError::Loop {
+            host: cfg.host.clone(),
+            said,
+            name: cfg.helo_name.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// The HELO name goes into a command line: it must be one word.

@@ -553,6 +553,10 @@ async fn bp_lists_and_q_flushes() {
     d.wait_log(&format!("{id}: removed"), WAIT);
 }
 
+/// `[sendmail] trusted_users = []`: ordinary users may not choose the
+/// envelope sender.
+const RESTRICTED: &str = "[sendmail]\ntrusted_users = []\n";
+
 /// Makes a test's directory and config reachable for `nobody`.
 pub fn open_to_others(d: &Daemon) {
     std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -565,7 +569,9 @@ async fn unprivileged_user_submits_through_the_maildrop() {
         return;
     }
     let up = FakeUpstream::start().await;
-    let mut d = Daemon::start(&relay_config(up.addr(), ""));
+    // The sender restriction, as an explicit option: only root and the
+    // spool's owner may choose the sender.
+    let mut d = Daemon::start(&relay_config(up.addr(), RESTRICTED));
     open_to_others(&d);
     let spool = d.dir.join("spool");
     let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
@@ -649,7 +655,7 @@ async fn hostile_maildrop_entries_are_refused() {
         return;
     }
     let up = FakeUpstream::start().await;
-    let d = Daemon::start(&relay_config(up.addr(), ""));
+    let d = Daemon::start(&relay_config(up.addr(), RESTRICTED));
     open_to_others(&d);
     let drop = d.dir.join("spool").join("maildrop");
     // A hand-made drop file claiming another sender, and a symlink to a

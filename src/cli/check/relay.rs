@@ -84,6 +84,18 @@ pub(super) async fn check_relay<W: Write>(config: &Config, opts: &Options, r: &m
         }
     };
 
+    if let Some(own) = addrs.iter().find(|a| config.listens_on(**a)) {
+        r.fail(
+            "loop",
+            format!(
+                "{} resolves to {own}, which is relayq's own listen address: every message would loop back to relayq",
+                relay.host
+            ),
+            "point [relay] host and port at your provider, not at this relayq",
+        );
+        return;
+    }
+
     // TCP, and the greeting in clear text (not for implicit TLS).
     let connect_limit = relay.connect_timeout.0.min(STEP_TIMEOUT);
     let mut reached = None;
