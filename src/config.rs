@@ -444,6 +444,9 @@ pub struct QueueConfig {
     /// Bounces quote the whole original message below this size, only its
     /// headers above it.
     pub bounce_full_message_limit: Size,
+    /// A recipient that asked for NOTIFY=DELAY gets a delay notice once
+    /// its message has waited this long (sendmail's `Timeout.queuewarn`).
+    pub delay_warning_time: HumanDuration,
 }
 
 impl Default for QueueConfig {
@@ -453,6 +456,7 @@ impl Default for QueueConfig {
             retry_max: HumanDuration(Duration::from_secs(4000)),
             max_lifetime: HumanDuration(Duration::from_secs(5 * 86_400)),
             bounce_full_message_limit: Size(64 * 1024),
+            delay_warning_time: HumanDuration(Duration::from_secs(4 * 3600)),
         }
     }
 }

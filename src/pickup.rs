@@ -249,6 +249,8 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<(Identity, Envelope, Vec<u8
     let env = Envelope {
         sender,
         recipients,
+        dsn: d.meta.dsn.clone(),
+        rcpt_dsn: d.meta.recipients.iter().map(|r| r.dsn.clone()).collect(),
         ..Envelope::default()
     };
     // The same content rules as every other way in: the drop file's

@@ -235,9 +235,24 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         .clone()
         .or_else(|| std::env::var("NAME").ok())
         .or_else(|| s.identity.full_name.clone());
+    let rcpt_dsn = match opts.notify {
+        Some(notify) => vec![
+            crate::spool::RcptDsn {
+                notify,
+                orcpt: None,
+            };
+            recipients.len()
+        ],
+        None => Vec::new(),
+    };
     let env = Envelope {
         sender,
         recipients,
+        dsn: crate::spool::Dsn {
+            ret: opts.ret,
+            envid: opts.envid.clone(),
+        },
+        rcpt_dsn,
         ..Envelope::default()
     };
     let stored = s.submit(env, content, full_name).map_err(submit_fail)?;

@@ -70,6 +70,12 @@ pub struct AttemptReport {
     pub retry_at_ms: Option<u64>,
     /// Relays whose recovery should wake this message early.
     pub wake_on: Vec<Arc<str>>,
+    /// The upstream offers DSN, so NOTIFY went with each recipient and the
+    /// notices are its to send (RFC 3461 6.2.3).
+    pub upstream_dsn: bool,
+    /// A delivered recipient was delivered for good (the capture Maildir),
+    /// not relayed.
+    pub final_delivery: bool,
 }
 
 impl AttemptReport {

@@ -228,6 +228,30 @@ pub fn bounce_queued(queue_id: &str, bounce_id: &str) {
     );
 }
 
+/// A delay or success notice the sender asked for (NOTIFY=DELAY or
+/// SUCCESS), in Postfix's words.
+pub fn notice_queued(queue_id: &str, kind: &str, notice_id: &str) {
+    tracing::info!(
+        target: "relayq::queue",
+        event = "bounce",
+        queue_id,
+        bounce_id = notice_id,
+        "{queue_id}: sender {kind} notification: {notice_id}"
+    );
+}
+
+/// Failures whose recipients said NOTIFY without FAILURE: no bounce.
+pub fn bounce_not_wanted<'a>(queue_id: &str, rcpts: impl Iterator<Item = &'a str>) {
+    let list: Vec<String> = rcpts.map(|r| format!("<{r}>")).collect();
+    tracing::info!(
+        target: "relayq::queue",
+        event = "bounce",
+        queue_id,
+        "{queue_id}: no non-delivery notification for {}: the sender asked for none (NOTIFY)",
+        list.join(", ")
+    );
+}
+
 /// A failure of mail from `<>` is not bounced (no bounce loops).
 pub fn bounce_suppressed(queue_id: &str) {
     tracing::info!(

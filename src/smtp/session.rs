@@ -50,6 +50,23 @@ struct Transaction {
     recipients: Vec<String>,
     smtputf8: bool,
     eight_bit: bool,
+    dsn: crate::spool::Dsn,
+    /// NOTIFY and ORCPT per recipient, in the order of `recipients`.
+    rcpt_dsn: Vec<crate::spool::RcptDsn>,
+}
+
+impl Transaction {
+    fn into_envelope(self) -> Envelope {
+        let any_dsn = self.rcpt_dsn.iter().any(|d| *d != Default::default());
+        Envelope {
+            sender: self.sender,
+            recipients: self.recipients,
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+            dsn: self.dsn,
+            rcpt_dsn: if any_dsn { self.rcpt_dsn } else { Vec::new() },
+        }
+    }
 }
 
 /// Where a session run by `sendmail -bs` (SMTP on stdin/stdout) hands its
@@ -298,7 +315,7 @@ impl Session {
             if self.ctx.users.is_some() && self.tls {
                 text.push_str("250-AUTH PLAIN LOGIN\r\n");
             }
-            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8");
+            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8");
             self.reply(&text);
         } else {
             let text = format!("250 {name}");
@@ -318,11 +335,25 @@ impl Session {
         if (smtputf8 || from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0) && !self.esmtp {
             return self.fail("555 5.5.4 Error: MAIL parameters need EHLO");
         }
-        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0
-            || from.env_id.is_some()
-            || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS) != 0
-        {
+        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0 {
             return self.fail("555 5.5.4 Error: unsupported MAIL parameter");
+        }
+        let ret_flags = from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS);
+        if (ret_flags != 0 || from.env_id.is_some()) && !self.esmtp {
+            return self.fail("555 5.5.4 Error: MAIL parameters need EHLO");
+        }
+        // RFC 3461 4.3/4.4: RET once, ENVID printable and at most 100.
+        let ret = match ret_flags {
+            0 => None,
+            smtp_proto::MAIL_RET_FULL => Some(crate::spool::Ret::Full),
+            smtp_proto::MAIL_RET_HDRS => Some(crate::spool::Ret::Hdrs),
+            _ => return self.fail("501 5.5.4 Error: RET given twice"),
+        };
+        let envid = from.env_id.as_deref().map(str::to_string);
+        if envid.as_deref().is_some_and(|e| {
+            e.is_empty() || e.len() > 100 || !e.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        }) {
+            return self.fail("501 5.5.4 Error: invalid ENVID");
         }
         let max = self.ctx.config.smtp.max_message_size.0;
         if from.size as u64 > max {
@@ -358,6 +389,8 @@ impl Session {
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            dsn: crate::spool::Dsn { ret, envid },
+            rcpt_dsn: Vec::new(),
         });
         self.reply("250 2.1.0 Ok");
         Ok(true)
@@ -381,8 +414,12 @@ impl Session {
             return self
                 .fail("553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8 in MAIL FROM");
         }
-        if to.orcpt.is_some() || to.flags != 0 {
-            return self.fail("555 5.5.4 Error: unsupported RCPT parameter");
+        let dsn = match rcpt_dsn(to.flags, to.orcpt.as_deref()) {
+            Ok(d) => d,
+            Err(reply) => return self.fail(reply),
+        };
+        if (dsn.notify.given() || dsn.orcpt.is_some()) && !self.esmtp {
+            return self.fail("555 5.5.4 Error: RCPT parameters need EHLO");
         }
         if !self.trusted && self.auth_user.is_none() {
             let shown: String = addr.chars().filter(|c| !c.is_control()).take(256).collect();
@@ -400,6 +437,7 @@ impl Session {
         // address in both To and Cc must not make the upstream send twice.
         if !txn.recipients.contains(&addr) {
             txn.recipients.push(addr);
+            txn.rcpt_dsn.push(dsn);
         }
         self.reply("250 2.1.5 Ok");
         Ok(true)
@@ -524,13 +562,9 @@ impl Session {
         let mut msg = trace::prefix(&trace, &body);
         msg.extend_from_slice(&body);
         drop(body);
-        let eight_bit = txn.eight_bit || msg.iter().any(|&b| b >= 0x80);
-        let env = Envelope {
-            sender: txn.sender,
-            recipients: txn.recipients,
-            smtputf8: txn.smtputf8,
-            eight_bit,
-        };
+        let eight_bit = txn.eight_bit || !msg.is_ascii();
+        let mut env = txn.into_envelope();
+        env.eight_bit = eight_bit;
         let size = msg.len();
         let nrcpt = env.recipients.len();
         let sender = env.sender.clone();
@@ -668,12 +702,7 @@ impl Session {
     }
 
     async fn queue_local(&mut self, sink: Arc<dyn LocalSink>, txn: Transaction, body: Vec<u8>) {
-        let env = Envelope {
-            sender: txn.sender,
-            recipients: txn.recipients,
-            smtputf8: txn.smtputf8,
-            eight_bit: txn.eight_bit,
-        };
+        let env = txn.into_envelope();
         use crate::submit::SubmitError;
         match tokio::task::spawn_blocking(move || sink.submit(env, body)).await {
             Ok(Ok(id)) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
@@ -787,6 +816,42 @@ impl Session {
         self.out.clear();
         Ok(())
     }
+}
+
+/// NOTIFY and ORCPT of a RCPT command (RFC 3461), checked.
+fn rcpt_dsn(flags: u64, orcpt: Option<&str>) -> Result<crate::spool::RcptDsn, &'static str> {
+    use crate::spool::Notify;
+    if flags
+        & !(smtp_proto::RCPT_NOTIFY_NEVER
+            | smtp_proto::RCPT_NOTIFY_SUCCESS
+            | smtp_proto::RCPT_NOTIFY_FAILURE
+            | smtp_proto::RCPT_NOTIFY_DELAY)
+        != 0
+    {
+        return Err("555 5.5.4 Error: unsupported RCPT parameter");
+    }
+    let mut notify = Notify::default();
+    for (flag, n) in [
+        (smtp_proto::RCPT_NOTIFY_NEVER, Notify::NEVER),
+        (smtp_proto::RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
+        (smtp_proto::RCPT_NOTIFY_FAILURE, Notify::FAILURE),
+        (smtp_proto::RCPT_NOTIFY_DELAY, Notify::DELAY),
+    ] {
+        if flags & flag != 0 {
+            notify = notify.with(n);
+        }
+    }
+    if notify.given() && notify.param().and_then(|p| Notify::parse(&p)) != Some(notify) {
+        return Err("501 5.5.4 Error: NOTIFY=NEVER cannot be combined with other values");
+    }
+    let orcpt = orcpt.map(str::to_string);
+    if orcpt
+        .as_deref()
+        .is_some_and(|o| o.len() > 500 || o.chars().any(char::is_control))
+    {
+        return Err("501 5.5.4 Error: invalid ORCPT");
+    }
+    Ok(crate::spool::RcptDsn { notify, orcpt })
 }
 
 /// Runs cleanup's rewrite; a big message on a blocking thread, so a

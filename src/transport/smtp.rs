@@ -276,6 +276,8 @@ pub struct Capabilities {
     pub size: Option<u64>,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// RFC 3461 delivery status notifications.
+    pub dsn: bool,
     pub starttls: bool,
     /// Mechanism names, upper case.
     pub auth: Vec<String>,
@@ -310,6 +312,7 @@ impl Capabilities {
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
                 "STARTTLS" => caps.starttls = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
                 "AUTH" => caps.add_auth(words),
@@ -350,6 +353,11 @@ pub struct Envelope<'a> {
     /// (`cleanup::seven_bit`), as Postfix does unless
     /// `disable_mime_output_conversion` is set.
     pub eight_bit: bool,
+    /// RET and ENVID (RFC 3461), passed on when the upstream offers DSN.
+    pub dsn: Option<&'a crate::spool::Dsn>,
+    /// NOTIFY and ORCPT per recipient, in the order of `rcpts` (or empty),
+    /// passed on when the upstream offers DSN.
+    pub rcpt_dsn: &'a [crate::spool::RcptDsn],
 }
 
 /// What the upstream said about one transaction.
@@ -986,7 +994,15 @@ impl Connection {
         steps.push(Step::Mail(mail));
         for (i, rcpt) in env.rcpts.iter().enumerate() {
             match address_problem(rcpt) {
-                None => steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>\r\n"))),
+                None => {
+                    let params = env
+                        .rcpt_dsn
+                        .get(i)
+                        .filter(|_| self.caps.dsn)
+                        .map(rcpt_dsn_params)
+                        .unwrap_or_default();
+                    steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>{params}\r\n")));
+                }
                 Some(reason) => replies.rcpts[i] = Some(invalid_rcpt_reply(reason)),
             }
         }
@@ -1025,6 +1041,14 @@ impl Connection {
         }
         if self.caps.size.is_some() {
             line.push_str(&format!(" SIZE={size}"));
+        }
+        if let Some(dsn) = env.dsn.filter(|_| self.caps.dsn) {
+            if let Some(ret) = dsn.ret {
+                line.push_str(&format!(" RET={}", ret.as_str()));
+            }
+            if let Some(envid) = &dsn.envid {
+                line.push_str(&format!(" ENVID={}", crate::spool::format::xtext(envid)));
+            }
         }
         line.push_str("\r\n");
         Ok(line)
@@ -1126,6 +1150,18 @@ impl Connection {
         };
         Ok(Settled::Over(TxnReport { rcpts, data }))
     }
+}
+
+/// ` NOTIFY=... ORCPT=rfc822;...` for a recipient that has them.
+fn rcpt_dsn_params(d: &crate::spool::RcptDsn) -> String {
+    let mut out = String::new();
+    if let Some(n) = d.notify.param() {
+        out.push_str(&format!(" NOTIFY={n}"));
+    }
+    if let Some(o) = &d.orcpt {
+        out.push_str(&format!(" ORCPT=rfc822;{}", crate::spool::format::xtext(o)));
+    }
+    out
 }
 
 fn invalid_rcpt_reply(reason: &str) -> Reply {

@@ -378,6 +378,8 @@ async fn send_test<W: Write>(
         smtputf8: !from.is_ascii() || !to.is_ascii(),
         smtputf8_required: false,
         eight_bit: false,
+        dsn: None,
+        rcpt_dsn: &[],
     };
     let sender_fix = format!(
         "the relay refuses the sender {from}: use an address or domain your provider has verified for this account (--from ADDR for the check, and your application's sender)"

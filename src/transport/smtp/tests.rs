@@ -267,6 +267,8 @@ fn envelope<'a>(from: &'a str, rcpts: &'a [&'a str]) -> Envelope<'a> {
         smtputf8: false,
         smtputf8_required: false,
         eight_bit: false,
+        dsn: None,
+        rcpt_dsn: &[],
     }
 }
 
