@@ -155,7 +155,21 @@ pub fn fold(head: &[u8], max: usize) -> Result<Option<Vec<u8>>, Refusal> {
             out.extend_from_slice(line);
             continue;
         }
-        fold_line(text, max, &mut out).map_err(|()| Refusal::Unfoldable {
+        // On a field's first line, never fold before its value starts: a
+        // value moved whole to the next line would unfold with a space
+        // in front.
+        let value_start = if matches!(text.first(), Some(b' ' | b'\t')) {
+            0
+        } else {
+            text.iter().position(|&b| b == b':').map_or(0, |c| {
+                c + 1
+                    + text[c + 1..]
+                        .iter()
+                        .take_while(|b| matches!(b, b' ' | b'\t'))
+                        .count()
+            })
+        };
+        fold_line(text, max, value_start, &mut out).map_err(|()| Refusal::Unfoldable {
             field: String::from_utf8_lossy(field_name)
                 .chars()
                 .take(64)
@@ -165,19 +179,21 @@ pub fn fold(head: &[u8], max: usize) -> Result<Option<Vec<u8>>, Refusal> {
     Ok(Some(out))
 }
 
-/// Appends one over-long line, folded, with its CRLF.
-fn fold_line(mut text: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), ()> {
+/// Appends one over-long line, folded, with its CRLF. No fold goes at or
+/// before `value_start` (the field name, its colon and the whitespace
+/// after it).
+fn fold_line(mut text: &[u8], max: usize, value_start: usize, out: &mut Vec<u8>) -> Result<(), ()> {
+    let mut min = value_start;
     while text.len() > max {
-        // Never fold in the field name or right after it: the first piece
-        // must keep something after the colon's own whitespace.
         let window = &text[..=max];
         let at_space = window
             .iter()
             .enumerate()
-            .skip(1)
+            .skip(min.max(1))
             .rev()
             .find(|&(i, &b)| {
-                matches!(b, b' ' | b'\t') && window[..i].iter().any(|c| !matches!(c, b' ' | b'\t'))
+                matches!(b, b' ' | b'\t')
+                    && window[min..i].iter().any(|c| !matches!(c, b' ' | b'\t'))
             })
             .map(|(i, _)| i);
         match at_space {
@@ -191,13 +207,14 @@ fn fold_line(mut text: &[u8], max: usize, out: &mut Vec<u8>) -> Result<(), ()> {
                 let comma = text[..max]
                     .iter()
                     .rposition(|&b| b == b',' || b == b';')
-                    .filter(|&i| i > 0)
+                    .filter(|&i| i > min)
                     .ok_or(())?;
                 out.extend_from_slice(&text[..=comma]);
                 out.extend_from_slice(b"\r\n ");
                 text = &text[comma + 1..];
             }
         }
+        min = 0;
     }
     out.extend_from_slice(text);
     out.extend_from_slice(b"\r\n");

@@ -598,10 +598,7 @@ async fn send_bounce(
             true
         }
         Err(e) => {
-            events::queue_error(
-                id,
-                &format!("cannot queue a delivery status notification: {e}"),
-            );
+            events::queue_error(id, &format!("cannot queue bounce: {e}"));
             false
         }
     }

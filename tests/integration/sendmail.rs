@@ -81,7 +81,7 @@ pub fn as_nobody(program: &str) -> Command {
     c
 }
 
-fn nobody_bin() -> String {
+pub fn nobody_bin() -> String {
     static COPY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");

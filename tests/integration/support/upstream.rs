@@ -78,6 +78,8 @@ pub struct Script {
     pub pipelining: bool,
     pub smtputf8: bool,
     pub eightbitmime: bool,
+    /// Advertise DSN (RFC 3461); off by default.
+    pub dsn: bool,
     pub enhancedstatuscodes: bool,
     /// Advertise `SIZE n` and enforce it on MAIL's SIZE= and on the body.
     pub size: Option<usize>,
@@ -121,6 +123,7 @@ impl Default for Script {
             pipelining: true,
             smtputf8: true,
             eightbitmime: true,
+            dsn: false,
             enhancedstatuscodes: true,
             size: None,
             ehlo_reply: None,
@@ -192,6 +195,19 @@ impl Script {
         self
     }
 
+    pub fn no_smtputf8(mut self) -> Self {
+        self.smtputf8 = false;
+        self
+    }
+    pub fn no_8bitmime(mut self) -> Self {
+        self.eightbitmime = false;
+        self
+    }
+    pub fn with_dsn(mut self) -> Self {
+        self.dsn = true;
+        self
+    }
+
     pub fn no_pipelining(mut self) -> Self {
         self.pipelining = false;
         self
@@ -211,6 +227,9 @@ pub struct Received {
     pub mail_params: String,
     /// Accepted recipients only, in order, without angle brackets.
     pub rcpts: Vec<String>,
+    /// Everything after each accepted recipient's path ("NOTIFY=..."), in
+    /// the order of `rcpts`.
+    pub rcpt_params: Vec<String>,
     /// The body as sent, dot-stuffing undone, CRLF kept, without ".\r\n".
     pub data: Vec<u8>,
     /// The id given in the final reply ("FAKE<n>"), or "" if scripted.
@@ -502,6 +521,7 @@ struct Transaction {
     mail_from: String,
     mail_params: String,
     rcpts: Vec<String>,
+    rcpt_params: Vec<String>,
 }
 
 /// Why a session ended early; all of them just close the socket.
@@ -634,6 +654,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if script.smtputf8 {
                     lines.push("SMTPUTF8".into());
                 }
+                if script.dsn {
+                    lines.push("DSN".into());
+                }
                 if script.enhancedstatuscodes {
                     lines.push("ENHANCEDSTATUSCODES".into());
                 }
@@ -702,6 +725,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 mail_from,
                 mail_params,
                 rcpts: Vec::new(),
+                rcpt_params: Vec::new(),
             });
         }
         self.reply(code, &text).await
@@ -716,7 +740,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if script.drop_at == Some(Stage::Rcpt) && tx.rcpts.is_empty() {
             return Err(Closed::ByUs);
         }
-        let Some((address, _params)) = strip_prefix_ci(arg, "TO:").and_then(parse_path) else {
+        let Some((address, params)) = strip_prefix_ci(arg, "TO:").and_then(parse_path) else {
             return self
                 .std_reply(script, 501, "5.5.4", "Syntax: RCPT TO:<address>")
                 .await;
@@ -739,6 +763,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && let Some(tx) = &mut self.tx
         {
             tx.rcpts.push(address);
+            tx.rcpt_params.push(params);
         }
         self.reply(code, &text).await
     }
@@ -833,6 +858,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 mail_from: tx.mail_from,
                 mail_params: tx.mail_params,
                 rcpts: tx.rcpts,
+                rcpt_params: tx.rcpt_params,
                 data,
                 queue_id,
             };
