@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use crate::support::daemon::Daemon;
 use crate::support::pki::{CertKind, TestCa};
-use crate::support::token_endpoint::{MS_SCOPE, TokenEndpoint};
+use crate::support::token_endpoint::{Fault, MS_SCOPE, TokenEndpoint};
 use crate::support::upstream::{FakeUpstream, Script, UpstreamTls};
 use crate::tls::{message, send, status_line, toml_path, wait_lines};
 
@@ -277,8 +277,10 @@ async fn microsoft_delegated_refresh_token_rotates_into_the_file() {
     // forgotten by the endpoint): mail still flows.
     s.endpoint.expire_all();
     d.advance_clock(3600);
-    send(&d, 1).await;
+    let id = send(&d, 1).await;
     s.up.wait_for_messages(2, WAIT).await;
+    // Done with it before the restart below (else it goes again).
+    status_line(&d, &id, "sent", 1).await;
     assert_eq!(s.endpoint.issued(), 2);
     let third = std::fs::read_to_string(&file).unwrap().trim().to_string();
     assert_ne!(third, second);
@@ -290,6 +292,30 @@ async fn microsoft_delegated_refresh_token_rotates_into_the_file() {
     s.up.wait_for_messages(3, WAIT).await;
     assert_eq!(s.endpoint.issued(), 3, "{:?}", s.endpoint.seen());
     assert_all_logins_ok(&s.up);
+
+    // Short-lived tokens (five minutes) are renewed a minute early.
+    s.endpoint.set_lifetime(300);
+    s.endpoint.expire_all();
+    d.advance_clock(3600);
+    send(&d, 3).await;
+    s.up.wait_for_messages(4, WAIT).await;
+    assert_eq!(s.endpoint.issued(), 4);
+    d.advance_clock(250);
+    send(&d, 4).await;
+    s.up.wait_for_messages(5, WAIT).await;
+    assert_eq!(s.endpoint.issued(), 5, "renewed 50s before expiry");
+
+    // Revoked (AADSTS70008): deferred, with Microsoft's code and the fix.
+    s.endpoint.set_fault(Fault::InvalidGrant);
+    s.endpoint.expire_all();
+    d.advance_clock(300);
+    let id = send(&d, 5).await;
+    status_line(&d, &id, "deferred", 1).await;
+    let line = &wait_lines(&d, &["ERROR", "invalid_grant: AADSTS70008"], 1).await[0];
+    assert!(
+        line.contains("fix: the refresh token is expired or revoked: sign in again as"),
+        "{line}"
+    );
     assert_no_secret("the TRACE log", &d.log(), &s.endpoint.secrets());
 }
 

@@ -331,6 +331,54 @@ pub(crate) struct Issued {
 mod tests {
     use super::*;
 
+    /// A source whose endpoint refuses connections (nothing listens on
+    /// port 1 of loopback).
+    fn unreachable_source(clock: Clock) -> Arc<TokenSource> {
+        let relay: RelayConfig = toml::from_str(
+            "host = \"127.0.0.1\"\nusername = \"app@contoso.example\"\noauth2_provider = \"microsoft\"\noauth2_tenant = \"t\"\noauth2_client_id = \"c\"\noauth2_client_secret_env = \"PATH\"\noauth2_token_url = \"https://127.0.0.1:1/t/oauth2/v2.0/token\"\n",
+        )
+        .unwrap();
+        TokenSource::for_relay(&relay, "relay test".into(), clock).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_is_repeated_only_after_a_doubling_backoff() {
+        let clock = Clock::new();
+        let source = unreachable_source(clock.clone());
+        let err = source.token().await.unwrap_err();
+        assert!(matches!(err, TokenError::Unreachable { .. }), "{err}");
+        assert!(
+            err.fix().contains("must reach 127.0.0.1:1"),
+            "{}",
+            err.fix()
+        );
+        // Every connection asking during the backoff gets the error at once.
+        for _ in 0..5 {
+            assert!(source.token().await.is_err());
+        }
+        assert_eq!(source.status().requests, 1);
+        clock.advance(Duration::from_millis(BACKOFF_MIN_MS));
+        assert!(source.token().await.is_err());
+        assert_eq!(source.status().requests, 2);
+        // Now twice as long.
+        clock.advance(Duration::from_millis(BACKOFF_MIN_MS));
+        assert!(source.token().await.is_err());
+        assert_eq!(source.status().requests, 2);
+        clock.advance(Duration::from_millis(BACKOFF_MIN_MS));
+        assert!(source.token().await.is_err());
+        assert_eq!(source.status().requests, 3);
+        // A queue flush asks at once.
+        source.retry_now();
+        assert!(source.token().await.is_err());
+        assert_eq!(source.status().requests, 4);
+        assert!(
+            source
+                .status()
+                .error
+                .is_some_and(|e| e.contains("unreachable"))
+        );
+    }
+
     #[test]
     fn margin_is_a_fifth_at_most_five_minutes() {
         assert_eq!(margin(3_600_000), 300_000);

@@ -9,7 +9,6 @@
 use super::google::GOOGLE_CLIENT_SECRET;
 use super::*;
 use crate::support::http::{get, status_addr};
-use crate::support::token_endpoint::Fault;
 
 /// Nothing but the sent mail reached the upstream: no bounce went out.
 fn assert_no_bounce(d: &Daemon, up: &FakeUpstream) {
@@ -98,7 +97,7 @@ async fn endpoint_down_or_refusing_the_client_defers_and_drains_once_fixed() {
     status_line(&d, &id, "deferred", 1).await;
     let line = &wait_lines(&d, &["no OAuth2 token", "unreachable"], 1).await[0];
     assert!(
-        line.contains("HTTP 503: temporarily_unavailable")
+        line.contains("HTTP 500: temporarily_unavailable")
             && line.contains("fix: this machine must reach 127.0.0.1:"),
         "{line}"
     );

@@ -50,7 +50,7 @@ pub enum Fault {
     InvalidClient,
     /// Every request gets `invalid_grant`.
     InvalidGrant,
-    /// Every request gets 503 (the endpoint is down).
+    /// Every request gets 500 (the endpoint is down).
     Unavailable,
     /// Answers (normally) only after this long.
     Slow(Duration),
@@ -372,7 +372,7 @@ async fn answer(
     match fault {
         Fault::Unavailable => {
             return oauth_error(
-                503,
+                500,
                 "temporarily_unavailable",
                 "AADSTS90033: A transient error has occurred. Please try again.",
             );
