@@ -385,3 +385,45 @@ fn check_config(dir: &Path, text: &str) -> (bool, String) {
         String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     (out.status.success(), said)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_relay_gets_its_token_and_check_names_it() {
+    let s = Setup::new().await;
+    let config = s
+        .config("", &s.microsoft_app_only())
+        .replace("[relay]\n", "[relay.m365]\n");
+    let d = s.start(&config);
+    for n in 0..3 {
+        send(&d, n).await;
+    }
+    s.up.wait_for_messages(3, WAIT).await;
+    assert_eq!(s.endpoint.issued(), 1);
+    assert_all_logins_ok(&s.up);
+    let (ok, text) = check(&d);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("ok   oauth2 token for relay m365: expires in 60m00s (Microsoft client credentials grant from https://127.0.0.1:"),
+        "{text}"
+    );
+
+    // A failure names the relay by its name, in the log and in check.
+    s.endpoint.set_fault(Fault::InvalidClient);
+    s.endpoint.expire_all();
+    d.advance_clock(3600);
+    let id = send(&d, 3).await;
+    status_line(&d, &id, "deferred", 1).await;
+    let line = &wait_lines(&d, &["ERROR", "no OAuth2 token"], 1).await[0];
+    assert!(
+        line.contains(&format!(
+            "relay m365 (127.0.0.1:{}): no OAuth2 token",
+            s.up.port()
+        )),
+        "{line}"
+    );
+    let (ok, text) = check(&d);
+    assert!(
+        !ok && text.contains("FAIL oauth2 token for relay m365: ")
+            && text.contains("-> fix: the client secret is wrong or expired"),
+        "{text}"
+    );
+}

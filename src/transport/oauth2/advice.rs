@@ -105,7 +105,7 @@ pub fn token_error(s: &Settings, code: &str, description: &str) -> String {
             if said("invalid jwt signature") || said("invalid_signature") {
                 return "the service account key was deleted or is not this account's: create a new JSON key and point oauth2_service_account_file at it".into();
             }
-            if said("reasonable timeframe") || said("iat") {
+            if said("reasonable timeframe") {
                 return "this machine's clock is off: enable time synchronisation (timedatectl set-ntp true)".into();
             }
             if said("expired or revoked") {
