@@ -10,6 +10,7 @@ mod durability;
 mod inbound;
 mod install;
 mod interop;
+mod oauth2;
 mod observe;
 mod pipelining;
 mod queue;
