@@ -11,6 +11,7 @@ mod fidelity;
 mod inbound;
 mod install;
 mod interop;
+mod oauth2;
 mod observe;
 mod pipelining;
 mod queue;

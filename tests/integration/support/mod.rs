@@ -2,10 +2,12 @@
 //! scriptable fake upstream.
 #![allow(dead_code)]
 
+pub mod aiosmtpd;
 pub mod client;
 pub mod daemon;
 pub mod http;
 pub mod mime;
 pub mod pki;
 pub mod redis_server;
+pub mod token_endpoint;
 pub mod upstream;
