@@ -1,6 +1,9 @@
 //! Delivery status notifications (RFC 3464): the message relayq sends back
-//! to the original sender when a message failed for good, or is still being
-//! retried after a long time. This module only *builds* the notification;
+//! to the original sender when a message failed for good, is still being
+//! retried after a long time, or (NOTIFY=SUCCESS, RFC 3461) was delivered
+//! or relayed to an upstream that reports no status itself. The sender's
+//! ENVID and ORCPT are echoed as `Original-Envelope-Id` and
+//! `Original-Recipient`. This module only *builds* the notification;
 //! the caller queues it with the null reverse-path (`MAIL FROM:<>`), and
 //! must not build one for a message whose own sender was `<>` (RFC 5321
 //! section 4.5.5: never bounce a bounce).

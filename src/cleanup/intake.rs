@@ -75,6 +75,15 @@ impl Intake {
         intake.finish()
     }
 
+    /// Bytes kept so far.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
     /// Whether a limit has already been broken (the rest is only read to
     /// stay in step with the client).
     pub fn refused(&self) -> bool {

@@ -7,13 +7,17 @@
 //! queued (and fsynced, see `spool`) before `250` is sent.
 //!
 //! # Security
-//! Everything read here comes from the network. Lines are read with a hard
-//! length cap (a longer line is consumed and refused, never buffered whole),
+//! Everything read here comes from the network. Command lines are read
+//! with a hard length cap (a longer line is consumed and refused, never
+//! buffered whole), body lines within what is left of the size limit,
 //! the message size is counted while it arrives and the body of an
 //! oversized message is discarded, every read has a timeout, and a client
 //! that keeps making errors is disconnected. Nothing is queued unless the
-//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` never
-//! ends a message (SMTP smuggling).
+//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` or
+//! `<CR>.<CR>` never ends a message (SMTP smuggling). The body goes
+//! through `cleanup` like every other way in: its intake makes a bare CR
+//! or LF a CRLF, so none reaches an upstream next to a dot, and its rules
+//! decide what is refused (size, header field size, NUL, hops).
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -478,10 +482,6 @@ impl Session {
     /// means the whole body was read but must be refused.
     async fn read_body(&mut self) -> Result<Result<Vec<u8>, Refusal>, Close> {
         let limits = cleanup::Limits::from_config(&self.ctx.config.smtp);
-        // Long lines are content (cleanup re-encodes them); only the size
-        // limit bounds a line. Two bytes for the line end, one for a
-        // stuffed dot.
-        let max_line = limits.max_message_size.saturating_add(3);
         let timeout = self.ctx.config.smtp.data_timeout.0;
         let mut intake = cleanup::Intake::new(limits);
         let mut too_big = false;
@@ -491,6 +491,13 @@ impl Session {
         // second transaction past an upstream that reads it differently.
         let mut after_crlf = true;
         loop {
+            // Long lines are content (cleanup re-encodes them); only what
+            // is left of the size limit bounds a line. Two bytes for the
+            // line end, one for a stuffed dot.
+            let max_line = limits
+                .max_message_size
+                .saturating_sub(intake.len())
+                .saturating_add(3);
             let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
             {
                 Err(_) => {
