@@ -384,7 +384,7 @@ impl Session {
                         .saturating_add(from.size as u64) =>
             {
                 let reply = "452 4.3.1 Insufficient system storage";
-                let detail = format!("the spool's file system has only {free} bytes free");
+                let detail = format!("spool file system has only {free} bytes free");
                 self.rejected(
                     Stage::Mail,
                     Reason::DiskFull,
