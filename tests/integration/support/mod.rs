@@ -5,6 +5,9 @@
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod netns;
+pub mod peers;
 pub mod pki;
+pub mod readme;
 pub mod redis_server;
 pub mod upstream;
