@@ -24,7 +24,9 @@
 //! [`MAX_REPORT`] bytes is read from it within [`REPORT_WAIT`], a few
 //! connections at a time: a refusal report, parsed strictly and logged
 //! as the user the kernel says connected (`SO_PEERCRED`), never as anyone
-//! the report names, without control characters.
+//! the report names, without control characters. A local user can thus
+//! add refusals (and counts) only under their own uid, as they could by
+//! running `sendmail -bs` with bad input.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
