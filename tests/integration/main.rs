@@ -12,6 +12,7 @@ mod front_door;
 mod inbound;
 mod install;
 mod interop;
+mod oauth2;
 mod observe;
 mod pipelining;
 mod queue;

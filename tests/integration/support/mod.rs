@@ -2,6 +2,7 @@
 //! scriptable fake upstream.
 #![allow(dead_code)]
 
+pub mod aiosmtpd;
 pub mod client;
 pub mod daemon;
 pub mod http;
@@ -10,4 +11,5 @@ pub mod peers;
 pub mod pki;
 pub mod readme;
 pub mod redis_server;
+pub mod token_endpoint;
 pub mod upstream;
