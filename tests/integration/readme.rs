@@ -115,7 +115,7 @@ fn installed_by(line: &str) -> Vec<String> {
     rest.split_whitespace()
         .take_while(|w| !w.starts_with('>') && !w.starts_with('|'))
         .filter(|w| !w.starts_with('-'))
-        .map(str::to_string)
+        .map(|w| w.trim_matches(['\'', '"']).to_string())
         .collect()
 }
 
