@@ -59,6 +59,18 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// The reason as the reject log line and metric name it.
+    pub fn reason(&self) -> crate::observe::events::Reason {
+        use crate::observe::events::Reason;
+        match self {
+            Refusal::TooBig { .. } => Reason::MessageSize,
+            Refusal::HeaderTooBig { .. } => Reason::HeaderSize,
+            Refusal::Nul => Reason::Nul,
+            Refusal::TooManyHops { .. } => Reason::TooManyHops,
+            Refusal::Unfoldable { .. } => Reason::LineLength,
+        }
+    }
+
     /// The reply to the client's end of data.
     pub fn smtp_reply(&self) -> String {
         match self {

@@ -36,6 +36,7 @@ use std::sync::Arc;
 use self::args::{Mode, Options};
 use crate::cleanup::address;
 use crate::config::Config;
+use crate::observe::events::{Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
 use crate::submit::{self, SubmitError, Submitted, Submitter};
 
@@ -185,37 +186,33 @@ fn sender(prog: &str, s: &Submitter, requested: Option<&str>) -> Result<String, 
     Ok(forced)
 }
 
-/// Maps a failed submission to its exit code.
-fn submit_fail(e: SubmitError) -> Fail {
-    match e {
-        SubmitError::Refused(r) => Fail(Exit::DataErr, r.to_string()),
-        SubmitError::Spool(e) => spool_fail(e),
-    }
-}
-
 fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
     let limits = crate::cleanup::Limits::from_config(&config.smtp);
     let s = Submitter::new(config).map_err(spool_fail)?;
-    let sender = sender(prog, &s, opts.sender.as_deref())?;
+    let sender = sender(prog, &s, opts.sender.as_deref())
+        .map_err(|f| refuse(&s, f, Reason::BadAddress, opts.sender.as_deref(), &[]))?;
     let mut recipients = Vec::new();
     for arg in &opts.recipients {
         for found in address::argument_recipients(arg) {
-            recipients.push(qualify(s.config(), found, "recipient address")?);
+            let addr = qualify(s.config(), found, "recipient address")
+                .map_err(|f| refuse(&s, f, Reason::BadAddress, Some(&sender), &recipients))?;
+            recipients.push(addr);
         }
     }
     let stdin = std::io::stdin().lock();
-    let content =
-        stdin::read(BufReader::new(stdin), opts.ignore_dots, limits).map_err(|e| match e {
-            stdin::InputError::Io(_) => Fail(Exit::IoErr, e.to_string()),
-            stdin::InputError::Refused(_) => Fail(Exit::DataErr, e.to_string()),
-        })?;
+    let content = stdin::read(BufReader::new(stdin), opts.ignore_dots, limits).map_err(|e| {
+        let reason = match &e {
+            stdin::InputError::Io(_) => return Fail(Exit::IoErr, e.to_string()),
+            stdin::InputError::Refused(r) => r.reason(),
+        };
+        let f = Fail(Exit::DataErr, e.to_string());
+        refuse(&s, f, reason, Some(&sender), &recipients)
+    })?;
     if opts.extract {
         for found in address::header_recipients(&content) {
-            recipients.push(qualify(
-                s.config(),
-                found,
-                "recipient address in the header",
-            )?);
+            let addr = qualify(s.config(), found, "recipient address in the header")
+                .map_err(|f| refuse(&s, f, Reason::BadAddress, Some(&sender), &recipients))?;
+            recipients.push(addr);
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -246,8 +243,8 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         None => Vec::new(),
     };
     let env = Envelope {
-        sender,
-        recipients,
+        sender: sender.clone(),
+        recipients: recipients.clone(),
         dsn: crate::spool::Dsn {
             ret: opts.ret,
             envid: opts.envid.clone(),
@@ -255,7 +252,13 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         rcpt_dsn,
         ..Envelope::default()
     };
-    let stored = s.submit(env, content, full_name).map_err(submit_fail)?;
+    let stored = s.submit(env, content, full_name).map_err(|e| match e {
+        SubmitError::Refused(r) => {
+            let f = Fail(Exit::DataErr, r.to_string());
+            refuse(&s, f, r.reason(), Some(&sender), &recipients)
+        }
+        SubmitError::Spool(e) => spool_fail(e),
+    })?;
     let woke = s.wake(&stored);
     if opts.verbose {
         let mut err = std::io::stderr().lock();
@@ -274,6 +277,20 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         }
     }
     Ok(())
+}
+
+/// A refused message: the daemon logs and counts it like every refusal (a
+/// stopped one cannot); the caller still gets the exit code and the line.
+fn refuse(s: &Submitter, f: Fail, reason: Reason, from: Option<&str>, to: &[String]) -> Fail {
+    s.report(&Rejection {
+        stage: Stage::Sendmail,
+        reason,
+        reply: format!("{} (exit {})", f.1, f.0 as u8),
+        from: from.map(str::to_string),
+        to: to.to_vec(),
+        detail: None,
+    });
+    f
 }
 
 /// Local submission for `-bs`: the sender rule of the command line, then
@@ -295,6 +312,10 @@ impl crate::smtp::session::LocalSink for BsSink {
         let stored = self.submitter.submit(env, body, name)?;
         self.submitter.wake(&stored);
         Ok(stored.name().to_string())
+    }
+
+    fn rejected(&self, r: &Rejection) {
+        self.submitter.report(r);
     }
 }
 
