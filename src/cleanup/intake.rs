@@ -50,6 +50,8 @@ pub struct Intake {
     limits: Limits,
     section: Section,
     refusal: Option<Refusal>,
+    /// Lines read so far, to name the one that is refused.
+    lines: usize,
 }
 
 impl Intake {
@@ -59,6 +61,7 @@ impl Intake {
             limits,
             section: Section::Header { field: 0 },
             refusal: None,
+            lines: 0,
         }
     }
 
@@ -93,6 +96,7 @@ impl Intake {
     /// One line as read, without its CRLF or LF. A CR inside it ends a
     /// line too (see the module's security note).
     pub fn line(&mut self, text: &[u8]) {
+        self.lines += 1;
         for piece in text.split(|&b| b == b'\r') {
             if self.refusal.is_some() {
                 return;
@@ -109,7 +113,8 @@ impl Intake {
 
     fn one(&mut self, text: &[u8]) {
         if text.contains(&0) {
-            return self.refuse(Refusal::Nul);
+            let line = self.lines;
+            return self.refuse(Refusal::Nul { line });
         }
         if let Section::Header { field } = self.section {
             let continuation = field > 0 && matches!(text.first(), Some(b' ' | b'\t'));
@@ -242,7 +247,7 @@ mod tests {
         assert!(take(&[b"S: 1234", b"T: 1234"], small).is_ok());
         assert!(matches!(
             take(&[b"S: x", b"", b"a\0b"], BIG),
-            Err(Refusal::Nul)
+            Err(Refusal::Nul { line: 3 })
         ));
     }
 }

@@ -46,8 +46,8 @@ pub enum Refusal {
     TooBig { limit: usize },
     #[error("a header field is larger than {limit} bytes (smtp.max_header_size)")]
     HeaderTooBig { limit: usize },
-    #[error("the message contains a NUL character")]
-    Nul,
+    #[error("line {line} contains a NUL character")]
+    Nul { line: usize },
     #[error(
         "too many hops: the message already has {count} Received: headers (smtp.max_hops = {limit}); is mail looping?"
     )]
@@ -65,7 +65,7 @@ impl Refusal {
         match self {
             Refusal::TooBig { .. } => Reason::MessageSize,
             Refusal::HeaderTooBig { .. } => Reason::HeaderSize,
-            Refusal::Nul => Reason::Nul,
+            Refusal::Nul { .. } => Reason::Nul,
             Refusal::TooManyHops { .. } => Reason::TooManyHops,
             Refusal::Unfoldable { .. } => Reason::LineLength,
         }
@@ -78,7 +78,7 @@ impl Refusal {
             Refusal::HeaderTooBig { .. } => {
                 "552 5.3.4 Error: message header size exceeds limit".into()
             }
-            Refusal::Nul => "554 5.6.0 Error: message contains NUL characters".into(),
+            Refusal::Nul { .. } => "554 5.6.0 Error: message contains NUL characters".into(),
             Refusal::TooManyHops { count, .. } => {
                 format!("554 5.4.6 Error: too many hops ({count} Received: headers; mail loop?)")
             }

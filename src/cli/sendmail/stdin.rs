@@ -141,7 +141,7 @@ mod tests {
         ));
         assert!(matches!(
             read(&b"S: x\n\na\0b\n"[..], false, LIMITS),
-            Err(InputError::Refused(Refusal::Nul))
+            Err(InputError::Refused(Refusal::Nul { line: 3 }))
         ));
     }
 }
