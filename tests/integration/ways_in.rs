@@ -122,6 +122,12 @@ async fn every_way_in_logs_one_accepted_line_and_counts_it() {
         d.wait_log(&format!("{id}: to=<"), WAIT);
     }
     wait_metric(&d, "relayq_accepted_messages_total", 5.0).await;
+    // The metric is counted after the line is written, but the line still
+    // has to come through the test's log reader.
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.count_log("(queue active)") < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let log = d.log();
     let accepted: Vec<&str> = log
         .lines()
