@@ -217,7 +217,13 @@ impl Grant {
 /// Writes `content` to `path` without ever leaving it empty or partial:
 /// a temporary file in the same directory (mode 0600), fsync, rename over
 /// `path`, fsync the directory.
+///
+/// The new file keeps the old one's owner, group and group read/write
+/// bits (never the others' bits): `relayq check` run as root rotates the
+/// token too, and a root-owned file in its place would lock the daemon's
+/// user out of it.
 pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -225,6 +231,20 @@ pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".relayq-refresh-token")
         .tempfile_in(&dir)?;
+    if let Ok(old) = std::fs::metadata(path) {
+        let mode = 0o600 | (old.mode() & 0o060);
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let new = tmp.as_file().metadata()?;
+        if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+            match std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid())) {
+                Ok(()) => {}
+                // Not root: the file can only be ours, and we can read it.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
     tmp.write_all(content.as_bytes())?;
     tmp.write_all(b"\n")?;
     tmp.as_file().sync_all()?;

@@ -1,0 +1,60 @@
+//! What a slip of the operator, a hostile or broken peer, or the machine
+//! itself must not do to relayq's OAuth2: lock the daemon out of its own
+//! refresh token, put a secret in a log line, or stop the mail.
+
+use std::os::unix::fs::MetadataExt;
+
+use super::*;
+use crate::sendmail::can_switch_user;
+
+/// The Microsoft delegated setup with a rotating endpoint, the refresh
+/// token in `state/refresh-token`; returns the `oauth2` lines and the file.
+fn delegated_rotating(s: &Setup) -> (String, PathBuf) {
+    s.endpoint.register_client(CLIENT_ID, "");
+    s.endpoint.set_rotate(true);
+    let state = s.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    let file = state.join("refresh-token");
+    std::fs::write(&file, format!("{}\n", s.endpoint.new_refresh_token())).unwrap();
+    let lines = format!(
+        "oauth2_provider = \"microsoft\"\noauth2_tenant = \"{TENANT}\"\noauth2_client_id = \"{CLIENT_ID}\"\noauth2_refresh_token_file = {}\noauth2_token_url = \"{}\"\n",
+        toml_path(&file),
+        s.endpoint.microsoft_url(TENANT)
+    );
+    (lines, file)
+}
+
+/// `relayq check` run as root (the admin forgot `sudo -u relayq`) gets a
+/// rotated refresh token and replaces the file: the new file must keep the
+/// owner, group and group bits of the old, or the daemon's user can no
+/// longer read it and the mail stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_file_keeps_its_owner_and_group() {
+    if !can_switch_user() {
+        return;
+    }
+    let s = Setup::new().await;
+    let (lines, file) = delegated_rotating(&s);
+    let d = s.start(&s.config("", &lines));
+    // (owner, group, mode) as the daemon's user might have it set up.
+    for (uid, gid, mode) in [(65534, 65534, 0o600), (0, 65534, 0o640), (65534, 0, 0o600)] {
+        std::os::unix::fs::chown(file.parent().unwrap(), Some(uid), Some(gid)).unwrap();
+        std::os::unix::fs::chown(&file, Some(uid), Some(gid)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(mode)).unwrap();
+        let before = std::fs::read_to_string(&file).unwrap();
+        let (ok, text) = check(&d);
+        assert!(ok, "{text}");
+        let after = std::fs::read_to_string(&file).unwrap();
+        assert_ne!(before, after, "the endpoint rotated the token");
+        let meta = std::fs::metadata(&file).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.gid(), meta.mode() & 0o777),
+            (uid, gid, mode),
+            "owner, group and mode of the replaced file"
+        );
+    }
+    // The daemon (which read the file as it was) still gets its tokens.
+    send(&d, 0).await;
+    s.up.wait_for_messages(1, WAIT).await;
+    assert_all_logins_ok(&s.up);
+}
