@@ -58,3 +58,79 @@ async fn a_rotated_refresh_token_file_keeps_its_owner_and_group() {
     s.up.wait_for_messages(1, WAIT).await;
     assert_all_logins_ok(&s.up);
 }
+
+/// No `secret`, nor any base64 text that decodes to something holding
+/// one, in `text` (an AUTH challenge is base64).
+fn assert_no_secret_even_decoded(what: &str, text: &str, secrets: &[String]) {
+    use base64::Engine;
+    assert_no_secret(what, text, secrets);
+    for word in text.split(|c: char| c.is_whitespace() || c == '(' || c == ')') {
+        let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(word.trim()) else {
+            continue;
+        };
+        let decoded = String::from_utf8_lossy(&bytes);
+        for s in secrets {
+            assert!(
+                !decoded.contains(s.as_str()),
+                "{what} shows the secret {s:?} in base64 {word}:\n{text}"
+            );
+        }
+    }
+}
+
+/// An upstream that repeats the credentials it refused (in XOAUTH2's JSON
+/// challenge, in the final reply) must not get them into the log at any
+/// level, `relayq check`, or the deferral: the token, as the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_an_upstream_repeats_are_not_logged() {
+    let s = Setup::new().await;
+    let nothing_valid = crate::support::upstream::TokenCheck::default();
+    // Google's way (a JSON challenge) and Microsoft's (a plain 535).
+    for script in [
+        Script::default()
+            .require_xoauth2(MAILBOX, nothing_valid.clone())
+            .echo_auth(),
+        Script::default()
+            .require_xoauth2(MAILBOX, nothing_valid)
+            .auth_failure(535, "5.7.3 Authentication unsuccessful")
+            .echo_auth(),
+    ] {
+        s.up.set_script(script);
+        let dir = tempfile::tempdir().unwrap();
+        let config = s.config("", &s.microsoft_app_only());
+        let d = Daemon::start_in_with_env(dir.path(), &config, &[("RELAYQ_LOG", "trace")]);
+        let id = send(&d, 0).await;
+        let deferred = status_line(&d, &id, "deferred", 1).await;
+        assert!(
+            deferred.contains("<redacted>"),
+            "the upstream repeated it: {deferred}"
+        );
+        let (ok, text) = check(&d);
+        assert!(!ok, "{text}");
+        let secrets = s.endpoint.secrets();
+        assert_no_secret_even_decoded("relayq check", &text, &secrets);
+        assert_no_secret_even_decoded("the TRACE log", &d.log(), &secrets);
+    }
+
+    // A password, the same.
+    let password = "pw-relayq-Zq81-repeated".to_string();
+    s.up.set_script(
+        Script::default()
+            .require_auth(MAILBOX, "the-right-one")
+            .echo_auth(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "hostname = \"relayq.test\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\nca_file = {}\nusername = \"{MAILBOX}\"\npassword = \"{password}\"\n",
+        s.up.port(),
+        toml_path(&s.ca.ca_file)
+    );
+    let d = Daemon::start_in_with_env(dir.path(), &config, &[("RELAYQ_LOG", "trace")]);
+    let id = send(&d, 1).await;
+    status_line(&d, &id, "deferred", 1).await;
+    let (ok, text) = check(&d);
+    assert!(!ok, "{text}");
+    let secrets = [password];
+    assert_no_secret_even_decoded("relayq check", &text, &secrets);
+    assert_no_secret_even_decoded("the TRACE log", &d.log(), &secrets);
+}
