@@ -11,7 +11,9 @@
 //! request is not repeated before a backoff has passed (connections asking
 //! meanwhile get the same error at once), and it is logged once, with the
 //! provider's error and what to change. Times come from the daemon's
-//! [`Clock`], so tests walk through token lifetimes in milliseconds.
+//! [`Clock`], so tests walk through token lifetimes in milliseconds; its
+//! monotonic reading, so a step of the wall clock neither keeps an expired
+//! token nor stretches a backoff.
 //!
 //! Submodules: `settings` (the `oauth2_*` keys and their checks), `grant`
 //! (the three token requests and the provider's answer), `endpoint` (the
@@ -61,7 +63,7 @@ pub fn margin(lifetime_ms: u64) -> u64 {
 #[derive(Clone)]
 pub struct AccessToken {
     secret: Arc<str>,
-    /// When it was issued and when it expires (the clock's unix ms).
+    /// When it was issued and when it expires ([`Clock::monotonic_ms`]).
     pub obtained_ms: u64,
     pub expires_ms: u64,
 }
@@ -125,7 +127,8 @@ impl TokenError {
 /// What [`TokenSource::status`] shows: no secret in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenStatus {
-    /// When the token in memory expires, if there is one.
+    /// When the token in memory expires ([`Clock::monotonic_ms`]), if there
+    /// is one.
     pub expires_ms: Option<u64>,
     /// The last request's error, while it stands.
     pub error: Option<String>,
@@ -212,7 +215,7 @@ impl TokenSource {
         rejected: &AccessToken,
     ) -> Result<Option<AccessToken>, TokenError> {
         let mut grant = self.flight.lock().await;
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         {
             let mut st = self.state();
             if let Some(current) = &st.token
@@ -256,7 +259,7 @@ impl TokenSource {
     }
 
     fn cached_fresh(&self) -> Option<AccessToken> {
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         self.state().token.clone().filter(|t| t.fresh(now))
     }
 
@@ -264,7 +267,7 @@ impl TokenSource {
     /// of a failed one is still running. A token still valid, though
     /// within its margin, is used while the endpoint fails.
     async fn request(&self, grant: &mut grant::Grant) -> Result<AccessToken, TokenError> {
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         let still_valid = {
             let st = self.state();
             let valid = st.token.clone().filter(|t| now < t.expires_ms);
@@ -277,7 +280,7 @@ impl TokenSource {
         };
         self.state().requests += 1;
         let result = grant.request(&self.settings, &self.label).await;
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         let mut st = self.state();
         match result {
             Ok(issued) => {

@@ -134,3 +134,57 @@ async fn credentials_an_upstream_repeats_are_not_logged() {
     assert_no_secret_even_decoded("relayq check", &text, &secrets);
     assert_no_secret_even_decoded("the TRACE log", &d.log(), &secrets);
 }
+
+/// libfaketime, which moves the wall clock of the process it is preloaded
+/// into (and, with FAKETIME_DONT_FAKE_MONOTONIC, leaves its monotonic
+/// clock alone), or `None` when it is not installed.
+fn libfaketime() -> Option<&'static str> {
+    const PATHS: [&str; 2] = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+    ];
+    let found = PATHS.into_iter().find(|p| Path::new(p).exists());
+    if found.is_none() {
+        eprintln!("SKIPPED: libfaketime is not installed (apt-get install faketime)");
+    }
+    found
+}
+
+/// The machine's clock steps back a day (an NTP correction, `date -s`)
+/// after relayq got a token: the token's life and the "issued moments
+/// ago" rule are measured on a clock that does not jump, so an hour later
+/// the expired token is renewed and the mail goes, instead of the token
+/// being taken as fresh for a day and a day and every refusal of it as
+/// one "moments after it was issued".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_stepping_back_does_not_keep_an_expired_token() {
+    let Some(faketime) = libfaketime() else {
+        return;
+    };
+    let s = Setup::new().await;
+    let offset = s.path().join("faketime");
+    std::fs::write(&offset, "+0\n").unwrap();
+    let offset_env = offset.display().to_string();
+    let d = Daemon::start_in_with_env(
+        s.path(),
+        &s.config("", &s.microsoft_app_only()),
+        &[
+            ("LD_PRELOAD", faketime),
+            ("FAKETIME_TIMESTAMP_FILE", &offset_env),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    send(&d, 0).await;
+    s.up.wait_for_messages(1, WAIT).await;
+    assert_eq!(s.endpoint.issued(), 1);
+
+    std::fs::write(&offset, "-1d\n").unwrap();
+    // An hour passes; the provider expires its token.
+    s.endpoint.expire_all();
+    d.advance_clock(3600);
+    let id = send(&d, 1).await;
+    s.up.wait_for_messages(2, WAIT).await;
+    status_line(&d, &id, "sent", 1).await;
+    assert_eq!(s.endpoint.issued(), 2, "{:?}", s.endpoint.seen());
+}
