@@ -188,3 +188,70 @@ async fn a_wall_clock_stepping_back_does_not_keep_an_expired_token() {
     status_line(&d, &id, "sent", 1).await;
     assert_eq!(s.endpoint.issued(), 2, "{:?}", s.endpoint.seen());
 }
+
+/// A secret written where it does not belong (a misspelt or made-up key,
+/// a variable name or a path) must not be echoed: `check-config` names
+/// the key and the fix, and shows no value that could be the secret.
+#[test]
+fn a_secret_in_the_wrong_key_is_not_echoed() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = "Zx8Q~relayq.misplaced-s3cret_V41ue";
+    let base =
+        "[relay]\nhost = \"smtp.office365.com\"\nport = 587\nusername = \"app@contoso.example\"\n";
+    let ms = "oauth2_provider = \"microsoft\"\noauth2_tenant = \"t\"\noauth2_client_id = \"x\"\n";
+    let cases = [
+        // The key the README's table suggests, without _file or _env.
+        (
+            format!("{ms}oauth2_client_secret = \"{secret}\"\n"),
+            "oauth2_client_secret",
+        ),
+        (format!("pasword = \"{secret}\"\n"), "pasword"),
+        (format!("password = \"{secret}\n"), "line 5"),
+        (format!("password = 1{}\n", "7".repeat(12)), "password"),
+        (
+            format!("{ms}oauth2_client_secret_env = \"{secret}\"\n"),
+            "relay.oauth2_client_secret_env",
+        ),
+        (
+            format!("password_env = \"{secret}\"\n"),
+            "relay.password_env",
+        ),
+        (
+            format!("{ms}oauth2_client_secret_file = \"{secret}\"\n"),
+            "relay.oauth2_client_secret_file",
+        ),
+        (
+            format!("{ms}oauth2_refresh_token_file = \"{secret}\"\n"),
+            "relay.oauth2_refresh_token_file",
+        ),
+        (
+            "oauth2_provider = \"google\"\noauth2_service_account_file = \"sa.json\"\n".to_string(),
+            "relay.oauth2_service_account_file",
+        ),
+        (
+            format!(
+                "{ms}oauth2_client_secret_env = \"S\"\noauth2_token_url = \"https://x:{secret}@login.example/t\"\n"
+            ),
+            "relay.oauth2_token_url",
+        ),
+    ];
+    for (lines, key) in cases {
+        let (ok, text) = check_config(dir.path(), &format!("{base}{lines}"));
+        assert!(!ok, "{lines} was accepted");
+        assert!(text.contains(key), "{lines}: the key is not named: {text}");
+        assert!(
+            !text.contains(secret),
+            "{lines}: the secret is shown: {text}"
+        );
+        assert!(
+            !text.contains("7777777"),
+            "{lines}: the number is shown: {text}"
+        );
+    }
+    // What is not a secret is still shown: a wrong port says what it got.
+    let (ok, text) = check_config(
+        dir.path(),
+        &format!("{base}{ms}oauth2_client_secret_env = \"S\"\nport = \"abc\"\n"),
+    );
+    assert!(!ok && text.contains("abc"), "{text}");
+}
