@@ -136,10 +136,23 @@ impl Grant {
             };
         let answer = endpoint::post_form(&url, form, s.ca_file.as_deref(), s.timeout)
             .await
-            .map_err(|detail| TokenError::Unreachable {
-                fix: advice::unreachable(&url),
-                url: url.clone(),
-                detail: scrub(&detail, &secrets),
+            .map_err(|e| {
+                let (detail, fix) = match e {
+                    endpoint::PostError::Connect(d) => (d, advice::unreachable(&url)),
+                    endpoint::PostError::Tls(d) => (d, advice::tls_failed(&url)),
+                    endpoint::PostError::Answer(d) => {
+                        return TokenError::Unusable {
+                            url: url.clone(),
+                            detail: scrub(&d, &secrets),
+                            fix: advice::not_a_token_answer(),
+                        };
+                    }
+                };
+                TokenError::Unreachable {
+                    fix,
+                    url: url.clone(),
+                    detail: scrub(&detail, &secrets),
+                }
             })?;
         let issued = parse(&answer, &url, s, &secrets)?;
         if let (Some(new), GrantKind::RefreshToken) = (issued.1, s.grant) {
@@ -366,18 +379,26 @@ fn parse(
     secrets: &[String],
 ) -> Result<(Issued, Option<String>), TokenError> {
     if (200..300).contains(&answer.status) {
-        let ok: Success =
-            serde_json::from_slice(&answer.body).map_err(|e| TokenError::Unreachable {
-                url: url.to_string(),
-                detail: format!("HTTP {}, but not a token answer: {e}", answer.status),
-                fix: advice::unreachable(url),
-            })?;
+        let unusable = |detail: String| TokenError::Unusable {
+            url: url.to_string(),
+            detail,
+            fix: advice::not_a_token_answer(),
+        };
+        let ok: Success = serde_json::from_slice(&answer.body).map_err(|e| {
+            unusable(format!(
+                "HTTP {}, but not a token answer: {e}",
+                answer.status
+            ))
+        })?;
         if ok.access_token.is_empty() {
-            return Err(TokenError::Unreachable {
-                url: url.to_string(),
-                detail: "the answer's access_token is empty".into(),
-                fix: advice::unreachable(url),
-            });
+            return Err(unusable("the answer's access_token is empty".into()));
+        }
+        // It goes into "user=..\x01auth=Bearer ..\x01\x01": a control
+        // character or a space would change what the upstream reads.
+        if !ok.access_token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(unusable(
+                "the answer's access_token is not a bearer token (it holds spaces, control or non-ASCII characters)".into(),
+            ));
         }
         let secs = match &ok.expires_in {
             Some(serde_json::Value::Number(n)) => n.as_u64(),

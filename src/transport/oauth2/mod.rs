@@ -104,6 +104,14 @@ pub enum TokenError {
         detail: String,
         fix: String,
     },
+    /// It answered, but with no usable token (not a token endpoint, or
+    /// something in the way).
+    #[error("token endpoint {url} gave no usable answer: {detail}")]
+    Unusable {
+        url: String,
+        detail: String,
+        fix: String,
+    },
     /// The provider answered with an OAuth2 error.
     #[error("token endpoint {url} refused: {code}: {description}")]
     Refused {
@@ -119,6 +127,7 @@ impl TokenError {
         match self {
             TokenError::Local { fix, .. }
             | TokenError::Unreachable { fix, .. }
+            | TokenError::Unusable { fix, .. }
             | TokenError::Refused { fix, .. } => fix,
         }
     }

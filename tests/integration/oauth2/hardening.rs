@@ -255,3 +255,84 @@ fn a_secret_in_the_wrong_key_is_not_echoed() {
     );
     assert!(!ok && text.contains("abc"), "{text}");
 }
+
+/// The FAIL line of `relayq check`'s token step.
+fn token_step(d: &Daemon) -> String {
+    let (ok, text) = check(d);
+    assert!(!ok, "{text}");
+    text.lines()
+        .find(|l| l.starts_with("FAIL oauth2 token"))
+        .unwrap_or_else(|| panic!("no failed token step:\n{text}"))
+        .to_string()
+}
+
+/// A broken or hostile token endpoint: whatever it answers, no token that
+/// could smuggle anything into the XOAUTH2 string reaches the upstream,
+/// the mail stays queued, and the fix fits the fault: an answer that is
+/// not a token answer is not a firewall problem, a certificate that is
+/// not trusted points at `oauth2_ca_file`, and a port other than 443 is
+/// not called 443.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_broken_token_endpoint_answers_gets_a_fix_that_fits() {
+    let s = Setup::new().await;
+    let d = s.start(&s.config("", &s.microsoft_app_only()));
+    let not_a_token = "the answer is not a token answer: if oauth2_token_url is set, correct it";
+    let cases = [
+        // A token that would add fields to "user=..\x01auth=Bearer ..\x01\x01".
+        (
+            r#"{"access_token":"x\u0001user=boss@contoso.example\u0001","expires_in":3600}"#,
+            "not a bearer token",
+        ),
+        (
+            r#"{"access_token":"ok\r\nQUIT","token_type":"Bearer"}"#,
+            "not a bearer token",
+        ),
+        (
+            r#"{"access_token":"a b","expires_in":3600}"#,
+            "not a bearer token",
+        ),
+        (
+            "<html><body>Sign in to continue</body></html>",
+            "not a token answer",
+        ),
+        (r#"{"token_type":"Bearer"}"#, "not a token answer"),
+    ];
+    for (n, (body, said)) in cases.into_iter().enumerate() {
+        s.endpoint.set_fault(Fault::Answer(200, body));
+        let line = token_step(&d);
+        assert!(line.contains(said), "{body}: {line}");
+        assert!(line.contains(not_a_token), "{body}: {line}");
+        assert!(!line.contains("firewall"), "{body}: {line}");
+        let id = send(&d, n).await;
+        status_line(&d, &id, "deferred", 1).await;
+        assert!(s.up.auths().is_empty(), "{:#?}", s.up.auths());
+        d.flush();
+    }
+
+    // Another certificate than the CA in oauth2_ca_file vouches for (a
+    // proxy intercepting HTTPS), and a port that is not 443.
+    let other = TestCa::new(&s.path().join("other-pki")).server_cert(CertKind::Good);
+    let intercepted = TokenEndpoint::start(&other).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = s.config("", &s.microsoft_app_only()).replace(
+        &s.endpoint.microsoft_url(TENANT),
+        &intercepted.microsoft_url(TENANT),
+    );
+    let d = Daemon::start_in(dir.path(), &config);
+    let line = token_step(&d);
+    assert!(
+        line.contains("certificate") && line.contains("put its CA certificate in oauth2_ca_file"),
+        "{line}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let config = s.config("", &s.microsoft_app_only()).replace(
+        &s.endpoint.microsoft_url(TENANT),
+        "https://127.0.0.1:1/t/oauth2/v2.0/token",
+    );
+    let d = Daemon::start_in(dir.path(), &config);
+    let line = token_step(&d);
+    assert!(
+        line.contains("must reach 127.0.0.1:1 over HTTPS") && !line.contains("443"),
+        "{line}"
+    );
+}
