@@ -43,6 +43,9 @@ pub(crate) struct Grant {
     /// The file's content when last read or written, and the refresh token
     /// to use (they differ only when saving a rotated one failed).
     refresh: Option<(String, String)>,
+    /// Where the last request went (a service account's key file may name
+    /// its own endpoint).
+    pub(crate) url: Option<String>,
 }
 
 /// The fields of a Google service account key file that are used.
@@ -74,7 +77,10 @@ struct Failure {
 
 impl Grant {
     pub(crate) fn new(_settings: &Settings) -> Grant {
-        Grant { refresh: None }
+        Grant {
+            refresh: None,
+            url: None,
+        }
     }
 
     /// Asks the endpoint for a token.
@@ -134,6 +140,7 @@ impl Grant {
                     (url, form)
                 }
             };
+        self.url = Some(url.clone());
         let answer = endpoint::post_form(&url, form, s.ca_file.as_deref(), s.timeout)
             .await
             .map_err(|e| {

@@ -153,6 +153,8 @@ struct State {
     /// Failed requests in a row (the backoff doubles with each).
     failures: u32,
     requests: u64,
+    /// Where the last request went, once one was sent.
+    url: Option<String>,
 }
 
 /// The token of one relay, shared by its connections.
@@ -197,9 +199,14 @@ impl TokenSource {
         &self.settings
     }
 
-    /// The endpoint tokens come from.
+    /// The endpoint tokens come from: where the last request went, else
+    /// where the settings say (a service account's key file may name
+    /// another, known once it is read).
     pub fn token_url(&self) -> String {
-        self.settings.token_url()
+        self.state()
+            .url
+            .clone()
+            .unwrap_or_else(|| self.settings.token_url())
     }
 
     /// A token good for a login now: the one in memory, or a new one.
@@ -290,7 +297,12 @@ impl TokenSource {
         self.state().requests += 1;
         let result = grant.request(&self.settings, &self.label).await;
         let now = self.clock.monotonic_ms();
+        let url = grant
+            .url
+            .clone()
+            .unwrap_or_else(|| self.settings.token_url());
         let mut st = self.state();
+        st.url = Some(url.clone());
         match result {
             Ok(issued) => {
                 let token = AccessToken {
@@ -300,9 +312,8 @@ impl TokenSource {
                 };
                 tracing::debug!(
                     target: "relayq::delivery",
-                    "{}: new OAuth2 token from {}, valid for {}s",
+                    "{}: new OAuth2 token from {url}, valid for {}s",
                     self.label,
-                    self.token_url(),
                     issued.expires_in.as_secs()
                 );
                 st.token = Some(token.clone());

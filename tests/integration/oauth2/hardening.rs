@@ -336,3 +336,46 @@ async fn what_a_broken_token_endpoint_answers_gets_a_fix_that_fits() {
         "{line}"
     );
 }
+
+/// A Google service account's key file names its own token endpoint
+/// (`token_uri`), and that is where the request goes: `relayq check` and
+/// the log must name that one, not Google's default, or an operator opens
+/// the firewall for the wrong host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_endpoint_named_is_the_one_asked() {
+    let s = Setup::new().await;
+    let (key_file, _) = super::google::service_account_file(&s);
+    let lines = format!(
+        "oauth2_provider = \"google\"\noauth2_service_account_file = {}\n",
+        toml_path(&key_file)
+    );
+    let d = s.start(&s.config("", &lines));
+    let (ok, text) = check(&d);
+    assert!(ok, "{text}");
+    let from = format!("grant from {})", s.endpoint.google_url());
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok   oauth2 token") && l.contains(&from)),
+        "{text}"
+    );
+    send(&d, 0).await;
+    s.up.wait_for_messages(1, WAIT).await;
+    let line = &wait_lines(&d, &["new OAuth2 token from"], 1).await[0];
+    assert!(line.contains(&s.endpoint.google_url()), "{line}");
+
+    // Down: the fix names it too.
+    s.endpoint.set_fault(Fault::Unavailable);
+    s.endpoint.expire_all();
+    d.advance_clock(3600);
+    let line = token_step(&d);
+    let host = s
+        .endpoint
+        .google_url()
+        .replace("https://", "")
+        .replace("/token", "");
+    assert!(
+        line.contains(&format!("must reach {host} over HTTPS")),
+        "{line}"
+    );
+    assert!(!line.contains("googleapis"), "{line}");
+}
