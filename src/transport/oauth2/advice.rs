@@ -42,6 +42,14 @@ pub fn not_a_token_answer() -> String {
     "the answer is not a token answer: if oauth2_token_url is set, correct it (or remove it to use the provider's endpoint); otherwise something between this machine and the provider (a proxy, a captive portal) answers in its place".into()
 }
 
+/// A secret file the process may not read.
+pub fn unreadable(path: &std::path::Path) -> String {
+    format!(
+        "the user relayq runs as cannot read it: chown relayq {p} && chmod 600 {p} (a file written by root, e.g. by relayq check run as root, is root's); run relayq check as that user too (sudo -u relayq relayq check)",
+        p = path.display()
+    )
+}
+
 pub fn client_secret(s: &Settings) -> String {
     match s.provider {
         Provider::Microsoft => "put the client secret's Value (from the app registration's Certificates & secrets, not its Secret ID) in oauth2_client_secret_file (chmod 600), or set the variable oauth2_client_secret_env names".into(),

@@ -172,15 +172,10 @@ impl Grant {
     /// what we last saw there and we have a newer one we could not save.
     async fn refresh_token(&mut self, s: &Settings) -> Result<String, TokenError> {
         let path = s.refresh_token_file.clone().unwrap_or_default();
-        let text = tokio::fs::read_to_string(&path)
-            .await
-            .map_err(|e| TokenError::Local {
-                what: format!(
-                    "cannot read oauth2_refresh_token_file {}: {e}",
-                    path.display()
-                ),
-                fix: advice::refresh_token_file(s),
-            })?;
+        let text = read_secret_file("oauth2_refresh_token_file", &path, || {
+            advice::refresh_token_file(s)
+        })
+        .await?;
         let from_file = text.trim().to_string();
         if from_file.is_empty() {
             return Err(TokenError::Local {
@@ -272,18 +267,31 @@ pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::File::open(&dir)?.sync_all()
 }
 
+/// The content of the file `key` names; an error says why not, with
+/// `fix` unless the file is there but the user relayq runs as may not
+/// read it.
+async fn read_secret_file(
+    key: &str,
+    path: &Path,
+    fix: impl FnOnce() -> String,
+) -> Result<String, TokenError> {
+    tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| TokenError::Local {
+            what: format!("cannot read {key} {}: {e}", path.display()),
+            fix: if e.kind() == std::io::ErrorKind::PermissionDenied {
+                advice::unreadable(path)
+            } else {
+                fix()
+            },
+        })
+}
+
 async fn read_client_secret(s: &Settings) -> Result<Option<String>, TokenError> {
     let fix = || advice::client_secret(s);
     let secret = match &s.client_secret {
         None => return Ok(None),
-        Some(SecretRef::File(p)) => {
-            tokio::fs::read_to_string(p)
-                .await
-                .map_err(|e| TokenError::Local {
-                    what: format!("cannot read oauth2_client_secret_file {}: {e}", p.display()),
-                    fix: fix(),
-                })?
-        }
+        Some(SecretRef::File(p)) => read_secret_file("oauth2_client_secret_file", p, fix).await?,
         Some(SecretRef::Env(v)) => std::env::var(v).map_err(|_| TokenError::Local {
             what: format!("oauth2_client_secret_env: environment variable {v} is not set"),
             fix: fix(),
@@ -305,14 +313,12 @@ async fn read_service_account(s: &Settings) -> Result<ServiceAccountKey, TokenEr
         what,
         fix: advice::service_account_key(s),
     };
-    let text = tokio::fs::read(&path).await.map_err(|e| {
-        unusable(format!(
-            "cannot read oauth2_service_account_file {}: {e}",
-            path.display()
-        ))
-    })?;
+    let text = read_secret_file("oauth2_service_account_file", &path, || {
+        advice::service_account_key(s)
+    })
+    .await?;
     // serde_json's message names the line and column, never the content.
-    serde_json::from_slice(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         unusable(format!(
             "oauth2_service_account_file {} is not a service account JSON key: {e}",
             path.display()
@@ -521,8 +527,14 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        // Written 0644 by umask: others lose their read bit, the group
+        // (through which the daemon's user may read it) keeps its own.
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0, "only the owner may read it: {mode:o}");
+        assert_eq!(mode & 0o777, 0o640, "others may not read it: {mode:o}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        replace_file(&path, "newer-token").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the owner may read it: {mode:o}");
     }
 }

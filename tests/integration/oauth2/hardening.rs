@@ -379,3 +379,66 @@ async fn the_token_endpoint_named_is_the_one_asked() {
     );
     assert!(!line.contains("googleapis"), "{line}");
 }
+
+/// A secret file the daemon's user cannot read (created by root, left
+/// mode 600) says so and how to fix it, not "sign in again" or "download
+/// a new key": each of the three files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_secret_file_says_whose_it_must_be() {
+    if !can_switch_user() {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let s = Setup::new().await;
+    let refresh = s.secret_file("refresh-token", &s.endpoint.new_refresh_token());
+    let (key_file, _) = super::google::service_account_file(&s);
+    let cases = [
+        (s.microsoft_app_only(), "oauth2_client_secret_file"),
+        (
+            format!(
+                "oauth2_provider = \"microsoft\"\noauth2_tenant = \"{TENANT}\"\noauth2_client_id = \"{CLIENT_ID}\"\noauth2_refresh_token_file = {}\noauth2_token_url = \"{}\"\n",
+                toml_path(&refresh),
+                s.endpoint.microsoft_url(TENANT)
+            ),
+            "oauth2_refresh_token_file",
+        ),
+        (
+            format!(
+                "oauth2_provider = \"google\"\noauth2_service_account_file = {}\n",
+                toml_path(&key_file)
+            ),
+            "oauth2_service_account_file",
+        ),
+    ];
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    for (n, (lines, key)) in cases.into_iter().enumerate() {
+        let config = s.path().join(format!("relayq-{n}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "spool_dir = \"{}/spool-{n}\"\n{}",
+                s.path().display(),
+                s.config("", &lines)
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = crate::sendmail::as_nobody(crate::support::daemon::BIN)
+            .args(["check", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("FAIL oauth2 token"))
+            .unwrap_or_else(|| panic!("{key}: no failed token step:\n{text}"));
+        assert!(
+            line.contains(&format!("cannot read {key}"))
+                && line.contains("Permission denied")
+                && line.contains("-> fix: the user relayq runs as cannot read it")
+                && line.contains("chown"),
+            "{line}"
+        );
+    }
+}
