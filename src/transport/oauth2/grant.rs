@@ -35,6 +35,10 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const ASSERTION_LIFETIME_SECS: u64 = 3600;
 /// Used when the answer has no `expires_in` (it is only RECOMMENDED).
 const DEFAULT_LIFETIME_SECS: u64 = 3600;
+/// The longest a token is kept, whatever the answer claims (providers'
+/// last an hour or so): a token claimed to last for ages is asked for
+/// again daily rather than kept until the upstream refuses it.
+const MAX_LIFETIME_SECS: u64 = 86_400;
 /// Longest provider error description shown.
 const MAX_DESCRIPTION: usize = 600;
 
@@ -418,7 +422,8 @@ fn parse(
             Some(serde_json::Value::String(t)) => t.trim().parse().ok(),
             _ => None,
         }
-        .unwrap_or(DEFAULT_LIFETIME_SECS);
+        .unwrap_or(DEFAULT_LIFETIME_SECS)
+        .min(MAX_LIFETIME_SECS);
         let refresh = ok.refresh_token.filter(|r| !r.is_empty());
         return Ok((
             Issued {

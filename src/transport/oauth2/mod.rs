@@ -308,7 +308,9 @@ impl TokenSource {
                 let token = AccessToken {
                     secret: issued.access_token.into(),
                     obtained_ms: now,
-                    expires_ms: now.saturating_add(issued.expires_in.as_millis() as u64),
+                    expires_ms: now.saturating_add(
+                        u64::try_from(issued.expires_in.as_millis()).unwrap_or(u64::MAX),
+                    ),
                 };
                 tracing::debug!(
                     target: "relayq::delivery",
