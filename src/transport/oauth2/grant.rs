@@ -250,8 +250,16 @@ pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".relayq-refresh-token")
         .tempfile_in(&dir)?;
-    if let Ok(old) = std::fs::metadata(path) {
-        let mode = 0o600 | (old.mode() & 0o060);
+    // The link itself, not what it points to: a link is replaced, never
+    // written through (the daemon's user could point it anywhere, and
+    // `relayq check` may run as root), and its owner is the one kept.
+    if let Ok(old) = std::fs::symlink_metadata(path) {
+        let group_bits = if old.file_type().is_symlink() {
+            0
+        } else {
+            old.mode() & 0o060
+        };
+        let mode = 0o600 | group_bits;
         tmp.as_file()
             .set_permissions(std::fs::Permissions::from_mode(mode))?;
         let new = tmp.as_file().metadata()?;

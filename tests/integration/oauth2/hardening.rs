@@ -53,6 +53,26 @@ async fn a_rotated_refresh_token_file_keeps_its_owner_and_group() {
             "owner, group and mode of the replaced file"
         );
     }
+    // A link in its place (the daemon's user may plant one, pointing at a
+    // file of root's): replaced by a file of the link's owner, not written
+    // through, the file it pointed to untouched.
+    let roots = s.path().join("roots-file");
+    std::fs::copy(&file, &roots).unwrap();
+    std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let before = std::fs::read_to_string(&roots).unwrap();
+    std::fs::remove_file(&file).unwrap();
+    std::os::unix::fs::symlink(&roots, &file).unwrap();
+    std::os::unix::fs::lchown(&file, Some(65534), Some(65534)).unwrap();
+    let (ok, text) = check(&d);
+    assert!(ok, "{text}");
+    let meta = std::fs::symlink_metadata(&file).unwrap();
+    assert!(meta.is_file(), "the link was replaced by a file");
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o777),
+        (65534, 65534, 0o600)
+    );
+    assert_eq!(std::fs::read_to_string(&roots).unwrap(), before);
+
     // The daemon (which read the file as it was) still gets its tokens.
     send(&d, 0).await;
     s.up.wait_for_messages(1, WAIT).await;
