@@ -222,7 +222,7 @@ impl Grant {
             Err(e) => {
                 tracing::error!(
                     target: "relayq::delivery",
-                    "{label}: cannot save the new refresh token to {}: {e}; it is used from memory until relayq restarts; fix: let the relayq user write the directory of oauth2_refresh_token_file",
+                    "{label}: cannot save the new refresh token to {}: {e}; it is used from memory until relayq restarts or reloads its config (then the old one in the file is sent, which the provider may have revoked); fix: let the relayq user write the directory of oauth2_refresh_token_file",
                     path.display()
                 );
                 if let Some((_, current)) = self.refresh.as_mut() {
