@@ -28,7 +28,11 @@
 //! endpoint is reached over TLS only (ring provider, certificate verified
 //! against the system roots or `oauth2_ca_file`). A new refresh token
 //! replaces the file atomically (temporary file, fsync, rename, fsync the
-//! directory), so a crash never leaves it empty or half written.
+//! directory), so a crash never leaves it empty or half written; the new
+//! file keeps the old one's owner and group (`relayq check` may run as
+//! root), and a symlink in its place is replaced, never written through.
+//! A token answer with anything but visible ASCII in its token is refused:
+//! the token goes into the XOAUTH2 string, whose fields \x01 separates.
 
 pub mod advice;
 mod endpoint;

@@ -10,7 +10,8 @@
 //! # Security
 //! The secret is written only base64-encoded inside AUTH exchanges, logged as
 //! `<redacted>`, and scrubbed (with every encoded form we sent) from any
-//! upstream text that ends up in an error, in case a server echoes it.
+//! upstream text that ends up in an error or a log line, in case a server
+//! echoes it; a 334 challenge that repeats it (in base64) is not logged.
 //! The caller ensures the stream is TLS before calling in here.
 
 use std::time::Duration;
