@@ -167,7 +167,12 @@ async fn attempt_ahead(
     let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
     let (meta, body) = match loaded {
         Ok(Ok(x)) => x,
-        Ok(Err(SpoolError::NotFound(_))) => return (Next::Gone, None),
+        Ok(Err(SpoolError::NotFound(_))) => {
+            // Nothing takes a queued file away behind the scheduler's back
+            // (operations wait for the attempt): say so if it happened.
+            events::queue_warning(id, "queue file not found; nothing to deliver");
+            return (Next::Gone, None);
+        }
         Ok(Err(SpoolError::Corrupt { reason, .. })) => {
             events::queue_error(
                 id,
