@@ -12,6 +12,7 @@ mod install;
 mod interop;
 mod observe;
 mod pipelining;
+mod powerloss;
 mod queue;
 mod relay;
 mod reload;
