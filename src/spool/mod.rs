@@ -31,7 +31,8 @@
 //! accept, and no directory fsync. The slot name is durable before the
 //! file is first used, so the message is safe once its data is; the
 //! `queue/<ID>` link is made at once but needs no fsync, because recovery
-//! re-links a message found in a slot without one. A free slot starts with
+//! re-links a message found in a slot without one (and renames a stale
+//! name that a power loss left on it). A free slot starts with
 //! a NUL byte. At most 1024 free slots are kept (others are deleted), and
 //! only files up to 64 KiB are reused. The `sendmail` command and queue
 //! tools never take slots; they write new files (rule 1b).
@@ -64,6 +65,15 @@
 //! end (the first NUL, or the end of the file).
 //!
 //! # Durability rules (every write follows them)
+//! Two kinds of loss are planned for. A killed process (`kill -9`, a
+//! panic) loses nothing the kernel was given: every write and directory
+//! change it made stays. A power loss (or a kernel crash) loses every write
+//! not yet synced, and any subset of the directory changes (link, unlink,
+//! rename, create) not yet synced: the file system may have committed some
+//! of them and not others, in any combination. So what recovery trusts is
+//! the content of durable files (the id and end checksum inside them),
+//! never a name alone. All writes go through `fsop`, where the crash-state
+//! test (`crash`) records them.
 //! 1. **Accept** (the daemon): take a free slot, or create a new one with
 //!    `O_EXCL` and mode 0600 in `slots/`. Write the whole file (header,
 //!    content, end marker, zeros up to the old length) at offset 0 and
@@ -72,7 +82,11 @@
 //!    fsync of `slots/` (group commit: one fsync covers every new slot
 //!    created before it started). Only after that may a client be told
 //!    `250`. (Should we crash before the `250`, the message may still be
-//!    delivered: at least once, as with every MTA.)
+//!    delivered: at least once, as with every MTA.) After a power loss the
+//!    message is in its slot, whole; its `queue/<ID>` name may be missing,
+//!    and an older name of the slot (`queue/<OLD>` of the message it held
+//!    before, whose unlink was lost) may still be there: recovery puts
+//!    both right.
 //!    1b. **Accept** (the `sendmail` command, or without slots): create
 //!    `tmp/<ID>` with `O_EXCL` and mode 0600, hold an exclusive `flock` on
 //!    it while writing, write it whole, `fdatasync` it, `rename` it to
@@ -88,27 +102,52 @@
 //!    us send once more: delivery is at least once, never at most once.
 //! 3. **Deferred / attempt**: written without fsync. Losing them only
 //!    makes a retry come early after a crash.
-//! 4. **Done** (or deleted): overwrite the first byte of the file with NUL,
-//!    then unlink its `queue/` (or `hold/`) name, without fsync; a slot
-//!    then goes back to the free list. The NUL comes first so that a
-//!    deleted message cannot come back from its slot. A killed process
-//!    cannot lose either write (they are in the kernel); a machine crash
-//!    within the file system's commit interval can lose them, and then the
-//!    message is sent again, as Postfix would. A file whose records say
+//! 4. **Done** (or deleted): overwrite the first byte of the file with NUL
+//!    (the done mark), then unlink its `queue/` (or `hold/`) name, without
+//!    fsync; a slot then goes back to the free list. The NUL comes first so
+//!    that a deleted message cannot come back from its slot, whichever of
+//!    its names survive a power loss. The mark is made durable by a group
+//!    commit (`done`): one thread `fdatasync`s the marks written in the
+//!    last `queue.done_sync_window` (default 100 ms) together, or sooner
+//!    when 256 are waiting; a slot taken for a new message before that
+//!    needs no sync of its own (the accept's `fdatasync` wrote over the
+//!    mark). So a `kill -9` sends nothing again, and a power loss sends
+//!    again at most the messages finished in the last window before it
+//!    (plus those whose batch sync was running). A window of `0s` syncs
+//!    each mark before the worker moves on. A file whose records say
 //!    every recipient is done is removed by recovery.
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
-//!    by an fsync of both. The slot name stays.
+//!    by an fsync of both. The slot name stays. A power loss between the
+//!    two fsyncs can leave both names; recovery keeps the one in `hold/`.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
 //! got `250`: it is deleted, unless another process (the `sendmail`
-//! command) still holds its lock. In `queue/` and `hold/`, a file starting
-//! with NUL, or whose recipients are all done, is removed; one that does
-//! not decode goes to `corrupt/` with an error in the log. Then each slot
-//! with no other name is read whole: if it holds a complete message (its
-//! checksum matches) that is not done, its `queue/<ID>` link was lost in a
-//! crash and is made again (and fsynced); otherwise it is free (a torn
+//! command) still holds its lock. Then every name in `queue/` and `hold/`
+//! is judged by its file's content (a slot's file is read whole and its
+//! checksum checked):
+//! - the file starts with NUL (a removal, or a free slot): the name goes;
+//! - it holds the message the name says, complete: queued (or held), or
+//!   removed if its records say every recipient is done;
+//! - it holds another message, complete (a stale name: the slot was reused
+//!   and the power loss kept the old name): the name is renamed to
+//!   `queue/<that id>`, or dropped if that name exists; the message is
+//!   queued once, under its own id;
+//! - it fails its checksum and the header does not name this message: a
+//!   torn write of an accept never acknowledged, over a finished message
+//!   whose name survived; the name goes and the slot is freed below;
+//! - anything else that does not decode goes to `corrupt/` with an error
+//!   in the log (a file acknowledged is never torn: it was synced whole).
+//!
+//! Then each slot with no other name is read whole: if it holds a complete
+//! message (its checksum matches) that is not done, its `queue/<ID>` link
+//! was lost and is made again (and fsynced); otherwise it is free (a torn
 //! write of an accept that was never acknowledged, or a finished message).
+//! Each step is safe to repeat, so a second loss during recovery is
+//! recovered from the same way. The queue tools, which change the spool
+//! only while the daemon is down, put the names right first
+//! ([`Spool::reconcile_names`]), and `queue show` finds a message by the id
+//! inside its file ([`Spool::find`]).
 //! Recovery runs while the daemon already accepts mail. It skips the slots
 //! this run made (their names start with a prefix chosen at start), and a
 //! delivery that frees an older slot before recovery reaches it leaves a

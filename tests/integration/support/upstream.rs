@@ -215,6 +215,8 @@ pub struct Received {
     pub data: Vec<u8>,
     /// The id given in the final reply ("FAKE<n>"), or "" if scripted.
     pub queue_id: String,
+    /// When it was recorded, just before the final reply.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -835,6 +837,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 rcpts: tx.rcpts,
                 data,
                 queue_id,
+                at: std::time::Instant::now(),
             };
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
