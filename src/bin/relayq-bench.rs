@@ -65,6 +65,16 @@ struct Args {
     /// deliveries to one destination).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Also run relayq with `queue.done_sync_window = "0s"` (each done
+    /// mark synced before the worker moves on), interleaved, to show what
+    /// the group commit of done marks saves.
+    #[arg(long)]
+    compare_done_sync: bool,
+    /// Another relayq binary (e.g. built from an earlier commit) to run
+    /// interleaved with this one under the same loads: the cost of a
+    /// change, measured in one run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(Default, Clone)]
@@ -118,13 +128,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut relayq_rounds = Vec::new();
     let mut postfix_rounds = Vec::new();
+    let mut variants: Vec<(String, PathBuf, &str, Vec<Figures>)> = Vec::new();
+    if args.compare_done_sync {
+        let zero = "[queue]\ndone_sync_window = \"0s\"";
+        variants.push((
+            "relayq, done marks synced one by one".into(),
+            relayq_binary()?,
+            zero,
+            Vec::new(),
+        ));
+    }
+    if let Some(b) = &args.baseline {
+        variants.push((
+            format!("baseline {}", b.display()),
+            b.clone(),
+            "",
+            Vec::new(),
+        ));
+    }
     for round in 1..=args.rounds.max(1) {
         if args.rounds > 1 {
             println!("\n-- round {round} of {}", args.rounds);
         }
-        let r = bench_relayq(&args).await?;
+        let r = bench_relayq(&args, &relayq_binary()?, "").await?;
         print_figures("relayq", &r);
         relayq_rounds.push(r);
+        for (name, bin, extra, rounds) in &mut variants {
+            println!("other CPU load now: {:.0}%", other_cpu_percent());
+            let v = bench_relayq(&args, bin, extra).await?;
+            print_figures(name, &v);
+            rounds.push(v);
+        }
         if args.compare_postfix {
             let p = bench_postfix(&args).await?;
             print_figures("postfix", &p);
@@ -136,6 +170,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.rounds > 1 {
         println!("\nmedians of {} rounds:", args.rounds);
         print_figures("relayq", &relayq);
+    }
+    if !variants.is_empty() {
+        println!();
+        println!("| relayq against | accept msgs/s | drain msgs/s | accept ratio | drain ratio |");
+        println!("|---|---|---|---|---|");
+        for (name, _, _, rounds) in &variants {
+            let v = median(rounds);
+            println!(
+                "| {name} | {:.0} vs {:.0} | {:.0} vs {:.0} | {:.3}x | {:.3}x |",
+                relayq.accept_rate,
+                v.accept_rate,
+                relayq.drain_rate,
+                v.drain_rate,
+                relayq.accept_rate / v.accept_rate,
+                relayq.drain_rate / v.drain_rate
+            );
+        }
     }
     if let Some(p) = &postfix {
         if args.rounds > 1 {
@@ -476,6 +527,16 @@ fn start_relayq(
     extra: &str,
     dir: Option<tempfile::TempDir>,
 ) -> anyhow::Result<Relayq> {
+    start_relayq_binary(&relayq_binary()?, upstream, concurrency, extra, dir)
+}
+
+fn start_relayq_binary(
+    binary: &Path,
+    upstream: SocketAddr,
+    concurrency: usize,
+    extra: &str,
+    dir: Option<tempfile::TempDir>,
+) -> anyhow::Result<Relayq> {
     let dir = match dir {
         Some(d) => d,
         None => tempfile::tempdir()?,
@@ -488,7 +549,7 @@ fn start_relayq(
     );
     let path = dir.path().join("relayq.toml");
     std::fs::write(&path, config)?;
-    let mut child = Command::new(relayq_binary()?)
+    let mut child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(&path)
         // Logs stay on, as Postfix's do (it writes maillog_file): the cost
@@ -577,9 +638,11 @@ async fn measure(
     Ok(fig)
 }
 
-async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
+/// The main loads against `binary` (relayq, or a baseline build), with
+/// `extra` added to its config.
+async fn bench_relayq(args: &Args, binary: &Path, extra: &str) -> anyhow::Result<Figures> {
     let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq(sink.addr, args.concurrency, "", None)?;
+    let mut r = start_relayq_binary(binary, sink.addr, args.concurrency, extra, None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = Probe {
