@@ -352,6 +352,9 @@ enum Phase {
     CrashAt(&'static str, &'static str, &'static str),
 }
 
+/// How long the daemon drains before the loss in the draining phases.
+const DRAIN_BEFORE_LOSS: Duration = Duration::from_millis(2500);
+
 /// What one round saw.
 #[derive(Default)]
 struct Count {
@@ -446,9 +449,14 @@ async fn round(fs: &mut LazyFs, up: &FakeUpstream, phase: Phase, n: usize) -> Co
             for t in load(&d, &prefix, |c| c >= 500, &tally).await {
                 let _ = t.await;
             }
-            up.set_script(Script::default());
-            let deadline = Instant::now() + WAIT;
-            while up.messages().len() < before + 150 && Instant::now() < deadline {
+            // A slowish upstream, so that the loss comes well after the
+            // first deliveries (a done mark left unsynced for seconds
+            // would show as a duplicate that old).
+            up.set_script(Script::default().reply_delay(Duration::from_millis(5)));
+            let draining = Instant::now();
+            while (up.messages().len() < before + 20 || draining.elapsed() < DRAIN_BEFORE_LOSS)
+                && draining.elapsed() < WAIT
+            {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             d.kill9();
