@@ -195,7 +195,9 @@ fn workload(root: &Path) -> Sent {
             let id = Spool::new_id();
             let b = body(400 + i, 600);
             record::mark(format!("begin {id}"));
-            spool.commit_blocking(id.clone(), &env(1), &b, 1).unwrap();
+            spool
+                .commit_blocking(id.clone(), &env(1), &b, 1, 0)
+                .unwrap();
             record::mark(format!("ack {id}"));
             sent.insert(id.clone(), (b, 1));
             dropped.push(id);
