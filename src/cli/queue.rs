@@ -600,8 +600,14 @@ fn offline(
 ) -> anyhow::Result<(usize, Vec<String>)> {
     let now = crate::clock::to_ms(std::time::SystemTime::now());
     // Names first: after a power loss a message may sit under a stale
-    // name until recovery, which the daemon (not running) would do.
-    spool.reconcile_names()?;
+    // name until recovery, which the daemon (not running) would do. Only
+    // when one is needed: the pass reads every queue file.
+    if ids
+        .iter()
+        .any(|id| !matches!(spool.find(id), Ok(f) if f.name == *id))
+    {
+        spool.reconcile_names()?;
+    }
     let mut count = 0;
     let mut missing = Vec::new();
     for id in ids {

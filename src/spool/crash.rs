@@ -730,7 +730,9 @@ fn check(
 }
 
 fn scratch() -> tempfile::TempDir {
-    // tmpfs when there is one: a few thousand small spools are written.
+    // tmpfs when there is one: a few thousand small spools are written,
+    // and the recording (which tells files apart by device and inode)
+    // sees no other test's files there.
     let shm = Path::new("/dev/shm");
     if shm.is_dir() {
         tempfile::tempdir_in(shm).unwrap()
