@@ -57,7 +57,9 @@ struct Args {
     /// are the medians (the disk here is noisy, see BENCHMARKING.md).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Run only this part: "slow" (the slow-upstream test).
+    /// Run only this part: "slow" (the slow-upstream test), or "scale"
+    /// (the large-queue test, with --scale N; with --baseline, both
+    /// binaries interleaved over --rounds).
     #[arg(long)]
     only: Option<String>,
     /// relayq's delivery connections to the sink in the main loads
@@ -115,7 +117,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("\nbench: ok");
             return Ok(());
         }
-        Some(other) => bail!("--only {other:?}: the only part that runs alone is \"slow\""),
+        Some("scale") if args.scale > 0 => {
+            scale_rounds(&args).await?;
+            println!("\nbench: ok");
+            return Ok(());
+        }
+        Some(other) => bail!(
+            "--only {other:?}: the parts that run alone are \"slow\" and \"scale\" (with --scale N)"
+        ),
     }
     println!(
         "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session; relayq delivers over {} connections",
@@ -240,7 +249,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     slow_upstream(&args).await?;
     if args.scale > 0 {
-        scale(&args).await?;
+        scale(&args, &relayq_binary()?).await?;
     }
     println!("\nbench: ok");
     Ok(())
@@ -711,13 +720,18 @@ async fn slow_upstream(args: &Args) -> anyhow::Result<()> {
 
 /// Queue `args.scale` messages while the upstream is down, measure memory
 /// per queued message and restart time, then drain.
-async fn scale(args: &Args) -> anyhow::Result<()> {
+/// Queues `--scale` messages with the upstream down, restarts, drains:
+/// returns the drain rate (msgs/s) of `binary`.
+async fn scale(args: &Args, binary: &Path) -> anyhow::Result<f64> {
     let n = args.scale;
-    println!("\n== scale: {n} messages queued with the upstream down");
+    println!(
+        "\n== scale ({}): {n} messages queued with the upstream down",
+        binary.display()
+    );
     // A port with nothing listening: bind, note it, close.
     let down = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let dir = tempfile::tempdir()?;
-    let r = start_relayq(down, 4, "", Some(dir))?;
+    let r = start_relayq_binary(binary, down, 4, "", Some(dir))?;
     let pid = r.child.id();
     let base = rss_kb(pid).unwrap_or(0);
     let t = Instant::now();
@@ -737,7 +751,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     drop(r);
     let sink = sink(Duration::ZERO, true).await?;
     let t = Instant::now();
-    let r2 = start_relayq(sink.addr, 4, "", Some(dir))?;
+    let r2 = start_relayq_binary(binary, sink.addr, 4, "", Some(dir))?;
     println!(
         "restart with {n} queued: accepting after {:.2} s",
         t.elapsed().as_secs_f64()
@@ -747,7 +761,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // socket is up).
     let config = r2._dir.path().join("relayq.toml");
     for _ in 0..100 {
-        let out = Command::new(relayq_binary()?)
+        let out = Command::new(binary)
             .args(["queue", "flush", "--config"])
             .arg(&config)
             .output()?;
@@ -759,12 +773,40 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // The old upstream address is in the config only; the restarted relayq
     // relays to the live sink, so the whole queue drains.
     wait_count(&sink.count, n as u64, Duration::from_secs(3600)).await?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     println!(
-        "drained {n} in {:.1} s ({:.0} msgs/s)",
-        t.elapsed().as_secs_f64(),
-        n as f64 / t.elapsed().as_secs_f64()
+        "drained {n} in {:.1} s ({rate:.0} msgs/s)",
+        t.elapsed().as_secs_f64()
     );
     drop(r2);
+    Ok(rate)
+}
+
+/// `--only scale`: the large-queue drain alone, interleaved with the
+/// `--baseline` binary when one is given (a drain from a full queue reuses
+/// no queue file, so every done mark is synced by the group commit).
+async fn scale_rounds(args: &Args) -> anyhow::Result<()> {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        println!("other CPU load now: {:.0}%", other_cpu_percent());
+        ours.push(scale(args, &relayq_binary()?).await?);
+        if let Some(b) = &args.baseline {
+            println!("other CPU load now: {:.0}%", other_cpu_percent());
+            base.push(scale(args, b).await?);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (o, b) = (med(&mut ours), med(&mut base));
+    if b > 0.0 {
+        println!(
+            "\ndrain of a full queue, median: {o:.0} msgs/s against the baseline's {b:.0} ({:.3}x)",
+            o / b
+        );
+    }
     Ok(())
 }
 
