@@ -38,7 +38,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _daemon_lock = super::lock_spool(&config.spool_dir, Duration::from_secs(60))?;
     // Under the lock: the slots present now are recovery's to look at.
     spool
-        .enable_slots()
+        .enable_slots(config.queue.done_sync_window.0)
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     crate::spool::maildrop::prepare(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
@@ -169,6 +169,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rec.corrupt.len(),
                 rec.discarded_tmp
             );
+            if rec.stale_names > 0 {
+                tracing::warn!(
+                    "{} stale queue file names (left by a power loss) put right: each message is queued under its own id",
+                    rec.stale_names
+                );
+            }
             if rec.relinked > 0 {
                 tracing::warn!(
                     "{} accepted messages restored to queue/ from their slots (links lost in a crash)",
@@ -283,6 +289,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = pickup_task.await;
     let _ = std::fs::remove_file(&pickup_socket);
     let _ = sched_task.await;
+    // What was delivered must not be sent again after a power cut now.
+    let _ = tokio::task::spawn_blocking(move || spool.flush_done_marks()).await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");
     Ok(())

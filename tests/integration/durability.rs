@@ -20,7 +20,7 @@ use crate::support::upstream::{FakeUpstream, Received, Script};
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The Subject of a message as the upstream got it.
-fn subject(m: &Received) -> String {
+pub(crate) fn subject(m: &Received) -> String {
     m.text()
         .lines()
         .find_map(|l| l.strip_prefix("Subject: "))
@@ -209,18 +209,25 @@ async fn accepted_recipients_are_not_sent_again_after_a_crash() {
 
 /// What the sending clients saw.
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     /// Subject -> queue id, for every message answered 250.
-    accepted: Mutex<BTreeMap<String, String>>,
+    pub accepted: Mutex<BTreeMap<String, String>>,
     /// Subjects whose end of data was sent but got no reply (in flight
     /// when relayq died): they may or may not arrive.
-    unanswered: Mutex<BTreeSet<String>>,
-    count: AtomicUsize,
+    pub unanswered: Mutex<BTreeSet<String>>,
+    pub count: AtomicUsize,
 }
 
 /// One SMTP client that keeps sending until `stop` or until relayq goes
-/// away; errors end it quietly (relayq is about to be killed).
-async fn sender(addr: SocketAddr, client: usize, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+/// away; errors end it quietly (relayq is about to be killed). Subjects
+/// are `<prefix>-c<client>-m<n>`.
+pub(crate) async fn sender(
+    addr: SocketAddr,
+    prefix: String,
+    client: usize,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
     let mut n = 0;
     'conn: while !stop.load(Ordering::Relaxed) {
         let Ok(stream) = TcpStream::connect(addr).await else {
@@ -238,7 +245,7 @@ async fn sender(addr: SocketAddr, client: usize, stop: Arc<AtomicBool>, tally: A
                 break 'conn;
             }
             n += 1;
-            let subject = format!("load-c{client}-m{n}");
+            let subject = format!("{prefix}-c{client}-m{n}");
             let ok = expect(&mut io, Some("MAIL FROM:<app@example.com>"), "250").await
                 && expect(
                     &mut io,
@@ -315,6 +322,7 @@ async fn kill_9_while_clients_send_loses_nothing_answered_250() {
     for client in 0..CLIENTS {
         tasks.push(tokio::spawn(sender(
             d.addr,
+            "load".into(),
             client,
             stop.clone(),
             tally.clone(),
