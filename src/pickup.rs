@@ -351,15 +351,7 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
         })?;
         recipients.push(r.address.clone());
     }
-    if recipients.len() > ctx.config.smtp.max_recipients {
-        return Err((
-            Reason::TooManyRecipients,
-            format!(
-                "{} recipients, more than smtp.max_recipients",
-                recipients.len()
-            ),
-        ));
-    }
+    submit::check_limits(&ctx.config, recipients.len(), &d.body)?;
     // The claimed arrival time is the user's to write: believe it only
     // within the queue's lifetime, so it can neither expire the message at
     // once nor keep it forever.

@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
 use crate::control::{self, Request};
-use crate::observe::events::Rejection;
+use crate::observe::events::{Reason, Rejection};
 use crate::smtp::message;
 use crate::spool::{Envelope, Spool, SpoolError, maildrop};
 
@@ -140,6 +140,35 @@ pub fn sender_for(config: &Config, who: &Identity, owner: u32, asked: &str) -> S
     } else {
         default_sender(config, who)
     }
+}
+
+/// The limits the SMTP server applies at RCPT and at the end of DATA,
+/// for a local submission (`sendmail`, a maildrop file): the number of
+/// recipients and the size of the header section. The refusal is the
+/// reason and what to tell the user.
+pub fn check_limits(
+    config: &Config,
+    recipients: usize,
+    content: &[u8],
+) -> Result<(), (Reason, String)> {
+    let max = config.smtp.max_recipients;
+    if recipients > max {
+        return Err((
+            Reason::TooManyRecipients,
+            format!("too many recipients: {recipients}, more than smtp.max_recipients ({max})"),
+        ));
+    }
+    let header = message::header_size(content) as u64;
+    let max = config.smtp.max_header_size.0;
+    if header > max {
+        return Err((
+            Reason::HeaderSize,
+            format!(
+                "message header too big: {header} bytes, more than smtp.max_header_size ({max})"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Sets the SMTPUTF8 and 8BITMIME flags from what the message holds.

@@ -227,6 +227,10 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
             },
         );
     }
+    submit::check_limits(s.config(), recipients.len(), &content).map_err(|(reason, why)| {
+        let f = Fail(Exit::DataErr, why);
+        refuse(&s, f, reason, Some(&sender), &recipients)
+    })?;
     let mut content = message::remove_bcc(&content);
     if !message::has_header(&content, "from") {
         let name = opts

@@ -37,6 +37,21 @@ pub fn scan_headers(message: &[u8]) -> Present {
     present
 }
 
+/// The size of the header section, up to the empty line, counted as the
+/// SMTP server counts it against `smtp.max_header_size`: each line with a
+/// CRLF end.
+pub fn header_size(message: &[u8]) -> usize {
+    let mut size = 0;
+    for line in message.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        size += line.len() + 2;
+    }
+    size
+}
+
 /// Trace information for the Received header.
 pub struct Trace<'a> {
     pub helo: &'a str,

@@ -377,3 +377,98 @@ async fn local_refusals_are_logged_by_the_daemon_as_the_local_user() {
     wait_metric(&d, &rejected("bad_address"), 2.0).await;
     assert_eq!(d.count_log("NOQUEUE: reject:"), 5, "{}", d.log());
 }
+
+/// The limits SMTP applies at RCPT and at the end of DATA (header size,
+/// number of recipients) hold for every local way in too: `sendmail` as
+/// root or as another user refuses at once (exit 65, one reject line),
+/// rather than queueing what SMTP refuses, or exiting 0 and leaving the
+/// pickup to refuse the message later, out of the user's sight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_submissions_keep_the_smtp_limits() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(
+        up.addr(),
+        "status_listen = \"127.0.0.1:0\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_header_size = 600\nmax_recipients = 2\n",
+    ));
+    open_to_others(&d);
+    let big_header = format!(
+        "Subject: big\n{}\nbody\n",
+        (0..20)
+            .map(|i| format!("X-Filler-{i}: {}\n", "h".repeat(40)))
+            .collect::<String>()
+    );
+    let three = ["a@example.net", "b@example.net", "c@example.net"];
+
+    let root = |args: &[&str], input: &str| sendmail(&d.config, args, input.as_bytes());
+    let nobody = |args: &[&str], input: &str| {
+        let mut cmd = as_nobody(BIN);
+        cmd.args(["sendmail", "-C"]).arg(&d.config).args(args);
+        run(cmd, input.as_bytes())
+    };
+    let cases: Vec<(&str, std::process::Output, &str)> = vec![
+        ("root", root(&["a@example.net"], &big_header), "header"),
+        ("nobody", nobody(&["a@example.net"], &big_header), "header"),
+        ("root", root(&three, "Subject: many\n\nx\n"), "recipients"),
+        (
+            "nobody",
+            nobody(&three, "Subject: many\n\nx\n"),
+            "recipients",
+        ),
+        (
+            "nobody",
+            nobody(
+                &["-t", "a@example.net"],
+                "To: b@example.net, c@example.net\nSubject: many\n\nx\n",
+            ),
+            "recipients",
+        ),
+    ];
+    for (who, o, what) in &cases {
+        assert_eq!(
+            o.status.code(),
+            Some(65),
+            "{who}'s sendmail refuses too many {what}: {}",
+            stderr(o)
+        );
+        assert!(stderr(o).contains(what), "{who}: {}", stderr(o));
+    }
+    wait_metric(&d, &rejected("header_size"), 2.0).await;
+    wait_metric(&d, &rejected("too_many_recipients"), 3.0).await;
+    assert_eq!(
+        d.count_log("NOQUEUE: reject: sendmail from uid=0 (root): "),
+        2,
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        d.count_log("NOQUEUE: reject: sendmail from uid=65534 (nobody): "),
+        3,
+        "{}",
+        d.log()
+    );
+
+    // A drop file written by hand with a header over the limit is refused
+    // by the pickup, as SMTP would refuse it.
+    let body = big_header.replace('\n', "\r\n");
+    let file = format!(
+        "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt a@example.net\nsize {}\n\n{body}end\n",
+        body.len()
+    );
+    drop_as_nobody(&d, "01CCCCCCCCCCCCCCCCCCCCCCCC", &file);
+    let o = nobody(&["z@example.net"], "Subject: pokes the pickup\n\nx\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.wait_log(
+        "NOQUEUE: reject: pickup from uid=65534 (nobody): maildrop file 01CCCCCCCCCCCCCCCCCCCCCCCC refused",
+        WAIT,
+    );
+    wait_metric(&d, &rejected("header_size"), 3.0).await;
+
+    // Only the message that keeps the limits was sent.
+    let got = up.wait_for_messages(1, WAIT).await;
+    assert!(got[0].text().contains("Subject: pokes the pickup\r\n"));
+    assert_eq!(d.count_log("(queue active)"), 1, "{}", d.log());
+    assert_eq!(up.messages().len(), 1, "nothing refused was relayed");
+}
