@@ -47,8 +47,9 @@ use crate::submit::{self, Identity};
 
 /// How often the maildrop is scanned without being poked.
 const RESCAN: Duration = Duration::from_secs(60);
-/// The longest refusal report read from `pickup.sock`.
-pub const MAX_REPORT: usize = 8 * 1024;
+/// The longest refusal report read from `pickup.sock`: room for the
+/// longest [`Rejection::bounded`].
+pub const MAX_REPORT: usize = 128 * 1024;
 /// How long a connection to `pickup.sock` may take to send its report.
 pub const REPORT_WAIT: Duration = Duration::from_secs(2);
 /// Reports read at once; further connections only wake the pickup.
@@ -316,6 +317,7 @@ fn refuse(
         from,
         to: to.to_vec(),
         detail: None,
+        to_omitted: 0,
     };
     events::rejected(&Client::local(uid), &r);
 }

@@ -367,7 +367,7 @@ impl Submitter {
     /// its log and metrics have it like every other refusal (see
     /// `pickup`); false when none runs.
     pub fn report(&self, r: &Rejection) -> bool {
-        let Ok(json) = serde_json::to_vec(r) else {
+        let Ok(json) = serde_json::to_vec(&r.bounded()) else {
             return false;
         };
         let mut line = crate::pickup::REPORT_PREFIX.to_vec();

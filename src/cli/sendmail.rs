@@ -283,6 +283,7 @@ fn refuse(s: &Submitter, f: Fail, reason: Reason, from: Option<&str>, to: &[Stri
         from: from.map(str::to_string),
         to: to.to_vec(),
         detail: None,
+        to_omitted: 0,
     });
     f
 }

@@ -472,3 +472,53 @@ async fn local_submissions_keep_the_smtp_limits() {
     assert_eq!(d.count_log("(queue active)"), 1, "{}", d.log());
     assert_eq!(up.messages().len(), 1, "nothing refused was relayed");
 }
+
+/// A refusal with a long envelope (hundreds of recipients, an address of
+/// thousands of characters) is logged like any other: one bounded reject
+/// line that ends in "and N more", never dropped for its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_refusals_with_long_envelopes_are_logged() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
+    open_to_others(&d);
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("recipient-number-{i:03}@example.net"))
+        .collect();
+    let args: Vec<&str> = many.iter().map(String::as_str).collect();
+    let o = sendmail(&d.config, &args, b"Subject: x\n\na\0b\n");
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let line = d.wait_log("NOQUEUE: reject: sendmail from uid=0 (root): line 3", WAIT);
+    assert!(
+        line.contains("to=<recipient-number-049@example.net> and 250 more"),
+        "{line}"
+    );
+    assert!(!line.contains("recipient-number-050@"), "{line}");
+
+    let long = format!("{}@example@net", "l".repeat(9000));
+    let mut cmd = as_nobody(BIN);
+    cmd.args(["sendmail", "-C"]).arg(&d.config).arg(&long);
+    let o = run(cmd, b"Subject: x\n\nx\n");
+    assert_eq!(o.status.code(), Some(67), "{}", stderr(&o));
+    let line = d.wait_log(
+        "NOQUEUE: reject: sendmail from uid=65534 (nobody): bad recipient address <llll",
+        WAIT,
+    );
+    assert!(line.len() < 2000, "bounded: {} bytes", line.len());
+
+    // A -bs session as root refusing a message with 300 recipients.
+    let mut dialogue = String::from("HELO x\r\nMAIL FROM:<r@example.com>\r\n");
+    for r in &many {
+        dialogue.push_str(&format!("RCPT TO:<{r}>\r\n"));
+    }
+    dialogue.push_str("DATA\r\nSubject: nul\r\n\r\na\0b\r\n.\r\nQUIT\r\n");
+    let o = sendmail(&d.config, &["-bs"], dialogue.as_bytes());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("554 5.6.0"));
+    let line = d.wait_log("NOQUEUE: reject: END-OF-MESSAGE from uid=0 (root)", WAIT);
+    assert!(line.contains(" and 250 more"), "{line}");
+
+    wait_metric(&d, &rejected("nul"), 2.0).await;
+    wait_metric(&d, &rejected("bad_address"), 1.0).await;
+}
