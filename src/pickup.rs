@@ -22,19 +22,22 @@
 //! open to every local user: a connection makes a scan due (a flood of them
 //! collapses into one scan at a time), and at most one line of
 //! [`MAX_REPORT`] bytes is read from it within [`REPORT_WAIT`], a few
-//! connections at a time: a refusal report, parsed strictly and logged
-//! as the user the kernel says connected (`SO_PEERCRED`), never as anyone
-//! the report names, without control characters. A local user can thus
+//! connections at a time and at most [`REPORTS_PER_USER`] of one user (so
+//! that nobody can keep the others' reports out): a refusal report,
+//! parsed strictly and logged as the user the kernel says connected
+//! (`SO_PEERCRED`), never as anyone the report names, without control
+//! characters. A local user can thus
 //! add refusals (and counts) only under their own uid, as they could by
 //! running `sendmail -bs` with bad input.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -53,7 +56,10 @@ pub const MAX_REPORT: usize = 128 * 1024;
 /// How long a connection to `pickup.sock` may take to send its report.
 pub const REPORT_WAIT: Duration = Duration::from_secs(2);
 /// Reports read at once; further connections only wake the pickup.
-const REPORTS_AT_ONCE: usize = 8;
+const REPORTS_AT_ONCE: usize = 64;
+/// Reports read at once from one user, so that one user holding
+/// connections open cannot keep everyone else's refusals out of the log.
+const REPORTS_PER_USER: usize = 2;
 /// The line a report starts with, then the [`Rejection`] as JSON.
 pub const REPORT_PREFIX: &[u8] = b"reject ";
 
@@ -97,15 +103,58 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot create pickup socket {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    let readers = Arc::new(Semaphore::new(REPORTS_AT_ONCE));
+    let readers = Arc::new(Readers::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             wake.notify_one();
-            if let Ok(permit) = readers.clone().try_acquire_owned() {
+            let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+                continue;
+            };
+            if let Some(reading) = readers.start(uid) {
                 tokio::spawn(async move {
-                    read_report(stream).await;
-                    drop(permit);
+                    read_report(stream, uid).await;
+                    drop(reading);
                 });
+            }
+        }
+    }
+}
+
+/// The reports being read, per connecting uid.
+#[derive(Default)]
+struct Readers(Mutex<HashMap<u32, usize>>);
+
+/// One report being read; its place is given back when dropped.
+struct Reading {
+    readers: Arc<Readers>,
+    uid: u32,
+}
+
+impl Readers {
+    /// A place to read a report from `uid`, if it and all users together
+    /// are under their limits.
+    fn start(self: &Arc<Self>, uid: u32) -> Option<Reading> {
+        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let total: usize = open.values().sum();
+        let mine = open.entry(uid).or_default();
+        if *mine >= REPORTS_PER_USER || total >= REPORTS_AT_ONCE {
+            return None;
+        }
+        *mine += 1;
+        Some(Reading {
+            readers: self.clone(),
+            uid,
+        })
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let mut open = self.readers.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = open.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.uid);
             }
         }
     }
@@ -113,10 +162,7 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
 
 /// Reads one refusal report, if the connection carries one, and logs it
 /// as the connecting user.
-async fn read_report(stream: UnixStream) {
-    let Ok(cred) = stream.peer_cred() else {
-        return;
-    };
+async fn read_report(stream: UnixStream, uid: u32) {
     let mut line = Vec::new();
     let mut reader = BufReader::new(stream).take(MAX_REPORT as u64);
     if !matches!(
@@ -129,11 +175,8 @@ async fn read_report(stream: UnixStream) {
         return;
     };
     match serde_json::from_slice::<Rejection>(json) {
-        Ok(r) => events::rejected(&Client::local(cred.uid()), &r),
-        Err(e) => tracing::debug!(
-            "pickup.sock: unreadable report from uid {}: {e}",
-            cred.uid()
-        ),
+        Ok(r) => events::rejected(&Client::local(uid), &r),
+        Err(e) => tracing::debug!("pickup.sock: unreadable report from uid {uid}: {e}"),
     }
 }
 

@@ -522,3 +522,76 @@ async fn local_refusals_with_long_envelopes_are_logged() {
     wait_metric(&d, &rejected("nul"), 2.0).await;
     wait_metric(&d, &rejected("bad_address"), 1.0).await;
 }
+
+/// Holds `conns` connections to `pickup.sock` open as `nobody` without
+/// sending anything, reconnecting whenever the daemon closes one: a
+/// local user trying to keep everyone else's refusal reports out.
+const HOG: &str = r#"
+import socket, sys, threading, time
+path, conns = sys.argv[1], int(sys.argv[2])
+up = threading.Semaphore(0)
+def hog():
+    first = True
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            if first:
+                up.release()
+                first = False
+            s.recv(1)
+        except OSError:
+            time.sleep(0.01)
+        s.close()
+for _ in range(conns):
+    threading.Thread(target=hog, daemon=True).start()
+for _ in range(conns):
+    up.acquire()
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// One local user holding `pickup.sock` open cannot keep the refusals of
+/// others out of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_keep_other_refusals_out_of_the_log() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
+    open_to_others(&d);
+    // The system's Python: one under root's home is out of nobody's reach.
+    let mut hog = as_nobody("/usr/bin/python3")
+        .args(["-c", HOG])
+        .arg(d.spool().join("pickup.sock"))
+        .arg("32")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    for i in 0..5 {
+        let o = sendmail(
+            &d.config,
+            &[&format!("victim{i}@example.net")],
+            b"Subject: x\n\na\0b\n",
+        );
+        assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    }
+    for i in 0..5 {
+        d.wait_log(
+            &format!("NOQUEUE: reject: sendmail from uid=0 (root): line 3 contains a NUL character (exit 65); from=<root@relayq.test> to=<victim{i}@example.net>"),
+            WAIT,
+        );
+    }
+    let _ = hog.kill();
+    let _ = hog.wait();
+    wait_metric(&d, &rejected("nul"), 5.0).await;
+}
