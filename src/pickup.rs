@@ -30,7 +30,6 @@
 //! add refusals (and counts) only under their own uid, as they could by
 //! running `sendmail -bs` with bad input.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -103,58 +102,18 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot create pickup socket {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    let readers = Arc::new(Readers::default());
+    let readers = Arc::new(crate::anvil::Anvil::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             wake.notify_one();
             let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
                 continue;
             };
-            if let Some(reading) = readers.start(uid) {
+            if let Some(reading) = readers.take(uid, REPORTS_PER_USER, REPORTS_AT_ONCE) {
                 tokio::spawn(async move {
                     read_report(stream, uid).await;
                     drop(reading);
                 });
-            }
-        }
-    }
-}
-
-/// The reports being read, per connecting uid.
-#[derive(Default)]
-struct Readers(Mutex<HashMap<u32, usize>>);
-
-/// One report being read; its place is given back when dropped.
-struct Reading {
-    readers: Arc<Readers>,
-    uid: u32,
-}
-
-impl Readers {
-    /// A place to read a report from `uid`, if it and all users together
-    /// are under their limits.
-    fn start(self: &Arc<Self>, uid: u32) -> Option<Reading> {
-        let mut open = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = open.values().sum();
-        let mine = open.entry(uid).or_default();
-        if *mine >= REPORTS_PER_USER || total >= REPORTS_AT_ONCE {
-            return None;
-        }
-        *mine += 1;
-        Some(Reading {
-            readers: self.clone(),
-            uid,
-        })
-    }
-}
-
-impl Drop for Reading {
-    fn drop(&mut self) {
-        let mut open = self.readers.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.uid) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.uid);
             }
         }
     }
