@@ -85,9 +85,36 @@ fn run(prog: &str, args: Vec<OsString>) -> Result<(), Fail> {
         Mode::ListQueue => super::queue::list(&config, false, &mut std::io::stdout().lock())
             .map_err(|e| Fail(Exit::Unavailable, format!("{e:#}"))),
         Mode::Flush => flush(&config, opts.verbose),
-        Mode::Smtp => smtp(config),
-        Mode::Deliver => deliver(prog, config, &opts),
+        Mode::Smtp => {
+            development_spool(&config)?;
+            smtp(config)
+        }
+        Mode::Deliver => {
+            development_spool(&config)?;
+            deliver(prog, config, &opts)
+        }
     }
+}
+
+/// Without a config file every user has a spool of their own, made by
+/// `relayq serve` run as them. One that does not exist yet would be made
+/// here and never delivered: a daemon runs for another user, or under
+/// another home (`sudo` sets root's), and reads only its own spool.
+fn development_spool(config: &Config) -> Result<(), Fail> {
+    if config.source.is_some() || config.spool_dir.exists() {
+        return Ok(());
+    }
+    let who = submit::Identity::current();
+    fail(
+        Exit::Config,
+        format!(
+            "no config file ({} not found) and no development spool {} for uid {} ({}): without a config file each user has their own, made by `relayq serve` run as them, and a daemon of another user (or home) would never deliver mail left here; run sendmail as the user who runs `relayq serve` (with the same HOME), or send by SMTP to 127.0.0.1:2525, or write a config file so that every user shares one spool",
+            crate::config::DEFAULT_CONFIG_PATH,
+            config.spool_dir.display(),
+            who.uid,
+            who.name
+        ),
+    )
 }
 
 fn flush(config: &Config, verbose: bool) -> Result<(), Fail> {
