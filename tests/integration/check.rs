@@ -533,3 +533,63 @@ fn check_says_fail_where_serve_cannot_listen() {
     let (started, log) = serves(nobody(true, &["serve"]));
     assert!(started, "{log}");
 }
+
+/// A config file `check` cannot read, or none at all without a home for
+/// the development default, fails with a fix for that, not the advice for
+/// a typo ("correct the key named above").
+#[test]
+fn an_unreadable_config_is_not_a_typo() {
+    use std::os::unix::fs::PermissionsExt;
+
+    if !crate::sendmail::can_switch_user() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = tmp.path().join("relayq.toml");
+    std::fs::write(&config, "hostname = \"relayq.test\"\n").unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = crate::sendmail::as_nobody(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let line = out.lines().next().unwrap_or_default();
+    assert!(
+        line.starts_with("FAIL config: cannot read config file")
+            && line.contains("Permission denied"),
+        "{line}"
+    );
+    let fix = line.split(" -> fix: ").nth(1).unwrap_or_default();
+    assert!(
+        fix.contains("readable by the user relayq runs as") && !fix.contains("key"),
+        "{fix}"
+    );
+
+    let o = std::process::Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(tmp.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let fix = out.split(" -> fix: ").nth(1).unwrap_or_default();
+    assert!(
+        out.starts_with("FAIL config: cannot read config file") && fix.contains("path"),
+        "{out}"
+    );
+
+    if !std::path::Path::new("/etc/relayq/relayq.toml").exists() {
+        let o = std::process::Command::new(BIN)
+            .arg("check")
+            .env_clear()
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let fix = out.split(" -> fix: ").nth(1).unwrap_or_default();
+        assert!(fix.contains("set HOME") && !fix.contains("key"), "{out}");
+    }
+}

@@ -81,11 +81,23 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
     let config = match super::load_config(opts.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            r.fail(
-                "config",
-                format!("{e:#}"),
-                "correct the key named above (every key is listed in the README's Configuration reference), then run relayq check again",
-            );
+            use crate::config::ConfigError;
+            let fix = match e.downcast_ref::<ConfigError>() {
+                Some(ConfigError::Read { error, .. })
+                    if error.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    "make it readable by the user relayq runs as (dist/install.sh installs it mode 0640, group relayq) and run the check as that user (see \"relayq check\" in the README), then run relayq check again"
+                }
+                Some(ConfigError::Read { .. }) => {
+                    "give the path of an existing config file (--config FILE or $RELAYQ_CONFIG), or write /etc/relayq/relayq.toml"
+                }
+                Some(_) => {
+                    "correct the key named above (every key is listed in the README's Configuration reference), then run relayq check again"
+                }
+                // No file and no place for the development default.
+                None => "set HOME (or XDG_STATE_HOME), or write a config file",
+            };
+            r.fail("config", format!("{e:#}"), fix);
             return false;
         }
     };
