@@ -258,6 +258,19 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         let f = Fail(Exit::DataErr, why);
         refuse(&s, f, reason, Some(&sender), &recipients)
     })?;
+    // What SMTP answers 452 4.3.1: the queue needs the disk that is left.
+    let min = s.config().smtp.min_free_space.0;
+    if let Ok(free) = s.free_space()
+        && free < min.saturating_add(content.len() as u64)
+    {
+        let f = Fail(
+            Exit::TempFail,
+            format!(
+                "the spool is short of disk space: spool file system has only {free} bytes free, below smtp.min_free_space ({min}); try again later"
+            ),
+        );
+        return Err(refuse(&s, f, Reason::DiskFull, Some(&sender), &recipients));
+    }
     let mut content = message::remove_bcc(&content);
     if !message::has_header(&content, "from") {
         let name = opts
@@ -279,7 +292,19 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         recipients,
         ..Envelope::default()
     };
-    let stored = s.submit(env, &content).map_err(spool_fail)?;
+    let stored = s.submit(env.clone(), &content).map_err(|e| {
+        let reason = match e {
+            SpoolError::Full => Reason::DiskFull,
+            _ => Reason::QueueError,
+        };
+        refuse(
+            &s,
+            spool_fail(e),
+            reason,
+            Some(&env.sender),
+            &env.recipients,
+        )
+    })?;
     let woke = s.wake(&stored);
     if opts.verbose {
         let mut err = std::io::stderr().lock();

@@ -595,3 +595,56 @@ async fn one_user_cannot_keep_other_refusals_out_of_the_log() {
     let _ = hog.wait();
     wait_metric(&d, &rejected("nul"), 5.0).await;
 }
+
+/// Short of disk space (below `smtp.min_free_space`), every way in
+/// refuses new mail the same way: SMTP and `-bs` with `452 4.3.1`, the
+/// `sendmail` command with exit 75 (try again later) instead of filling
+/// the disk the queue needs; each refusal is logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_of_disk_space_every_way_in_refuses_and_logs_it() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(
+        up.addr(),
+        "status_listen = \"127.0.0.1:0\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmin_free_space = 1000000000000000000\n",
+    ));
+    open_to_others(&d);
+    let (mut c, _) = Client::connect(d.addr).await;
+    assert!(c.cmd("EHLO client.test").await.starts_with("250"));
+    let r = c.cmd("MAIL FROM:<app@example.com>").await;
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+
+    let o = sendmail(&d.config, &["root-rcpt@example.net"], b"Subject: x\n\nx\n");
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("disk space"), "{}", stderr(&o));
+    let mut cmd = as_nobody(BIN);
+    cmd.args(["sendmail", "-C"])
+        .arg(&d.config)
+        .arg("nobody-rcpt@example.net");
+    let o = run(cmd, b"Subject: x\n\nx\n");
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+
+    d.wait_log("NOQUEUE: reject: MAIL from [127.0.0.1]: 452 4.3.1", WAIT);
+    for (who, to) in [
+        ("uid=0 (root)", "root-rcpt@example.net"),
+        ("uid=65534 (nobody)", "nobody-rcpt@example.net"),
+    ] {
+        let line = d.wait_log(&format!("NOQUEUE: reject: sendmail from {who}: "), WAIT);
+        assert!(
+            line.contains("only") && line.contains(&format!("to=<{to}>")),
+            "{line}"
+        );
+    }
+    wait_metric(&d, &rejected("disk_full"), 3.0).await;
+    assert!(
+        d.spool()
+            .join("maildrop")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(d.spool().join("queue").read_dir().unwrap().next().is_none());
+}
