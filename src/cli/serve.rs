@@ -20,6 +20,17 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    // Every user's sendmail reads the config, so it is readable by all.
+    if let Some(path) = &config.source
+        && config.relays.iter().any(|r| r.relay.password.is_some())
+        && std::fs::metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o004 != 0)
+    {
+        tracing::warn!(
+            "{} holds the relay password inline and every user can read it (sendmail must read the config); move it to relay.password_file (chmod 600, owned by the user relayq runs as)",
+            path.display()
+        );
+    }
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(

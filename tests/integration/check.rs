@@ -565,7 +565,7 @@ fn an_unreadable_config_is_not_a_typo() {
     );
     let fix = line.split(" -> fix: ").nth(1).unwrap_or_default();
     assert!(
-        fix.contains("readable by the user relayq runs as") && !fix.contains("key"),
+        fix.contains("chmod 644") && !fix.contains("key named above"),
         "{fix}"
     );
 

@@ -86,7 +86,7 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
                 Some(ConfigError::Read { error, .. })
                     if error.kind() == std::io::ErrorKind::PermissionDenied =>
                 {
-                    "make it readable by the user relayq runs as (dist/install.sh installs it mode 0640, group relayq) and run the check as that user (see \"relayq check\" in the README), then run relayq check again"
+                    "chmod 644 it (every user's sendmail reads it too; keep the relay password in relay.password_file, not inline), then run relayq check again"
                 }
                 Some(ConfigError::Read { .. }) => {
                     "give the path of an existing config file (--config FILE or $RELAYQ_CONFIG), or write /etc/relayq/relayq.toml"
