@@ -20,6 +20,7 @@
 
 pub mod anvil;
 pub mod bounce;
+pub mod cleanup;
 pub mod cli;
 pub mod clock;
 pub mod config;

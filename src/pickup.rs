@@ -355,7 +355,7 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
         })?;
         recipients.push(r.address.clone());
     }
-    submit::check_limits(&ctx.config, recipients.len(), &d.body)?;
+    submit::check_recipients(&ctx.config, recipients.len())?;
     // The claimed arrival time is the user's to write: believe it only
     // within the queue's lifetime, so it can neither expire the message at
     // once nor keep it forever.
@@ -369,8 +369,16 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
     let env = Envelope {
         sender,
         recipients,
-        smtputf8: false,
-        eight_bit: false,
+        dsn: d.meta.dsn.clone(),
+        rcpt_dsn: d.meta.recipients.iter().map(|r| r.dsn.clone()).collect(),
+        ..Envelope::default()
     };
-    Ok((who, env, d.body, arrival))
+    // The same content rules as every other way in: the drop file's
+    // content is the user's to write, whatever the sendmail command did.
+    let limits = crate::cleanup::Limits::from_config(&ctx.config.smtp);
+    let rules = submit::local_rules(&ctx.config, &who, &env, who.full_name.clone());
+    let body = crate::cleanup::Intake::whole(&d.body, limits)
+        .and_then(|m| crate::cleanup::rewrite(m, &rules))
+        .map_err(|e| (e.reason(), e.to_string()))?;
+    Ok((who, env, body, arrival))
 }
