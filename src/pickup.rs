@@ -26,9 +26,8 @@
 //! that nobody can keep the others' reports out): a refusal report,
 //! parsed strictly and logged as the user the kernel says connected
 //! (`SO_PEERCRED`), never as anyone the report names, without control
-//! characters. A local user can thus
-//! add refusals (and counts) only under their own uid, as they could by
-//! running `sendmail -bs` with bad input.
+//! characters. A local user can thus add refusals (and counts) only under
+//! their own uid, as they could by running `sendmail -bs` with bad input.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};

@@ -141,8 +141,8 @@ pub(super) fn check_spool<W: Write>(config: &Config, r: &mut Report<W>) {
 }
 
 /// The command that gives the spool to `user`. Not `chown -R`: the files
-/// in `maildrop/` must keep their owners, who the pickup takes for their
-/// senders (owned by the daemon's user, a file's sender would stand).
+/// in `maildrop/` must keep their owners, whom the pickup takes for their
+/// submitters (in `Received:`, the log, and the `trusted_users` rule).
 fn chown_spool(user: &str, dir: &std::path::Path) -> String {
     let d = dir.display();
     format!("chown {user}: {d} {d}/* && chown -R {user}: {d}/queue {d}/hold {d}/slots {d}/tmp")
