@@ -19,6 +19,10 @@ use crate::spool::{Area, Spool};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM or Ctrl-C from the first log line on (a
+    // script stopping relayq once it speaks, systemd right after READY=1)
+    // must drain, not kill (nor be ignored, when inherited as ignored).
+    let signals = Signals::new()?;
     let config = Arc::new(config);
     // Every user's sendmail reads the config, so it is readable by all.
     if let Some(path) = &config.source
@@ -239,8 +243,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
-    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
-    let signals = Signals::new()?;
     // systemd (Type=notify): we are listening; a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");
