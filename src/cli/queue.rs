@@ -183,14 +183,14 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
             " "
         };
         let sender = if m.sender.is_empty() {
-            "MAILER-DAEMON"
+            "MAILER-DAEMON".into()
         } else {
-            &m.sender
+            printable(&m.sender)
         };
         writeln!(
             out,
             "{}{mark} {:>8} {:>20} {sender}",
-            m.id,
+            printable(&m.id),
             m.size,
             arrival(m.arrival_ms)
         )?;
@@ -199,9 +199,9 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         }
         for (_, r) in m.pending() {
             if let Some(reason) = &r.last_reply {
-                writeln!(out, "{:indent$}({reason})", "")?;
+                writeln!(out, "{:indent$}({})", "", printable(reason))?;
             }
-            writeln!(out, "{:indent$}{}", "", r.address)?;
+            writeln!(out, "{:indent$}{}", "", printable(&r.address))?;
         }
         writeln!(out)?;
     }
@@ -213,6 +213,21 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         if all.len() == 1 { "" } else { "s" }
     )?;
     write_relays(&relays, out)
+}
+
+/// Outside text (a local user's drop file, an upstream's reply, a
+/// client's headers) for an operator's terminal: control characters, which
+/// could retitle, recolour or clear it, become `?` (as in Postfix's
+/// showq); a tab stays.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(|c| c.is_control() && c != '\t') {
+        s.chars()
+            .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 /// The daemon's relay states; `None` when it is not running.
@@ -272,7 +287,7 @@ fn write_relays(relays: &Option<Vec<RelayState>>, out: &mut impl Write) -> anyho
         let error = r
             .last_error
             .as_deref()
-            .map(|e| format!(": {e}"))
+            .map(|e| format!(": {}", printable(e)))
             .unwrap_or_default();
         writeln!(
             out,
@@ -341,7 +356,7 @@ pub fn show(config: &Config, id: &str, out: &mut impl Write) -> anyhow::Result<(
     let sender = if meta.sender.is_empty() {
         "<> (a bounce)".to_string()
     } else {
-        format!("<{}>", meta.sender)
+        format!("<{}>", printable(&meta.sender))
     };
     writeln!(out, "sender:      {sender}")?;
     let mut flags = Vec::new();
@@ -366,16 +381,17 @@ pub fn show(config: &Config, id: &str, out: &mut impl Write) -> anyhow::Result<(
             RcptState::Delivered => "delivered",
             RcptState::Failed => "failed",
         };
+        let address = printable(&r.address);
         match &r.last_reply {
-            Some(reply) => writeln!(out, "  {state:<10}{}  ({reply})", r.address)?,
-            None => writeln!(out, "  {state:<10}{}", r.address)?,
+            Some(reply) => writeln!(out, "  {state:<10}{address}  ({})", printable(reply))?,
+            None => writeln!(out, "  {state:<10}{address}")?,
         }
     }
     writeln!(out, "headers:")?;
     let head = read_headers(&spool, area, &found.name, meta)?;
     for line in String::from_utf8_lossy(&head).split("\r\n") {
         if !line.is_empty() {
-            writeln!(out, "  {line}")?;
+            writeln!(out, "  {}", printable(line))?;
         }
     }
     Ok(())

@@ -19,7 +19,22 @@ use crate::spool::{Area, Spool};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM or Ctrl-C from the first log line on (a
+    // script stopping relayq once it speaks, systemd right after READY=1)
+    // must drain, not kill (nor be ignored, when inherited as ignored).
+    let signals = Signals::new()?;
     let config = Arc::new(config);
+    // Every user's sendmail reads the config, so it is readable by all.
+    if let Some(path) = &config.source
+        && config.relays.iter().any(|r| r.relay.password.is_some())
+        && std::fs::metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o004 != 0)
+    {
+        tracing::warn!(
+            "{} holds the relay password inline and every user can read it (sendmail must read the config); move it to relay.password_file (chmod 600, owned by the user relayq runs as)",
+            path.display()
+        );
+    }
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(
@@ -234,8 +249,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
-    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
-    let signals = Signals::new()?;
     // systemd (Type=notify): we are listening; a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");

@@ -648,3 +648,52 @@ impl RepeatLines for String {
         format!("{self}\r\n").repeat(n)
     }
 }
+
+/// A SIGTERM (or Ctrl-C) during start-up, from the daemon's first log
+/// line on, is a graceful stop: the handlers are in place before anything
+/// is said, so a supervisor or script that stops relayq as soon as it
+/// speaks never kills it half-way (exit by signal), nor is ignored.
+#[test]
+fn a_stop_during_start_up_is_graceful() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("relayq.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "hostname = \"relayq.test\"\nspool_dir = \"{d}/spool\"\nstatus_listen = \"127.0.0.1:0\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[capture]\nmaildir = \"{d}/Maildir\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(crate::support::daemon::BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        err.read_line(&mut first).unwrap();
+        assert!(
+            !first.contains("started:"),
+            "an earlier line first: {first}"
+        );
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "signal {signal} after {first:?}: {status:?}\n{rest}"
+        );
+        assert!(rest.contains("stopped"), "{rest}");
+    }
+}
