@@ -225,7 +225,7 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
         Ok(Ok(d)) => d,
         Ok(Err(Rejected::NotAFile(why))) => {
             tracing::warn!("pickup: removed maildrop/{name}: {why}");
-            let _ = std::fs::remove_file(maildrop::dir(root).join(&name));
+            let _ = maildrop::remove(root, &name);
             return false;
         }
         Ok(Err(Rejected::Bad { uid, why })) => {

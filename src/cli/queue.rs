@@ -659,9 +659,8 @@ fn offline(
         bar.inc(1);
     }
     if op == Op::Delete {
-        for dir in ["queue", "hold"] {
-            let _ = std::fs::File::open(spool.root().join(dir)).and_then(|d| d.sync_all());
-        }
+        // The marks are synced (no committer here); the names follow.
+        spool.sync_names()?;
     }
     Ok((count, missing))
 }

@@ -276,7 +276,7 @@ fn wait(
 }
 
 /// Applies an attempt's outcomes to the spool and decides what comes next.
-async fn record(
+pub(crate) async fn record(
     ctx: &WorkerContext,
     meta: &Meta,
     body: &[u8],

@@ -35,13 +35,13 @@
 //! than the submitter's) is still not found by others.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::format::{self, Envelope, Meta, RcptState};
-use super::{SpoolError, check_id};
+use super::{SpoolError, check_id, fsop};
 
 pub const DIR: &str = "maildrop";
 pub const PICKUP_SOCKET: &str = "pickup.sock";
@@ -101,31 +101,29 @@ pub fn write(
     let tmp = dir.join(format!("{TMP_PREFIX}{id}"));
     let done = dir.join(&id);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
+        let file = fsop::create_new_with(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .custom_flags(libc::O_NOFOLLOW),
+            &tmp,
+        )?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
         // Readable by the daemon whatever user it runs as; explicit because
         // the umask may have removed bits.
         rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(0o444))?;
-        file.write_all(&format::encode_header(
-            &id,
-            arrival_ms,
-            env,
-            message.len() as u64,
-        ))?;
-        file.write_all(message)?;
-        file.write_all(format::END)?;
-        file.sync_data()?;
-        fs::rename(&tmp, &done)?;
-        rustix::fs::syncfs(&file)?;
-        Ok(())
+        let header = format::encode_header(&id, arrival_ms, env, message.len() as u64);
+        let body_at = header.len() as u64;
+        fsop::write_at(&file, &header, 0)?;
+        fsop::write_at(&file, message, body_at)?;
+        fsop::write_at(&file, format::END, body_at + message.len() as u64)?;
+        fsop::sync_data(&file)?;
+        fsop::rename(&tmp, &done)?;
+        fsop::sync_fs(&file)
     })();
     if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
+        let _ = fsop::remove_file(&tmp);
         return Err(SpoolError::io(&dir, e));
     }
     Ok(id)
@@ -180,7 +178,7 @@ pub fn scan(spool_root: &Path) -> Result<Scan, SpoolError> {
         .flatten()
     {
         let Ok(name) = entry.file_name().into_string() else {
-            let _ = fs::remove_file(entry.path());
+            let _ = fsop::remove_file(&entry.path());
             scan.removed.push(("(non-UTF-8 name)".into(), "junk name"));
             continue;
         };
@@ -196,12 +194,12 @@ pub fn scan(spool_root: &Path) -> Result<Scan, SpoolError> {
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age > STALE_TMP);
             if old {
-                let _ = fs::remove_file(entry.path());
+                let _ = fsop::remove_file(&entry.path());
                 scan.removed
                     .push((name, "unfinished write older than a day"));
             }
         } else {
-            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
+            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fsop::remove_file(&entry.path()));
             scan.removed.push((name, "not a drop file name"));
         }
     }
@@ -353,17 +351,23 @@ pub fn remove(spool_root: &Path, name: &str) -> Result<(), SpoolError> {
     check_id(name)?;
     let dir = dir(spool_root);
     let path = dir.join(name);
-    super::fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+    fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
     super::fsync_dir(&dir)
 }
 
-/// Moves a bad drop file to `corrupt/` under a fresh id, for a human.
+/// Moves a bad drop file to `corrupt/` under a fresh id, for a human,
+/// like a move between queue directories (durability rule 5): synced, so
+/// that a power loss does not bring it back to be refused (and logged)
+/// again, or leave a second copy in `corrupt/`.
 pub fn to_corrupt(spool_root: &Path, name: &str) -> Result<String, SpoolError> {
     check_id(name)?;
     let id = super::Spool::new_id();
     let src = dir(spool_root).join(name);
-    let dst = spool_root.join("corrupt").join(&id);
-    fs::rename(&src, &dst).map_err(|e| SpoolError::io(&src, e))?;
+    let corrupt = spool_root.join("corrupt");
+    let dst = corrupt.join(&id);
+    fsop::rename(&src, &dst).map_err(|e| SpoolError::io(&src, e))?;
+    super::fsync_dir(&corrupt)?;
+    super::fsync_dir(&dir(spool_root))?;
     Ok(id)
 }
 

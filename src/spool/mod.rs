@@ -655,6 +655,13 @@ impl Spool {
         fsync_dir(&self.inner.root.join(from.dir()))
     }
 
+    /// Makes the names made and removed in `queue/` and `hold/` so far
+    /// durable.
+    pub fn sync_names(&self) -> Result<(), SpoolError> {
+        fsync_dir(&self.inner.root.join(Area::Queue.dir()))?;
+        fsync_dir(&self.inner.root.join(Area::Hold.dir()))
+    }
+
     /// Finds message `id` in `queue/` or `hold/` by the id its file holds:
     /// under its own name, or (after a power loss the daemon has not yet
     /// recovered from) under a stale one. Returns where and its metadata.
@@ -720,8 +727,7 @@ impl Spool {
             }
         }
         if rec.stale_names > 0 {
-            fsync_dir(&self.inner.root.join(Area::Queue.dir()))?;
-            fsync_dir(&self.inner.root.join(Area::Hold.dir()))?;
+            self.sync_names()?;
         }
         Ok(rec)
     }
