@@ -67,6 +67,7 @@
 //! deferred <idx> <unix ms> <reason>\n
 //! attempt <count> <next attempt unix ms>\n
 //! warned <unix ms>\n        a delay notice (NOTIFY=DELAY) was queued
+//!                           (synced: rule 2)
 //! accepted <unix ms>\n      the daemon logged the accepted line of a file
 //!                           with `submitter` (written without fsync, like
 //!                           rule 3: losing it logs the line once more)
@@ -121,8 +122,10 @@
 //!    the message is removed instead (rule 4): writing records only to
 //!    delete them would cost an fsync per message. A bounce is committed
 //!    (rule 1) before the `failed` records, or the removal, that it
-//!    reports. A crash between the upstream's `250` and our fsync can make
-//!    us send once more: delivery is at least once, never at most once.
+//!    reports; a delay notice before its `warned` record, which is synced
+//!    too (lost, the next attempt would send the sender a second notice).
+//!    A crash between the upstream's `250` and our fsync can make us send
+//!    once more: delivery is at least once, never at most once.
 //! 3. **Deferred / attempt / accepted**: written without fsync. Losing
 //!    them only makes a retry come early, or an accepted line be logged
 //!    twice, after a crash.
