@@ -29,7 +29,6 @@
 //! characters. A local user can thus add refusals (and counts) only under
 //! their own uid, as they could by running `sendmail -bs` with bad input.
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -94,13 +93,20 @@ impl PickupContext {
     }
 }
 
-/// Serves `pickup.sock` (mode 0666): every connection wakes the pickup,
-/// and may carry one refusal report.
-pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| anyhow::anyhow!("cannot create pickup socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+/// Creates `pickup.sock` (mode 0666), before the daemon says it has
+/// started (see `control::bind`).
+pub fn bind_wake(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    crate::control::bind_in_spool(
+        path,
+        0o666,
+        "pickup",
+        "waking the pickup when a local user's sendmail leaves mail in the maildrop and for logging its refusals",
+    )
+}
+
+/// Serves `pickup.sock`: every connection wakes the pickup, and may carry
+/// one refusal report.
+pub async fn serve_wake(listener: UnixListener, wake: Arc<Notify>) -> anyhow::Result<()> {
     let readers = Arc::new(crate::anvil::Anvil::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {

@@ -594,11 +594,19 @@ pub async fn apply(config: &Config, ids: Vec<String>, op: Op) -> anyhow::Result<
                     done.online = false;
                     break;
                 }
-                Err(_) if starting < Duration::from_secs(10) => {
+                Err(super::LockError::Held(_)) if starting < Duration::from_secs(10) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     starting += Duration::from_millis(200);
                 }
-                Err(e) => return Err(e),
+                Err(e @ super::LockError::Other(_)) => return Err(e.into()),
+                Err(super::LockError::Held(_)) => {
+                    bar.abandon();
+                    return Err(anyhow::anyhow!(
+                        "another relayq process holds the spool lock {}, but no daemon answers on {}: wait for the other queue tool to finish, or, if relayq serve runs, restart it (it makes its control socket at start)",
+                        super::lock_path(&config.spool_dir).display(),
+                        control::socket_path(&config.spool_dir).display()
+                    ));
+                }
             },
         }
     }

@@ -409,8 +409,8 @@ async fn round(fs: &mut LazyFs, up: &FakeUpstream, phase: Phase, n: usize) -> Co
     let spool = fs.mnt.join(format!("spool-{n}"));
     let work = fs.dir.join(format!("round-{n}"));
     std::fs::create_dir_all(&work).unwrap();
-    // Retries come quickly: the control socket (`queue flush`) does not
-    // work on a FUSE mount, so the daemon retries on its own.
+    // Retries come quickly: what the upstream deferred before the loss
+    // drains on its own after the restart.
     let config = relay_config(
         up.addr(),
         &format!(
