@@ -1309,3 +1309,77 @@ fn second_loss(
     }
     count
 }
+
+/// `limits.json` (see `replace_file`): after a loss at any point of a run
+/// of saves it holds a whole save, and none older than the last one that
+/// returned (so a loss costs at most the counts since, about a second).
+#[test]
+fn every_crash_state_of_a_replaced_file_holds_a_whole_recent_version() {
+    let _one = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
+    let (work, root) = spool_for_workload();
+    let path = root.join("limits.json");
+    let version = |v: usize| {
+        format!(
+            "{{\"version\":1,\"saved\":{v},\"pad\":\"{}\"}}",
+            "x".repeat(v * 300)
+        )
+    };
+    record::start(&root);
+    for v in 0..4 {
+        super::replace_file(&path, version(v).as_bytes()).unwrap();
+        record::mark(format!("saved {v}"));
+    }
+    let trace = Trace::new(State::default(), HashMap::new(), record::stop());
+    let n = trace.ops.len();
+    let out = work.path().join("state");
+    let mut states = 0;
+    for k in 0..=n {
+        // The saves made before the loss.
+        let saved: Vec<usize> = trace.ops[..k]
+            .iter()
+            .filter_map(|o| match o {
+                MOp::Mark(m) => m.strip_prefix("saved ").and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+            .collect();
+        let choices: Vec<(&str, Chooser)> = vec![
+            ("all kept", Box::new(|_, _| Keep::All)),
+            ("all lost", Box::new(|_, _| Keep::None)),
+            (
+                "directory operations kept, data lost",
+                Box::new(|_, o| match o {
+                    MOp::Dir { .. } => Keep::All,
+                    _ => Keep::None,
+                }),
+            ),
+            (
+                "data kept, directory operations lost",
+                Box::new(|_, o| match o {
+                    MOp::Write { .. } => Keep::All,
+                    _ => Keep::None,
+                }),
+            ),
+        ];
+        for (name, keep) in choices {
+            materialize(&trace.state(k, keep), &out);
+            let what = format!("loss after op {k} of {n} ({name})");
+            let got = fs::read_to_string(out.join("limits.json")).ok();
+            let oldest = saved.last().copied();
+            match (&got, oldest) {
+                (None, None) => {}
+                (None, Some(v)) => panic!("{what}: limits.json gone, though save {v} was made"),
+                (Some(text), _) => {
+                    let v = (0..4).find(|&v| *text == version(v)).unwrap_or_else(|| {
+                        panic!("{what}: limits.json is not a whole save: {text:?}")
+                    });
+                    assert!(
+                        oldest.is_none_or(|o| v >= o),
+                        "{what}: limits.json holds save {v}, older than save {oldest:?}"
+                    );
+                }
+            }
+            states += 1;
+        }
+    }
+    eprintln!("replaced file: {states} crash states after {n} operations");
+}

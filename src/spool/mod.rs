@@ -146,6 +146,9 @@
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
 //!    by an fsync of both. The slot name stays. A power loss between the
 //!    two fsyncs can leave both names; recovery keeps the one in `hold/`.
+//! 6. **`limits.json`** (not a queue file): replaced whole, by a temp file
+//!    `fdatasync`ed, renamed over it, then the root fsynced
+//!    ([`replace_file`]): whole, and at most a save old, after any loss.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
@@ -1109,6 +1112,29 @@ fn read_meta_from(file: &mut File, path: &Path) -> Result<(Meta, Ends), SpoolErr
         used: start + used as u64,
     };
     Ok((meta, ends))
+}
+
+/// Replaces a small file of the spool that is not a queue file
+/// (`limits.json`) with `content`, mode 0600: a temp file, `fdatasync`ed,
+/// renamed over it, and the directory fsynced. A reader, or a restart
+/// after a crash or a power loss, finds the old content or the new, whole
+/// (unsynced, a power loss could keep the rename but not the data: an
+/// empty file, and every count lost); the new one once this returns.
+pub fn replace_file(path: &Path, content: &[u8]) -> io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    match fsop::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file = fsop::create_new(&tmp)?;
+    fsop::write_at(&file, content, 0)?;
+    fsop::sync_data(&file)?;
+    fsop::rename(&tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| fsop::sync_dir(&d, dir))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), SpoolError> {
