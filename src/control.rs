@@ -189,6 +189,17 @@ fn err(e: String) -> Response {
     }
 }
 
+/// Before a delete is answered, the done marks of the messages it removed
+/// are made durable (one sync for the batch): the operator was told they
+/// are deleted, so a power loss must not bring them back and send them,
+/// as the done-sync window allows for delivered mail (durability rule 4).
+async fn deleted_for_good(spool: &Spool, op: Op) {
+    if op == Op::Delete {
+        let spool = spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.flush_done_marks()).await;
+    }
+}
+
 /// Applies one operation to many messages at once; a message that is
 /// already gone is reported, not an error.
 async fn ops(scheduler: &SchedulerHandle, ids: Vec<String>, op: QueueOp) -> Response {
@@ -258,11 +269,19 @@ async fn execute(
                 ..Response::ok(None)
             }
         }
-        Request::Op { id, op } => match scheduler.op(&id, op.into()).await {
-            Ok(()) => Response::ok(Some(1)),
-            Err(e) => err(e.to_string()),
-        },
-        Request::Ops { ids, op } => ops(scheduler, ids, op.into()).await,
+        Request::Op { id, op } => {
+            let r = scheduler.op(&id, op.into()).await;
+            deleted_for_good(spool, op).await;
+            match r {
+                Ok(()) => Response::ok(Some(1)),
+                Err(e) => err(e.to_string()),
+            }
+        }
+        Request::Ops { ids, op } => {
+            let r = ops(scheduler, ids, op.into()).await;
+            deleted_for_good(spool, op).await;
+            r
+        }
         Request::Wake { id } => {
             // Logged before it is scheduled, so the accepted line comes
             // before any delivery line.

@@ -141,7 +141,9 @@
 //!    mark). So a `kill -9` sends nothing again, and a power loss sends
 //!    again at most the messages finished in the last window before it
 //!    (plus those whose batch sync was running). A window of `0s` syncs
-//!    each mark before the worker moves on. A file whose records say
+//!    each mark before the worker moves on. A delete is not answered
+//!    before its marks are durable (the queue tool said "deleted": the
+//!    message must not come back and be sent). A file whose records say
 //!    every recipient is done is removed by recovery.
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
 //!    by an fsync of both. The slot name stays. A power loss between the
