@@ -121,7 +121,13 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
             }
         }
     }
-    all.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    // A message under both names (a power loss between the two syncs of a
+    // move) is on hold: recovery keeps that one. Listed once, held.
+    all.sort_by(|a, b| {
+        a.1.id
+            .cmp(&b.1.id)
+            .then((a.0 != Area::Hold).cmp(&(b.0 != Area::Hold)))
+    });
     all.dedup_by(|a, b| a.1.id == b.1.id);
     Ok(all)
 }

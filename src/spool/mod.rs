@@ -658,7 +658,15 @@ impl Spool {
     pub fn move_to(&self, id: &str, from: Area, to: Area) -> Result<(), SpoolError> {
         let src = self.path(from, id)?;
         let dst = self.path(to, id)?;
-        fsop::rename(&src, &dst).map_err(|e| not_found_or(e, &src, id))?;
+        let st = fs::symlink_metadata(&src).map_err(|e| not_found_or(e, &src, id))?;
+        if self.same_file(&dst, &st) {
+            // Under both names (a power loss between the two syncs of an
+            // earlier move): rename(2) of a name onto another name of the
+            // same file does nothing, so the old name goes instead.
+            fsop::remove_file(&src).map_err(|e| not_found_or(e, &src, id))?;
+        } else {
+            fsop::rename(&src, &dst).map_err(|e| not_found_or(e, &src, id))?;
+        }
         fsync_dir(&self.inner.root.join(to.dir()))?;
         fsync_dir(&self.inner.root.join(from.dir()))
     }
@@ -675,7 +683,9 @@ impl Spool {
     /// recovered from) under a stale one. Returns where and its metadata.
     pub fn find(&self, id: &str) -> Result<Found, SpoolError> {
         check_id(id)?;
-        for area in [Area::Queue, Area::Hold] {
+        // Hold first: a message under both names (a power loss between
+        // the two syncs of a move) is on hold, as recovery keeps it.
+        for area in [Area::Hold, Area::Queue] {
             match self.read_meta(area, id) {
                 Ok(meta) if meta.id == id => {
                     return Ok(Found {

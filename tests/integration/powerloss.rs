@@ -174,6 +174,69 @@ async fn stale_name(names: Names) {
     assert_eq!(subjects(&up), vec!["X", "control", "old"], "{names:?}");
 }
 
+/// A move to hold/ (or back) renames, then syncs hold/ and queue/: a power
+/// loss between the two syncs can leave the message under both names, and
+/// recovery keeps it on hold. Until the daemon has recovered, the tools
+/// must see it as held too, and releasing it must release it: a rename
+/// of one name of a file onto another name of the same file does nothing,
+/// so `queue release` said "released" and the message stayed on hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_left_under_both_names_is_held_until_released() {
+    let up = FakeUpstream::start_with(Script::default().mail_reply(451, "4.3.0 down")).await;
+    let mut d = Daemon::start(&relay_config(up.addr(), ""));
+    let spool = d.spool();
+    let mut ids = Vec::new();
+    for subject in ["held", "released"] {
+        let id = queue_id(
+            &send_mail(
+                d.addr,
+                "app@example.com",
+                &["bob@example.net"],
+                format!("Subject: {subject}\r\n\r\nput on hold\r\n").as_bytes(),
+            )
+            .await,
+        );
+        d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+        let o = d.cli(&["queue", "hold", &id]);
+        assert!(out(&o).starts_with("put on hold: 1"), "{}", out(&o));
+        ids.push(id);
+    }
+    assert!(d.stop());
+    // The power loss kept the queue/ names the renames had removed.
+    for id in &ids {
+        std::fs::hard_link(spool.join("hold").join(id), spool.join("queue").join(id)).unwrap();
+    }
+
+    let list = out(&d.cli(&["queue", "list"]));
+    for id in &ids {
+        assert_eq!(list.matches(id.as_str()).count(), 1, "{list}");
+        assert!(list.contains(&format!("{id}!")), "not shown held: {list}");
+    }
+    let show = out(&d.cli(&["queue", "show", &ids[0]]));
+    assert!(show.contains(&format!("{} (hold)", ids[0])), "{show}");
+    let r = out(&d.cli(&["queue", "release", &ids[1]]));
+    assert!(r.starts_with("released: 1 message"), "{r}");
+    assert_eq!(sorted(&spool.join("hold")), vec![ids[0].clone()]);
+    assert!(sorted(&spool.join("queue")).contains(&ids[1]));
+
+    up.set_script(Script::default());
+    let mark = d.log_mark();
+    d.restart();
+    let line = d.wait_log_since(mark, "recovered queue:", WAIT);
+    assert!(line.contains("1 queued, 1 on hold"), "{line}");
+    d.flush();
+    d.wait_log_since(mark, &format!("{}: removed", ids[1]), WAIT);
+    let list = out(&d.cli(&["queue", "list"]));
+    assert!(list.contains(&format!("{}!", ids[0])), "{list}");
+    assert!(!list.contains(&ids[1]), "{list}");
+    let subjects: Vec<String> = up
+        .messages()
+        .iter()
+        .map(crate::durability::subject)
+        .collect();
+    assert_eq!(subjects, vec!["released"]);
+}
+
 /// A LazyFS mount: a FUSE file system that keeps every write in its own
 /// cache until it is fsynced, and drops what is unsynced on command (a
 /// power loss for data; directory operations pass straight through).
