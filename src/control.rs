@@ -251,8 +251,11 @@ async fn execute(
             if let Some(router) = crate::routing::current() {
                 router.reset_health();
             }
+            // "Every queued message", including any a `sendmail` queued
+            // without telling us.
+            let adopted = crate::pickup::adopt(spool, scheduler, Duration::ZERO).await;
             match scheduler.flush().await {
-                Ok(n) => Response::ok(Some(n)),
+                Ok(n) => Response::ok(Some(n + adopted)),
                 Err(e) => err(e.to_string()),
             }
         }
