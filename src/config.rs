@@ -161,6 +161,27 @@ pub struct SmtpConfig {
     /// Users allowed to relay after AUTH: lines of `user:hash` with argon2
     /// (`$argon2id$...`) or bcrypt (`$2b$...`) hashes; see `relayq hash-password`.
     pub auth_users_file: Option<PathBuf>,
+    /// Failed AUTH attempts from one client address (IPv6: its /64) within
+    /// `auth_failure_window` before AUTH from it is locked (0: no limit).
+    pub auth_failure_limit: u32,
+    /// Failed AUTH attempts for one user name, from any address, before
+    /// that name is locked (0: no limit).
+    pub auth_user_failure_limit: u32,
+    pub auth_failure_window: HumanDuration,
+    /// How long a lockout lasts.
+    pub auth_lockout: HumanDuration,
+    /// The reply to a failed AUTH waits this long, doubled for each further
+    /// failure from the address (at most 16 times).
+    pub auth_failure_delay: HumanDuration,
+    /// The command and DATA timeout while the server is under stress
+    /// (sessions three quarters full), instead of the normal ones.
+    pub stress_timeout: HumanDuration,
+    /// Under stress, a message must arrive at least this fast (bytes per
+    /// second, after `stress_timeout`), or the session is closed.
+    pub min_data_rate: u64,
+    /// Lets `allow_networks` cover more public address space than a /8 of
+    /// IPv4 or a /32 of IPv6 (never all of it).
+    pub allow_public_networks: bool,
     /// Set when the file gave `allow_networks` explicitly.
     #[serde(skip)]
     pub allow_networks_explicit: bool,
@@ -175,7 +196,7 @@ impl Default for SmtpConfig {
             ],
             max_message_size: Size(25 * 1024 * 1024),
             max_recipients: 1000,
-            max_connections: 256,
+            max_connections: 4096,
             max_line_length: 998,
             max_errors: 10,
             command_timeout: HumanDuration(Duration::from_secs(300)),
@@ -187,6 +208,14 @@ impl Default for SmtpConfig {
             tls_cert: None,
             tls_key: None,
             auth_users_file: None,
+            auth_failure_limit: 5,
+            auth_user_failure_limit: 20,
+            auth_failure_window: HumanDuration(Duration::from_secs(600)),
+            auth_lockout: HumanDuration(Duration::from_secs(900)),
+            auth_failure_delay: HumanDuration(Duration::from_secs(1)),
+            stress_timeout: HumanDuration(Duration::from_secs(10)),
+            min_data_rate: 500,
+            allow_public_networks: false,
             allow_networks_explicit: false,
         }
     }

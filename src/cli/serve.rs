@@ -18,7 +18,12 @@ use crate::spool::Spool;
 /// How long shutdown waits for SMTP sessions and deliveries in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// File descriptors kept for everything but inbound sessions: relay
+/// connections, spool files, the control, pickup and status sockets.
+const FD_RESERVE: u64 = 256;
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    return_freed_memory();
     let config = Arc::new(config);
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
@@ -76,8 +81,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         handle.clone(),
     )?);
     let (server_ctx_tx, server_ctx) = watch::channel(ctx);
-    let server = Server::bind(server_ctx).await?;
+    let mut server = Server::bind(server_ctx).await?;
+    server.limit_sessions(session_ceiling(&config, workers as u64));
     let addrs = server.local_addrs();
+    warn_if_short_of_space(&config, &spool);
 
     let relay_names: Vec<String> = config
         .relay
@@ -276,6 +283,74 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Large allocations (argon2's ~19 MiB per password check, a 25 MB
+/// message) go straight to the kernel and back when freed. glibc's malloc
+/// otherwise raises its mmap threshold to the largest block freed so far,
+/// serves the next ones from its heaps, and keeps them: a flood of logins
+/// left gigabytes resident after it ended. Setting the threshold fixes it
+/// (and stops the dynamic adjustment); small allocations are unaffected.
+fn return_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning; called before any
+    // thread of ours allocates concurrently.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+/// How many SMTP sessions the file descriptor limit allows: raises the soft
+/// limit to the hard one when `max_connections` needs it (systemd's
+/// default soft limit is 1024), and says so when even that is too low.
+fn session_ceiling(config: &Config, workers: u64) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = config.smtp.max_connections as u64;
+    let need = want + FD_RESERVE + workers;
+    let lim = getrlimit(Resource::Nofile);
+    let mut soft = lim.current.unwrap_or(u64::MAX);
+    if soft < need {
+        let raised = lim.maximum.map_or(need, |hard| hard.max(soft));
+        if setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(raised),
+                maximum: lim.maximum,
+            },
+        )
+        .is_ok()
+        {
+            tracing::info!(
+                "raised the open file limit from {soft} to {raised} for smtp.max_connections = {want}"
+            );
+            soft = raised;
+        }
+    }
+    let fit = soft.saturating_sub(FD_RESERVE + workers).max(1);
+    if fit < want {
+        tracing::warn!(
+            "smtp.max_connections = {want} needs about {need} open files but the limit is {soft} (hard limit {}); at most {fit} SMTP sessions will be served: raise LimitNOFILE= in the unit (or ulimit -n)",
+            lim.maximum
+                .map_or("unlimited".to_string(), |h| h.to_string())
+        );
+    }
+    usize::try_from(fit.min(want)).unwrap_or(usize::MAX)
+}
+
+/// New mail gets `452 4.3.1` below `min_free_space`: say so at start
+/// rather than leave the first refusal to explain it.
+fn warn_if_short_of_space(config: &Config, spool: &Spool) {
+    let min = config.smtp.min_free_space.0;
+    if let Ok(free) = spool.free_space()
+        && free < min
+    {
+        tracing::warn!(
+            "spool {} has only {} free, less than smtp.min_free_space ({}): new mail is refused with 452 4.3.1 until space is freed",
+            config.spool_dir.display(),
+            crate::cli::check::human_bytes(free),
+            crate::cli::check::human_bytes(min)
+        );
+    }
+}
+
 /// SIGTERM, SIGINT and SIGHUP, caught from the moment this is created.
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -384,12 +459,8 @@ impl Live {
             );
             return None;
         }
-        let server = match ServerContext::new(
-            new.clone(),
-            self.spool.clone(),
-            self.clock.clone(),
-            self.scheduler.clone(),
-        ) {
+        let current = self.server.borrow().clone();
+        let server = match current.reload(new.clone()) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!("reload failed, the running configuration stays: {e:#}");

@@ -2,12 +2,14 @@
 //! machine ([`session`]) that turns a client's dialogue into a queued
 //! message.
 
+pub mod anvil;
 pub mod auth;
 #[cfg(test)]
 mod fuzz;
 pub mod message;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod tls;
 
 pub use server::{Server, ServerContext};

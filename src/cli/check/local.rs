@@ -122,7 +122,7 @@ pub(super) fn check_spool<W: Write>(config: &Config, r: &mut Report<W>) {
     );
 }
 
-pub(super) fn human_bytes(n: u64) -> String {
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut unit = 0;
