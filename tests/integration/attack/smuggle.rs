@@ -114,10 +114,21 @@ async fn a_refused_data_with_a_pipelined_body_hangs_up() {
     let (up, d) = setup().await;
 
     // Several shapes of the same attack, each sent in one write as a
-    // pipelining client does: (batch, the replies before 221).
-    let cases: Vec<(String, Vec<&str>)> = vec![
+    // pipelining client does: (client address, batch, the replies before
+    // 221). 127.0.0.2 may relay: the smuggled RCPT would be accepted into
+    // the open transaction and its message queued.
+    let cases: Vec<(&str, String, Vec<&str>)> = vec![
+        // The app's own recipient is not an address; the body names one.
+        (
+            "127.0.0.2",
+            format!(
+                "EHLO x\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<user at example.com>\r\nDATA\r\n{SMUGGLED}"
+            ),
+            vec!["250", "250", "501", "503"],
+        ),
         // The recipient is refused (relay denied): no valid recipient.
         (
+            "127.0.0.1",
             format!(
                 "EHLO x\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<user@example.com>\r\nDATA\r\n{SMUGGLED}"
             ),
@@ -125,6 +136,7 @@ async fn a_refused_data_with_a_pipelined_body_hangs_up() {
         ),
         // Every one of several recipients refused.
         (
+            "127.0.0.1",
             format!(
                 "EHLO x\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.com>\r\nRCPT TO:<b@example.com>\r\nDATA\r\nFrom: app@example.com\r\nSubject: hi\r\n\r\n{SMUGGLED}"
             ),
@@ -132,6 +144,7 @@ async fn a_refused_data_with_a_pipelined_body_hangs_up() {
         ),
         // A recipient that is not an address at all.
         (
+            "127.0.0.1",
             format!(
                 "EHLO x\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<not-an-address>\r\nDATA\r\n{SMUGGLED}"
             ),
@@ -139,13 +152,19 @@ async fn a_refused_data_with_a_pipelined_body_hangs_up() {
         ),
         // No RCPT at all.
         (
+            "127.0.0.1",
             format!("EHLO x\r\nMAIL FROM:<app@example.com>\r\nDATA\r\n{SMUGGLED}"),
             vec!["250", "250", "503"],
         ),
         // No MAIL either.
-        (format!("EHLO x\r\nDATA\r\n{SMUGGLED}"), vec!["250", "503"]),
+        (
+            "127.0.0.1",
+            format!("EHLO x\r\nDATA\r\n{SMUGGLED}"),
+            vec!["250", "503"],
+        ),
         // BDAT (not offered) with its chunk behind it.
         (
+            "127.0.0.1",
             format!(
                 "EHLO x\r\nMAIL FROM:<app@example.com>\r\nBDAT {} LAST\r\n{SMUGGLED}",
                 SMUGGLED.len()
@@ -153,8 +172,8 @@ async fn a_refused_data_with_a_pipelined_body_hangs_up() {
             vec!["250", "250", "502"],
         ),
     ];
-    for (batch, before) in cases {
-        let mut c = connect(&d, "127.0.0.1").await;
+    for (source, batch, before) in cases {
+        let mut c = connect(&d, source).await;
         c.send(batch.as_bytes()).await;
         let replies = replies_until_eof(&mut c).await;
         assert_hung_up(&replies, &before);
