@@ -23,7 +23,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 const FD_RESERVE: u64 = 256;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
-    return_freed_memory();
+    crate::memory::return_large_blocks();
     let config = Arc::new(config);
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
@@ -281,21 +281,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Large allocations (argon2's ~19 MiB per password check, a 25 MB
-/// message) go straight to the kernel and back when freed. glibc's malloc
-/// otherwise raises its mmap threshold to the largest block freed so far,
-/// serves the next ones from its heaps, and keeps them: a flood of logins
-/// left gigabytes resident after it ended. Setting the threshold fixes it
-/// (and stops the dynamic adjustment); small allocations are unaffected.
-fn return_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes malloc's tuning; called before any
-    // thread of ours allocates concurrently.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
 }
 
 /// How many SMTP sessions the file descriptor limit allows: raises the soft

@@ -9,9 +9,10 @@
 //! Only hashes are stored. A check is deliberately costly (argon2id with
 //! its default parameters: ~19 MiB of memory and tens of milliseconds of
 //! CPU), so a flood of wrong passwords must not run them without bound:
-//! the [`Verifier`] runs at most [`MAX_CHECKS`] at once on the blocking
-//! pool, lets at most [`MAX_WAITING`] wait up to [`MAX_WAIT`] for a turn,
-//! and answers the rest at once with a temporary failure (`454 4.7.0`).
+//! the [`Verifier`] runs at most [`MAX_CHECKS`] at once, on threads of its
+//! own at a low CPU priority (nice 10, so mail from the app is not slowed by
+//! a flood of logins), lets at most [`MAX_WAITING`] wait up to [`MAX_WAIT`]
+//! for a turn, and answers the rest with a temporary failure (`454 4.7.0`).
 //! Memory is therefore bounded by `MAX_CHECKS` times the hash's memory cost,
 //! and is returned when the check ends (see `cli::serve` for the allocator
 //! setting that makes sure of it). An unknown user is checked against a
@@ -124,10 +125,16 @@ pub const MAX_WAIT: Duration = Duration::from_secs(5);
 #[derive(Debug, PartialEq, Eq)]
 pub struct Busy;
 
+/// A password check for a checker thread, and where its answer goes.
+type Job = Box<dyn FnOnce() + Send>;
+
 /// Runs password checks, a bounded number at once (see the module doc).
 /// One per daemon, kept across config reloads.
 pub struct Verifier {
+    /// One per checker thread: a check holds one from start to end.
     turns: Arc<Semaphore>,
+    /// The checker threads' queue, started on the first check.
+    checkers: std::sync::OnceLock<std::sync::mpsc::Sender<Job>>,
     waiting: AtomicUsize,
     max_wait: Duration,
     /// One line a minute about logins turned away, however many.
@@ -144,6 +151,7 @@ impl Verifier {
     pub fn new(checks: usize, max_wait: Duration) -> Verifier {
         Verifier {
             turns: Arc::new(Semaphore::new(checks.max(1))),
+            checkers: std::sync::OnceLock::new(),
             waiting: AtomicUsize::new(0),
             max_wait,
             busy_log: crate::observe::quiet::LogBudget::new(1, Duration::from_secs(60)),
@@ -180,15 +188,49 @@ impl Verifier {
             }
         };
         let (users, user) = (users.clone(), user.to_string());
+        let (tx, rx) = tokio::sync::oneshot::channel();
         // The turn goes with the check: if the session is dropped meanwhile,
         // the check still counts until it has finished.
-        tokio::task::spawn_blocking(move || {
+        let job: Job = Box::new(move || {
             let ok = users.verify(&user, &password);
             drop(turn);
-            ok
+            let _ = tx.send(ok);
+        });
+        self.checkers().send(job).map_err(|_| Busy)?;
+        rx.await.map_err(|_| Busy)
+    }
+
+    /// The checker threads: as many as turns, so a job never waits in the
+    /// queue. They lower their own CPU priority (always allowed).
+    fn checkers(&self) -> &std::sync::mpsc::Sender<Job> {
+        self.checkers.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            for n in 0..self.turns.available_permits().max(1) {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("relayq-auth-{n}"))
+                    .spawn(move || {
+                        // Per thread on Linux: the rest of relayq keeps
+                        // its priority.
+                        let _ = rustix::process::setpriority_process(None, 10);
+                        loop {
+                            let job = match rx.lock() {
+                                Ok(rx) => rx.recv(),
+                                Err(_) => return,
+                            };
+                            match job {
+                                Ok(job) => job(),
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a password checker thread: {e}");
+                }
+            }
+            tx
         })
-        .await
-        .map_err(|_| Busy)
     }
 }
 

@@ -164,9 +164,19 @@ impl Server {
             acceptors.spawn(accept_loop(listener, ctx, table.clone(), shutdown, tx));
             sessions.spawn(async move {
                 let mut inner = JoinSet::new();
-                while let Some(fut) = rx.recv().await {
-                    inner.spawn(fut);
-                    while inner.try_join_next().is_some() {}
+                // Finished sessions are reaped as they end: each keeps its
+                // task's memory (a few KB) until joined, and thousands may
+                // end at once after a flood.
+                loop {
+                    tokio::select! {
+                        fut = rx.recv() => match fut {
+                            Some(fut) => {
+                                inner.spawn(fut);
+                            }
+                            None => break,
+                        },
+                        Some(_) = inner.join_next(), if !inner.is_empty() => {}
+                    }
                 }
                 while inner.join_next().await.is_some() {}
             });

@@ -41,6 +41,12 @@ use super::sessions::Presence;
 use super::{anvil, auth, message};
 use crate::spool::{Envelope, SpoolError};
 
+/// How long a login turned away because the checks are busy waits for its
+/// `454`, and how long each error beyond half of `max_errors` waits for its
+/// reply (Postfix's `smtpd_error_sleep_time`).
+const BUSY_DELAY: Duration = Duration::from_secs(1);
+const ERROR_DELAY: Duration = Duration::from_secs(1);
+
 /// AUTH while the client's address or the user name is locked out (see
 /// `anvil`): no password is checked.
 const LOCKED: &str = "454 4.7.0 Error: too many failed authentications; try again later";
@@ -85,10 +91,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// Type-erased so STARTTLS can swap a plain stream for a TLS one in place.
 type Stream = Box<dyn Io>;
 
-const READ_BUFFER: usize = 16 * 1024;
+/// The read buffer between messages: commands are short, and thousands of
+/// idle sessions must stay cheap (see the README's figures).
+const READ_BUFFER: usize = 1024;
+/// The read buffer while a message arrives: fewer, larger reads.
+const DATA_BUFFER: usize = 64 * 1024;
 
 pub struct Session {
     io: BufReader<Stream>,
+    /// The capacity of `io`'s buffer (see [`READ_BUFFER`]).
+    capacity: usize,
     out: Vec<u8>,
     ctx: Arc<ServerContext>,
     peer: SocketAddr,
@@ -151,6 +163,7 @@ impl Session {
         let trusted = ctx.trusted(peer.ip());
         Session {
             io: BufReader::with_capacity(READ_BUFFER, Box::new(stream) as Stream),
+            capacity: READ_BUFFER,
             out: Vec::with_capacity(512),
             ctx,
             peer,
@@ -238,10 +251,16 @@ impl Session {
                 Ok(Line::Ok(line)) => line,
             };
             let after_refused_data = std::mem::take(&mut self.data_refused);
+            let errors = self.errors;
             match self.command(&line, after_refused_data).await {
                 Ok(true) => {}
                 Ok(false) => return Close::Quit,
                 Err(close) => return close,
+            }
+            // A client that keeps making errors gets slower answers, as
+            // Postfix's do after smtpd_soft_error_limit.
+            if self.errors > errors && self.errors * 2 > self.ctx.config.smtp.max_errors {
+                self.pause(ERROR_DELAY).await;
             }
         }
     }
@@ -418,6 +437,18 @@ impl Session {
         self.fail(reply)
     }
 
+    /// Gives the connection a read buffer of `capacity`, unless bytes are
+    /// waiting in the current one (they would be lost).
+    fn rebuffer(&mut self, capacity: usize) {
+        if !self.io.buffer().is_empty() || self.capacity == capacity {
+            return;
+        }
+        let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
+        let stream = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
+        self.io = BufReader::with_capacity(capacity, stream);
+        self.capacity = capacity;
+    }
+
     /// Whether the client has sent bytes we have not read yet: in our
     /// buffer, or ready on the connection (a look that never waits).
     fn input_waiting(&mut self) -> bool {
@@ -578,7 +609,10 @@ impl Session {
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.flush().await.map_err(Close::Io)?;
 
-        let body = match self.read_body().await {
+        self.rebuffer(DATA_BUFFER);
+        let body = self.read_body().await;
+        self.rebuffer(READ_BUFFER);
+        let body = match body {
             Ok(Ok(body)) => body,
             Ok(Err(refusal)) => {
                 self.txn = None;
@@ -773,6 +807,7 @@ impl Session {
         match tokio::time::timeout(timeout, acceptor.accept(plain)).await {
             Ok(Ok(tls)) => {
                 self.io = BufReader::with_capacity(READ_BUFFER, Box::new(tls) as Stream);
+                self.capacity = READ_BUFFER;
                 self.tls = true;
                 // The client must start over with EHLO (RFC 3207 4.2).
                 self.helo = None;
@@ -858,6 +893,9 @@ impl Session {
             Ok(ok) => ok,
             Err(auth::Busy) => {
                 defenses.verifier.note_busy(ip);
+                // Not at once: a flood answered instantly would come back
+                // instantly, and its own traffic would eat the CPU.
+                self.pause(BUSY_DELAY).await;
                 return self.fail("454 4.7.0 Temporary authentication failure: too many logins at once, try again later");
             }
         };
@@ -899,13 +937,19 @@ impl Session {
             ));
             return Err(Close::Lockout);
         }
-        if !failure.delay.is_zero() {
-            // Idle meanwhile: a session that only waits may make room.
-            self.presence.idle();
-            tokio::time::sleep(failure.delay).await;
-            self.presence.busy();
-        }
+        self.pause(failure.delay).await;
         self.fail("535 5.7.8 Error: authentication failed")
+    }
+
+    /// Waits before a reply to a client that deserves to wait (tarpit).
+    /// The session is idle meanwhile: it may be closed to make room.
+    async fn pause(&mut self, delay: Duration) {
+        if delay.is_zero() {
+            return;
+        }
+        self.presence.idle();
+        tokio::time::sleep(delay).await;
+        self.presence.busy();
     }
 
     /// Sends an AUTH challenge and reads the client's one-line answer.

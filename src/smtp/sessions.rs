@@ -41,6 +41,10 @@ use tokio::sync::{Notify, watch};
 /// reply; beyond this many, a full table refuses newcomers.
 pub const EVICT_SLACK: usize = 64;
 
+/// Sessions open at once, after which memory is trimmed when three
+/// quarters of them have closed (see `crate::memory`).
+const TRIM_AFTER: usize = 128;
+
 /// Why a connection was not admitted.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refusal {
@@ -75,6 +79,8 @@ struct Table {
     per_ip: HashMap<IpAddr, usize>,
     /// Sessions asked to close that have not closed yet.
     evicting: usize,
+    /// The most sessions open at once since memory was last trimmed.
+    high_water: usize,
 }
 
 pub struct Sessions {
@@ -135,6 +141,7 @@ impl Sessions {
             evict: Notify::new(),
         });
         t.open.insert(entry.id, entry.clone());
+        t.high_water = t.high_water.max(t.open.len());
         *t.per_ip.entry(ip).or_insert(0) += 1;
         self.update_stress(&t);
         Ok(Presence {
@@ -208,6 +215,13 @@ impl Sessions {
             }
         }
         self.update_stress(&t);
+        // Most of a crowd of sessions has gone: give their buffers back.
+        if t.high_water >= TRIM_AFTER && t.open.len() * 4 <= t.high_water {
+            t.high_water = t.open.len();
+            let _ = std::thread::Builder::new()
+                .name("relayq-trim".into())
+                .spawn(crate::memory::trim);
+        }
     }
 
     /// Sessions open now.
