@@ -278,6 +278,39 @@ pub struct RelayConfig {
     /// 365); re-read for every new connection so a refresher can rotate it.
     #[serde(default)]
     pub oauth2_token_file: Option<PathBuf>,
+    /// relayq gets the XOAUTH2 access tokens itself: "microsoft" or
+    /// "google". Which grant is used follows from the other `oauth2_*`
+    /// keys (see `transport::oauth2`).
+    #[serde(default)]
+    pub oauth2_provider: Option<crate::transport::oauth2::Provider>,
+    /// Microsoft Entra tenant (directory id or domain).
+    #[serde(default)]
+    pub oauth2_tenant: Option<String>,
+    #[serde(default)]
+    pub oauth2_client_id: Option<String>,
+    /// A file holding the OAuth2 client secret (trailing newline ignored).
+    #[serde(default)]
+    pub oauth2_client_secret_file: Option<PathBuf>,
+    /// An environment variable holding the OAuth2 client secret.
+    #[serde(default)]
+    pub oauth2_client_secret_env: Option<String>,
+    /// A file holding a refresh token (delegated access); replaced
+    /// atomically when the provider hands out a new one.
+    #[serde(default)]
+    pub oauth2_refresh_token_file: Option<PathBuf>,
+    /// A Google service account's JSON key (domain-wide delegation).
+    #[serde(default)]
+    pub oauth2_service_account_file: Option<PathBuf>,
+    /// Replaces the provider's default scope.
+    #[serde(default)]
+    pub oauth2_scope: Option<String>,
+    /// Replaces the provider's token endpoint (sovereign clouds, tests).
+    #[serde(default)]
+    pub oauth2_token_url: Option<String>,
+    /// A private CA (PEM) for the token endpoint instead of the system
+    /// trust store.
+    #[serde(default)]
+    pub oauth2_ca_file: Option<PathBuf>,
     /// Force one mechanism: "plain", "login", "cram-md5" or "xoauth2".
     #[serde(default)]
     pub auth_mechanism: Option<AuthMechanismConfig>,
@@ -406,16 +439,22 @@ impl RelayConfig {
     /// Files holding a secret that users other than the owner can read.
     pub fn exposed_secret_files(&self) -> Vec<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
-        [&self.password_file, &self.oauth2_token_file]
-            .into_iter()
-            .flatten()
-            .filter(|p| {
-                std::fs::metadata(p)
-                    .map(|m| m.permissions().mode() & 0o044 != 0)
-                    .unwrap_or(false)
-            })
-            .cloned()
-            .collect()
+        [
+            &self.password_file,
+            &self.oauth2_token_file,
+            &self.oauth2_client_secret_file,
+            &self.oauth2_refresh_token_file,
+            &self.oauth2_service_account_file,
+        ]
+        .into_iter()
+        .flatten()
+        .filter(|p| {
+            std::fs::metadata(p)
+                .map(|m| m.permissions().mode() & 0o044 != 0)
+                .unwrap_or(false)
+        })
+        .cloned()
+        .collect()
     }
 }
 
@@ -675,6 +714,7 @@ impl Config {
                 relay.password_file.is_some(),
                 relay.password_env.is_some(),
                 relay.oauth2_token_file.is_some(),
+                relay.oauth2_provider.is_some(),
             ]
             .iter()
             .filter(|x| **x)
@@ -682,8 +722,11 @@ impl Config {
             if sources > 1 {
                 return Err(self.invalid(
                     key("password"),
-                    "set only one of password, password_file, password_env and oauth2_token_file",
+                    "set only one of password, password_file, password_env, oauth2_token_file and oauth2_provider",
                 ));
+            }
+            if let Err((k, message)) = crate::transport::oauth2::check_config(relay) {
+                return Err(self.invalid(key(k), message));
             }
             if sources == 1 && relay.username.is_none() {
                 return Err(self.invalid(
@@ -694,7 +737,7 @@ impl Config {
             if relay.username.is_some() && sources == 0 {
                 return Err(self.invalid(
                     key("username"),
-                    "username is set but no secret: add password_file, password_env, password or oauth2_token_file",
+                    "username is set but no secret: add password_file, password_env, password, oauth2_token_file or oauth2_provider",
                 ));
             }
             if relay.username.is_some() && relay.tls == TlsModeConfig::None && !relay.is_loopback()

@@ -12,8 +12,8 @@
 //!   can cause, so a flood of bad input is not a flood of log lines.
 //!
 //! Logs go to stderr (the journal under systemd). In `text` format an
-//! event that carries a `queue_id` field prints as its Postfix-style message
-//! alone; in `json` format every event is one object per line whose keys
+//! event of [`events`] (it carries an `event` field) prints as its
+//! Postfix-style message alone; in `json` format every event is one object per line whose keys
 //! are the same tracing fields (`queue_id`, `to`, `relay`, `dsn`, `status`,
 //! `reply`, ...) plus `message`. Both come from one tracing call per event.
 
@@ -63,7 +63,7 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// The text format: events about a message (they carry `queue_id`) print
+/// The text format: the events of `events` (they carry `event`) print
 /// their Postfix-style message only, because their fields are already in
 /// it; everything else prints like tracing's default format.
 struct TextFormat {
@@ -81,7 +81,7 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        if event.metadata().fields().field("queue_id").is_none() {
+        if event.metadata().fields().field("event").is_none() {
             return self.inner.format_event(ctx, writer, event);
         }
         let mut message = MessageOnly(String::new());

@@ -4,7 +4,8 @@
 //! A relay goes down on its first connection-level failure (refused,
 //! timed out, TLS, a non-2xx greeting, AUTH refused). After
 //! `breaker_failures` failures in a row, or at once on a `421`/`454`
-//! ("too many connections/logins"), the breaker opens and pauses it: no
+//! ("too many connections/logins") or a refusal of our credentials (a 5xx
+//! to AUTH, no OAuth2 token), the breaker opens and pauses it: no
 //! message is sent to it any more, and when the pause ends only a probe
 //! connection tries it (so waiting mail does not stampede a relay that may
 //! still be down). Every failed probe doubles the pause, up to
@@ -28,6 +29,20 @@ pub enum Signal {
     Down(String),
     /// 421/454 "too many connections/logins": pause at once.
     Throttled(String),
+    /// Our credentials are refused (a 5xx to AUTH) or no OAuth2 token can
+    /// be had: pause at once, since trying again before an operator fixes
+    /// it only earns a lockout.
+    Refused(String),
+}
+
+impl Signal {
+    /// The failure's text; `None` for [`Signal::Ok`].
+    pub fn error(&self) -> Option<&str> {
+        match self {
+            Signal::Ok => None,
+            Signal::Down(e) | Signal::Throttled(e) | Signal::Refused(e) => Some(e),
+        }
+    }
 }
 
 /// The breaker and failover settings of one relay, in milliseconds.
@@ -123,7 +138,7 @@ impl Health {
                     Transition::None
                 }
             },
-            Signal::Down(e) | Signal::Throttled(e) => {
+            Signal::Down(e) | Signal::Throttled(e) | Signal::Refused(e) => {
                 let first = self.down_since.is_none();
                 self.down_since.get_or_insert(now);
                 self.last_error = Some(e.clone());
@@ -133,7 +148,7 @@ impl Health {
                     return Transition::None;
                 }
                 self.failures += 1;
-                if matches!(signal, Signal::Throttled(_))
+                if matches!(signal, Signal::Throttled(_) | Signal::Refused(_))
                     || self.failures >= policy.failures
                     || self.paused_until.is_some()
                 {

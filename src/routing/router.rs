@@ -28,6 +28,7 @@ use crate::delivery::SchedulerHandle;
 use crate::delivery::lookahead::Lookahead;
 use crate::delivery::outcome::{AttemptReport, Delivery, RcptOutcome};
 use crate::spool::Meta;
+use crate::transport::oauth2::TokenSource;
 use crate::transport::pool::{Lease, RelayPool};
 use crate::transport::relay::Outgoing;
 use crate::transport::smtp::NextTxn;
@@ -101,20 +102,29 @@ impl Router {
         clock: Clock,
         scheduler: Option<SchedulerHandle>,
     ) -> Result<Router, String> {
+        let named_form = config.relay.is_none();
         let relays = config
             .relays
             .iter()
             .map(|named| {
                 let name: Arc<str> = named.name.as_str().into();
                 let specs = WindowSpec::of(&named.relay);
+                let endpoint = format!("{}:{}", named.relay.host, named.relay.port);
+                let label = if named_form {
+                    format!("relay {name} ({endpoint})")
+                } else {
+                    format!("relay {endpoint}")
+                };
+                let tokens = TokenSource::for_relay(&named.relay, label, clock.clone());
                 RelayEntry {
-                    endpoint: format!("{}:{}", named.relay.host, named.relay.port),
                     pool: RelayPool::new(
                         name.clone(),
                         named.relay.clone(),
                         config.hostname.clone(),
+                        tokens,
                         scheduler.clone(),
                     ),
+                    endpoint,
                     policy: Policy::of(&named.relay),
                     state: Mutex::new(RelayRuntime {
                         health: Health::default(),
@@ -432,10 +442,7 @@ impl Router {
         let relay = &self.relays[id];
         let transition = relay.state().health.record(signal, now, &relay.policy);
         let (name, endpoint) = (&relay.name, &relay.endpoint);
-        let error = match signal {
-            Signal::Down(e) | Signal::Throttled(e) => e.as_str(),
-            Signal::Ok => "",
-        };
+        let error = signal.error().unwrap_or_default();
         match transition {
             Transition::None => {}
             Transition::WentDown => {
@@ -478,6 +485,10 @@ impl Router {
             }
             st.health = Health::default();
             st.fleet_full = None;
+            drop(st);
+            if let Some(tokens) = r.pool.tokens() {
+                tokens.retry_now();
+            }
         }
     }
 
@@ -493,7 +504,7 @@ impl Router {
                 let relay = &this.relays[id];
                 match relay.pool.probe().await {
                     Some(signal) => {
-                        if let Signal::Down(e) | Signal::Throttled(e) = &signal {
+                        if let Some(e) = signal.error() {
                             tracing::info!(target: "relayq::routing", "relay {} ({}): probe failed: {e}", relay.name, relay.endpoint);
                         }
                         let now = this.clock.now_ms();

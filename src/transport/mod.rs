@@ -4,6 +4,7 @@
 //! mail into a local Maildir for development and tests.
 
 pub mod capture;
+pub mod oauth2;
 pub mod pool;
 pub mod relay;
 pub mod smtp;

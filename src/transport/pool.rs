@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::oauth2::TokenSource;
 use super::relay::RelaySender;
 use crate::config::RelayConfig;
 use crate::delivery::SchedulerHandle;
@@ -38,6 +39,8 @@ pub struct RelayPool {
     name: Arc<str>,
     relay: RelayConfig,
     helo: String,
+    /// The relay's OAuth2 tokens, one source for all its connections.
+    tokens: Option<Arc<TokenSource>>,
     max: usize,
     /// One permit per connection, held while it is open, busy or idle.
     slots: Arc<Semaphore>,
@@ -57,6 +60,7 @@ impl RelayPool {
         name: Arc<str>,
         relay: RelayConfig,
         helo: String,
+        tokens: Option<Arc<TokenSource>>,
         scheduler: Option<SchedulerHandle>,
     ) -> Arc<RelayPool> {
         let max = relay.connections().max(1);
@@ -64,6 +68,7 @@ impl RelayPool {
             name,
             relay,
             helo,
+            tokens,
             max,
             slots: Arc::new(Semaphore::new(max)),
             idle: Mutex::new(Vec::new()),
@@ -71,6 +76,11 @@ impl RelayPool {
             wanted_until: AtomicU64::new(0),
             scheduler,
         })
+    }
+
+    /// The relay's OAuth2 token source, if relayq gets its tokens.
+    pub fn tokens(&self) -> Option<&Arc<TokenSource>> {
+        self.tokens.as_ref()
     }
 
     fn idle(&self) -> MutexGuard<'_, Vec<Idle>> {
@@ -98,7 +108,11 @@ impl RelayPool {
         }
         match self.slots.clone().try_acquire_owned() {
             Ok(permit) => Ok(Lease {
-                sender: RelaySender::for_relay(self.relay.clone(), self.helo.clone()),
+                sender: RelaySender::for_relay(
+                    self.relay.clone(),
+                    self.helo.clone(),
+                    self.tokens.clone(),
+                ),
                 permit,
             }),
             Err(_) => {
@@ -210,7 +224,7 @@ mod tests {
     async fn a_refused_checkout_is_wanted_until_a_connection_comes_back() {
         let relay: RelayConfig =
             toml::from_str("host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n").unwrap();
-        let pool = RelayPool::new("a".into(), relay, "client.test".into(), None);
+        let pool = RelayPool::new("a".into(), relay, "client.test".into(), None, None);
         let lease = pool.try_checkout().ok().unwrap();
         assert!(!pool.is_wanted(), "nobody waits yet");
         assert!(pool.try_checkout().is_err());

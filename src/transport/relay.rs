@@ -6,7 +6,9 @@
 //! Besides each recipient's outcome, an attempt says what it learned about
 //! the relay itself (a [`Signal`] for the circuit breaker): a connection,
 //! TLS or greeting failure is the relay being down, a `421` or a `454` to
-//! AUTH ("too many connections/logins") is it throttling us, and anything
+//! AUTH ("too many connections/logins") is it throttling us, a permanent
+//! refusal of our login or no OAuth2 token is it refusing us (both pause
+//! it at once), and anything
 //! the relay said about the message, a permanent refusal included, means
 //! it is up.
 
@@ -14,6 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::oauth2::TokenSource;
 use super::smtp::{
     AuthMechanism, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened, Pending,
     Reply, Secret, SmtpError, TlsMode, TlsOptions, TxnReport,
@@ -26,6 +29,8 @@ use crate::spool::Meta;
 pub struct RelaySender {
     relay: RelayConfig,
     helo_name: String,
+    /// The relay's OAuth2 tokens, shared with its other connections.
+    tokens: Option<Arc<TokenSource>>,
     conn: Option<Connection>,
     /// Messages sent on the current connection.
     sent: u32,
@@ -47,17 +52,34 @@ impl RelaySender {
             .relay
             .clone()
             .ok_or_else(|| anyhow::anyhow!("the relay transport needs a [relay] section"))?;
-        Ok(RelaySender::for_relay(relay, config.hostname.clone()))
+        let label = format!("relay {}:{}", relay.host, relay.port);
+        let tokens = TokenSource::for_relay(&relay, label, crate::clock::Clock::new());
+        Ok(RelaySender::for_relay(
+            relay,
+            config.hostname.clone(),
+            tokens,
+        ))
     }
 
-    /// A sender for one relay, not yet connected.
-    pub fn for_relay(relay: RelayConfig, helo_name: String) -> RelaySender {
+    /// A sender for one relay, not yet connected; `tokens` is the relay's
+    /// OAuth2 token source, if relayq gets its tokens.
+    pub fn for_relay(
+        relay: RelayConfig,
+        helo_name: String,
+        tokens: Option<Arc<TokenSource>>,
+    ) -> RelaySender {
         RelaySender {
             relay,
             helo_name,
+            tokens,
             conn: None,
             sent: 0,
         }
+    }
+
+    /// The relay's OAuth2 token source, if relayq gets its tokens.
+    pub fn tokens(&self) -> Option<&Arc<TokenSource>> {
+        self.tokens.as_ref()
     }
 
     /// Messages sent on the current connection.
@@ -111,7 +133,7 @@ impl RelaySender {
     /// The client settings for one resolved address of the relay (also
     /// used by `relayq check`, so it tests exactly what delivery uses).
     pub fn client_config(&self, addr: SocketAddr) -> Result<ClientConfig, String> {
-        client_config(&self.relay, &self.helo_name, addr)
+        client_config(&self.relay, &self.helo_name, addr, self.tokens.as_ref())
     }
 
     /// Opens a connection, trying each address of the relay in turn.
@@ -144,6 +166,21 @@ impl RelaySender {
                     self.conn = Some(c);
                     return Ok(());
                 }
+                Err(e @ SmtpError::OAuth2(_)) => {
+                    // The token source logged the provider's error and the
+                    // fix once for every connection waiting on it.
+                    crate::observe::events::relay_failed(
+                        &self.describe(None),
+                        e.stage(),
+                        &e.to_string(),
+                    );
+                    return Err(ConnectFailure {
+                        signal: Signal::Refused(e.to_string()),
+                        reason: e.to_string(),
+                        status: e.dsn(),
+                        relay: self.describe(None),
+                    });
+                }
                 Err(
                     e @ (SmtpError::AuthRejected { .. }
                     | SmtpError::AuthNotOffered
@@ -159,7 +196,8 @@ impl RelaySender {
                     );
                     tracing::error!(
                         target: "relayq::delivery",
-                        "relay {relay}: {e}; check [relay] username and password (mail stays queued)"
+                        "relay {relay}: {e}; fix: {} (mail stays queued)",
+                        self.auth_fix(&e)
                     );
                     return Err(ConnectFailure {
                         signal: connect_signal(&e),
@@ -185,6 +223,24 @@ impl RelaySender {
             }
         }
         Err(last)
+    }
+
+    /// What to change when the relay refuses our login.
+    pub fn auth_fix(&self, e: &SmtpError) -> String {
+        let settings = self.tokens.as_ref().map(|t| t.settings());
+        let generic = || match settings {
+            Some(_) => "check username (the mailbox) and the oauth2_* keys".to_string(),
+            None => "check [relay] username and password".to_string(),
+        };
+        match e {
+            SmtpError::AuthRejected { reply } => crate::transport::oauth2::advice::auth_refused(
+                &reply.one_line(),
+                &self.relay.host,
+                settings,
+            )
+            .unwrap_or_else(generic),
+            _ => generic(),
+        }
     }
 
     /// Makes sure a usable connection is open (RSET on a kept one, else a
@@ -472,6 +528,10 @@ fn connect_signal(e: &SmtpError) -> Signal {
         SmtpError::AuthRejected { reply } if reply.code == 454 || says_too_many(reply) => {
             Signal::Throttled(text)
         }
+        // Our credentials are refused for good: trying again before an
+        // operator fixes them only earns a lockout.
+        SmtpError::AuthRejected { reply } if reply.is_permanent() => Signal::Refused(text),
+        SmtpError::OAuth2(_) => Signal::Refused(text),
         _ => Signal::Down(text),
     }
 }
@@ -482,6 +542,8 @@ fn connect_signal(e: &SmtpError) -> Signal {
 fn transaction_signal(e: &SmtpError) -> Signal {
     match e {
         SmtpError::Rejected { reply, .. } if reply.code == 421 => Signal::Throttled(e.to_string()),
+        // A stale connection was replaced and the new one's login failed.
+        SmtpError::AuthRejected { .. } | SmtpError::OAuth2(_) => connect_signal(e),
         SmtpError::Rejected { .. }
         | SmtpError::SmtpUtf8NotOffered
         | SmtpError::InvalidSender { .. } => Signal::Ok,
@@ -496,15 +558,22 @@ pub fn client_config(
     relay: &RelayConfig,
     helo_name: &str,
     addr: SocketAddr,
+    tokens: Option<&Arc<TokenSource>>,
 ) -> Result<ClientConfig, String> {
-    let auth = match (&relay.username, relay.read_secret()?) {
-        (Some(user), Some((secret, oauth))) => Some(Credentials {
-            username: user.clone(),
-            secret: if oauth {
+    let secret = match tokens {
+        Some(source) => Some(Secret::OAuth2(source.clone())),
+        None => relay.read_secret()?.map(|(secret, oauth)| {
+            if oauth {
                 Secret::OAuth2Token(secret)
             } else {
                 Secret::Password(secret)
-            },
+            }
+        }),
+    };
+    let auth = match (&relay.username, secret) {
+        (Some(user), Some(secret)) => Some(Credentials {
+            username: user.clone(),
+            secret,
             mechanism: relay.auth_mechanism.map(|m| match m {
                 AuthMechanismConfig::Plain => AuthMechanism::Plain,
                 AuthMechanismConfig::Login => AuthMechanism::Login,

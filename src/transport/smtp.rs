@@ -35,6 +35,7 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
@@ -46,10 +47,12 @@ mod auth;
 mod pipeline;
 #[cfg(test)]
 mod tests;
-mod tls;
+pub(crate) mod tls;
 mod wire;
 
 pub use pipeline::{NextTxn, Opened, Pending, Sent};
+
+use super::oauth2::{TokenError, TokenSource};
 use wire::{Stream, Wire};
 
 /// Largest reply (all lines) accepted from the upstream.
@@ -88,12 +91,16 @@ pub struct Credentials {
 pub enum Secret {
     Password(String),
     OAuth2Token(String),
+    /// Access tokens from relayq's own OAuth2 client, got before each
+    /// login (and once more if the upstream refuses one; see `auth`).
+    OAuth2(Arc<TokenSource>),
 }
 
 impl Secret {
     fn expose(&self) -> &str {
         match self {
             Secret::Password(s) | Secret::OAuth2Token(s) => s,
+            Secret::OAuth2(_) => "",
         }
     }
 }
@@ -448,6 +455,9 @@ pub enum SmtpError {
     },
     #[error("refusing to send credentials over a connection without TLS")]
     CredentialsWithoutTls,
+    /// No OAuth2 access token could be had (the token source logged why).
+    #[error("no OAuth2 token: {0}")]
+    OAuth2(TokenError),
     #[error("the message needs SMTPUTF8 but the upstream does not offer it")]
     SmtpUtf8NotOffered,
     #[error("invalid sender address {address:?}: {reason}")]
@@ -496,7 +506,8 @@ impl SmtpError {
             SmtpError::AuthNotOffered
             | SmtpError::NoCommonAuthMechanism { .. }
             | SmtpError::AuthMechanismMismatch { .. }
-            | SmtpError::CredentialsWithoutTls => "4.7.0".into(),
+            | SmtpError::CredentialsWithoutTls
+            | SmtpError::OAuth2(_) => "4.7.0".into(),
             SmtpError::SmtpUtf8NotOffered => "5.6.7".into(),
             SmtpError::InvalidSender { .. } => "5.1.7".into(),
         };
@@ -523,6 +534,7 @@ impl SmtpError {
             | SmtpError::NoCommonAuthMechanism { .. }
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls => "auth",
+            SmtpError::OAuth2(_) => "oauth2",
             SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => "mail",
             SmtpError::Unusable => "session",
         }
@@ -674,6 +686,15 @@ impl Connection {
             return Err(SmtpError::CredentialsWithoutTls);
         }
         check_helo_name(&cfg.helo_name)?;
+        // The token first: no connection is opened (and left waiting) while
+        // the token endpoint is slow or down.
+        let token = match &cfg.auth {
+            Some(Credentials {
+                secret: Secret::OAuth2(source),
+                ..
+            }) => Some(source.token().await.map_err(SmtpError::OAuth2)?),
+            _ => None,
+        };
         // Built before connecting, so a bad CA file or pin fails without
         // bothering the upstream.
         let tls = match cfg.tls {
@@ -726,7 +747,7 @@ impl Connection {
                 if !wire.is_tls() && !cfg.allow_plaintext_auth {
                     return Err(SmtpError::CredentialsWithoutTls);
                 }
-                Some(auth::authenticate(&mut wire, creds, &caps.auth, limit).await?)
+                Some(auth::login(&mut wire, creds, token, &caps.auth, limit).await?)
             }
             None => None,
         };

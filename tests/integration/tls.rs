@@ -29,7 +29,7 @@ const USER: &str = "apikey";
 /// Distinctive, so a grep for it can't match anything else.
 const PASSWORD: &str = "Zq8-relayq-s3cret-Kw47";
 const FROM: &str = "app@example.com";
-const TO: &str = "bob@example.net";
+pub(crate) const TO: &str = "bob@example.net";
 
 /// A test's directory (config, spool, PKI, secrets) and its CA.
 struct Fixture {
@@ -74,50 +74,32 @@ fn config_for(host: &str, port: u16, tls: &str, relay_lines: &str) -> String {
     )
 }
 
-fn toml_path(p: &Path) -> String {
+pub(crate) fn toml_path(p: &Path) -> String {
     format!("{:?}", p.display().to_string())
 }
 
 /// A message with its own Message-ID and Date, so relayq adds only
 /// `Received:`.
-fn message(n: usize) -> Vec<u8> {
+pub(crate) fn message(n: usize) -> Vec<u8> {
     format!(
         "From: {FROM}\r\nTo: {TO}\r\nSubject: tls test {n}\r\nDate: Mon, 1 Jan 2024 00:00:00 +0000\r\nMessage-ID: <tls-{n}@example.com>\r\n\r\nHello over TLS, message {n}.\r\n"
     )
     .into_bytes()
 }
 
-async fn send(d: &Daemon, n: usize) -> String {
+pub(crate) async fn send(d: &Daemon, n: usize) -> String {
     let reply = send_mail(d.addr, FROM, &[TO], &message(n)).await;
     assert!(reply.starts_with("250 2.0.0"), "relayq refused: {reply}");
     queue_id(&reply)
 }
 
-/// Waits (without blocking the runtime the fake upstream runs on) until
-/// `n` log lines contain all of `needles`; returns those lines.
-async fn wait_lines(d: &Daemon, needles: &[&str], n: usize) -> Vec<String> {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let lines: Vec<String> = d
-            .log()
-            .lines()
-            .filter(|l| needles.iter().all(|k| l.contains(k)))
-            .map(str::to_string)
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "expected {n} log line(s) containing {needles:?} within {WAIT:?}; log:\n{}",
-            d.log()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+/// [`Daemon::wait_lines`] with this file's deadline.
+pub(crate) async fn wait_lines(d: &Daemon, needles: &[&str], n: usize) -> Vec<String> {
+    d.wait_lines(needles, n, WAIT).await
 }
 
 /// The delivery log line for `id`'s recipient with `status`.
-async fn status_line(d: &Daemon, id: &str, status: &str, n: usize) -> String {
+pub(crate) async fn status_line(d: &Daemon, id: &str, status: &str, n: usize) -> String {
     let to = format!("{id}: to=<{TO}>");
     let status = format!("status={status}");
     wait_lines(d, &[&to, &status], n).await.remove(n - 1)

@@ -95,8 +95,9 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
         None => r.ok(
             "config",
             format!(
-                "no config file ({} not found): development default, mail is captured into a local Maildir",
-                crate::config::DEFAULT_CONFIG_PATH
+                "no config file ({} not found): development default, spool {}",
+                crate::config::DEFAULT_CONFIG_PATH,
+                config.spool_dir.display()
             ),
         ),
     }
@@ -108,6 +109,21 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
         local::check_status_listen(addr, &mut r).await;
     }
     match config.transport_kind() {
+        TransportKind::Relay if config.relay.is_none() => {
+            // Named relays: their tokens (the sessions are checked for the
+            // single [relay] form).
+            for named in &config.relays {
+                let label = format!("relay {}", named.name);
+                let clock = crate::clock::Clock::new();
+                if let Some(tokens) = crate::transport::oauth2::TokenSource::for_relay(
+                    &named.relay,
+                    label.clone(),
+                    clock,
+                ) {
+                    relay::check_token(&label, &tokens, &mut r).await;
+                }
+            }
+        }
         TransportKind::Relay => relay::check_relay(&config, opts, &mut r).await,
         TransportKind::Capture => {
             let maildir = config

@@ -1,9 +1,12 @@
-//! The checks on the relay: DNS, TCP, greeting, EHLO, TLS, AUTH, and the
-//! `--send-to` test message, with the client settings delivery uses.
+//! The checks on the relay: DNS, TCP, greeting, the OAuth2 token, EHLO,
+//! TLS, AUTH, and the `--send-to` test message, with the client settings
+//! delivery uses.
 //!
 //! # Security
-//! The password is never printed; probes made only to show what a server
-//! offers are sent without credentials.
+//! The password, the OAuth2 client secret, refresh token and access token
+//! are never printed (the token step shows only the token's lifetime);
+//! probes made only to show what a server offers are sent without
+//! credentials.
 
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
@@ -15,8 +18,11 @@ use tokio::net::TcpStream;
 use super::local::read_reply;
 use super::{Options, Report, STEP_TIMEOUT};
 use crate::config::{Config, TlsModeConfig};
+use crate::transport::oauth2::{TokenSource, advice};
 use crate::transport::relay::RelaySender;
-use crate::transport::smtp::{ClientConfig, Connection, Envelope, SmtpError, TlsFailure, TlsMode};
+use crate::transport::smtp::{
+    ClientConfig, Connection, Envelope, Secret, SmtpError, TlsFailure, TlsMode,
+};
 
 pub(super) async fn check_relay<W: Write>(config: &Config, opts: &Options, r: &mut Report<W>) {
     let Some(relay) = config.relay.as_ref() else {
@@ -143,6 +149,13 @@ pub(super) async fn check_relay<W: Write>(config: &Config, opts: &Options, r: &m
         }
     }
 
+    // The OAuth2 token, before the session that logs in with it.
+    if let Some(tokens) = sender.tokens()
+        && !check_token(&format!("relay {}", relay.host), tokens, r).await
+    {
+        return;
+    }
+
     // The real session: TLS, EHLO, AUTH, exactly as delivery opens it.
     let mut cfg = match sender.client_config(addr) {
         Ok(cfg) => cfg,
@@ -212,6 +225,46 @@ pub(super) async fn check_relay<W: Write>(config: &Config, opts: &Options, r: &m
     }
 }
 
+/// Gets a token from the relay's endpoint as delivery would: `ok` with
+/// its lifetime, or FAIL with the provider's error and the fix. Never the
+/// token itself.
+pub(super) async fn check_token<W: Write>(
+    relay: &str,
+    tokens: &TokenSource,
+    r: &mut Report<W>,
+) -> bool {
+    let name = format!("oauth2 token for {relay}");
+    let s = tokens.settings();
+    let how = format!(
+        "{} {} grant from {}",
+        s.provider.name(),
+        s.grant.name(),
+        tokens.token_url()
+    );
+    match tokio::time::timeout(STEP_TIMEOUT, tokens.token()).await {
+        Ok(Ok(token)) => {
+            let left = token.expires_ms.saturating_sub(token.obtained_ms) / 1000;
+            r.ok(
+                &name,
+                format!("expires in {}m{:02}s ({how})", left / 60, left % 60),
+            );
+            true
+        }
+        Ok(Err(e)) => {
+            r.fail(&name, format!("{e} ({how})"), e.fix());
+            false
+        }
+        Err(_) => {
+            r.fail(
+                &name,
+                format!("no answer within {STEP_TIMEOUT:?} ({how})"),
+                crate::transport::oauth2::advice::unreachable(&tokens.token_url()),
+            );
+            false
+        }
+    }
+}
+
 fn server_name(cfg: &ClientConfig) -> &str {
     if cfg.tls_options.server_name.is_empty() {
         &cfg.host
@@ -268,13 +321,20 @@ async fn report_open_error<W: Write>(cfg: &ClientConfig, e: &SmtpError, r: &mut 
             "the server's certificate changed: verify the new one with your provider, then update relay.pin_sha256 (or remove the pin)",
         ),
         SmtpError::Tls(TlsFailure::Handshake { .. }) => r.fail("tls", e.to_string(), tls_fix),
-        SmtpError::AuthRejected { .. } => {
+        SmtpError::AuthRejected { reply } => {
             ehlo_ok_without_auth(cfg, r).await;
-            r.fail(
-                "auth",
-                e.to_string(),
-                "check relay.username and the password (password, password_file or password_env): many providers want an API key or an app password here, not the account password",
-            )
+            let oauth2 = match cfg.auth.as_ref().map(|c| &c.secret) {
+                Some(Secret::OAuth2(tokens)) => Some(tokens.settings()),
+                _ => None,
+            };
+            let fix = advice::auth_refused(&reply.one_line(), &cfg.host, oauth2).unwrap_or_else(|| {
+                "check relay.username and the password (password, password_file or password_env): many providers want an API key or an app password here, not the account password".into()
+            });
+            r.fail("auth", e.to_string(), fix)
+        }
+        SmtpError::OAuth2(token) => {
+            ehlo_ok_without_auth(cfg, r).await;
+            r.fail("auth", e.to_string(), token.fix())
         }
         SmtpError::AuthNotOffered
         | SmtpError::NoCommonAuthMechanism { .. }

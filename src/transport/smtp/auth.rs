@@ -21,6 +21,7 @@ use hmac::{Hmac, Mac};
 use md5::Md5;
 
 use super::{AuthMechanism, Credentials, Reply, Secret, SmtpError, Stage, Wire};
+use crate::transport::oauth2::AccessToken;
 
 /// Preference when the caller does not force a mechanism.
 const PASSWORD_MECHANISMS: [AuthMechanism; 3] = [
@@ -29,8 +30,51 @@ const PASSWORD_MECHANISMS: [AuthMechanism; 3] = [
     AuthMechanism::CramMd5,
 ];
 
-/// Logs in; returns the mechanism used.
-pub(super) async fn authenticate(
+/// Logs in; returns the mechanism used. With relayq's own OAuth2 tokens
+/// (`token` is the one got for this login), a refusal that may mean the
+/// token expired or was revoked early (535) gets one more try with a new
+/// token from the source, on the same connection (RFC 4954 allows AUTH
+/// again after a failure).
+pub(super) async fn login(
+    wire: &mut Wire,
+    creds: &Credentials,
+    token: Option<AccessToken>,
+    offered: &[String],
+    limit: Duration,
+) -> Result<AuthMechanism, SmtpError> {
+    let (Secret::OAuth2(source), Some(token)) = (&creds.secret, token) else {
+        return authenticate(wire, creds, offered, limit).await;
+    };
+    let with = |t: &AccessToken| Credentials {
+        secret: Secret::OAuth2Token(t.expose().to_string()),
+        ..creds.clone()
+    };
+    match authenticate(wire, &with(&token), offered, limit).await {
+        Err(SmtpError::AuthRejected { reply }) if may_be_the_token(&reply) => {
+            match source.after_rejection(&token).await {
+                Ok(Some(fresh)) => {
+                    tracing::debug!(
+                        "AUTH refused ({}); once more with a new token",
+                        reply.one_line()
+                    );
+                    authenticate(wire, &with(&fresh), offered, limit).await
+                }
+                Ok(None) => Err(SmtpError::AuthRejected { reply }),
+                Err(e) => Err(SmtpError::OAuth2(e)),
+            }
+        }
+        other => other,
+    }
+}
+
+/// 535 is what Google and Microsoft answer for an expired or revoked
+/// token, but Microsoft's 5.7.139 (SMTP AUTH disabled) is not about it.
+fn may_be_the_token(reply: &Reply) -> bool {
+    reply.code == 535 && reply.enhanced != Some((5, 7, 139))
+}
+
+/// Logs in with the secret as given; returns the mechanism used.
+async fn authenticate(
     wire: &mut Wire,
     creds: &Credentials,
     offered: &[String],
@@ -62,7 +106,7 @@ pub(super) fn choose(creds: &Credentials, offered: &[String]) -> Result<AuthMech
         return Err(SmtpError::AuthNotOffered);
     }
     let is_offered = |m: AuthMechanism| offered.iter().any(|o| o == m.name());
-    let is_token = matches!(creds.secret, Secret::OAuth2Token(_));
+    let is_token = matches!(creds.secret, Secret::OAuth2Token(_) | Secret::OAuth2(_));
     let chosen = match creds.mechanism {
         Some(forced) => {
             if is_token != (forced == AuthMechanism::XOAuth2) {

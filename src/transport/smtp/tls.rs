@@ -42,16 +42,9 @@ impl TlsSetup {
         };
         let server_name = ServerName::try_from(name.to_string())
             .map_err(|_| SmtpError::Config(format!("invalid TLS server name {name:?}")))?;
-        let roots = match &opts.ca_file {
-            Some(path) => Arc::new(load_ca_file(path).await?),
-            None => system_roots(),
-        };
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map_err(|e| SmtpError::Config(format!("TLS setup: {e}")))?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = client_config(opts.ca_file.as_deref())
+            .await
+            .map_err(SmtpError::Config)?;
         let pin = opts.pin_sha256.as_deref().map(parse_pin).transpose()?;
         Ok(TlsSetup {
             connector: TlsConnector::from(Arc::new(config)),
@@ -156,9 +149,24 @@ pub(super) fn version_name(stream: &TlsStream<TcpStream>) -> Option<String> {
     })
 }
 
-async fn load_ca_file(path: &Path) -> Result<RootCertStore, SmtpError> {
-    let unusable =
-        |e: &dyn std::fmt::Display| SmtpError::Config(format!("CA file {}: {e}", path.display()));
+/// A TLS client configuration with the ring provider and the trust roots
+/// of `ca_file` (replacing the system's) or the system's. Also used for
+/// the OAuth2 token endpoint, so both trust the same way.
+pub(crate) async fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, String> {
+    let roots = match ca_file {
+        Some(path) => Arc::new(load_ca_file(path).await?),
+        None => system_roots(),
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+async fn load_ca_file(path: &Path) -> Result<RootCertStore, String> {
+    let unusable = |e: &dyn std::fmt::Display| format!("CA file {}: {e}", path.display());
     let pem = tokio::fs::read(path).await.map_err(|e| unusable(&e))?;
     let mut store = RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&pem) {

@@ -1,7 +1,12 @@
 """An independent upstream for relayq's tests: aiosmtpd with STARTTLS
 required and AUTH required for one user.
 
-Usage: aiosmtpd_upstream.py CERT KEY USER PASSWORD OUTDIR
+Usage: aiosmtpd_upstream.py CERT KEY USER PASSWORD OUTDIR [TOKENS]
+
+With TOKENS (a file of bearer tokens, one a line, read at each login),
+AUTH XOAUTH2 is offered too, as Gmail does it: "user=U^Aauth=Bearer T^A^A";
+a token not in the file gets a 334 challenge with a JSON error, and after
+the client's empty answer 535.
 
 Listens on 127.0.0.1 on a free port and prints "READY <port>" when it
 accepts connections. For each message it writes OUTDIR/<n>.json (envelope,
@@ -9,6 +14,7 @@ TLS and AUTH state) and then OUTDIR/<n>.eml (the content exactly as
 received, dot-stuffing undone). Exits when stdin closes.
 """
 
+import base64
 import json
 import logging
 import os
@@ -20,6 +26,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
 cert, key, user, password, outdir = sys.argv[1:6]
+tokens_file = sys.argv[6] if len(sys.argv) > 6 else None
 
 
 class Handler:
@@ -46,6 +53,31 @@ class Handler:
             f.write(envelope.original_content)
         os.rename(base + ".eml.tmp", base + ".eml")
         return "250 2.0.0 Ok: queued by aiosmtpd"
+
+
+class XOAuth2Handler(Handler):
+    """Handler that also speaks AUTH XOAUTH2 against the tokens file."""
+
+    async def auth_XOAUTH2(self, server, args):
+        if len(args) > 1:
+            blob = base64.b64decode(args[1])
+        else:
+            blob = await server.challenge_auth("", encode_to_b64=False)
+            if not isinstance(blob, bytes):
+                return AuthResult(success=False, handled=False)
+        fields = dict(
+            f.split("=", 1) for f in blob.decode(errors="replace").split("\x01") if "=" in f
+        )
+        login = fields.get("user", "")
+        bearer = fields.get("auth", "")
+        token = bearer[len("Bearer "):] if bearer.startswith("Bearer ") else None
+        with open(tokens_file) as f:
+            valid = {line.strip() for line in f if line.strip()}
+        if login == user and token in valid:
+            return AuthResult(success=True, auth_data=Login(login, "XOAUTH2"))
+        error = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
+        await server.challenge_auth(error)
+        return AuthResult(success=False, handled=False)
 
 
 class Login:
@@ -80,7 +112,7 @@ context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(cert, key)
 port = free_port()
 controller = Controller(
-    Handler(),
+    XOAuth2Handler() if tokens_file else Handler(),
     hostname="127.0.0.1",
     port=port,
     # A fixed name: the default would ask DNS for our FQDN.

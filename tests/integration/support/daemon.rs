@@ -245,6 +245,29 @@ impl Daemon {
         self.dir.join("spool")
     }
 
+    /// Waits (without blocking the runtime a fake peer runs on) until `n`
+    /// log lines contain all of `needles`; returns those lines.
+    pub async fn wait_lines(&self, needles: &[&str], n: usize, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines: Vec<String> = self
+                .log()
+                .lines()
+                .filter(|l| needles.iter().all(|k| l.contains(k)))
+                .map(str::to_string)
+                .collect();
+            if lines.len() >= n {
+                return lines;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} log line(s) containing {needles:?} within {timeout:?}; log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Counts log lines containing `needle`.
     pub fn count_log(&self, needle: &str) -> usize {
         self.log().lines().filter(|l| l.contains(needle)).count()

@@ -2,9 +2,14 @@
 //! scriptable fake upstream.
 #![allow(dead_code)]
 
+pub mod aiosmtpd;
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod netns;
+pub mod peers;
 pub mod pki;
+pub mod readme;
 pub mod redis_server;
+pub mod token_endpoint;
 pub mod upstream;

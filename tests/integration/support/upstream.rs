@@ -43,7 +43,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 mod secure;
-pub use secure::{AuthAttempt, Handshake, Seen, UpstreamTls};
+pub use secure::{AuthAttempt, Handshake, Seen, TokenCheck, UpstreamTls};
 
 /// The name the fake server gives itself in its greeting and EHLO reply.
 pub const HOSTNAME: &str = "fake.upstream.test";
@@ -109,6 +109,12 @@ pub struct Script {
     /// MAIL with 530 until the client logged in (XOAUTH2 takes the password
     /// as its bearer token).
     pub auth: Option<(String, String)>,
+    /// XOAUTH2 accepts a bearer token in this set (the tokens a fake token
+    /// endpoint issued and has not expired) instead of the password.
+    pub auth_tokens: Option<TokenCheck>,
+    /// Replaces the reply to a failed AUTH ("535 5.7.3 ..." as Microsoft
+    /// says it); XOAUTH2 then gets no JSON challenge first.
+    pub auth_failure: Option<(u16, String)>,
     /// Recipients taken per transaction; more get "452 4.5.3 Too many
     /// recipients" (RFC 5321 4.5.3.1.10).
     pub max_rcpts: Option<usize>,
@@ -133,6 +139,8 @@ impl Default for Script {
             fail_first_n_transactions: 0,
             close_after_body: None,
             auth: None,
+            auth_tokens: None,
+            auth_failure: None,
             max_rcpts: None,
         }
     }

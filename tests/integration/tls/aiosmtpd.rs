@@ -1,64 +1,8 @@
 //! An upstream nobody here wrote: Python's aiosmtpd with STARTTLS and AUTH
 //! required, started from `support/aiosmtpd_upstream.py`.
 
-use std::process::{Command, Stdio};
-
-use tokio::io::{AsyncBufReadExt, BufReader};
-
 use super::*;
-
-/// Runs `support/aiosmtpd_upstream.py`; killed when dropped.
-struct Aiosmtpd {
-    child: tokio::process::Child,
-    port: u16,
-}
-
-impl Aiosmtpd {
-    async fn start(cert: &Path, key: &Path, outdir: &Path) -> Aiosmtpd {
-        let how = "install it with `python3 -m pip install aiosmtpd` (or `apt-get install python3-aiosmtpd`); .ci/run does this";
-        let probe = Command::new("python3")
-            .args(["-c", "import aiosmtpd"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
-        match probe {
-            Ok(s) if s.success() => {}
-            Ok(_) => panic!("python3 cannot import aiosmtpd: {how}"),
-            Err(e) => panic!("python3 is not available ({e}): {how}"),
-        }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/integration/support/aiosmtpd_upstream.py");
-        let mut child = tokio::process::Command::new("python3")
-            .arg(script)
-            .arg(cert)
-            .arg(key)
-            .args([USER, PASSWORD])
-            .arg(outdir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start python3");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = tokio::time::timeout(WAIT, lines.next_line())
-            .await
-            .expect("aiosmtpd did not start in time")
-            .expect("read aiosmtpd's stdout")
-            .expect("aiosmtpd exited before it was ready");
-        let port = ready
-            .strip_prefix("READY ")
-            .and_then(|p| p.parse().ok())
-            .unwrap_or_else(|| panic!("unexpected first line from aiosmtpd: {ready:?}"));
-        Aiosmtpd { child, port }
-    }
-}
-
-impl Drop for Aiosmtpd {
-    fn drop(&mut self) {
-        let _ = self.child.start_kill();
-    }
-}
+use crate::support::aiosmtpd::Aiosmtpd;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aiosmtpd_with_starttls_and_auth_gets_the_message_byte_for_byte() {
@@ -66,7 +10,15 @@ async fn aiosmtpd_with_starttls_and_auth_gets_the_message_byte_for_byte() {
     let cert = f.ca.server_cert(CertKind::Good);
     let outdir = f.path().join("aiosmtpd");
     std::fs::create_dir_all(&outdir).unwrap();
-    let server = Aiosmtpd::start(&cert.cert_file, &cert.key_file, &outdir).await;
+    let server = Aiosmtpd::start(
+        &cert.cert_file,
+        &cert.key_file,
+        USER,
+        PASSWORD,
+        &outdir,
+        None,
+    )
+    .await;
     let lines = format!(
         "{}{}auth_mechanism = \"plain\"\n",
         ca_line(&f),

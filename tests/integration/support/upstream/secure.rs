@@ -1,7 +1,8 @@
 //! TLS and AUTH for the fake upstream: STARTTLS (advertised, then the
 //! socket is upgraded and a fresh session starts), implicit TLS (the
 //! handshake before the greeting), and AUTH PLAIN, LOGIN and XOAUTH2
-//! against one user from the [`Script`].
+//! against one user from the [`Script`], XOAUTH2 optionally against the
+//! bearer tokens a fake token endpoint issued ([`TokenCheck`]).
 //!
 //! What a test needs to prove that nothing secret crossed the wire in clear
 //! text is recorded here: each command line with whether TLS was up when it
@@ -87,6 +88,51 @@ impl Script {
     pub fn require_auth(mut self, user: &str, password: &str) -> Self {
         self.auth = Some((user.to_string(), password.to_string()));
         self
+    }
+
+    /// Demand AUTH XOAUTH2 as `user` with a bearer token from `tokens`
+    /// before MAIL (passwords are refused).
+    pub fn require_xoauth2(mut self, user: &str, tokens: TokenCheck) -> Self {
+        self.auth = Some((user.to_string(), String::new()));
+        self.auth_tokens = Some(tokens);
+        self
+    }
+
+    /// Answer a failed AUTH with this reply.
+    pub fn auth_failure(mut self, code: u16, text: &str) -> Self {
+        self.auth_failure = Some((code, text.to_string()));
+        self
+    }
+}
+
+/// The bearer tokens an upstream accepts: shared with the fake token
+/// endpoint that issues them (and expires them).
+#[derive(Clone, Default)]
+pub struct TokenCheck(Arc<std::sync::Mutex<std::collections::HashSet<String>>>);
+
+impl TokenCheck {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<String>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    pub fn accept(&self, token: &str) {
+        self.set().insert(token.to_string());
+    }
+    pub fn is_valid(&self, token: &str) -> bool {
+        self.set().contains(token)
+    }
+    /// Every token accepted now.
+    pub fn tokens(&self) -> Vec<String> {
+        self.set().iter().cloned().collect()
+    }
+    /// Every token issued so far is expired (or revoked).
+    pub fn expire_all(&self) {
+        self.set().clear();
+    }
+}
+
+impl std::fmt::Debug for TokenCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "TokenCheck({} valid)", self.set().len())
     }
 }
 
@@ -308,9 +354,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .std_reply(script, 501, "5.7.0", "Authentication cancelled")
                 .await;
         };
-        let (username, ok) = match &decoded {
-            Some((u, p)) => (u.clone(), *u == user && *p == password),
-            None => (String::new(), false),
+        let (username, ok) = match (&decoded, &script.auth_tokens) {
+            (Some((u, t)), Some(tokens)) => (
+                u.clone(),
+                mechanism == "XOAUTH2" && *u == user && tokens.is_valid(t),
+            ),
+            (Some((u, p)), None) => (u.clone(), *u == user && *p == password),
+            (None, _) => (String::new(), false),
         };
         self.note_auth(&mechanism, &username, ok);
         if ok {
@@ -323,6 +373,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return self
                 .std_reply(script, 501, "5.5.2", "Cannot decode the response")
                 .await;
+        }
+        if let Some((code, text)) = &script.auth_failure {
+            return self.reply(*code, text).await;
         }
         if mechanism == "XOAUTH2" {
             // Google's way: an error as a base64 JSON challenge; the client
