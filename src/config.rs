@@ -4,7 +4,8 @@
 //! deserialization (addresses, durations, sizes), so a bad value is reported
 //! by the TOML parser with the file, line, column and key. Checks that need
 //! several keys at once run afterwards in [`Config::validate`] and name the
-//! keys involved.
+//! keys involved. Parser errors quote the file: [`redact`] takes any
+//! secret out of them first.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,6 +14,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+mod networks;
+mod redact;
 
 pub use crate::routing::config::{NamedRelay, QuotaWindow, RelaySection, RouteConfig};
 
@@ -544,9 +548,10 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // The parser quotes the offending line: never with a secret in it.
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: redact::scrub(e.to_string().trim_end(), text),
         })?;
         config.source = Some(path.to_path_buf());
         if let Some(section) = &config.relay_section {
@@ -808,14 +813,14 @@ impl Config {
                 "inbound AUTH is only offered after STARTTLS: set smtp.tls_cert and smtp.tls_key too",
             ));
         }
-        if let Some(any) = smtp.allow_networks.iter().find(|n| n.prefix_len() == 0) {
-            return Err(self.invalid(
-                "smtp.allow_networks",
-                format!("{any} would let the whole Internet relay through relayq (an open relay); list your own networks"),
-            ));
+        if let Err(why) = networks::judge(&smtp.allow_networks, smtp.allow_public_networks) {
+            return Err(self.invalid("smtp.allow_networks", why));
         }
         let auth = smtp.auth_users_file.is_some();
-        if let Some(open) = smtp.listen.iter().find(|a| !a.ip().is_loopback())
+        if let Some(open) = smtp
+            .listen
+            .iter()
+            .find(|a| !a.ip().to_canonical().is_loopback())
             && !smtp.allow_networks_explicit
             && !auth
         {

@@ -757,7 +757,10 @@ impl Session {
                             limits.min_data_rate, limits.stress_timeout.0
                         )
                     } else {
-                        format!("no data for {:?} (smtp.data_timeout)", limits.data_timeout.0)
+                        format!(
+                            "no data for {:?} (smtp.data_timeout)",
+                            limits.data_timeout.0
+                        )
                     };
                     self.rejected_txn(Stage::Data, Reason::Timeout, &reply, Some(&detail));
                     return Err(Close::Timeout);
@@ -1061,9 +1064,11 @@ impl Session {
     }
 
     /// Waits before a reply to a client that deserves to wait (tarpit).
-    /// The session is idle meanwhile: it may be closed to make room.
+    /// The session is idle meanwhile: it may be closed to make room. Only
+    /// network clients wait: a local user on a pipe (`sendmail -bs`) gains
+    /// nothing by flooding it and could simply stop reading.
     async fn pause(&mut self, delay: Duration) {
-        if delay.is_zero() {
+        if delay.is_zero() || !self.presence.attached() {
             return;
         }
         self.presence.idle();

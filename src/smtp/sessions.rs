@@ -241,6 +241,11 @@ impl Presence {
         }
     }
 
+    /// Whether the session is in the server's table (a network client).
+    pub fn attached(&self) -> bool {
+        self.entry.is_some()
+    }
+
     /// The session now waits for the client's next command.
     pub fn idle(&self) {
         if let (Some(e), Some(t)) = (&self.entry, &self.table) {
