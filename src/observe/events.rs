@@ -310,6 +310,12 @@ pub fn rejected(client: &Client, r: &Rejection) {
     counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
 }
 
+/// Counts a refusal without logging it: a local user whose log budget is
+/// spent (see `pickup`). The count is never left out.
+pub fn rejected_silently(r: &Rejection) {
+    counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
+}
+
 /// One recipient's outcome in one attempt.
 pub fn attempt(a: &Attempt<'_>) {
     let delay = round2(a.delay);

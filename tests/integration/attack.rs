@@ -4,11 +4,13 @@
 //! - [`auth`]: floods of wrong passwords, budgets and lockouts.
 //! - [`config_secrets`]: secrets never printed in config errors.
 //! - [`flood`]: idle and slow connections, the session table, stress.
+//! - [`maildrop`]: junk planted by local users, log budgets, corrupt/ bounds.
 //! - [`open_relay`]: allow_networks judged by what it covers.
 //! - [`smuggle`]: a refused DATA must never turn the message into commands.
 
 mod auth;
 mod config_secrets;
 mod flood;
+mod maildrop;
 mod open_relay;
 mod smuggle;

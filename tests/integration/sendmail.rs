@@ -82,6 +82,24 @@ pub fn as_nobody(program: &str) -> Command {
     c
 }
 
+/// Runs `relayq sendmail -C <config> ARGS` as `uid` (its gid the same),
+/// with `input` on stdin.
+pub fn as_nobody_uid(uid: u32, config: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+        "--",
+        &nobody_bin(),
+        "sendmail",
+        "-C",
+    ])
+    .arg(config)
+    .args(args);
+    run(c, input)
+}
+
 pub fn nobody_bin() -> String {
     static COPY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {

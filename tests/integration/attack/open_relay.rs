@@ -73,7 +73,8 @@ fn wide_public_networks_need_the_override() {
         let (ok, err) = run("check-config", &path);
         assert!(!ok, "accepted {networks}");
         assert!(
-            err.contains("smtp.allow_public_networks = true") && err.contains("relay through relayq"),
+            err.contains("smtp.allow_public_networks = true")
+                && err.contains("relay through relayq"),
             "{networks}: {err}"
         );
         write(&path, networks, "allow_public_networks = true");

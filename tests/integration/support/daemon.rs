@@ -22,6 +22,8 @@ pub struct Daemon {
     env: Vec<(String, String)>,
     /// The open file limit (soft, hard) the daemon starts with.
     nofile: Option<(u64, u64)>,
+    /// Runs the daemon as this uid (and gid) instead of ours.
+    run_as: Option<u32>,
 }
 
 /// A config relaying to `upstream` in clear text (allowed: loopback).
@@ -83,7 +85,36 @@ impl Daemon {
         Daemon::start_in_with(dir, config, &[], Some(nofile))
     }
 
+    /// Like [`Daemon::start_in`], running as user nobody (65534), as a
+    /// service runs as its own user: `dir` is handed to nobody. Needs root.
+    pub fn start_in_as_nobody(dir: &Path, config: &str) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).expect("chown the test dir");
+        // Other local users reach the maildrop through it, as through /var/spool.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the test dir");
+        Daemon::start_in_with_run_as(dir, config, Some(65534))
+    }
+
+    fn start_in_with_run_as(dir: &Path, config: &str, run_as: Option<u32>) -> Daemon {
+        let mut d = Daemon::new_in(dir, config, &[], None);
+        d.run_as = run_as;
+        d.spawn();
+        d
+    }
+
     fn start_in_with(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Daemon {
+        let mut d = Daemon::new_in(dir, config, env, nofile);
+        d.spawn();
+        d
+    }
+
+    fn new_in(
         dir: &Path,
         config: &str,
         env: &[(&str, &str)],
@@ -102,7 +133,7 @@ impl Daemon {
         }
         let config_path = dir.join("relayq.toml");
         std::fs::write(&config_path, text).expect("write config");
-        let mut d = Daemon {
+        Daemon {
             child: None,
             dir: dir.to_path_buf(),
             config: config_path,
@@ -114,13 +145,20 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             nofile,
-        };
-        d.spawn();
-        d
+            run_as: None,
+        }
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match self.run_as {
+            None => Command::new(BIN),
+            Some(_) => Command::new(crate::sendmail::nobody_bin()),
+        };
+        if let Some(id) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            // std drops the supplementary groups too when root sets a uid.
+            cmd.uid(id).gid(id);
+        }
         if let Some((soft, hard)) = self.nofile {
             use std::os::unix::process::CommandExt;
             // SAFETY: setrlimit is async-signal-safe.
