@@ -6,6 +6,7 @@
 //! - [`flood`]: idle and slow connections, the session table, stress.
 //! - [`maildrop`]: junk planted by local users, log budgets, corrupt/ bounds.
 //! - [`open_relay`]: allow_networks judged by what it covers.
+//! - [`seen`]: the smaller things (a duplicate warned of, short disk at start).
 //! - [`smuggle`]: a refused DATA must never turn the message into commands.
 
 mod auth;
@@ -13,4 +14,5 @@ mod config_secrets;
 mod flood;
 mod maildrop;
 mod open_relay;
+mod seen;
 mod smuggle;
