@@ -601,6 +601,27 @@ impl Config {
         }
     }
 
+    /// Keys that hold a secret in the config file itself (a relay's
+    /// `password`, a password in `limits_backend`): the file is read by
+    /// every user who runs `sendmail`, so these belong in `password_file`.
+    pub fn inline_secrets(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|r| r.relay.password.is_some())
+            .map(|r| match &self.relay {
+                Some(_) => "relay.password".to_string(),
+                None => format!("relay.{}.password", r.name),
+            })
+            .collect();
+        if let Some(SecretString(url)) = &self.limits_backend
+            && crate::routing::fleet::display_url(url) != *url
+        {
+            keys.push("limits_backend".into());
+        }
+        keys
+    }
+
     /// The domain for `user@domain` senders of local submissions.
     pub fn myorigin(&self) -> &str {
         self.myorigin.as_deref().unwrap_or(&self.hostname)

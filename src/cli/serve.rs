@@ -25,6 +25,7 @@ const FD_RESERVE: u64 = 256;
 pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::memory::return_large_blocks();
     let config = Arc::new(config);
+    warn_if_secrets_are_public(&config);
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(
@@ -330,6 +331,22 @@ fn session_ceiling(config: &Config, workers: u64) -> usize {
         );
     }
     usize::try_from(fit.min(want)).unwrap_or(usize::MAX)
+}
+
+/// The config file is meant to be readable by every user (their `sendmail`
+/// reads it): a secret written in it is then theirs too.
+fn warn_if_secrets_are_public(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = &config.source else { return };
+    let readable = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+    let keys = config.inline_secrets();
+    if readable && !keys.is_empty() {
+        tracing::warn!(
+            "{} is readable by every user and holds a secret ({}): put it in a file only relayq reads (password_file, chmod 600, owned by relayq)",
+            path.display(),
+            keys.join(", ")
+        );
+    }
 }
 
 /// New mail gets `452 4.3.1` below `min_free_space`: say so at start

@@ -130,3 +130,22 @@ fn a_failed_reload_never_logs_a_secret() {
     }
     assert!(d.stop());
 }
+
+#[test]
+fn serve_warns_of_a_secret_in_a_config_every_user_reads() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let text = config(tmp.path(), "", "")
+        .replace("password_env = \"X\"", &format!("password = \"{SECRET}\""));
+    let mut d = Daemon::start_in(tmp.path(), &text);
+    // As install.sh leaves it: readable by every user.
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mark = d.log_mark();
+    d.restart();
+    let line = d.wait_log_since(mark, "is readable by every user and holds a secret", WAIT);
+    assert!(
+        line.contains("(relay.password)") && line.contains("password_file"),
+        "{line}"
+    );
+    assert!(!d.log().contains(SECRET));
+}
