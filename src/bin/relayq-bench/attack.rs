@@ -451,11 +451,17 @@ pub async fn idle_flood(args: &Args) -> anyhow::Result<()> {
     let peak = sampler.join().unwrap_or(0);
     let mut still_open = 0;
     for s in &mut idle {
+        // Closed: whatever the server said (a 421), then the end.
         let mut buf = [0u8; 256];
-        if let Err(_) | Ok(Ok(1..)) =
-            tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await
-        {
-            still_open += 1;
+        loop {
+            match tokio::time::timeout(Duration::from_millis(1), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(_)) => continue,
+                Err(_) => {
+                    still_open += 1;
+                    break;
+                }
+            }
         }
     }
     drop(idle);
