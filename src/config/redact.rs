@@ -275,9 +275,7 @@ mod tests {
     const SECRET: &str = "Hunter2Secret";
 
     fn parse_error(text: &str) -> String {
-        let e = toml::from_str::<super::super::Config>(text)
-            .err()
-            .expect("the text is invalid");
+        let e = toml::from_str::<super::super::Config>(text).expect_err("the text is invalid");
         scrub(&e.to_string(), text)
     }
 
