@@ -537,6 +537,19 @@ fn default_redis_fallback_share() -> f64 {
     0.5
 }
 
+/// What a `*_env` key holds that is not a variable name; the value is not
+/// shown, as it may be the secret itself.
+pub const NOT_AN_ENV_NAME: &str = "must be the name of an environment variable (letters, digits and _, e.g. RELAY_SECRET) that holds the secret, not the secret itself; the value is not shown here in case it is";
+
+/// A name a shell can export.
+pub fn is_env_name(v: &str) -> bool {
+    let mut bytes = v.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -750,6 +763,11 @@ impl Config {
                     key("password"),
                     "set only one of password, password_file, password_env, oauth2_token_file and oauth2_provider",
                 ));
+            }
+            if let Some(v) = &relay.password_env
+                && !is_env_name(v)
+            {
+                return Err(self.invalid(key("password_env"), NOT_AN_ENV_NAME));
             }
             if let Err((k, message)) = crate::transport::oauth2::check_config(relay) {
                 return Err(self.invalid(key(k), message));
