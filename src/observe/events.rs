@@ -174,7 +174,7 @@ pub enum Reason {
     DiskFull,
     /// The queue file could not be written.
     QueueError,
-    /// A maildrop file that breaks a rule (moved to corrupt/).
+    /// A maildrop file that breaks a rule (kept in corrupt/maildrop/).
     BadDropFile,
 }
 

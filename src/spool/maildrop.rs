@@ -173,11 +173,13 @@ pub enum Rejected {
     /// not readable by relayq: to be cleared ([`clear`]).
     #[error("{0}")]
     NotAFile(String),
-    /// A file that does not decode or breaks a rule: moved to corrupt/.
-    /// `uid` is the file's owner, who wrote it.
+    /// A file that does not decode or breaks a rule: kept in
+    /// `corrupt/maildrop/` (see [`to_corrupt`]). `uid` is the file's
+    /// owner, who wrote it.
     #[error("{why}")]
     Bad { uid: u32, why: String },
-    /// A file over the message size limit: moved to corrupt/.
+    /// A file over the message size limit: removed, or kept when small
+    /// enough (see [`to_corrupt`]).
     #[error("{why}")]
     TooBig { uid: u32, why: String },
     /// Could not be read now; left for the next scan.
