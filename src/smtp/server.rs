@@ -1,7 +1,8 @@
 //! The inbound listener: accepts connections on every configured address,
 //! admits them through the session table ([`super::sessions`]: limits per
 //! address, stress, the idlest session making room), and drains on
-//! shutdown.
+//! shutdown. What a remote client can make relayq log about itself is
+//! budgeted ([`client_line`]).
 //!
 //! Shutdown (SIGTERM/SIGINT) flips a watch channel: idle sessions answer
 //! `421` and close, sessions inside DATA finish their message, and
@@ -39,6 +40,23 @@ pub struct ServerContext {
     /// The AUTH failure tables and the password checker: kept across
     /// reloads ([`ServerContext::reload`]).
     pub defenses: Arc<Defenses>,
+}
+
+/// Lines one remote client (an address; IPv6: its /64) can make relayq log
+/// per minute about itself: refused connections, protocol abuse, failed
+/// logins. A flood of connections must not become a flood of log lines.
+pub const CLIENT_LINES: u32 = 20;
+
+/// Whether a line about `ip` may be logged now; `Some(note)` says so, the
+/// note telling how many were left out before (append it to the line).
+pub fn client_line(ip: std::net::IpAddr) -> Option<String> {
+    use crate::observe::quiet::{LogBudget, Verdict, note};
+    static BUDGET: std::sync::OnceLock<LogBudget<std::net::IpAddr>> = std::sync::OnceLock::new();
+    let budget = BUDGET.get_or_init(|| LogBudget::new(CLIENT_LINES, Duration::from_secs(60)));
+    match budget.check(&super::anvil::client_key(ip)) {
+        Verdict::Log { suppressed } => Some(note(suppressed, "minute")),
+        Verdict::Quiet => None,
+    }
 }
 
 /// What outlives a config reload: counts of failed logins, and the bound
@@ -252,7 +270,9 @@ async fn accept_loop(
         let presence = match table.admit(ip, trusted, ctx.config.smtp.max_connections_per_ip) {
             Ok(p) => p,
             Err(Refusal::Full) => {
-                tracing::warn!("refusing {peer}: too many connections");
+                if let Some(note) = client_line(ip) {
+                    tracing::warn!("refusing {peer}: too many connections{note}");
+                }
                 tokio::spawn(refuse(
                     stream,
                     format!("421 4.7.0 {host} Error: too many connections"),
@@ -260,7 +280,9 @@ async fn accept_loop(
                 continue;
             }
             Err(Refusal::PerAddress) => {
-                tracing::warn!("refusing {peer}: too many connections from this address");
+                if let Some(note) = client_line(ip) {
+                    tracing::warn!("refusing {peer}: too many connections from this address{note}");
+                }
                 tokio::spawn(refuse(
                     stream,
                     format!("421 4.7.0 {host} Error: too many connections from {ip}"),

@@ -486,7 +486,9 @@ impl Session {
             .flat_map(|&b| std::ascii::escape_default(b))
             .map(char::from)
             .collect();
-        tracing::warn!(target: "relayq::smtp", "{what} from [{}]: {shown}", self.peer.ip());
+        if let Some(note) = super::server::client_line(self.peer.ip()) {
+            tracing::warn!(target: "relayq::smtp", "{what} from [{}]: {shown}{note}", self.peer.ip());
+        }
         self.reply("221 2.7.0 Error: I can break rules, too. Goodbye.");
         Close::BrokeRules
     }
@@ -1033,7 +1035,9 @@ impl Session {
         let failure = defenses
             .anvil
             .failed(ip, Some(&user), self.ctx.clock.now_ms(), &budget);
-        tracing::warn!(target: "relayq::smtp", "[{ip}]: SASL {method} authentication failed for user {shown}");
+        if let Some(note) = super::server::client_line(ip) {
+            tracing::warn!(target: "relayq::smtp", "[{ip}]: SASL {method} authentication failed for user {shown}{note}");
+        }
         if let Some(locked) = failure.lockout {
             let minutes = |d: &crate::config::HumanDuration| d.0.as_secs().div_ceil(60);
             let (window, lockout) = (

@@ -216,6 +216,19 @@ async fn a_body_sent_after_the_refusal_is_not_executed() {
         .await;
     assert_eq!(replies_until_eof(&mut c).await, vec![BREAK.to_string()]);
 
+    // Done again and again, it is not logged again and again: a client's
+    // lines are budgeted (20 a minute), the count of the rest comes later.
+    for _ in 0..60 {
+        let mut c = connect(&d, "127.0.0.3").await;
+        c.send(b"Subject: again\r\n").await;
+        assert_eq!(replies_until_eof(&mut c).await, vec![BREAK.to_string()]);
+    }
+    let mut c = connect(&d, "127.0.0.4").await;
+    c.send(b"Subject: last\r\n").await;
+    assert_eq!(replies_until_eof(&mut c).await, vec![BREAK.to_string()]);
+    d.wait_log("non-SMTP command from [127.0.0.4]", WAIT);
+    assert_eq!(d.count_log("non-SMTP command from [127.0.0.3]"), 20);
+
     only_the_control_message_arrives(&d, &up).await;
 }
 
