@@ -6,7 +6,6 @@ pub mod anvil;
 pub mod auth;
 #[cfg(test)]
 mod fuzz;
-pub mod message;
 pub mod server;
 pub mod session;
 pub mod sessions;
