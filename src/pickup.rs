@@ -391,7 +391,10 @@ fn refuse(
 ) {
     let reply = match maildrop::to_corrupt(root, name, max_size.saturating_add(1 << 20)) {
         Ok((kept, pruned)) => {
-            log_pruned(&pruned);
+            // Room made for this user's file: their budget pays the line.
+            if !pruned.is_empty() && may_log(uid) {
+                log_pruned(&pruned);
+            }
             match kept {
                 Refused::Kept(id) => format!(
                     "maildrop file {name} refused ({why}); kept as {}/{id}",

@@ -177,8 +177,10 @@ fn refused_drop_files_are_kept_within_bounds() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(count(&d.spool().join("corrupt/maildrop")), 100);
-    let line = d.wait_log("corrupt/maildrop kept within its bounds", WAIT);
-    assert!(line.contains("at most 100 files, 100 MB, 7 days"), "{line}");
+    // 106 refusals, and room made for the last ones: within the user's
+    // budget of lines all the same.
+    let lines = attacker_lines(&d);
+    assert!(lines.len() <= 10, "{}", lines.join("\n"));
     // Nothing but these bounded files was kept: no 1 GB file anywhere.
     let big = std::fs::read_dir(d.spool().join("corrupt/maildrop"))
         .unwrap()
