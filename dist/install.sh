@@ -94,6 +94,7 @@ if [ -e "$config" ]; then
         say "warning: /etc/relayq/relayq.toml is not readable by other users, so their sendmail fails (exit 78); move any secret into password_file, then: chmod 644 /etc/relayq/relayq.toml"
     fi
 else
+    # Like Postfix's main.cf: readable by all.
     install -m 0644 "$here/relayq.toml" "$config"
     say "installed /etc/relayq/relayq.toml from dist/relayq.toml: edit [relay] before starting"
 fi

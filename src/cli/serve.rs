@@ -23,6 +23,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 const FD_RESERVE: u64 = 256;
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM or Ctrl-C from the first log line on (a
+    // script stopping relayq once it speaks, systemd right after READY=1)
+    // must drain, not kill (nor be ignored, when inherited as ignored).
+    let signals = Signals::new()?;
     crate::memory::return_large_blocks();
     let config = Arc::new(config);
     warn_if_secrets_are_public(&config);
@@ -44,7 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _daemon_lock = super::lock_spool(&config.spool_dir, Duration::from_secs(60))?;
     // Under the lock: the slots present now are recovery's to look at.
     spool
-        .enable_slots()
+        .enable_slots(config.queue.done_sync_window.0)
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     crate::spool::maildrop::prepare(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
@@ -177,6 +181,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rec.corrupt.len(),
                 rec.discarded_tmp
             );
+            if rec.stale_names > 0 {
+                tracing::warn!(
+                    "{} stale queue file names (left by a power loss) put right: each message is queued under its own id",
+                    rec.stale_names
+                );
+            }
             if rec.relinked > 0 {
                 tracing::warn!(
                     "{} accepted messages restored to queue/ from their slots (links lost in a crash)",
@@ -236,8 +246,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
-    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
-    let signals = Signals::new()?;
     // systemd (Type=notify): we are listening; a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");
@@ -291,6 +299,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = pickup_task.await;
     let _ = std::fs::remove_file(&pickup_socket);
     let _ = sched_task.await;
+    // What was delivered must not be sent again after a power cut now.
+    let _ = tokio::task::spawn_blocking(move || spool.flush_done_marks()).await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");
     Ok(())

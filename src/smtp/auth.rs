@@ -18,7 +18,7 @@
 //! setting that makes sure of it). An unknown user is checked against a
 //! dummy hash so that the answer takes as long as for a known one (no user
 //! enumeration by timing). AUTH is only offered on a TLS session; see
-//! [`super::anvil`] for the failure budgets.
+//! [`super::auth_budget`] for the failure budgets.
 
 use std::collections::HashMap;
 use std::path::Path;

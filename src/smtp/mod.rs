@@ -2,8 +2,8 @@
 //! machine ([`session`]) that turns a client's dialogue into a queued
 //! message.
 
-pub mod anvil;
 pub mod auth;
+pub mod auth_budget;
 #[cfg(test)]
 mod fuzz;
 pub mod server;

@@ -18,8 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::anvil::Anvil;
 use super::auth::Verifier;
+use super::auth_budget::AuthFailures;
 use super::session::Session;
 use super::sessions::{Refusal, Sessions};
 use crate::clock::Clock;
@@ -53,7 +53,7 @@ pub fn client_line(ip: std::net::IpAddr) -> Option<String> {
     use crate::observe::quiet::{LogBudget, Verdict, note};
     static BUDGET: std::sync::OnceLock<LogBudget<std::net::IpAddr>> = std::sync::OnceLock::new();
     let budget = BUDGET.get_or_init(|| LogBudget::new(CLIENT_LINES, Duration::from_secs(60)));
-    match budget.check(&super::anvil::client_key(ip)) {
+    match budget.check(&super::auth_budget::client_key(ip)) {
         Verdict::Log { suppressed } => Some(note(suppressed, "minute")),
         Verdict::Quiet => None,
     }
@@ -63,7 +63,7 @@ pub fn client_line(ip: std::net::IpAddr) -> Option<String> {
 /// on password checks running at once.
 #[derive(Default)]
 pub struct Defenses {
-    pub anvil: Anvil,
+    pub auth_failures: AuthFailures,
     pub verifier: Verifier,
 }
 
@@ -255,7 +255,7 @@ async fn accept_loop(
         let ip = peer.ip().to_canonical();
         let trusted = ctx.trusted(ip);
         let now = ctx.clock.now_ms();
-        if !trusted && let Some(locked) = ctx.defenses.anvil.locked(ip, None, now) {
+        if !trusted && let Some(locked) = ctx.defenses.auth_failures.locked(ip, None, now) {
             tracing::debug!(%peer, "refused: AUTH locked ({locked:?})");
             tokio::spawn(refuse(
                 stream,
@@ -269,24 +269,21 @@ async fn accept_loop(
         // from) are never refused for their address alone: see sessions.
         let presence = match table.admit(ip, trusted, ctx.config.smtp.max_connections_per_ip) {
             Ok(p) => p,
-            Err(Refusal::Full) => {
+            Err(refusal) => {
+                let (why, reply) = match refusal {
+                    Refusal::Full => (
+                        "too many connections",
+                        format!("421 4.7.0 {host} Error: too many connections"),
+                    ),
+                    Refusal::PerAddress => (
+                        "too many connections from this address",
+                        format!("421 4.7.0 {host} Error: too many connections from {ip}"),
+                    ),
+                };
                 if let Some(note) = client_line(ip) {
-                    tracing::warn!("refusing {peer}: too many connections{note}");
+                    tracing::warn!("refusing {peer}: {why}{note}");
                 }
-                tokio::spawn(refuse(
-                    stream,
-                    format!("421 4.7.0 {host} Error: too many connections"),
-                ));
-                continue;
-            }
-            Err(Refusal::PerAddress) => {
-                if let Some(note) = client_line(ip) {
-                    tracing::warn!("refusing {peer}: too many connections from this address{note}");
-                }
-                tokio::spawn(refuse(
-                    stream,
-                    format!("421 4.7.0 {host} Error: too many connections from {ip}"),
-                ));
+                tokio::spawn(refuse(stream, reply));
                 continue;
             }
         };

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 
 use super::server::ServerContext;
 use super::sessions::Presence;
-use super::{anvil, auth};
+use super::{auth, auth_budget};
 use crate::cleanup::{self, Refusal, trace};
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
@@ -54,7 +54,7 @@ const BUSY_DELAY: Duration = Duration::from_secs(1);
 const ERROR_DELAY: Duration = Duration::from_secs(1);
 
 /// AUTH while the client's address or the user name is locked out (see
-/// `anvil`): no password is checked.
+/// `auth_budget`): no password is checked.
 const LOCKED: &str = "454 4.7.0 Error: too many failed authentications; try again later";
 
 /// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
@@ -987,7 +987,7 @@ impl Session {
         let ip = self.peer.ip();
         let defenses = self.ctx.defenses.clone();
         if defenses
-            .anvil
+            .auth_failures
             .locked(ip, None, self.ctx.clock.now_ms())
             .is_some()
         {
@@ -1027,7 +1027,7 @@ impl Session {
         };
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
         if defenses
-            .anvil
+            .auth_failures
             .locked(ip, Some(&user), self.ctx.clock.now_ms())
             .is_some()
         {
@@ -1045,16 +1045,17 @@ impl Session {
         };
         if ok {
             tracing::info!(target: "relayq::smtp", "client=[{ip}], sasl_method={method}, sasl_username={shown}");
-            defenses.anvil.succeeded(&user);
+            defenses.auth_failures.succeeded(&user);
             self.auth_user = Some(user);
             self.reply("235 2.7.0 Authentication successful");
             return Ok(true);
         }
         let smtp = &self.ctx.config.smtp;
-        let budget = anvil::Budget::from(smtp);
-        let failure = defenses
-            .anvil
-            .failed(ip, Some(&user), self.ctx.clock.now_ms(), &budget);
+        let budget = auth_budget::Budget::from(smtp);
+        let failure =
+            defenses
+                .auth_failures
+                .failed(ip, Some(&user), self.ctx.clock.now_ms(), &budget);
         if let Some(note) = super::server::client_line(ip) {
             tracing::warn!(target: "relayq::smtp", "[{ip}]: SASL {method} authentication failed for user {shown}{note}");
         }
@@ -1065,13 +1066,13 @@ impl Session {
                 minutes(&smtp.auth_lockout),
             );
             match locked {
-                anvil::Locked::Address { .. } => tracing::warn!(
+                auth_budget::Locked::Address { .. } => tracing::warn!(
                     target: "relayq::smtp",
                     "AUTH lockout: [{}]: {} failed AUTH attempts within {window}m (smtp.auth_failure_limit); AUTH from it is refused for {lockout}m",
-                    anvil::client_key(ip),
+                    auth_budget::client_key(ip),
                     smtp.auth_failure_limit
                 ),
-                anvil::Locked::User { .. } => tracing::warn!(
+                auth_budget::Locked::User { .. } => tracing::warn!(
                     target: "relayq::smtp",
                     "AUTH lockout: user {shown}: {} failed AUTH attempts within {window}m from any address (smtp.auth_user_failure_limit); AUTH for it is refused for {lockout}m",
                     smtp.auth_user_failure_limit
@@ -1167,6 +1168,7 @@ impl Session {
                 .or_else(|| self.txn.as_ref().map(|t| t.sender.clone())),
             to: to.to_vec(),
             detail: detail.map(str::to_string),
+            to_omitted: 0,
         };
         match &self.local {
             Some(sink) => sink.rejected(&r),

@@ -9,7 +9,9 @@
 //! closes its idlest session for a newcomer instead of refusing everyone.
 //!
 //! - **Admission.** A client outside `allow_networks` may hold at most
-//!   `max_connections_per_ip` sessions; more get `421`. Clients inside
+//!   `max_connections_per_ip` sessions; more get `421`. Sessions are
+//!   counted per address by [`crate::anvil`], the one connection counter
+//!   (pickup.sock's reports per user are counted there too). Clients inside
 //!   `allow_networks` (loopback, where the app connects from) are never
 //!   refused for their address alone: when the table is full, the idlest
 //!   session of the address holding the most sessions beyond
@@ -37,6 +39,8 @@ use std::time::Instant;
 
 use tokio::sync::{Notify, watch};
 
+use crate::anvil::{Anvil, Slot};
+
 /// Sessions told to make room that may still be finishing their last
 /// reply; beyond this many, a full table refuses newcomers.
 pub const EVICT_SLACK: usize = 64;
@@ -59,6 +63,9 @@ pub struct Presence {
     entry: Option<Arc<Entry>>,
     table: Option<Arc<Sessions>>,
     stress: watch::Receiver<bool>,
+    /// The address's place in the anvil; given back after the table let
+    /// the session go (fields drop after [`Drop::drop`]).
+    _slot: Option<Slot<IpAddr>>,
 }
 
 struct Entry {
@@ -76,7 +83,6 @@ struct Entry {
 struct Table {
     next_id: u64,
     open: HashMap<u64, Arc<Entry>>,
-    per_ip: HashMap<IpAddr, usize>,
     /// Sessions asked to close that have not closed yet.
     evicting: usize,
     /// The most sessions open at once since memory was last trimmed.
@@ -89,6 +95,9 @@ pub struct Sessions {
     per_ip_max: AtomicU64,
     epoch: Instant,
     table: Mutex<Table>,
+    /// Sessions per address. Taken under `table`'s lock, never the other
+    /// way round.
+    per_ip: Arc<Anvil<IpAddr>>,
     stress: watch::Sender<bool>,
 }
 
@@ -99,6 +108,7 @@ impl Sessions {
             per_ip_max: AtomicU64::new(u64::MAX),
             epoch: Instant::now(),
             table: Mutex::new(Table::default()),
+            per_ip: Arc::default(),
             stress: watch::channel(false).0,
         })
     }
@@ -119,10 +129,13 @@ impl Sessions {
         let per_ip_max = per_ip_max.max(1);
         self.per_ip_max.store(per_ip_max as u64, Ordering::Relaxed);
         let mut t = self.lock();
-        let mine = t.per_ip.get(&ip).copied().unwrap_or(0);
-        if !trusted && mine >= per_ip_max {
-            return Err(Refusal::PerAddress);
-        }
+        // Trusted addresses are counted too (a flood from one of them is
+        // found by its count), but never refused for it.
+        let limit = if trusted { usize::MAX } else { per_ip_max };
+        let slot = self
+            .per_ip
+            .take(ip, limit, usize::MAX)
+            .ok_or(Refusal::PerAddress)?;
         if t.open.len() >= self.max {
             if t.evicting >= EVICT_SLACK {
                 return Err(Refusal::Full);
@@ -142,12 +155,12 @@ impl Sessions {
         });
         t.open.insert(entry.id, entry.clone());
         t.high_water = t.high_water.max(t.open.len());
-        *t.per_ip.entry(ip).or_insert(0) += 1;
         self.update_stress(&t);
         Ok(Presence {
             entry: Some(entry),
             table: Some(self.clone()),
             stress: self.stress.subscribe(),
+            _slot: Some(slot),
         })
     }
 
@@ -156,12 +169,7 @@ impl Sessions {
     /// idlest of all.
     fn idlest(&self, t: &Table) -> Option<Arc<Entry>> {
         let share = usize::try_from(self.per_ip_max.load(Ordering::Relaxed)).unwrap_or(usize::MAX);
-        let flooder = t
-            .per_ip
-            .iter()
-            .filter(|(_, n)| **n > share)
-            .max_by_key(|(_, n)| **n)
-            .map(|(ip, _)| *ip);
+        let flooder = self.per_ip.busiest(share);
         let candidates = || {
             t.open.values().filter(|e| {
                 e.idle_since.load(Ordering::Relaxed) != 0 && !e.evicted.load(Ordering::Relaxed)
@@ -208,12 +216,6 @@ impl Sessions {
         if entry.evicted.load(Ordering::Relaxed) {
             t.evicting = t.evicting.saturating_sub(1);
         }
-        if let Some(n) = t.per_ip.get_mut(&entry.ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.per_ip.remove(&entry.ip);
-            }
-        }
         self.update_stress(&t);
         // Most of a crowd of sessions has gone: give their buffers back.
         if t.high_water >= TRIM_AFTER && t.open.len() * 4 <= t.high_water {
@@ -238,6 +240,7 @@ impl Presence {
             entry: None,
             table: None,
             stress: watch::channel(false).1,
+            _slot: None,
         }
     }
 

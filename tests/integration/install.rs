@@ -52,7 +52,8 @@ fn install_script_stages_a_complete_service() {
     assert_eq!(mode(&root.join("var/spool/relayq/maildrop")), 0o1733);
 
     // Every user's sendmail reads the config; secrets go in files of their
-    // own (see install_script_works_for_every_local_user).
+    // own (see install_script_works_for_every_local_user; an inline one is
+    // warned about, attack::config_secrets).
     let config = root.join("etc/relayq/relayq.toml");
     assert_eq!(mode(&config), 0o644);
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.toml");
@@ -60,17 +61,25 @@ fn install_script_stages_a_complete_service() {
         std::fs::read_to_string(&config).unwrap(),
         std::fs::read_to_string(example).unwrap()
     );
-    // The installed example config is valid as shipped.
-    let out = Command::new(&bin)
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The installed example config is valid as shipped, and every user
+    // can read it: their sendmail does (PHP's mail() runs as www-data).
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut readers = vec![Command::new(&bin)];
+    if crate::sendmail::can_switch_user() {
+        readers.push(crate::sendmail::as_nobody(BIN));
+    }
+    for mut cmd in readers {
+        let out = cmd
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     for link in ["usr/sbin/sendmail", "usr/bin/mailq"] {
         let target = std::fs::read_link(root.join(link)).expect(link);

@@ -148,4 +148,15 @@ fn serve_warns_of_a_secret_in_a_config_every_user_reads() {
         "{line}"
     );
     assert!(!d.log().contains(SECRET));
+
+    // Not when only its owner can read it.
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mark = d.log_mark();
+    d.restart();
+    d.wait_log_since(mark, "started:", WAIT);
+    assert!(
+        !d.log()[mark..].contains("is readable by every user"),
+        "{}",
+        d.log()
+    );
 }

@@ -13,6 +13,9 @@
 //! address outside `allow_networks` get `421`. Each lockout is logged once.
 //! A successful login clears the user's count, not the address's.
 //!
+//! This counts what clients have failed, over time; what they have open
+//! at once (connections per address) is [`crate::anvil`]'s to count.
+//!
 //! # Security
 //! The tables are filled by remote clients, so they are bounded
 //! ([`MAX_RECORDS`] each; expired records go first, then the oldest). An
@@ -150,13 +153,13 @@ impl<K: Hash + Eq + Clone> Counts<K> {
 }
 
 /// The failure tables; one per daemon, kept across config reloads.
-pub struct Anvil {
+pub struct AuthFailures {
     inner: Mutex<(Counts<IpAddr>, Counts<String>)>,
 }
 
-impl Default for Anvil {
+impl Default for AuthFailures {
     fn default() -> Self {
-        Anvil {
+        AuthFailures {
             inner: Mutex::new((Counts::new(), Counts::new())),
         }
     }
@@ -174,7 +177,7 @@ pub fn client_key(ip: IpAddr) -> IpAddr {
     }
 }
 
-impl Anvil {
+impl AuthFailures {
     fn lock(&self) -> std::sync::MutexGuard<'_, (Counts<IpAddr>, Counts<String>)> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -247,7 +250,7 @@ mod tests {
 
     #[test]
     fn delays_grow_then_the_address_is_locked_once() {
-        let a = Anvil::default();
+        let a = AuthFailures::default();
         let ip: IpAddr = "192.0.2.7".parse().unwrap();
         let b = budget();
         let f1 = a.failed(ip, Some("alice"), 1_000, &b);
@@ -268,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_user_is_locked_across_addresses() {
-        let a = Anvil::default();
+        let a = AuthFailures::default();
         let b = budget();
         let mut lock = None;
         for i in 0..5u8 {
@@ -283,7 +286,7 @@ mod tests {
 
     #[test]
     fn windows_expire_and_success_clears() {
-        let a = Anvil::default();
+        let a = AuthFailures::default();
         let b = budget();
         let ip: IpAddr = "192.0.2.8".parse().unwrap();
         a.failed(ip, Some("u"), 1_000, &b);
@@ -311,7 +314,7 @@ mod tests {
 
     #[test]
     fn the_tables_are_bounded() {
-        let a = Anvil::default();
+        let a = AuthFailures::default();
         let b = budget();
         for i in 0..(MAX_RECORDS as u32 + 100) {
             a.failed(IpAddr::from(i.to_be_bytes()), None, 1_000, &b);
