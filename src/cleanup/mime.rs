@@ -22,12 +22,15 @@
 //!
 //! # Security
 //! The message is the sender's. mail-parser never panics on input; offsets
-//! it returns are checked against the message before use.
+//! it returns are checked against the message before use. Nesting depth is
+//! the sender's too (32 bytes a level of message/rfc822): nothing here
+//! recurses per level, neither the walk over the parts nor the dropping of
+//! mail-parser's tree of them (see `Parsed`).
 
 use std::ops::Range;
 
 use base64::Engine;
-use mail_parser::{MessageParser, MessagePart, MimeHeaders, PartType};
+use mail_parser::{Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
 use super::header;
 
@@ -54,49 +57,88 @@ struct Leaf {
     not_mime: bool,
 }
 
+/// A message as mail-parser parsed it, taken apart level by level when
+/// dropped. mail-parser puts each unencoded message/rfc822 part inside its
+/// parent, and dropping that tree recurses once per level: a crafted
+/// message a few megabytes long nests deep enough to overflow the stack
+/// and abort the process.
+struct Parsed<'x>(Message<'x>);
+
+impl Drop for Parsed<'_> {
+    fn drop(&mut self) {
+        let mut levels = vec![std::mem::take(&mut self.0.parts)];
+        while let Some(parts) = levels.pop() {
+            for mut part in parts {
+                if let PartType::Message(m) = &mut part.body {
+                    levels.push(std::mem::take(&mut m.parts));
+                }
+            }
+        }
+    }
+}
+
+fn parse(msg: &[u8]) -> Option<Parsed<'_>> {
+    MessageParser::new().parse(msg).map(Parsed)
+}
+
+/// The parts of the message and of every unencoded message/rfc822 part in
+/// it, in the order they appear, with whether each is first in its
+/// message. Walked with a stack of its own, not by recursion, for the
+/// reason [`Parsed`] gives.
+fn walk<'a>(parsed: &'a Parsed<'_>, mut visit: impl FnMut(&'a MessagePart<'a>, bool)) {
+    let mut levels = vec![parsed.0.parts.iter()];
+    let mut first = true;
+    while let Some(level) = levels.last_mut() {
+        let Some(part) = level.next() else {
+            levels.pop();
+            continue;
+        };
+        visit(part, std::mem::take(&mut first));
+        // An encoded message/rfc822 is already 7-bit; only an unencoded
+        // one has its parts in this message, at offsets into it.
+        if let PartType::Message(m) = &part.body
+            && part.encoding == mail_parser::Encoding::None
+        {
+            levels.push(m.parts.iter());
+            first = true;
+        }
+    }
+}
+
 /// Every part with a body that can be replaced, in order.
 fn leaves(msg: &[u8]) -> Vec<Leaf> {
-    let Some(parsed) = MessageParser::new().parse(msg) else {
+    let Some(parsed) = parse(msg) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    collect(&parsed.parts, msg, true, &mut out);
-    out
-}
-
-fn collect(parts: &[MessagePart<'_>], msg: &[u8], top: bool, out: &mut Vec<Leaf>) {
-    for (i, part) in parts.iter().enumerate() {
+    walk(&parsed, |part, first| {
         let (h, b, e) = (
             part.offset_header as usize,
             part.offset_body as usize,
             part.offset_end as usize,
         );
         let sane = h <= b && b <= e && e <= msg.len() && msg[h..b].ends_with(b"\n");
-        match &part.body {
-            PartType::Multipart(_) => {}
-            // An unencoded message/rfc822: its parts are in this message,
-            // at offsets into it. An encoded one is already 7-bit.
-            PartType::Message(m) => {
-                if part.encoding == mail_parser::Encoding::None {
-                    collect(&m.parts, msg, true, out);
-                }
-            }
-            _ if part.is_encoding_problem || !sane => {}
-            _ => out.push(Leaf {
-                header: h..b,
-                body: b..e,
-                ctype: part
-                    .content_type()
-                    .map_or("text".into(), |c| c.ctype().to_ascii_lowercase()),
-                cte: part
-                    .content_transfer_encoding()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase(),
-                not_mime: top && i == 0 && part.content_type().is_none(),
-            }),
+        if matches!(part.body, PartType::Multipart(_) | PartType::Message(_))
+            || part.is_encoding_problem
+            || !sane
+        {
+            return;
         }
-    }
+        out.push(Leaf {
+            header: h..b,
+            body: b..e,
+            ctype: part
+                .content_type()
+                .map_or("text".into(), |c| c.ctype().to_ascii_lowercase()),
+            cte: part
+                .content_transfer_encoding()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase(),
+            not_mime: first && part.content_type().is_none(),
+        });
+    });
+    out
 }
 
 fn longest_line(bytes: &[u8]) -> usize {
@@ -296,11 +338,16 @@ fn soft_breaks(body: &[u8]) -> Vec<u8> {
 
 /// Folds over-long header lines of every MIME part.
 fn fold_part_headers(msg: &[u8], max: usize) -> Result<Option<Vec<u8>>, super::Refusal> {
-    let Some(parsed) = MessageParser::new().parse(msg) else {
+    let Some(parsed) = parse(msg) else {
         return Ok(None);
     };
     let mut blocks = Vec::new();
-    headers_of(&parsed.parts, msg, &mut blocks);
+    walk(&parsed, |part, _| {
+        let (h, b) = (part.offset_header as usize, part.offset_body as usize);
+        if h < b && b <= msg.len() {
+            blocks.push(h..b);
+        }
+    });
     let mut out = Vec::with_capacity(msg.len());
     let mut pos = 0;
     let mut changed = false;
@@ -320,20 +367,6 @@ fn fold_part_headers(msg: &[u8], max: usize) -> Result<Option<Vec<u8>>, super::R
     }
     out.extend_from_slice(&msg[pos..]);
     Ok(Some(out))
-}
-
-fn headers_of(parts: &[MessagePart<'_>], msg: &[u8], out: &mut Vec<Range<usize>>) {
-    for part in parts {
-        let (h, b) = (part.offset_header as usize, part.offset_body as usize);
-        if h < b && b <= msg.len() {
-            out.push(h..b);
-        }
-        if let PartType::Message(m) = &part.body
-            && part.encoding == mail_parser::Encoding::None
-        {
-            headers_of(&m.parts, msg, out);
-        }
-    }
 }
 
 /// The last resort: lines still longer than `max` are broken with CRLF,

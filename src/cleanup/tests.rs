@@ -240,3 +240,53 @@ fn smtputf8_is_needed_only_for_utf8_in_addresses_or_headers() {
         "Subject: K\u{f6}ln\r\n\r\n".as_bytes()
     ));
 }
+
+/// `depth` message/rfc822 parts, each inside the one before, around a
+/// text part with `body`; every level is a few bytes, so a crafted message
+/// far under the size limit nests a hundred thousand levels deep.
+fn nested_messages(depth: usize, body: &str) -> Vec<u8> {
+    let mut msg = b"Subject: x\r\nMIME-Version: 1.0\r\n".to_vec();
+    for _ in 0..depth {
+        msg.extend_from_slice(b"Content-Type: message/rfc822\r\n\r\n");
+    }
+    msg.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n\r\n");
+    msg.extend_from_slice(body.as_bytes());
+    msg.extend_from_slice(b"\r\n");
+    msg
+}
+
+/// The body of the innermost part as quoted-printable decodes it.
+fn innermost_qp(msg: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(msg);
+    let body = text
+        .rsplit("Content-Transfer-Encoding: quoted-printable\r\n\r\n")
+        .next()
+        .unwrap();
+    quoted_printable::decode(body, quoted_printable::ParseMode::Strict).unwrap()
+}
+
+/// A message nested deeper than any stack allows recursion for is
+/// re-encoded like any other (it once overflowed the stack and aborted
+/// the daemon: relayq's part walk and mail-parser's drop both recursed).
+#[test]
+fn deeply_nested_messages_are_re_encoded_without_recursion() {
+    for (depth, body) in [
+        (100_000, "y".repeat(1500)),
+        (20_000, "Gr\u{fc}\u{df}e ".repeat(200)),
+    ] {
+        let msg = nested_messages(depth, &body);
+        let out = rewrite(msg, &rules()).unwrap();
+        assert!(lines_fit(&out));
+        assert_eq!(innermost_qp(&out), format!("{body}\r\n").as_bytes());
+    }
+}
+
+#[test]
+fn deeply_nested_8bit_messages_go_seven_bit_without_recursion() {
+    for depth in [100_000, 30_000] {
+        let msg = nested_messages(depth, "K\u{f6}ln");
+        let out = seven_bit(&msg).into_owned();
+        assert!(out.is_ascii());
+        assert_eq!(innermost_qp(&out), "K\u{f6}ln\r\n".as_bytes());
+    }
+}
