@@ -130,3 +130,123 @@ async fn deep_mime_nesting_in_a_maildrop_file_does_not_take_the_daemon_down() {
     assert_eq!(innermost(m), format!("{long}\r\n").as_bytes());
     still_up(&d, "alive@example.net").await;
 }
+
+/// What arrived for `rcpt`, its header section and its body.
+fn for_rcpt<'a>(got: &'a [Received], rcpt: &str) -> (&'a Received, String, String) {
+    let m = got
+        .iter()
+        .find(|m| m.rcpts.iter().any(|r| r == rcpt))
+        .unwrap_or_else(|| panic!("nothing for {rcpt}"));
+    let text = m.text();
+    let (head, body) = text.split_once("\r\n\r\n").expect("a header section");
+    (m, head.to_string(), body.to_string())
+}
+
+/// "\r\r\n" line ends (a CRLF that went through a LF-to-CRLF conversion
+/// once more: PHP apps that end their headers in "\r\n" behind such a
+/// filter): the CR belongs to the line end. Counted as a line end of its
+/// own, it made the first header line end the header section, so every
+/// other field went into the body and `-t` found no recipient.
+fn double_cr(rcpt: &str) -> Vec<u8> {
+    format!(
+        "From: app@example.com\r\r\nTo: {rcpt}\r\r\nSubject: double CR\r\r\nX-Tag: kept\r\r\n\r\r\nline one\r\r\nline two\r\r\n"
+    )
+    .into_bytes()
+}
+
+/// A CR inside a header line (an app that strips LF from a subject but
+/// not CR): read as a line end, it made the rest a header field of its
+/// own, a Bcc that `-t` obeyed or an X-Relayq-Relay that picks the route.
+/// Postfix keeps the CR inside the field; relayq makes it a space, so no
+/// bare CR reaches the upstream either.
+fn cr_in_field(rcpt: &str) -> Vec<u8> {
+    format!(
+        "From: app@example.com\r\nTo: {rcpt}\r\nSubject: hi\rBcc: victim@evil.example\r\rX-Relayq-Relay: evil\r\nX-Tag: kept\r\n\r\nbody\r\n"
+    )
+    .into_bytes()
+}
+
+/// Builds a test message for a recipient.
+type Make = fn(&str) -> Vec<u8>;
+
+fn check_double_cr(got: &[Received], rcpt: &str) {
+    let (_, head, body) = for_rcpt(got, rcpt);
+    assert!(
+        head.ends_with(&format!(
+            "From: app@example.com\r\nTo: {rcpt}\r\nSubject: double CR\r\nX-Tag: kept"
+        )),
+        "{rcpt}: {head}"
+    );
+    assert_eq!(body, "line one\r\nline two\r\n", "{rcpt}");
+}
+
+fn check_cr_in_field(got: &[Received], rcpt: &str) {
+    let (m, head, _) = for_rcpt(got, rcpt);
+    assert_eq!(m.rcpts, [rcpt], "a header field was injected");
+    assert!(
+        head.ends_with(&format!(
+            "From: app@example.com\r\nTo: {rcpt}\r\nSubject: hi Bcc: victim@evil.example  X-Relayq-Relay: evil\r\nX-Tag: kept"
+        )),
+        "{rcpt}: {head}"
+    );
+    assert!(
+        !m.text().replace("\r\n", "").contains('\r'),
+        "a bare CR went upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_cr_in_the_header_neither_ends_it_nor_starts_a_field() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), ""));
+    let cases: [(&str, Make); 2] = [("crcr", double_cr), ("crin", cr_in_field)];
+    let mut sent = Vec::new();
+    for (name, make) in cases {
+        let rcpt = format!("{name}-smtp@example.net");
+        let r = send_mail(d.addr, "app@example.com", &[&rcpt], &make(&rcpt)).await;
+        assert!(r.starts_with("250 2.0.0"), "{r}");
+        sent.push(rcpt);
+        let rcpt = format!("{name}-t@example.net");
+        let o = sendmail(&d.config, &["-t", "-i"], &make(&rcpt));
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        sent.push(rcpt);
+        let rcpt = format!("{name}-bs@example.net");
+        let session = [
+            format!("EHLO local\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n")
+                .as_bytes(),
+            &make(&rcpt),
+            b".\r\nQUIT\r\n",
+        ]
+        .concat();
+        let mut cmd = Command::new(crate::support::daemon::BIN);
+        cmd.args(["sendmail", "-bs", "-C"]).arg(&d.config);
+        let o = run(cmd, &session);
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("250 2.0.0 Ok: queued as"), "{out}");
+        sent.push(rcpt);
+    }
+    if can_switch_user() {
+        open_to_others(&d);
+        for (i, (name, make)) in cases.iter().enumerate() {
+            let rcpt = format!("{name}-drop@example.net");
+            let file = format!("01C{i:023}");
+            drop_message_as_nobody(&d, &file, &rcpt, &make(&rcpt));
+            sent.push(rcpt);
+        }
+        poke_pickup_as_nobody(&d);
+        sent.push("poke@example.net".into());
+    }
+    let got = up.wait_for_messages(sent.len(), WAIT).await;
+    for rcpt in &sent {
+        if rcpt.starts_with("crcr") {
+            check_double_cr(&got, rcpt);
+        } else if rcpt.starts_with("crin") {
+            check_cr_in_field(&got, rcpt);
+        }
+    }
+    assert!(
+        !got.iter()
+            .any(|m| m.rcpts.iter().any(|r| r.contains("victim"))),
+        "a Bcc injected with a bare CR was obeyed"
+    );
+}
