@@ -349,8 +349,17 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
                 format!("recipient <{}>: {e}", r.address),
             )
         })?;
+        // The DSN parameters are the user's to write too: the limits an
+        // SMTP client's are held to.
+        r.dsn
+            .check()
+            .map_err(|e| (Reason::Syntax, format!("recipient <{}>: {e}", r.address)))?;
         recipients.push(r.address.clone());
     }
+    d.meta
+        .dsn
+        .check()
+        .map_err(|e| (Reason::Syntax, e.to_string()))?;
     if recipients.len() > ctx.config.smtp.max_recipients {
         return Err((
             Reason::TooManyRecipients,

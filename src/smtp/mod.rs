@@ -3,6 +3,7 @@
 //! message.
 
 pub mod auth;
+pub mod dsn;
 #[cfg(test)]
 mod fuzz;
 pub mod server;

@@ -119,7 +119,13 @@ async fn deep_mime_nesting_in_a_maildrop_file_does_not_take_the_daemon_down() {
     open_to_others(&d);
     let long = "z".repeat(2000);
     let body = nested(100_000, &long);
-    drop_message_as_nobody(&d, "01B00000000000000000000000", "drop@example.net", &body);
+    drop_message_as_nobody(
+        &d,
+        "01B00000000000000000000000",
+        "drop@example.net",
+        "",
+        &body,
+    );
     poke_pickup_as_nobody(&d);
     let got = up.wait_for_messages(2, WAIT).await;
     let m = got
@@ -230,7 +236,7 @@ async fn a_bare_cr_in_the_header_neither_ends_it_nor_starts_a_field() {
         for (i, (name, make)) in cases.iter().enumerate() {
             let rcpt = format!("{name}-drop@example.net");
             let file = format!("01C{i:023}");
-            drop_message_as_nobody(&d, &file, &rcpt, &make(&rcpt));
+            drop_message_as_nobody(&d, &file, &rcpt, "", &make(&rcpt));
             sent.push(rcpt);
         }
         poke_pickup_as_nobody(&d);
@@ -248,5 +254,148 @@ async fn a_bare_cr_in_the_header_neither_ends_it_nor_starts_a_field() {
         !got.iter()
             .any(|m| m.rcpts.iter().any(|r| r.contains("victim"))),
         "a Bcc injected with a bare CR was obeyed"
+    );
+}
+
+/// RFC 3461 parameters come back exactly as the client gave them, or the
+/// command is refused: no malformed xtext silently changed (`ENVID=a+ZZb`
+/// was kept as `aZb`), no parameter twice, a UTF-8 ORCPT (RFC 6533) taken
+/// and passed on without mojibake, and nothing in a value that could end
+/// a command or a queue file line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_parameters_are_taken_as_written_or_refused() {
+    let up = FakeUpstream::start_with(Script::default().with_dsn().rcpt(
+        "gone@example.net",
+        550,
+        "5.1.1 no such user",
+    ))
+    .await;
+    // Every refusal counts as a client error: allow them all.
+    let d = Daemon::start(&relay_config(
+        up.addr(),
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_errors = 50\n",
+    ));
+    let (mut c, _) = Client::connect(d.addr).await;
+    c.cmd("EHLO client.test").await;
+    for bad in [
+        "MAIL FROM:<app@example.com> ENVID=a+ZZb",
+        "MAIL FROM:<app@example.com> ENVID=a+2",
+        "MAIL FROM:<app@example.com> ENVID=a=b",
+        "MAIL FROM:<app@example.com> RET=FULL RET=FULL",
+        "MAIL FROM:<app@example.com> RET=HDRS ENVID=x ENVID=y",
+    ] {
+        let r = c.cmd(bad).await;
+        assert!(r.starts_with("501 5.5.4"), "{bad}: {r}");
+    }
+    let r = c
+        .cmd("MAIL FROM:<app@example.com> ENVID=QQ+2B314159 SMTPUTF8")
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    for bad in [
+        "RCPT TO:<b@example.net> NOTIFY=SUCCESS NOTIFY=DELAY",
+        "RCPT TO:<b@example.net> NOTIFY=NEVER,SUCCESS",
+        "RCPT TO:<b@example.net> ORCPT=rfc822;a@example.net ORCPT=rfc822;b@example.net",
+        "RCPT TO:<b@example.net> ORCPT=rfc822;b+ZZ@example.net",
+        "RCPT TO:<b@example.net> ORCPT=rfc822;b+0D+0Adsn-rcpt+200+20NEVER@example.net",
+        "RCPT TO:<b@example.net> ORCPT=utf-8;b\\x{A}@example.net",
+    ] {
+        let r = c.cmd(bad).await;
+        assert!(r.starts_with("501 5.5.4"), "{bad}: {r}");
+    }
+    for good in [
+        "RCPT TO:<j\u{f6}rg@example.net> ORCPT=utf-8;j\\x{F6}rg@example.net",
+        "RCPT TO:<b@example.net> NOTIFY=SUCCESS ORCPT=rfc822;b+C3+A9+2Bx@example.net",
+        "RCPT TO:<c@example.net> ORCPT=x400;c+3DUS+3Ba+3Dx",
+        "RCPT TO:<gone@example.net> NOTIFY=FAILURE ORCPT=utf-8;g\u{f6}ne@example.net",
+    ] {
+        let r = c.cmd(good).await;
+        assert!(r.starts_with("250"), "{good}: {r}");
+    }
+    c.cmd("DATA").await;
+    c.send(b"From: app@example.com\r\nSubject: dsn\r\n\r\nbody\r\n.\r\n")
+        .await;
+    let r = c.reply().await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let got = up.wait_for_messages(2, WAIT).await;
+    let m = got.iter().find(|m| !m.mail_from.is_empty()).unwrap();
+    assert!(
+        m.mail_params.contains("ENVID=QQ+2B314159"),
+        "{}",
+        m.mail_params
+    );
+    let params = |rcpt: &str| {
+        let i = m.rcpts.iter().position(|r| r == rcpt).unwrap();
+        m.rcpt_params[i].clone()
+    };
+    assert_eq!(
+        params("j\u{f6}rg@example.net"),
+        "ORCPT=utf-8;j\\x{F6}rg@example.net"
+    );
+    assert_eq!(
+        params("b@example.net"),
+        "NOTIFY=SUCCESS ORCPT=utf-8;b\\x{E9}\\x{2B}x@example.net"
+    );
+    assert_eq!(params("c@example.net"), "");
+    let bounce = got.iter().find(|m| m.mail_from.is_empty()).unwrap().text();
+    assert!(
+        bounce.contains("Original-Recipient: utf-8; g\\x{F6}ne@example.net"),
+        "{bounce}"
+    );
+    assert!(
+        bounce.contains("Original-Envelope-Id: QQ+2B314159"),
+        "{bounce}"
+    );
+}
+
+/// A drop file's DSN parameters are held to the limits an SMTP client's
+/// are (RFC 3461: ENVID printable ASCII up to 100, ORCPT up to 500 without
+/// control characters): the drop file is refused, the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_parameters_in_a_maildrop_file_are_checked_like_smtp() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start_with(Script::default().with_dsn()).await;
+    let d = Daemon::start(&relay_config(up.addr(), ""));
+    open_to_others(&d);
+    let body = b"Subject: dsn\r\n\r\nx\r\n";
+    let long = "e".repeat(150);
+    let bad = [
+        ("01D00000000000000000000001", format!("dsn-envid {long}\n")),
+        (
+            "01D00000000000000000000002",
+            "dsn-envid a+0D+0Ab\n".to_string(),
+        ),
+        (
+            "01D00000000000000000000003",
+            "dsn-rcpt 0 - a+0Ab@example.net\n".to_string(),
+        ),
+    ];
+    for (name, extra) in &bad {
+        drop_message_as_nobody(&d, name, "bad@example.net", extra, body);
+    }
+    drop_message_as_nobody(
+        &d,
+        "01D00000000000000000000004",
+        "good@example.net",
+        "dsn-envid QQ+2B1\ndsn-rcpt 0 SUCCESS rfc+2Bx@example.net\n",
+        body,
+    );
+    poke_pickup_as_nobody(&d);
+    let got = up.wait_for_messages(2, WAIT).await;
+    let (m, _, _) = for_rcpt(&got, "good@example.net");
+    assert!(m.mail_params.contains("ENVID=QQ+2B1"), "{}", m.mail_params);
+    assert_eq!(
+        m.rcpt_params[0],
+        "NOTIFY=SUCCESS ORCPT=rfc822;rfc+2Bx@example.net"
+    );
+    for (name, _) in &bad {
+        d.wait_log(&format!("maildrop file {name} refused"), WAIT);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !up.messages()
+            .iter()
+            .any(|m| m.rcpts[0] == "bad@example.net")
     );
 }

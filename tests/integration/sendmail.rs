@@ -577,11 +577,12 @@ pub fn drop_as_nobody(d: &Daemon, name: &str, content: &str) {
 }
 
 /// Writes a drop file holding `body` for `rcpt` by hand, as `nobody`
-/// (bytes on stdin: `body` may be too big for an argument).
-pub fn drop_message_as_nobody(d: &Daemon, name: &str, rcpt: &str, body: &[u8]) {
+/// (bytes on stdin: `body` may be too big for an argument). `extra` are
+/// header lines of the queue file (each ending in a LF), e.g. `dsn-envid`.
+pub fn drop_message_as_nobody(d: &Daemon, name: &str, rcpt: &str, extra: &str, body: &[u8]) {
     let file = [
         format!(
-            "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt {rcpt}\nsize {}\n\n",
+            "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt {rcpt}\n{extra}size {}\n\n",
             body.len()
         )
         .as_bytes(),

@@ -155,7 +155,13 @@ async fn bare_cr_and_lf_smuggle_nothing_through_the_maildrop() {
     let cases = fake_ends();
     for (i, (_, end)) in cases.iter().enumerate() {
         let name = format!("01B{:023}", i);
-        drop_message_as_nobody(&d, &name, &format!("r{i}@example.net"), &message(i, end));
+        drop_message_as_nobody(
+            &d,
+            &name,
+            &format!("r{i}@example.net"),
+            "",
+            &message(i, end),
+        );
     }
     poke_pickup_as_nobody(&d);
     let got = up.wait_for_messages(cases.len() + 1, WAIT).await;
