@@ -227,6 +227,25 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
             },
         );
     }
+    // The limit of an SMTP transaction, checked here: the pickup refuses
+    // a drop file over it, after this command has said the mail is sent.
+    let max = s.config().smtp.max_recipients;
+    if recipients.len() > max {
+        let f = Fail(
+            Exit::DataErr,
+            format!(
+                "too many recipients: {}, more than smtp.max_recipients ({max}); send it as several messages",
+                recipients.len()
+            ),
+        );
+        return Err(refuse(
+            &s,
+            f,
+            Reason::TooManyRecipients,
+            Some(&sender),
+            &recipients,
+        ));
+    }
     let full_name = opts
         .full_name
         .clone()

@@ -399,3 +399,52 @@ async fn dsn_parameters_in_a_maildrop_file_are_checked_like_smtp() {
             .any(|m| m.rcpts[0] == "bad@example.net")
     );
 }
+
+/// More recipients than `smtp.max_recipients` in one `sendmail -t`: the
+/// command refuses (SMTP answers 452 past the limit). It used to exit 0
+/// and write the drop file, which the pickup then moved to corrupt/: the
+/// app believed the mail sent, and nobody got it. As root it went out to
+/// any number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sendmail_refuses_more_recipients_than_the_limit_instead_of_losing_the_mail() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(
+        up.addr(),
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_recipients = 20\n",
+    ));
+    open_to_others(&d);
+    let to: Vec<String> = (0..21).map(|i| format!("u{i}@example.net")).collect();
+    let msg = format!("Subject: many\nTo: {}\n\nbody\n", to.join(", "));
+    let mut runs = vec![("root", sendmail(&d.config, &["-t", "-i"], msg.as_bytes()))];
+    let args: Vec<&str> = to.iter().map(String::as_str).collect();
+    runs.push((
+        "root, arguments",
+        sendmail(&d.config, &args, b"Subject: x\n\ny\n"),
+    ));
+    if can_switch_user() {
+        let mut cmd = crate::sendmail::as_nobody(crate::support::daemon::BIN);
+        cmd.args(["sendmail", "-t", "-i", "-C"]).arg(&d.config);
+        runs.push(("nobody", run(cmd, msg.as_bytes())));
+    }
+    for (who, o) in &runs {
+        assert_eq!(o.status.code(), Some(65), "{who}: {}", stderr(o));
+        assert!(
+            stderr(o).contains("smtp.max_recipients"),
+            "{who}: {}",
+            stderr(o)
+        );
+    }
+    // At the limit it goes, from everybody.
+    let msg = format!("Subject: enough\nTo: {}\n\nbody\n", to[..20].join(", "));
+    let o = sendmail(&d.config, &["-t", "-i"], msg.as_bytes());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = up.wait_for_messages(1, WAIT).await;
+    assert_eq!(got[0].rcpts.len(), 20);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(up.messages().len(), 1);
+    assert!(
+        d.log().matches("too many recipients").count() >= runs.len(),
+        "{}",
+        d.log()
+    );
+}
