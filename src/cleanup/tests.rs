@@ -265,28 +265,96 @@ fn innermost_qp(msg: &[u8]) -> Vec<u8> {
     quoted_printable::decode(body, quoted_printable::ParseMode::Strict).unwrap()
 }
 
-/// A message nested deeper than any stack allows recursion for is
-/// re-encoded like any other (it once overflowed the stack and aborted
-/// the daemon: relayq's part walk and mail-parser's drop both recursed).
+/// A message nested as deep as relayq parses is re-encoded like any other
+/// (5,000 levels once overflowed the stack and aborted the daemon: the
+/// part walk recursed, and so does dropping mail-parser's tree); deeper
+/// is past MAX_PARTS and not parsed at all.
 #[test]
 fn deeply_nested_messages_are_re_encoded_without_recursion() {
-    for (depth, body) in [
-        (100_000, "y".repeat(1500)),
-        (20_000, "Gr\u{fc}\u{df}e ".repeat(200)),
-    ] {
+    let depth = mime::MAX_PARTS - 1;
+    for body in ["y".repeat(1500), "Gr\u{fc}\u{df}e ".repeat(200)] {
         let msg = nested_messages(depth, &body);
         let out = rewrite(msg, &rules()).unwrap();
         assert!(lines_fit(&out));
         assert_eq!(innermost_qp(&out), format!("{body}\r\n").as_bytes());
     }
+    let deeper = nested_messages(100_000, &"y".repeat(1500));
+    assert!(matches!(
+        rewrite(deeper, &rules()),
+        Err(Refusal::TooManyParts { .. })
+    ));
 }
 
 #[test]
 fn deeply_nested_8bit_messages_go_seven_bit_without_recursion() {
-    for depth in [100_000, 30_000] {
-        let msg = nested_messages(depth, "K\u{f6}ln");
-        let out = seven_bit(&msg).into_owned();
-        assert!(out.is_ascii());
-        assert_eq!(innermost_qp(&out), "K\u{f6}ln\r\n".as_bytes());
+    let msg = nested_messages(mime::MAX_PARTS - 1, "K\u{f6}ln");
+    let out = seven_bit(&msg).into_owned();
+    assert!(out.is_ascii());
+    assert_eq!(innermost_qp(&out), "K\u{f6}ln\r\n".as_bytes());
+}
+
+/// `n` small text parts and one with a 1,500-octet line.
+fn many_parts(n: usize) -> Vec<u8> {
+    let mut msg =
+        b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b b\"\r\n\r\n"
+            .to_vec();
+    for _ in 0..n {
+        msg.extend_from_slice(b"--b b\r\nContent-Type: text/plain\r\n\r\nx\r\n");
     }
+    msg.extend_from_slice(b"--b b\r\n\r\n");
+    msg.extend_from_slice("y".repeat(1500).as_bytes());
+    msg.extend_from_slice(b"\r\n--b b--\r\n");
+    msg
+}
+
+/// Past MAX_PARTS a message is not parsed (mail-parser would keep a
+/// kilobyte a part: 500 MB for one 18 MB message): long lines in it are
+/// refused with the reason, not broken (which would change the content).
+#[test]
+fn a_message_of_too_many_parts_is_not_parsed() {
+    let out = rewrite(many_parts(mime::MAX_PARTS - 10), &rules()).unwrap();
+    assert!(lines_fit(&out));
+    assert_eq!(decoded(&out).last().unwrap(), "y".repeat(1500).as_bytes());
+    assert_eq!(
+        rewrite(many_parts(mime::MAX_PARTS + 1), &rules()),
+        Err(Refusal::TooManyParts {
+            limit: mime::MAX_PARTS
+        })
+    );
+    // Nested messages count too.
+    let deep = [
+        &b"Subject: x\r\nMIME-Version: 1.0\r\n"[..],
+        &b"Content-Type: Message/RFC822\r\n\r\n".repeat(mime::MAX_PARTS + 1),
+        &[b'z'; 1200],
+        b"\r\n",
+    ]
+    .concat();
+    assert!(matches!(
+        rewrite(deep, &rules()),
+        Err(Refusal::TooManyParts { .. })
+    ));
+    // Only a long header line: folded, no structure needed.
+    let mut msg = many_parts(mime::MAX_PARTS + 1);
+    let tail = msg.len() - 1500 - 2 - 11;
+    msg.truncate(tail);
+    msg.extend_from_slice(b"--b b--\r\n");
+    let msg = [format!("X-Long: {}\r\n", "w ".repeat(700)).as_bytes(), &msg].concat();
+    assert!(lines_fit(&rewrite(msg, &rules()).unwrap()));
+    // Lines that look like delimiters of a boundary nobody declared are
+    // text, however many.
+    let text = [
+        &b"Subject: x\r\n\r\n"[..],
+        &b"--b b\r\n".repeat(mime::MAX_PARTS * 2),
+        &[b'q'; 1200],
+        b"\r\n",
+    ]
+    .concat();
+    assert!(lines_fit(&rewrite(text, &rules()).unwrap()));
+    // And the 7-bit conversion leaves such a message alone.
+    let eight = [
+        &many_parts(mime::MAX_PARTS + 1)[..],
+        "K\u{f6}ln\r\n".as_bytes(),
+    ]
+    .concat();
+    assert!(matches!(seven_bit(&eight), std::borrow::Cow::Borrowed(_)));
 }
