@@ -1093,32 +1093,9 @@ fn command_text(line: &[u8]) -> String {
 /// smtp-proto returns a quoted local part without its quotes (`"a b"@x`
 /// comes back as `a b@x`): quote it again, so that what is queued and
 /// relayed is the address the client gave, and one token on a command
-/// line. A local part that is a dot-atom is returned unchanged.
+/// line.
 fn requote(addr: &str) -> String {
-    let Some(at) = addr.rfind('@') else {
-        return addr.to_string();
-    };
-    let (local, domain) = addr.split_at(at);
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
-    let dot_atom = !local.is_empty()
-        && local
-            .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
-    if dot_atom {
-        return addr.to_string();
-    }
-    let mut out = String::with_capacity(addr.len() + 4);
-    out.push('"');
-    for c in local.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out.push_str(domain);
-    out
+    crate::cleanup::address::quote_local_part(addr)
 }
 
 /// Whether a MAIL command line's reverse-path is literally `<>`.

@@ -494,3 +494,47 @@ async fn too_many_mime_parts_with_long_lines_are_refused_over_smtp_and_sendmail(
             .contains("Content-Transfer-Encoding: quoted-printable")
     );
 }
+
+/// Quoted local parts (RFC 5322 3.4.1) reach the same envelope however the
+/// message comes in. `sendmail -t` took `"john doe"@example.com` for
+/// `@example.com` (mail-parser reads the quoted string as a display name)
+/// and refused the message; an SMTP client's was relayed quoted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_local_parts_give_the_same_envelope_on_every_way_in() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), ""));
+    let want = [
+        "\"john doe\"@example.com",
+        "john.doe@example.com",
+        "\"a@b\"@example.com",
+        "\"j\\\"d\"@example.com",
+    ];
+    let header = "To: \"john doe\"@example.com, john.\"doe\"@example.com (John)\nCc: \"a@b\"@example.com,\n \"j\\\"d\"@example.com\n";
+    let o = sendmail(
+        &d.config,
+        &["-t", "-i"],
+        format!("{header}Subject: t\n\nbody\n").as_bytes(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = sendmail(
+        &d.config,
+        &["-i", want[0], want[2]],
+        b"Subject: args\n\nbody\n",
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (mut c, _) = Client::connect(d.addr).await;
+    c.cmd("EHLO client.test").await;
+    let r = c
+        .mail("app@example.com", &want, b"Subject: smtp\r\n\r\nbody\r\n")
+        .await;
+    assert!(r.starts_with("250 2.0.0"), "{r}");
+    let got = up.wait_for_messages(3, WAIT).await;
+    let by_subject = |s: &str| {
+        got.iter()
+            .find(|m| m.text().contains(&format!("Subject: {s}\r\n")))
+            .unwrap_or_else(|| panic!("no {s}"))
+    };
+    assert_eq!(by_subject("t").rcpts, want);
+    assert_eq!(by_subject("smtp").rcpts, want);
+    assert_eq!(by_subject("args").rcpts, [want[0], want[2]]);
+}
