@@ -17,6 +17,7 @@ mod interop;
 mod oauth2;
 mod observe;
 mod pipelining;
+mod powerloss;
 mod queue;
 mod readme;
 mod relay;
