@@ -53,7 +53,7 @@ pub enum Refusal {
     )]
     TooManyHops { count: usize, limit: usize },
     #[error(
-        "header field {field:?} is longer than RFC 5322 allows (998 characters a line) and has no space, comma or semicolon to fold it at"
+        "header field {field:?} is longer than RFC 5322 allows (998 characters a line) and has a run of that many characters without a space, comma or semicolon to fold it at"
     )]
     Unfoldable { field: String },
     #[error(
