@@ -209,7 +209,8 @@ pub fn addr_specs(v: &[u8]) -> Vec<Found> {
                 gap = false;
                 i += 1;
             }
-            b' ' | b'\t' | b'\r' | b'\n' => {
+            // Whitespace, and a stray `)` or `>` (no match above).
+            b' ' | b'\t' | b'\r' | b'\n' | b')' | b'>' => {
                 gap = true;
                 i += 1;
             }
@@ -558,6 +559,20 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any bytes, weighted to the scanner's specials: it ends, and
+        /// `header_recipients` with it, whatever the sender wrote.
+        #[test]
+        fn the_scanners_end_on_any_input(v in proptest::collection::vec(
+            proptest::sample::select(b"\"()<>,;:.@\\ \tab\r\n\xc3".to_vec()), 0..40)
+        ) {
+            let _ = addr_specs(&v);
+            let _ = bare_name_ends(&v);
+            let msg = [&b"To: \"q\"@x, "[..], &v, b"\r\n\r\n"].concat();
+            let _ = header_recipients(&msg);
+        }
+    }
+
     #[test]
     fn the_own_scanner_reads_every_shape_of_address_list() {
         let specs = |v: &str| -> Vec<Found> { addr_specs(v.as_bytes()) };
@@ -574,6 +589,11 @@ mod tests {
         assert_eq!(
             specs("Cron Daemon, \"Name, Only\", <>, \"q\" <\"a\\\\b\"@x>"),
             [None, None, None, some("\"a\\\\b\"@x")]
+        );
+        // Stray closing brackets are skipped, never looped on.
+        assert_eq!(
+            specs("\"a b\"@x.example, foo), >bar"),
+            [some("\"a b\"@x.example"), some("foo"), some("bar")]
         );
         assert_eq!(
             specs("j\u{f6}rg@b\u{fc}cher.example, x@[192.0.2.1]"),
