@@ -358,3 +358,41 @@ fn a_message_of_too_many_parts_is_not_parsed() {
     .concat();
     assert!(matches!(seven_bit(&eight), std::borrow::Cow::Borrowed(_)));
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// Messages made of MIME's building blocks in any order, some lines
+    /// long: the rules end without panicking, what they return fits and
+    /// applying them again changes nothing.
+    #[test]
+    fn the_rules_hold_on_any_mix_of_mime_pieces(
+        pieces in proptest::collection::vec(proptest::sample::select(vec![
+            "Content-Type: multipart/mixed; boundary=b\r\n",
+            "Content-Type: message/rfc822\r\n",
+            "Content-Type: text/plain; charset=utf-8\r\n",
+            "Content-Transfer-Encoding: base64\r\n",
+            "Content-Transfer-Encoding: quoted-printable\r\n",
+            "Content-Transfer-Encoding: 8bit\r\n",
+            "MIME-Version: 1.0\r\n",
+            "To: root, \"a b\"@x (c)\r\n",
+            "\r\n", "--b\r\n", "--b--\r\n", "=C3=A9=\r\n", "K\u{f6}ln\r\n", " folded\r\n",
+            "LONG", "LONGB64", "x\r\n",
+        ]), 0..40)
+    ) {
+        let mut msg = Vec::new();
+        for p in pieces {
+            match p {
+                "LONG" => msg.extend_from_slice(format!("{}\r\n", "w ".repeat(600)).as_bytes()),
+                "LONGB64" => msg.extend_from_slice(format!("{}\r\n", "QUJD".repeat(300)).as_bytes()),
+                p => msg.extend_from_slice(p.as_bytes()),
+            }
+        }
+        let local = Rules { qualify: Some("example.org".into()), ..rules() };
+        let _ = seven_bit(&msg);
+        if let Ok(out) = rewrite(msg, &local) {
+            proptest::prop_assert!(lines_fit(&out));
+            proptest::prop_assert_eq!(rewrite(out.clone(), &local).unwrap(), out.clone());
+            let _ = seven_bit(&out);
+        }
+    }
+}

@@ -259,6 +259,23 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Any parameters: the scanner ends without panicking, and the
+        /// line it hands smtp-proto is still one command line.
+        #[test]
+        fn any_parameters_scan_safely(v in proptest::collection::vec(
+            proptest::sample::select(b"<>\" =;+0AD\\x{}:@rfc822utf-8ENVIDORCPTRET".to_vec()), 0..60)
+        ) {
+            for verb in [&b"MAIL FROM:"[..], b"RCPT TO:"] {
+                let line = [verb, &v, b"\r\n"].concat();
+                if let Ok(Scanned { line: Some(l), .. }) = scan(&line) {
+                    proptest::prop_assert!(l.ends_with(b"\r\n"));
+                    proptest::prop_assert!(!l[..l.len() - 2].contains(&b'\n'));
+                }
+            }
+        }
+    }
+
     #[test]
     fn each_parameter_only_once() {
         for bad in [
