@@ -3,10 +3,13 @@
 //! message.
 
 pub mod auth;
+pub mod auth_budget;
+pub mod dsn;
 #[cfg(test)]
 mod fuzz;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod tls;
 
 pub use server::{Server, ServerContext};

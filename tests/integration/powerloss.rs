@@ -323,16 +323,25 @@ impl LazyFs {
     /// that is gone: LazyFS must be running).
     fn command(&self, cmd: &str) {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&self.fifo)
-            .unwrap_or_else(|e| {
-                panic!(
+        // LazyFS opens the FIFO from a thread of its own, which may come
+        // after the mount (ENXIO until then), or between two commands.
+        let deadline = Instant::now() + WAIT;
+        let mut f = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.fifo)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!(
                     "LazyFS is not reading its fault FIFO ({e}); its log:\n{}",
                     std::fs::read_to_string(self.dir.join("lazyfs.log")).unwrap_or_default()
-                )
-            });
+                ),
+            }
+        };
         f.write_all(format!("{cmd}\n").as_bytes()).unwrap();
     }
 

@@ -21,6 +21,7 @@
 //! config would send them in delivery too (same TLS rules).
 
 mod local;
+pub use local::human_bytes;
 mod relay;
 
 use std::io::Write;
