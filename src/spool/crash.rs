@@ -744,7 +744,16 @@ enum Keep {
 /// inode number.
 fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
     let _ = fs::remove_dir_all(dir);
-    for sub in ["", "tmp", "queue", "hold", "corrupt", "slots", "maildrop"] {
+    for sub in [
+        "",
+        "tmp",
+        "queue",
+        "hold",
+        "corrupt",
+        "corrupt/maildrop",
+        "slots",
+        "maildrop",
+    ] {
         fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
@@ -772,9 +781,20 @@ fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
 fn read_state(dir: &Path) -> (State, HashMap<u64, usize>) {
     let mut s = State::default();
     let mut inos = HashMap::new();
-    for sub in ["tmp", "queue", "hold", "corrupt", "slots", "maildrop"] {
+    for sub in [
+        "tmp",
+        "queue",
+        "hold",
+        "corrupt",
+        "corrupt/maildrop",
+        "slots",
+        "maildrop",
+    ] {
         for e in fs::read_dir(dir.join(sub)).unwrap() {
             let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                continue;
+            }
             let ino = e.metadata().unwrap().ino();
             let file = *inos.entry(ino).or_insert_with(|| {
                 s.files.push(MFile {
@@ -1059,7 +1079,12 @@ fn check(
         }
     }
     for e2 in fs::read_dir(dir.join("corrupt")).unwrap() {
-        let data = fs::read(e2.unwrap().path()).unwrap();
+        let e2 = e2.unwrap();
+        if e2.file_type().unwrap().is_dir() {
+            // corrupt/maildrop: refused drop files, never acknowledged.
+            continue;
+        }
+        let data = fs::read(e2.path()).unwrap();
         if let Ok(Some(m)) = format::decode_header(&data) {
             assert!(
                 !e.acked.contains(&m.id) || e.finished.contains_key(&m.id),
