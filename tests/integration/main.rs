@@ -19,6 +19,7 @@ mod oauth2;
 mod observe;
 mod pipelining;
 mod powerloss;
+mod powerloss_ops;
 mod queue;
 mod readme;
 mod relay;
