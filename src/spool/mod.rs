@@ -68,6 +68,25 @@
 //! spaces before they are written). A record is written where the records
 //! end (the first NUL, or the end of the file).
 //!
+//! # Versions: a newer relayq reads an older spool
+//! The first line names the format version (`relayq-queue <N>`), so that
+//! an upgrade (a newer package installed over mail still queued) delivers
+//! what an older relayq accepted. The rules, for every change to this
+//! format or to the layout above:
+//! - A newer relayq reads every version before its own: a field a version
+//!   adds is optional to the decoder (absent means what older versions
+//!   meant), and nothing an older version wrote changes meaning.
+//! - A new header field or record kind bumps the version
+//!   ([`format::VERSION`]): decoders refuse keys they do not know, so an
+//!   older relayq (a downgrade) names the file as newer
+//!   ([`format::FormatError::NewerVersion`]) rather than misreading it; the
+//!   file goes to `corrupt/`, whole, for the newer relayq to take back.
+//! - Directories are created at start when missing, so a spool from before
+//!   a directory existed is still a spool.
+//! - The `spool-v1` files under `tests/fixtures/` were written by relayq
+//!   0.1 and must keep being delivered (`tests/integration/upgrade.rs`);
+//!   add a fixture for each new version.
+//!
 //! # Durability rules (every write follows them)
 //! 1. **Accept** (the daemon): take a free slot, or create a new one with
 //!    `O_EXCL` and mode 0600 in `slots/`. Write the whole file (header,

@@ -24,4 +24,5 @@ mod sendmail;
 mod smtp;
 mod status_page;
 mod tls;
+mod upgrade;
 mod ways_in;
