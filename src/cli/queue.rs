@@ -25,6 +25,20 @@ use crate::control::{self, Op, Request};
 use crate::routing::{RelayState, fmt_time};
 use crate::spool::{Area, Meta, RcptState, Record, Spool, SpoolError};
 
+/// `relayq queue init`: creates the spool's directories and the maildrop
+/// with their modes, as the daemon does at start, so that `sendmail` run
+/// by any user works before the daemon first started (the package's
+/// postinst runs it as the relayq user). Changes nothing already there.
+pub fn init(config: &Config, out: &mut impl Write) -> anyhow::Result<()> {
+    let root = &config.spool_dir;
+    Spool::open(root)
+        .map_err(|e| anyhow::anyhow!("cannot prepare the spool {}: {e}", root.display()))?;
+    crate::spool::maildrop::prepare(root)
+        .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
+    writeln!(out, "spool {} ready (queue and maildrop)", root.display())?;
+    Ok(())
+}
+
 /// Ids per control request; a request line must stay under 64 KiB.
 const BATCH: usize = 1000;
 /// Batches this big or bigger get a progress bar (on a terminal).

@@ -378,6 +378,15 @@ impl Live {
                 new.status_listen != self.config.status_listen,
             ),
             ("log_format", new.log_format != self.config.log_format),
+            ("log_to", new.log_to != self.config.log_to),
+            (
+                "syslog_socket",
+                new.syslog_socket != self.config.syslog_socket,
+            ),
+            (
+                "syslog_facility",
+                new.syslog_facility != self.config.syslog_facility,
+            ),
             (
                 "transport",
                 new.transport_kind() != self.config.transport_kind(),

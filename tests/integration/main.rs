@@ -23,6 +23,7 @@ mod routing;
 mod sendmail;
 mod smtp;
 mod status_page;
+mod syslog;
 mod tls;
 mod upgrade;
 mod ways_in;
