@@ -110,7 +110,7 @@ link /usr/bin/mailq
 
 # The service, with this prefix's paths.
 install -d -m 0755 "$root/etc/systemd/system"
-sed "s|/usr/local/bin/relayq|$bin|g" "$here/relayq.service" >"$root/etc/systemd/system/relayq.service"
+sed "s|/usr/bin/relayq|$bin|g" "$here/relayq.service" >"$root/etc/systemd/system/relayq.service"
 chmod 0644 "$root/etc/systemd/system/relayq.service"
 say "installed /etc/systemd/system/relayq.service"
 if [ -z "$destdir" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then

@@ -312,3 +312,19 @@ fn sendmail_works_before_the_daemon_first_started() {
         .collect();
     assert_eq!(dropped.len(), 1, "{dropped:?}");
 }
+
+/// The package's changelog names the version cargo-deb gives it.
+#[test]
+fn the_debian_changelog_names_this_version() {
+    let changelog = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/debian/changelog"
+    ))
+    .unwrap();
+    let first = changelog.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("relayq ({}-1) ", env!("CARGO_PKG_VERSION"))),
+        "dist/debian/changelog's first entry is {first:?}: add an entry for {}-1",
+        env!("CARGO_PKG_VERSION")
+    );
+}
