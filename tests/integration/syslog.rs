@@ -102,7 +102,7 @@ fn pri(msg: &str) -> (u8, u8) {
 }
 
 /// The text after `relayq[PID]: `, checking the tag and the timestamp.
-fn text<'a>(msg: &'a str, pid: u32) -> &'a str {
+fn text(msg: &str, pid: u32) -> &str {
     let tag = format!(" relayq[{pid}]: ");
     let at = msg
         .find(&tag)
