@@ -667,10 +667,15 @@ impl Config {
             return None;
         }
         let hosts: Vec<&str> = self.relays.iter().map(|r| r.relay.host.as_str()).collect();
-        Some(format!(
-            "the relay host {} is an example name, not your provider's relayhost",
-            hosts.join(", ")
-        ))
+        Some(match hosts.as_slice() {
+            [one] => {
+                format!("the relay host {one} is an example name, not your provider's relayhost")
+            }
+            _ => format!(
+                "the relay hosts {} are example names, not your providers' relayhosts",
+                hosts.join(", ")
+            ),
+        })
     }
 
     /// The domain for `user@domain` senders of local submissions.
