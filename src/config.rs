@@ -151,7 +151,7 @@ fn default_syslog_socket() -> PathBuf {
 }
 
 /// The `sendmail` command and the maildrop pickup.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SendmailConfig {
     /// Envelope sender for local submissions instead of `user@myorigin`
@@ -159,8 +159,20 @@ pub struct SendmailConfig {
     /// user still overrides it.
     pub rewrite_sender: Option<String>,
     /// Users besides root and the spool's owner who may set the envelope
-    /// sender with `-f`/`-r`; `"*"` trusts every local user.
+    /// sender with `-f`/`-r`. `"*"` (the default) trusts every local user,
+    /// as Postfix, sendmail, nullmailer, dma and msmtp do: PHP's `mail()`
+    /// passes `-f` for a sender the provider has verified. A list of names
+    /// restricts it.
     pub trusted_users: Vec<String>,
+}
+
+impl Default for SendmailConfig {
+    fn default() -> Self {
+        SendmailConfig {
+            rewrite_sender: None,
+            trusted_users: vec!["*".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -180,7 +192,8 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Concurrent inbound sessions; further clients get `421`.
     pub max_connections: usize,
-    /// Longest line in a message body, excluding CRLF (RFC 5322: 998).
+    /// Longest line relayed as it is, excluding CRLF (RFC 5322: 998):
+    /// longer body lines are re-encoded, longer header lines folded.
     pub max_line_length: usize,
     /// Protocol errors a client may make before it is disconnected.
     pub max_errors: usize,
@@ -191,8 +204,12 @@ pub struct SmtpConfig {
     /// Refuse new mail with `452 4.3.1` when the spool's file system has
     /// less free space than this.
     pub min_free_space: Size,
-    /// Largest header section accepted (Postfix's header_size_limit).
+    /// Largest header field accepted, continuation lines included
+    /// (Postfix's header_size_limit), on every way in.
     pub max_header_size: Size,
+    /// A message with this many `Received:` headers is refused as a mail
+    /// loop (Postfix's hopcount_limit).
+    pub max_hops: usize,
     /// Concurrent sessions from one non-loopback client address.
     pub max_connections_per_ip: usize,
     /// Client networks that may relay without AUTH. Loopback by default;
@@ -225,7 +242,10 @@ impl Default for SmtpConfig {
             command_timeout: HumanDuration(Duration::from_secs(300)),
             data_timeout: HumanDuration(Duration::from_secs(300)),
             min_free_space: Size(64 * 1024 * 1024),
-            max_header_size: Size(100 * 1024),
+            // Postfix's null-client recipe for SendGrid sets
+            // header_size_limit = 4096000 so that X-SMTPAPI fits.
+            max_header_size: Size(4_096_000),
+            max_hops: 50,
             max_connections_per_ip: 20,
             allow_networks: default_allow_networks(),
             tls_cert: None,
@@ -410,6 +430,21 @@ impl RelayConfig {
         self.max_connections.unwrap_or(self.concurrency)
     }
 
+    /// The relay's addresses that need no DNS lookup: an IP literal, or
+    /// `localhost`.
+    pub fn known_addrs(&self) -> Vec<SocketAddr> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return vec![SocketAddr::new(ip, self.port)];
+        }
+        if self.host.eq_ignore_ascii_case("localhost") {
+            return vec![
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.port)),
+            ];
+        }
+        Vec::new()
+    }
+
     /// Whether the relay's address is loopback (clear text is then allowed).
     pub fn is_loopback(&self) -> bool {
         self.host
@@ -492,6 +527,9 @@ pub struct QueueConfig {
     /// Bounces quote the whole original message below this size, only its
     /// headers above it.
     pub bounce_full_message_limit: Size,
+    /// A recipient that asked for NOTIFY=DELAY gets a delay notice once
+    /// its message has waited this long (sendmail's `Timeout.queuewarn`).
+    pub delay_warning_time: HumanDuration,
 }
 
 impl Default for QueueConfig {
@@ -501,6 +539,7 @@ impl Default for QueueConfig {
             retry_max: HumanDuration(Duration::from_secs(4000)),
             max_lifetime: HumanDuration(Duration::from_secs(5 * 86_400)),
             bounce_full_message_limit: Size(64 * 1024),
+            delay_warning_time: HumanDuration(Duration::from_secs(4 * 3600)),
         }
     }
 }
@@ -735,8 +774,14 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.smtp.max_line_length < 78 {
-            return Err(self.invalid("smtp.max_line_length", "must be at least 78"));
+        if !(78..=998).contains(&self.smtp.max_line_length) {
+            return Err(self.invalid(
+                "smtp.max_line_length",
+                "must be between 78 and 998 (RFC 5322's limit)",
+            ));
+        }
+        if self.smtp.max_hops == 0 {
+            return Err(self.invalid("smtp.max_hops", "must be at least 1"));
         }
         if self.queue.retry_min.0.is_zero() || self.queue.retry_max.0 < self.queue.retry_min.0 {
             return Err(self.invalid(
@@ -772,6 +817,18 @@ impl Config {
 
     /// The checks of one relay; keys are `relay.KEY` for the single form
     /// and `relay.NAME.KEY` for named relays.
+    /// Whether `addr` is one of relayq's own listen addresses: a relay
+    /// there would send every message back to relayq (a mail loop).
+    pub fn listens_on(&self, addr: SocketAddr) -> bool {
+        self.smtp.listen.iter().any(|l| {
+            l.port() != 0
+                && l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
+    }
+
     fn validate_relay(&self, named: &NamedRelay) -> Result<(), ConfigError> {
         let relay = &named.relay;
         let key = |k: &str| match &self.relay {
@@ -784,6 +841,15 @@ impl Config {
             }
             if relay.host.trim().is_empty() {
                 return Err(self.invalid(key("host"), "must not be empty"));
+            }
+            if relay.known_addrs().into_iter().any(|a| self.listens_on(a)) {
+                return Err(self.invalid(
+                    key("port"),
+                    format!(
+                        "{}:{} is relayq's own listen address (smtp.listen): every message would loop back to relayq; point the relay at your provider",
+                        relay.host, relay.port
+                    ),
+                ));
             }
             if relay.tls == TlsModeConfig::None && !relay.is_loopback() && !relay.insecure {
                 return Err(self.invalid(

@@ -19,6 +19,7 @@
 //! once the spool has fsynced the message and its directory entry.
 
 pub mod bounce;
+pub mod cleanup;
 pub mod cli;
 pub mod clock;
 pub mod config;

@@ -373,8 +373,16 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
     let env = Envelope {
         sender,
         recipients,
-        smtputf8: false,
-        eight_bit: false,
+        dsn: d.meta.dsn.clone(),
+        rcpt_dsn: d.meta.recipients.iter().map(|r| r.dsn.clone()).collect(),
+        ..Envelope::default()
     };
-    Ok((who, env, d.body, arrival))
+    // The same content rules as every other way in: the drop file's
+    // content is the user's to write, whatever the sendmail command did.
+    let limits = crate::cleanup::Limits::from_config(&ctx.config.smtp);
+    let rules = submit::local_rules(&ctx.config, &who, &env, who.full_name.clone());
+    let body = crate::cleanup::Intake::whole(&d.body, limits)
+        .and_then(|m| crate::cleanup::rewrite(m, &rules))
+        .map_err(|e| (e.reason(), e.to_string()))?;
+    Ok((who, env, body, arrival))
 }

@@ -166,8 +166,11 @@ pub enum Reason {
     TooManyRecipients,
     MessageSize,
     HeaderSize,
+    /// A header line too long with no place to fold it.
     LineLength,
     Nul,
+    /// Too many `Received:` headers: a mail loop.
+    TooManyHops,
     /// The client stalled inside DATA.
     Timeout,
     /// The spool's disk is (nearly) full.
@@ -179,7 +182,7 @@ pub enum Reason {
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::RelayDenied,
         Reason::BadAddress,
         Reason::Smtputf8Required,
@@ -190,6 +193,7 @@ impl Reason {
         Reason::HeaderSize,
         Reason::LineLength,
         Reason::Nul,
+        Reason::TooManyHops,
         Reason::Timeout,
         Reason::DiskFull,
         Reason::QueueError,
@@ -208,6 +212,7 @@ impl Reason {
             Reason::HeaderSize => "header_size",
             Reason::LineLength => "line_length",
             Reason::Nul => "nul",
+            Reason::TooManyHops => "too_many_hops",
             Reason::Timeout => "timeout",
             Reason::DiskFull => "disk_full",
             Reason::QueueError => "queue_error",
@@ -405,6 +410,30 @@ pub fn bounce_queued(queue_id: &str, bounce_id: &str) {
         queue_id,
         bounce_id,
         "{queue_id}: sender non-delivery notification: {bounce_id}"
+    );
+}
+
+/// A delay or success notice the sender asked for (NOTIFY=DELAY or
+/// SUCCESS), in Postfix's words.
+pub fn notice_queued(queue_id: &str, kind: &str, notice_id: &str) {
+    tracing::info!(
+        target: "relayq::queue",
+        event = "bounce",
+        queue_id,
+        bounce_id = notice_id,
+        "{queue_id}: sender {kind} notification: {notice_id}"
+    );
+}
+
+/// Failures whose recipients said NOTIFY without FAILURE: no bounce.
+pub fn bounce_not_wanted<'a>(queue_id: &str, rcpts: impl Iterator<Item = &'a str>) {
+    let list: Vec<String> = rcpts.map(|r| format!("<{r}>")).collect();
+    tracing::info!(
+        target: "relayq::queue",
+        event = "bounce",
+        queue_id,
+        "{queue_id}: no non-delivery notification for {}: the sender asked for none (NOTIFY)",
+        list.join(", ")
     );
 }
 

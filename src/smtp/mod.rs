@@ -5,7 +5,6 @@
 pub mod auth;
 #[cfg(test)]
 mod fuzz;
-pub mod message;
 pub mod server;
 pub mod session;
 pub mod tls;

@@ -7,13 +7,17 @@
 //! queued (and fsynced, see `spool`) before `250` is sent.
 //!
 //! # Security
-//! Everything read here comes from the network. Lines are read with a hard
-//! length cap (a longer line is consumed and refused, never buffered whole),
+//! Everything read here comes from the network. Command lines are read
+//! with a hard length cap (a longer line is consumed and refused, never
+//! buffered whole), body lines within what is left of the size limit,
 //! the message size is counted while it arrives and the body of an
 //! oversized message is discarded, every read has a timeout, and a client
 //! that keeps making errors is disconnected. Nothing is queued unless the
-//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` never
-//! ends a message (SMTP smuggling).
+//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` or
+//! `<CR>.<CR>` never ends a message (SMTP smuggling). The body goes
+//! through `cleanup` like every other way in: its intake makes a bare CR
+//! or LF a CRLF, so none reaches an upstream next to a dot, and its rules
+//! decide what is refused (size, header field size, NUL, hops).
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -24,8 +28,9 @@ use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
+use super::auth;
 use super::server::ServerContext;
-use super::{auth, message};
+use crate::cleanup::{self, Refusal, trace};
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
 
@@ -50,6 +55,23 @@ struct Transaction {
     recipients: Vec<String>,
     smtputf8: bool,
     eight_bit: bool,
+    dsn: crate::spool::Dsn,
+    /// NOTIFY and ORCPT per recipient, in the order of `recipients`.
+    rcpt_dsn: Vec<crate::spool::RcptDsn>,
+}
+
+impl Transaction {
+    fn into_envelope(self) -> Envelope {
+        let any_dsn = self.rcpt_dsn.iter().any(|d| *d != Default::default());
+        Envelope {
+            sender: self.sender,
+            recipients: self.recipients,
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+            dsn: self.dsn,
+            rcpt_dsn: if any_dsn { self.rcpt_dsn } else { Vec::new() },
+        }
+    }
 }
 
 /// Where a session run by `sendmail -bs` (SMTP on stdin/stdout) hands its
@@ -58,8 +80,9 @@ struct Transaction {
 /// the local sender rules.
 pub trait LocalSink: Send + Sync + 'static {
     fn free_space(&self) -> std::io::Result<u64>;
-    /// Stores the message durably; returns the name it was stored under.
-    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, SpoolError>;
+    /// Applies the local rules and stores the message durably; returns
+    /// the name it was stored under.
+    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, crate::submit::SubmitError>;
     /// A message or recipient the session refused: for the daemon's log
     /// and metrics, which the local user's process cannot write itself.
     fn rejected(&self, r: &Rejection);
@@ -311,7 +334,7 @@ impl Session {
             if self.ctx.users.is_some() && self.tls {
                 text.push_str("250-AUTH PLAIN LOGIN\r\n");
             }
-            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8");
+            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8");
             self.reply(&text);
         } else {
             let text = format!("250 {name}");
@@ -340,15 +363,33 @@ impl Session {
                 "555 5.5.4 Error: MAIL parameters need EHLO",
             );
         }
-        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0
-            || from.env_id.is_some()
-            || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS) != 0
-        {
+        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0 {
             return refuse(
                 self,
                 Reason::UnsupportedParameter,
                 "555 5.5.4 Error: unsupported MAIL parameter",
             );
+        }
+        let ret_flags = from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS);
+        if (ret_flags != 0 || from.env_id.is_some()) && !self.esmtp {
+            return refuse(
+                self,
+                Reason::UnsupportedParameter,
+                "555 5.5.4 Error: MAIL parameters need EHLO",
+            );
+        }
+        // RFC 3461 4.3/4.4: RET once, ENVID printable and at most 100.
+        let ret = match ret_flags {
+            0 => None,
+            smtp_proto::MAIL_RET_FULL => Some(crate::spool::Ret::Full),
+            smtp_proto::MAIL_RET_HDRS => Some(crate::spool::Ret::Hdrs),
+            _ => return refuse(self, Reason::Syntax, "501 5.5.4 Error: RET given twice"),
+        };
+        let envid = from.env_id.as_deref().map(str::to_string);
+        if envid.as_deref().is_some_and(|e| {
+            e.is_empty() || e.len() > 100 || !e.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        }) {
+            return refuse(self, Reason::Syntax, "501 5.5.4 Error: invalid ENVID");
         }
         let max = self.ctx.config.smtp.max_message_size.0;
         if from.size as u64 > max {
@@ -403,6 +444,8 @@ impl Session {
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            dsn: crate::spool::Dsn { ret, envid },
+            rcpt_dsn: Vec::new(),
         });
         self.reply("250 2.1.0 Ok");
         Ok(true)
@@ -450,11 +493,15 @@ impl Session {
                 None,
             );
         }
-        if to.orcpt.is_some() || to.flags != 0 {
+        let dsn = match rcpt_dsn(to.flags, to.orcpt.as_deref()) {
+            Ok(d) => d,
+            Err((reason, reply)) => return refuse(self, reason, reply, None),
+        };
+        if (dsn.notify.given() || dsn.orcpt.is_some()) && !self.esmtp {
             return refuse(
                 self,
                 Reason::UnsupportedParameter,
-                "555 5.5.4 Error: unsupported RCPT parameter",
+                "555 5.5.4 Error: RCPT parameters need EHLO",
                 None,
             );
         }
@@ -476,6 +523,7 @@ impl Session {
         // address in both To and Cc must not make the upstream send twice.
         if !txn.recipients.contains(&addr) {
             txn.recipients.push(addr);
+            txn.rcpt_dsn.push(dsn);
         }
         self.reply("250 2.1.5 Ok");
         Ok(true)
@@ -494,10 +542,12 @@ impl Session {
 
         let body = match self.read_body().await {
             Ok(Ok(body)) => body,
-            Ok(Err((reason, refusal))) => {
-                self.rejected_txn(Stage::EndOfMessage, reason, refusal, None);
+            Ok(Err(refusal)) => {
+                let reply = refusal.smtp_reply();
+                let detail = refusal.to_string();
+                self.rejected_txn(Stage::EndOfMessage, refusal.reason(), &reply, Some(&detail));
                 self.txn = None;
-                self.reply(refusal);
+                self.reply(&reply);
                 return Ok(true);
             }
             Err(close) => {
@@ -512,25 +562,27 @@ impl Session {
         Ok(true)
     }
 
-    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing and
-    /// turning bare LF line ends into CRLF. `Ok(Err(reply))` means the whole
-    /// body was read but must be refused with that reply.
-    async fn read_body(&mut self) -> Result<Result<Vec<u8>, (Reason, &'static str)>, Close> {
-        let limits = &self.ctx.config.smtp;
-        let max_size = usize::try_from(limits.max_message_size.0).unwrap_or(usize::MAX);
-        // Two bytes for the line end, one for a stuffed dot.
-        let max_line = limits.max_line_length + 3;
-        let timeout = limits.data_timeout.0;
-        let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
-        let mut in_header = true;
-        let mut body = Vec::with_capacity(4096);
-        let mut refusal: Option<(Reason, &'static str)> = None;
+    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing, into
+    /// the cleanup intake (line ends, bare CR, limits). `Ok(Err(refusal))`
+    /// means the whole body was read but must be refused.
+    async fn read_body(&mut self) -> Result<Result<Vec<u8>, Refusal>, Close> {
+        let limits = cleanup::Limits::from_config(&self.ctx.config.smtp);
+        let timeout = self.ctx.config.smtp.data_timeout.0;
+        let mut intake = cleanup::Intake::new(limits);
+        let mut too_big = false;
         // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
         // only when the line before it ended in CRLF (or there was none).
         // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
         // second transaction past an upstream that reads it differently.
         let mut after_crlf = true;
         loop {
+            // Long lines are content (cleanup re-encodes them); only what
+            // is left of the size limit bounds a line. Two bytes for the
+            // line end, one for a stuffed dot.
+            let max_line = limits
+                .max_message_size
+                .saturating_sub(intake.len())
+                .saturating_add(3);
             let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
             {
                 Err(_) => {
@@ -545,7 +597,7 @@ impl Session {
                 Ok(Ok(Line::Eof)) => return Err(Close::Eof),
                 Ok(Ok(Line::TooLong { crlf })) => {
                     after_crlf = crlf;
-                    refusal.get_or_insert((Reason::LineLength, LINE_TOO_LONG));
+                    too_big = true;
                     continue;
                 }
                 Ok(Ok(Line::Ok(line))) => line,
@@ -554,54 +606,22 @@ impl Session {
                 break;
             }
             after_crlf = line.ends_with(b"\r\n");
+            if too_big || intake.refused() {
+                continue;
+            }
             let content = line.strip_prefix(b".").unwrap_or(&line);
             let text = content
                 .strip_suffix(b"\r\n")
                 .or_else(|| content.strip_suffix(b"\n"))
                 .unwrap_or(content);
-            if refusal.is_some() {
-                continue;
-            }
-            if text.len() > limits.max_line_length {
-                refusal = Some((Reason::LineLength, LINE_TOO_LONG));
-                continue;
-            }
-            if text.contains(&0) {
-                refusal = Some((
-                    Reason::Nul,
-                    "554 5.6.0 Error: message contains NUL characters",
-                ));
-                continue;
-            }
-            if in_header {
-                if text.is_empty() {
-                    in_header = false;
-                } else if body.len() + text.len() + 2 > max_header {
-                    refusal = Some((
-                        Reason::HeaderSize,
-                        "552 5.3.4 Error: message header size exceeds limit",
-                    ));
-                    continue;
-                }
-            }
-            if body.len() + text.len() + 2 > max_size {
-                refusal = Some((
-                    Reason::MessageSize,
-                    "552 5.3.4 Error: message size exceeds fixed limit",
-                ));
-                body = Vec::new();
-                continue;
-            }
-            body.extend_from_slice(text);
-            // A last line without any line end is only possible at EOF,
-            // which aborts the transaction above; every stored line ends in
-            // CRLF.
-            body.extend_from_slice(b"\r\n");
+            intake.line(text);
         }
-        Ok(match refusal {
-            Some(r) => Err(r),
-            None => Ok(body),
-        })
+        if too_big {
+            return Ok(Err(Refusal::TooBig {
+                limit: limits.max_message_size,
+            }));
+        }
+        Ok(intake.finish())
     }
 
     async fn queue(&mut self, txn: Transaction, body: Vec<u8>) {
@@ -609,34 +629,37 @@ impl Session {
             return self.queue_local(sink, txn, body).await;
         }
         let ctx = self.ctx.clone();
+        let rules = cleanup::Rules::smtp(&ctx.config, self.trusted);
+        let body = match rewrite_off_thread(body, rules).await {
+            Ok(body) => body,
+            Err(refusal) => return self.refuse_content(&refusal, &txn.sender, &txn.recipients),
+        };
         let id = crate::spool::Spool::new_id();
         let now = ctx.clock.now();
-        let date = message::rfc5322_now(now);
+        let date = trace::rfc5322_now(now);
         let protocol = match (self.esmtp, txn.smtputf8) {
             (_, true) => "UTF8SMTP",
             (true, false) => "ESMTP",
             (false, false) => "SMTP",
         };
         let helo = self.helo.clone().unwrap_or_default();
-        let trace = message::Trace {
-            helo: &helo,
-            client_ip: self.peer.ip(),
+        let trace = trace::Trace {
+            origin: trace::Origin::Smtp {
+                helo: &helo,
+                client_ip: self.peer.ip(),
+                protocol,
+            },
             hostname: &ctx.config.hostname,
-            protocol,
             id: &id,
             single_rcpt: (txn.recipients.len() == 1).then(|| txn.recipients[0].as_str()),
             date: &date,
         };
-        let mut msg = message::prefix(&trace, &message::scan_headers(&body));
+        let mut msg = trace::prefix(&trace, &body);
         msg.extend_from_slice(&body);
         drop(body);
-        let eight_bit = txn.eight_bit || msg.iter().any(|&b| b >= 0x80);
-        let env = Envelope {
-            sender: txn.sender,
-            recipients: txn.recipients,
-            smtputf8: txn.smtputf8,
-            eight_bit,
-        };
+        let eight_bit = txn.eight_bit || !msg.is_ascii();
+        let mut env = txn.into_envelope();
+        env.eight_bit = eight_bit;
         let size = msg.len();
         let nrcpt = env.recipients.len();
         let sender = env.sender.clone();
@@ -794,15 +817,12 @@ impl Session {
 
     async fn queue_local(&mut self, sink: Arc<dyn LocalSink>, txn: Transaction, body: Vec<u8>) {
         let (sender, recipients) = (txn.sender.clone(), txn.recipients.clone());
-        let env = Envelope {
-            sender: txn.sender,
-            recipients: txn.recipients,
-            smtputf8: txn.smtputf8,
-            eight_bit: txn.eight_bit,
-        };
+        let env = txn.into_envelope();
+        use crate::submit::SubmitError;
         match tokio::task::spawn_blocking(move || sink.submit(env, body)).await {
             Ok(Ok(id)) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
-            Ok(Err(e)) => self.queue_failed(e, &sender, &recipients),
+            Ok(Err(SubmitError::Refused(r))) => self.refuse_content(&r, &sender, &recipients),
+            Ok(Err(SubmitError::Spool(e))) => self.queue_failed(e, &sender, &recipients),
             Err(e) => self.queue_failed(
                 SpoolError::Io {
                     path: self.ctx.config.spool_dir.clone(),
@@ -812,6 +832,21 @@ impl Session {
                 &recipients,
             ),
         }
+    }
+
+    /// Refuses the message at the end of data, with cleanup's reason.
+    fn refuse_content(&mut self, refusal: &Refusal, sender: &str, recipients: &[String]) {
+        let reply = refusal.smtp_reply();
+        let detail = refusal.to_string();
+        self.rejected(
+            Stage::EndOfMessage,
+            refusal.reason(),
+            &reply,
+            Some(sender),
+            recipients,
+            Some(&detail),
+        );
+        self.reply(&reply);
     }
 
     /// Reports a refused message or recipient (the `NOQUEUE: reject:` line
@@ -942,8 +977,61 @@ impl Session {
     }
 }
 
-const LINE_TOO_LONG: &str =
-    "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)";
+/// NOTIFY and ORCPT of a RCPT command (RFC 3461), checked.
+fn rcpt_dsn(
+    flags: u64,
+    orcpt: Option<&str>,
+) -> Result<crate::spool::RcptDsn, (Reason, &'static str)> {
+    use crate::spool::Notify;
+    if flags
+        & !(smtp_proto::RCPT_NOTIFY_NEVER
+            | smtp_proto::RCPT_NOTIFY_SUCCESS
+            | smtp_proto::RCPT_NOTIFY_FAILURE
+            | smtp_proto::RCPT_NOTIFY_DELAY)
+        != 0
+    {
+        return Err((
+            Reason::UnsupportedParameter,
+            "555 5.5.4 Error: unsupported RCPT parameter",
+        ));
+    }
+    let mut notify = Notify::default();
+    for (flag, n) in [
+        (smtp_proto::RCPT_NOTIFY_NEVER, Notify::NEVER),
+        (smtp_proto::RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
+        (smtp_proto::RCPT_NOTIFY_FAILURE, Notify::FAILURE),
+        (smtp_proto::RCPT_NOTIFY_DELAY, Notify::DELAY),
+    ] {
+        if flags & flag != 0 {
+            notify = notify.with(n);
+        }
+    }
+    if notify.given() && notify.param().and_then(|p| Notify::parse(&p)) != Some(notify) {
+        return Err((
+            Reason::Syntax,
+            "501 5.5.4 Error: NOTIFY=NEVER cannot be combined with other values",
+        ));
+    }
+    let orcpt = orcpt.map(str::to_string);
+    if orcpt
+        .as_deref()
+        .is_some_and(|o| o.len() > 500 || o.chars().any(char::is_control))
+    {
+        return Err((Reason::Syntax, "501 5.5.4 Error: invalid ORCPT"));
+    }
+    Ok(crate::spool::RcptDsn { notify, orcpt })
+}
+
+/// Runs cleanup's rewrite; a big message on a blocking thread, so a
+/// 25 MB MIME re-encoding does not stall other sessions.
+async fn rewrite_off_thread(body: Vec<u8>, rules: cleanup::Rules) -> Result<Vec<u8>, Refusal> {
+    if body.len() < 256 * 1024 {
+        return cleanup::rewrite(body, &rules);
+    }
+    tokio::task::spawn_blocking(move || cleanup::rewrite(body, &rules))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
 
 /// The reply to a command smtp-proto could not parse.
 fn parse_error_reply(e: &ParseError) -> String {

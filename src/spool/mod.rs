@@ -47,6 +47,12 @@
 //! sender <address>\n        empty for the null sender <>
 //! flags <smtputf8,8bitmime | ->\n
 //! rcpt <address>\n          one per recipient; its index is its order
+//! dsn-ret <FULL|HDRS>\n     optional: RFC 3461 RET
+//! dsn-envid <xtext>\n       optional: RFC 3461 ENVID, xtext-encoded
+//! dsn-rcpt <idx> <notify> <orcpt>\n
+//!                           optional, per recipient: NOTIFY (`NEVER` or a
+//!                           list of SUCCESS,FAILURE,DELAY; `-` if not
+//!                           given) and ORCPT's address as xtext (`-`)
 //! size <n>\n
 //! \n
 //! <n bytes: the message, CRLF line ends, headers we added included>
@@ -59,11 +65,23 @@
 //! failed <idx> <unix ms> <upstream reply or reason>\n
 //! deferred <idx> <unix ms> <reason>\n
 //! attempt <count> <next attempt unix ms>\n
+//! warned <unix ms>\n        a delay notice (NOTIFY=DELAY) was queued
 //! accepted <unix ms>\n      the daemon logged the accepted line of a file
 //!                           with `submitter` (written without fsync, like
 //!                           rule 3: losing it logs the line once more)
 //! <NUL bytes up to the end of the file: a reused file is zero-filled>
 //! ```
+//! The `dsn-*` lines (added for RFC 3461 DSN) are written only for a
+//! message whose sender gave DSN parameters, so every other file is
+//! byte for byte what older versions wrote, and a file without them (any
+//! older file) reads as "no DSN parameters": a newer binary reads every
+//! older queue file. An older binary refuses a file with `dsn-*` lines or
+//! a `warned` record (to `corrupt/`), so downgrade only with an empty
+//! queue, or after such messages are delivered.
+//! `flags smtputf8` means the sender asked for SMTPUTF8 (or, for local
+//! mail, that its envelope or header holds UTF-8): the transport requires
+//! it of the upstream only when an address or header really is UTF-8.
+//!
 //! Addresses and replies never contain CR, LF or NUL (they are replaced by
 //! spaces before they are written). A record is written where the records
 //! end (the first NUL, or the end of the file).
@@ -160,7 +178,9 @@ use std::sync::{Arc, OnceLock, mpsc};
 
 use tokio::sync::oneshot;
 
-pub use format::{Envelope, Meta, Origin, RcptState, RcptStatus, Record};
+pub use format::{
+    Dsn, Envelope, Meta, Notify, Origin, RcptDsn, RcptState, RcptStatus, Record, Ret,
+};
 use slots::Slots;
 
 /// The directories a message can be in.

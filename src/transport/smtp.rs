@@ -283,18 +283,30 @@ pub struct Capabilities {
     pub size: Option<u64>,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// RFC 3461 delivery status notifications.
+    pub dsn: bool,
     pub starttls: bool,
     /// Mechanism names, upper case.
     pub auth: Vec<String>,
     pub enhanced_status_codes: bool,
     /// Every extension line as received (the greeting line excluded).
     pub raw: Vec<String>,
+    /// The first line of the EHLO reply: the server's name, then prose.
+    pub greeting: String,
 }
 
 impl Capabilities {
+    /// The first line of the EHLO reply, as a reply (for the loop check).
+    fn greeting_line(&self) -> Reply {
+        Reply::new(250, self.greeting.clone())
+    }
+
     /// Parses a positive EHLO reply; a HELO session has the default (nothing).
     pub fn from_ehlo(reply: &Reply) -> Self {
-        let mut caps = Capabilities::default();
+        let mut caps = Capabilities {
+            greeting: reply.text.split('\n').next().unwrap_or("").to_string(),
+            ..Capabilities::default()
+        };
         for line in reply.text.split('\n').skip(1) {
             caps.raw.push(line.to_string());
             let mut words = line.split_ascii_whitespace();
@@ -307,6 +319,7 @@ impl Capabilities {
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
                 "STARTTLS" => caps.starttls = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
                 "AUTH" => caps.add_auth(words),
@@ -336,11 +349,22 @@ pub struct Envelope<'a> {
     /// "" for the null sender (bounces).
     pub from: &'a str,
     pub rcpts: &'a [&'a str],
-    /// The message needs SMTPUTF8 (also implied by a non-ASCII address).
+    /// The sender asked for SMTPUTF8: it is passed on when offered.
     pub smtputf8: bool,
-    /// The body has 8-bit content. Sent as BODY=8BITMIME when offered, and
-    /// as-is otherwise, as Postfix does by default.
+    /// The message cannot be relayed without SMTPUTF8: UTF-8 in an address
+    /// or header (a non-ASCII address implies it). Without SMTPUTF8
+    /// offered, it is not sent ([`SmtpError::SmtpUtf8NotOffered`]).
+    pub smtputf8_required: bool,
+    /// The body has 8-bit content: sent as BODY=8BITMIME when offered.
+    /// For an upstream without 8BITMIME the caller converts the body first
+    /// (`cleanup::seven_bit`), as Postfix does unless
+    /// `disable_mime_output_conversion` is set.
     pub eight_bit: bool,
+    /// RET and ENVID (RFC 3461), passed on when the upstream offers DSN.
+    pub dsn: Option<&'a crate::spool::Dsn>,
+    /// NOTIFY and ORCPT per recipient, in the order of `rcpts` (or empty),
+    /// passed on when the upstream offers DSN.
+    pub rcpt_dsn: &'a [crate::spool::RcptDsn],
 }
 
 /// What the upstream said about one transaction.
@@ -458,8 +482,10 @@ pub enum SmtpError {
     /// No OAuth2 access token could be had (the token source logged why).
     #[error("no OAuth2 token: {0}")]
     OAuth2(TokenError),
-    #[error("the message needs SMTPUTF8 but the upstream does not offer it")]
-    SmtpUtf8NotOffered,
+    #[error(
+        "relayq did not send the message: it needs SMTPUTF8 (UTF-8 in an address or header), but host {host} does not offer SMTPUTF8"
+    )]
+    SmtpUtf8NotOffered { host: String },
     #[error("invalid sender address {address:?}: {reason}")]
     InvalidSender {
         address: String,
@@ -467,6 +493,15 @@ pub enum SmtpError {
     },
     #[error("connection is unusable after an earlier error")]
     Unusable,
+    /// The upstream greeted us, or answered EHLO, with our own host name:
+    /// the relay is relayq itself (Postfix: "mail for ... loops back to
+    /// myself").
+    #[error("mail for {host} loops back to myself: it {said} with my own hostname {name}")]
+    Loop {
+        host: String,
+        said: &'static str,
+        name: String,
+    },
 }
 
 impl SmtpError {
@@ -481,7 +516,7 @@ impl SmtpError {
                 stage: Stage::Mail,
                 reply,
             } => reply.is_permanent() && reply.code != 530,
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
         }
     }
@@ -508,8 +543,9 @@ impl SmtpError {
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls
             | SmtpError::OAuth2(_) => "4.7.0".into(),
-            SmtpError::SmtpUtf8NotOffered => "5.6.7".into(),
+            SmtpError::SmtpUtf8NotOffered { .. } => "5.6.7".into(),
             SmtpError::InvalidSender { .. } => "5.1.7".into(),
+            SmtpError::Loop { .. } => "4.4.6".into(),
         };
         let class = if self.is_permanent() { '5' } else { '4' };
         let mut code = code;
@@ -535,16 +571,26 @@ impl SmtpError {
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls => "auth",
             SmtpError::OAuth2(_) => "oauth2",
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => "mail",
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => "mail",
             SmtpError::Unusable => "session",
+            SmtpError::Loop { .. } => "loop",
         }
+    }
+
+    /// Decided by relayq, not said by the upstream: a bounce must not
+    /// name the upstream as the one who refused.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. }
+        )
     }
 
     /// Errors after which the server and we still agree where we are.
     fn leaves_session_in_sync(&self) -> bool {
         match self {
             SmtpError::Rejected { reply, .. } => reply.code != 421,
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
         }
     }
@@ -720,7 +766,9 @@ impl Connection {
                 reply: greeting,
             });
         }
+        check_loop(&greeting, cfg, "greeted me")?;
         let mut caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+        check_loop(&caps.greeting_line(), cfg, "answered EHLO")?;
         if let (Some(setup), TlsMode::StartTls) = (&tls, cfg.tls) {
             if !caps.starttls {
                 return Err(SmtpError::StartTlsNotOffered {
@@ -967,7 +1015,15 @@ impl Connection {
         steps.push(Step::Mail(mail));
         for (i, rcpt) in env.rcpts.iter().enumerate() {
             match address_problem(rcpt) {
-                None => steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>\r\n"))),
+                None => {
+                    let params = env
+                        .rcpt_dsn
+                        .get(i)
+                        .filter(|_| self.caps.dsn)
+                        .map(rcpt_dsn_params)
+                        .unwrap_or_default();
+                    steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>{params}\r\n")));
+                }
                 Some(reason) => replies.rcpts[i] = Some(invalid_rcpt_reply(reason)),
             }
         }
@@ -989,13 +1045,16 @@ impl Connection {
                 reason,
             });
         }
-        let needs_utf8 =
-            env.smtputf8 || !env.from.is_ascii() || env.rcpts.iter().any(|r| !r.is_ascii());
+        let required = env.smtputf8_required
+            || !env.from.is_ascii()
+            || env.rcpts.iter().any(|r| !r.is_ascii());
+        if required && !self.caps.smtputf8 {
+            return Err(SmtpError::SmtpUtf8NotOffered {
+                host: self.cfg.host.clone(),
+            });
+        }
         let mut line = format!("MAIL FROM:<{}>", env.from);
-        if needs_utf8 {
-            if !self.caps.smtputf8 {
-                return Err(SmtpError::SmtpUtf8NotOffered);
-            }
+        if (required || env.smtputf8) && self.caps.smtputf8 {
             line.push_str(" SMTPUTF8");
         }
         if env.eight_bit && self.caps.eight_bit_mime {
@@ -1003,6 +1062,14 @@ impl Connection {
         }
         if self.caps.size.is_some() {
             line.push_str(&format!(" SIZE={size}"));
+        }
+        if let Some(dsn) = env.dsn.filter(|_| self.caps.dsn) {
+            if let Some(ret) = dsn.ret {
+                line.push_str(&format!(" RET={}", ret.as_str()));
+            }
+            if let Some(envid) = &dsn.envid {
+                line.push_str(&format!(" ENVID={}", crate::spool::format::xtext(envid)));
+            }
         }
         line.push_str("\r\n");
         Ok(line)
@@ -1106,8 +1173,34 @@ impl Connection {
     }
 }
 
+/// ` NOTIFY=... ORCPT=rfc822;...` for a recipient that has them.
+fn rcpt_dsn_params(d: &crate::spool::RcptDsn) -> String {
+    let mut out = String::new();
+    if let Some(n) = d.notify.param() {
+        out.push_str(&format!(" NOTIFY={n}"));
+    }
+    if let Some(o) = &d.orcpt {
+        out.push_str(&format!(" ORCPT=rfc822;{}", crate::spool::format::xtext(o)));
+    }
+    out
+}
+
 fn invalid_rcpt_reply(reason: &str) -> Reply {
     Reply::new(501, format!("5.1.3 relayq: recipient address {reason}"))
+}
+
+/// A greeting or EHLO reply whose first word is our own host name: the
+/// upstream is relayq itself, and sending would loop.
+fn check_loop(reply: &Reply, cfg: &ClientConfig, said: &'static str) -> Result<(), SmtpError> {
+    let name = reply.text.split_ascii_whitespace().next().unwrap_or("");
+    if name.eq_ignore_ascii_case(&cfg.helo_name) {
+        return Err(SmtpError::Loop {
+            host: cfg.host.clone(),
+            said,
+            name: cfg.helo_name.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// The HELO name goes into a command line: it must be one word.

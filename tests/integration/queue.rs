@@ -319,7 +319,8 @@ async fn the_listing_shows_what_waits_in_the_maildrop() {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
-    let mut d = Daemon::start(&relay_config(addr, ""));
+    // Senders restricted, so that the listing has a sender to replace.
+    let mut d = Daemon::start(&relay_config(addr, "[sendmail]\ntrusted_users = []\n"));
     open_to_others(&d);
     let ids = deferred(&d, 1).await;
     assert!(d.stop());

@@ -6,7 +6,8 @@
 //! is capped at `MAX_REPLY_BYTES`, every line must be "ddd", "ddd " or
 //! "ddd-" with one code throughout, and leftover bytes are kept, never
 //! dropped, so a pipelined session can't drift out of step. The encoder
-//! stuffs a dot after every LF, bare or not, so a body can't end DATA early.
+//! sends every line end (CRLF, bare LF, bare CR) as CRLF and stuffs a dot
+//! at the start of every line, so a body can't end DATA early.
 
 use std::io;
 use std::pin::Pin;
@@ -296,31 +297,23 @@ fn snippet(bytes: &[u8]) -> String {
 }
 
 /// The DATA payload: the body dot-stuffed, ending in CRLF, then ".\r\n",
-/// produced in bounded pieces without copying the whole body.
+/// produced in bounded pieces without copying the whole body. Every line
+/// end goes out as CRLF: a bare LF or a bare CR (a queue file written
+/// before cleanup normalised them) is sent as CRLF too, so no upstream
+/// that takes either for a line end can see a dot line we did not stuff.
 pub(super) struct DataEncoder<'a> {
     rest: &'a [u8],
-    /// What completes the last line: "", "\n" or "\r\n".
-    suffix: &'static [u8],
+    /// The body ends with a line end; otherwise CRLF is added before the dot.
+    ends_line: bool,
     at_line_start: bool,
     finished: bool,
 }
 
 impl<'a> DataEncoder<'a> {
     pub(super) fn new(body: &'a [u8]) -> Self {
-        // A bare LF at the very end becomes CRLF, so the terminator is always
-        // "\r\n.\r\n" and never "\n.\r\n", which some servers misread.
-        let (rest, suffix): (&[u8], &[u8]) = if body.is_empty() || body.ends_with(b"\r\n") {
-            (body, b"")
-        } else if let Some(head) = body.strip_suffix(b"\n") {
-            (head, b"\r\n")
-        } else if body.ends_with(b"\r") {
-            (body, b"\n")
-        } else {
-            (body, b"\r\n")
-        };
         DataEncoder {
-            rest,
-            suffix,
+            rest: body,
+            ends_line: body.is_empty() || matches!(body.last(), Some(b'\r' | b'\n')),
             at_line_start: true,
             finished: false,
         }
@@ -334,21 +327,26 @@ impl<'a> DataEncoder<'a> {
                 out.push(b'.');
             }
             let room = limit.saturating_sub(out.len()).max(1);
-            let line_len = self
-                .rest
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(self.rest.len(), |i| i + 1)
-                .min(room);
-            let (piece, rest) = self.rest.split_at(line_len);
-            out.extend_from_slice(piece);
-            // Any LF starts a line for stuffing: a bare LF followed by "."
-            // must not become an end of data on a lenient server.
-            self.at_line_start = piece.ends_with(b"\n");
-            self.rest = rest;
+            match self.rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+                Some(p) if p < room => {
+                    out.extend_from_slice(&self.rest[..p]);
+                    out.extend_from_slice(b"\r\n");
+                    let crlf = self.rest[p] == b'\r' && self.rest.get(p + 1) == Some(&b'\n');
+                    self.rest = &self.rest[p + if crlf { 2 } else { 1 }..];
+                    self.at_line_start = true;
+                }
+                found => {
+                    let n = found.unwrap_or(self.rest.len()).min(room);
+                    out.extend_from_slice(&self.rest[..n]);
+                    self.rest = &self.rest[n..];
+                    self.at_line_start = false;
+                }
+            }
         }
         if self.rest.is_empty() && !self.finished {
-            out.extend_from_slice(self.suffix);
+            if !self.ends_line {
+                out.extend_from_slice(b"\r\n");
+            }
             out.extend_from_slice(b".\r\n");
             self.finished = true;
         }
