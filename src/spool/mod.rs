@@ -91,19 +91,25 @@
 //! an upgrade (a newer package installed over mail still queued) delivers
 //! what an older relayq accepted. The rules, for every change to this
 //! format or to the layout above:
-//! - A newer relayq reads every version before its own: a field a version
-//!   adds is optional to the decoder (absent means what older versions
-//!   meant), and nothing an older version wrote changes meaning.
-//! - A new header field or record kind bumps the version
-//!   ([`format::VERSION`]): decoders refuse keys they do not know, so an
-//!   older relayq (a downgrade) names the file as newer
-//!   ([`format::FormatError::NewerVersion`]) rather than misreading it; the
-//!   file goes to `corrupt/`, whole, for the newer relayq to take back.
+//! - A newer relayq reads every file an older one wrote: a field or
+//!   record a change adds is optional to the decoder (absent means what
+//!   older versions meant), and nothing an older version wrote changes
+//!   meaning.
+//! - An addition is written only where it is used (as the `dsn-*` lines
+//!   and the `warned` record are), so every other file stays byte for byte
+//!   what older versions wrote, and an older relayq still reads it. An
+//!   older relayq refuses, never misreads, a field it does not know: the
+//!   file goes to `corrupt/`, whole.
+//! - A change an older decoder would misread rather than refuse (a field
+//!   whose meaning changes, a required field) bumps the version
+//!   ([`format::VERSION`]); the decoder keeps reading the versions before
+//!   it, and names a file of a version after its own
+//!   ([`format::FormatError::NewerVersion`]).
 //! - Directories are created at start when missing, so a spool from before
 //!   a directory existed is still a spool.
 //! - The `spool-v1` files under `tests/fixtures/` were written by relayq
 //!   0.1 and must keep being delivered (`tests/integration/upgrade.rs`);
-//!   add a fixture for each new version.
+//!   add fixtures for each addition and each new version.
 //!
 //! # Durability rules (every write follows them)
 //! 1. **Accept** (the daemon): take a free slot, or create a new one with
