@@ -4,7 +4,7 @@
 #   - symlinks:          /usr/sbin/sendmail, /usr/bin/mailq -> $PREFIX/bin/relayq
 #   - the user:          relayq (system user, no login, no home)
 #   - the spool:         /var/spool/relayq                 (0700, owned by relayq)
-#   - the config:        /etc/relayq/relayq.toml           (0640 root:relayq; never overwritten)
+#   - the config:        /etc/relayq/relayq.toml           (0644: sendmail reads it; never overwritten)
 #   - the unit:          /etc/systemd/system/relayq.service
 # It does not start anything: edit the config, run `relayq check`, then
 # `systemctl enable --now relayq`.
@@ -81,10 +81,9 @@ install -d -m 0755 "$root/etc/relayq"
 if [ -e "$root/etc/relayq/relayq.toml" ]; then
     say "kept the existing /etc/relayq/relayq.toml"
 else
-    install -m 0640 "$here/relayq.toml" "$root/etc/relayq/relayq.toml"
-    if [ -z "$destdir" ]; then
-        chgrp relayq "$root/etc/relayq/relayq.toml"
-    fi
+    # Readable by all, like Postfix's main.cf: every user's sendmail reads
+    # it. Secrets go in password_file (0600, owned by relayq), not here.
+    install -m 0644 "$here/relayq.toml" "$root/etc/relayq/relayq.toml"
     say "installed /etc/relayq/relayq.toml from dist/relayq.toml: edit [relay] before starting"
 fi
 

@@ -530,6 +530,10 @@ pub struct QueueConfig {
     /// A recipient that asked for NOTIFY=DELAY gets a delay notice once
     /// its message has waited this long (sendmail's `Timeout.queuewarn`).
     pub delay_warning_time: HumanDuration,
+    /// How long a delivered message's "done" mark may stay unsynced: after
+    /// a power loss, at most the deliveries of this window are sent again
+    /// (see the spool's durability rules). `0s` syncs each one at once.
+    pub done_sync_window: HumanDuration,
 }
 
 impl Default for QueueConfig {
@@ -540,9 +544,13 @@ impl Default for QueueConfig {
             max_lifetime: HumanDuration(Duration::from_secs(5 * 86_400)),
             bounce_full_message_limit: Size(64 * 1024),
             delay_warning_time: HumanDuration(Duration::from_secs(4 * 3600)),
+            done_sync_window: HumanDuration(Duration::from_millis(100)),
         }
     }
 }
+
+/// The longest `queue.done_sync_window` allowed.
+pub const MAX_DONE_SYNC_WINDOW: Duration = Duration::from_secs(1);
 
 fn default_hostname() -> String {
     rustix::system::uname()
@@ -787,6 +795,12 @@ impl Config {
             return Err(self.invalid(
                 "queue.retry_max",
                 "retry_min must be above zero and retry_max at least retry_min",
+            ));
+        }
+        if self.queue.done_sync_window.0 > MAX_DONE_SYNC_WINDOW {
+            return Err(self.invalid(
+                "queue.done_sync_window",
+                "must be at most 1s: every delivery in the window may be sent again after a power loss",
             ));
         }
         if self.myorigin.as_deref().is_some_and(|m| {

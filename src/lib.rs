@@ -18,6 +18,7 @@
 //! them and appends per-recipient outcomes. The client is answered `250` only
 //! once the spool has fsynced the message and its directory entry.
 
+pub mod anvil;
 pub mod bounce;
 pub mod cleanup;
 pub mod cli;

@@ -22,11 +22,12 @@
 //! open to every local user: a connection makes a scan due (a flood of them
 //! collapses into one scan at a time), and at most one line of
 //! [`MAX_REPORT`] bytes is read from it within [`REPORT_WAIT`], a few
-//! connections at a time: a refusal report, parsed strictly and logged
-//! as the user the kernel says connected (`SO_PEERCRED`), never as anyone
-//! the report names, without control characters. A local user can thus
-//! add refusals (and counts) only under their own uid, as they could by
-//! running `sendmail -bs` with bad input.
+//! connections at a time and at most [`REPORTS_PER_USER`] of one user (so
+//! that nobody can keep the others' reports out): a refusal report,
+//! parsed strictly and logged as the user the kernel says connected
+//! (`SO_PEERCRED`), never as anyone the report names, without control
+//! characters. A local user can thus add refusals (and counts) only under
+//! their own uid, as they could by running `sendmail -bs` with bad input.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,7 +35,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -47,12 +48,16 @@ use crate::submit::{self, Identity};
 
 /// How often the maildrop is scanned without being poked.
 const RESCAN: Duration = Duration::from_secs(60);
-/// The longest refusal report read from `pickup.sock`.
-pub const MAX_REPORT: usize = 8 * 1024;
+/// The longest refusal report read from `pickup.sock`: room for the
+/// longest [`Rejection::bounded`].
+pub const MAX_REPORT: usize = 128 * 1024;
 /// How long a connection to `pickup.sock` may take to send its report.
 pub const REPORT_WAIT: Duration = Duration::from_secs(2);
 /// Reports read at once; further connections only wake the pickup.
-const REPORTS_AT_ONCE: usize = 8;
+const REPORTS_AT_ONCE: usize = 64;
+/// Reports read at once from one user, so that one user holding
+/// connections open cannot keep everyone else's refusals out of the log.
+const REPORTS_PER_USER: usize = 2;
 /// The line a report starts with, then the [`Rejection`] as JSON.
 pub const REPORT_PREFIX: &[u8] = b"reject ";
 
@@ -96,14 +101,17 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot create pickup socket {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    let readers = Arc::new(Semaphore::new(REPORTS_AT_ONCE));
+    let readers = Arc::new(crate::anvil::Anvil::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             wake.notify_one();
-            if let Ok(permit) = readers.clone().try_acquire_owned() {
+            let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+                continue;
+            };
+            if let Some(reading) = readers.take(uid, REPORTS_PER_USER, REPORTS_AT_ONCE) {
                 tokio::spawn(async move {
-                    read_report(stream).await;
-                    drop(permit);
+                    read_report(stream, uid).await;
+                    drop(reading);
                 });
             }
         }
@@ -112,10 +120,7 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
 
 /// Reads one refusal report, if the connection carries one, and logs it
 /// as the connecting user.
-async fn read_report(stream: UnixStream) {
-    let Ok(cred) = stream.peer_cred() else {
-        return;
-    };
+async fn read_report(stream: UnixStream, uid: u32) {
     let mut line = Vec::new();
     let mut reader = BufReader::new(stream).take(MAX_REPORT as u64);
     if !matches!(
@@ -128,11 +133,8 @@ async fn read_report(stream: UnixStream) {
         return;
     };
     match serde_json::from_slice::<Rejection>(json) {
-        Ok(r) => events::rejected(&Client::local(cred.uid()), &r),
-        Err(e) => tracing::debug!(
-            "pickup.sock: unreadable report from uid {}: {e}",
-            cred.uid()
-        ),
+        Ok(r) => events::rejected(&Client::local(uid), &r),
+        Err(e) => tracing::debug!("pickup.sock: unreadable report from uid {uid}: {e}"),
     }
 }
 
@@ -316,6 +318,7 @@ fn refuse(
         from,
         to: to.to_vec(),
         detail: None,
+        to_omitted: 0,
     };
     events::rejected(&Client::local(uid), &r);
 }
@@ -351,15 +354,7 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
         })?;
         recipients.push(r.address.clone());
     }
-    if recipients.len() > ctx.config.smtp.max_recipients {
-        return Err((
-            Reason::TooManyRecipients,
-            format!(
-                "{} recipients, more than smtp.max_recipients",
-                recipients.len()
-            ),
-        ));
-    }
+    submit::check_recipients(&ctx.config, recipients.len())?;
     // The claimed arrival time is the user's to write: believe it only
     // within the queue's lifetime, so it can neither expire the message at
     // once nor keep it forever.

@@ -38,7 +38,7 @@ use std::time::{Duration, SystemTime};
 use crate::cleanup::{self, LocalFrom, Refusal, Rules, trace};
 use crate::config::Config;
 use crate::control::{self, Request};
-use crate::observe::events::Rejection;
+use crate::observe::events::{Reason, Rejection};
 use crate::spool::{Envelope, Spool, SpoolError, maildrop};
 
 /// A local user, as the password database knows them.
@@ -144,6 +144,19 @@ pub fn sender_for(config: &Config, who: &Identity, owner: u32, asked: &str) -> S
     } else {
         default_sender(config, who)
     }
+}
+
+/// The limit the SMTP server applies at RCPT, for a local submission
+/// (`sendmail`, a maildrop file): the reason and what to tell the user.
+pub fn check_recipients(config: &Config, recipients: usize) -> Result<(), (Reason, String)> {
+    let max = config.smtp.max_recipients;
+    if recipients > max {
+        return Err((
+            Reason::TooManyRecipients,
+            format!("too many recipients: {recipients}, more than smtp.max_recipients ({max})"),
+        ));
+    }
+    Ok(())
 }
 
 /// Sets the SMTPUTF8 and 8BITMIME flags from what the message holds: a
@@ -373,7 +386,7 @@ impl Submitter {
     /// its log and metrics have it like every other refusal (see
     /// `pickup`); false when none runs.
     pub fn report(&self, r: &Rejection) -> bool {
-        let Ok(json) = serde_json::to_vec(r) else {
+        let Ok(json) = serde_json::to_vec(&r.bounded()) else {
             return false;
         };
         let mut line = crate::pickup::REPORT_PREFIX.to_vec();

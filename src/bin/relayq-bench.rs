@@ -57,7 +57,9 @@ struct Args {
     /// are the medians (the disk here is noisy, see BENCHMARKING.md).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Run only this part: "slow" (the slow-upstream test).
+    /// Run only this part: "slow" (the slow-upstream test), or "scale"
+    /// (the large-queue test, with --scale N; with --baseline, both
+    /// binaries interleaved over --rounds).
     #[arg(long)]
     only: Option<String>,
     /// relayq's delivery connections to the sink in the main loads
@@ -65,6 +67,16 @@ struct Args {
     /// deliveries to one destination).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Also run relayq with `queue.done_sync_window = "0s"` (each done
+    /// mark synced before the worker moves on), interleaved, to show what
+    /// the group commit of done marks saves.
+    #[arg(long)]
+    compare_done_sync: bool,
+    /// Another relayq binary (e.g. built from an earlier commit) to run
+    /// interleaved with this one under the same loads: the cost of a
+    /// change, measured in one run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 #[derive(Default, Clone)]
@@ -105,7 +117,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("\nbench: ok");
             return Ok(());
         }
-        Some(other) => bail!("--only {other:?}: the only part that runs alone is \"slow\""),
+        Some("scale") if args.scale > 0 => {
+            scale_rounds(&args).await?;
+            println!("\nbench: ok");
+            return Ok(());
+        }
+        Some(other) => bail!(
+            "--only {other:?}: the parts that run alone are \"slow\" and \"scale\" (with --scale N)"
+        ),
     }
     println!(
         "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session; relayq delivers over {} connections",
@@ -118,13 +137,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut relayq_rounds = Vec::new();
     let mut postfix_rounds = Vec::new();
+    let mut variants: Vec<(String, PathBuf, &str, Vec<Figures>)> = Vec::new();
+    if args.compare_done_sync {
+        let zero = "[queue]\ndone_sync_window = \"0s\"";
+        variants.push((
+            "relayq, done marks synced one by one".into(),
+            relayq_binary()?,
+            zero,
+            Vec::new(),
+        ));
+    }
+    if let Some(b) = &args.baseline {
+        variants.push((
+            format!("baseline {}", b.display()),
+            b.clone(),
+            "",
+            Vec::new(),
+        ));
+    }
     for round in 1..=args.rounds.max(1) {
         if args.rounds > 1 {
             println!("\n-- round {round} of {}", args.rounds);
         }
-        let r = bench_relayq(&args).await?;
+        let r = bench_relayq(&args, &relayq_binary()?, "").await?;
         print_figures("relayq", &r);
         relayq_rounds.push(r);
+        for (name, bin, extra, rounds) in &mut variants {
+            println!("other CPU load now: {:.0}%", other_cpu_percent());
+            let v = bench_relayq(&args, bin, extra).await?;
+            print_figures(name, &v);
+            rounds.push(v);
+        }
         if args.compare_postfix {
             let p = bench_postfix(&args).await?;
             print_figures("postfix", &p);
@@ -136,6 +179,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.rounds > 1 {
         println!("\nmedians of {} rounds:", args.rounds);
         print_figures("relayq", &relayq);
+    }
+    if !variants.is_empty() {
+        println!();
+        println!("| relayq against | accept msgs/s | drain msgs/s | accept ratio | drain ratio |");
+        println!("|---|---|---|---|---|");
+        for (name, _, _, rounds) in &variants {
+            let v = median(rounds);
+            println!(
+                "| {name} | {:.0} vs {:.0} | {:.0} vs {:.0} | {:.3}x | {:.3}x |",
+                relayq.accept_rate,
+                v.accept_rate,
+                relayq.drain_rate,
+                v.drain_rate,
+                relayq.accept_rate / v.accept_rate,
+                relayq.drain_rate / v.drain_rate
+            );
+        }
     }
     if let Some(p) = &postfix {
         if args.rounds > 1 {
@@ -189,7 +249,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     slow_upstream(&args).await?;
     if args.scale > 0 {
-        scale(&args).await?;
+        scale(&args, &relayq_binary()?).await?;
     }
     println!("\nbench: ok");
     Ok(())
@@ -476,6 +536,16 @@ fn start_relayq(
     extra: &str,
     dir: Option<tempfile::TempDir>,
 ) -> anyhow::Result<Relayq> {
+    start_relayq_binary(&relayq_binary()?, upstream, concurrency, extra, dir)
+}
+
+fn start_relayq_binary(
+    binary: &Path,
+    upstream: SocketAddr,
+    concurrency: usize,
+    extra: &str,
+    dir: Option<tempfile::TempDir>,
+) -> anyhow::Result<Relayq> {
     let dir = match dir {
         Some(d) => d,
         None => tempfile::tempdir()?,
@@ -488,7 +558,7 @@ fn start_relayq(
     );
     let path = dir.path().join("relayq.toml");
     std::fs::write(&path, config)?;
-    let mut child = Command::new(relayq_binary()?)
+    let mut child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(&path)
         // Logs stay on, as Postfix's do (it writes maillog_file): the cost
@@ -577,9 +647,11 @@ async fn measure(
     Ok(fig)
 }
 
-async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
+/// The main loads against `binary` (relayq, or a baseline build), with
+/// `extra` added to its config.
+async fn bench_relayq(args: &Args, binary: &Path, extra: &str) -> anyhow::Result<Figures> {
     let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq(sink.addr, args.concurrency, "", None)?;
+    let mut r = start_relayq_binary(binary, sink.addr, args.concurrency, extra, None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = Probe {
@@ -648,13 +720,18 @@ async fn slow_upstream(args: &Args) -> anyhow::Result<()> {
 
 /// Queue `args.scale` messages while the upstream is down, measure memory
 /// per queued message and restart time, then drain.
-async fn scale(args: &Args) -> anyhow::Result<()> {
+/// Queues `--scale` messages with the upstream down, restarts, drains:
+/// returns the drain rate (msgs/s) of `binary`.
+async fn scale(args: &Args, binary: &Path) -> anyhow::Result<f64> {
     let n = args.scale;
-    println!("\n== scale: {n} messages queued with the upstream down");
+    println!(
+        "\n== scale ({}): {n} messages queued with the upstream down",
+        binary.display()
+    );
     // A port with nothing listening: bind, note it, close.
     let down = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let dir = tempfile::tempdir()?;
-    let r = start_relayq(down, 4, "", Some(dir))?;
+    let r = start_relayq_binary(binary, down, 4, "", Some(dir))?;
     let pid = r.child.id();
     let base = rss_kb(pid).unwrap_or(0);
     let t = Instant::now();
@@ -674,7 +751,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     drop(r);
     let sink = sink(Duration::ZERO, true).await?;
     let t = Instant::now();
-    let r2 = start_relayq(sink.addr, 4, "", Some(dir))?;
+    let r2 = start_relayq_binary(binary, sink.addr, 4, "", Some(dir))?;
     println!(
         "restart with {n} queued: accepting after {:.2} s",
         t.elapsed().as_secs_f64()
@@ -684,7 +761,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // socket is up).
     let config = r2._dir.path().join("relayq.toml");
     for _ in 0..100 {
-        let out = Command::new(relayq_binary()?)
+        let out = Command::new(binary)
             .args(["queue", "flush", "--config"])
             .arg(&config)
             .output()?;
@@ -696,12 +773,40 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // The old upstream address is in the config only; the restarted relayq
     // relays to the live sink, so the whole queue drains.
     wait_count(&sink.count, n as u64, Duration::from_secs(3600)).await?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     println!(
-        "drained {n} in {:.1} s ({:.0} msgs/s)",
-        t.elapsed().as_secs_f64(),
-        n as f64 / t.elapsed().as_secs_f64()
+        "drained {n} in {:.1} s ({rate:.0} msgs/s)",
+        t.elapsed().as_secs_f64()
     );
     drop(r2);
+    Ok(rate)
+}
+
+/// `--only scale`: the large-queue drain alone, interleaved with the
+/// `--baseline` binary when one is given (a drain from a full queue reuses
+/// no queue file, so every done mark is synced by the group commit).
+async fn scale_rounds(args: &Args) -> anyhow::Result<()> {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        println!("other CPU load now: {:.0}%", other_cpu_percent());
+        ours.push(scale(args, &relayq_binary()?).await?);
+        if let Some(b) = &args.baseline {
+            println!("other CPU load now: {:.0}%", other_cpu_percent());
+            base.push(scale(args, b).await?);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (o, b) = (med(&mut ours), med(&mut base));
+    if b > 0.0 {
+        println!(
+            "\ndrain of a full queue, median: {o:.0} msgs/s against the baseline's {b:.0} ({:.3}x)",
+            o / b
+        );
+    }
     Ok(())
 }
 

@@ -88,9 +88,36 @@ fn run(prog: &str, args: Vec<OsString>) -> Result<(), Fail> {
         Mode::ListQueue => super::queue::list(&config, false, &mut std::io::stdout().lock())
             .map_err(|e| Fail(Exit::Unavailable, format!("{e:#}"))),
         Mode::Flush => flush(&config, opts.verbose),
-        Mode::Smtp => smtp(config),
-        Mode::Deliver => deliver(prog, config, &opts),
+        Mode::Smtp => {
+            development_spool(&config)?;
+            smtp(config)
+        }
+        Mode::Deliver => {
+            development_spool(&config)?;
+            deliver(prog, config, &opts)
+        }
     }
+}
+
+/// Without a config file every user has a spool of their own, made by
+/// `relayq serve` run as them. One that does not exist yet would be made
+/// here and never delivered: a daemon runs for another user, or under
+/// another home (`sudo` sets root's), and reads only its own spool.
+fn development_spool(config: &Config) -> Result<(), Fail> {
+    if config.source.is_some() || config.spool_dir.exists() {
+        return Ok(());
+    }
+    let who = submit::Identity::current();
+    fail(
+        Exit::Config,
+        format!(
+            "no config file ({} not found) and no development spool {} for uid {} ({}): without a config file each user has their own, made by `relayq serve` run as them, and a daemon of another user (or home) would never deliver mail left here; run sendmail as the user who runs `relayq serve` (with the same HOME), or send by SMTP to 127.0.0.1:2525, or write a config file so that every user shares one spool",
+            crate::config::DEFAULT_CONFIG_PATH,
+            config.spool_dir.display(),
+            who.uid,
+            who.name
+        ),
+    )
 }
 
 fn flush(config: &Config, verbose: bool) -> Result<(), Fail> {
@@ -227,6 +254,23 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
             },
         );
     }
+    submit::check_recipients(s.config(), recipients.len()).map_err(|(reason, why)| {
+        let f = Fail(Exit::DataErr, why);
+        refuse(&s, f, reason, Some(&sender), &recipients)
+    })?;
+    // What SMTP answers 452 4.3.1: the queue needs the disk that is left.
+    let min = s.config().smtp.min_free_space.0;
+    if let Ok(free) = s.free_space()
+        && free < min.saturating_add(content.len() as u64)
+    {
+        let f = Fail(
+            Exit::TempFail,
+            format!(
+                "the spool is short of disk space: spool file system has only {free} bytes free, below smtp.min_free_space ({min}); try again later"
+            ),
+        );
+        return Err(refuse(&s, f, Reason::DiskFull, Some(&sender), &recipients));
+    }
     let full_name = opts
         .full_name
         .clone()
@@ -257,7 +301,13 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
             let f = Fail(Exit::DataErr, r.to_string());
             refuse(&s, f, r.reason(), Some(&sender), &recipients)
         }
-        SubmitError::Spool(e) => spool_fail(e),
+        SubmitError::Spool(e) => {
+            let reason = match e {
+                SpoolError::Full => Reason::DiskFull,
+                _ => Reason::QueueError,
+            };
+            refuse(&s, spool_fail(e), reason, Some(&sender), &recipients)
+        }
     })?;
     let woke = s.wake(&stored);
     if opts.verbose {
@@ -289,6 +339,7 @@ fn refuse(s: &Submitter, f: Fail, reason: Reason, from: Option<&str>, to: &[Stri
         from: from.map(str::to_string),
         to: to.to_vec(),
         detail: None,
+        to_omitted: 0,
     });
     f
 }

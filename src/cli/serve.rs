@@ -19,7 +19,22 @@ use crate::spool::{Area, Spool};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM or Ctrl-C from the first log line on (a
+    // script stopping relayq once it speaks, systemd right after READY=1)
+    // must drain, not kill (nor be ignored, when inherited as ignored).
+    let signals = Signals::new()?;
     let config = Arc::new(config);
+    // Every user's sendmail reads the config, so it is readable by all.
+    if let Some(path) = &config.source
+        && config.relays.iter().any(|r| r.relay.password.is_some())
+        && std::fs::metadata(path)
+            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o004 != 0)
+    {
+        tracing::warn!(
+            "{} holds the relay password inline and every user can read it (sendmail must read the config); move it to relay.password_file (chmod 600, owned by the user relayq runs as)",
+            path.display()
+        );
+    }
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(
@@ -38,7 +53,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _daemon_lock = super::lock_spool(&config.spool_dir, Duration::from_secs(60))?;
     // Under the lock: the slots present now are recovery's to look at.
     spool
-        .enable_slots()
+        .enable_slots(config.queue.done_sync_window.0)
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     crate::spool::maildrop::prepare(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
@@ -169,6 +184,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rec.corrupt.len(),
                 rec.discarded_tmp
             );
+            if rec.stale_names > 0 {
+                tracing::warn!(
+                    "{} stale queue file names (left by a power loss) put right: each message is queued under its own id",
+                    rec.stale_names
+                );
+            }
             if rec.relinked > 0 {
                 tracing::warn!(
                     "{} accepted messages restored to queue/ from their slots (links lost in a crash)",
@@ -228,8 +249,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
-    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
-    let signals = Signals::new()?;
     // systemd (Type=notify): we are listening; a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");
@@ -283,6 +302,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = pickup_task.await;
     let _ = std::fs::remove_file(&pickup_socket);
     let _ = sched_task.await;
+    // What was delivered must not be sent again after a power cut now.
+    let _ = tokio::task::spawn_blocking(move || spool.flush_done_marks()).await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");
     Ok(())

@@ -167,7 +167,12 @@ async fn attempt_ahead(
     let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
     let (meta, body) = match loaded {
         Ok(Ok(x)) => x,
-        Ok(Err(SpoolError::NotFound(_))) => return (Next::Gone, None),
+        Ok(Err(SpoolError::NotFound(_))) => {
+            // Nothing takes a queued file away behind the scheduler's back
+            // (operations wait for the attempt): say so if it happened.
+            events::queue_warning(id, "queue file not found; nothing to deliver");
+            return (Next::Gone, None);
+        }
         Ok(Err(SpoolError::Corrupt { reason, .. })) => {
             events::queue_error(
                 id,
@@ -608,7 +613,19 @@ async fn send_bounce(
 /// (an I/O error), `records` (this attempt's outcomes) are written so that
 /// recovery removes it instead of sending it again.
 async fn finish(ctx: &WorkerContext, id: &str, records: Vec<Record>) -> Next {
-    match ctx.spool.remove(Area::Queue, id) {
+    // Blocking: with `done_sync_window = "0s"` (or a committer that is
+    // behind) the removal waits for a disk sync.
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    let removed = tokio::task::spawn_blocking(move || spool.remove(Area::Queue, &owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(SpoolError::Io {
+                path: ctx.spool.root().to_path_buf(),
+                source: std::io::Error::other(e),
+            })
+        });
+    match removed {
         Ok(()) | Err(SpoolError::NotFound(_)) => events::removed(id),
         Err(e) => {
             events::queue_warning(id, &format!("cannot remove finished queue file: {e}"));

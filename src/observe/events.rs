@@ -270,23 +270,67 @@ pub struct Rejection {
     /// More about why, for the operator (not sent to the client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Recipients refused with the message but left out of `to`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub to_omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Recipients named in one reject line; a longer list ends in "and N more".
 const REJECT_MAX_TO: usize = 50;
+/// The longest reply, and detail, in a reject line (characters).
+const REJECT_MAX_REPLY: usize = 512;
+/// The longest address in a reject line (characters).
+const REJECT_MAX_ADDRESS: usize = 320;
 
 /// Outside text for a log line: no control characters, bounded.
 fn loggable(s: &str, max: usize) -> String {
     s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
+impl Rejection {
+    /// No more than its reject line shows: bounded text, the first
+    /// recipients and the count of the others. A report on `pickup.sock`
+    /// is sent this way, so that no envelope is too long to be logged.
+    pub fn bounded(&self) -> Rejection {
+        Rejection {
+            stage: self.stage,
+            reason: self.reason,
+            reply: loggable(&self.reply, REJECT_MAX_REPLY),
+            from: self
+                .from
+                .as_deref()
+                .map(|f| loggable(f, REJECT_MAX_ADDRESS)),
+            to: self
+                .to
+                .iter()
+                .take(REJECT_MAX_TO)
+                .map(|t| loggable(t, REJECT_MAX_ADDRESS))
+                .collect(),
+            detail: self
+                .detail
+                .as_deref()
+                .map(|d| loggable(d, REJECT_MAX_REPLY)),
+            to_omitted: self
+                .to_omitted
+                .saturating_add(self.to.len().saturating_sub(REJECT_MAX_TO)),
+        }
+    }
+}
+
 /// A message or recipient was refused: one `NOQUEUE: reject:` line (as
 /// Postfix's smtpd logs it) and one count, whichever way it came in.
 pub fn rejected(client: &Client, r: &Rejection) {
     let who = client.who();
-    let reply = loggable(&r.reply, 512);
-    let from = r.from.as_deref().map(|f| loggable(f, 320));
-    let to: Vec<String> = r.to.iter().map(|t| loggable(t, 320)).collect();
+    let reply = loggable(&r.reply, REJECT_MAX_REPLY);
+    let from = r.from.as_deref().map(|f| loggable(f, REJECT_MAX_ADDRESS));
+    let to: Vec<String> =
+        r.to.iter()
+            .map(|t| loggable(t, REJECT_MAX_ADDRESS))
+            .collect();
     let mut text = format!("NOQUEUE: reject: {} from {who}: {reply};", r.stage.as_str());
     if let Some(from) = &from {
         text.push_str(&format!(" from=<{from}>"));
@@ -294,10 +338,14 @@ pub fn rejected(client: &Client, r: &Rejection) {
     for t in to.iter().take(REJECT_MAX_TO) {
         text.push_str(&format!(" to=<{t}>"));
     }
-    if to.len() > REJECT_MAX_TO {
-        text.push_str(&format!(" and {} more", to.len() - REJECT_MAX_TO));
+    let more = to
+        .len()
+        .saturating_sub(REJECT_MAX_TO)
+        .saturating_add(r.to_omitted);
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
     }
-    let detail = r.detail.as_deref().map(|d| loggable(d, 512));
+    let detail = r.detail.as_deref().map(|d| loggable(d, REJECT_MAX_REPLY));
     if let Some(d) = &detail {
         text.push_str(&format!(" ({d})"));
     }
@@ -459,6 +507,31 @@ pub fn queue_warning(queue_id: &str, what: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However long the envelope, a bounded report fits in what the
+    /// pickup reads from `pickup.sock`.
+    #[test]
+    fn a_bounded_rejection_fits_in_a_report() {
+        let huge = "\u{1F600}\"".repeat(100_000);
+        let r = Rejection {
+            stage: Stage::Sendmail,
+            reason: Reason::BadAddress,
+            reply: huge.clone(),
+            from: Some(huge.clone()),
+            to: vec![huge.clone(); 2000],
+            detail: Some(huge),
+            to_omitted: 7,
+        };
+        let b = r.bounded();
+        assert_eq!(b.to.len(), REJECT_MAX_TO);
+        assert_eq!(b.to_omitted, 2000 - REJECT_MAX_TO + 7);
+        let json = serde_json::to_vec(&b).unwrap();
+        assert!(
+            json.len() + crate::pickup::REPORT_PREFIX.len() < crate::pickup::MAX_REPORT,
+            "{} bytes",
+            json.len()
+        );
+    }
 
     #[test]
     fn relay_names_drop_the_address() {

@@ -68,43 +68,7 @@ impl ServerContext {
 }
 
 /// Open sessions per client address, for `max_connections_per_ip`.
-#[derive(Default)]
-struct PerIp {
-    counts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// Holds one connection slot of an address; gives it back when dropped.
-struct IpSlot {
-    table: Arc<PerIp>,
-    ip: std::net::IpAddr,
-}
-
-impl PerIp {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            table: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
-    }
-}
+type PerIp = crate::anvil::Anvil<std::net::IpAddr>;
 
 pub struct Server {
     listeners: Vec<TcpListener>,
@@ -239,7 +203,11 @@ async fn accept_loop(
         {
             None
         } else {
-            match per_ip.take(peer.ip(), ctx.config.smtp.max_connections_per_ip) {
+            match per_ip.take(
+                peer.ip(),
+                ctx.config.smtp.max_connections_per_ip,
+                usize::MAX,
+            ) {
                 Some(slot) => Some(slot),
                 None => {
                     tracing::warn!("refusing {peer}: too many connections from this address");

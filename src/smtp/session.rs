@@ -871,6 +871,7 @@ impl Session {
                 .or_else(|| self.txn.as_ref().map(|t| t.sender.clone())),
             to: to.to_vec(),
             detail: detail.map(str::to_string),
+            to_omitted: 0,
         };
         match &self.local {
             Some(sink) => sink.rejected(&r),

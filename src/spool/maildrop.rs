@@ -15,7 +15,9 @@
 //! status records. It is written by the same rules as a queue file, with
 //! one change: an unprivileged process cannot open the write-only
 //! directory to fsync it, so after the rename it calls `syncfs(2)` on the
-//! file, which also makes the directory entry durable.
+//! file, which also makes the directory entry durable. The daemon removes
+//! a drop file once it is queued and fsyncs `maildrop/` at once, so a power
+//! loss cannot bring back (and queue again) a file already queued.
 //!
 //! # Security
 //! Everything in `maildrop/` was written by a possibly hostile local user.
@@ -344,11 +346,15 @@ fn read_waiting(path: &Path) -> Option<Waiting> {
     })
 }
 
-/// Removes a drop file once it is queued (or was not a file at all).
+/// Removes a drop file once it is queued (or was not a file at all), and
+/// makes the removal durable: a power loss must not bring back a file
+/// already queued, or it would be queued (and sent) a second time.
 pub fn remove(spool_root: &Path, name: &str) -> Result<(), SpoolError> {
     check_id(name)?;
-    let path = dir(spool_root).join(name);
-    fs::remove_file(&path).map_err(|e| SpoolError::io(&path, e))
+    let dir = dir(spool_root);
+    let path = dir.join(name);
+    super::fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+    super::fsync_dir(&dir)
 }
 
 /// Moves a bad drop file to `corrupt/` under a fresh id, for a human.

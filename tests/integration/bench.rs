@@ -6,7 +6,7 @@ use std::process::Command;
 #[test]
 fn bench_smoke_runs_and_counts_correctly() {
     let out = Command::new(env!("CARGO_BIN_EXE_relayq-bench"))
-        .args(["--smoke", "--scale", "100"])
+        .args(["--smoke", "--scale", "100", "--compare-done-sync"])
         .output()
         .expect("run relayq-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -17,5 +17,17 @@ fn bench_smoke_runs_and_counts_correctly() {
         "{stdout}"
     );
     assert!(stdout.contains("drained 100 in"), "{stdout}");
+    // The relayq that syncs each done mark on its own ran too, and counted.
+    assert_eq!(
+        stdout
+            .matches("relayq: 250 messages accepted and relayed, count matches")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| relayq, done marks synced one by one |"),
+        "{stdout}"
+    );
     assert!(stdout.trim_end().ends_with("bench: ok"), "{stdout}");
 }

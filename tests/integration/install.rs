@@ -49,23 +49,32 @@ fn install_script_stages_a_complete_service() {
     assert_eq!(mode(&root.join("var/spool/relayq")), 0o700);
 
     let config = root.join("etc/relayq/relayq.toml");
-    assert_eq!(mode(&config), 0o640);
+    assert_eq!(mode(&config), 0o644);
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.toml");
     assert_eq!(
         std::fs::read_to_string(&config).unwrap(),
         std::fs::read_to_string(example).unwrap()
     );
-    // The installed example config is valid as shipped.
-    let out = Command::new(&bin)
-        .args(["check-config", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The installed example config is valid as shipped, and every user
+    // can read it: their sendmail does (PHP's mail() runs as www-data).
+    // Secrets go in password_file instead (warned about, below).
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut readers = vec![Command::new(&bin)];
+    if crate::sendmail::can_switch_user() {
+        readers.push(crate::sendmail::as_nobody(BIN));
+    }
+    for mut cmd in readers {
+        let out = cmd
+            .args(["check-config", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     for link in ["usr/sbin/sendmail", "usr/bin/mailq"] {
         let target = std::fs::read_link(root.join(link)).expect(link);
@@ -326,5 +335,43 @@ fn the_debian_changelog_names_this_version() {
         first.starts_with(&format!("relayq ({}-1) ", env!("CARGO_PKG_VERSION"))),
         "dist/debian/changelog's first entry is {first:?}: add an entry for {}-1",
         env!("CARGO_PKG_VERSION")
+    );
+}
+
+/// An inline relay password in a config every user can read (as they
+/// must, for sendmail) is warned about at start, with the fix.
+#[test]
+fn an_inline_password_in_a_readable_config_is_warned_about() {
+    use crate::support::daemon::{Daemon, relay_config};
+    const WARNING: &str = "holds the relay password inline";
+
+    let config = relay_config("127.0.0.1:9".parse().unwrap(), "").replace(
+        "tls = \"none\"\n",
+        "tls = \"none\"\nusername = \"u\"\npassword = \"inline-secret\"\n",
+    );
+    let mut d = Daemon::start(&config);
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mark = d.log_mark();
+    d.restart();
+    let line = d.wait_log_since(mark, "started:", std::time::Duration::from_secs(20));
+    assert!(line.contains("started:"));
+    let log = d.log();
+    let warning = log[mark..]
+        .lines()
+        .find(|l| l.contains(WARNING))
+        .unwrap_or_else(|| panic!("no warning:\n{log}"));
+    assert!(
+        warning.contains("relay.password_file") && !warning.contains("inline-secret"),
+        "{warning}"
+    );
+
+    std::fs::set_permissions(&d.config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mark = d.log_mark();
+    d.restart();
+    d.wait_log_since(mark, "started:", std::time::Duration::from_secs(20));
+    assert!(
+        !d.log()[mark..].contains(WARNING),
+        "not when only its owner can read it: {}",
+        d.log()
     );
 }

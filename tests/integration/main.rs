@@ -16,6 +16,7 @@ mod interop;
 mod oauth2;
 mod observe;
 mod pipelining;
+mod powerloss;
 mod queue;
 mod readme;
 mod relay;

@@ -83,17 +83,26 @@ pub fn as_nobody(program: &str) -> Command {
 }
 
 pub fn nobody_bin() -> String {
-    static COPY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    // A copy that `nobody` can reach wherever the checkout lives (CI may
+    // build under a 0700 home). One fixed place per build, replaced on each
+    // run: a static's TempDir is never dropped, so a fresh temp dir per run
+    // leaked a 170 MB binary into /tmp every time the suite ran.
+    static COPY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let bin = dir.path().join("relayq");
-        std::fs::copy(BIN, &bin).expect("copy relayq");
-        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let path = bin.display().to_string();
-        (dir, path)
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        BIN.hash(&mut h);
+        let dir = std::env::temp_dir().join(format!("relayq-test-bin-{:016x}", h.finish()));
+        std::fs::create_dir_all(&dir).expect("bin dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = dir.join("relayq");
+        // Copy then rename, so a concurrent run never executes a half-written file.
+        let part = dir.join(format!("relayq.{}", std::process::id()));
+        std::fs::copy(BIN, &part).expect("copy relayq");
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&part, &bin).expect("rename relayq");
+        bin.display().to_string()
     })
-    .1
     .clone()
 }
 

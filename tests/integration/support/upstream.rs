@@ -246,6 +246,8 @@ pub struct Received {
     pub data: Vec<u8>,
     /// The id given in the final reply ("FAKE<n>"), or "" if scripted.
     pub queue_id: String,
+    /// When it was recorded, just before the final reply.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -873,6 +875,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 rcpt_params: tx.rcpt_params,
                 data,
                 queue_id,
+                at: std::time::Instant::now(),
             };
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
