@@ -4,7 +4,8 @@
 //! deserialization (addresses, durations, sizes), so a bad value is reported
 //! by the TOML parser with the file, line, column and key. Checks that need
 //! several keys at once run afterwards in [`Config::validate`] and name the
-//! keys involved.
+//! keys involved. Parser errors quote the file: [`redact`] takes any
+//! secret out of them first.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,6 +14,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+mod networks;
+mod redact;
 
 pub use crate::routing::config::{NamedRelay, QuotaWindow, RelaySection, RouteConfig};
 
@@ -222,6 +226,27 @@ pub struct SmtpConfig {
     /// Users allowed to relay after AUTH: lines of `user:hash` with argon2
     /// (`$argon2id$...`) or bcrypt (`$2b$...`) hashes; see `relayq hash-password`.
     pub auth_users_file: Option<PathBuf>,
+    /// Failed AUTH attempts from one client address (IPv6: its /64) within
+    /// `auth_failure_window` before AUTH from it is locked (0: no limit).
+    pub auth_failure_limit: u32,
+    /// Failed AUTH attempts for one user name, from any address, before
+    /// that name is locked (0: no limit).
+    pub auth_user_failure_limit: u32,
+    pub auth_failure_window: HumanDuration,
+    /// How long a lockout lasts.
+    pub auth_lockout: HumanDuration,
+    /// The reply to a failed AUTH waits this long, doubled for each further
+    /// failure from the address (at most 16 times).
+    pub auth_failure_delay: HumanDuration,
+    /// The command and DATA timeout while the server is under stress
+    /// (sessions three quarters full), instead of the normal ones.
+    pub stress_timeout: HumanDuration,
+    /// Under stress, a message must arrive at least this fast (bytes per
+    /// second, after `stress_timeout`), or the session is closed.
+    pub min_data_rate: u64,
+    /// Lets `allow_networks` cover more public address space than a /8 of
+    /// IPv4 or a /32 of IPv6 (never all of it).
+    pub allow_public_networks: bool,
     /// Set when the file gave `allow_networks` explicitly.
     #[serde(skip)]
     pub allow_networks_explicit: bool,
@@ -236,7 +261,7 @@ impl Default for SmtpConfig {
             ],
             max_message_size: Size(25 * 1024 * 1024),
             max_recipients: 1000,
-            max_connections: 256,
+            max_connections: 4096,
             max_line_length: 998,
             max_errors: 10,
             command_timeout: HumanDuration(Duration::from_secs(300)),
@@ -251,6 +276,14 @@ impl Default for SmtpConfig {
             tls_cert: None,
             tls_key: None,
             auth_users_file: None,
+            auth_failure_limit: 5,
+            auth_user_failure_limit: 20,
+            auth_failure_window: HumanDuration(Duration::from_secs(600)),
+            auth_lockout: HumanDuration(Duration::from_secs(900)),
+            auth_failure_delay: HumanDuration(Duration::from_secs(1)),
+            stress_timeout: HumanDuration(Duration::from_secs(10)),
+            min_data_rate: 500,
+            allow_public_networks: false,
             allow_networks_explicit: false,
         }
     }
@@ -608,36 +641,6 @@ pub fn is_env_name(v: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// The TOML parser's message, which quotes the line in error, with that
-/// line's value hidden when it may be a secret: the key is unknown (a
-/// misspelt `password`, or `oauth2_client_secret` without `_file`) or
-/// names one.
-fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.to_string().trim_end().to_string();
-    let Some(start) = e.span().and_then(|span| text.get(..span.start)) else {
-        return message;
-    };
-    let line_start = start.rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or_default();
-    let Some((key, value)) = line.split_once('=') else {
-        return message;
-    };
-    let key = key.trim().trim_matches(['"', '\'']).to_ascii_lowercase();
-    let secret_like = ["pass", "secret", "token", "key"]
-        .iter()
-        .any(|k| key.contains(k));
-    if !secret_like && !e.message().starts_with("unknown field") {
-        return message;
-    }
-    let value = value.trim();
-    let bare = value.trim_matches(['"', '\'']);
-    let mut message = message.replace(value, "<value not shown>");
-    if bare.len() >= 4 {
-        message = message.replace(bare, "<value not shown>");
-    }
-    message
-}
-
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -649,9 +652,10 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // The parser quotes the offending line: never with a secret in it.
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: parse_message(text, &e),
+            message: redact::scrub(e.to_string().trim_end(), text),
         })?;
         config.source = Some(path.to_path_buf());
         if let Some(section) = &config.relay_section {
@@ -723,6 +727,27 @@ impl Config {
                 hosts.join(", ")
             ),
         })
+    }
+
+    /// Keys that hold a secret in the config file itself (a relay's
+    /// `password`, a password in `limits_backend`): the file is read by
+    /// every user who runs `sendmail`, so these belong in `password_file`.
+    pub fn inline_secrets(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|r| r.relay.password.is_some())
+            .map(|r| match &self.relay {
+                Some(_) => "relay.password".to_string(),
+                None => format!("relay.{}.password", r.name),
+            })
+            .collect();
+        if let Some(SecretString(url)) = &self.limits_backend
+            && crate::routing::fleet::display_url(url) != *url
+        {
+            keys.push("limits_backend".into());
+        }
+        keys
     }
 
     /// The domain for `user@domain` senders of local submissions.
@@ -975,14 +1000,14 @@ impl Config {
                 "inbound AUTH is only offered after STARTTLS: set smtp.tls_cert and smtp.tls_key too",
             ));
         }
-        if let Some(any) = smtp.allow_networks.iter().find(|n| n.prefix_len() == 0) {
-            return Err(self.invalid(
-                "smtp.allow_networks",
-                format!("{any} would let the whole Internet relay through relayq (an open relay); list your own networks"),
-            ));
+        if let Err(why) = networks::judge(&smtp.allow_networks, smtp.allow_public_networks) {
+            return Err(self.invalid("smtp.allow_networks", why));
         }
         let auth = smtp.auth_users_file.is_some();
-        if let Some(open) = smtp.listen.iter().find(|a| !a.ip().is_loopback())
+        if let Some(open) = smtp
+            .listen
+            .iter()
+            .find(|a| !a.ip().to_canonical().is_loopback())
             && !smtp.allow_networks_explicit
             && !auth
         {

@@ -26,6 +26,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod delivery;
+pub mod memory;
 pub mod observe;
 pub mod pickup;
 pub mod routing;

@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+
+#[path = "relayq-bench/attack.rs"]
+mod attack;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -57,11 +60,26 @@ struct Args {
     /// are the medians (the disk here is noisy, see BENCHMARKING.md).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Run only this part: "slow" (the slow-upstream test), or "scale"
-    /// (the large-queue test, with --scale N; with --baseline, both
-    /// binaries interleaved over --rounds).
+    /// Run only this part: "slow" (the slow-upstream test), "scale" (the
+    /// large-queue test, with --scale N; with --baseline, both binaries
+    /// interleaved over --rounds), "auth-flood" or "idle-flood" (the
+    /// attacks of issue 16).
     #[arg(long)]
     only: Option<String>,
+    /// auth-flood: attacking connections, each from its own loopback
+    /// address.
+    #[arg(long, default_value_t = 200)]
+    flood_connections: usize,
+    /// auth-flood and idle-flood: how long the attack lasts.
+    #[arg(long, default_value_t = 60)]
+    flood_seconds: u64,
+    /// auth-flood: keep relayq's AUTH failure budgets on (by default they
+    /// are off, to measure the bound on password checks alone).
+    #[arg(long)]
+    with_budgets: bool,
+    /// idle-flood: idle connections from 127.0.0.1.
+    #[arg(long, default_value_t = 2000)]
+    idle_connections: usize,
     /// relayq's delivery connections to the sink in the main loads
     /// (`concurrency` in [relay]; Postfix's default allows 20 parallel
     /// deliveries to one destination).
@@ -110,21 +128,18 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    match args.only.as_deref() {
-        None => {}
-        Some("slow") => {
-            slow_upstream(&args).await?;
-            println!("\nbench: ok");
-            return Ok(());
+    if let Some(only) = args.only.as_deref() {
+        match only {
+            "slow" => slow_upstream(&args).await?,
+            "scale" if args.scale > 0 => scale_rounds(&args).await?,
+            "auth-flood" => attack::auth_flood(&args).await?,
+            "idle-flood" => attack::idle_flood(&args).await?,
+            other => bail!(
+                "--only {other:?}: the parts that run alone are \"slow\", \"scale\" (with --scale N), \"auth-flood\" and \"idle-flood\""
+            ),
         }
-        Some("scale") if args.scale > 0 => {
-            scale_rounds(&args).await?;
-            println!("\nbench: ok");
-            return Ok(());
-        }
-        Some(other) => bail!(
-            "--only {other:?}: the parts that run alone are \"slow\" and \"scale\" (with --scale N)"
-        ),
+        println!("\nbench: ok");
+        return Ok(());
     }
     println!(
         "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session; relayq delivers over {} connections",
@@ -550,8 +565,13 @@ fn start_relayq_binary(
         Some(d) => d,
         None => tempfile::tempdir()?,
     };
+    let max = if extra.contains("max_connections") {
+        ""
+    } else {
+        "max_connections = 1000\n"
+    };
     let config = format!(
-        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1000\n{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconcurrency = {concurrency}\n",
+        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n{max}{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconcurrency = {concurrency}\n",
         dir.path().join("spool").display(),
         upstream.ip(),
         upstream.port()

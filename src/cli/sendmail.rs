@@ -402,6 +402,7 @@ fn smtp(config: Config) -> Result<(), Fail> {
                 // -bs is a local pipe: no STARTTLS, no AUTH.
                 tls: None,
                 users: None,
+                defenses: Default::default(),
             });
             let (_stop, shutdown) = tokio::sync::watch::channel(false);
             let io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());

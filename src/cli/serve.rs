@@ -18,23 +18,18 @@ use crate::spool::{Area, Spool};
 /// How long shutdown waits for SMTP sessions and deliveries in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// File descriptors kept for everything but inbound sessions: relay
+/// connections, spool files, the control, pickup and status sockets.
+const FD_RESERVE: u64 = 256;
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     // Handlers first: a SIGTERM or Ctrl-C from the first log line on (a
     // script stopping relayq once it speaks, systemd right after READY=1)
     // must drain, not kill (nor be ignored, when inherited as ignored).
     let signals = Signals::new()?;
+    crate::memory::return_large_blocks();
     let config = Arc::new(config);
-    // Every user's sendmail reads the config, so it is readable by all.
-    if let Some(path) = &config.source
-        && config.relays.iter().any(|r| r.relay.password.is_some())
-        && std::fs::metadata(path)
-            .is_ok_and(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o004 != 0)
-    {
-        tracing::warn!(
-            "{} holds the relay password inline and every user can read it (sendmail must read the config); move it to relay.password_file (chmod 600, owned by the user relayq runs as)",
-            path.display()
-        );
-    }
+    warn_if_secrets_are_public(&config);
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(
@@ -91,8 +86,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         handle.clone(),
     )?);
     let (server_ctx_tx, server_ctx) = watch::channel(ctx);
-    let server = Server::bind(server_ctx).await?;
+    let mut server = Server::bind(server_ctx).await?;
+    server.limit_sessions(session_ceiling(&config, workers as u64));
     let addrs = server.local_addrs();
+    warn_if_short_of_space(&config, &spool);
 
     let relay_names: Vec<String> = config
         .relay
@@ -309,6 +306,75 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How many SMTP sessions the file descriptor limit allows: raises the soft
+/// limit to the hard one when `max_connections` needs it (systemd's
+/// default soft limit is 1024), and says so when even that is too low.
+fn session_ceiling(config: &Config, workers: u64) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = config.smtp.max_connections as u64;
+    let need = want + FD_RESERVE + workers;
+    let lim = getrlimit(Resource::Nofile);
+    let mut soft = lim.current.unwrap_or(u64::MAX);
+    if soft < need {
+        let raised = lim.maximum.map_or(need, |hard| hard.max(soft));
+        if setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(raised),
+                maximum: lim.maximum,
+            },
+        )
+        .is_ok()
+        {
+            tracing::info!(
+                "raised the open file limit from {soft} to {raised} for smtp.max_connections = {want}"
+            );
+            soft = raised;
+        }
+    }
+    let fit = soft.saturating_sub(FD_RESERVE + workers).max(1);
+    if fit < want {
+        tracing::warn!(
+            "smtp.max_connections = {want} needs about {need} open files but the limit is {soft} (hard limit {}); at most {fit} SMTP sessions will be served: raise LimitNOFILE= in the unit (or ulimit -n)",
+            lim.maximum
+                .map_or("unlimited".to_string(), |h| h.to_string())
+        );
+    }
+    usize::try_from(fit.min(want)).unwrap_or(usize::MAX)
+}
+
+/// The config file is meant to be readable by every user (their `sendmail`
+/// reads it): a secret written in it is then theirs too.
+fn warn_if_secrets_are_public(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = &config.source else { return };
+    let readable = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+    let keys = config.inline_secrets();
+    if readable && !keys.is_empty() {
+        tracing::warn!(
+            "{} is readable by every user and holds a secret ({}): put it in a file only relayq reads (password_file, chmod 600, owned by relayq)",
+            path.display(),
+            keys.join(", ")
+        );
+    }
+}
+
+/// New mail gets `452 4.3.1` below `min_free_space`: say so at start
+/// rather than leave the first refusal to explain it.
+fn warn_if_short_of_space(config: &Config, spool: &Spool) {
+    let min = config.smtp.min_free_space.0;
+    if let Ok(free) = spool.free_space()
+        && free < min
+    {
+        tracing::warn!(
+            "spool {} has only {} free, less than smtp.min_free_space ({}): new mail is refused with 452 4.3.1 until space is freed",
+            config.spool_dir.display(),
+            crate::cli::check::human_bytes(free),
+            crate::cli::check::human_bytes(min)
+        );
+    }
+}
+
 /// SIGTERM, SIGINT and SIGHUP, caught from the moment this is created.
 struct Signals {
     term: tokio::signal::unix::Signal,
@@ -426,12 +492,8 @@ impl Live {
             );
             return None;
         }
-        let server = match ServerContext::new(
-            new.clone(),
-            self.spool.clone(),
-            self.clock.clone(),
-            self.scheduler.clone(),
-        ) {
+        let current = self.server.borrow().clone();
+        let server = match current.reload(new.clone()) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!("reload failed, the running configuration stays: {e:#}");

@@ -177,7 +177,7 @@ pub enum Reason {
     DiskFull,
     /// The queue file could not be written.
     QueueError,
-    /// A maildrop file that breaks a rule (moved to corrupt/).
+    /// A maildrop file that breaks a rule (kept in corrupt/maildrop/).
     BadDropFile,
 }
 
@@ -360,6 +360,12 @@ pub fn rejected(client: &Client, r: &Rejection) {
         reason = r.reason.as_str(),
         "{text}"
     );
+    counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
+}
+
+/// Counts a refusal without logging it: a local user whose log budget is
+/// spent (see `pickup`). The count is never left out.
+pub fn rejected_silently(r: &Rejection) {
     counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
 }
 

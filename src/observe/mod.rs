@@ -8,6 +8,8 @@
 //!   size history, and queue snapshots read from the spool.
 //! - [`http`] and [`page`]: the optional status endpoint (`status_listen`):
 //!   `/metrics`, `/healthz`, `/status` (JSON) and `/` (an HTML page).
+//! - [`quiet`]: a budget for the log lines that clients and local users
+//!   can cause, so a flood of bad input is not a flood of log lines.
 //!
 //! Logs go to stderr (the journal under systemd), or to syslog with
 //! `log_to = "syslog"` (see [`syslog`]). In `text` format an
@@ -20,6 +22,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod page;
+pub mod quiet;
 pub mod state;
 pub mod syslog;
 

@@ -25,11 +25,14 @@ pub const DEFAULT_RELAY: &str = "default";
 /// means the single form.
 pub fn relay_keys() -> &'static [&'static str] {
     static KEYS: OnceLock<&'static [&'static str]> = OnceLock::new();
-    KEYS.get_or_init(|| {
-        let mut fields = None;
-        let _ = RelayConfig::deserialize(FieldNames(&mut fields));
-        fields.unwrap_or(&[])
-    })
+    KEYS.get_or_init(struct_fields::<RelayConfig>)
+}
+
+/// The field names of a config struct, from its own `Deserialize` impl.
+pub fn struct_fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    let mut fields = None;
+    let _ = T::deserialize(FieldNames(&mut fields));
+    fields.unwrap_or(&[])
 }
 
 /// A deserializer that only records the field names a struct asks for.

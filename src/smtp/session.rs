@@ -18,6 +18,18 @@
 //! through `cleanup` like every other way in: its intake makes a bare CR
 //! or LF a CRLF, so none reaches an upstream next to a dot, and its rules
 //! decide what is refused (size, header field size, NUL, hops).
+//!
+//! A message body must never be read as commands. When DATA is refused
+//! (no transaction, no accepted recipient) and the client has already sent
+//! more (it pipelined its message behind DATA instead of waiting for the
+//! reply, RFC 2920 3.1), nothing of that is executed: the session answers
+//! DATA, then `221 2.7.0 Error: I can break rules, too. Goodbye.` and hangs
+//! up, as Postfix does. So does a line that looks like a header where a
+//! command belongs, or an unknown command right after a refused DATA.
+//!
+//! Under stress (see [`super::sessions`]) every wait drops to
+//! `stress_timeout`, a message must arrive at `min_data_rate`, and an idle
+//! session may be closed to make room for a new client.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -28,11 +40,22 @@ use smtp_proto::{Error as ParseError, Request};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::watch;
 
-use super::auth;
 use super::server::ServerContext;
+use super::sessions::Presence;
+use super::{auth, auth_budget};
 use crate::cleanup::{self, Refusal, trace};
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
+
+/// How long a login turned away because the checks are busy waits for its
+/// `454`, and how long each error beyond half of `max_errors` waits for its
+/// reply (Postfix's `smtpd_error_sleep_time`).
+const BUSY_DELAY: Duration = Duration::from_secs(1);
+const ERROR_DELAY: Duration = Duration::from_secs(1);
+
+/// AUTH while the client's address or the user name is locked out (see
+/// `auth_budget`): no password is checked.
+const LOCKED: &str = "454 4.7.0 Error: too many failed authentications; try again later";
 
 /// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
 /// (SIZE, SMTPUTF8 addresses) need more, and Postfix allows 2048.
@@ -95,10 +118,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// Type-erased so STARTTLS can swap a plain stream for a TLS one in place.
 type Stream = Box<dyn Io>;
 
-const READ_BUFFER: usize = 16 * 1024;
+/// The read buffer between messages: commands are short, and thousands of
+/// idle sessions must stay cheap (see the README's figures).
+const READ_BUFFER: usize = 1024;
+/// The read buffer while a message arrives: fewer, larger reads.
+const DATA_BUFFER: usize = 64 * 1024;
 
 pub struct Session {
     io: BufReader<Stream>,
+    /// The capacity of `io`'s buffer (see [`READ_BUFFER`]).
+    capacity: usize,
     out: Vec<u8>,
     ctx: Arc<ServerContext>,
     peer: SocketAddr,
@@ -113,6 +142,11 @@ pub struct Session {
     /// The client may relay without AUTH (its address is in allow_networks).
     trusted: bool,
     local: Option<Arc<dyn LocalSink>>,
+    /// This session's place in the server's session table.
+    presence: Presence,
+    /// The last command was a DATA (or BDAT) that was refused: what comes
+    /// next may be the message the client sent anyway.
+    data_refused: bool,
 }
 
 /// Why a session ended early; used for the log line.
@@ -123,7 +157,27 @@ enum Close {
     Timeout,
     TooManyErrors,
     Shutdown,
+    /// Closed to make room for a new client (the server was full).
+    Evicted,
+    /// AUTH locked for this client (too many failures).
+    Lockout,
+    /// The client broke the protocol in a way that can smuggle commands.
+    BrokeRules,
     Io(std::io::Error),
+}
+
+/// What a read waits for, which decides its timeout.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The next command: idle, so the session may be closed to make room.
+    Command,
+    /// An answer to an AUTH challenge.
+    Challenge,
+    /// A line of a message; under stress the whole message must arrive by
+    /// `deadline` (see `min_data_rate`).
+    Data {
+        deadline: Option<tokio::time::Instant>,
+    },
 }
 
 impl Session {
@@ -133,14 +187,10 @@ impl Session {
         ctx: Arc<ServerContext>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let trusted = ctx
-            .config
-            .smtp
-            .allow_networks
-            .iter()
-            .any(|n| n.contains(&peer.ip()));
+        let trusted = ctx.trusted(peer.ip());
         Session {
             io: BufReader::with_capacity(READ_BUFFER, Box::new(stream) as Stream),
+            capacity: READ_BUFFER,
             out: Vec::with_capacity(512),
             ctx,
             peer,
@@ -153,7 +203,15 @@ impl Session {
             auth_user: None,
             trusted,
             local: None,
+            presence: Presence::detached(),
+            data_refused: false,
         }
+    }
+
+    /// Places the session in the server's session table.
+    pub fn with_presence(mut self, presence: Presence) -> Self {
+        self.presence = presence;
+        self
     }
 
     /// A session with a local user on a pipe (`sendmail -bs`): messages go
@@ -207,48 +265,126 @@ impl Session {
             if let Err(e) = self.flush_if_idle().await {
                 return Close::Io(e);
             }
-            let timeout = self.ctx.config.smtp.command_timeout.0;
-            let mut shutdown = self.shutdown.clone();
-            let line = tokio::select! {
-                r = tokio::time::timeout(timeout, read_line(&mut self.io, MAX_COMMAND_LINE)) => r,
-                _ = crate::delivery::scheduler::stopped(&mut shutdown) => {
-                    self.reply("421 4.3.2 Service shutting down, closing transmission channel");
-                    return Close::Shutdown;
-                }
-            };
-            let line = match line {
-                Err(_) => {
-                    let host = self.ctx.config.hostname.clone();
-                    self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
-                    return Close::Timeout;
-                }
-                Ok(Err(e)) => return Close::Io(e),
-                Ok(Ok(Line::Eof)) => return Close::Eof,
-                Ok(Ok(Line::TooLong { .. })) => {
+            let line = match self.read(MAX_COMMAND_LINE, Wait::Command).await {
+                Err(close) => return close,
+                Ok(Line::Eof) => return Close::Eof,
+                Ok(Line::TooLong { .. }) => {
+                    self.data_refused = false;
                     if self.error("500 5.5.2 Error: command line too long") {
                         return Close::TooManyErrors;
                     }
                     continue;
                 }
-                Ok(Ok(Line::Ok(line))) => line,
+                Ok(Line::Ok(line)) => line,
             };
-            match self.command(&line).await {
+            let after_refused_data = std::mem::take(&mut self.data_refused);
+            let errors = self.errors;
+            match self.command(&line, after_refused_data).await {
                 Ok(true) => {}
                 Ok(false) => return Close::Quit,
                 Err(close) => return close,
             }
+            // A client that keeps making errors gets slower answers, as
+            // Postfix's do after smtpd_soft_error_limit.
+            if self.errors > errors && self.errors * 2 > self.ctx.config.smtp.max_errors {
+                self.pause(ERROR_DELAY).await;
+            }
         }
     }
 
+    /// Reads one line, waiting as `wait` allows: the normal timeouts, or
+    /// `stress_timeout` while the server is under stress (re-judged when
+    /// stress begins or ends mid-wait). A session waiting for a command is
+    /// idle: it may be asked to make room, and shutdown closes it. The
+    /// reply that ends the session on a timeout is written here.
+    async fn read(&mut self, max: usize, wait: Wait) -> Result<Line, Close> {
+        let smtp = &self.ctx.config.smtp;
+        let normal = match wait {
+            Wait::Command | Wait::Challenge => smtp.command_timeout.0,
+            Wait::Data { .. } => smtp.data_timeout.0,
+        };
+        let stress_timeout = smtp.stress_timeout.0.min(normal);
+        let started = tokio::time::Instant::now();
+        let deadline = |stress: bool| {
+            let per_read = started + if stress { stress_timeout } else { normal };
+            match wait {
+                Wait::Data {
+                    deadline: Some(whole),
+                } if stress => per_read.min(whole),
+                _ => per_read,
+            }
+        };
+        let idle = !matches!(wait, Wait::Data { .. });
+        if idle {
+            self.presence.idle();
+        }
+        let mut stress = self.presence.stress_watch();
+        let mut stress_live = true;
+        let mut shutdown = self.shutdown.clone();
+        let command = matches!(wait, Wait::Command);
+        let outcome = {
+            let presence = &self.presence;
+            let read = read_line(&mut self.io, max);
+            tokio::pin!(read);
+            let sleep = tokio::time::sleep_until(deadline(*stress.borrow()));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r.map_err(Close::Io),
+                    _ = &mut sleep => break Err(Close::Timeout),
+                    changed = stress.changed(), if stress_live => match changed {
+                        Ok(()) => {
+                            let now_stressed = *stress.borrow_and_update();
+                            sleep.as_mut().reset(deadline(now_stressed));
+                        }
+                        Err(_) => stress_live = false,
+                    },
+                    _ = presence.evicted(), if idle => break Err(Close::Evicted),
+                    _ = crate::delivery::scheduler::stopped(&mut shutdown), if command => {
+                        break Err(Close::Shutdown)
+                    }
+                }
+            }
+        };
+        self.presence.busy();
+        let host = self.ctx.config.hostname.clone();
+        match &outcome {
+            Err(Close::Timeout) => {
+                self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
+            }
+            Err(Close::Evicted) => {
+                self.reply(&format!(
+                    "421 4.7.0 {host} Error: server busy, closing idle connection"
+                ));
+            }
+            Err(Close::Shutdown) => {
+                self.reply("421 4.3.2 Service shutting down, closing transmission channel");
+            }
+            _ => {}
+        }
+        outcome
+    }
+
     /// Handles one command line. `Ok(false)` ends the session.
-    async fn command(&mut self, line: &[u8]) -> Result<bool, Close> {
+    async fn command(&mut self, line: &[u8], after_refused_data: bool) -> Result<bool, Close> {
         if line.contains(&0) {
             return self.fail("500 5.5.2 Error: NUL character in command");
         }
         let request = Request::parse(&mut line.iter());
         let request = match request {
             Ok(r) => r,
-            Err(e) => return self.parse_error(e, line),
+            Err(e) => {
+                // A header where a command belongs is a message being read
+                // as commands (Postfix: "non-SMTP command"); so is anything
+                // unknown right after a refused DATA. Executing what follows
+                // could run commands a message's author wrote.
+                if matches!(e, ParseError::UnknownCommand)
+                    && (after_refused_data || is_header_like(line))
+                {
+                    return Err(self.break_rules("non-SMTP command", line));
+                }
+                return self.parse_error(e, line);
+            }
         };
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
@@ -311,12 +447,73 @@ impl Session {
                 let initial = initial_response.into_owned();
                 self.auth(mechanism, initial).await
             }
+            // BDAT's chunk follows it unasked: refused, it would be read
+            // as commands.
+            Request::Bdat { .. } => {
+                self.refuse_data("502 5.5.1 Error: command not implemented", "BDAT")
+            }
             Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
-            | Request::Burl { .. }
-            | Request::Bdat { .. } => self.fail("502 5.5.1 Error: command not implemented"),
+            | Request::Burl { .. } => self.fail("502 5.5.1 Error: command not implemented"),
         }
+    }
+
+    /// Refuses DATA or BDAT. If the client already sent more, it did not
+    /// wait for this answer (RFC 2920 3.1): that is the message, and it
+    /// must not be executed: answer, then hang up.
+    fn refuse_data(&mut self, reply: &str, command: &str) -> Result<bool, Close> {
+        if self.input_waiting() {
+            let waiting = self.io.buffer().to_vec();
+            self.reply(reply);
+            return Err(self.break_rules(
+                &format!("improper command pipelining after {command}"),
+                &waiting,
+            ));
+        }
+        self.data_refused = true;
+        self.fail(reply)
+    }
+
+    /// Gives the connection a read buffer of `capacity`, unless bytes are
+    /// waiting in the current one (they would be lost).
+    fn rebuffer(&mut self, capacity: usize) {
+        if !self.io.buffer().is_empty() || self.capacity == capacity {
+            return;
+        }
+        let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
+        let stream = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
+        self.io = BufReader::with_capacity(capacity, stream);
+        self.capacity = capacity;
+    }
+
+    /// Whether the client has sent bytes we have not read yet: in our
+    /// buffer, or ready on the connection (a look that never waits).
+    fn input_waiting(&mut self) -> bool {
+        if !self.io.buffer().is_empty() {
+            return true;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.io).poll_fill_buf(&mut cx),
+            std::task::Poll::Ready(Ok(buf)) if !buf.is_empty()
+        )
+    }
+
+    /// Ends the session like Postfix does when a client sends what can only
+    /// be a message where commands belong; logs what it sent (escaped).
+    fn break_rules(&mut self, what: &str, sample: &[u8]) -> Close {
+        let shown: String = sample
+            .iter()
+            .take(100)
+            .flat_map(|&b| std::ascii::escape_default(b))
+            .map(char::from)
+            .collect();
+        if let Some(note) = super::server::client_line(self.peer.ip()) {
+            tracing::warn!(target: "relayq::smtp", "{what} from [{}]: {shown}{note}", self.peer.ip());
+        }
+        self.reply("221 2.7.0 Error: I can break rules, too. Goodbye.");
+        Close::BrokeRules
     }
 
     fn hello(&mut self, host: &str, esmtp: bool) -> Result<bool, Close> {
@@ -531,16 +728,19 @@ impl Session {
 
     async fn data(&mut self) -> Result<bool, Close> {
         match &self.txn {
-            None => return self.fail("503 5.5.1 Error: need MAIL command"),
+            None => return self.refuse_data("503 5.5.1 Error: need MAIL command", "DATA"),
             Some(t) if t.recipients.is_empty() => {
-                return self.fail("503 5.5.1 Error: need RCPT command");
+                return self.refuse_data("503 5.5.1 Error: need RCPT command", "DATA");
             }
             Some(_) => {}
         }
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.flush().await.map_err(Close::Io)?;
 
-        let body = match self.read_body().await {
+        self.rebuffer(DATA_BUFFER);
+        let body = self.read_body().await;
+        self.rebuffer(READ_BUFFER);
+        let body = match body {
             Ok(Ok(body)) => body,
             Ok(Err(refusal)) => {
                 let reply = refusal.smtp_reply();
@@ -566,10 +766,14 @@ impl Session {
     /// the cleanup intake (line ends, bare CR, limits). `Ok(Err(refusal))`
     /// means the whole body was read but must be refused.
     async fn read_body(&mut self) -> Result<Result<Vec<u8>, Refusal>, Close> {
-        let limits = cleanup::Limits::from_config(&self.ctx.config.smtp);
-        let timeout = self.ctx.config.smtp.data_timeout.0;
+        let ctx = self.ctx.clone();
+        let smtp = &ctx.config.smtp;
+        let limits = cleanup::Limits::from_config(smtp);
         let mut intake = cleanup::Intake::new(limits);
         let mut too_big = false;
+        let started = tokio::time::Instant::now();
+        let mut received: u64 = 0;
+        let min_rate = smtp.min_data_rate.max(1);
         // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
         // only when the line before it ended in CRLF (or there was none).
         // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
@@ -583,25 +787,46 @@ impl Session {
                 .max_message_size
                 .saturating_sub(intake.len())
                 .saturating_add(3);
-            let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
-            {
-                Err(_) => {
-                    let host = self.ctx.config.hostname.clone();
+            // Under stress the message must keep up min_data_rate: a
+            // client trickling a byte a second would hold its session
+            // forever while each single read stays within the timeout.
+            let deadline = started
+                + smtp.stress_timeout.0
+                + Duration::from_secs_f64(received as f64 / min_rate as f64);
+            let read = self
+                .read(
+                    max_line,
+                    Wait::Data {
+                        deadline: Some(deadline),
+                    },
+                )
+                .await;
+            let line = match read {
+                Err(Close::Timeout) => {
+                    let host = &ctx.config.hostname;
                     let reply = format!("421 4.4.2 {host} Error: timeout exceeded");
-                    let detail = format!("no data for {timeout:?} (smtp.data_timeout)");
+                    let detail = if self.presence.under_stress() {
+                        format!(
+                            "under stress, the message arrived slower than {} bytes/s (smtp.min_data_rate) or stalled for {:?} (smtp.stress_timeout)",
+                            smtp.min_data_rate, smtp.stress_timeout.0
+                        )
+                    } else {
+                        format!("no data for {:?} (smtp.data_timeout)", smtp.data_timeout.0)
+                    };
                     self.rejected_txn(Stage::Data, Reason::Timeout, &reply, Some(&detail));
-                    self.reply(&reply);
                     return Err(Close::Timeout);
                 }
-                Ok(Err(e)) => return Err(Close::Io(e)),
-                Ok(Ok(Line::Eof)) => return Err(Close::Eof),
-                Ok(Ok(Line::TooLong { crlf })) => {
+                Err(close) => return Err(close),
+                Ok(Line::Eof) => return Err(Close::Eof),
+                Ok(Line::TooLong { crlf }) => {
                     after_crlf = crlf;
+                    received = received.saturating_add(max_line as u64);
                     too_big = true;
                     continue;
                 }
-                Ok(Ok(Line::Ok(line))) => line,
+                Ok(Line::Ok(line)) => line,
             };
+            received = received.saturating_add(line.len() as u64);
             if line == b".\r\n" && after_crlf {
                 break;
             }
@@ -717,10 +942,16 @@ impl Session {
         self.flush().await.map_err(Close::Io)?;
         let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
         let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
-        let timeout = self.ctx.config.smtp.command_timeout.0;
+        let smtp = &self.ctx.config.smtp;
+        let timeout = if self.presence.under_stress() {
+            smtp.stress_timeout.0.min(smtp.command_timeout.0)
+        } else {
+            smtp.command_timeout.0
+        };
         match tokio::time::timeout(timeout, acceptor.accept(plain)).await {
             Ok(Ok(tls)) => {
                 self.io = BufReader::with_capacity(READ_BUFFER, Box::new(tls) as Stream);
+                self.capacity = READ_BUFFER;
                 self.tls = true;
                 // The client must start over with EHLO (RFC 3207 4.2).
                 self.helo = None;
@@ -752,6 +983,15 @@ impl Session {
         }
         if self.txn.is_some() {
             return self.fail("503 5.5.1 Error: MAIL transaction in progress");
+        }
+        let ip = self.peer.ip();
+        let defenses = self.ctx.defenses.clone();
+        if defenses
+            .auth_failures
+            .locked(ip, None, self.ctx.clock.now_ms())
+            .is_some()
+        {
+            return self.fail(LOCKED);
         }
         let (method, creds) = match mechanism {
             smtp_proto::AUTH_PLAIN => {
@@ -785,33 +1025,90 @@ impl Session {
         let Some((user, password)) = creds else {
             return self.fail("501 5.5.2 Error: malformed authentication response");
         };
-        let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || users.verify(&check_user, &password))
-            .await
-            .unwrap_or(false);
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
+        if defenses
+            .auth_failures
+            .locked(ip, Some(&user), self.ctx.clock.now_ms())
+            .is_some()
+        {
+            return self.fail(LOCKED);
+        }
+        let ok = match defenses.verifier.verify(&users, &user, password).await {
+            Ok(ok) => ok,
+            Err(auth::Busy) => {
+                defenses.verifier.note_busy(ip);
+                // Not at once: a flood answered instantly would come back
+                // instantly, and its own traffic would eat the CPU.
+                self.pause(BUSY_DELAY).await;
+                return self.fail("454 4.7.0 Temporary authentication failure: too many logins at once, try again later");
+            }
+        };
         if ok {
-            tracing::info!(target: "relayq::smtp", "client=[{}], sasl_method={method}, sasl_username={shown}", self.peer.ip());
+            tracing::info!(target: "relayq::smtp", "client=[{ip}], sasl_method={method}, sasl_username={shown}");
+            defenses.auth_failures.succeeded(&user);
             self.auth_user = Some(user);
             self.reply("235 2.7.0 Authentication successful");
-            Ok(true)
-        } else {
-            tracing::warn!(target: "relayq::smtp", "[{}]: SASL {method} authentication failed for user {shown}", self.peer.ip());
-            self.fail("535 5.7.8 Error: authentication failed")
+            return Ok(true);
         }
+        let smtp = &self.ctx.config.smtp;
+        let budget = auth_budget::Budget::from(smtp);
+        let failure =
+            defenses
+                .auth_failures
+                .failed(ip, Some(&user), self.ctx.clock.now_ms(), &budget);
+        if let Some(note) = super::server::client_line(ip) {
+            tracing::warn!(target: "relayq::smtp", "[{ip}]: SASL {method} authentication failed for user {shown}{note}");
+        }
+        if let Some(locked) = failure.lockout {
+            let minutes = |d: &crate::config::HumanDuration| d.0.as_secs().div_ceil(60);
+            let (window, lockout) = (
+                minutes(&smtp.auth_failure_window),
+                minutes(&smtp.auth_lockout),
+            );
+            match locked {
+                auth_budget::Locked::Address { .. } => tracing::warn!(
+                    target: "relayq::smtp",
+                    "AUTH lockout: [{}]: {} failed AUTH attempts within {window}m (smtp.auth_failure_limit); AUTH from it is refused for {lockout}m",
+                    auth_budget::client_key(ip),
+                    smtp.auth_failure_limit
+                ),
+                auth_budget::Locked::User { .. } => tracing::warn!(
+                    target: "relayq::smtp",
+                    "AUTH lockout: user {shown}: {} failed AUTH attempts within {window}m from any address (smtp.auth_user_failure_limit); AUTH for it is refused for {lockout}m",
+                    smtp.auth_user_failure_limit
+                ),
+            }
+            let host = self.ctx.config.hostname.clone();
+            self.reply(&format!(
+                "421 4.7.0 {host} Error: too many failed authentications; try again later"
+            ));
+            return Err(Close::Lockout);
+        }
+        self.pause(failure.delay).await;
+        self.fail("535 5.7.8 Error: authentication failed")
+    }
+
+    /// Waits before a reply to a client that deserves to wait (tarpit).
+    /// The session is idle meanwhile: it may be closed to make room. Only
+    /// network clients wait: a local user on a pipe (`sendmail -bs`) gains
+    /// nothing by flooding it and could simply stop reading.
+    async fn pause(&mut self, delay: Duration) {
+        if delay.is_zero() || !self.presence.attached() {
+            return;
+        }
+        self.presence.idle();
+        tokio::time::sleep(delay).await;
+        self.presence.busy();
     }
 
     /// Sends an AUTH challenge and reads the client's one-line answer.
     async fn challenge(&mut self, prompt: &str) -> Result<String, Close> {
         self.reply(prompt);
         self.flush().await.map_err(Close::Io)?;
-        let timeout = self.ctx.config.smtp.command_timeout.0;
-        match tokio::time::timeout(timeout, read_line(&mut self.io, 12 * 1024)).await {
-            Err(_) => Err(Close::Timeout),
-            Ok(Err(e)) => Err(Close::Io(e)),
-            Ok(Ok(Line::Eof)) => Err(Close::Eof),
-            Ok(Ok(Line::TooLong { .. })) => Ok(String::new()),
-            Ok(Ok(Line::Ok(line))) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
+        match self.read(12 * 1024, Wait::Challenge).await? {
+            Line::Eof => Err(Close::Eof),
+            Line::TooLong { .. } => Ok(String::new()),
+            Line::Ok(line) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
         }
     }
 
@@ -964,7 +1261,12 @@ impl Session {
             stream.write_all(&self.out).await?;
             stream.flush().await
         };
-        match tokio::time::timeout(Duration::from_secs(60), write).await {
+        let limit = if self.presence.under_stress() {
+            self.ctx.config.smtp.stress_timeout.0
+        } else {
+            Duration::from_secs(60)
+        };
+        match tokio::time::timeout(limit, write).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(std::io::Error::new(
@@ -1119,6 +1421,23 @@ fn is_null_path(line: &[u8]) -> bool {
     line.get(open + 1) == Some(&b'>')
 }
 
+/// Whether a command line's first word is a header label (`Subject:`,
+/// `From:x`, `X-Mailer :`): RFC 5322 field-name characters, optional blanks,
+/// then a colon, as Postfix's `is_header()` judges it.
+fn is_header_like(line: &[u8]) -> bool {
+    let mut name = 0;
+    let mut blanks = false;
+    for &b in line {
+        match b {
+            b':' => return name > 0,
+            b' ' | b'\t' if name > 0 => blanks = true,
+            33..=126 if !blanks => name += 1,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Reads one line including its LF, up to `max` bytes. A longer line is
 /// consumed to its end and reported as [`Line::TooLong`].
 async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
@@ -1163,7 +1482,30 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
 
 #[cfg(test)]
 mod tests {
-    use super::requote;
+    use super::{is_header_like, requote};
+
+    #[test]
+    fn header_like_lines() {
+        for yes in [
+            &b"Subject: hi\r\n"[..],
+            b"From:<a@b>\r\n",
+            b"X-Mailer : x\r\n",
+            b"To:\r\n",
+            b"Received: from x\r\n",
+        ] {
+            assert!(is_header_like(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"MAIL FROM:<a@b>\r\n"[..],
+            b"RCPT TO:<a@b>\r\n",
+            b"DATA\r\n",
+            b":x\r\n",
+            b"Hello world\r\n",
+            b"\r\n",
+        ] {
+            assert!(!is_header_like(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
 
     #[test]
     fn requote_restores_quoted_local_parts_only() {

@@ -393,8 +393,11 @@ pub enum Stage {
     Mail,
     Rcpt,
     Data,
-    /// The body and the reply after it.
+    /// The body, and a refusal in reply to it.
     Body,
+    /// Waiting for the reply to the final dot: the whole message was sent,
+    /// so if the connection fails now the upstream may have taken it.
+    Dot,
     Rset,
     Quit,
 }
@@ -413,6 +416,7 @@ impl Stage {
             Stage::Rcpt => "rcpt",
             Stage::Data => "data",
             Stage::Body => "body",
+            Stage::Dot => "dot",
             Stage::Rset => "rset",
             Stage::Quit => "quit",
         }
@@ -421,7 +425,19 @@ impl Stage {
 
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            Stage::Dot => f.write_str("end of data"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// "during body", or for a failure after the final dot what Postfix says
+/// too: the message may have been accepted, and will be sent again.
+fn during(stage: &Stage) -> String {
+    match stage {
+        Stage::Dot => "after the end of data -- message may be sent more than once".into(),
+        other => format!("during {other}"),
     }
 }
 
@@ -452,11 +468,11 @@ pub enum SmtpError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("I/O error during {stage}: {source}")]
+    #[error("I/O error {}: {source}", during(stage))]
     Io { stage: Stage, source: io::Error },
-    #[error("connection closed by the server during {stage}")]
+    #[error("connection closed by the server {}", during(stage))]
     Closed { stage: Stage },
-    #[error("timed out after {after:?} during {stage}")]
+    #[error("timed out after {after:?} {}", during(stage))]
     Timeout { stage: Stage, after: Duration },
     #[error("protocol error during {stage}: {detail}")]
     Protocol { stage: Stage, detail: String },

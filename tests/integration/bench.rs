@@ -31,3 +31,41 @@ fn bench_smoke_runs_and_counts_correctly() {
     );
     assert!(stdout.trim_end().ends_with("bench: ok"), "{stdout}");
 }
+
+/// The attack loads of issue 16 in smoke mode: they run and print their
+/// figures (RSS, the normal client's latency); nothing is asserted on the
+/// figures themselves.
+#[test]
+fn attack_benchmarks_run_in_smoke_mode() {
+    for (part, lines) in [
+        (
+            "auth-flood",
+            &[
+                "attackers: ",
+                "normal client on 127.0.0.1: ",
+                "relayq RSS: ",
+                "load during",
+            ][..],
+        ),
+        (
+            "idle-flood",
+            &[
+                "opened 100 idle connections",
+                "per idle session",
+                "normal client on 127.0.0.1: ",
+            ],
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_relayq-bench"))
+            .args(["--only", part, "--smoke"])
+            .output()
+            .expect("run relayq-bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{part} failed:\n{stdout}\n{stderr}");
+        for line in lines {
+            assert!(stdout.contains(line), "{part}: no {line:?} in:\n{stdout}");
+        }
+        assert!(stdout.trim_end().ends_with("bench: ok"), "{stdout}");
+    }
+}

@@ -628,7 +628,7 @@ fn check_fails_a_spool_whose_insides_belong_to_another_user() {
         line.starts_with("FAIL spool: ")
             && line.contains("belongs to uid 0")
             && line.contains(&format!(
-                "chown nobody: {s} {s}/* && chown -R nobody: {s}/queue {s}/hold {s}/slots {s}/tmp",
+                "chown nobody: {s} {s}/* {s}/corrupt/maildrop && chown -R nobody: {s}/queue {s}/hold {s}/slots {s}/tmp",
                 s = spool.display()
             )),
         "{line}"
@@ -655,4 +655,16 @@ fn check_fails_a_spool_whose_insides_belong_to_another_user() {
     let o = as_nobody(&["check"]).output().unwrap();
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     assert!(out.lines().any(|l| l.starts_with("ok   spool: ")), "{out}");
+
+    // Only corrupt/maildrop/ left to root: the pickup could keep no
+    // refused drop file there, so check names it.
+    let kept = spool.join("corrupt/maildrop");
+    std::os::unix::fs::chown(&kept, Some(0), Some(0)).unwrap();
+    let o = as_nobody(&["check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL spool: ")
+            && l.contains(&format!("{} belongs to uid 0", kept.display()))),
+        "{out}"
+    );
 }

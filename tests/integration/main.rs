@@ -3,6 +3,7 @@
 
 mod support;
 
+mod attack;
 mod bench;
 mod bounce;
 mod check;

@@ -82,6 +82,24 @@ pub fn as_nobody(program: &str) -> Command {
     c
 }
 
+/// Runs `relayq sendmail -C <config> ARGS` as `uid` (its gid the same),
+/// with `input` on stdin.
+pub fn as_nobody_uid(uid: u32, config: &Path, args: &[&str], input: &[u8]) -> Output {
+    let mut c = Command::new("setpriv");
+    c.args([
+        &format!("--reuid={uid}"),
+        &format!("--regid={uid}"),
+        "--clear-groups",
+        "--",
+        &nobody_bin(),
+        "sendmail",
+        "-C",
+    ])
+    .arg(config)
+    .args(args);
+    run(c, input)
+}
+
 pub fn nobody_bin() -> String {
     // A copy that `nobody` can reach wherever the checkout lives (CI may
     // build under a 0700 home). One fixed place per build, replaced on each
@@ -714,7 +732,7 @@ async fn hostile_maildrop_entries_are_refused() {
         .expect("forged file queued");
     assert_eq!(forged.mail_from, "nobody@relayq.test");
     d.wait_log("a symbolic link", WAIT);
-    d.wait_log("moved to corrupt/", WAIT);
+    d.wait_log("kept as corrupt/maildrop/", WAIT);
     assert_eq!(std::fs::read_dir(&drop).unwrap().count(), 0);
     assert!(!up.messages().iter().any(|m| m.text().contains("root:")));
 }

@@ -395,7 +395,7 @@ async fn local_refusals_are_logged_by_the_daemon_as_the_local_user() {
     );
     let line = d.wait_log("NOQUEUE: reject: pickup from uid=65534 (nobody): maildrop file 01BBBBBBBBBBBBBBBBBBBBBBBB refused", WAIT);
     assert!(
-        line.contains("moved to corrupt/") && line.contains("to=<not-an-address>"),
+        line.contains("kept as corrupt/maildrop/") && line.contains("to=<not-an-address>"),
         "{line}"
     );
 

@@ -142,17 +142,33 @@ pub(super) fn check_spool<W: Write>(config: &Config, r: &mut Report<W>) {
 
 /// The command that gives the spool to `user`. Not `chown -R`: the files
 /// in `maildrop/` must keep their owners, whom the pickup takes for their
-/// submitters (in `Received:`, the log, and the `trusted_users` rule).
+/// submitters (in `Received:`, the log, and the `trusted_users` rule), and
+/// so must the refused ones kept in `corrupt/maildrop/` (only that
+/// directory is the daemon's, to add and prune them).
 fn chown_spool(user: &str, dir: &std::path::Path) -> String {
     let d = dir.display();
-    format!("chown {user}: {d} {d}/* && chown -R {user}: {d}/queue {d}/hold {d}/slots {d}/tmp")
+    // Named unless it is known not to be there: hidden behind another
+    // user's corrupt/ (mode 0700), it is the daemon's, made at its start.
+    let kept = match std::fs::symlink_metadata(dir.join(crate::spool::maildrop::CORRUPT_DIR)) {
+        Ok(m) => m.is_dir(),
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
+    let kept = if kept {
+        format!(" {d}/{}", crate::spool::maildrop::CORRUPT_DIR)
+    } else {
+        String::new()
+    };
+    format!(
+        "chown {user}: {d} {d}/*{kept} && chown -R {user}: {d}/queue {d}/hold {d}/slots {d}/tmp"
+    )
 }
 
 /// The first thing in the spool that the daemon, run as this user, needs
 /// to write but another user owns (a spool made by `relayq serve` run as
 /// root, then given to the service's user by its top directory only).
 /// What local users own by design is skipped: their files in `maildrop/`,
-/// and those the pickup refused into `corrupt/`. Root may use anything.
+/// and those the pickup refused into `corrupt/maildrop/` (not that
+/// directory: the pickup writes there). Root may use anything.
 fn foreign_entry(dir: &std::path::Path) -> Option<(std::path::PathBuf, u32)> {
     let me = rustix::process::geteuid().as_raw();
     if me == 0 {
@@ -177,10 +193,10 @@ fn foreign_entry(dir: &std::path::Path) -> Option<(std::path::PathBuf, u32)> {
             }
         }
     }
-    None
+    foreign(&dir.join(crate::spool::maildrop::CORRUPT_DIR))
 }
 
-pub(super) fn human_bytes(n: u64) -> String {
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut unit = 0;

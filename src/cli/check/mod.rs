@@ -22,6 +22,7 @@
 
 mod condition;
 mod local;
+pub use local::human_bytes;
 mod relay;
 
 pub use condition::relay_configured;
