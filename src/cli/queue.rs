@@ -645,8 +645,10 @@ fn offline(
         let in_hold = spool.path(Area::Hold, id)?.exists();
         let result = match (op, in_queue, in_hold) {
             (_, false, false) => Err(SpoolError::NotFound(id.clone())),
-            (Op::Delete, true, _) => spool.remove(Area::Queue, id),
-            (Op::Delete, false, true) => spool.remove(Area::Hold, id),
+            (Op::Delete, true, _) => crate::spool::maildrop::forget(spool.root(), id)
+                .and_then(|()| spool.remove(Area::Queue, id)),
+            (Op::Delete, false, true) => crate::spool::maildrop::forget(spool.root(), id)
+                .and_then(|()| spool.remove(Area::Hold, id)),
             (Op::Hold, true, _) => spool.move_to(id, Area::Queue, Area::Hold),
             (Op::Release, _, true) => spool.move_to(id, Area::Hold, Area::Queue),
             // Due now: recovery schedules by the last attempt record.

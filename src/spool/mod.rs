@@ -14,6 +14,7 @@
 //!                         tool changing the spool while the daemon is down
 //!   maildrop/             drop box for `sendmail` run by other users, and
 //!   pickup.sock           its wake-up socket (see `maildrop`)
+//!   pickup/<ID>           a drop file the daemon is queueing as <ID> (rule 6)
 //!   limits.json           relay limit counts kept across restarts (see
 //!                         `routing::status`); not a queue file
 //! ```
@@ -168,6 +169,24 @@
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
 //!    by an fsync of both. The slot name stays. A power loss between the
 //!    two fsyncs can leave both names; recovery keeps the one in `hold/`.
+//! 6. **Pickup** (a drop file becomes message `<ID>`; see `maildrop`): read
+//!    and check `maildrop/<NAME>`, `rename` it to `pickup/<ID>` and fsync
+//!    both directories; commit `<ID>` (rule 1); unlink `pickup/<ID>` and
+//!    fsync `pickup/`; only then hand `<ID>` to the scheduler. So a drop
+//!    file still in `maildrop/` was never queued, and one in `pickup/`
+//!    belongs to a message not yet delivered (nor deliverable before the
+//!    file is gone). What a crash leaves in `pickup/` is settled at start,
+//!    after recovery and before the pickup scans or the scheduler gets the
+//!    queue: removed if the spool holds `<ID>` (the commit finished), else
+//!    renamed back to `maildrop/<ID>` and picked up again. Each drop file
+//!    is thus queued once, whatever is lost. A commit that fails puts the
+//!    file back into the maildrop at once, unless it failed after it made
+//!    `queue/<ID>` (a directory sync failed): the message may then still
+//!    come back, so the file stays in `pickup/` for the next start to
+//!    settle. (A failed commit into a slot makes its done mark durable, so
+//!    it cannot come back from there.) The offline queue tools delete
+//!    `pickup/<ID>` with message `<ID>`, or a deleted message would come
+//!    back from it.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
@@ -525,8 +544,13 @@ impl Spool {
             fsop::hard_link(&path, &self.inner.root.join("queue").join(id))
         })();
         if let Err(e) = result {
-            // Never acknowledged: the slot must not pass for a message.
-            let _ = fsop::write_at(&file, &[0], 0);
+            // Never acknowledged: the slot must not pass for a message,
+            // even after a power loss (its data may be durable already: a
+            // failed link), or recovery would queue what the caller was
+            // told failed and will submit again (the pickup does).
+            if fsop::write_at(&file, &[0], 0).is_ok() {
+                let _ = fsop::sync_data(&file);
+            }
             let _ = fsop::remove_file(&path);
             return Err(SpoolError::io(&path, e));
         }
