@@ -298,7 +298,7 @@ fn sendmail_works_before_the_daemon_first_started() {
         );
         assert_eq!(mode(&spool), 0o711);
         assert_eq!(mode(&spool.join("maildrop")), 0o1733);
-        for dir in ["queue", "hold", "tmp", "corrupt", "slots"] {
+        for dir in ["queue", "hold", "tmp", "corrupt", "slots", "pickup"] {
             assert_eq!(mode(&spool.join(dir)), 0o700, "{dir}");
         }
     }
@@ -345,10 +345,13 @@ fn the_debian_changelog_names_this_version() {
 
 /// The real thing, as root (issue 16, item 8): `install.sh` without
 /// `--destdir` (it creates the user relayq, chowns the spool, links
-/// /usr/sbin/sendmail), then `sendmail` run as www-data and as nobody
-/// (PHP's mail(), a cron job) must queue mail, before the daemon ever ran,
-/// while the relay password stays unreadable to them; then relayq, run as
-/// its user, relays both messages with that password.
+/// /usr/sbin/sendmail, has relayq make its queue directories), then
+/// `sendmail` run as www-data, as nobody (PHP's mail(), a cron job) and as
+/// root (cron's own mail), and root's `mailq`, must work before the daemon
+/// ever ran, while the relay password stays unreadable to the users; then
+/// relayq, run as its user, relays the three messages with that password
+/// (it relayed none when root's mailq had made the queue directories
+/// root's).
 ///
 /// It runs in a private mount namespace with an overlay on /etc, /usr and
 /// /var, so the real install touches nothing outside this test (parallel
@@ -400,6 +403,15 @@ for u in www-data nobody; do
         echo "secret readable by $u"
     fi
 done
+# Root too (cron's mail), and root looking at the queue, which must
+# leave the spool to relayq.
+if printf 'Subject: from root\n\nhello\n' | /usr/sbin/sendmail bob@example.net; then
+    echo "sendmail as root: ok"
+fi
+if /usr/bin/mailq >&2; then
+    echo "mailq as root: ok"
+fi
+stat -c 'mode %a %U:%G %n' /var/spool/relayq/queue /var/spool/relayq/pickup || true
 setpriv --reuid=relayq --regid=relayq --init-groups -- env RELAYQ_LOG=info /usr/local/bin/relayq serve --config /etc/relayq/relayq.toml &
 echo started
 # Until the test is done (it closes our stdin).
@@ -436,7 +448,7 @@ kill $! && wait $! || true
         said.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     let got = up
-        .wait_for_messages(2, std::time::Duration::from_secs(60))
+        .wait_for_messages(3, std::time::Duration::from_secs(60))
         .await;
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
@@ -448,6 +460,12 @@ kill $! && wait $! || true
         "mode 1733 relayq:relayq /var/spool/relayq/maildrop",
         "sendmail as www-data: ok",
         "sendmail as nobody: ok",
+        "sendmail as root: ok",
+        "mailq as root: ok",
+        // Made by install.sh (`relayq queue init` as relayq), so root's
+        // tools find them and leave them relayq's.
+        "mode 700 relayq:relayq /var/spool/relayq/queue",
+        "mode 700 relayq:relayq /var/spool/relayq/pickup",
     ] {
         assert!(said.contains(line), "{line:?} missing:\n{said}\n{log}");
     }
@@ -456,7 +474,11 @@ kill $! && wait $! || true
     senders.sort();
     assert_eq!(
         senders,
-        ["nobody@relayq.test", "www-data@relayq.test"],
+        [
+            "nobody@relayq.test",
+            "root@relayq.test",
+            "www-data@relayq.test"
+        ],
         "{log}"
     );
     let auths = up.auths();
