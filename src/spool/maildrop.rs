@@ -561,31 +561,30 @@ pub fn claim(spool_root: &Path, name: &str, id: &str, file: FileId) -> Result<bo
     Ok(true)
 }
 
-/// Removes the drop file of message `id` from `pickup/` once the message
-/// is committed, and makes the removal durable before the message may be
-/// delivered: a file left there after a delivery would be queued again.
+/// Removes the drop file of message `id` from `pickup/`, if it is there,
+/// and makes that durable: once message `id` is committed, before it may
+/// be delivered (a file left there after a delivery would be queued
+/// again); and before a queue tool deletes message `id` with the daemon
+/// stopped (the next start would put the file back into the maildrop and
+/// send the deleted message after all). The message exists either way,
+/// so removing the file first loses nothing. A file already gone counts
+/// as removed, so that a release whose sync failed can be tried again.
 pub fn release(spool_root: &Path, id: &str) -> Result<(), SpoolError> {
     check_id(id)?;
     let pickup = pickup_dir(spool_root);
     let path = pickup.join(id);
-    super::fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+    match super::fsop::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SpoolError::io(&path, e)),
+    }
     super::fsync_dir(&pickup)
 }
 
-/// Before message `id` is deleted by a queue tool (the daemon stopped):
-/// removes a drop file a crash left in `pickup/` for it, durably, so that
-/// the next start does not put it back into the maildrop and send the
-/// deleted message after all. The message exists, so the file is
-/// redundant: removing it first loses nothing whatever comes after.
-pub fn forget(spool_root: &Path, id: &str) -> Result<(), SpoolError> {
-    check_id(id)?;
-    let pickup = pickup_dir(spool_root);
-    let path = pickup.join(id);
-    match super::fsop::remove_file(&path) {
-        Ok(()) => super::fsync_dir(&pickup),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(SpoolError::io(&path, e)),
-    }
+/// Whether a drop file waits in `pickup/` for message `id` (left by a
+/// crash or stop; see [`release`]).
+pub fn claimed(spool_root: &Path, id: &str) -> bool {
+    check_id(id).is_ok() && fs::symlink_metadata(pickup_dir(spool_root).join(id)).is_ok()
 }
 
 /// Puts the drop file of message `id` back into the maildrop, as
@@ -754,9 +753,11 @@ mod tests {
         assert!(matches!(read(root, &name, 5), Err(Rejected::TooBig { .. })));
         let id = super::super::Spool::new_id();
         assert!(claim(root, &name, &id, d.file).unwrap());
-        assert!(!p.exists() && pickup_dir(root).join(&id).exists());
+        assert!(!p.exists() && claimed(root, &id));
         release(root, &id).unwrap();
-        assert!(!pickup_dir(root).join(&id).exists());
+        assert!(!claimed(root, &id));
+        // Again, as after a sync that failed: the file is gone, done.
+        release(root, &id).unwrap();
     }
 
     /// The owner of a drop file replaces it after it was read: the claim

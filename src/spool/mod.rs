@@ -184,9 +184,9 @@
 //!    `queue/<ID>` (a directory sync failed): the message may then still
 //!    come back, so the file stays in `pickup/` for the next start to
 //!    settle. (A failed commit into a slot makes its done mark durable, so
-//!    it cannot come back from there.) The offline queue tools delete
-//!    `pickup/<ID>` with message `<ID>`, or a deleted message would come
-//!    back from it.
+//!    it cannot come back from there.) The queue tools, deleting message
+//!    `<ID>` while the daemon is down, remove `pickup/<ID>` first, or the
+//!    deleted message would come back from it.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
