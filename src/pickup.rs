@@ -188,6 +188,14 @@ async fn blocking<T: Send + 'static>(
 /// message the spool holds was queued and goes; any other goes back to
 /// the maildrop, to be picked up again.
 pub fn settle(spool: &Spool, rec: &crate::spool::Recovery) {
+    if rec.incomplete {
+        // A message recovery did not reach would pass for never queued.
+        tracing::error!(
+            "pickup: what is left in {}/ waits for a start whose recovery reads every slot",
+            maildrop::PICKUP_DIR
+        );
+        return;
+    }
     let mut held: std::collections::HashSet<&str> = rec
         .queued
         .iter()

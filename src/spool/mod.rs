@@ -178,7 +178,8 @@
 //!    file is gone). What a crash leaves in `pickup/` is settled at start,
 //!    after recovery and before the pickup scans or the scheduler gets the
 //!    queue: removed if the spool holds `<ID>` (the commit finished), else
-//!    renamed back to `maildrop/<ID>` and picked up again. Each drop file
+//!    renamed back to `maildrop/<ID>` and picked up again (left for a later
+//!    start if recovery could not read every slot). Each drop file
 //!    is thus queued once, whatever is lost. A commit that fails puts the
 //!    file back into the maildrop at once, unless it failed after it made
 //!    `queue/<ID>` (a directory sync failed): the message may then still
@@ -322,6 +323,9 @@ pub struct Recovery {
     /// Names a power loss left on a file that now holds another message
     /// (its slot was reused): renamed to that message's id, or dropped.
     pub stale_names: usize,
+    /// The slots were not all read (an error stopped their pass): a
+    /// message may be missing from `queued`.
+    pub incomplete: bool,
 }
 
 /// A message found by [`Spool::find`].
@@ -799,6 +803,7 @@ impl Spool {
         // happens to one slot.
         if let Err(e) = self.recover_slots(&mut rec) {
             tracing::error!("recovery of queue file slots stopped early: {e}");
+            rec.incomplete = true;
         }
         Ok(rec)
     }
