@@ -4,7 +4,8 @@
 #   - symlinks:          /usr/sbin/sendmail, /usr/bin/mailq -> $PREFIX/bin/relayq
 #   - the user:          relayq (system user, no login, no home)
 #   - the spool:         /var/spool/relayq                 (0711, owned by relayq)
-#     and its maildrop:  /var/spool/relayq/maildrop        (1733: any user's sendmail drops mail)
+#     and its maildrop:  /var/spool/relayq/maildrop        (1733: any user's sendmail drops mail);
+#     its queue directories are made by `relayq queue init`, run as relayq
 #   - the config:        /etc/relayq/relayq.toml           (0644: every user's sendmail reads it;
 #                        secrets go in password_file, readable by relayq only; never overwritten)
 #   - the unit:          /etc/systemd/system/relayq.service
@@ -32,7 +33,7 @@ while [ $# -gt 0 ]; do
         --prefix) prefix=${2:?--prefix needs a directory}; shift 2 ;;
         --binary) binary=${2:?--binary needs a file}; shift 2 ;;
         --force-links) force_links=yes; shift ;;
-        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -99,6 +100,15 @@ else
     say "installed /etc/relayq/relayq.toml from dist/relayq.toml: edit [relay] before starting"
 fi
 
+# The queue's directories, made by relayq itself as its user (as the
+# Debian package's postinst does): root's sendmail (cron's mail) and mailq
+# then find the spool complete and relayq's before the daemon first
+# starts, and never create its directories as root.
+if [ -z "$destdir" ]; then
+    runuser -u relayq -- "$bin" queue init --config /etc/relayq/relayq.toml ||
+        say "warning: could not prepare the spool (see above); 'relayq serve' prepares it when it starts"
+fi
+
 # sendmail and mailq, where applications look for them.
 link() {
     target="$root$1"
@@ -121,7 +131,7 @@ link /usr/bin/mailq
 
 # The service, with this prefix's paths.
 install -d -m 0755 "$root/etc/systemd/system"
-sed "s|/usr/local/bin/relayq|$bin|g" "$here/relayq.service" >"$root/etc/systemd/system/relayq.service"
+sed "s|/usr/bin/relayq|$bin|g" "$here/relayq.service" >"$root/etc/systemd/system/relayq.service"
 chmod 0644 "$root/etc/systemd/system/relayq.service"
 say "installed /etc/systemd/system/relayq.service"
 if [ -z "$destdir" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then

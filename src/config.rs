@@ -84,6 +84,16 @@ pub struct Config {
     /// `text` (Postfix-style lines, the default) or `json` (one object per line).
     #[serde(default)]
     pub log_format: LogFormat,
+    /// `stderr` (the default: the journal under systemd) or `syslog`.
+    #[serde(default)]
+    pub log_to: LogTo,
+    /// The syslog socket for `log_to = "syslog"`.
+    #[serde(default = "default_syslog_socket")]
+    pub syslog_socket: PathBuf,
+    /// The syslog facility for `log_to = "syslog"` (Postfix's
+    /// `syslog_facility`).
+    #[serde(default)]
+    pub syslog_facility: crate::observe::syslog::Facility,
     /// The status and metrics HTTP endpoint (`/`, `/status`, `/metrics`,
     /// `/healthz`); off unless set, and only ever on a loopback address.
     #[serde(default)]
@@ -108,6 +118,40 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, the same fields as keys.
     Json,
+}
+
+/// Whether `host` is a name reserved for examples (RFC 2606, RFC 6761):
+/// `example.com`, `example.net`, `example.org` and their subdomains, and
+/// the `.example` and `.invalid` top-level domains. No relay can be there,
+/// so a config that names only such hosts has not been edited yet.
+pub fn is_example_host(host: &str) -> bool {
+    let h = host.trim_end_matches('.').to_ascii_lowercase();
+    let under = |zone: &str| h == zone || h.ends_with(&format!(".{zone}"));
+    [
+        "example.com",
+        "example.net",
+        "example.org",
+        "example",
+        "invalid",
+    ]
+    .iter()
+    .any(|z| under(z))
+}
+
+/// Where log lines go (see `observe::syslog`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogTo {
+    /// Standard error: the journal under systemd.
+    #[default]
+    Stderr,
+    /// The local syslog daemon's socket (`syslog_socket`), for hosts
+    /// without systemd.
+    Syslog,
+}
+
+fn default_syslog_socket() -> PathBuf {
+    PathBuf::from("/dev/log")
 }
 
 /// The `sendmail` command and the maildrop pickup.
@@ -658,11 +702,35 @@ impl Config {
             }),
             queue: QueueConfig::default(),
             log_format: LogFormat::default(),
+            log_to: LogTo::default(),
+            syslog_socket: default_syslog_socket(),
+            syslog_facility: Default::default(),
             status_listen: None,
             myorigin: None,
             sendmail: SendmailConfig::default(),
             source: None,
         }
+    }
+
+    /// Why this config has no relay to send to yet: every relay's host is
+    /// an example name (the shipped config, not edited yet). `None` when
+    /// a relay is set up, or when the config captures mail on purpose.
+    pub fn no_relay_yet(&self) -> Option<String> {
+        if self.transport_kind() != TransportKind::Relay
+            || self.relays.iter().any(|r| !is_example_host(&r.relay.host))
+        {
+            return None;
+        }
+        let hosts: Vec<&str> = self.relays.iter().map(|r| r.relay.host.as_str()).collect();
+        Some(match hosts.as_slice() {
+            [one] => {
+                format!("the relay host {one} is an example name, not your provider's relayhost")
+            }
+            _ => format!(
+                "the relay hosts {} are example names, not your providers' relayhosts",
+                hosts.join(", ")
+            ),
+        })
     }
 
     /// Keys that hold a secret in the config file itself (a relay's
@@ -1075,6 +1143,74 @@ mod tests {
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/etc/relayq/relayq.toml"))
+    }
+
+    #[test]
+    fn example_hosts_are_no_relay_yet() {
+        for h in [
+            "smtp.example.com",
+            "example.net",
+            "MAIL.Example.ORG.",
+            "relay.example",
+            "x.invalid",
+        ] {
+            assert!(is_example_host(h), "{h}");
+        }
+        for h in [
+            "smtp.sendgrid.net",
+            "example.company.com",
+            "notexample.com",
+            "127.0.0.1",
+            "smtp.examples.org",
+        ] {
+            assert!(!is_example_host(h), "{h}");
+        }
+        let shipped =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.toml"))
+                .unwrap();
+        let c = parse(&shipped).unwrap();
+        let why = c
+            .no_relay_yet()
+            .expect("the shipped config has no relay yet");
+        assert!(why.contains("smtp.example.com"), "{why}");
+        let route = "[[route]]\nrelay = \"a\"\n";
+        let named = format!(
+            "[relay.a]\nhost = \"a.example.com\"\n[relay.b]\nhost = \"smtp.sendgrid.net\"\n{route}"
+        );
+        assert!(parse(&named).unwrap().no_relay_yet().is_none());
+        let both = format!(
+            "[relay.a]\nhost = \"a.example.com\"\n[relay.b]\nhost = \"b.invalid\"\n{route}"
+        );
+        let why = parse(&both).unwrap().no_relay_yet().unwrap();
+        assert!(why.contains("a.example.com, b.invalid"), "{why}");
+        let capture = "[capture]\nmaildir = \"/tmp/m\"\n";
+        assert!(parse(capture).unwrap().no_relay_yet().is_none());
+    }
+
+    #[test]
+    fn log_destination_keys() {
+        let c = parse("[relay]\nhost = \"127.0.0.1\"\n").unwrap();
+        assert_eq!(c.log_to, LogTo::Stderr);
+        assert_eq!(c.syslog_socket, Path::new("/dev/log"));
+        assert_eq!(c.syslog_facility.code(), 2);
+        let c = parse(
+            "log_to = \"syslog\"\nsyslog_socket = \"/run/log\"\nsyslog_facility = \"local2\"\n[relay]\nhost = \"127.0.0.1\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.log_to, LogTo::Syslog);
+        assert_eq!(c.syslog_socket, Path::new("/run/log"));
+        assert_eq!(c.syslog_facility.code(), 18);
+        let e = parse("syslog_facility = \"mial\"\n[relay]\nhost = \"127.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 1") && e.contains("mial") && e.contains("local7"),
+            "{e}"
+        );
+        let e = parse("log_to = \"file\"\n[relay]\nhost = \"127.0.0.1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 1") && e.contains("syslog"), "{e}");
     }
 
     #[test]

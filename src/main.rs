@@ -1,5 +1,5 @@
 //! The `relayq` binary: subcommands, plus argv[0] dispatch so that
-//! `mailq` and `sendmail` symlinks behave like Postfix's.
+//! `mailq`, `sendmail` and `newaliases` symlinks behave like Postfix's.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -40,6 +40,12 @@ enum Command {
     CheckConfig {
         #[command(flatten)]
         config: ConfigArg,
+        /// Also require a relay to send to (the unit's start condition):
+        /// exit 1 while there is no config file or every relay host is
+        /// still an example name (smtp.example.com), 255 when the file is
+        /// invalid.
+        #[arg(long)]
+        require_relay: bool,
     },
     /// Check the config, the spool, the listen addresses and the relay
     /// (DNS, TCP, EHLO, TLS, AUTH); one line per check, exit 0 only if all
@@ -114,6 +120,9 @@ enum QueueAction {
         #[arg(required = true, value_name = "ID|ALL")]
         ids: Vec<String>,
     },
+    /// Create the spool's directories and the maildrop, as `serve` does at
+    /// start (run as the daemon's user; the package does it at install).
+    Init,
 }
 
 fn main() -> ExitCode {
@@ -127,6 +136,11 @@ fn main() -> ExitCode {
     // before clap sees them.
     if argv0 == "sendmail" {
         return cli::sendmail::main("sendmail", args.split_off(1.min(args.len())));
+    }
+    // Postfix's newaliases is `sendmail -bi`: a relay has no aliases, but
+    // scripts that edit /etc/aliases run it and expect success.
+    if argv0 == "newaliases" {
+        return cli::sendmail::main("newaliases", vec!["-bi".into()]);
     }
     if args.get(1).is_some_and(|a| a == "sendmail") {
         return cli::sendmail::main("sendmail", args.split_off(2));
@@ -165,10 +179,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config } => {
             let config = cli::load_config(config.config.as_deref())?;
-            relayq::observe::init(config.log_format);
+            relayq::observe::init(&config);
             runtime()?.block_on(cli::serve::run(config))
         }
-        Command::CheckConfig { config } => {
+        Command::CheckConfig {
+            config,
+            require_relay: true,
+        } => std::process::exit(cli::check::relay_configured(config.config.as_deref())),
+        Command::CheckConfig {
+            config,
+            require_relay: false,
+        } => {
             let c = cli::load_config(config.config.as_deref())?;
             match &c.source {
                 Some(p) => println!("{}: ok", p.display()),
@@ -234,6 +255,7 @@ fn run_queue(config: Option<PathBuf>, action: QueueAction) -> anyhow::Result<()>
     match action {
         QueueAction::List { json } => cli::queue::list(&c, json, &mut std::io::stdout().lock()),
         QueueAction::Flush => rt.block_on(cli::queue::flush(&c, &mut std::io::stdout())),
+        QueueAction::Init => cli::queue::init(&c, &mut std::io::stdout()),
         QueueAction::Show { id } => cli::queue::show(&c, &id, &mut std::io::stdout().lock()),
         QueueAction::Hold { ids } => {
             rt.block_on(cli::queue::op(&c, &ids, Op::Hold, &mut std::io::stdout()))

@@ -1,11 +1,15 @@
 //! The pickup: the daemon's side of local submission (Postfix's `pickup`).
 //!
-//! - It scans `maildrop/` at start, when poked through `pickup.sock`, and
-//!   once a minute; each drop file is checked, given a queue id and the
-//!   trace headers, committed with the one writer ([`Spool::commit`]),
-//!   logged as accepted, handed to the scheduler, and only then removed
-//!   from the maildrop. A drop file that breaks a rule is refused (logged
-//!   as a `NOQUEUE: reject:`) and moved to `corrupt/`.
+//! - It scans `maildrop/` at start (once recovery has settled what a
+//!   crash left half picked up, [`settle`]), when poked through
+//!   `pickup.sock`, and once a minute; each drop file is checked, given a
+//!   queue id and the trace headers, moved out of the maildrop
+//!   ([`maildrop::claim`]), committed with the one writer
+//!   ([`Spool::commit`]), logged as accepted, removed ([`maildrop::release`])
+//!   and only then handed to the scheduler: durability rule 6 of
+//!   [`crate::spool`], so that no crash gets a drop file queued twice. A
+//!   drop file that breaks a rule is refused (logged as a `NOQUEUE:
+//!   reject:`) and moved to `corrupt/`.
 //! - A message the `sendmail` command queued itself (run by root or the
 //!   spool's owner, see [`crate::submit`]) gets its accepted line here too,
 //!   once ([`announce`]): when the command wakes the daemon, or at start
@@ -51,7 +55,7 @@ use crate::delivery::scheduler::stopped;
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::observe::quiet::{LogBudget, Verdict};
 use crate::spool::maildrop::{self, Dropped, Refused, Rejected};
-use crate::spool::{Area, Envelope, Record, Spool};
+use crate::spool::{Area, Envelope, Record, Spool, SpoolError};
 use crate::submit::{self, Identity};
 
 /// How often the maildrop is scanned without being poked.
@@ -111,8 +115,10 @@ pub struct PickupContext {
     pub spool: Spool,
     pub clock: Clock,
     pub scheduler: SchedulerHandle,
-    /// Drop files already queued whose removal failed: never queued twice.
-    queued_not_removed: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Messages queued whose drop file could not be removed from
+    /// `pickup/`: handed to the scheduler only once it is (tried again at
+    /// each scan), or else after recovery at the next start.
+    unreleased: Mutex<Vec<String>>,
 }
 
 impl PickupContext {
@@ -127,15 +133,90 @@ impl PickupContext {
             spool,
             clock,
             scheduler,
-            queued_not_removed: Default::default(),
+            unreleased: Default::default(),
         }
     }
 
-    fn already_queued(&self, name: &str) -> bool {
-        self.queued_not_removed
+    /// Removes the drop file of message `id` from `pickup/`, then hands the
+    /// message to the scheduler; if the removal fails, the message waits.
+    async fn release(&self, id: &str) {
+        let (root, owned) = (self.spool.root().to_path_buf(), id.to_string());
+        match blocking(self.spool.root(), move || maildrop::release(&root, &owned)).await {
+            Ok(()) => self.scheduler.queued(id),
+            Err(e) => {
+                tracing::error!(
+                    "pickup: {id}: cannot remove {}/{id}: {e}; the message waits in the queue until it can be",
+                    maildrop::PICKUP_DIR
+                );
+                if let Ok(mut ids) = self.unreleased.lock() {
+                    ids.push(id.to_string());
+                }
+            }
+        }
+    }
+
+    /// Tries again the removals that failed.
+    async fn retry_releases(&self) {
+        let ids = self
+            .unreleased
             .lock()
-            .map(|s| s.contains(name))
-            .unwrap_or(false)
+            .map(|mut ids| std::mem::take(&mut *ids))
+            .unwrap_or_default();
+        for id in ids {
+            self.release(&id).await;
+        }
+    }
+}
+
+/// Runs spool file work (renames, fsyncs) off the async threads.
+async fn blocking<T: Send + 'static>(
+    root: &std::path::Path,
+    work: impl FnOnce() -> Result<T, SpoolError> + Send + 'static,
+) -> Result<T, SpoolError> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        Err(SpoolError::Io {
+            path: root.to_path_buf(),
+            source: std::io::Error::other(e),
+        })
+    })
+}
+
+/// At start, once recovery knows what the spool holds and before it hands
+/// the queue to the scheduler: settles the drop files a stop or crash left
+/// in `pickup/` (durability rule 6 of [`crate::spool`]). A file whose
+/// message the spool holds was queued and goes; any other goes back to
+/// the maildrop, to be picked up again.
+pub fn settle(spool: &Spool, rec: &crate::spool::Recovery) {
+    if rec.incomplete {
+        // A message recovery did not reach would pass for never queued.
+        tracing::error!(
+            "pickup: what is left in {}/ waits for a start whose recovery reads every slot",
+            maildrop::PICKUP_DIR
+        );
+        return;
+    }
+    let mut held: std::collections::HashSet<&str> = rec
+        .queued
+        .iter()
+        .chain(&rec.held)
+        .map(|m| m.id.as_str())
+        .chain(rec.corrupt.iter().map(|c| c.id.as_str()))
+        .collect();
+    let corrupt = spool.list(Area::Corrupt).unwrap_or_default();
+    held.extend(corrupt.iter().map(String::as_str));
+    match maildrop::settle(spool.root(), |id| held.contains(id)) {
+        Ok(s) if s.queued + s.returned > 0 => tracing::warn!(
+            "pickup: {} drop file(s) were being queued when relayq stopped: {} had been queued (removed from {}/), {} had not (back in the maildrop, to be picked up again)",
+            s.queued + s.returned,
+            s.queued,
+            maildrop::PICKUP_DIR,
+            s.returned
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::error!(
+            "pickup: cannot settle what is left in {}/: {e}; the next start tries again",
+            maildrop::PICKUP_DIR
+        ),
     }
 }
 
@@ -276,9 +357,20 @@ pub fn take_up(spool: &Spool, id: &str, min_age: Duration) -> bool {
 /// to tell the daemon before the minutely pass takes it up.
 const UNTOLD_AFTER: Duration = Duration::from_secs(30);
 
-/// Runs the pickup until shutdown; once a minute it also takes up what
-/// the `sendmail` command queued without telling the daemon ([`adopt`]).
-pub async fn run(ctx: Arc<PickupContext>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
+/// Runs the pickup until shutdown, from when `settled` fires (or is
+/// dropped): after [`settle`], so that no drop file it claims is settled
+/// by mistake. Once a minute it also takes up what the `sendmail` command
+/// queued without telling the daemon ([`adopt`]).
+pub async fn run(
+    ctx: Arc<PickupContext>,
+    wake: Arc<Notify>,
+    settled: tokio::sync::oneshot::Receiver<()>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        _ = settled => {}
+        _ = stopped(&mut shutdown) => return,
+    }
     loop {
         scan(&ctx).await;
         tokio::select! {
@@ -293,6 +385,7 @@ pub async fn run(ctx: Arc<PickupContext>, wake: Arc<Notify>, mut shutdown: watch
 
 /// One pass over the maildrop; returns how many messages were queued.
 pub async fn scan(ctx: &PickupContext) -> usize {
+    ctx.retry_releases().await;
     let root = ctx.spool.root().to_path_buf();
     let listed = {
         let root = root.clone();
@@ -337,14 +430,6 @@ pub async fn scan(ctx: &PickupContext) -> usize {
 }
 
 async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool {
-    if ctx.already_queued(&name) {
-        if maildrop::remove(root, &name).is_ok()
-            && let Ok(mut s) = ctx.queued_not_removed.lock()
-        {
-            s.remove(&name);
-        }
-        return false;
-    }
     let max = ctx.config.smtp.max_message_size.0;
     let read = {
         let root = root.to_path_buf();
@@ -381,7 +466,7 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
         }
         Err(_) => return false,
     };
-    let (uid, sender) = (dropped.uid, dropped.meta.sender.clone());
+    let (uid, sender, file) = (dropped.uid, dropped.meta.sender.clone(), dropped.file);
     let recipients: Vec<String> = dropped
         .meta
         .recipients
@@ -404,6 +489,29 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
         }
         Ok((who, env, msg, arrival)) => {
             let id = Spool::new_id();
+            let claimed = {
+                let (dir, name, id) = (root.to_path_buf(), name.clone(), id.clone());
+                blocking(root, move || maildrop::claim(&dir, &name, &id, file)).await
+            };
+            match claimed {
+                Ok(true) => {}
+                Ok(false) => {
+                    if may_log(uid) {
+                        tracing::warn!(
+                            "pickup: maildrop/{name} (by uid {uid} ({})) was replaced while it was read; the next scan reads it again",
+                            submit::Identity::of_uid(uid).name
+                        );
+                    }
+                    return false;
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "pickup: cannot move maildrop/{name} to {}/ to queue it: {e}; will retry",
+                        maildrop::PICKUP_DIR
+                    );
+                    return false;
+                }
+            }
             let mut full = submit::trace_prefix(
                 &ctx.config.hostname,
                 who.uid,
@@ -417,26 +525,37 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
             let mut env = env;
             submit::set_flags(&mut env, &full);
             let (size, nrcpt, sender) = (full.len(), env.recipients.len(), env.sender.clone());
-            match ctx.spool.commit(id, env, full, arrival).await {
+            match ctx.spool.commit(id.clone(), env, full, arrival).await {
                 Ok(id) => {
                     let client = Client::Local {
                         uid: who.uid,
                         user: who.name,
                     };
                     events::accepted(&id, &client, &sender, size, nrcpt);
-                    ctx.scheduler.queued(&id);
-                    // Queued first, removed second: a crash in between
-                    // delivers twice rather than never.
-                    if let Err(e) = maildrop::remove(root, &name) {
-                        tracing::error!("pickup: {id}: cannot remove maildrop/{name}: {e}");
-                        if let Ok(mut s) = ctx.queued_not_removed.lock() {
-                            s.insert(name);
-                        }
-                    }
+                    ctx.release(&id).await;
                     true
                 }
                 Err(e) => {
+                    // A commit that failed after it named the message
+                    // (its directory sync failed) may still come back at
+                    // the next start: the drop file then waits in
+                    // pickup/ for `settle` to judge, or it could be sent
+                    // twice.
+                    let named = ctx.spool.path(Area::Queue, &id).is_ok_and(|p| p.exists());
+                    if named {
+                        tracing::error!(
+                            "pickup: cannot queue maildrop/{name} as {id}: {e}; it waits in {}/{id} until the next start, which queues it once",
+                            maildrop::PICKUP_DIR
+                        );
+                        return false;
+                    }
                     tracing::error!("pickup: cannot queue maildrop/{name}: {e}; will retry");
+                    if let Err(e) = maildrop::unclaim(root, &id) {
+                        tracing::error!(
+                            "pickup: cannot put {}/{id} back: {e}; the next start does",
+                            maildrop::PICKUP_DIR
+                        );
+                    }
                     false
                 }
             }

@@ -23,7 +23,21 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::control::{self, Op, Request};
 use crate::routing::{RelayState, fmt_time};
-use crate::spool::{Area, Meta, RcptState, Record, Spool, SpoolError};
+use crate::spool::{Area, Meta, RcptState, Record, Spool, SpoolError, maildrop};
+
+/// `relayq queue init`: creates the spool's directories and the maildrop
+/// with their modes, as the daemon does at start, so that `sendmail` run
+/// by any user works before the daemon first started (the package's
+/// postinst runs it as the relayq user). Changes nothing already there.
+pub fn init(config: &Config, out: &mut impl Write) -> anyhow::Result<()> {
+    let root = &config.spool_dir;
+    Spool::open(root)
+        .map_err(|e| anyhow::anyhow!("cannot prepare the spool {}: {e}", root.display()))?;
+    crate::spool::maildrop::prepare(root)
+        .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
+    writeln!(out, "spool {} ready (queue and maildrop)", root.display())?;
+    Ok(())
+}
 
 /// Ids per control request; a request line must stay under 64 KiB.
 const BATCH: usize = 1000;
@@ -638,6 +652,15 @@ fn offline(
     {
         spool.reconcile_names()?;
     }
+    // A drop file a crash left in pickup/ for a message deleted here
+    // would bring it back at the next start (rule 6 of the spool).
+    let drop_claim = |id: &str| {
+        if maildrop::claimed(spool.root(), id) {
+            maildrop::release(spool.root(), id)
+        } else {
+            Ok(())
+        }
+    };
     let mut count = 0;
     let mut missing = Vec::new();
     for id in ids {
@@ -645,8 +668,8 @@ fn offline(
         let in_hold = spool.path(Area::Hold, id)?.exists();
         let result = match (op, in_queue, in_hold) {
             (_, false, false) => Err(SpoolError::NotFound(id.clone())),
-            (Op::Delete, true, _) => spool.remove(Area::Queue, id),
-            (Op::Delete, false, true) => spool.remove(Area::Hold, id),
+            (Op::Delete, true, _) => drop_claim(id).and_then(|()| spool.remove(Area::Queue, id)),
+            (Op::Delete, false, true) => drop_claim(id).and_then(|()| spool.remove(Area::Hold, id)),
             (Op::Hold, true, _) => spool.move_to(id, Area::Queue, Area::Hold),
             (Op::Release, _, true) => spool.move_to(id, Area::Hold, Area::Queue),
             // Due now: recovery schedules by the last attempt record.

@@ -155,6 +155,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::pickup::bind_wake(&pickup_socket)?,
         wake.clone(),
     ));
+    // The pickup starts once recovery has settled what a crash left half
+    // picked up (durability rule 6 of the spool).
+    let (settled, pickup_may_start) = tokio::sync::oneshot::channel();
     let pickup_task = tokio::spawn(crate::pickup::run(
         Arc::new(crate::pickup::PickupContext::new(
             config.clone(),
@@ -163,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             handle.clone(),
         )),
         wake,
+        pickup_may_start,
         shutdown.clone(),
     ));
 
@@ -171,6 +175,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let rhandle = handle.clone();
     tokio::task::spawn_blocking(move || match rspool.recover() {
         Ok(rec) => {
+            // Before the scheduler may deliver what the pickup queued.
+            crate::pickup::settle(&rspool, &rec);
+            let _ = settled.send(());
             for c in &rec.corrupt {
                 tracing::error!(target: "relayq::queue", "{}: queue file is corrupt ({}); moved to corrupt/", c.id, c.reason);
             }
@@ -204,7 +211,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
             rhandle.recovered(rec.queued, rec.held);
         }
-        Err(e) => tracing::error!("queue recovery failed: {e}"),
+        Err(e) => {
+            tracing::error!("queue recovery failed: {e}");
+            // What is left in pickup/ waits for a start that recovers.
+            let _ = settled.send(());
+        }
     });
 
     let listen: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
@@ -465,6 +476,15 @@ impl Live {
                 new.status_listen != self.config.status_listen,
             ),
             ("log_format", new.log_format != self.config.log_format),
+            ("log_to", new.log_to != self.config.log_to),
+            (
+                "syslog_socket",
+                new.syslog_socket != self.config.syslog_socket,
+            ),
+            (
+                "syslog_facility",
+                new.syslog_facility != self.config.syslog_facility,
+            ),
             (
                 "transport",
                 new.transport_kind() != self.config.transport_kind(),

@@ -753,6 +753,7 @@ fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
         "corrupt/maildrop",
         "slots",
         "maildrop",
+        "pickup",
     ] {
         fs::DirBuilder::new()
             .mode(0o700)
@@ -789,8 +790,15 @@ fn read_state(dir: &Path) -> (State, HashMap<u64, usize>) {
         "corrupt/maildrop",
         "slots",
         "maildrop",
+        "pickup",
     ] {
-        for e in fs::read_dir(dir.join(sub)).unwrap() {
+        let entries = match fs::read_dir(dir.join(sub)) {
+            Ok(entries) => entries,
+            // Made when first needed (pickup/).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("{sub}: {e}"),
+        };
+        for e in entries {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 continue;
@@ -935,6 +943,9 @@ fn check(
     let rec = spool
         .recover()
         .unwrap_or_else(|err| panic!("{what}: recovery failed: {err}"));
+    // As the daemon does at start: a drop file a loss left in pickup/ is
+    // removed if its message was queued, else back in the maildrop.
+    crate::pickup::settle(&spool, &rec);
     let mut seen = BTreeSet::new();
     let mut back = Vec::new();
     // Messages the pickup queued, by content.
@@ -1037,8 +1048,12 @@ fn check(
             .iter()
             .filter(|b| b.windows(line.len()).any(|w| w == &line[..]))
             .count();
-        let waiting =
-            fs::read(dir.join("maildrop").join(name)).is_ok_and(|d| format::decode(&d).is_ok());
+        // Under its own name, or under a message id when settled back.
+        let waiting = fs::read_dir(dir.join("maildrop"))
+            .unwrap()
+            .flatten()
+            .filter_map(|f| fs::read(f.path()).ok())
+            .any(|d| format::decode(&d).is_ok() && d.windows(line.len()).any(|w| w == &line[..]));
         assert!(
             copies + usize::from(waiting) >= 1,
             "{what}: drop file {name} lost (neither in maildrop/ nor queued)"

@@ -9,7 +9,11 @@
 
 use std::fmt::Write as _;
 
-pub const MAGIC: &str = "relayq-queue 1";
+/// The queue file format this relayq writes; it reads every version up to
+/// this one (see "Versions" in the parent module).
+pub const VERSION: u32 = 1;
+/// The first line of a queue file, before its version number.
+const MAGIC_PREFIX: &str = "relayq-queue ";
 /// The end marker without a checksum (files written by older versions and
 /// by the sendmail maildrop).
 pub const END: &[u8] = b"end\n";
@@ -18,6 +22,11 @@ pub const END: &[u8] = b"end\n";
 pub enum FormatError {
     #[error("not a relayq queue file (bad first line)")]
     BadMagic,
+    /// Written by a newer relayq (a downgrade): nothing here can read it.
+    #[error(
+        "written by a newer relayq (queue file format {found}; this relayq reads formats 1 to {VERSION}): install that relayq again to deliver it"
+    )]
+    NewerVersion { found: u32 },
     #[error("header truncated or not terminated by an empty line")]
     TruncatedHeader,
     #[error("bad header line: {0}")]
@@ -420,7 +429,7 @@ fn encode_header_with_origin(
     origin: Origin<'_>,
 ) -> Vec<u8> {
     let mut h = String::with_capacity(128 + 64 * env.recipients.len());
-    let _ = writeln!(h, "{MAGIC}");
+    let _ = writeln!(h, "{MAGIC_PREFIX}{VERSION}");
     let _ = writeln!(h, "id {id}");
     if let Some(slot) = origin.slot {
         let _ = writeln!(h, "slot {slot}");
@@ -500,8 +509,16 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
     let text =
         std::str::from_utf8(&buf[..end]).map_err(|_| FormatError::BadHeader("not UTF-8".into()))?;
     let mut lines = text.split('\n');
-    if lines.next() != Some(MAGIC) {
-        return Err(FormatError::BadMagic);
+    // Every version up to ours is read (the fields a version added are
+    // optional to the decoder); a newer one is named as such.
+    let version = lines
+        .next()
+        .and_then(|l| l.strip_prefix(MAGIC_PREFIX))
+        .and_then(|v| v.parse::<u32>().ok())
+        .filter(|&v| v >= 1)
+        .ok_or(FormatError::BadMagic)?;
+    if version > VERSION {
+        return Err(FormatError::NewerVersion { found: version });
     }
     let mut id = None;
     let mut slot = None;
@@ -898,6 +915,23 @@ mod tests {
         let (env, body) = sample();
         let f = file(&env, &body, &[]);
         assert!(matches!(decode(b"hello\n\n"), Err(FormatError::BadMagic)));
+        let newer = format!("relayq-queue {}\nid X\n\n", VERSION + 1);
+        let e = decode(newer.as_bytes()).unwrap_err();
+        assert_eq!(e, FormatError::NewerVersion { found: VERSION + 1 });
+        assert!(e.to_string().contains("newer relayq"), "{e}");
+        for first in [
+            "relayq-queue 0",
+            "relayq-queue x",
+            "relayq-queue",
+            "relayq-queue -1",
+        ] {
+            let text = format!("{first}\nid X\n\n");
+            assert_eq!(
+                decode(text.as_bytes()).unwrap_err(),
+                FormatError::BadMagic,
+                "{first}"
+            );
+        }
         for cut in 0..f.len() {
             assert!(decode(&f[..cut]).is_err(), "truncated at {cut} accepted");
         }

@@ -10,14 +10,22 @@
 //!     .tmp.<ULID>         being written by a sendmail process
 //!     <ULID>              complete: owned by the submitting user, mode 0444
 //!   pickup.sock           0666: a connection (no data) wakes the pickup
+//!   pickup/               0700, daemon's user
+//!     <ID>                a drop file being queued as message <ID>
 //! ```
 //! A drop file uses the queue file format (see the parent module) with no
 //! status records. It is written by the same rules as a queue file, with
 //! one change: an unprivileged process cannot open the write-only
 //! directory to fsync it, so after the rename it calls `syncfs(2)` on the
-//! file, which also makes the directory entry durable. The daemon removes
-//! a drop file once it is queued and fsyncs `maildrop/` at once, so a power
-//! loss cannot bring back (and queue again) a file already queued.
+//! file, which also makes the directory entry durable.
+//!
+//! The daemon queues a drop file exactly once, whatever a crash or power
+//! loss interrupts (durability rule 6 of the parent module): it moves the
+//! file out of the maildrop into `pickup/<ID>` ([`claim`]) before it
+//! commits message `<ID>`, and removes it from there ([`release`]) before
+//! the message can be delivered; at the next start, after recovery, what is
+//! left in `pickup/` is removed if the spool holds its message and goes
+//! back to the maildrop if not ([`settle`]).
 //!
 //! # Security
 //! Everything in `maildrop/` was written by a possibly hostile local user.
@@ -32,7 +40,10 @@
 //! users cannot list the directory, and the sticky bit stops them renaming
 //! or deleting files they do not own; the drop file names carry 80 random
 //! bits, so a file readable by all (the daemon may run as a user other
-//! than the submitter's) is still not found by others.
+//! than the submitter's) is still not found by others. A user may replace
+//! their file under its name after the daemon read it: [`claim`] checks
+//! that what it moved out of their reach is the file it read (device and
+//! inode), and puts anything else back for the next scan.
 //!
 //! What a user can leave behind is bounded. Anything in the maildrop that
 //! cannot become a message (a directory, a FIFO, a file relayq may not
@@ -55,6 +66,8 @@ use super::{SpoolError, check_id, fsop};
 
 pub const DIR: &str = "maildrop";
 pub const PICKUP_SOCKET: &str = "pickup.sock";
+/// Where drop files wait while they are queued, out of their owners' reach.
+pub const PICKUP_DIR: &str = "pickup";
 const TMP_PREFIX: &str = ".tmp.";
 /// An entry the daemon could not remove, renamed out of the way.
 const JUNK_PREFIX: &str = ".junk.";
@@ -77,9 +90,14 @@ pub fn pickup_socket(spool_root: &Path) -> PathBuf {
     spool_root.join(PICKUP_SOCKET)
 }
 
+fn pickup_dir(spool_root: &Path) -> PathBuf {
+    spool_root.join(PICKUP_DIR)
+}
+
 /// Creates `maildrop/` (mode 1733) and lets others traverse the spool root
 /// (0711), so users can reach the maildrop and the pickup socket but
-/// nothing else. Run by the daemon at start.
+/// nothing else; and the daemon's own `pickup/` and `corrupt/maildrop/`
+/// (0700). Run by the daemon at start.
 pub fn prepare(spool_root: &Path) -> Result<(), SpoolError> {
     let io = |p: &Path, e| SpoolError::io(p, e);
     let root_mode = fs::metadata(spool_root)
@@ -107,12 +125,14 @@ pub fn prepare(spool_root: &Path) -> Result<(), SpoolError> {
         ));
     }
     fs::set_permissions(&dir, fs::Permissions::from_mode(0o1733)).map_err(|e| io(&dir, e))?;
-    let kept = spool_root.join(CORRUPT_DIR);
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .recursive(true)
-        .create(&kept)
-        .map_err(|e| io(&kept, e))
+    for private in [spool_root.join(CORRUPT_DIR), pickup_dir(spool_root)] {
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&private)
+            .map_err(|e| io(&private, e))?;
+    }
+    Ok(())
 }
 
 /// Writes a drop file (client side). Returns its name.
@@ -162,8 +182,27 @@ pub struct Dropped {
     pub name: String,
     /// Who wrote it (the file's owner).
     pub uid: u32,
+    /// The file that was read, for [`claim`]: its owner may put another
+    /// one under its name meanwhile.
+    pub file: FileId,
     pub meta: Meta,
     pub body: Vec<u8>,
+}
+
+/// A file's identity (device and inode), whatever its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(m: &fs::Metadata) -> FileId {
+        FileId {
+            dev: m.dev(),
+            ino: m.ino(),
+        }
+    }
 }
 
 /// What to do with a maildrop entry that is not a valid drop file.
@@ -249,8 +288,7 @@ pub fn clear(spool_root: &Path, name: &std::ffi::OsStr) -> Cleared {
     let dir = dir(spool_root);
     let path = dir.join(name);
     let removed = match fs::symlink_metadata(&path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
-        Ok(_) => fsop::remove_file(&path),
+        Ok(m) => remove_entry(&path, &m),
         Err(e) => {
             return Cleared::Left {
                 error: e.to_string(),
@@ -268,6 +306,20 @@ pub fn clear(spool_root: &Path, name: &std::ffi::OsStr) -> Cleared {
             error: format!("{error}; rename: {e}"),
         },
     }
+}
+
+/// Removes a file or link, or a directory with what is inside (without
+/// following links).
+fn remove_entry(path: &Path, m: &fs::Metadata) -> io::Result<()> {
+    if m.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fsop::remove_file(path)
+    }
+}
+
+fn clear_path(path: &Path) -> io::Result<()> {
+    remove_entry(path, &fs::symlink_metadata(path)?)
 }
 
 /// Lists the maildrop and clears junk.
@@ -404,6 +456,7 @@ pub fn read(spool_root: &Path, name: &str, max_size: u64) -> Result<Dropped, Rej
     Ok(Dropped {
         name: name.to_string(),
         uid,
+        file: FileId::of(&st),
         meta,
         body,
     })
@@ -420,26 +473,33 @@ pub struct Waiting {
 }
 
 /// The drop files waiting for the pickup, oldest first, read-only (unlike
-/// [`scan`], nothing is removed). Entries that are not plain drop files,
-/// or vanish meanwhile (picked up), are left out.
+/// [`scan`], nothing is removed): in the maildrop, and in `pickup/` where
+/// a stop or crash left one whose message is not queued. Entries that are
+/// not plain drop files, or vanish meanwhile (picked up), are left out.
 pub fn waiting(spool_root: &Path) -> Result<Vec<Waiting>, SpoolError> {
-    let dir = dir(spool_root);
-    let entries = match fs::read_dir(&dir) {
-        Ok(e) => e,
-        // No maildrop yet: the daemon never ran, nothing can wait there.
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(SpoolError::io(&dir, e)),
-    };
     let mut found = Vec::new();
-    for entry in entries.flatten() {
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
+    for dir in [dir(spool_root), pickup_dir(spool_root)] {
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            // Not made yet: the daemon never ran, nothing can wait there.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(SpoolError::io(&dir, e)),
         };
-        if check_id(&name).is_err() {
-            continue;
-        }
-        if let Some(w) = read_waiting(&dir.join(&name)) {
-            found.push(w);
+        for entry in entries.flatten() {
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            let queued = || {
+                ["queue", "hold"]
+                    .iter()
+                    .any(|area| spool_root.join(area).join(&name).exists())
+            };
+            if check_id(&name).is_err() || (dir.ends_with(PICKUP_DIR) && queued()) {
+                continue;
+            }
+            if let Some(w) = read_waiting(&dir.join(&name)) {
+                found.push(w);
+            }
         }
     }
     found.sort_by(|a, b| a.meta.id.cmp(&b.meta.id));
@@ -470,15 +530,114 @@ fn read_waiting(path: &Path) -> Option<Waiting> {
     })
 }
 
-/// Removes a drop file once it is queued (or was not a file at all), and
-/// makes the removal durable: a power loss must not bring back a file
-/// already queued, or it would be queued (and sent) a second time.
-pub fn remove(spool_root: &Path, name: &str) -> Result<(), SpoolError> {
+/// Takes drop file `name`, read and checked as `file`, out of the
+/// maildrop to be queued as message `id`: renames it `pickup/<id>`, where
+/// its owner can no longer replace or remove it, and makes the rename
+/// durable (both directories), so that no crash can leave it in the
+/// maildrop once message `id` exists. `Ok(false)`: the name no longer
+/// held the file that was read (its owner replaced it meanwhile); what is
+/// there now is put back for the next scan to judge. On an error the file
+/// is left in the maildrop (or, if even putting it back fails, in
+/// `pickup/`, for [`settle`]).
+pub fn claim(spool_root: &Path, name: &str, id: &str, file: FileId) -> Result<bool, SpoolError> {
     check_id(name)?;
-    let dir = dir(spool_root);
-    let path = dir.join(name);
-    fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
-    super::fsync_dir(&dir)
+    check_id(id)?;
+    let (maildrop, pickup) = (dir(spool_root), pickup_dir(spool_root));
+    let (from, to) = (maildrop.join(name), pickup.join(id));
+    super::fsop::rename(&from, &to).map_err(|e| SpoolError::io(&from, e))?;
+    let same = fs::symlink_metadata(&to).is_ok_and(|m| FileId::of(&m) == file);
+    if !same {
+        if super::fsop::rename(&to, &from).is_err() {
+            let _ = clear_path(&to);
+        }
+        return Ok(false);
+    }
+    if let Err(e) = super::fsync_dir(&maildrop).and_then(|()| super::fsync_dir(&pickup)) {
+        let _ = super::fsop::rename(&to, &from);
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// Removes the drop file of message `id` from `pickup/`, if it is there,
+/// and makes that durable: once message `id` is committed, before it may
+/// be delivered (a file left there after a delivery would be queued
+/// again); and before a queue tool deletes message `id` with the daemon
+/// stopped (the next start would put the file back into the maildrop and
+/// send the deleted message after all). The message exists either way,
+/// so removing the file first loses nothing. A file already gone counts
+/// as removed, so that a release whose sync failed can be tried again.
+pub fn release(spool_root: &Path, id: &str) -> Result<(), SpoolError> {
+    check_id(id)?;
+    let pickup = pickup_dir(spool_root);
+    let path = pickup.join(id);
+    match super::fsop::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(SpoolError::io(&path, e)),
+    }
+    super::fsync_dir(&pickup)
+}
+
+/// Whether a drop file waits in `pickup/` for message `id` (left by a
+/// crash or stop; see [`release`]).
+pub fn claimed(spool_root: &Path, id: &str) -> bool {
+    check_id(id).is_ok() && fs::symlink_metadata(pickup_dir(spool_root).join(id)).is_ok()
+}
+
+/// Puts the drop file of message `id` back into the maildrop, as
+/// `maildrop/<id>` (a fresh name nobody else knows), to be picked up
+/// again: its message was not committed.
+pub fn unclaim(spool_root: &Path, id: &str) -> Result<(), SpoolError> {
+    check_id(id)?;
+    let from = pickup_dir(spool_root).join(id);
+    super::fsop::rename(&from, &dir(spool_root).join(id)).map_err(|e| SpoolError::io(&from, e))
+}
+
+/// What [`settle`] did with the files a stop or crash left in `pickup/`.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Their message was committed: removed.
+    pub queued: usize,
+    /// Their message was not: back in the maildrop.
+    pub returned: usize,
+}
+
+/// At start, after recovery and before the first scan: each file left in
+/// `pickup/` is removed if the spool holds its message (`held(id)`: the
+/// commit finished, and the message was not yet handed on to delivery),
+/// else put back into the maildrop; both made durable before the pickup
+/// or the scheduler go on.
+pub fn settle(spool_root: &Path, held: impl Fn(&str) -> bool) -> Result<Settled, SpoolError> {
+    let pickup = pickup_dir(spool_root);
+    let mut settled = Settled::default();
+    let entries = match fs::read_dir(&pickup) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(settled),
+        Err(e) => return Err(SpoolError::io(&pickup, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| SpoolError::io(&pickup, e))?;
+        let name = entry.file_name();
+        let Some(id) = name.to_str().filter(|n| check_id(n).is_ok()) else {
+            // Only the daemon writes here; nothing else can be a message.
+            let _ = clear_path(&entry.path());
+            continue;
+        };
+        if held(id) {
+            let path = entry.path();
+            super::fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+            settled.queued += 1;
+        } else {
+            unclaim(spool_root, id)?;
+            settled.returned += 1;
+        }
+    }
+    if settled != Settled::default() {
+        super::fsync_dir(&pickup)?;
+        super::fsync_dir(&dir(spool_root))?;
+    }
+    Ok(settled)
 }
 
 /// What became of a refused drop file.
@@ -596,8 +755,70 @@ mod tests {
         assert_eq!(d.meta.sender, "a@example.com");
         assert_eq!(d.body, b"Subject: x\r\n\r\nhi\r\n");
         assert!(matches!(read(root, &name, 5), Err(Rejected::TooBig { .. })));
-        remove(root, &name).unwrap();
-        assert!(!p.exists());
+        let id = super::super::Spool::new_id();
+        assert!(claim(root, &name, &id, d.file).unwrap());
+        assert!(!p.exists() && claimed(root, &id));
+        release(root, &id).unwrap();
+        assert!(!claimed(root, &id));
+        // Again, as after a sync that failed: the file is gone, done.
+        release(root, &id).unwrap();
+    }
+
+    /// The owner of a drop file replaces it after it was read: the claim
+    /// puts back what it moved, and the next read sees the new file.
+    #[test]
+    fn a_drop_file_replaced_after_the_read_is_not_claimed() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        prepare(root).unwrap();
+        let name = write(root, &env(), b"Subject: first\r\n\r\nx\r\n", 7).unwrap();
+        let first = read(root, &name, 1000).unwrap();
+        let p = dir_path(root, &name);
+        fs::remove_file(&p).unwrap();
+        let other = write(root, &env(), b"Subject: second\r\n\r\ny\r\n", 7).unwrap();
+        fs::rename(dir_path(root, &other), &p).unwrap();
+        let id = super::super::Spool::new_id();
+        assert!(!claim(root, &name, &id, first.file).unwrap());
+        assert!(!pickup_dir(root).join(&id).exists());
+        let again = read(root, &name, 1000).unwrap();
+        assert_eq!(again.body, b"Subject: second\r\n\r\ny\r\n");
+        assert!(claim(root, &name, &id, again.file).unwrap());
+    }
+
+    /// What a crash leaves in pickup/: removed where its message was
+    /// committed, back in the maildrop (and read as before) where not.
+    #[test]
+    fn settle_removes_what_was_queued_and_returns_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        prepare(root).unwrap();
+        let mut ids = Vec::new();
+        for n in 0..3 {
+            let name = write(root, &env(), format!("Subject: {n}\r\n\r\n").as_bytes(), 7).unwrap();
+            let d = read(root, &name, 1000).unwrap();
+            let id = super::super::Spool::new_id();
+            assert!(claim(root, &name, &id, d.file).unwrap());
+            ids.push(id);
+        }
+        fs::write(pickup_dir(root).join("stray"), b"x").unwrap();
+        let settled = settle(root, |id| id == ids[1]).unwrap();
+        assert_eq!(
+            settled,
+            Settled {
+                queued: 1,
+                returned: 2
+            }
+        );
+        assert_eq!(fs::read_dir(pickup_dir(root)).unwrap().count(), 0);
+        let back = scan(root).unwrap().ready;
+        let mut want = vec![ids[0].clone(), ids[2].clone()];
+        want.sort();
+        assert_eq!(back, want);
+        assert_eq!(
+            read(root, &ids[2], 1000).unwrap().body,
+            b"Subject: 2\r\n\r\n"
+        );
+        assert_eq!(settle(root, |_| false).unwrap(), Settled::default());
     }
 
     fn dir_path(root: &Path, name: &str) -> PathBuf {

@@ -14,6 +14,7 @@
 //!                         tool changing the spool while the daemon is down
 //!   maildrop/             drop box for `sendmail` run by other users, and
 //!   pickup.sock           its wake-up socket (see `maildrop`)
+//!   pickup/<ID>           a drop file the daemon is queueing as <ID> (rule 6)
 //!   limits.json           relay limit counts kept across restarts (see
 //!                         `routing::status`); not a queue file
 //! ```
@@ -88,6 +89,31 @@
 //! spaces before they are written). A record is written where the records
 //! end (the first NUL, or the end of the file).
 //!
+//! # Versions: a newer relayq reads an older spool
+//! The first line names the format version (`relayq-queue <N>`), so that
+//! an upgrade (a newer package installed over mail still queued) delivers
+//! what an older relayq accepted. The rules, for every change to this
+//! format or to the layout above:
+//! - A newer relayq reads every file an older one wrote: a field or
+//!   record a change adds is optional to the decoder (absent means what
+//!   older versions meant), and nothing an older version wrote changes
+//!   meaning.
+//! - An addition is written only where it is used (as the `dsn-*` lines
+//!   and the `warned` record are), so every other file stays byte for byte
+//!   what older versions wrote, and an older relayq still reads it. An
+//!   older relayq refuses, never misreads, a field it does not know: the
+//!   file goes to `corrupt/`, whole.
+//! - A change an older decoder would misread rather than refuse (a field
+//!   whose meaning changes, a required field) bumps the version
+//!   ([`format::VERSION`]); the decoder keeps reading the versions before
+//!   it, and names a file of a version after its own
+//!   ([`format::FormatError::NewerVersion`]).
+//! - Directories are created at start when missing, so a spool from before
+//!   a directory existed is still a spool.
+//! - The `spool-v1` files under `tests/fixtures/` were written by relayq
+//!   0.1 and must keep being delivered (`tests/integration/upgrade.rs`);
+//!   add fixtures for each addition and each new version.
+//!
 //! # Durability rules (every write follows them)
 //! Two kinds of loss are planned for. A killed process (`kill -9`, a
 //! panic) loses nothing the kernel was given: every write and directory
@@ -148,7 +174,26 @@
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
 //!    by an fsync of both. The slot name stays. A power loss between the
 //!    two fsyncs can leave both names; recovery keeps the one in `hold/`.
-//! 6. **`limits.json`** (not a queue file): replaced whole, by a temp file
+//! 6. **Pickup** (a drop file becomes message `<ID>`; see `maildrop`): read
+//!    and check `maildrop/<NAME>`, `rename` it to `pickup/<ID>` and fsync
+//!    both directories; commit `<ID>` (rule 1); unlink `pickup/<ID>` and
+//!    fsync `pickup/`; only then hand `<ID>` to the scheduler. So a drop
+//!    file still in `maildrop/` was never queued, and one in `pickup/`
+//!    belongs to a message not yet delivered (nor deliverable before the
+//!    file is gone). What a crash leaves in `pickup/` is settled at start,
+//!    after recovery and before the pickup scans or the scheduler gets the
+//!    queue: removed if the spool holds `<ID>` (the commit finished), else
+//!    renamed back to `maildrop/<ID>` and picked up again (left for a later
+//!    start if recovery could not read every slot). Each drop file
+//!    is thus queued once, whatever is lost. A commit that fails puts the
+//!    file back into the maildrop at once, unless it failed after it made
+//!    `queue/<ID>` (a directory sync failed): the message may then still
+//!    come back, so the file stays in `pickup/` for the next start to
+//!    settle. (A failed commit into a slot makes its done mark durable, so
+//!    it cannot come back from there.) The queue tools, deleting message
+//!    `<ID>` while the daemon is down, remove `pickup/<ID>` first, or the
+//!    deleted message would come back from it.
+//! 7. **`limits.json`** (not a queue file): replaced whole, by a temp file
 //!    `fdatasync`ed, renamed over it, then the root fsynced
 //!    ([`replace_file`]): whole, and at most a save old, after any loss.
 //!
@@ -286,6 +331,9 @@ pub struct Recovery {
     /// Names a power loss left on a file that now holds another message
     /// (its slot was reused): renamed to that message's id, or dropped.
     pub stale_names: usize,
+    /// The slots were not all read (an error stopped their pass): a
+    /// message may be missing from `queued`.
+    pub incomplete: bool,
 }
 
 /// A message found by [`Spool::find`].
@@ -508,8 +556,13 @@ impl Spool {
             fsop::hard_link(&path, &self.inner.root.join("queue").join(id))
         })();
         if let Err(e) = result {
-            // Never acknowledged: the slot must not pass for a message.
-            let _ = fsop::write_at(&file, &[0], 0);
+            // Never acknowledged: the slot must not pass for a message,
+            // even after a power loss (its data may be durable already: a
+            // failed link), or recovery would queue what the caller was
+            // told failed and will submit again (the pickup does).
+            if fsop::write_at(&file, &[0], 0).is_ok() {
+                let _ = fsop::sync_data(&file);
+            }
             let _ = fsop::remove_file(&path);
             return Err(SpoolError::io(&path, e));
         }
@@ -774,6 +827,7 @@ impl Spool {
         // happens to one slot.
         if let Err(e) = self.recover_slots(&mut rec) {
             tracing::error!("recovery of queue file slots stopped early: {e}");
+            rec.incomplete = true;
         }
         Ok(rec)
     }

@@ -97,16 +97,24 @@ fn install_script_stages_a_complete_service() {
         !unit.contains("/usr/local/bin"),
         "prefix applied everywhere"
     );
-    for line in [
-        "Type=notify",
-        "User=relayq",
-        "AmbientCapabilities=CAP_NET_BIND_SERVICE",
-        "ProtectSystem=strict",
-        "ReadWritePaths=/var/spool/relayq",
-        "NoNewPrivileges=yes",
-    ] {
+    has_lines(
+        &unit,
+        &[
+            "Type=notify",
+            "User=relayq",
+            "AmbientCapabilities=CAP_NET_BIND_SERVICE",
+            "ProtectSystem=strict",
+            "ReadWritePaths=/var/spool/relayq",
+            "NoNewPrivileges=yes",
+            "SyslogFacility=mail",
+        ],
+    );
+}
+
+fn has_lines(unit: &str, lines: &[&str]) {
+    for line in lines {
         assert!(
-            unit.lines().any(|l| l == line),
+            unit.lines().any(|l| l == *line),
             "{line} missing in:\n{unit}"
         );
     }
@@ -157,12 +165,193 @@ fn install_script_keeps_the_operators_files() {
     );
 }
 
+/// `relayq check-config --require-relay`, the unit's ExecCondition: the
+/// package enables the service before anyone named a relay, so it must
+/// skip the start (exit 1, saying what to edit) while the config is the
+/// shipped example or missing, fail the unit (255) on an invalid file, and
+/// start (0) once a relay is named.
+#[test]
+fn the_units_start_condition() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |config: &Path| {
+        let o = Command::new(BIN)
+            .args(["check-config", "--require-relay", "--config"])
+            .arg(config)
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.code(), said)
+    };
+    let shipped = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.toml"));
+    let (code, said) = run(shipped);
+    assert_eq!(code, Some(1), "{said}");
+    for what in [
+        "relayq is not started",
+        "smtp.example.com is an example name",
+        "systemctl restart relayq",
+        "maildrop",
+    ] {
+        assert!(said.contains(what), "{what}: {said}");
+    }
+    let (code, said) = run(&tmp.path().join("missing.toml"));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("there is no config file"), "{said}");
+
+    let write = |name: &str, text: &str| {
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let (code, said) = run(&write(
+        "typo.toml",
+        "[relay]\nhost = \"smtp.sendgrid.net\"\nprot = 587\n",
+    ));
+    assert_eq!(code, Some(255), "{said}");
+    assert!(said.contains("line 3") && said.contains("prot"), "{said}");
+    let edited = std::fs::read_to_string(shipped)
+        .unwrap()
+        .replace("\"smtp.example.com\"", "\"smtp.sendgrid.net\"");
+    let (code, said) = run(&write("edited.toml", &edited));
+    assert_eq!(code, Some(0), "{said}");
+    let (code, said) = run(&write("capture.toml", "[capture]\nmaildir = \"/tmp/m\"\n"));
+    assert_eq!(
+        code,
+        Some(0),
+        "capture is a choice, not a missing relay: {said}"
+    );
+    // And relayq check says the same, without looking the example up.
+    let o = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(shipped)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(!o.status.success());
+    assert!(
+        out.contains("FAIL relay: the relay host smtp.example.com is an example name"),
+        "{out}"
+    );
+    assert!(!out.contains("dns:"), "no lookup of an example name: {out}");
+}
+
+/// The unit the package ships: started by the condition above, logging
+/// under the mail facility with relayq's name.
+#[test]
+fn the_unit_logs_to_mail_and_waits_for_a_relay() {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.service"))
+        .unwrap();
+    has_lines(
+        &unit,
+        &[
+            "ExecCondition=/usr/bin/relayq check-config --require-relay --config /etc/relayq/relayq.toml",
+            "ExecStart=/usr/bin/relayq serve --config /etc/relayq/relayq.toml",
+            "SyslogIdentifier=relayq",
+            "SyslogFacility=mail",
+        ],
+    );
+}
+
+/// `relayq queue init` (the package's postinst, as user relayq) prepares
+/// the maildrop, so `sendmail` works for every user before the daemon
+/// first started; `newaliases` (a symlink, as the package installs it)
+/// succeeds and says nothing.
+#[test]
+fn sendmail_works_before_the_daemon_first_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spool = tmp.path().join("spool");
+    let config = tmp.path().join("relayq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "spool_dir = \"{}\"\nhostname = \"app1.example.com\"\n[relay]\nhost = \"127.0.0.1\"\ntls = \"none\"\n",
+            spool.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let link = tmp.path().join("newaliases");
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let o = Command::new(&link)
+        .env("RELAYQ_CONFIG", &config)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert!(o.stdout.is_empty() && o.stderr.is_empty(), "{o:?}");
+
+    // Twice is the same as once (every upgrade runs it).
+    for _ in 0..2 {
+        let o = Command::new(BIN)
+            .args(["queue", "init", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("ready"),
+            "{o:?}"
+        );
+        assert_eq!(mode(&spool), 0o711);
+        assert_eq!(mode(&spool.join("maildrop")), 0o1733);
+        for dir in ["queue", "hold", "tmp", "corrupt", "slots", "pickup"] {
+            assert_eq!(mode(&spool.join(dir)), 0o700, "{dir}");
+        }
+    }
+
+    if !crate::sendmail::can_switch_user() {
+        return;
+    }
+    let mut cmd = crate::sendmail::as_nobody(BIN);
+    cmd.args(["sendmail", "bob@example.net"])
+        .env("RELAYQ_CONFIG", &config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        b"Subject: before the daemon\n\nwaits in the maildrop\n",
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let dropped: Vec<_> = std::fs::read_dir(spool.join("maildrop"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+}
+
+/// The package's changelog names the version cargo-deb gives it.
+#[test]
+fn the_debian_changelog_names_this_version() {
+    let changelog = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/dist/debian/changelog"
+    ))
+    .unwrap();
+    let first = changelog.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(&format!("relayq ({}-1) ", env!("CARGO_PKG_VERSION"))),
+        "dist/debian/changelog's first entry is {first:?}: add an entry for {}-1",
+        env!("CARGO_PKG_VERSION")
+    );
+}
+
 /// The real thing, as root (issue 16, item 8): `install.sh` without
 /// `--destdir` (it creates the user relayq, chowns the spool, links
-/// /usr/sbin/sendmail), then `sendmail` run as www-data and as nobody
-/// (PHP's mail(), a cron job) must queue mail, before the daemon ever ran,
-/// while the relay password stays unreadable to them; then relayq, run as
-/// its user, relays both messages with that password.
+/// /usr/sbin/sendmail, has relayq make its queue directories), then
+/// `sendmail` run as www-data, as nobody (PHP's mail(), a cron job) and as
+/// root (cron's own mail), and root's `mailq`, must work before the daemon
+/// ever ran, while the relay password stays unreadable to the users; then
+/// relayq, run as its user, relays the three messages with that password
+/// (it relayed none when root's mailq had made the queue directories
+/// root's).
 ///
 /// It runs in a private mount namespace with an overlay on /etc, /usr and
 /// /var, so the real install touches nothing outside this test (parallel
@@ -214,6 +403,15 @@ for u in www-data nobody; do
         echo "secret readable by $u"
     fi
 done
+# Root too (cron's mail), and root looking at the queue, which must
+# leave the spool to relayq.
+if printf 'Subject: from root\n\nhello\n' | /usr/sbin/sendmail bob@example.net; then
+    echo "sendmail as root: ok"
+fi
+if /usr/bin/mailq >&2; then
+    echo "mailq as root: ok"
+fi
+stat -c 'mode %a %U:%G %n' /var/spool/relayq/queue /var/spool/relayq/pickup || true
 setpriv --reuid=relayq --regid=relayq --init-groups -- env RELAYQ_LOG=info /usr/local/bin/relayq serve --config /etc/relayq/relayq.toml &
 echo started
 # Until the test is done (it closes our stdin).
@@ -250,7 +448,7 @@ kill $! && wait $! || true
         said.push_str(&String::from_utf8_lossy(&buf[..n]));
     }
     let got = up
-        .wait_for_messages(2, std::time::Duration::from_secs(60))
+        .wait_for_messages(3, std::time::Duration::from_secs(60))
         .await;
     drop(child.stdin.take());
     let out = child.wait_with_output().unwrap();
@@ -262,6 +460,12 @@ kill $! && wait $! || true
         "mode 1733 relayq:relayq /var/spool/relayq/maildrop",
         "sendmail as www-data: ok",
         "sendmail as nobody: ok",
+        "sendmail as root: ok",
+        "mailq as root: ok",
+        // Made by install.sh (`relayq queue init` as relayq), so root's
+        // tools find them and leave them relayq's.
+        "mode 700 relayq:relayq /var/spool/relayq/queue",
+        "mode 700 relayq:relayq /var/spool/relayq/pickup",
     ] {
         assert!(said.contains(line), "{line:?} missing:\n{said}\n{log}");
     }
@@ -270,7 +474,11 @@ kill $! && wait $! || true
     senders.sort();
     assert_eq!(
         senders,
-        ["nobody@relayq.test", "www-data@relayq.test"],
+        [
+            "nobody@relayq.test",
+            "root@relayq.test",
+            "www-data@relayq.test"
+        ],
         "{log}"
     );
     let auths = up.auths();

@@ -29,5 +29,7 @@ mod sendmail;
 mod smtp;
 mod smuggling;
 mod status_page;
+mod syslog;
 mod tls;
+mod upgrade;
 mod ways_in;

@@ -292,7 +292,9 @@ impl LazyFs {
             .args(["-o", "allow_other", "-o", "modules=subdir"])
             .arg("-o")
             .arg(format!("subdir={}", root.display()))
-            .arg("-f")
+            // One thread: LazyFS's own locks deadlock under concurrent
+            // fsync and link/create (seen as a hang that outlived kill -9).
+            .args(["-f", "-s"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -741,4 +743,108 @@ async fn lazyfs_power_loss_rounds() {
         oldest.as_millis(),
         window.as_millis()
     );
+}
+
+/// Entries of a spool directory, dot files left out.
+fn entries(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The pickup cut off by a power loss (or `kill -9`) in the middle of
+/// queueing a drop file: every drop file is still delivered exactly once.
+/// Each round writes one drop file with the daemon stopped (`sendmail` as
+/// user nobody), arms a LazyFS crash at one step of the pickup, starts the
+/// daemon (its first scan picks the file up), then restarts it on what the
+/// crash left and waits until the maildrop and the queue are empty.
+/// Needs root and /dev/fuse; run by CI like `lazyfs_power_loss_rounds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs LazyFS (RELAYQ_LAZYFS), root and /dev/fuse; run by .ci/run"]
+async fn lazyfs_pickup_crash_delivers_each_drop_file_once() {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = PathBuf::from(
+        std::env::var_os("RELAYQ_LAZYFS").expect("RELAYQ_LAZYFS: path to the lazyfs binary"),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    // sendmail runs as nobody: it must reach the config and the mount.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut fs = LazyFs::start(&bin, dir.path());
+    let up = FakeUpstream::start().await;
+    // Each step of durability rule 6, as LazyFS names the operation. (For
+    // a rename or link, LazyFS matches `to_rgx` only, and only when a
+    // `from_rgx` is given too.)
+    let steps = [
+        // Its message is committed, the drop file not yet removed.
+        "timing=before::op=unlink::from_rgx=(maildrop|pickup)/[0-9A-Z]{26}$",
+        // Before and after it is moved out of the maildrop.
+        "timing=before::op=rename::from_rgx=maildrop/::to_rgx=pickup/",
+        "timing=after::op=rename::from_rgx=maildrop/::to_rgx=pickup/",
+        // The message written, not yet synced.
+        "timing=before::op=fsync::from_rgx=slots/",
+        // The message linked into queue/, its new slot not yet synced.
+        "timing=after::op=link::from_rgx=slots/",
+    ];
+    for (n, step) in steps.into_iter().enumerate() {
+        tokio::task::block_in_place(|| fs.remount());
+        let spool = fs.mnt.join(format!("pickup-{n}"));
+        let work = dir.path().join(format!("pickup-round-{n}"));
+        std::fs::create_dir_all(&work).unwrap();
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let config = relay_config(up.addr(), &format!("spool_dir = \"{}\"\n", spool.display()));
+        let mut d = Daemon::start_in(&work, &config);
+        assert!(d.stop(), "{}", d.log());
+        let want = format!("pickup round {n}");
+        let sent = crate::sendmail::as_nobody_uid(
+            65534,
+            &d.config,
+            &["bob@example.net"],
+            format!("Subject: {want}\n\nqueued once\n").as_bytes(),
+        );
+        assert!(sent.status.success(), "{}", crate::sendmail::stderr(&sent));
+        assert_eq!(entries(&spool.join("maildrop")), 1);
+        fs.command(&format!("lazyfs::crash::{step}"));
+        d.restart();
+        let crashed = tokio::task::block_in_place(|| fs.wait_crash());
+        d.kill9();
+        tokio::task::block_in_place(|| fs.remount());
+        assert!(
+            crashed.is_some(),
+            "{step}: LazyFS never reached the fault; relayq's log:\n{}",
+            d.log()
+        );
+        let mark = d.log_mark();
+        d.restart();
+        d.wait_log_since(mark, "recovered queue:", WAIT);
+        // Done when nothing waits anywhere: a second copy, if any, has
+        // been picked up and sent by then.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while entries(&spool.join("maildrop")) + entries(&spool.join("pickup")) + queued(&spool) > 0
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{step}: still waiting; log:\n{}",
+                d.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(d.stop(), "{}", d.log());
+        let log = d.log();
+        let settled = log[mark..]
+            .lines()
+            .find(|l| l.contains("were being queued when relayq stopped"))
+            .unwrap_or("nothing was left in pickup/");
+        eprintln!("lazyfs pickup crash {step}: {settled}");
+        let copies = up.messages().iter().filter(|m| subject(m) == want).count();
+        assert_eq!(
+            copies,
+            1,
+            "{step}: the drop file was delivered {copies} times; log:\n{}",
+            d.log()
+        );
+    }
 }

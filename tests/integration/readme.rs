@@ -192,3 +192,49 @@ fn the_postfix_table_agrees_with_the_reference() {
         );
     }
 }
+
+/// "Install" leads with the Debian package, in the order a newcomer runs
+/// it, with the cargo-deb version `.ci/package-test` pins (and tests),
+/// then sends the other distributions to `dist/install.sh`.
+#[test]
+fn install_leads_with_the_debian_package() {
+    let md = readme::text();
+    let install = readme::section(&md, "Install").body;
+    let first = blocks(&install)
+        .into_iter()
+        .next()
+        .expect("a code block in Install");
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/.ci/package-test"))
+        .expect("read .ci/package-test");
+    let pinned = script
+        .lines()
+        .find_map(|l| l.strip_prefix("CARGO_DEB_VERSION="))
+        .expect("CARGO_DEB_VERSION= in .ci/package-test");
+    let steps = [
+        format!("cargo install cargo-deb --version {pinned} --locked"),
+        "cargo deb".to_string(),
+        format!(
+            "target/debian/relayq_{}-1_amd64.deb",
+            env!("CARGO_PKG_VERSION")
+        ),
+        "sudo apt install ./target/debian/relayq_*.deb".to_string(),
+        "/etc/relayq/relayq.toml".to_string(),
+        "relayq check".to_string(),
+        "sudo systemctl restart relayq".to_string(),
+    ];
+    let text = first.lines.join("\n");
+    let mut at = 0;
+    for step in &steps {
+        let found = text[at..].find(step.as_str()).unwrap_or_else(|| {
+            panic!("Install's first block lacks {step:?} (after the steps before it):\n{text}")
+        });
+        at += found + step.len();
+    }
+    let others = install
+        .find("dist/install.sh")
+        .expect("Install names dist/install.sh for other distributions");
+    assert!(
+        others > install.find("apt install").unwrap(),
+        "the package first, then dist/install.sh"
+    );
+}

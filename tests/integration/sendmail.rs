@@ -782,6 +782,121 @@ async fn unprivileged_user_submits_through_the_maildrop() {
     );
 }
 
+/// What a crash in the middle of the pickup leaves in `pickup/`
+/// (durability rule 6 of the spool; the real crashes, at each step, are
+/// `powerloss::lazyfs_pickup_crash_delivers_each_drop_file_once`): a drop
+/// file moved there whose message was committed goes at the next start,
+/// and the message is sent once; one whose message was not goes back to
+/// the maildrop (listed by mailq meanwhile) and is sent once; one whose
+/// message `relayq queue delete` deleted meanwhile (daemon stopped) goes
+/// with it, and is not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_files_a_crash_left_in_pickup_are_delivered_once() {
+    use crate::support::upstream::Script;
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start_with(Script::default().mail_reply(451, "4.3.0 down for the test"))
+        .await;
+    let mut d = Daemon::start(&relay_config(up.addr(), ""));
+    open_to_others(&d);
+    let spool = d.spool();
+    let only_entry = |dir: &str| {
+        let names: Vec<String> = std::fs::read_dir(spool.join(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 1, "{dir}: {names:?}");
+        names[0].clone()
+    };
+    let config = d.config.clone();
+    let send_to = |rcpt: &str, subject: &str| {
+        let o = as_nobody_uid(
+            65534,
+            &config,
+            &[rcpt],
+            format!("Subject: {subject}\n\nonce\n").as_bytes(),
+        );
+        ok(&o);
+    };
+    let send = |subject: &str| send_to("carol@example.net", subject);
+    // Committed: queued (the upstream defers it), then its drop file put
+    // back into pickup/ under its id, as a crash before the removal left it.
+    send("committed");
+    let line = d.wait_log("to=<carol@example.net>", WAIT);
+    assert!(line.contains("status=deferred"), "{line}");
+    let queued = only_entry("queue");
+    // The same, for a message deleted below.
+    send_to("dave@example.net", "deleted");
+    let line = d.wait_log("to=<dave@example.net>", WAIT);
+    assert!(line.contains("status=deferred"), "{line}");
+    assert!(d.stop());
+    let deleted = std::fs::read_dir(spool.join("queue"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .find(|n| *n != queued)
+        .unwrap();
+    for (rcpt, subject, id) in [
+        ("carol@example.net", "committed", &queued),
+        ("dave@example.net", "deleted", &deleted),
+    ] {
+        send_to(rcpt, subject);
+        std::fs::rename(
+            spool.join("maildrop").join(only_entry("maildrop")),
+            spool.join("pickup").join(id),
+        )
+        .unwrap();
+    }
+    ok(&d.cli(&["queue", "delete", &deleted]));
+    assert!(!spool.join("pickup").join(&deleted).exists());
+    // Not committed: moved to pickup/ under a fresh id, nothing queued.
+    send("not committed");
+    let fresh = "01M8KR32M2CWMS496RFBW5448A";
+    std::fs::rename(
+        spool.join("maildrop").join(only_entry("maildrop")),
+        spool.join("pickup").join(fresh),
+    )
+    .unwrap();
+    let o = sendmail(&d.config, &["-bp"], b"");
+    ok(&o);
+    let list = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        list.contains(&queued) && list.contains(fresh) && list.contains("waiting in the maildrop"),
+        "mailq lists the queued message and the drop file, each once:\n{list}"
+    );
+    assert_eq!(list.matches("carol@example.net").count(), 2, "{list}");
+    assert!(!list.contains("dave@example.net"), "{list}");
+
+    up.set_script(Script::default());
+    let mark = d.log_mark();
+    d.restart();
+    let line = d.wait_log_since(mark, "were being queued when relayq stopped", WAIT);
+    assert!(
+        line.contains("2 drop file(s)")
+            && line.contains("1 had been queued")
+            && line.contains("1 had not"),
+        "{line}"
+    );
+    d.flush();
+    let got = up.wait_for_messages(2, WAIT).await;
+    let deadline = std::time::Instant::now() + WAIT;
+    while ["maildrop", "pickup", "queue"]
+        .iter()
+        .any(|dir| std::fs::read_dir(spool.join(dir)).unwrap().count() > 0)
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(d.stop());
+    let mut subjects: Vec<String> = up
+        .messages()
+        .iter()
+        .map(crate::durability::subject)
+        .collect();
+    subjects.sort();
+    assert_eq!(subjects, ["committed", "not committed"], "{got:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_maildrop_entries_are_refused() {
     if !can_switch_user() {

@@ -20,9 +20,12 @@
 //! of credentials by the SMTP client. Credentials are only sent when the
 //! config would send them in delivery too (same TLS rules).
 
+mod condition;
 mod local;
 pub use local::human_bytes;
 mod relay;
+
+pub use condition::relay_configured;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -113,6 +116,13 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
             ),
         ),
     }
+    if let Some(why) = config.no_relay_yet() {
+        r.fail(
+            "relay",
+            why,
+            "set [relay] host (and port, tls, username, password_file) to your provider's settings",
+        );
+    }
     local::check_spool(&config, &mut r);
     for addr in &config.smtp.listen {
         local::check_listen(*addr, &mut r).await;
@@ -136,6 +146,8 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
                 }
             }
         }
+        // An example host: nothing to look up or connect to.
+        TransportKind::Relay if config.no_relay_yet().is_some() => {}
         TransportKind::Relay => relay::check_relay(&config, opts, &mut r).await,
         TransportKind::Capture => {
             let maildir = config
