@@ -287,6 +287,23 @@ fn snippet(bytes: &[u8]) -> String {
     String::from_utf8_lossy(cut).escape_debug().to_string()
 }
 
+/// The body without its last line ending, and the line ending it is sent
+/// with: a message always ends in CRLF (one is added to a last line
+/// without any, and a bare LF at the very end becomes CRLF, so DATA's
+/// terminator is "\r\n.\r\n" and never "\n.\r\n", which some servers
+/// misread). BDAT sends the same octets.
+pub(super) fn last_line_ended(body: &[u8]) -> (&[u8], &'static [u8]) {
+    if body.is_empty() || body.ends_with(b"\r\n") {
+        (body, b"")
+    } else if let Some(head) = body.strip_suffix(b"\n") {
+        (head, b"\r\n")
+    } else if body.ends_with(b"\r") {
+        (body, b"\n")
+    } else {
+        (body, b"\r\n")
+    }
+}
+
 /// The DATA payload: the body dot-stuffed, ending in CRLF, then ".\r\n",
 /// produced in bounded pieces without copying the whole body.
 pub(super) struct DataEncoder<'a> {
@@ -299,17 +316,7 @@ pub(super) struct DataEncoder<'a> {
 
 impl<'a> DataEncoder<'a> {
     pub(super) fn new(body: &'a [u8]) -> Self {
-        // A bare LF at the very end becomes CRLF, so the terminator is always
-        // "\r\n.\r\n" and never "\n.\r\n", which some servers misread.
-        let (rest, suffix): (&[u8], &[u8]) = if body.is_empty() || body.ends_with(b"\r\n") {
-            (body, b"")
-        } else if let Some(head) = body.strip_suffix(b"\n") {
-            (head, b"\r\n")
-        } else if body.ends_with(b"\r") {
-            (body, b"\n")
-        } else {
-            (body, b"\r\n")
-        };
+        let (rest, suffix) = last_line_ended(body);
         DataEncoder {
             rest,
             suffix,
