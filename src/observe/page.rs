@@ -139,15 +139,28 @@ pub fn render(r: &StatusReport) -> String {
                     )
                 })
                 .collect();
+            let concurrency = match &relay.concurrency_change {
+                Some(change) if relay.adaptive => format!(
+                    "{} open; concurrency {} of at most {} (adaptive): {}, {}",
+                    relay.connections,
+                    relay.concurrency,
+                    relay.max_connections,
+                    esc(&change.text),
+                    since(r.now, change.at_ms)
+                ),
+                _ => format!(
+                    "{} open; concurrency {} (fixed)",
+                    relay.connections, relay.concurrency
+                ),
+            };
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}/{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&relay.name),
                 esc(&relay.endpoint),
                 esc(&relay.state),
                 esc(&state),
-                relay.connections,
-                relay.max_connections,
+                concurrency,
                 if limits.is_empty() {
                     "none".to_string()
                 } else {

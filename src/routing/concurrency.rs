@@ -1,0 +1,620 @@
+//! One relay's concurrency: how many connections relayq may have open to
+//! it at once, adapted to how it answers, like Postfix's destination
+//! concurrency feedback and TCP's congestion window (additive increase,
+//! multiplicative decrease).
+//!
+//! A relay 2 ms away drains a backlog with two connections; one 80 ms away
+//! needs thirty; some allow only a few. So the number is learned, within
+//! `max_connections` (the hard cap):
+//!
+//! - **Start** at [`INITIAL`] connections.
+//! - **Grow** while mail waits and the relay answers well: each message
+//!   delivered while every allowed connection is busy and more mail is
+//!   ready adds one connection (so the count doubles every round trip)
+//!   until the first sign of pushback; after that, one connection per
+//!   round of deliveries (a round is as many deliveries as connections).
+//! - **Back off** on pushback. A relay that refuses one more connection
+//!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
+//!   open has said what it allows: concurrency drops to the connections it
+//!   still serves and stays at most there for [`CEILING_HOLD_MS`] before
+//!   trying one more. A connection that cannot be opened (refused, timed
+//!   out), a `421` on a connection in use, or a delivery rate per
+//!   connection that fell by more than concurrency rose (more connections,
+//!   less mail delivered in total) halves it. Only one halving per round:
+//!   an attempt that started before the last cut does not cut again (TCP
+//!   reacts once per window of losses the same way).
+//! - **Idle**: once a relay has had no connection open for a while (its
+//!   connections close after `idle_timeout`), the next burst starts again
+//!   from [`INITIAL`], as Postfix forgets an idle destination.
+//!
+//! With `concurrency = N` in the config the number is fixed at N instead.
+//!
+//! When no other connection to the relay works, pushback is the relay
+//! being down or throttling us: the circuit breaker (`health`) handles it,
+//! not this. Pure state: times are passed in (unix ms), so tests step
+//! through it with an injected clock.
+
+use serde::{Deserialize, Serialize};
+
+/// Connections an adaptive relay starts with (Postfix's
+/// `initial_destination_concurrency` is 5).
+pub const INITIAL: usize = 4;
+/// How long a relay's refusal of one more connection keeps concurrency
+/// at most at the connections it served then.
+pub const CEILING_HOLD_MS: u64 = 5 * 60_000;
+/// The multiplicative decrease.
+const BACKOFF: f64 = 0.5;
+/// Delivery-rate samples older than this are not compared.
+const RATE_MEMORY_MS: u64 = 30_000;
+/// Samples at a level before its rate is trusted.
+const RATE_SAMPLES: u32 = 8;
+/// Total throughput at more connections must stay above this share of
+/// the best seen at fewer, or concurrency backs off.
+const RATE_MARGIN: f64 = 0.9;
+/// Weight of a new sample in a level's average.
+const RATE_WEIGHT: f64 = 0.2;
+
+/// Why concurrency last changed, as a short word for metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Adaptive, at its starting point.
+    Start,
+    /// Set by `concurrency = N`.
+    Fixed,
+    /// Grew: mail waiting and the relay answering well.
+    Backlog,
+    /// The relay refused one more connection while others were open.
+    Refused,
+    /// A connection failed (refused, timed out) while others worked.
+    Failed,
+    /// A 421 on a connection in use while others worked.
+    Throttled,
+    /// The delivery rate per connection fell by more than concurrency rose.
+    Rate,
+    /// No connection for a while: back to the start.
+    Idle,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Start => "start",
+            Reason::Fixed => "fixed",
+            Reason::Backlog => "backlog",
+            Reason::Refused => "refused",
+            Reason::Failed => "failed",
+            Reason::Throttled => "throttled",
+            Reason::Rate => "rate",
+            Reason::Idle => "idle",
+        }
+    }
+
+    pub const ALL: [Reason; 8] = [
+        Reason::Start,
+        Reason::Fixed,
+        Reason::Backlog,
+        Reason::Refused,
+        Reason::Failed,
+        Reason::Throttled,
+        Reason::Rate,
+        Reason::Idle,
+    ];
+}
+
+/// The last change of a relay's concurrency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// When (unix ms).
+    pub at_ms: u64,
+    pub from: usize,
+    pub to: usize,
+    pub reason: Reason,
+    /// For people: "3 -> 4: mail waiting and the relay answering well".
+    pub text: String,
+}
+
+/// A sign that the relay wants fewer connections from us, seen while
+/// other connections to it work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushback {
+    /// It refused one more connection (`421`, `454`, "too many ...") while
+    /// `open` others were open: what it allows.
+    Refused { open: usize, error: String },
+    /// A connection could not be opened (refused, timed out).
+    Failed { error: String },
+    /// A `421` on a connection in use.
+    Throttled { error: String },
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Rate {
+    /// Average time a connection spent per message, ms.
+    ms: f64,
+    samples: u32,
+    at_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Concurrency {
+    adaptive: bool,
+    max: usize,
+    window: f64,
+    /// Below it, growth is one connection per delivery (slow start).
+    threshold: f64,
+    /// A limit the relay stated by refusing one more connection, and
+    /// until when it holds.
+    ceiling: Option<(usize, u64)>,
+    /// Counts cuts; an attempt remembers the value it started under.
+    generation: u64,
+    last: Change,
+    /// Per number of busy connections.
+    rates: Vec<Rate>,
+}
+
+impl Concurrency {
+    /// Adaptive, from [`INITIAL`] up to `max`.
+    pub fn adaptive(max: usize, now: u64) -> Concurrency {
+        let max = max.max(1);
+        let start = INITIAL.min(max);
+        Concurrency::with(
+            true,
+            max,
+            start,
+            now,
+            Reason::Start,
+            format!(
+                "{start}: starting point; grows up to {max} while mail waits and the relay answers well"
+            ),
+        )
+    }
+
+    /// Fixed at `n` (`concurrency = n`).
+    pub fn fixed(n: usize, now: u64) -> Concurrency {
+        let n = n.max(1);
+        Concurrency::with(
+            false,
+            n,
+            n,
+            now,
+            Reason::Fixed,
+            format!("{n}: fixed by concurrency = {n}"),
+        )
+    }
+
+    fn with(
+        adaptive: bool,
+        max: usize,
+        start: usize,
+        now: u64,
+        reason: Reason,
+        text: String,
+    ) -> Concurrency {
+        Concurrency {
+            adaptive,
+            max,
+            window: start as f64,
+            threshold: max as f64,
+            ceiling: None,
+            generation: 0,
+            last: Change {
+                at_ms: now,
+                from: start,
+                to: start,
+                reason,
+                text,
+            },
+            rates: vec![Rate::default(); max + 1],
+        }
+    }
+
+    /// Connections allowed now.
+    pub fn limit(&self) -> usize {
+        (self.window.floor() as usize).clamp(1, self.max)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive
+    }
+
+    pub fn last_change(&self) -> &Change {
+        &self.last
+    }
+
+    /// What an attempt remembers when it starts, for [`Concurrency::pushback`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A message was delivered. `busy`: connections in use (this one
+    /// included); `spent`: the time its connection spent on it, if the
+    /// connection worked on nothing else meanwhile; `backlog`: more mail
+    /// is ready for the relay.
+    pub fn delivered(
+        &mut self,
+        now: u64,
+        busy: usize,
+        spent: Option<std::time::Duration>,
+        backlog: bool,
+    ) -> Option<Change> {
+        if !self.adaptive {
+            return None;
+        }
+        let before = self.limit();
+        if let Some(spent) = spent {
+            self.sample(now, busy, spent.as_secs_f64() * 1000.0);
+            if let Some(text) = self.rate_fell(now, busy) {
+                return self.cut(now, before, Reason::Rate, text);
+            }
+        }
+        let cap = match self.ceiling {
+            Some((limit, until)) if until > now => limit.min(self.max),
+            _ => self.max,
+        };
+        if !backlog || busy < before || before >= cap {
+            return None;
+        }
+        self.window += if self.window < self.threshold {
+            1.0
+        } else {
+            1.0 / self.window
+        };
+        self.window = self.window.min(cap as f64);
+        self.changed(
+            now,
+            before,
+            Reason::Backlog,
+            "mail waiting and the relay answering well".into(),
+        )
+    }
+
+    /// The relay pushed back on an attempt that started under
+    /// `generation` while other connections to it worked.
+    pub fn pushback(&mut self, now: u64, signal: Pushback, generation: u64) -> Option<Change> {
+        if !self.adaptive {
+            return None;
+        }
+        let before = self.limit();
+        match signal {
+            Pushback::Refused { open, error } => {
+                // The relay said how many it allows: whenever it says so.
+                let allowed = open.clamp(1, self.max);
+                self.ceiling = Some((allowed, now + CEILING_HOLD_MS));
+                if (allowed as f64) < self.window {
+                    self.window = allowed as f64;
+                    self.threshold = self.window;
+                    self.generation += 1;
+                }
+                let text = format!(
+                    "the relay refused one more connection ({error}) while {open} were open; at most {allowed} for {} min",
+                    CEILING_HOLD_MS / 60_000
+                );
+                self.changed(now, before, Reason::Refused, text)
+            }
+            Pushback::Failed { error } if generation >= self.generation => self.cut(
+                now,
+                before,
+                Reason::Failed,
+                format!("a connection failed while others worked ({error})"),
+            ),
+            Pushback::Throttled { error } if generation >= self.generation => self.cut(
+                now,
+                before,
+                Reason::Throttled,
+                format!("the relay throttled a connection ({error})"),
+            ),
+            // Started before the last cut: that cut was the answer.
+            Pushback::Failed { .. } | Pushback::Throttled { .. } => None,
+        }
+    }
+
+    /// No connection has been open for a while: the next burst starts
+    /// from the beginning (a learned ceiling still holds).
+    pub fn idle(&mut self, now: u64) -> Option<Change> {
+        let start = INITIAL.min(self.max);
+        if !self.adaptive || self.limit() <= start {
+            return None;
+        }
+        let before = self.limit();
+        self.window = start as f64;
+        self.threshold = self.max as f64;
+        self.rates.fill(Rate::default());
+        self.changed(
+            now,
+            before,
+            Reason::Idle,
+            "no connection open for a while: starting again".into(),
+        )
+    }
+
+    fn cut(&mut self, now: u64, before: usize, reason: Reason, text: String) -> Option<Change> {
+        self.window = (self.window * BACKOFF).max(1.0);
+        self.threshold = self.window;
+        self.generation += 1;
+        // Rates at the levels given up on are measured afresh if they are
+        // reached again.
+        let keep = self.limit() + 1;
+        for r in self.rates.iter_mut().skip(keep) {
+            *r = Rate::default();
+        }
+        self.changed(now, before, reason, text)
+    }
+
+    fn changed(&mut self, now: u64, before: usize, reason: Reason, why: String) -> Option<Change> {
+        let after = self.limit();
+        if after == before && reason != Reason::Refused {
+            return None;
+        }
+        if after == before && self.last.reason == Reason::Refused && self.last.to == after {
+            // The same limit stated again.
+            return None;
+        }
+        self.last = Change {
+            at_ms: now,
+            from: before,
+            to: after,
+            reason,
+            text: format!("{before} -> {after}: {why}"),
+        };
+        Some(self.last.clone())
+    }
+
+    fn sample(&mut self, now: u64, level: usize, ms: f64) {
+        let Some(r) = self.rates.get_mut(level) else {
+            return;
+        };
+        if r.samples == 0 || now.saturating_sub(r.at_ms) > RATE_MEMORY_MS {
+            *r = Rate {
+                ms,
+                samples: 1,
+                at_ms: now,
+            };
+        } else {
+            r.ms += RATE_WEIGHT * (ms - r.ms);
+            r.samples += 1;
+            r.at_ms = now;
+        }
+    }
+
+    /// Whether the relay delivers less in total at `level` connections
+    /// than it did at fewer: its rate per connection fell by more than
+    /// the connections rose.
+    fn rate_fell(&self, now: u64, level: usize) -> Option<String> {
+        let trusted = |l: usize| {
+            let r = self.rates.get(l)?;
+            (l > 0
+                && r.samples >= RATE_SAMPLES.max(l as u32)
+                && now.saturating_sub(r.at_ms) <= RATE_MEMORY_MS
+                && r.ms > 0.0)
+                .then_some(r.ms)
+        };
+        let ms = trusted(level)?;
+        let total = level as f64 * 1000.0 / ms;
+        // The best total, at the fewest connections that reached it.
+        let (best, best_total) = (1..level)
+            .filter_map(|l| trusted(l).map(|ms| (l, l as f64 * 1000.0 / ms)))
+            .fold(None, |best: Option<(usize, f64)>, (l, t)| match best {
+                Some((_, b)) if b >= t => best,
+                _ => Some((l, t)),
+            })?;
+        (total < RATE_MARGIN * best_total).then(|| {
+            format!(
+                "the delivery rate per connection fell from {:.1}/s at {best} connections to {:.1}/s at {level} ({:.0}/s in total, down from {:.0}/s)",
+                best_total / best as f64,
+                total / level as f64,
+                total,
+                best_total
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use std::time::Duration;
+
+    const RTT: Duration = Duration::from_millis(50);
+
+    /// `n` deliveries with every allowed connection busy and mail waiting,
+    /// each connection spending `spent` per message.
+    fn deliver(c: &mut Concurrency, clock: &Clock, n: usize, spent: Duration) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for _ in 0..n {
+            clock.advance(Duration::from_millis(1));
+            let busy = c.limit();
+            changes.extend(c.delivered(clock.now_ms(), busy, Some(spent), true));
+        }
+        changes
+    }
+
+    #[test]
+    fn grows_under_backlog_fast_at_first_and_respects_the_cap() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        assert_eq!(c.limit(), INITIAL);
+        assert_eq!(c.last_change().reason, Reason::Start);
+        // Slow start: one more connection per delivery.
+        let changes = deliver(&mut c, &clock, 3, RTT);
+        assert_eq!(c.limit(), INITIAL + 3);
+        assert_eq!(changes.len(), 3);
+        assert_eq!(
+            changes[0].text,
+            "4 -> 5: mail waiting and the relay answering well"
+        );
+        assert!(changes.iter().all(|ch| ch.reason == Reason::Backlog));
+        deliver(&mut c, &clock, 100, RTT);
+        assert_eq!(c.limit(), 20, "capped at max_connections");
+        assert!(deliver(&mut c, &clock, 50, RTT).is_empty());
+    }
+
+    #[test]
+    fn no_growth_without_waiting_mail_or_with_connections_to_spare() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        for _ in 0..50 {
+            clock.advance(Duration::from_millis(10));
+            // Nothing waiting.
+            assert_eq!(c.delivered(clock.now_ms(), 4, Some(RTT), false), None);
+            // Mail waiting, but not every allowed connection is in use.
+            assert_eq!(c.delivered(clock.now_ms(), 3, Some(RTT), true), None);
+        }
+        assert_eq!(c.limit(), INITIAL);
+    }
+
+    #[test]
+    fn a_refused_extra_connection_settles_at_what_the_relay_allows() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        // The fourth connection gets "421 too many connections" while three
+        // are open: three it is, and growth stops there.
+        let g = c.generation();
+        let change = c
+            .pushback(
+                clock.now_ms(),
+                Pushback::Refused {
+                    open: 3,
+                    error: "421 4.7.0 Too many concurrent SMTP connections".into(),
+                },
+                g,
+            )
+            .expect("a change");
+        assert_eq!(
+            (change.from, change.to, change.reason),
+            (4, 3, Reason::Refused)
+        );
+        assert!(change.text.starts_with("4 -> 3: the relay refused one more connection (421 4.7.0 Too many concurrent SMTP connections) while 3 were open"), "{}", change.text);
+        assert!(deliver(&mut c, &clock, 500, RTT).is_empty());
+        assert_eq!(c.limit(), 3);
+        // Saying it again changes nothing.
+        let refused = Pushback::Refused {
+            open: 3,
+            error: "421".into(),
+        };
+        assert_eq!(
+            c.pushback(clock.now_ms(), refused.clone(), c.generation()),
+            None
+        );
+        // After the hold, one more is tried (and refused again).
+        clock.advance(Duration::from_millis(CEILING_HOLD_MS));
+        let changes = deliver(&mut c, &clock, 10, RTT);
+        assert_eq!(changes.first().map(|ch| ch.to), Some(4));
+        assert_eq!(
+            c.pushback(clock.now_ms(), refused, c.generation())
+                .map(|ch| ch.to),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn failures_and_421_halve_once_per_round() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(32, clock.now_ms());
+        deliver(&mut c, &clock, 12, RTT);
+        assert_eq!(c.limit(), 16);
+        // Four connections opened in the same round time out: one halving.
+        let g = c.generation();
+        let failed = || Pushback::Failed {
+            error: "connect to 127.0.0.1:25 timed out after 30s".into(),
+        };
+        let change = c.pushback(clock.now_ms(), failed(), g).expect("a cut");
+        assert_eq!(
+            (change.from, change.to, change.reason),
+            (16, 8, Reason::Failed)
+        );
+        for _ in 0..3 {
+            assert_eq!(c.pushback(clock.now_ms(), failed(), g), None, "same round");
+        }
+        assert_eq!(c.limit(), 8);
+        // A 421 on a connection opened after the cut halves again.
+        let throttled = Pushback::Throttled {
+            error: "421 4.7.0 slow down".into(),
+        };
+        let change = c
+            .pushback(clock.now_ms(), throttled, c.generation())
+            .expect("a cut");
+        assert_eq!((change.to, change.reason), (4, Reason::Throttled));
+        // Never below one.
+        for _ in 0..5 {
+            c.pushback(clock.now_ms(), failed(), c.generation());
+        }
+        assert_eq!(c.limit(), 1);
+        // After a cut, growth is about one connection per round (as many
+        // deliveries as connections), not one per delivery.
+        let mut deliveries = 0;
+        while c.limit() < 4 {
+            deliver(&mut c, &clock, 1, RTT);
+            deliveries += 1;
+        }
+        assert_eq!(deliveries, 1 + 3 + 3, "1 -> 2 -> 3 -> 4");
+    }
+
+    #[test]
+    fn a_falling_rate_per_connection_backs_off_but_a_saturated_one_does_not() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        // Up to 8 with every connection taking one round trip per message.
+        while c.limit() < 8 {
+            deliver(&mut c, &clock, 1, RTT);
+        }
+        let at8 = c.limit();
+        // Let the rate at this level be known: 8 connections, 20/s each.
+        for _ in 0..(2 * at8) {
+            clock.advance(Duration::from_millis(1));
+            c.delivered(clock.now_ms(), at8, Some(RTT), false);
+        }
+        // Saturated: at 16 each connection takes twice as long, so the
+        // total stays the same. No back-off for that.
+        for _ in 0..40 {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(c.delivered(clock.now_ms(), 16, Some(RTT * 2), false), None);
+        }
+        // At 24 each takes five times as long: less in total. Back off.
+        let mut cut = None;
+        for _ in 0..40 {
+            clock.advance(Duration::from_millis(1));
+            if let Some(ch) = c.delivered(clock.now_ms(), 24, Some(RTT * 5), false) {
+                cut = Some(ch);
+                break;
+            }
+        }
+        let cut = cut.expect("a cut for the falling rate");
+        assert_eq!(cut.reason, Reason::Rate);
+        assert!(
+            cut.text
+                .contains("fell from 20.0/s at 8 connections to 4.0/s at 24"),
+            "{}",
+            cut.text
+        );
+        assert_eq!(cut.to, at8 / 2);
+    }
+
+    #[test]
+    fn an_idle_relay_starts_again_and_a_fixed_one_never_changes() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        deliver(&mut c, &clock, 100, RTT);
+        assert_eq!(c.limit(), 20);
+        let change = c.idle(clock.now_ms()).expect("a change");
+        assert_eq!((change.to, change.reason), (INITIAL, Reason::Idle));
+        assert_eq!(c.idle(clock.now_ms()), None);
+
+        let mut f = Concurrency::fixed(8, clock.now_ms());
+        assert_eq!(f.last_change().text, "8: fixed by concurrency = 8");
+        assert!(deliver(&mut f, &clock, 100, RTT).is_empty());
+        let refused = Pushback::Refused {
+            open: 2,
+            error: "421".into(),
+        };
+        assert_eq!(f.pushback(clock.now_ms(), refused, 0), None);
+        assert_eq!(f.idle(clock.now_ms()), None);
+        assert_eq!(f.limit(), 8);
+        // A cap below the starting point.
+        assert_eq!(Concurrency::adaptive(2, clock.now_ms()).limit(), 2);
+    }
+}
