@@ -409,10 +409,9 @@ impl RelaySender {
                 Pushed::InFlight(chunked)
             }
             Streamed::Lost(_) => {
-                // Nothing of it was taken; the replies to those before it
-                // are still read from the connection, so keep it until then
-                // only if some are in flight.
-                if conn.in_flight() == 0 {
+                // Nothing of it was taken; the replies to those written
+                // before it can still be read.
+                if conn.is_spent() {
                     self.drop_conn();
                 }
                 Pushed::Back
@@ -584,7 +583,7 @@ impl RelaySender {
         result: Result<TxnReport, SmtpError>,
         rcpts: &[usize],
     ) -> (Vec<(usize, RcptOutcome)>, Signal) {
-        if self.conn.as_ref().is_some_and(|c| !c.is_usable()) {
+        if self.conn.as_ref().is_some_and(Connection::is_spent) {
             self.drop_conn();
         }
         let e = match result {

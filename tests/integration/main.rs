@@ -6,6 +6,7 @@ mod support;
 mod bench;
 mod bounce;
 mod check;
+mod chunking;
 mod durability;
 mod inbound;
 mod install;

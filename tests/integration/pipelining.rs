@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// A message body with a unique subject and content that tests the DATA
 /// encoding (leading dots, a line that is only a dot, 8-bit text).
-fn body(i: usize) -> Vec<u8> {
+pub(crate) fn body(i: usize) -> Vec<u8> {
     format!(
         "Subject: pipelined {i}\r\nFrom: app@example.com\r\n\r\nmessage {i}\r\n.\r\n..two\r\n.leading dot\r\nGr\u{fc}\u{df}e {i}\r\n{}\r\n",
         "x".repeat(i * 37 % 500)
@@ -23,7 +23,7 @@ fn body(i: usize) -> Vec<u8> {
 }
 
 /// The subject line, which identifies the message.
-fn subject(m: &Received) -> String {
+pub(crate) fn subject(m: &Received) -> String {
     m.text()
         .lines()
         .find(|l| l.starts_with("Subject: "))
@@ -35,7 +35,7 @@ fn subject(m: &Received) -> String {
 /// is down, then brings it back with `script` and flushes the queue.
 /// Returns the daemon, the upstream, the queue ids, and the daemon's log
 /// mark from just before the flush.
-async fn queue_then_flow(
+pub(crate) async fn queue_then_flow(
     n: usize,
     relay_extra: &str,
     script: Script,

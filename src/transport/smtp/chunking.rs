@@ -74,6 +74,13 @@ impl Connection {
         self.in_flight
     }
 
+    /// Nothing more can come of this connection: it can't take a new
+    /// transaction, and no reply to one in flight can still be read (a
+    /// failed write leaves those written before it readable).
+    pub fn is_spent(&self) -> bool {
+        self.broken && (self.in_flight == 0 || self.replies_lost)
+    }
+
     /// Writes one whole transaction (MAIL, RCPTs, "BDAT n LAST" and the
     /// body) without waiting for any reply. `body` has CRLF line endings.
     pub async fn send_chunked(&mut self, env: &Envelope<'_>, body: &[u8]) -> Streamed {
