@@ -281,8 +281,13 @@ impl Concurrency {
         let before = self.limit();
         match signal {
             Pushback::Refused { open, error } => {
-                // The relay said how many it allows: whenever it says so.
+                // The relay said how many it allows. An attempt that started
+                // before the last cut may have been counted with connections
+                // since closed: it can't lower the limit again.
                 let allowed = open.clamp(1, self.max);
+                if generation < self.generation && allowed < before {
+                    return None;
+                }
                 self.ceiling = Some((allowed, now + CEILING_HOLD_MS));
                 if (allowed as f64) < self.window {
                     self.window = allowed as f64;
@@ -490,6 +495,14 @@ mod tests {
         );
         assert!(change.text.starts_with("4 -> 3: the relay refused one more connection (421 4.7.0 Too many concurrent SMTP connections) while 3 were open"), "{}", change.text);
         assert!(deliver(&mut c, &clock, 500, RTT).is_empty());
+        assert_eq!(c.limit(), 3);
+        // A refusal of an attempt that started before that cut (counted
+        // with a connection since closed) does not lower it again.
+        let stale = Pushback::Refused {
+            open: 2,
+            error: "421".into(),
+        };
+        assert_eq!(c.pushback(clock.now_ms(), stale, g), None);
         assert_eq!(c.limit(), 3);
         // Saying it again changes nothing.
         let refused = Pushback::Refused {

@@ -336,11 +336,13 @@ impl Router {
         let relay = &self.relays[id];
         if let Err(not) = lease.sender.ready(rcpts, started).await {
             if let Some(pushback) = self.connect_pushback(id, &not) {
-                // Others work: this one waits for one of them.
-                let seen = relay.pool.releases();
+                // Others work: this one waits for one of them to come back
+                // (not for this slot: a new connection now would be counted
+                // by the relay with the one it just refused).
                 tracing::debug!(target: "relayq::delivery", "{}: relay {} pushed back on one more connection ({}); waiting for one of its connections", meta.id, relay.name, not.signal.error().unwrap_or_default());
                 relay.pool.pushback(&lease, pushback);
                 relay.pool.checkin(lease);
+                let seen = relay.pool.releases();
                 self.give_back(id, ticket).await;
                 let parked = Delivery::Parked {
                     relay: relay.name.clone(),
@@ -404,9 +406,9 @@ impl Router {
         let pool = &self.relays[id].pool;
         match &not.signal {
             Signal::Throttled(error) => {
-                // Open ones count, even those still logging in: the relay
-                // counted them when it refused this one.
-                let open = pool.open_connections().saturating_sub(1);
+                // Ours count, even those still logging in or closing: the
+                // relay counted them when it refused this one.
+                let open = pool.held_slots().saturating_sub(1);
                 (open > 0).then(|| Pushback::Refused {
                     open,
                     error: error.clone(),

@@ -154,6 +154,12 @@ impl RelayPool {
             .saturating_sub(self.closing.load(Ordering::SeqCst))
     }
 
+    /// Connections the relay may count now: open, being opened or being
+    /// closed.
+    pub fn held_slots(&self) -> usize {
+        self.max - self.slots.available_permits()
+    }
+
     /// Connections open and logged in now, busy or idle.
     pub fn established(&self) -> usize {
         self.established.load(Ordering::SeqCst)

@@ -7,6 +7,7 @@ mod bench;
 mod bounce;
 mod check;
 mod chunking;
+mod concurrency;
 mod durability;
 mod inbound;
 mod install;

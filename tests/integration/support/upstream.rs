@@ -312,6 +312,8 @@ struct State {
     peak_active: usize,
     /// Connections refused for `max_sessions`.
     refused_sessions: usize,
+    /// The connections that arrived over `max_sessions`.
+    over_limit: std::collections::HashSet<usize>,
 }
 
 impl Shared {
@@ -551,6 +553,11 @@ async fn accept_loop(
                     state.connections += 1;
                     state.active += 1;
                     state.peak_active = state.peak_active.max(state.active);
+                    // Decided in order of arrival, as a server counts.
+                    if state.script.max_sessions.is_some_and(|max| state.active > max) {
+                        let conn = state.connections;
+                        state.over_limit.insert(conn);
+                    }
                     state.connections
                 };
                 shared.changed.notify_waiters();
@@ -643,12 +650,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if script.drop_at == Some(Stage::Greeting) {
             return Err(Closed::ByUs);
         }
-        let over = script.max_sessions.is_some_and(|max| {
+        let over = {
             let mut state = self.shared.lock();
-            let over = state.active > max;
+            let over = state.over_limit.contains(&self.conn);
             state.refused_sessions += usize::from(over);
             over
-        });
+        };
         if over {
             self.reply(421, "4.7.0 Too many concurrent SMTP connections")
                 .await?;

@@ -308,3 +308,45 @@ async fn quitting_with_replies_unread_closes_without_quit() {
     let t = server.finish().await;
     assert_eq!(t.after_script(), "", "no QUIT with replies unread");
 }
+
+#[tokio::test]
+async fn a_failed_write_leaves_the_replies_before_it_readable() {
+    // The server answers the first message and goes away; writing the
+    // second fails. The first one's replies arrived before: they must still
+    // be read (dropping the connection now would lose an answered message
+    // and send it again).
+    let script = Script::default()
+        .hello(STREAMING)
+        .rx(&first("one\r\n"))
+        .tx("250 ok\r\n250 ok\r\n250 2.0.0 one\r\n")
+        .close();
+    let server = TestServer::start(script).await;
+    let mut conn = Connection::open(&client(server.addr)).await.unwrap();
+    let a = push(&mut conn, "a@x.test", &["b@y.test"], b"one\r\n").await;
+    server.finish().await;
+    let big = vec![b'x'; 4 * 1024 * 1024];
+    let mut lost = false;
+    for _ in 0..20 {
+        match conn
+            .send_chunked(&envelope("a@x.test", &["b@y.test"]), &big)
+            .await
+        {
+            Streamed::Lost(_) => {
+                lost = true;
+                break;
+            }
+            Streamed::InFlight(_unanswered) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(lost, "writing to a closed connection never failed");
+    assert!(!conn.is_usable());
+    assert!(
+        !conn.is_spent(),
+        "the first message's replies are still due"
+    );
+    assert_eq!(
+        conn.settle_chunked(a).await.unwrap().data.unwrap().text,
+        "2.0.0 one"
+    );
+}

@@ -1,0 +1,193 @@
+//! Adaptive concurrency against a real relayq: it opens more connections
+//! while mail waits (up to `max_connections`), settles at what an upstream
+//! allows when that upstream refuses one more connection with 421, loses
+//! and bounces nothing doing so, and shows its concurrency and the reason
+//! for the last change in `queue list --json` and `/metrics`. (The
+//! controller's decisions step by step, with an injected clock, are unit
+//! tests in `src/routing/concurrency.rs`.)
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use crate::support::client::{queue_id, send_mail};
+use crate::support::daemon::Daemon;
+use crate::support::http::{get, status_addr};
+use crate::support::upstream::{FakeUpstream, Script};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Adaptive (no `concurrency` key), with `extra` in `[relay]`.
+fn config(up: &FakeUpstream, extra: &str) -> String {
+    format!(
+        "hostname = \"relayq.test\"\nstatus_listen = \"127.0.0.1:0\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"5s\"\nidle_timeout = \"60s\"\n{extra}\n",
+        up.port()
+    )
+}
+
+/// Queues `n` messages while the upstream is down, brings it back with
+/// `script`, and flushes: every message is ready at once, a backlog.
+async fn backlog(
+    n: usize,
+    extra: &str,
+    script: Script,
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&config(&up, extra));
+    let addr = up.addr();
+    up.stop().await;
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let body = format!("Subject: backlog {i}\r\n\r\nmessage {i}\r\n");
+        let r = send_mail(
+            d.addr,
+            "app@example.com",
+            &["bob@example.net"],
+            body.as_bytes(),
+        )
+        .await;
+        assert!(r.starts_with("250"), "{r}");
+        ids.push(queue_id(&r));
+    }
+    for id in &ids {
+        d.wait_log(&format!("{id}: to=<"), WAIT);
+    }
+    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    up.set_script(script);
+    let mark = d.log_mark();
+    d.flush();
+    (d, up, ids, mark)
+}
+
+/// The relay's line of `queue list --json`.
+fn relay_state(d: &Daemon) -> serde_json::Value {
+    let out = d.cli(&["queue", "list", "--json"]);
+    let json = String::from_utf8_lossy(&out.stdout);
+    let line = json
+        .lines()
+        .find(|l| l.contains("\"relay\":"))
+        .unwrap_or_else(|| panic!("no relay object in {json}"));
+    serde_json::from_str(line).unwrap()
+}
+
+fn each_once(up: &FakeUpstream, n: usize) {
+    let got = up.messages();
+    let subjects: HashSet<String> = got
+        .iter()
+        .map(|m| {
+            let text = m.text();
+            let subject = text.lines().find(|l| l.starts_with("Subject: "));
+            subject.unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(
+        (got.len(), subjects.len()),
+        (n, n),
+        "each message exactly once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
+    let n = 60;
+    let script = Script::default()
+        .max_sessions(3)
+        .reply_delay(Duration::from_millis(5));
+    let (d, up, ids, mark) = backlog(n, "", script).await;
+    for id in &ids {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    each_once(&up, n);
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=bounced"), "{after}");
+    assert!(
+        !after.contains("status=deferred"),
+        "a refused extra connection must not defer a message:\n{after}"
+    );
+    assert!(
+        !after.contains("paused by the circuit breaker"),
+        "its other connections work: no pause:\n{after}"
+    );
+    assert!(
+        up.refused_sessions() >= 1,
+        "the fourth connection was tried"
+    );
+    assert!(
+        up.peak_sessions() <= 4,
+        "{} connections at once",
+        up.peak_sessions()
+    );
+    assert!(
+        after.contains("concurrency 4 -> 3: the relay refused one more connection (greeting rejected: 421 4.7.0 Too many concurrent SMTP connections) while 3 were open"),
+        "{after}"
+    );
+    let v = relay_state(&d);
+    if v["concurrency"] != 3 {
+        eprintln!("DEBUGLOG\n{}", d.log());
+    }
+    assert_eq!(v["state"], "up", "{v}");
+    assert_eq!(v["adaptive"], true, "{v}");
+    assert_eq!(v["concurrency"], 3, "{v}");
+    assert_eq!(v["max_connections"], 20, "{v}");
+    assert_eq!(v["concurrency_change"]["reason"], "refused", "{v}");
+    assert_eq!(v["concurrency_change"]["to"], 3, "{v}");
+    // The status page's data and the metrics say the same.
+    let status = status_addr(&d);
+    let metrics = get(status, "/metrics").await.body;
+    let endpoint = format!("127.0.0.1:{}", up.port());
+    for want in [
+        format!("relayq_relay_concurrency{{relay=\"{endpoint}\",name=\"default\"}} 3"),
+        format!("relayq_relay_max_connections{{relay=\"{endpoint}\",name=\"default\"}} 20"),
+        format!(
+            "relayq_relay_concurrency_reason{{relay=\"{endpoint}\",name=\"default\",reason=\"refused\"}} 1"
+        ),
+        format!(
+            "relayq_relay_concurrency_reason{{relay=\"{endpoint}\",name=\"default\",reason=\"backlog\"}} 0"
+        ),
+    ] {
+        assert!(metrics.contains(&want), "{want} not in\n{metrics}");
+    }
+    let page = get(status, "/").await.body;
+    assert!(
+        page.contains("concurrency 3 of at most 20 (adaptive): 4 -&gt; 3: the relay refused one more connection"),
+        "{page}"
+    );
+    let listing = String::from_utf8_lossy(&d.cli(&["queue", "list"]).stdout).to_string();
+    assert!(
+        listing.contains("concurrency 3/20 (adaptive)")
+            && listing.contains("concurrency 4 -> 3: the relay refused one more connection"),
+        "{listing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrency_grows_while_mail_waits_up_to_max_connections() {
+    let n = 80;
+    // Replies take a while, as from a provider far away: more connections
+    // drain faster, so relayq opens them, but never more than 7.
+    let script = Script::default().reply_delay(Duration::from_millis(10));
+    let (d, up, ids, mark) = backlog(n, "max_connections = 7", script).await;
+    for id in &ids {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    each_once(&up, n);
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=deferred"), "{after}");
+    assert!(
+        up.peak_sessions() > 4,
+        "it never opened more than it started with: {}",
+        up.peak_sessions()
+    );
+    assert!(
+        up.peak_sessions() <= 7,
+        "{} connections at once, max_connections is 7",
+        up.peak_sessions()
+    );
+    let v = relay_state(&d);
+    assert_eq!(v["max_connections"], 7, "{v}");
+    assert_eq!(v["concurrency"], 7, "{v}");
+    assert_eq!(v["concurrency_change"]["reason"], "backlog", "{v}");
+    assert_eq!(
+        v["concurrency_change"]["text"], "6 -> 7: mail waiting and the relay answering well",
+        "{v}"
+    );
+}
