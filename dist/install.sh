@@ -120,6 +120,7 @@ fi
 cat <<EOF
 install.sh: done. Next:
   1. edit /etc/relayq/relayq.toml ([relay] host, port, tls, username, password_file)
-  2. sudo -u relayq $bin check --config /etc/relayq/relayq.toml --send-to you@example.com
+  2. check it as the service runs relayq (user relayq, CAP_NET_BIND_SERVICE for port 25):
+     sudo setpriv --reuid=relayq --regid=relayq --init-groups --inh-caps=+net_bind_service --ambient-caps=+net_bind_service $bin check --config /etc/relayq/relayq.toml --send-to you@example.com
   3. systemctl enable --now relayq && journalctl -u relayq -f
 EOF

@@ -6,9 +6,9 @@
 //! control socket, but only when the daemon was started with
 //! `RELAYQ_TEST_CLOCK=1` in its environment: a production daemon refuses.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Wall-clock time plus an offset that only ever grows.
 #[derive(Clone, Debug, Default)]
@@ -29,6 +29,18 @@ impl Clock {
     /// Milliseconds since the Unix epoch, the unit the spool records.
     pub fn now_ms(&self) -> u64 {
         to_ms(self.now())
+    }
+
+    /// Milliseconds on a clock that never jumps (counted from the first
+    /// call in this process), plus the same skew: for lifetimes and waits,
+    /// which a step of the wall clock (an NTP correction, `date -s`) must
+    /// neither stretch nor cut short.
+    pub fn monotonic_ms(&self) -> u64 {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let start = *START.get_or_init(Instant::now);
+        u64::try_from(start.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(self.skew_ms.load(Ordering::Relaxed))
     }
 
     /// Moves this clock (and every clone) forward.

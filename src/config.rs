@@ -547,6 +547,49 @@ fn default_redis_fallback_share() -> f64 {
     0.5
 }
 
+/// What a `*_env` key holds that is not a variable name; the value is not
+/// shown, as it may be the secret itself.
+pub const NOT_AN_ENV_NAME: &str = "must be the name of an environment variable (letters, digits and _, e.g. RELAY_SECRET) that holds the secret, not the secret itself; the value is not shown here in case it is";
+
+/// A name a shell can export.
+pub fn is_env_name(v: &str) -> bool {
+    let mut bytes = v.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// The TOML parser's message, which quotes the line in error, with that
+/// line's value hidden when it may be a secret: the key is unknown (a
+/// misspelt `password`, or `oauth2_client_secret` without `_file`) or
+/// names one.
+fn parse_message(text: &str, e: &toml::de::Error) -> String {
+    let message = e.to_string().trim_end().to_string();
+    let Some(start) = e.span().and_then(|span| text.get(..span.start)) else {
+        return message;
+    };
+    let line_start = start.rfind('\n').map_or(0, |i| i + 1);
+    let line = text[line_start..].lines().next().unwrap_or_default();
+    let Some((key, value)) = line.split_once('=') else {
+        return message;
+    };
+    let key = key.trim().trim_matches(['"', '\'']).to_ascii_lowercase();
+    let secret_like = ["pass", "secret", "token", "key"]
+        .iter()
+        .any(|k| key.contains(k));
+    if !secret_like && !e.message().starts_with("unknown field") {
+        return message;
+    }
+    let value = value.trim();
+    let bare = value.trim_matches(['"', '\'']);
+    let mut message = message.replace(value, "<value not shown>");
+    if bare.len() >= 4 {
+        message = message.replace(bare, "<value not shown>");
+    }
+    message
+}
+
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -560,7 +603,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
+            message: parse_message(text, &e),
         })?;
         config.source = Some(path.to_path_buf());
         if let Some(section) = &config.relay_section {
@@ -738,6 +781,11 @@ impl Config {
                     key("password"),
                     "set only one of password, password_file, password_env, oauth2_token_file and oauth2_provider",
                 ));
+            }
+            if let Some(v) = &relay.password_env
+                && !is_env_name(v)
+            {
+                return Err(self.invalid(key("password_env"), NOT_AN_ENV_NAME));
             }
             if let Err((k, message)) = crate::transport::oauth2::check_config(relay) {
                 return Err(self.invalid(key(k), message));

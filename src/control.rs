@@ -20,6 +20,7 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::clock::Clock;
 use crate::delivery::scheduler::ControlError;
 use crate::delivery::{QueueOp, SchedulerHandle};
+use crate::spool::{Area, Spool};
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case")]
@@ -32,7 +33,8 @@ pub enum Request {
     /// `count` says how many were done and `missing` lists the ids that
     /// were no longer queued.
     Ops { ids: Vec<String>, op: Op },
-    /// Rescan the spool for messages written by `sendmail` while we ran.
+    /// `sendmail` (run by root or the spool's owner) queued this message
+    /// itself: log it as accepted and schedule it.
     Wake { id: String },
     /// Test hook: move the injected clock forward (needs RELAYQ_TEST_CLOCK=1).
     ClockAdvance { secs: u64 },
@@ -93,7 +95,12 @@ pub fn socket_path(spool_dir: &Path) -> PathBuf {
 }
 
 /// Serves the control socket until the task is dropped.
-pub async fn serve(path: PathBuf, scheduler: SchedulerHandle, clock: Clock) -> anyhow::Result<()> {
+pub async fn serve(
+    path: PathBuf,
+    spool: Spool,
+    scheduler: SchedulerHandle,
+    clock: Clock,
+) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(&path);
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot create control socket {}: {e}", path.display()))?;
@@ -102,17 +109,17 @@ pub async fn serve(path: PathBuf, scheduler: SchedulerHandle, clock: Clock) -> a
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
-        let scheduler = scheduler.clone();
-        let clock = clock.clone();
+        let (spool, scheduler, clock) = (spool.clone(), scheduler.clone(), clock.clone());
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(30), handle(stream, scheduler, clock))
-                .await;
+            let work = handle(stream, spool, scheduler, clock);
+            let _ = tokio::time::timeout(Duration::from_secs(30), work).await;
         });
     }
 }
 
 async fn handle(
     stream: UnixStream,
+    spool: Spool,
     scheduler: SchedulerHandle,
     clock: Clock,
 ) -> std::io::Result<()> {
@@ -122,7 +129,7 @@ async fn handle(
     reader.read_line(&mut line).await?;
     let response = match serde_json::from_str::<Request>(&line) {
         Err(e) => err(format!("bad request: {e}")),
-        Ok(req) => execute(req, &scheduler, &clock).await,
+        Ok(req) => execute(req, &spool, &scheduler, &clock).await,
     };
     let mut out = serde_json::to_vec(&response).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
     out.push(b'\n');
@@ -178,7 +185,12 @@ async fn ops(scheduler: &SchedulerHandle, ids: Vec<String>, op: QueueOp) -> Resp
     }
 }
 
-async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Response {
+async fn execute(
+    req: Request,
+    spool: &Spool,
+    scheduler: &SchedulerHandle,
+    clock: &Clock,
+) -> Response {
     match req {
         Request::Flush => {
             // "Try now" includes relays that are down or paused.
@@ -209,6 +221,12 @@ async fn execute(req: Request, scheduler: &SchedulerHandle, clock: &Clock) -> Re
         },
         Request::Ops { ids, op } => ops(scheduler, ids, op.into()).await,
         Request::Wake { id } => {
+            // Logged before it is scheduled, so the accepted line comes
+            // before any delivery line.
+            let (s, i) = (spool.clone(), id.clone());
+            let _ =
+                tokio::task::spawn_blocking(move || crate::pickup::announce(&s, Area::Queue, &i))
+                    .await;
             scheduler.queued(&id);
             Response::ok(None)
         }

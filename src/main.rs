@@ -23,8 +23,8 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 struct ConfigArg {
     /// Config file [default: /etc/relayq/relayq.toml, or the development
-    /// default (127.0.0.1:2525, capture into ./relayq-data/Maildir) when
-    /// that does not exist]
+    /// default (127.0.0.1:2525, capture into ~/.local/state/relayq/Maildir)
+    /// when that does not exist]
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
 }
@@ -172,7 +172,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let c = cli::load_config(config.config.as_deref())?;
             match &c.source {
                 Some(p) => println!("{}: ok", p.display()),
-                None => println!("no config file: the development default is valid"),
+                None => println!(
+                    "no config file ({} not found): the development default is valid; mail is captured into {}",
+                    relayq::config::DEFAULT_CONFIG_PATH,
+                    c.capture
+                        .as_ref()
+                        .map(|m| m.maildir.display().to_string())
+                        .unwrap_or_default()
+                ),
             }
             Ok(())
         }

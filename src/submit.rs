@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::config::Config;
 use crate::control::{self, Request};
+use crate::observe::events::Rejection;
 use crate::smtp::message;
 use crate::spool::{Envelope, Spool, SpoolError, maildrop};
 
@@ -129,6 +130,16 @@ pub fn default_sender(config: &Config, who: &Identity) -> String {
         .rewrite_sender
         .clone()
         .unwrap_or_else(|| format!("{}@{}", who.name, config.myorigin()))
+}
+
+/// The envelope sender of a message `who` submitted asking for `asked`:
+/// theirs if they may choose it, else their default.
+pub fn sender_for(config: &Config, who: &Identity, owner: u32, asked: &str) -> String {
+    if is_trusted(config, who, owner) {
+        asked.to_string()
+    } else {
+        default_sender(config, who)
+    }
 }
 
 /// Sets the SMTPUTF8 and 8BITMIME flags from what the message holds.
@@ -315,12 +326,34 @@ impl Submitter {
                 msg.extend_from_slice(content);
                 set_flags(&mut env, &msg);
                 spool
-                    .commit_blocking(id, &env, &msg, now_ms)
+                    .commit_blocking(id, &env, &msg, now_ms, self.identity.uid)
                     .map(Submitted::Queued)
             }
             Route::Maildrop => maildrop::write(&self.config.spool_dir, &env, content, now_ms)
                 .map(Submitted::Dropped),
         }
+    }
+
+    /// Tells a running daemon that this command refused a message, so that
+    /// its log and metrics have it like every other refusal (see
+    /// `pickup`); false when none runs.
+    pub fn report(&self, r: &Rejection) -> bool {
+        let Ok(json) = serde_json::to_vec(r) else {
+            return false;
+        };
+        let mut line = crate::pickup::REPORT_PREFIX.to_vec();
+        line.extend_from_slice(&json);
+        line.push(b'\n');
+        if line.len() > crate::pickup::MAX_REPORT {
+            return false;
+        }
+        let path = maildrop::pickup_socket(&self.config.spool_dir);
+        std::os::unix::net::UnixStream::connect(path)
+            .and_then(|mut s| {
+                s.set_write_timeout(Some(crate::pickup::REPORT_WAIT))?;
+                s.write_all(&line)
+            })
+            .is_ok()
     }
 
     /// Tells a running daemon about the message; false when none runs (it

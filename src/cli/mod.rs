@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 
-/// Where the development default keeps its spool and Maildir.
-pub const DEV_DATA_DIR: &str = "relayq-data";
+/// The development default's directory under `$XDG_STATE_HOME` (or
+/// `~/.local/state`): its spool and Maildir.
+pub const DEV_DATA_DIR: &str = "relayq";
 
 /// Names a config file for every subcommand when `--config`/`-C` is not
 /// given (the sendmail command cannot always pass flags).
@@ -22,7 +23,7 @@ pub const CONFIG_ENV: &str = "RELAYQ_CONFIG";
 
 /// Resolves the configuration the way every subcommand does: `--config`
 /// if given (it must exist), else `$RELAYQ_CONFIG`, else the default path
-/// if it exists, else the development default under `./relayq-data`.
+/// if it exists, else the development default in [`dev_data_dir`].
 pub fn load_config(explicit: Option<&Path>) -> anyhow::Result<Config> {
     if let Some(path) = explicit {
         return Ok(Config::load(path)?);
@@ -34,10 +35,29 @@ pub fn load_config(explicit: Option<&Path>) -> anyhow::Result<Config> {
     if default.exists() {
         return Ok(Config::load(default)?);
     }
-    let base = std::env::current_dir()
-        .map(|d| d.join(DEV_DATA_DIR))
-        .unwrap_or_else(|_| PathBuf::from(DEV_DATA_DIR));
-    Ok(Config::development(&base))
+    Ok(Config::development(&dev_data_dir()?))
+}
+
+/// Where the development default keeps its spool and Maildir: one place
+/// per user, `$XDG_STATE_HOME/relayq` or `~/.local/state/relayq`, so that
+/// `serve`, `sendmail` and the queue tools find the same spool from any
+/// directory (a spool under the current directory stranded mail).
+pub fn dev_data_dir() -> anyhow::Result<PathBuf> {
+    let absolute = |var: &str| {
+        std::env::var_os(var)
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+    };
+    if let Some(state) = absolute("XDG_STATE_HOME") {
+        return Ok(state.join(DEV_DATA_DIR));
+    }
+    match absolute("HOME") {
+        Some(home) => Ok(home.join(".local/state").join(DEV_DATA_DIR)),
+        None => Err(anyhow::anyhow!(
+            "no config file ({} not found) and neither HOME nor XDG_STATE_HOME is set, so the development default has no place for its spool; set HOME, or write a config file",
+            crate::config::DEFAULT_CONFIG_PATH
+        )),
+    }
 }
 
 /// The lock file the daemon holds while it runs.

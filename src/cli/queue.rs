@@ -58,6 +58,53 @@ fn open_spool(config: &Config) -> anyhow::Result<Spool> {
     })
 }
 
+/// Where a listed message waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    Spool(Area),
+    /// In `maildrop/`, not yet picked up: no queue id yet.
+    Maildrop,
+}
+
+impl Place {
+    /// `postqueue -j`'s `queue_name`.
+    fn queue_name(self) -> &'static str {
+        match self {
+            Place::Spool(Area::Hold) => "hold",
+            Place::Spool(_) => "deferred",
+            Place::Maildrop => "maildrop",
+        }
+    }
+}
+
+/// Why a maildrop message is listed without a queue id.
+const IN_MAILDROP: &str =
+    "waiting in the maildrop: relayq serve picks it up and gives it a queue id";
+
+/// Every message relayq holds, oldest first: queued, held, and waiting in
+/// the maildrop. A maildrop entry shows the sender it will be sent with.
+fn collect_all(config: &Config, spool: &Spool) -> anyhow::Result<Vec<(Place, Meta)>> {
+    let mut all: Vec<(Place, Meta)> = collect(spool)?
+        .into_iter()
+        .map(|(a, m)| (Place::Spool(a), m))
+        .collect();
+    let owner = std::fs::metadata(spool.root())
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap_or(0);
+    for w in crate::spool::maildrop::waiting(spool.root())? {
+        let who = crate::submit::Identity::of_uid(w.uid);
+        let mut meta = w.meta;
+        meta.sender = crate::submit::sender_for(config, &who, owner, &meta.sender);
+        all.push((Place::Maildrop, meta));
+    }
+    all.sort_by(|a, b| {
+        a.1.arrival_ms
+            .cmp(&b.1.arrival_ms)
+            .then(a.1.id.cmp(&b.1.id))
+    });
+    Ok(all)
+}
+
 /// Every queued and held message, oldest first.
 pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
     let mut all = Vec::new();
@@ -77,16 +124,12 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
 
 pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
     let spool = open_spool(config)?;
-    let all = collect(&spool)?;
+    let all = collect_all(config, &spool)?;
     let relays = relay_states(config);
     if json {
-        for (area, m) in &all {
+        for (place, m) in &all {
             let msg = JsonMessage {
-                queue_name: if *area == Area::Hold {
-                    "hold"
-                } else {
-                    "deferred"
-                },
+                queue_name: place.queue_name(),
                 queue_id: &m.id,
                 arrival_time: m.arrival_ms / 1000,
                 message_size: m.size,
@@ -119,9 +162,13 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
     )?;
     let indent = 26 + 1 + 1 + 8 + 1 + 20 + 1;
     let mut bytes = 0;
-    for (area, m) in &all {
+    for (place, m) in &all {
         bytes += m.size;
-        let mark = if *area == Area::Hold { "!" } else { " " };
+        let mark = if *place == Place::Spool(Area::Hold) {
+            "!"
+        } else {
+            " "
+        };
         let sender = if m.sender.is_empty() {
             "MAILER-DAEMON"
         } else {
@@ -134,6 +181,9 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
             m.size,
             arrival(m.arrival_ms)
         )?;
+        if *place == Place::Maildrop {
+            writeln!(out, "{:indent$}({IN_MAILDROP})", "")?;
+        }
         for (_, r) in m.pending() {
             if let Some(reason) = &r.last_reply {
                 writeln!(out, "{:indent$}({reason})", "")?;

@@ -33,6 +33,7 @@ use std::sync::Arc;
 
 use self::args::{Mode, Options};
 use crate::config::Config;
+use crate::observe::events::{Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
 use crate::submit::{self, Submitted, Submitter};
 
@@ -186,26 +187,32 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
     let max_size = config.smtp.max_message_size.0;
     let max_line = config.smtp.max_line_length;
     let s = Submitter::new(config).map_err(spool_fail)?;
-    let sender = sender(prog, &s, opts.sender.as_deref())?;
+    let sender = sender(prog, &s, opts.sender.as_deref())
+        .map_err(|f| refuse(&s, f, Reason::BadAddress, opts.sender.as_deref(), &[]))?;
     let mut recipients = Vec::new();
     for arg in &opts.recipients {
         for found in message::argument_recipients(arg) {
-            recipients.push(qualify(s.config(), found, "recipient address")?);
+            let addr = qualify(s.config(), found, "recipient address")
+                .map_err(|f| refuse(&s, f, Reason::BadAddress, Some(&sender), &recipients))?;
+            recipients.push(addr);
         }
     }
     let stdin = std::io::stdin().lock();
     let content = message::read(BufReader::new(stdin), opts.ignore_dots, max_size, max_line)
-        .map_err(|e| match e {
-            message::InputError::Io(_) => Fail(Exit::IoErr, e.to_string()),
-            _ => Fail(Exit::DataErr, e.to_string()),
+        .map_err(|e| {
+            let reason = match e {
+                message::InputError::Io(_) => return Fail(Exit::IoErr, e.to_string()),
+                message::InputError::TooBig { .. } => Reason::MessageSize,
+                message::InputError::Nul { .. } => Reason::Nul,
+            };
+            let f = Fail(Exit::DataErr, e.to_string());
+            refuse(&s, f, reason, Some(&sender), &recipients)
         })?;
     if opts.extract {
         for found in message::header_recipients(&content) {
-            recipients.push(qualify(
-                s.config(),
-                found,
-                "recipient address in the header",
-            )?);
+            let addr = qualify(s.config(), found, "recipient address in the header")
+                .map_err(|f| refuse(&s, f, Reason::BadAddress, Some(&sender), &recipients))?;
+            recipients.push(addr);
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -262,6 +269,20 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
     Ok(())
 }
 
+/// A refused message: the daemon logs and counts it like every refusal (a
+/// stopped one cannot); the caller still gets the exit code and the line.
+fn refuse(s: &Submitter, f: Fail, reason: Reason, from: Option<&str>, to: &[String]) -> Fail {
+    s.report(&Rejection {
+        stage: Stage::Sendmail,
+        reason,
+        reply: format!("{} (exit {})", f.1, f.0 as u8),
+        from: from.map(str::to_string),
+        to: to.to_vec(),
+        detail: None,
+    });
+    f
+}
+
 /// Local submission for `-bs`: the sender rule of the command line, then
 /// the same route as a message on stdin.
 struct BsSink {
@@ -280,6 +301,10 @@ impl crate::smtp::session::LocalSink for BsSink {
         let stored = self.submitter.submit(env, &body)?;
         self.submitter.wake(&stored);
         Ok(stored.name().to_string())
+    }
+
+    fn rejected(&self, r: &Rejection) {
+        self.submitter.report(r);
     }
 }
 

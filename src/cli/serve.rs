@@ -13,7 +13,7 @@ use crate::delivery::scheduler::Scheduler;
 use crate::delivery::worker::{self, WorkerContext};
 use crate::routing::Router;
 use crate::smtp::{Server, ServerContext};
-use crate::spool::Spool;
+use crate::spool::{Area, Spool};
 
 /// How long shutdown waits for SMTP sessions and deliveries in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
@@ -132,6 +132,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let control = tokio::spawn(crate::control::serve(
         crate::control::socket_path(&config.spool_dir),
+        spool.clone(),
         handle.clone(),
         clock.clone(),
     ));
@@ -174,6 +175,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     rec.relinked
                 );
             }
+            // What `sendmail` queued while we were down: accepted now.
+            for (area, metas) in [(Area::Queue, &rec.queued), (Area::Hold, &rec.held)] {
+                for m in metas
+                    .iter()
+                    .filter(|m| m.submitter.is_some() && !m.accepted_logged)
+                {
+                    crate::pickup::announce(&rspool, area, &m.id);
+                }
+            }
             rhandle.recovered(rec.queued, rec.held);
         }
         Err(e) => tracing::error!("queue recovery failed: {e}"),
@@ -192,14 +202,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .collect();
             format!("relaying to {}", r.join(", "))
         }
-        TransportKind::Capture => format!(
-            "capturing mail into the Maildir {}",
-            config
+        TransportKind::Capture => {
+            let maildir = config
                 .capture
                 .as_ref()
                 .map(|c| c.maildir.display().to_string())
-                .unwrap_or_default()
-        ),
+                .unwrap_or_default();
+            format!(
+                "capturing mail into the Maildir {maildir} (one file per message in {maildir}/new)"
+            )
+        }
     };
     let source = match &config.source {
         Some(p) => format!("config {}", p.display()),

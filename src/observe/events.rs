@@ -7,6 +7,8 @@
 //!
 //! ```text
 //! ID: client=[127.0.0.1], from=<app@example.com>, size=403, nrcpt=1 (queue active)
+//! ID: uid=0 (root), from=<root@app1.example.com>, size=512, nrcpt=1 (queue active)
+//! NOQUEUE: reject: END-OF-MESSAGE from [127.0.0.1]: 552 5.3.4 Error: message size exceeds fixed limit; from=<app@example.com> to=<bob@example.net>
 //! ID: to=<bob@example.net>, relay=smtp.example.com[192.0.2.1]:587, delay=0.21, delays=0.00/0.12/0.09, dsn=2.0.0, status=sent (250 2.0.0 Ok: queued as 4f1c)
 //! ID: sender non-delivery notification: BOUNCEID
 //! ID: removed
@@ -16,7 +18,8 @@
 //! Upstream replies are logged verbatim (support desks ask for the
 //! provider's message id in them); they come from the upstream and never
 //! contain our credentials (the SMTP client scrubs them from errors). No
-//! event takes a password or a message body.
+//! event takes a password or a message body. Addresses and replies from
+//! clients are logged without control characters and cut to a bound.
 
 use std::net::IpAddr;
 
@@ -90,44 +93,221 @@ fn round2(x: f64) -> f64 {
     (x.max(0.0) * 100.0).round() / 100.0
 }
 
-/// A message was accepted into the queue.
-pub fn accepted(queue_id: &str, client: IpAddr, from: &str, size: usize, nrcpt: usize) {
-    tracing::info!(
-        target: "relayq::queue",
-        event = "accepted",
-        queue_id,
-        client = %client,
-        from,
-        size,
-        nrcpt,
-        "{queue_id}: client=[{client}], from=<{from}>, size={size}, nrcpt={nrcpt} (queue active)"
-    );
+/// Who handed us a message: a client on the network, or a local user
+/// (the `sendmail` command, `sendmail -bs`, the maildrop).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Client {
+    Remote(IpAddr),
+    Local { uid: u32, user: String },
+}
+
+impl Client {
+    /// A local user by uid, named from the password database.
+    pub fn local(uid: u32) -> Client {
+        Client::Local {
+            uid,
+            user: crate::submit::Identity::of_uid(uid).name,
+        }
+    }
+
+    /// `[192.0.2.1]` or `uid=33 (www-data)`, as the log lines name them.
+    pub fn who(&self) -> String {
+        match self {
+            Client::Remote(ip) => format!("[{ip}]"),
+            Client::Local { uid, user } => format!("uid={uid} ({user})"),
+        }
+    }
+}
+
+/// A message was accepted into the queue: one line and one count per
+/// message, whichever way it came in.
+pub fn accepted(queue_id: &str, client: &Client, from: &str, size: usize, nrcpt: usize) {
+    match client {
+        Client::Remote(ip) => tracing::info!(
+            target: "relayq::queue",
+            event = "accepted",
+            queue_id,
+            client = %ip,
+            from,
+            size,
+            nrcpt,
+            "{queue_id}: client=[{ip}], from=<{from}>, size={size}, nrcpt={nrcpt} (queue active)"
+        ),
+        Client::Local { uid, user } => tracing::info!(
+            target: "relayq::queue",
+            event = "accepted",
+            queue_id,
+            uid,
+            user = user.as_str(),
+            from,
+            size,
+            nrcpt,
+            "{queue_id}: uid={uid} ({user}), from=<{from}>, size={size}, nrcpt={nrcpt} (queue active)"
+        ),
+    }
     counter!(m::ACCEPTED).increment(1);
 }
 
-/// A message a local user handed to `sendmail`, queued by the pickup: the
-/// same event as [`accepted`], with the submitter instead of a client.
-pub fn accepted_local(
-    queue_id: &str,
-    uid: u32,
-    user: &str,
-    from: &str,
-    size: usize,
-    nrcpt: usize,
-    drop_file: &str,
-) {
-    tracing::info!(
-        target: "relayq::queue",
-        event = "accepted",
-        queue_id,
-        uid,
-        user,
-        from,
-        size,
-        nrcpt,
-        "{queue_id}: uid={uid} ({user}), from=<{from}>, size={size}, nrcpt={nrcpt} (queue active, from maildrop {drop_file})"
+/// Why a message or a recipient was refused: the `reason` label of
+/// `relayq_rejected_total` and the `reason` field of the log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Not in `allow_networks` and not authenticated.
+    RelayDenied,
+    /// A sender or recipient that is not `user@domain`.
+    BadAddress,
+    /// An 8-bit address without SMTPUTF8.
+    Smtputf8Required,
+    /// A MAIL or RCPT parameter we do not offer.
+    UnsupportedParameter,
+    /// A MAIL or RCPT command that does not parse.
+    Syntax,
+    TooManyRecipients,
+    MessageSize,
+    HeaderSize,
+    LineLength,
+    Nul,
+    /// The client stalled inside DATA.
+    Timeout,
+    /// The spool's disk is (nearly) full.
+    DiskFull,
+    /// The queue file could not be written.
+    QueueError,
+    /// A maildrop file that breaks a rule (moved to corrupt/).
+    BadDropFile,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 14] = [
+        Reason::RelayDenied,
+        Reason::BadAddress,
+        Reason::Smtputf8Required,
+        Reason::UnsupportedParameter,
+        Reason::Syntax,
+        Reason::TooManyRecipients,
+        Reason::MessageSize,
+        Reason::HeaderSize,
+        Reason::LineLength,
+        Reason::Nul,
+        Reason::Timeout,
+        Reason::DiskFull,
+        Reason::QueueError,
+        Reason::BadDropFile,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::RelayDenied => "relay_denied",
+            Reason::BadAddress => "bad_address",
+            Reason::Smtputf8Required => "smtputf8_required",
+            Reason::UnsupportedParameter => "unsupported_parameter",
+            Reason::Syntax => "syntax",
+            Reason::TooManyRecipients => "too_many_recipients",
+            Reason::MessageSize => "message_size",
+            Reason::HeaderSize => "header_size",
+            Reason::LineLength => "line_length",
+            Reason::Nul => "nul",
+            Reason::Timeout => "timeout",
+            Reason::DiskFull => "disk_full",
+            Reason::QueueError => "queue_error",
+            Reason::BadDropFile => "bad_drop_file",
+        }
+    }
+}
+
+/// Where a refusal happened: the SMTP command (as Postfix names them), or
+/// a local way in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Stage {
+    #[serde(rename = "MAIL")]
+    Mail,
+    #[serde(rename = "RCPT")]
+    Rcpt,
+    #[serde(rename = "DATA")]
+    Data,
+    #[serde(rename = "END-OF-MESSAGE")]
+    EndOfMessage,
+    /// The `sendmail` command refused what it read on stdin.
+    #[serde(rename = "sendmail")]
+    Sendmail,
+    /// The daemon's pickup refused a maildrop file.
+    #[serde(rename = "pickup")]
+    Pickup,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Mail => "MAIL",
+            Stage::Rcpt => "RCPT",
+            Stage::Data => "DATA",
+            Stage::EndOfMessage => "END-OF-MESSAGE",
+            Stage::Sendmail => "sendmail",
+            Stage::Pickup => "pickup",
+        }
+    }
+}
+
+/// A message or a recipient we refused, with the reply the sender got.
+/// Serializable: `sendmail` reports its refusals to the daemon this way
+/// (see `pickup`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Rejection {
+    pub stage: Stage,
+    pub reason: Reason,
+    /// The reply sent (or, for `sendmail`, the error it printed).
+    pub reply: String,
+    /// The envelope sender, when one was given (`""` is `<>`).
+    pub from: Option<String>,
+    /// The recipients refused with the message (or the one refused).
+    pub to: Vec<String>,
+    /// More about why, for the operator (not sent to the client).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Recipients named in one reject line; a longer list ends in "and N more".
+const REJECT_MAX_TO: usize = 50;
+
+/// Outside text for a log line: no control characters, bounded.
+fn loggable(s: &str, max: usize) -> String {
+    s.chars().filter(|c| !c.is_control()).take(max).collect()
+}
+
+/// A message or recipient was refused: one `NOQUEUE: reject:` line (as
+/// Postfix's smtpd logs it) and one count, whichever way it came in.
+pub fn rejected(client: &Client, r: &Rejection) {
+    let who = client.who();
+    let reply = loggable(&r.reply, 512);
+    let from = r.from.as_deref().map(|f| loggable(f, 320));
+    let to: Vec<String> = r.to.iter().map(|t| loggable(t, 320)).collect();
+    let mut text = format!("NOQUEUE: reject: {} from {who}: {reply};", r.stage.as_str());
+    if let Some(from) = &from {
+        text.push_str(&format!(" from=<{from}>"));
+    }
+    for t in to.iter().take(REJECT_MAX_TO) {
+        text.push_str(&format!(" to=<{t}>"));
+    }
+    if to.len() > REJECT_MAX_TO {
+        text.push_str(&format!(" and {} more", to.len() - REJECT_MAX_TO));
+    }
+    let detail = r.detail.as_deref().map(|d| loggable(d, 512));
+    if let Some(d) = &detail {
+        text.push_str(&format!(" ({d})"));
+    }
+    tracing::warn!(
+        target: "relayq::smtp",
+        event = "reject",
+        stage = r.stage.as_str(),
+        client = who.as_str(),
+        from = from.as_deref(),
+        to = to.join(", ").as_str(),
+        reply = reply.as_str(),
+        reason = r.reason.as_str(),
+        "{text}"
     );
-    counter!(m::ACCEPTED).increment(1);
+    counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
 }
 
 /// One recipient's outcome in one attempt.

@@ -14,6 +14,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use super::state::QueueSnapshot;
 
 pub const ACCEPTED: &str = "relayq_accepted_messages_total";
+pub const REJECTED: &str = "relayq_rejected_total";
 pub const DELIVERED: &str = "relayq_delivered_recipients_total";
 pub const DEFERRED: &str = "relayq_deferred_recipients_total";
 pub const BOUNCED: &str = "relayq_bounced_recipients_total";
@@ -51,6 +52,10 @@ pub fn install(relays: &[String]) -> anyhow::Result<()> {
         let _ = HANDLE.set(handle);
     }
     describe_counter!(ACCEPTED, "Messages accepted into the queue");
+    describe_counter!(
+        REJECTED,
+        "Messages and recipients refused, by reason (each also logs a NOQUEUE: reject: line)"
+    );
     describe_counter!(
         DELIVERED,
         "Recipients the upstream accepted (2xx), by relay"
@@ -111,6 +116,9 @@ pub fn install(relays: &[String]) -> anyhow::Result<()> {
         "1 for the reason of the relay's last concurrency change (start, fixed, backlog, refused, failed, throttled, rate, idle), 0 for the others"
     );
     counter!(ACCEPTED).increment(0);
+    for reason in super::events::Reason::ALL {
+        counter!(REJECTED, "reason" => reason.as_str()).increment(0);
+    }
     for relay in relays {
         for name in [DELIVERED, DEFERRED, BOUNCED, EXPIRED] {
             counter!(name, "relay" => relay.clone()).increment(0);

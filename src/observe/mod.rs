@@ -10,8 +10,8 @@
 //!   `/metrics`, `/healthz`, `/status` (JSON) and `/` (an HTML page).
 //!
 //! Logs go to stderr (the journal under systemd). In `text` format an
-//! event that carries a `queue_id` field prints as its Postfix-style message
-//! alone; in `json` format every event is one object per line whose keys
+//! event of [`events`] (it carries an `event` field) prints as its
+//! Postfix-style message alone; in `json` format every event is one object per line whose keys
 //! are the same tracing fields (`queue_id`, `to`, `relay`, `dsn`, `status`,
 //! `reply`, ...) plus `message`. Both come from one tracing call per event.
 
@@ -60,7 +60,7 @@ pub fn init(format: LogFormat) {
     };
 }
 
-/// The text format: events about a message (they carry `queue_id`) print
+/// The text format: the events of `events` (they carry `event`) print
 /// their Postfix-style message only, because their fields are already in
 /// it; everything else prints like tracing's default format.
 struct TextFormat {
@@ -78,7 +78,7 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        if event.metadata().fields().field("queue_id").is_none() {
+        if event.metadata().fields().field("event").is_none() {
             return self.inner.format_event(ctx, writer, event);
         }
         let mut message = MessageOnly(String::new());

@@ -114,13 +114,33 @@ pub fn render(r: &StatusReport) -> String {
         h.push_str("<section id=\"routing\"><h2>Relays and limits</h2>");
         h.push_str("<table><tr><th>name</th><th>endpoint</th><th>state</th><th>connections</th><th>limits (used/limit, resets)</th></tr>");
         for relay in &r.routing {
+            // Markup: every outside value in it is escaped here.
             let state = match (relay.down_since_ms, relay.paused_until_ms) {
                 (_, Some(until)) => format!(
                     "paused by the circuit breaker until {}",
-                    crate::routing::fmt_time(until, None)
+                    esc(&crate::routing::fmt_time(until, None))
                 ),
                 (Some(since_ms), None) => format!("down since {}", since(r.now, since_ms)),
-                _ => relay.state.clone(),
+                _ => esc(&relay.state),
+            };
+            // A relay over a limit is up but takes no mail: say so where
+            // its state is, not only in the numbers.
+            let full: Vec<String> = relay
+                .limits
+                .iter()
+                .filter(|l| l.left == 0)
+                .map(|l| {
+                    let until = l
+                        .resets_at_ms
+                        .map(|t| format!(" until {}", crate::routing::fmt_time(t, None)))
+                        .unwrap_or_default();
+                    esc(&format!("{} limit reached{until}", l.period.label()))
+                })
+                .collect();
+            let state = if full.is_empty() {
+                state
+            } else {
+                format!("{state}; {}", full.join("; "))
             };
             let limits: Vec<String> = relay
                 .limits
@@ -159,7 +179,7 @@ pub fn render(r: &StatusReport) -> String {
                 esc(&relay.name),
                 esc(&relay.endpoint),
                 esc(&relay.state),
-                esc(&state),
+                state,
                 concurrency,
                 if limits.is_empty() {
                     "none".to_string()
@@ -320,6 +340,78 @@ mod tests {
             esc("<script>alert('x')</script> & \"q\""),
             "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt; &amp; &quot;q&quot;"
         );
+    }
+
+    /// The "Relays and limits" cell of every relay state is markup with
+    /// its outside values escaped, never escaped markup.
+    #[test]
+    fn relay_states_render_as_markup_with_values_escaped() {
+        use crate::routing::quota::Period;
+        use crate::routing::{LimitState, RelayState};
+        let now = 1_800_000_000_000;
+        let relay = |name: &str, state: &str| RelayState {
+            name: name.into(),
+            endpoint: "smtp.example.com:587".into(),
+            state: state.into(),
+            down_since_ms: None,
+            paused_until_ms: None,
+            last_error: None,
+            connections: 0,
+            max_connections: 4,
+            limits: Vec::new(),
+        };
+        let mut down = relay("down<b>", "down");
+        down.down_since_ms = Some(now - 4_000);
+        let mut paused = relay("paused", "paused");
+        paused.paused_until_ms = Some(now + 60_000);
+        paused.down_since_ms = Some(now - 4_000);
+        let mut capped = relay("capped", "up");
+        capped.limits.push(LimitState {
+            period: Period::Day,
+            window: "rolling".into(),
+            limit: 1,
+            used: 1,
+            left: 0,
+            resets_at_ms: Some(now + 3_600_000),
+            shared: false,
+            fallback: false,
+        });
+        let report = StatusReport {
+            hostname: "h".into(),
+            version: "0",
+            now,
+            queue: super::super::http::QueueSummary {
+                messages: 0,
+                held: 0,
+                bytes: 0,
+                oldest_age_seconds: None,
+            },
+            relays: Vec::new(),
+            routing: vec![relay("up", "up"), down, paused, capped],
+            messages: Vec::new(),
+            recent_deliveries: Vec::new(),
+            recent_failures: Vec::new(),
+            history: Vec::new(),
+        };
+        let html = render(&report);
+        let routing = html.split("id=\"routing\"").nth(1).unwrap();
+        let routing = routing.split("</section>").next().unwrap();
+        assert!(!routing.contains("&lt;time"), "{routing}");
+        assert!(
+            routing.contains("down since <time datetime=\""),
+            "{routing}"
+        );
+        assert!(routing.contains("4s ago</time>"), "{routing}");
+        assert!(routing.contains("<td>down&lt;b&gt;</td>"), "{routing}");
+        assert!(
+            routing.contains("paused by the circuit breaker until 20"),
+            "{routing}"
+        );
+        assert!(
+            routing.contains(">up; day limit reached until 20"),
+            "{routing}"
+        );
+        assert!(routing.contains(">up</td>"), "{routing}");
     }
 
     #[test]

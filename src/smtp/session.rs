@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use super::server::ServerContext;
 use super::{auth, message};
+use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
 
 /// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
@@ -59,6 +60,9 @@ pub trait LocalSink: Send + Sync + 'static {
     fn free_space(&self) -> std::io::Result<u64>;
     /// Stores the message durably; returns the name it was stored under.
     fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, SpoolError>;
+    /// A message or recipient the session refused: for the daemon's log
+    /// and metrics, which the local user's process cannot write itself.
+    fn rejected(&self, r: &Rejection);
 }
 
 /// Any byte stream a session can run on (TCP, TLS over TCP, a pipe).
@@ -221,16 +225,27 @@ impl Session {
         let request = Request::parse(&mut line.iter());
         let request = match request {
             Ok(r) => r,
-            Err(e) => return self.parse_error(e),
+            Err(e) => return self.parse_error(e, line),
         };
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
             Request::Helo { host } => self.hello(&host, false),
             // smtp-proto reads "<postmaster>" as the null path "<>": that
             // would silently switch bounces off for the message.
-            Request::Mail { from } if from.address.is_empty() && !is_null_path(line) => self.fail(
-                "501 5.1.7 Error: sender address must be fully qualified (user@domain) or <>",
-            ),
+            Request::Mail { from } if from.address.is_empty() && !is_null_path(line) => {
+                let reply =
+                    "501 5.1.7 Error: sender address must be fully qualified (user@domain) or <>";
+                let shown = command_text(line);
+                self.rejected(
+                    Stage::Mail,
+                    Reason::BadAddress,
+                    reply,
+                    None,
+                    &[],
+                    Some(&shown),
+                );
+                self.fail(reply)
+            }
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { mut to } => {
                 // RFC 5321 4.5.1: "RCPT TO:<Postmaster>" without a domain
@@ -313,23 +328,49 @@ impl Session {
             return self.fail("503 5.5.1 Error: nested MAIL command");
         }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        let sender = requote(&from.address);
+        let refuse = |s: &mut Self, reason, reply: &str| {
+            s.rejected(Stage::Mail, reason, reply, Some(&sender), &[], None);
+            s.fail(reply)
+        };
         if (smtputf8 || from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0) && !self.esmtp {
-            return self.fail("555 5.5.4 Error: MAIL parameters need EHLO");
+            return refuse(
+                self,
+                Reason::UnsupportedParameter,
+                "555 5.5.4 Error: MAIL parameters need EHLO",
+            );
         }
         if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0
             || from.env_id.is_some()
             || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS) != 0
         {
-            return self.fail("555 5.5.4 Error: unsupported MAIL parameter");
+            return refuse(
+                self,
+                Reason::UnsupportedParameter,
+                "555 5.5.4 Error: unsupported MAIL parameter",
+            );
         }
         let max = self.ctx.config.smtp.max_message_size.0;
         if from.size as u64 > max {
-            self.reply("552 5.3.4 Error: message size exceeds fixed limit");
+            let reply = "552 5.3.4 Error: message size exceeds fixed limit";
+            let detail = format!("SIZE={} is over smtp.max_message_size {max}", from.size);
+            self.rejected(
+                Stage::Mail,
+                Reason::MessageSize,
+                reply,
+                Some(&sender),
+                &[],
+                Some(&detail),
+            );
+            self.reply(reply);
             return Ok(true);
         }
         if !from.address.is_ascii() && !smtputf8 {
-            return self
-                .fail("553 5.6.7 Error: non-ASCII sender address needs the SMTPUTF8 parameter");
+            return refuse(
+                self,
+                Reason::Smtputf8Required,
+                "553 5.6.7 Error: non-ASCII sender address needs the SMTPUTF8 parameter",
+            );
         }
         match self.free_space() {
             Ok(free)
@@ -342,17 +383,23 @@ impl Session {
                         .0
                         .saturating_add(from.size as u64) =>
             {
-                tracing::warn!(
-                    "refusing mail from {}: spool file system has only {free} bytes free",
-                    self.peer
+                let reply = "452 4.3.1 Insufficient system storage";
+                let detail = format!("spool file system has only {free} bytes free");
+                self.rejected(
+                    Stage::Mail,
+                    Reason::DiskFull,
+                    reply,
+                    Some(&sender),
+                    &[],
+                    Some(&detail),
                 );
-                self.reply("452 4.3.1 Insufficient system storage");
+                self.reply(reply);
                 return Ok(true);
             }
             _ => {}
         }
         self.txn = Some(Transaction {
-            sender: requote(&from.address),
+            sender,
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
@@ -363,37 +410,68 @@ impl Session {
 
     fn rcpt(&mut self, to: smtp_proto::RcptTo<Cow<'_, str>>) -> Result<bool, Close> {
         let max = self.ctx.config.smtp.max_recipients;
-        let Some(txn) = self.txn.as_mut() else {
+        let Some(txn) = self.txn.as_ref() else {
             return self.fail("503 5.5.1 Error: need MAIL command");
         };
-        if txn.recipients.len() >= max {
-            self.reply("452 4.5.3 Error: too many recipients");
+        let (count, smtputf8) = (txn.recipients.len(), txn.smtputf8);
+        let addr = to.address;
+        let refused = [requote(&addr)];
+        let refuse = |s: &mut Self, reason, reply: &str, detail: Option<&str>| {
+            s.rejected(Stage::Rcpt, reason, reply, None, &refused, detail);
+            s.fail(reply)
+        };
+        if count >= max {
+            let reply = "452 4.5.3 Error: too many recipients";
+            let detail = format!("smtp.max_recipients is {max}");
+            self.rejected(
+                Stage::Rcpt,
+                Reason::TooManyRecipients,
+                reply,
+                None,
+                &refused,
+                Some(&detail),
+            );
+            self.reply(reply);
             return Ok(true);
         }
-        let addr = to.address;
         if addr.is_empty() || !addr.contains('@') || addr.starts_with('@') || addr.ends_with('@') {
-            return self
-                .fail("501 5.1.3 Error: recipient address must be fully qualified (user@domain)");
+            return refuse(
+                self,
+                Reason::BadAddress,
+                "501 5.1.3 Error: recipient address must be fully qualified (user@domain)",
+                None,
+            );
         }
-        if !addr.is_ascii() && !txn.smtputf8 {
-            return self
-                .fail("553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8 in MAIL FROM");
+        if !addr.is_ascii() && !smtputf8 {
+            return refuse(
+                self,
+                Reason::Smtputf8Required,
+                "553 5.6.7 Error: non-ASCII recipient address needs SMTPUTF8 in MAIL FROM",
+                None,
+            );
         }
         if to.orcpt.is_some() || to.flags != 0 {
-            return self.fail("555 5.5.4 Error: unsupported RCPT parameter");
+            return refuse(
+                self,
+                Reason::UnsupportedParameter,
+                "555 5.5.4 Error: unsupported RCPT parameter",
+                None,
+            );
         }
         if !self.trusted && self.auth_user.is_none() {
             let shown: String = addr.chars().filter(|c| !c.is_control()).take(256).collect();
-            tracing::warn!(
-                target: "relayq::smtp",
-                "NOQUEUE: reject: RCPT from [{}]: 554 5.7.1 <{shown}>: Relay access denied; from=<{}> to=<{shown}> (client is not in smtp.allow_networks and did not authenticate)",
-                self.peer.ip(),
-                txn.sender
-            );
             let text = format!("554 5.7.1 <{shown}>: Relay access denied");
-            return self.fail(&text);
+            return refuse(
+                self,
+                Reason::RelayDenied,
+                &text,
+                Some("client is not in smtp.allow_networks and did not authenticate"),
+            );
         }
-        let addr = requote(&addr);
+        let [addr] = refused;
+        let Some(txn) = self.txn.as_mut() else {
+            return Ok(true);
+        };
         // Listed once, as Postfix's cleanup does: a client that names an
         // address in both To and Cc must not make the upstream send twice.
         if !txn.recipients.contains(&addr) {
@@ -416,7 +494,8 @@ impl Session {
 
         let body = match self.read_body().await {
             Ok(Ok(body)) => body,
-            Ok(Err(refusal)) => {
+            Ok(Err((reason, refusal))) => {
+                self.rejected_txn(Stage::EndOfMessage, reason, refusal, None);
                 self.txn = None;
                 self.reply(refusal);
                 return Ok(true);
@@ -436,7 +515,7 @@ impl Session {
     /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing and
     /// turning bare LF line ends into CRLF. `Ok(Err(reply))` means the whole
     /// body was read but must be refused with that reply.
-    async fn read_body(&mut self) -> Result<Result<Vec<u8>, &'static str>, Close> {
+    async fn read_body(&mut self) -> Result<Result<Vec<u8>, (Reason, &'static str)>, Close> {
         let limits = &self.ctx.config.smtp;
         let max_size = usize::try_from(limits.max_message_size.0).unwrap_or(usize::MAX);
         // Two bytes for the line end, one for a stuffed dot.
@@ -445,7 +524,7 @@ impl Session {
         let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
         let mut in_header = true;
         let mut body = Vec::with_capacity(4096);
-        let mut refusal: Option<&'static str> = None;
+        let mut refusal: Option<(Reason, &'static str)> = None;
         // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
         // only when the line before it ended in CRLF (or there was none).
         // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
@@ -456,16 +535,17 @@ impl Session {
             {
                 Err(_) => {
                     let host = self.ctx.config.hostname.clone();
-                    self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
+                    let reply = format!("421 4.4.2 {host} Error: timeout exceeded");
+                    let detail = format!("no data for {timeout:?} (smtp.data_timeout)");
+                    self.rejected_txn(Stage::Data, Reason::Timeout, &reply, Some(&detail));
+                    self.reply(&reply);
                     return Err(Close::Timeout);
                 }
                 Ok(Err(e)) => return Err(Close::Io(e)),
                 Ok(Ok(Line::Eof)) => return Err(Close::Eof),
                 Ok(Ok(Line::TooLong { crlf })) => {
                     after_crlf = crlf;
-                    refusal.get_or_insert(
-                        "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)",
-                    );
+                    refusal.get_or_insert((Reason::LineLength, LINE_TOO_LONG));
                     continue;
                 }
                 Ok(Ok(Line::Ok(line))) => line,
@@ -483,24 +563,32 @@ impl Session {
                 continue;
             }
             if text.len() > limits.max_line_length {
-                refusal =
-                    Some("500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)");
+                refusal = Some((Reason::LineLength, LINE_TOO_LONG));
                 continue;
             }
             if text.contains(&0) {
-                refusal = Some("554 5.6.0 Error: message contains NUL characters");
+                refusal = Some((
+                    Reason::Nul,
+                    "554 5.6.0 Error: message contains NUL characters",
+                ));
                 continue;
             }
             if in_header {
                 if text.is_empty() {
                     in_header = false;
                 } else if body.len() + text.len() + 2 > max_header {
-                    refusal = Some("552 5.3.4 Error: message header size exceeds limit");
+                    refusal = Some((
+                        Reason::HeaderSize,
+                        "552 5.3.4 Error: message header size exceeds limit",
+                    ));
                     continue;
                 }
             }
             if body.len() + text.len() + 2 > max_size {
-                refusal = Some("552 5.3.4 Error: message size exceeds fixed limit");
+                refusal = Some((
+                    Reason::MessageSize,
+                    "552 5.3.4 Error: message size exceeds fixed limit",
+                ));
                 body = Vec::new();
                 continue;
             }
@@ -552,25 +640,44 @@ impl Session {
         let size = msg.len();
         let nrcpt = env.recipients.len();
         let sender = env.sender.clone();
+        let recipients = env.recipients.clone();
         match ctx
             .spool
             .commit(id, env, msg, crate::clock::to_ms(now))
             .await
         {
             Ok(id) => {
-                crate::observe::events::accepted(&id, self.peer.ip(), &sender, size, nrcpt);
+                events::accepted(&id, &Client::Remote(self.peer.ip()), &sender, size, nrcpt);
                 ctx.queued(&id);
                 self.reply(&format!("250 2.0.0 Ok: queued as {id}"));
             }
-            Err(SpoolError::Full) => {
-                tracing::warn!("refusing mail from <{sender}>: spool out of disk space");
-                self.reply("452 4.3.1 Insufficient system storage");
-            }
-            Err(e) => {
-                tracing::error!("cannot queue mail from <{sender}>: {e}");
-                self.reply("451 4.3.0 Error: queue file write error");
-            }
+            Err(e) => self.queue_failed(e, &sender, &recipients),
         }
+    }
+
+    /// Answers a message the spool could not take: 452 when its disk is
+    /// full, else 451 (the client tries again either way).
+    fn queue_failed(&mut self, e: SpoolError, sender: &str, recipients: &[String]) {
+        let (reason, reply) = match e {
+            SpoolError::Full => (Reason::DiskFull, "452 4.3.1 Insufficient system storage"),
+            _ => {
+                tracing::error!("cannot queue mail from <{sender}>: {e}");
+                (
+                    Reason::QueueError,
+                    "451 4.3.0 Error: queue file write error",
+                )
+            }
+        };
+        let detail = e.to_string();
+        self.rejected(
+            Stage::EndOfMessage,
+            reason,
+            reply,
+            Some(sender),
+            recipients,
+            Some(&detail),
+        );
+        self.reply(reply);
     }
 
     /// RFC 3207. Anything the client pipelined after STARTTLS is thrown
@@ -686,6 +793,7 @@ impl Session {
     }
 
     async fn queue_local(&mut self, sink: Arc<dyn LocalSink>, txn: Transaction, body: Vec<u8>) {
+        let (sender, recipients) = (txn.sender.clone(), txn.recipients.clone());
         let env = Envelope {
             sender: txn.sender,
             recipients: txn.recipients,
@@ -694,43 +802,85 @@ impl Session {
         };
         match tokio::task::spawn_blocking(move || sink.submit(env, body)).await {
             Ok(Ok(id)) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
-            Ok(Err(SpoolError::Full)) => self.reply("452 4.3.1 Insufficient system storage"),
-            Ok(Err(e)) => {
-                tracing::error!("cannot queue a locally submitted message: {e}");
-                self.reply("451 4.3.0 Error: queue file write error");
-            }
-            Err(_) => self.reply("451 4.3.0 Error: queue file write error"),
+            Ok(Err(e)) => self.queue_failed(e, &sender, &recipients),
+            Err(e) => self.queue_failed(
+                SpoolError::Io {
+                    path: self.ctx.config.spool_dir.clone(),
+                    source: std::io::Error::other(e.to_string()),
+                },
+                &sender,
+                &recipients,
+            ),
         }
     }
 
-    fn parse_error(&mut self, e: ParseError) -> Result<bool, Close> {
-        let reply = match e {
-            ParseError::UnknownCommand => "500 5.5.2 Error: command not recognized",
-            ParseError::InvalidSenderAddress => "501 5.1.7 Error: bad sender address syntax",
-            ParseError::InvalidRecipientAddress => "501 5.1.3 Error: bad recipient address syntax",
-            ParseError::SyntaxError { syntax } => {
-                let text = format!("501 5.5.4 Syntax: {syntax}");
-                return self.fail(&text);
-            }
-            ParseError::InvalidParameter { param } => {
-                let text = format!("501 5.5.4 Error: invalid value for parameter {param}");
-                return self.fail(&text);
-            }
-            ParseError::UnsupportedParameter { param } => {
-                let param: String = param
-                    .chars()
-                    .filter(|c| c.is_ascii_graphic())
-                    .take(64)
-                    .collect();
-                let text = format!("555 5.5.4 Error: unsupported parameter {param}");
-                return self.fail(&text);
-            }
-            ParseError::ResponseTooLong => "500 5.5.2 Error: command line too long",
-            ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
-                "501 5.5.2 Error: syntax error"
-            }
+    /// Reports a refused message or recipient (the `NOQUEUE: reject:` line
+    /// and the metric, see `observe::events`): itself for a network client,
+    /// through the sink for a local user's `-bs` session. `from` defaults
+    /// to the open transaction's sender.
+    fn rejected(
+        &self,
+        stage: Stage,
+        reason: Reason,
+        reply: &str,
+        from: Option<&str>,
+        to: &[String],
+        detail: Option<&str>,
+    ) {
+        let r = Rejection {
+            stage,
+            reason,
+            reply: reply.to_string(),
+            from: from
+                .map(str::to_string)
+                .or_else(|| self.txn.as_ref().map(|t| t.sender.clone())),
+            to: to.to_vec(),
+            detail: detail.map(str::to_string),
         };
-        self.fail(reply)
+        match &self.local {
+            Some(sink) => sink.rejected(&r),
+            None => events::rejected(&Client::Remote(self.peer.ip()), &r),
+        }
+    }
+
+    /// [`Session::rejected`] for the whole open transaction.
+    fn rejected_txn(&self, stage: Stage, reason: Reason, reply: &str, detail: Option<&str>) {
+        let to = self
+            .txn
+            .as_ref()
+            .map(|t| t.recipients.clone())
+            .unwrap_or_default();
+        self.rejected(stage, reason, reply, None, &to, detail);
+    }
+
+    fn parse_error(&mut self, e: ParseError, line: &[u8]) -> Result<bool, Close> {
+        // A MAIL or RCPT that does not parse refuses a sender or recipient.
+        let verb = line.get(..4).map(|v| v.to_ascii_uppercase());
+        let stage = match verb.as_deref() {
+            Some(b"MAIL") => Some(Stage::Mail),
+            Some(b"RCPT") => Some(Stage::Rcpt),
+            _ => None,
+        };
+        if let Some(stage) = stage {
+            let reason = match e {
+                ParseError::InvalidSenderAddress | ParseError::InvalidRecipientAddress => {
+                    Some(Reason::BadAddress)
+                }
+                ParseError::UnsupportedParameter { .. } | ParseError::InvalidParameter { .. } => {
+                    Some(Reason::UnsupportedParameter)
+                }
+                ParseError::SyntaxError { .. } => Some(Reason::Syntax),
+                _ => None,
+            };
+            if let Some(reason) = reason {
+                let reply = parse_error_reply(&e);
+                let shown = command_text(line);
+                self.rejected(stage, reason, &reply, None, &[], Some(&shown));
+                return self.fail(&reply);
+            }
+        }
+        let reply = parse_error_reply(&e);
+        self.fail(&reply)
     }
 
     /// Replies with an error and counts it; too many end the session.
@@ -790,6 +940,46 @@ impl Session {
         self.out.clear();
         Ok(())
     }
+}
+
+const LINE_TOO_LONG: &str =
+    "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)";
+
+/// The reply to a command smtp-proto could not parse.
+fn parse_error_reply(e: &ParseError) -> String {
+    match e {
+        ParseError::UnknownCommand => "500 5.5.2 Error: command not recognized".into(),
+        ParseError::InvalidSenderAddress => "501 5.1.7 Error: bad sender address syntax".into(),
+        ParseError::InvalidRecipientAddress => {
+            "501 5.1.3 Error: bad recipient address syntax".into()
+        }
+        ParseError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+        ParseError::InvalidParameter { param } => {
+            format!("501 5.5.4 Error: invalid value for parameter {param}")
+        }
+        ParseError::UnsupportedParameter { param } => {
+            let param: String = param
+                .chars()
+                .filter(|c| c.is_ascii_graphic())
+                .take(64)
+                .collect();
+            format!("555 5.5.4 Error: unsupported parameter {param}")
+        }
+        ParseError::ResponseTooLong => "500 5.5.2 Error: command line too long".into(),
+        ParseError::NeedsMoreData { .. } | ParseError::InvalidResponse { .. } => {
+            "501 5.5.2 Error: syntax error".into()
+        }
+    }
+}
+
+/// A refused command line as the log shows it: printable, bounded.
+fn command_text(line: &[u8]) -> String {
+    let text: String = String::from_utf8_lossy(line)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    format!("command: {text}")
 }
 
 /// smtp-proto returns a quoted local part without its quotes (`"a b"@x`

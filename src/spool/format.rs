@@ -89,6 +89,9 @@ pub enum Record {
     },
     /// The message has been tried `attempts` times; next try not before.
     Attempt { attempts: u32, next_ms: u64 },
+    /// The daemon has logged the accepted line of a message the `sendmail`
+    /// command queued itself (one with a `submitter`).
+    Accepted { at_ms: u64 },
 }
 
 /// Everything about a queued message except its content.
@@ -108,6 +111,13 @@ pub struct Meta {
     pub next_attempt_ms: Option<u64>,
     /// The file's permanent name in `slots/`, when it is a reused file.
     pub slot: Option<String>,
+    /// The uid of the local user whose `sendmail` wrote this file straight
+    /// into `queue/` (root or the spool's owner); `None` for everything the
+    /// daemon wrote.
+    pub submitter: Option<u32>,
+    /// The daemon has logged this message's accepted line (only tracked
+    /// for files with a `submitter`: the daemon logs its own at once).
+    pub accepted_logged: bool,
 }
 
 impl Meta {
@@ -148,10 +158,28 @@ pub fn encode_message(
     message: &[u8],
     slot: Option<&str>,
 ) -> Vec<u8> {
-    let (mut f, end) = encode_around(id, arrival_ms, env, message, slot);
+    let (mut f, end) = encode_around(id, arrival_ms, env, message, Origin::slot(slot));
     f.extend_from_slice(message);
     f.extend_from_slice(&end);
     f
+}
+
+/// Who writes a new queue file: the header lines that say so.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Origin<'a> {
+    /// The daemon's reusable file: its permanent name in `slots/`.
+    pub slot: Option<&'a str>,
+    /// The `sendmail` command writing `queue/` itself: the submitter's uid.
+    pub submitter: Option<u32>,
+}
+
+impl<'a> Origin<'a> {
+    pub fn slot(slot: Option<&'a str>) -> Self {
+        Origin {
+            slot,
+            submitter: None,
+        }
+    }
 }
 
 /// [`encode_message`] without copying the content: the header and the end
@@ -161,9 +189,9 @@ pub fn encode_around(
     arrival_ms: u64,
     env: &Envelope,
     message: &[u8],
-    slot: Option<&str>,
+    origin: Origin<'_>,
 ) -> (Vec<u8>, Vec<u8>) {
-    let header = encode_header_with_slot(id, arrival_ms, env, message.len() as u64, slot);
+    let header = encode_header_with_origin(id, arrival_ms, env, message.len() as u64, origin);
     let mut crc = crc32fast::Hasher::new();
     crc.update(&header);
     crc.update(message);
@@ -173,21 +201,24 @@ pub fn encode_around(
 
 /// The header of a new queue file, up to and including the empty line.
 pub fn encode_header(id: &str, arrival_ms: u64, env: &Envelope, size: u64) -> Vec<u8> {
-    encode_header_with_slot(id, arrival_ms, env, size, None)
+    encode_header_with_origin(id, arrival_ms, env, size, Origin::default())
 }
 
-fn encode_header_with_slot(
+fn encode_header_with_origin(
     id: &str,
     arrival_ms: u64,
     env: &Envelope,
     size: u64,
-    slot: Option<&str>,
+    origin: Origin<'_>,
 ) -> Vec<u8> {
     let mut h = String::with_capacity(128 + 64 * env.recipients.len());
     let _ = writeln!(h, "{MAGIC}");
     let _ = writeln!(h, "id {id}");
-    if let Some(slot) = slot {
+    if let Some(slot) = origin.slot {
         let _ = writeln!(h, "slot {slot}");
+    }
+    if let Some(uid) = origin.submitter {
+        let _ = writeln!(h, "submitter {uid}");
     }
     let _ = writeln!(h, "arrival {arrival_ms}");
     let _ = writeln!(h, "sender {}", one_line(&env.sender));
@@ -227,6 +258,7 @@ pub fn encode_record(rec: &Record) -> Vec<u8> {
             format!("deferred {idx} {at_ms} {}\n", one_line(reason))
         }
         Record::Attempt { attempts, next_ms } => format!("attempt {attempts} {next_ms}\n"),
+        Record::Accepted { at_ms } => format!("accepted {at_ms}\n"),
     };
     line.into_bytes()
 }
@@ -249,6 +281,7 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
     }
     let mut id = None;
     let mut slot = None;
+    let mut submitter = None;
     let mut arrival = None;
     let mut sender = None;
     let mut size = None;
@@ -261,6 +294,11 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
         match key {
             "id" => id = Some(value.to_string()),
             "slot" => slot = Some(value.to_string()),
+            "submitter" => {
+                let uid = parse_num(value, line)?;
+                submitter =
+                    Some(u32::try_from(uid).map_err(|_| FormatError::BadHeader(line.into()))?);
+            }
             "arrival" => arrival = Some(parse_num(value, line)?),
             "sender" => sender = Some(value.to_string()),
             "flags" => {
@@ -297,6 +335,8 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
         attempts: 0,
         next_attempt_ms: None,
         slot,
+        submitter,
+        accepted_logged: false,
     }))
 }
 
@@ -349,6 +389,11 @@ fn apply_record(meta: &mut Meta, line: &str) -> Result<(), FormatError> {
     if kind == "attempt" {
         meta.attempts = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         meta.next_attempt_ms = Some(parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?);
+        return Ok(());
+    }
+    if kind == "accepted" {
+        let _at: u64 = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        meta.accepted_logged = true;
         return Ok(());
     }
     let idx: usize = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
@@ -422,6 +467,31 @@ mod tests {
             f.extend_from_slice(&encode_record(r));
         }
         f
+    }
+
+    #[test]
+    fn submitter_and_accepted_record_round_trip() {
+        let (env, body) = sample();
+        let origin = Origin {
+            slot: None,
+            submitter: Some(33),
+        };
+        let (mut f, end) = encode_around("01ID", 7, &env, &body, origin);
+        f.extend_from_slice(&body);
+        f.extend_from_slice(&end);
+        let (meta, _) = decode(&f).unwrap();
+        assert_eq!((meta.submitter, meta.accepted_logged), (Some(33), false));
+        f.extend_from_slice(&encode_record(&Record::Accepted { at_ms: 9 }));
+        let (meta, got) = decode(&f).unwrap();
+        assert_eq!(got, &body[..]);
+        assert_eq!((meta.submitter, meta.accepted_logged), (Some(33), true));
+        // Files the daemon writes name no submitter.
+        let (meta, _) = decode(&encode_message("01ID", 7, &env, &body, None)).unwrap();
+        assert_eq!(meta.submitter, None);
+        let bad = String::from_utf8(f.clone())
+            .unwrap()
+            .replace("submitter 33", "submitter -1");
+        assert!(decode(bad.as_bytes()).is_err());
     }
 
     #[test]

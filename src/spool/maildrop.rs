@@ -146,9 +146,13 @@ pub enum Rejected {
     /// Not a regular file (symlink, FIFO, ...) or hard-linked: removed.
     #[error("{0}")]
     NotAFile(String),
-    /// A file that does not decode or breaks a limit: moved to corrupt/.
-    #[error("{0}")]
-    Bad(String),
+    /// A file that does not decode or breaks a rule: moved to corrupt/.
+    /// `uid` is the file's owner, who wrote it.
+    #[error("{why}")]
+    Bad { uid: u32, why: String },
+    /// A file over the message size limit: moved to corrupt/.
+    #[error("{why}")]
+    TooBig { uid: u32, why: String },
     /// Could not be read now; left for the next scan.
     #[error("{0}")]
     Io(String),
@@ -229,42 +233,114 @@ pub fn read(spool_root: &Path, name: &str, max_size: u64) -> Result<Dropped, Rej
     }
     // Room for the envelope of max_recipients long addresses.
     let limit = max_size.saturating_add(1 << 20);
+    let uid = st.uid();
+    let bad = |why: String| Rejected::Bad { uid, why };
     if st.len() > limit {
-        return Err(Rejected::Bad(format!(
-            "{} bytes, more than the message size limit",
-            st.len()
-        )));
+        return Err(Rejected::TooBig {
+            uid,
+            why: format!("{} bytes, more than the message size limit", st.len()),
+        });
     }
     let mut buf = Vec::with_capacity(st.len() as usize);
     Read::by_ref(&mut file)
         .take(limit + 1)
         .read_to_end(&mut buf)
         .map_err(|e| Rejected::Io(format!("cannot read: {e}")))?;
-    let (meta, body) = format::decode(&buf).map_err(|e| Rejected::Bad(e.to_string()))?;
+    let (meta, body) = format::decode(&buf).map_err(|e| bad(e.to_string()))?;
     if meta.size > max_size {
-        return Err(Rejected::Bad(format!(
-            "message of {} bytes is over the limit of {max_size}",
-            meta.size
-        )));
+        return Err(Rejected::TooBig {
+            uid,
+            why: format!(
+                "message of {} bytes is over the limit of {max_size}",
+                meta.size
+            ),
+        });
     }
     if meta.attempts != 0
         || meta.next_attempt_ms.is_some()
+        || meta.accepted_logged
         || meta
             .recipients
             .iter()
             .any(|r| r.state != RcptState::Pending || r.last_reply.is_some())
     {
-        return Err(Rejected::Bad("status records in a drop file".into()));
+        return Err(bad("status records in a drop file".into()));
     }
     if meta.recipients.is_empty() {
-        return Err(Rejected::Bad("no recipients".into()));
+        return Err(bad("no recipients".into()));
+    }
+    // Who wrote a drop file is the kernel's word (its owner), never a line
+    // the user wrote.
+    if meta.submitter.is_some() {
+        return Err(bad("a submitter line in a drop file".into()));
     }
     let body = body.to_vec();
     Ok(Dropped {
         name: name.to_string(),
-        uid: st.uid(),
+        uid,
         meta,
         body,
+    })
+}
+
+/// A complete drop file as the queue listing shows it.
+#[derive(Debug)]
+pub struct Waiting {
+    /// The file's owner: who ran `sendmail`.
+    pub uid: u32,
+    /// The header only (the name is `meta.id`; the daemon assigns the
+    /// queue id when it picks the file up).
+    pub meta: Meta,
+}
+
+/// The drop files waiting for the pickup, oldest first, read-only (unlike
+/// [`scan`], nothing is removed). Entries that are not plain drop files,
+/// or vanish meanwhile (picked up), are left out.
+pub fn waiting(spool_root: &Path) -> Result<Vec<Waiting>, SpoolError> {
+    let dir = dir(spool_root);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        // No maildrop yet: the daemon never ran, nothing can wait there.
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(SpoolError::io(&dir, e)),
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if check_id(&name).is_err() {
+            continue;
+        }
+        if let Some(w) = read_waiting(&dir.join(&name)) {
+            found.push(w);
+        }
+    }
+    found.sort_by(|a, b| a.meta.id.cmp(&b.meta.id));
+    Ok(found)
+}
+
+/// The header of one drop file, opened as the pickup opens it.
+fn read_waiting(path: &Path) -> Option<Waiting> {
+    // The header of max_recipients long addresses fits in this.
+    const HEADER_MAX: u64 = 1 << 20;
+    let file = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    let st = file.metadata().ok()?;
+    if !st.is_file() || st.nlink() != 1 {
+        return None;
+    }
+    let mut buf = Vec::new();
+    file.take(HEADER_MAX).read_to_end(&mut buf).ok()?;
+    let mut meta = format::decode_header(&buf).ok()??;
+    // The file name, not the id line the user wrote, names it.
+    meta.id = path.file_name()?.to_str()?.to_string();
+    Some(Waiting {
+        uid: st.uid(),
+        meta,
     })
 }
 
@@ -322,7 +398,7 @@ mod tests {
         let d = read(root, &name, 1000).unwrap();
         assert_eq!(d.meta.sender, "a@example.com");
         assert_eq!(d.body, b"Subject: x\r\n\r\nhi\r\n");
-        assert!(matches!(read(root, &name, 5), Err(Rejected::Bad(_))));
+        assert!(matches!(read(root, &name, 5), Err(Rejected::TooBig { .. })));
         remove(root, &name).unwrap();
         assert!(!p.exists());
     }
@@ -346,7 +422,10 @@ mod tests {
         assert!(e.to_string().contains("hard links"), "{e}");
         let garbage = "01CCCCCCCCCCCCCCCCCCCCCCCC";
         fs::write(dir_path(root, garbage), b"MAIL FROM:<x>\n").unwrap();
-        assert!(matches!(read(root, garbage, 1000), Err(Rejected::Bad(_))));
+        assert!(matches!(
+            read(root, garbage, 1000),
+            Err(Rejected::Bad { .. })
+        ));
         fs::create_dir(root.join("corrupt")).unwrap();
         let id = to_corrupt(root, garbage).unwrap();
         assert!(root.join("corrupt").join(id).exists());

@@ -41,6 +41,8 @@
 //! relayq-queue 1\n
 //! id <ID>\n                 ULID: time-ordered, 26 characters
 //! slot <NAME>\n             only in slot files: the permanent name
+//! submitter <uid>\n         only in files the `sendmail` command wrote into
+//!                           queue/ itself (rule 1b): who ran it
 //! arrival <unix ms>\n
 //! sender <address>\n        empty for the null sender <>
 //! flags <smtputf8,8bitmime | ->\n
@@ -57,6 +59,9 @@
 //! failed <idx> <unix ms> <upstream reply or reason>\n
 //! deferred <idx> <unix ms> <reason>\n
 //! attempt <count> <next attempt unix ms>\n
+//! accepted <unix ms>\n      the daemon logged the accepted line of a file
+//!                           with `submitter` (written without fsync, like
+//!                           rule 3: losing it logs the line once more)
 //! <NUL bytes up to the end of the file: a reused file is zero-filled>
 //! ```
 //! Addresses and replies never contain CR, LF or NUL (they are replaced by
@@ -86,8 +91,9 @@
 //!    (rule 1) before the `failed` records, or the removal, that it
 //!    reports. A crash between the upstream's `250` and our fsync can make
 //!    us send once more: delivery is at least once, never at most once.
-//! 3. **Deferred / attempt**: written without fsync. Losing them only
-//!    makes a retry come early after a crash.
+//! 3. **Deferred / attempt / accepted**: written without fsync. Losing
+//!    them only makes a retry come early, or an accepted line be logged
+//!    twice, after a crash.
 //! 4. **Done** (or deleted): overwrite the first byte of the file with NUL,
 //!    then unlink its `queue/` (or `hold/`) name, without fsync; a slot
 //!    then goes back to the free list. The NUL comes first so that a
@@ -135,7 +141,7 @@ use std::sync::{Arc, OnceLock, mpsc};
 
 use tokio::sync::oneshot;
 
-pub use format::{Envelope, Meta, RcptState, RcptStatus, Record};
+pub use format::{Envelope, Meta, Origin, RcptState, RcptStatus, Record};
 use slots::Slots;
 
 /// The directories a message can be in.
@@ -285,7 +291,7 @@ impl Spool {
         let this = self.clone();
         let Some(slots) = self.inner.slots.get() else {
             let id = tokio::task::spawn_blocking(move || {
-                this.write_and_rename(id, &env, &message, arrival_ms)
+                this.write_and_rename(id, &env, &message, arrival_ms, None)
             })
             .await
             .map_err(|e| SpoolError::io(self.root(), io::Error::other(e)))??;
@@ -310,17 +316,20 @@ impl Spool {
         ulid::Ulid::generate().to_string()
     }
 
-    /// [`Spool::commit`] for callers without a runtime (the sendmail
-    /// command): rule 1b, the directory is fsynced directly.
+    /// [`Spool::commit`] for the sendmail command run by root or the
+    /// spool's owner (`submitter`, its uid): rule 1b, the directory is
+    /// fsynced directly. The file names its submitter, so that the daemon
+    /// logs its accepted line when it first sees it (see `pickup`).
     pub fn commit_blocking(
         &self,
         id: String,
         env: &Envelope,
         message: &[u8],
         arrival_ms: u64,
+        submitter: u32,
     ) -> Result<String, SpoolError> {
         check_id(&id)?;
-        let id = self.write_and_rename(id, env, message, arrival_ms)?;
+        let id = self.write_and_rename(id, env, message, arrival_ms, Some(submitter))?;
         let dir = self.inner.root.join("queue");
         fsync_dir(&dir)?;
         Ok(id)
@@ -367,7 +376,7 @@ impl Spool {
         let result = (|| {
             let old_len = file.metadata()?.len();
             let (header, mut end) =
-                format::encode_around(id, arrival_ms, env, message, Some(&name));
+                format::encode_around(id, arrival_ms, env, message, Origin::slot(Some(&name)));
             let body_at = header.len() as u64;
             let end_at = body_at + message.len() as u64;
             // Zeros over whatever an older message left, so that no stale
@@ -404,6 +413,7 @@ impl Spool {
         env: &Envelope,
         message: &[u8],
         arrival_ms: u64,
+        submitter: Option<u32>,
     ) -> Result<String, SpoolError> {
         let tmp = self.inner.root.join("tmp").join(&id);
         let result = (|| {
@@ -415,7 +425,11 @@ impl Spool {
             // Recovery in a starting daemon must not delete a file that a
             // live sendmail process is still writing.
             rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
-            let (header, end) = format::encode_around(&id, arrival_ms, env, message, None);
+            let origin = Origin {
+                slot: None,
+                submitter,
+            };
+            let (header, end) = format::encode_around(&id, arrival_ms, env, message, origin);
             file.write_all(&header)?;
             file.write_all(message)?;
             file.write_all(&end)?;
@@ -453,7 +467,18 @@ impl Spool {
     /// Writes status records after the last one; with `durable` they are
     /// fsynced before this returns (durability rules 2 and 3).
     pub fn append(&self, id: &str, records: &[Record], durable: bool) -> Result<(), SpoolError> {
-        let path = self.path(Area::Queue, id)?;
+        self.append_in(Area::Queue, id, records, durable)
+    }
+
+    /// [`Spool::append`] to a message in `area`.
+    pub fn append_in(
+        &self,
+        area: Area,
+        id: &str,
+        records: &[Record],
+        durable: bool,
+    ) -> Result<(), SpoolError> {
+        let path = self.path(area, id)?;
         let mut buf = Vec::new();
         for r in records {
             buf.extend_from_slice(&format::encode_record(r));

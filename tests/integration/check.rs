@@ -427,3 +427,109 @@ async fn bad_password() {
         c.stderr
     );
 }
+
+/// `check` predicts `serve`: as a user without CAP_NET_BIND_SERVICE, a
+/// privileged listen port fails the check, and `serve` indeed cannot bind
+/// it; with the capability (as dist/relayq.service grants it) both pass.
+/// Each run is in a fresh network namespace, where unprivileged ports
+/// start at 1024 whatever this machine says.
+#[test]
+fn check_says_fail_where_serve_cannot_listen() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+
+    if !crate::sendmail::can_switch_user() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = dir.join("relayq");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(65534), Some(65534)).unwrap();
+    let config = dir.join("relayq.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"relayq.test\"\nspool_dir = \"{h}/spool\"\n[smtp]\nlisten = [\"127.0.0.1:26\"]\n[capture]\nmaildir = \"{h}/Maildir\"\n",
+            h = home.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    // setpriv to nobody, with CAP_NET_BIND_SERVICE or without.
+    let nobody = |cap: bool, args: &[&str]| {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]);
+        if cap {
+            c.args([
+                "--inh-caps=+net_bind_service",
+                "--ambient-caps=+net_bind_service",
+            ]);
+        }
+        c.arg("--")
+            .arg(crate::sendmail::nobody_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&config);
+        crate::support::netns::isolate(&mut c);
+        c
+    };
+    let listen_line = |out: &str| {
+        out.lines()
+            .find(|l| l.contains(" listen 127.0.0.1:26: "))
+            .unwrap_or_else(|| panic!("no listen line:\n{out}"))
+            .to_string()
+    };
+    // Runs `serve` until it says it started (true) or exits (false).
+    let serves = |mut c: Command| -> (bool, String) {
+        let mut child = c
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut log = String::new();
+        let started = loop {
+            let mut line = String::new();
+            let n = std::io::BufRead::read_line(&mut err, &mut line).unwrap_or(0);
+            log.push_str(&line);
+            if line.contains("started:") {
+                break true;
+            }
+            if n == 0 {
+                break false;
+            }
+        };
+        let _ = child.kill();
+        let _ = child.wait();
+        (started, log)
+    };
+
+    let o = nobody(false, &["check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = listen_line(&out);
+    assert!(
+        line.starts_with("FAIL listen 127.0.0.1:26: port 26 is privileged")
+            && line.contains("uid 65534, without CAP_NET_BIND_SERVICE, net.ipv4.ip_unprivileged_port_start = 1024")
+            && line.contains(" -> fix: ")
+            && line.contains("CAP_NET_BIND_SERVICE"),
+        "{line}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let (started, log) = serves(nobody(false, &["serve"]));
+    assert!(!started && log.contains("Permission denied"), "{log}");
+
+    let o = nobody(true, &["check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = listen_line(&out);
+    assert!(
+        line.starts_with("ok   listen 127.0.0.1:26: ") && line.contains("the port is free"),
+        "{line}"
+    );
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    let (started, log) = serves(nobody(true, &["serve"]));
+    assert!(started, "{log}");
+}

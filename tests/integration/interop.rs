@@ -17,25 +17,11 @@ use tokio::process::{Child, Command};
 
 use crate::support::client::{Client, dot_stuff, queue_id};
 use crate::support::daemon::{Daemon, relay_config};
+use crate::support::peers::require;
 use crate::support::upstream::FakeUpstream;
 
 const WAIT: Duration = Duration::from_secs(20);
 const PEERS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/peers");
-
-/// Panics, saying how to install it, unless `program args` runs and exits 0.
-fn require(what: &str, program: &str, args: &[&str], install: &str) {
-    let ok = std::process::Command::new(program)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "{what} is needed for this test but is not installed. Install it with `{install}` \
-         (.ci/run installs every test peer)."
-    );
-}
 
 fn require_python() {
     require(

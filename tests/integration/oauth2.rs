@@ -15,6 +15,7 @@
 mod aiosmtpd;
 mod failures;
 mod google;
+mod hardening;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

@@ -307,3 +307,92 @@ async fn only_root_or_the_owner_may_change_the_queue() {
     );
     assert_eq!(in_dir(&d, "queue"), ids);
 }
+
+/// Mail an ordinary user handed to `sendmail` while the daemon is stopped
+/// waits in the maildrop: the listing shows it, marked as such, with the
+/// sender it will go out with, in text and in JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_shows_what_waits_in_the_maildrop() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let addr = up.addr();
+    up.stop().await;
+    let mut d = Daemon::start(&relay_config(addr, ""));
+    open_to_others(&d);
+    let ids = deferred(&d, 1).await;
+    assert!(d.stop());
+    for (to, from) in [
+        ("carol@example.net", None),
+        ("dave@example.net", Some("ceo@bank.example")),
+    ] {
+        let mut cmd = as_nobody(BIN);
+        cmd.arg("sendmail");
+        if let Some(f) = from {
+            cmd.args(["-f", f]);
+        }
+        cmd.arg("-C").arg(&d.config).arg(to);
+        let o = crate::sendmail::run(cmd, b"Subject: waiting\n\nlater\n");
+        assert!(o.status.success(), "{}", stderr(&o));
+    }
+    // A drop file written by hand, claiming another sender: the listing
+    // shows the sender the pickup will let stand.
+    let forged = "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender ceo@bank.example\nflags -\nrcpt erin@example.net\nsize 12\n\nSubject: x\r\nend\n";
+    crate::sendmail::drop_as_nobody(&d, "01BBBBBBBBBBBBBBBBBBBBBBBB", forged);
+    let waiting: Vec<String> = in_dir(&d, "maildrop");
+    assert_eq!(waiting.len(), 3, "{waiting:?}");
+
+    let out = ok(&d.cli(&["queue", "list"]));
+    assert!(!out.contains("Mail queue is empty"), "{out}");
+    assert!(out.contains(&ids[0]), "{out}");
+    for name in &waiting {
+        let entry = out
+            .split("\n\n")
+            .find(|e| e.lines().any(|l| l.starts_with(name.as_str())))
+            .unwrap_or_else(|| panic!("{name} is listed:\n{out}"));
+        assert!(
+            entry.contains("nobody@relayq.test") && entry.contains("(waiting in the maildrop"),
+            "{entry}"
+        );
+        assert!(
+            !entry.contains("ceo@bank.example"),
+            "the sender that stands: {entry}"
+        );
+    }
+    assert!(out.contains("in 4 Requests."), "{out}");
+    let o = crate::sendmail::sendmail(&d.config, &["-bp"], b"");
+    assert_eq!(stdout(&o), out, "mailq says the same");
+
+    let json = ok(&d.cli(&["queue", "list", "--json"]));
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    let dropped: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|v| v["queue_name"] == "maildrop")
+        .collect();
+    assert_eq!(dropped.len(), 3, "{json}");
+    for v in &dropped {
+        assert!(waiting.iter().any(|n| v["queue_id"] == n.as_str()), "{v}");
+        assert_eq!(v["sender"], "nobody@relayq.test", "{v}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|v| v["queue_id"] == ids[0].as_str() && v["queue_name"] == "deferred")
+    );
+
+    // Picked up at start: they move to the queue, under queue ids.
+    d.restart();
+    d.wait_log("uid=65534 (nobody)", WAIT);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !in_dir(&d, "maildrop").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = ok(&d.cli(&["queue", "list"]));
+    assert!(!out.contains("waiting in the maildrop"), "{out}");
+    assert!(out.contains("in 4 Requests."), "{out}");
+}

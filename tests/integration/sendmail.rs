@@ -9,6 +9,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use crate::support::daemon::{BIN, Daemon, relay_config};
+use crate::support::peers::require_program;
 use crate::support::upstream::{FakeUpstream, Received};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -81,7 +82,7 @@ pub fn as_nobody(program: &str) -> Command {
     c
 }
 
-fn nobody_bin() -> String {
+pub fn nobody_bin() -> String {
     static COPY: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
     COPY.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -134,6 +135,7 @@ async fn php_mail_delivers_intact() {
                    "From: Shop <shop@example.com>\r\nCc: carol@example.org", "-fbounce@example.com");
         exit($ok ? 0 : 1);
     "#;
+    require_program("PHP's command line", "php", "apt-get install -y php-cli");
     let o = Command::new("php")
         .args(["-n", "-d", &format!("sendmail_path={path}"), "-r", script])
         .output()
@@ -223,6 +225,7 @@ async fn bsd_mailx_through_a_sendmail_symlink() {
     std::os::unix::fs::symlink(BIN, &link).unwrap();
     let rc = dir.path().join("mailrc");
     std::fs::write(&rc, format!("set sendmail={}\n", link.display())).unwrap();
+    require_program("bsd-mailx", "bsd-mailx", "apt-get install -y bsd-mailx");
     let mut cmd = Command::new("bsd-mailx");
     cmd.args(["-s", "Subject via mailx", "bob@example.net"])
         .env("MAILRC", &rc)
@@ -552,6 +555,22 @@ async fn bp_lists_and_q_flushes() {
     d.wait_log(&format!("{id}: removed"), WAIT);
 }
 
+/// Writes a drop file by hand into the daemon's maildrop, as `nobody`
+/// (what a hostile user could do instead of running sendmail).
+pub fn drop_as_nobody(d: &Daemon, name: &str, content: &str) {
+    let drop = d.spool().join("maildrop");
+    let o = as_nobody("sh")
+        .args([
+            "-c",
+            &format!("printf '%s' \"$1\" > {}/{name}", drop.display()),
+            "sh",
+            content,
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// Makes a test's directory and config reachable for `nobody`.
 pub fn open_to_others(d: &Daemon) {
     std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -631,11 +650,12 @@ async fn unprivileged_user_submits_through_the_maildrop() {
     ok(&o);
     let waiting = std::fs::read_dir(spool.join("maildrop")).unwrap().count();
     assert_eq!(waiting, 1);
+    let mark = d.log_mark();
     d.restart();
     let got = up.wait_for_messages(3, WAIT).await;
     assert!(got[2].text().contains("Subject: while down\r\n"));
     assert_eq!(got[2].rcpts, vec!["carol@example.net"]);
-    d.wait_log("from maildrop", WAIT);
+    d.wait_log_since(mark, "uid=65534 (nobody), from=<nobody@relayq.test>", WAIT);
     assert_eq!(
         std::fs::read_dir(spool.join("maildrop")).unwrap().count(),
         0

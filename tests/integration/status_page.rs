@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::support::client::{queue_id, send_mail};
 use crate::support::daemon::{Daemon, relay_config};
 use crate::support::http::status_addr;
-use crate::support::upstream::FakeUpstream;
+use crate::support::upstream::{FakeUpstream, Script};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -85,17 +85,23 @@ fn run_chromium(url: &str, mode: &[&str]) -> String {
     out
 }
 
-/// The text of the `<section>` with `id`, tags stripped.
-fn text_of(dom: &str, id: &str) -> String {
-    let start = dom
-        .find(&format!("id=\"{id}\""))
-        .unwrap_or_else(|| panic!("no #{id} in the page"));
-    let open_end = start + dom[start..].find('>').unwrap() + 1;
-    let rest = &dom[open_end..];
-    let end = rest.find("</section>").unwrap_or(rest.len());
+/// Character references as a browser shows them (the page uses these).
+fn decode(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&nbsp;", " ")
+        .replace("&middot;", "\u{b7}")
+        .replace("&amp;", "&")
+}
+
+/// HTML as a person sees it: tags gone (each a space), blanks collapsed,
+/// character references decoded.
+fn visible(html: &str) -> String {
     let mut text = String::new();
     let mut in_tag = false;
-    for c in rest[..end].chars() {
+    for c in html.chars() {
         match c {
             '<' => in_tag = true,
             '>' => {
@@ -106,7 +112,22 @@ fn text_of(dom: &str, id: &str) -> String {
             _ => {}
         }
     }
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    decode(&text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// The `<section>` with `id`, from its opening tag to its end.
+fn section_of<'a>(dom: &'a str, id: &str) -> &'a str {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no #{id} in the page"));
+    let rest = &dom[start..];
+    &rest[..rest.find("</section>").unwrap_or(rest.len())]
+}
+
+/// The text of the `<section>` with `id` as a person sees it.
+fn text_of(dom: &str, id: &str) -> String {
+    let section = section_of(dom, id);
+    visible(&section[section.find('>').map_or(0, |i| i + 1)..])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,4 +228,107 @@ async fn status_page_in_headless_chromium() {
         png.len()
     );
     println!("status page screenshot: {}", shot.display());
+}
+
+/// The text of each table row of the section `id`, as a person sees it.
+fn rows_of(dom: &str, id: &str) -> Vec<String> {
+    section_of(dom, id)
+        .split("<tr")
+        .skip(2)
+        .map(|row| visible(&row[row.find('>').map_or(0, |i| i + 1)..]))
+        .collect()
+}
+
+/// Every state a relay can be in (up, down, paused, over a limit), as the
+/// "Relays and limits" table shows it in a real browser: words and times,
+/// never markup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_relay_state_reads_right_in_headless_chromium() {
+    let up = FakeUpstream::start().await;
+    let capped = FakeUpstream::start().await;
+    let throttling = FakeUpstream::start_with(
+        Script::default().greeting(421, "4.7.0 Too many connections, slow down"),
+    )
+    .await;
+    let gone = FakeUpstream::start().await;
+    let dead = gone.addr();
+    gone.stop().await;
+    let relay = |name: &str, addr: std::net::SocketAddr, extra: &str| {
+        format!(
+            "[relay.{name}]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"2s\"\nbreaker_pause = \"1h\"\nbreaker_pause_max = \"1h\"\n{extra}\n",
+            addr.ip(),
+            addr.port()
+        )
+    };
+    let config = format!(
+        "hostname = \"relayq.test\"\nstatus_listen = \"127.0.0.1:0\"\n{}{}{}{}\
+         [[route]]\nsender_domain = \"up.example\"\nrelay = \"fine\"\n\
+         [[route]]\nsender_domain = \"down.example\"\nrelay = \"gone\"\n\
+         [[route]]\nsender_domain = \"paused.example\"\nrelay = \"throttled\"\n\
+         [[route]]\nrelay = \"capped\"\n",
+        relay("fine", up.addr(), ""),
+        relay("gone", dead, ""),
+        relay("throttled", throttling.addr(), ""),
+        relay("capped", capped.addr(), "messages_per_day = 1"),
+    );
+    let d = Daemon::start(&config);
+    for from in [
+        "app@up.example",
+        "app@down.example",
+        "app@paused.example",
+        "app@capped.example",
+        "app@capped.example",
+    ] {
+        let r = send_mail(
+            d.addr,
+            from,
+            &["bob@example.net"],
+            b"Subject: s\r\n\r\nx\r\n",
+        )
+        .await;
+        assert!(r.starts_with("250 "), "{r}");
+    }
+    up.wait_for_messages(1, WAIT).await;
+    capped.wait_for_messages(1, WAIT).await;
+    d.wait_log("relay gone (", WAIT);
+    d.wait_log("relay throttled (", WAIT);
+    d.wait_log("quota: 1/day reached", WAIT);
+
+    let url = format!("http://{}/", status_addr(&d));
+    let dom = tokio::task::spawn_blocking(move || run_chromium(&url, &["--dump-dom"]))
+        .await
+        .unwrap();
+    let table = text_of(&dom, "routing");
+    assert!(
+        !table.contains('<') && !table.contains("&lt;") && !table.contains("&amp;"),
+        "markup shown as text: {table}"
+    );
+    let rows = rows_of(&dom, "routing");
+    let row = |name: &str| {
+        rows.iter()
+            .find(|r| r.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("no row for {name}: {rows:#?}"))
+            .clone()
+    };
+    let fine = row("fine");
+    assert!(
+        fine.contains(" up ") && !fine.contains("limit reached"),
+        "{fine}"
+    );
+    let gone = row("gone");
+    assert!(
+        gone.contains(&format!("{dead} down since ")) && gone.contains(" ago "),
+        "{gone}"
+    );
+    let throttled = row("throttled");
+    assert!(
+        throttled.contains(" paused by the circuit breaker until 20"),
+        "{throttled}"
+    );
+    let capped_row = row("capped");
+    assert!(
+        capped_row.contains(" up; day limit reached until 20")
+            && capped_row.contains("1/1 per day"),
+        "{capped_row}"
+    );
 }

@@ -152,14 +152,22 @@ pub(super) async fn check_listen<W: Write>(addr: SocketAddr, r: &mut Report<W>) 
         r.ok(&name, format!("{what}; the port is chosen at start"));
         return;
     }
+    // `serve` binds the same way: what this process may not bind, a
+    // daemon started like it may not either. A privileged port is refused
+    // before a taken one is, so both may be held by a running relayq.
     match std::net::TcpListener::bind(addr) {
         Ok(l) => {
             drop(l);
             r.ok(&name, format!("{what}; the port is free"));
         }
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            let greeting = smtp_greeting(addr, Duration::from_secs(5)).await;
-            match greeting {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied
+            ) =>
+        {
+            let in_use = e.kind() == std::io::ErrorKind::AddrInUse;
+            match smtp_greeting(addr, Duration::from_secs(5)).await {
                 Ok(g) if g.contains("relayq") => {
                     r.ok(&name, format!("{what}; a running relayq answers: {g}"))
                 }
@@ -168,26 +176,52 @@ pub(super) async fn check_listen<W: Write>(addr: SocketAddr, r: &mut Report<W>) 
                     format!("the port is in use by another program, which answers: {g}"),
                     "stop that program (for Postfix: systemctl disable --now postfix) or choose another port in smtp.listen",
                 ),
-                Err(e) => r.fail(
+                Err(e) if in_use => r.fail(
                     &name,
                     format!("the port is in use by another program ({e})"),
                     "find it with `ss -ltnp` and stop it, or choose another port in smtp.listen",
                 ),
+                Err(_) => r.fail(
+                    &name,
+                    format!(
+                        "port {} is privileged and this process may not listen on it ({}), so relayq serve started like this check fails with \"Permission denied\"",
+                        addr.port(),
+                        privilege()
+                    ),
+                    "run relayq with CAP_NET_BIND_SERVICE: dist/relayq.service grants it (check with the same right: sudo setpriv --reuid=relayq --regid=relayq --init-groups --inh-caps=+net_bind_service --ambient-caps=+net_bind_service relayq check); or run it as root, or listen on a port >= net.ipv4.ip_unprivileged_port_start",
+                ),
             }
         }
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => r.ok(
-            &name,
-            format!(
-                "{what}; port {} is privileged: relayq needs CAP_NET_BIND_SERVICE (dist/relayq.service grants it) or root",
-                addr.port()
-            ),
-        ),
         Err(e) => r.fail(
             &name,
             format!("cannot listen here: {e}"),
             "remove this address from smtp.listen (is IPv6 disabled for [::1]?)",
         ),
     }
+}
+
+/// Why a privileged port is out of reach: who we are, whether we hold
+/// CAP_NET_BIND_SERVICE, and where unprivileged ports start.
+fn privilege() -> String {
+    let uid = rustix::process::geteuid().as_raw();
+    // CapEff is a hex bit mask; CAP_NET_BIND_SERVICE is bit 10.
+    let cap = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .map(|mask| mask & (1 << 10) != 0);
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let cap = match cap {
+        Some(true) => "with CAP_NET_BIND_SERVICE",
+        Some(false) => "without CAP_NET_BIND_SERVICE",
+        None => "capabilities unknown",
+    };
+    format!("uid {uid}, {cap}, net.ipv4.ip_unprivileged_port_start = {start}")
 }
 
 pub(super) async fn check_status_listen<W: Write>(addr: SocketAddr, r: &mut Report<W>) {

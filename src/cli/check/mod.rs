@@ -94,8 +94,9 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
         None => r.ok(
             "config",
             format!(
-                "no config file ({} not found): development default, mail is captured into a local Maildir",
-                crate::config::DEFAULT_CONFIG_PATH
+                "no config file ({} not found): development default, spool {}",
+                crate::config::DEFAULT_CONFIG_PATH,
+                config.spool_dir.display()
             ),
         ),
     }

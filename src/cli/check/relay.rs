@@ -235,13 +235,15 @@ pub(super) async fn check_token<W: Write>(
 ) -> bool {
     let name = format!("oauth2 token for {relay}");
     let s = tokens.settings();
+    let got = tokio::time::timeout(STEP_TIMEOUT, tokens.token()).await;
+    // After the request: the URL it went to.
     let how = format!(
         "{} {} grant from {}",
         s.provider.name(),
         s.grant.name(),
         tokens.token_url()
     );
-    match tokio::time::timeout(STEP_TIMEOUT, tokens.token()).await {
+    match got {
         Ok(Ok(token)) => {
             let left = token.expires_ms.saturating_sub(token.obtained_ms) / 1000;
             r.ok(

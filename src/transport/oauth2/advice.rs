@@ -7,14 +7,46 @@
 
 use super::settings::{GrantKind, Provider, Settings};
 
+/// Host and port of a token endpoint URL, the port always said.
+fn host_port(url: &str) -> String {
+    match url.parse::<hyper::Uri>() {
+        Ok(u) if u.host().is_some() => {
+            format!(
+                "{}:{}",
+                u.host().unwrap_or_default(),
+                u.port_u16().unwrap_or(443)
+            )
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// The endpoint did not answer (or answered 5xx).
 pub fn unreachable(url: &str) -> String {
-    let host = url
-        .strip_prefix("https://")
-        .and_then(|r| r.split('/').next())
-        .unwrap_or(url);
     format!(
-        "this machine must reach {host} over HTTPS (port 443; check the firewall and DNS); relayq retries with backoff and sends the queued mail once a token is issued"
+        "this machine must reach {} over HTTPS (check the firewall, DNS and any proxy); relayq retries with backoff and sends the queued mail once a token is issued",
+        host_port(url)
+    )
+}
+
+/// The TLS handshake with the endpoint failed.
+pub fn tls_failed(url: &str) -> String {
+    format!(
+        "{} did not prove itself with a certificate this machine trusts: if a proxy intercepts HTTPS, put its CA certificate in oauth2_ca_file; check that oauth2_token_url is an HTTPS endpoint and that this machine's clock is right",
+        host_port(url)
+    )
+}
+
+/// A 2xx answer without a usable token, or no HTTP answer at all.
+pub fn not_a_token_answer() -> String {
+    "the answer is not a token answer: if oauth2_token_url is set, correct it (or remove it to use the provider's endpoint); otherwise something between this machine and the provider (a proxy, a captive portal) answers in its place".into()
+}
+
+/// A secret file the process may not read.
+pub fn unreadable(path: &std::path::Path) -> String {
+    format!(
+        "the user relayq runs as cannot read it: chown relayq {p} && chmod 600 {p} (a file written by root, e.g. by relayq check run as root, is root's); run relayq check as that user too (sudo -u relayq relayq check)",
+        p = path.display()
     )
 }
 

@@ -29,49 +29,64 @@ pub(super) struct Answer {
     pub body: Vec<u8>,
 }
 
-/// POSTs `form` (already encoded) to `url`. `Err` is a sentence about
-/// what failed (no secret in it).
+/// Why a POST failed, as a sentence without any secret in it; the kind
+/// decides what the operator is told to change.
+pub(super) enum PostError {
+    /// The endpoint could not be reached, or did not answer in time.
+    Connect(String),
+    /// The TLS handshake failed (a certificate not trusted, not TLS).
+    Tls(String),
+    /// It answered, but not with HTTP (or with too much).
+    Answer(String),
+}
+
+/// POSTs `form` (already encoded) to `url`.
 pub(super) async fn post_form(
     url: &str,
     form: String,
     ca_file: Option<&Path>,
     limit: Duration,
-) -> Result<Answer, String> {
+) -> Result<Answer, PostError> {
     match tokio::time::timeout(limit, exchange(url, form, ca_file)).await {
         Ok(result) => result,
-        Err(_) => Err(format!("no answer within {}s", limit.as_secs_f32())),
+        Err(_) => Err(PostError::Connect(format!(
+            "no answer within {}s",
+            limit.as_secs_f32()
+        ))),
     }
 }
 
-async fn exchange(url: &str, form: String, ca_file: Option<&Path>) -> Result<Answer, String> {
-    let uri: hyper::Uri = url.parse().map_err(|e| format!("invalid URL: {e}"))?;
+async fn exchange(url: &str, form: String, ca_file: Option<&Path>) -> Result<Answer, PostError> {
+    use PostError::{Answer as BadAnswer, Connect, Tls};
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| Connect(format!("invalid URL: {e}")))?;
     if uri.scheme_str() != Some("https") {
-        return Err("only https:// token endpoints are used".into());
+        return Err(Connect("only https:// token endpoints are used".into()));
     }
-    let authority = uri
-        .authority()
-        .ok_or("the URL has no host")?
-        .as_str()
-        .to_string();
+    let no_host = || Connect("the URL has no host".into());
+    let authority = uri.authority().ok_or_else(no_host)?.as_str().to_string();
     let host = uri
         .host()
-        .ok_or("the URL has no host")?
+        .ok_or_else(no_host)?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_string();
     let port = uri.port_u16().unwrap_or(443);
-    let tls = super::super::smtp::tls::client_config(ca_file).await?;
-    let server_name =
-        ServerName::try_from(host.clone()).map_err(|_| format!("invalid host name {host:?}"))?;
+    let tls = super::super::smtp::tls::client_config(ca_file)
+        .await
+        .map_err(Tls)?;
+    let server_name = ServerName::try_from(host.clone())
+        .map_err(|_| Connect(format!("invalid host name {host:?}")))?;
 
-    let tcp = connect(&host, port).await?;
+    let tcp = connect(&host, port).await.map_err(Connect)?;
     let stream = TlsConnector::from(Arc::new(tls))
         .connect(server_name, tcp)
         .await
-        .map_err(|e| format!("TLS with {host}: {}", tls_reason(&e)))?;
+        .map_err(|e| Tls(format!("TLS with {host}: {}", tls_reason(&e))))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("HTTP: {e}"))?;
+        .map_err(|e| BadAnswer(format!("HTTP: {e}")))?;
     // Drives the connection; it ends when `sender` is dropped.
     let driver = tokio::spawn(connection);
     let request = hyper::Request::post(uri.path_and_query().map_or("/", |p| p.as_str()))
@@ -83,16 +98,16 @@ async fn exchange(url: &str, form: String, ca_file: Option<&Path>) -> Result<Ans
             concat!("relayq/", env!("CARGO_PKG_VERSION")),
         )
         .body(Full::new(Bytes::from(form)))
-        .map_err(|e| format!("HTTP request: {e}"))?;
+        .map_err(|e| Connect(format!("HTTP request: {e}")))?;
     let response = sender
         .send_request(request)
         .await
-        .map_err(|e| format!("HTTP: {e}"))?;
+        .map_err(|e| BadAnswer(format!("HTTP: {e}")))?;
     let status = response.status().as_u16();
     let body = Limited::new(response.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| format!("reading the answer: {e}"))?
+        .map_err(|e| BadAnswer(format!("reading the answer: {e}")))?
         .to_bytes()
         .to_vec();
     drop(sender);

@@ -35,6 +35,10 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 const ASSERTION_LIFETIME_SECS: u64 = 3600;
 /// Used when the answer has no `expires_in` (it is only RECOMMENDED).
 const DEFAULT_LIFETIME_SECS: u64 = 3600;
+/// The longest a token is kept, whatever the answer claims (providers'
+/// last an hour or so): a token claimed to last for ages is asked for
+/// again daily rather than kept until the upstream refuses it.
+const MAX_LIFETIME_SECS: u64 = 86_400;
 /// Longest provider error description shown.
 const MAX_DESCRIPTION: usize = 600;
 
@@ -43,6 +47,9 @@ pub(crate) struct Grant {
     /// The file's content when last read or written, and the refresh token
     /// to use (they differ only when saving a rotated one failed).
     refresh: Option<(String, String)>,
+    /// Where the last request went (a service account's key file may name
+    /// its own endpoint).
+    pub(crate) url: Option<String>,
 }
 
 /// The fields of a Google service account key file that are used.
@@ -74,7 +81,10 @@ struct Failure {
 
 impl Grant {
     pub(crate) fn new(_settings: &Settings) -> Grant {
-        Grant { refresh: None }
+        Grant {
+            refresh: None,
+            url: None,
+        }
     }
 
     /// Asks the endpoint for a token.
@@ -134,12 +144,26 @@ impl Grant {
                     (url, form)
                 }
             };
+        self.url = Some(url.clone());
         let answer = endpoint::post_form(&url, form, s.ca_file.as_deref(), s.timeout)
             .await
-            .map_err(|detail| TokenError::Unreachable {
-                fix: advice::unreachable(&url),
-                url: url.clone(),
-                detail: scrub(&detail, &secrets),
+            .map_err(|e| {
+                let (detail, fix) = match e {
+                    endpoint::PostError::Connect(d) => (d, advice::unreachable(&url)),
+                    endpoint::PostError::Tls(d) => (d, advice::tls_failed(&url)),
+                    endpoint::PostError::Answer(d) => {
+                        return TokenError::Unusable {
+                            url: url.clone(),
+                            detail: scrub(&d, &secrets),
+                            fix: advice::not_a_token_answer(),
+                        };
+                    }
+                };
+                TokenError::Unreachable {
+                    fix,
+                    url: url.clone(),
+                    detail: scrub(&detail, &secrets),
+                }
             })?;
         let issued = parse(&answer, &url, s, &secrets)?;
         if let (Some(new), GrantKind::RefreshToken) = (issued.1, s.grant) {
@@ -152,15 +176,10 @@ impl Grant {
     /// what we last saw there and we have a newer one we could not save.
     async fn refresh_token(&mut self, s: &Settings) -> Result<String, TokenError> {
         let path = s.refresh_token_file.clone().unwrap_or_default();
-        let text = tokio::fs::read_to_string(&path)
-            .await
-            .map_err(|e| TokenError::Local {
-                what: format!(
-                    "cannot read oauth2_refresh_token_file {}: {e}",
-                    path.display()
-                ),
-                fix: advice::refresh_token_file(s),
-            })?;
+        let text = read_secret_file("oauth2_refresh_token_file", &path, || {
+            advice::refresh_token_file(s)
+        })
+        .await?;
         let from_file = text.trim().to_string();
         if from_file.is_empty() {
             return Err(TokenError::Local {
@@ -203,7 +222,7 @@ impl Grant {
             Err(e) => {
                 tracing::error!(
                     target: "relayq::delivery",
-                    "{label}: cannot save the new refresh token to {}: {e}; it is used from memory until relayq restarts; fix: let the relayq user write the directory of oauth2_refresh_token_file",
+                    "{label}: cannot save the new refresh token to {}: {e}; it is used from memory until relayq restarts or reloads its config (then the old one in the file is sent, which the provider may have revoked); fix: let the relayq user write the directory of oauth2_refresh_token_file",
                     path.display()
                 );
                 if let Some((_, current)) = self.refresh.as_mut() {
@@ -217,7 +236,13 @@ impl Grant {
 /// Writes `content` to `path` without ever leaving it empty or partial:
 /// a temporary file in the same directory (mode 0600), fsync, rename over
 /// `path`, fsync the directory.
+///
+/// The new file keeps the old one's owner, group and group read/write
+/// bits (never the others' bits): `relayq check` run as root rotates the
+/// token too, and a root-owned file in its place would lock the daemon's
+/// user out of it.
 pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -225,6 +250,28 @@ pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".relayq-refresh-token")
         .tempfile_in(&dir)?;
+    // The link itself, not what it points to: a link is replaced, never
+    // written through (the daemon's user could point it anywhere, and
+    // `relayq check` may run as root), and its owner is the one kept.
+    if let Ok(old) = std::fs::symlink_metadata(path) {
+        let group_bits = if old.file_type().is_symlink() {
+            0
+        } else {
+            old.mode() & 0o060
+        };
+        let mode = 0o600 | group_bits;
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(mode))?;
+        let new = tmp.as_file().metadata()?;
+        if (new.uid(), new.gid()) != (old.uid(), old.gid()) {
+            match std::os::unix::fs::fchown(tmp.as_file(), Some(old.uid()), Some(old.gid())) {
+                Ok(()) => {}
+                // Not root: the file can only be ours, and we can read it.
+                Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
     tmp.write_all(content.as_bytes())?;
     tmp.write_all(b"\n")?;
     tmp.as_file().sync_all()?;
@@ -232,18 +279,31 @@ pub(crate) fn replace_file(path: &Path, content: &str) -> std::io::Result<()> {
     std::fs::File::open(&dir)?.sync_all()
 }
 
+/// The content of the file `key` names; an error says why not, with
+/// `fix` unless the file is there but the user relayq runs as may not
+/// read it.
+async fn read_secret_file(
+    key: &str,
+    path: &Path,
+    fix: impl FnOnce() -> String,
+) -> Result<String, TokenError> {
+    tokio::fs::read_to_string(path)
+        .await
+        .map_err(|e| TokenError::Local {
+            what: format!("cannot read {key} {}: {e}", path.display()),
+            fix: if e.kind() == std::io::ErrorKind::PermissionDenied {
+                advice::unreadable(path)
+            } else {
+                fix()
+            },
+        })
+}
+
 async fn read_client_secret(s: &Settings) -> Result<Option<String>, TokenError> {
     let fix = || advice::client_secret(s);
     let secret = match &s.client_secret {
         None => return Ok(None),
-        Some(SecretRef::File(p)) => {
-            tokio::fs::read_to_string(p)
-                .await
-                .map_err(|e| TokenError::Local {
-                    what: format!("cannot read oauth2_client_secret_file {}: {e}", p.display()),
-                    fix: fix(),
-                })?
-        }
+        Some(SecretRef::File(p)) => read_secret_file("oauth2_client_secret_file", p, fix).await?,
         Some(SecretRef::Env(v)) => std::env::var(v).map_err(|_| TokenError::Local {
             what: format!("oauth2_client_secret_env: environment variable {v} is not set"),
             fix: fix(),
@@ -265,14 +325,12 @@ async fn read_service_account(s: &Settings) -> Result<ServiceAccountKey, TokenEr
         what,
         fix: advice::service_account_key(s),
     };
-    let text = tokio::fs::read(&path).await.map_err(|e| {
-        unusable(format!(
-            "cannot read oauth2_service_account_file {}: {e}",
-            path.display()
-        ))
-    })?;
+    let text = read_secret_file("oauth2_service_account_file", &path, || {
+        advice::service_account_key(s)
+    })
+    .await?;
     // serde_json's message names the line and column, never the content.
-    serde_json::from_slice(&text).map_err(|e| {
+    serde_json::from_str(&text).map_err(|e| {
         unusable(format!(
             "oauth2_service_account_file {} is not a service account JSON key: {e}",
             path.display()
@@ -346,25 +404,34 @@ fn parse(
     secrets: &[String],
 ) -> Result<(Issued, Option<String>), TokenError> {
     if (200..300).contains(&answer.status) {
-        let ok: Success =
-            serde_json::from_slice(&answer.body).map_err(|e| TokenError::Unreachable {
-                url: url.to_string(),
-                detail: format!("HTTP {}, but not a token answer: {e}", answer.status),
-                fix: advice::unreachable(url),
-            })?;
+        let unusable = |detail: String| TokenError::Unusable {
+            url: url.to_string(),
+            detail,
+            fix: advice::not_a_token_answer(),
+        };
+        let ok: Success = serde_json::from_slice(&answer.body).map_err(|e| {
+            unusable(format!(
+                "HTTP {}, but not a token answer: {e}",
+                answer.status
+            ))
+        })?;
         if ok.access_token.is_empty() {
-            return Err(TokenError::Unreachable {
-                url: url.to_string(),
-                detail: "the answer's access_token is empty".into(),
-                fix: advice::unreachable(url),
-            });
+            return Err(unusable("the answer's access_token is empty".into()));
+        }
+        // It goes into "user=..\x01auth=Bearer ..\x01\x01": a control
+        // character or a space would change what the upstream reads.
+        if !ok.access_token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(unusable(
+                "the answer's access_token is not a bearer token (it holds spaces, control or non-ASCII characters)".into(),
+            ));
         }
         let secs = match &ok.expires_in {
             Some(serde_json::Value::Number(n)) => n.as_u64(),
             Some(serde_json::Value::String(t)) => t.trim().parse().ok(),
             _ => None,
         }
-        .unwrap_or(DEFAULT_LIFETIME_SECS);
+        .unwrap_or(DEFAULT_LIFETIME_SECS)
+        .min(MAX_LIFETIME_SECS);
         let refresh = ok.refresh_token.filter(|r| !r.is_empty());
         return Ok((
             Issued {
@@ -473,8 +540,14 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+        // Written 0644 by umask: others lose their read bit, the group
+        // (through which the daemon's user may read it) keeps its own.
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o077, 0, "only the owner may read it: {mode:o}");
+        assert_eq!(mode & 0o777, 0o640, "others may not read it: {mode:o}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        replace_file(&path, "newer-token").unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the owner may read it: {mode:o}");
     }
 }

@@ -11,7 +11,9 @@
 //! request is not repeated before a backoff has passed (connections asking
 //! meanwhile get the same error at once), and it is logged once, with the
 //! provider's error and what to change. Times come from the daemon's
-//! [`Clock`], so tests walk through token lifetimes in milliseconds.
+//! [`Clock`], so tests walk through token lifetimes in milliseconds; its
+//! monotonic reading, so a step of the wall clock neither keeps an expired
+//! token nor stretches a backoff.
 //!
 //! Submodules: `settings` (the `oauth2_*` keys and their checks), `grant`
 //! (the three token requests and the provider's answer), `endpoint` (the
@@ -26,7 +28,11 @@
 //! endpoint is reached over TLS only (ring provider, certificate verified
 //! against the system roots or `oauth2_ca_file`). A new refresh token
 //! replaces the file atomically (temporary file, fsync, rename, fsync the
-//! directory), so a crash never leaves it empty or half written.
+//! directory), so a crash never leaves it empty or half written; the new
+//! file keeps the old one's owner and group (`relayq check` may run as
+//! root), and a symlink in its place is replaced, never written through.
+//! A token answer with anything but visible ASCII in its token is refused:
+//! the token goes into the XOAUTH2 string, whose fields \x01 separates.
 
 pub mod advice;
 mod endpoint;
@@ -61,7 +67,7 @@ pub fn margin(lifetime_ms: u64) -> u64 {
 #[derive(Clone)]
 pub struct AccessToken {
     secret: Arc<str>,
-    /// When it was issued and when it expires (the clock's unix ms).
+    /// When it was issued and when it expires ([`Clock::monotonic_ms`]).
     pub obtained_ms: u64,
     pub expires_ms: u64,
 }
@@ -102,6 +108,14 @@ pub enum TokenError {
         detail: String,
         fix: String,
     },
+    /// It answered, but with no usable token (not a token endpoint, or
+    /// something in the way).
+    #[error("token endpoint {url} gave no usable answer: {detail}")]
+    Unusable {
+        url: String,
+        detail: String,
+        fix: String,
+    },
     /// The provider answered with an OAuth2 error.
     #[error("token endpoint {url} refused: {code}: {description}")]
     Refused {
@@ -117,6 +131,7 @@ impl TokenError {
         match self {
             TokenError::Local { fix, .. }
             | TokenError::Unreachable { fix, .. }
+            | TokenError::Unusable { fix, .. }
             | TokenError::Refused { fix, .. } => fix,
         }
     }
@@ -125,7 +140,8 @@ impl TokenError {
 /// What [`TokenSource::status`] shows: no secret in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenStatus {
-    /// When the token in memory expires, if there is one.
+    /// When the token in memory expires ([`Clock::monotonic_ms`]), if there
+    /// is one.
     pub expires_ms: Option<u64>,
     /// The last request's error, while it stands.
     pub error: Option<String>,
@@ -141,6 +157,8 @@ struct State {
     /// Failed requests in a row (the backoff doubles with each).
     failures: u32,
     requests: u64,
+    /// Where the last request went, once one was sent.
+    url: Option<String>,
 }
 
 /// The token of one relay, shared by its connections.
@@ -185,9 +203,14 @@ impl TokenSource {
         &self.settings
     }
 
-    /// The endpoint tokens come from.
+    /// The endpoint tokens come from: where the last request went, else
+    /// where the settings say (a service account's key file may name
+    /// another, known once it is read).
     pub fn token_url(&self) -> String {
-        self.settings.token_url()
+        self.state()
+            .url
+            .clone()
+            .unwrap_or_else(|| self.settings.token_url())
     }
 
     /// A token good for a login now: the one in memory, or a new one.
@@ -212,7 +235,7 @@ impl TokenSource {
         rejected: &AccessToken,
     ) -> Result<Option<AccessToken>, TokenError> {
         let mut grant = self.flight.lock().await;
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         {
             let mut st = self.state();
             if let Some(current) = &st.token
@@ -256,7 +279,7 @@ impl TokenSource {
     }
 
     fn cached_fresh(&self) -> Option<AccessToken> {
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         self.state().token.clone().filter(|t| t.fresh(now))
     }
 
@@ -264,7 +287,7 @@ impl TokenSource {
     /// of a failed one is still running. A token still valid, though
     /// within its margin, is used while the endpoint fails.
     async fn request(&self, grant: &mut grant::Grant) -> Result<AccessToken, TokenError> {
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
         let still_valid = {
             let st = self.state();
             let valid = st.token.clone().filter(|t| now < t.expires_ms);
@@ -277,20 +300,26 @@ impl TokenSource {
         };
         self.state().requests += 1;
         let result = grant.request(&self.settings, &self.label).await;
-        let now = self.clock.now_ms();
+        let now = self.clock.monotonic_ms();
+        let url = grant
+            .url
+            .clone()
+            .unwrap_or_else(|| self.settings.token_url());
         let mut st = self.state();
+        st.url = Some(url.clone());
         match result {
             Ok(issued) => {
                 let token = AccessToken {
                     secret: issued.access_token.into(),
                     obtained_ms: now,
-                    expires_ms: now.saturating_add(issued.expires_in.as_millis() as u64),
+                    expires_ms: now.saturating_add(
+                        u64::try_from(issued.expires_in.as_millis()).unwrap_or(u64::MAX),
+                    ),
                 };
                 tracing::debug!(
                     target: "relayq::delivery",
-                    "{}: new OAuth2 token from {}, valid for {}s",
+                    "{}: new OAuth2 token from {url}, valid for {}s",
                     self.label,
-                    self.token_url(),
                     issued.expires_in.as_secs()
                 );
                 st.token = Some(token.clone());

@@ -208,7 +208,49 @@ pub fn check_config(relay: &RelayConfig) -> Result<(), (&'static str, String)> {
             "set only one of oauth2_client_secret_file and oauth2_client_secret_env".into(),
         ));
     }
+    if let Some(v) = &relay.oauth2_client_secret_env
+        && !crate::config::is_env_name(v)
+    {
+        return Err((
+            "oauth2_client_secret_env",
+            crate::config::NOT_AN_ENV_NAME.into(),
+        ));
+    }
+    // A relative path is the secret itself pasted into the key more often
+    // than a path (relayq runs from /): said without showing it.
+    for (key, path) in [
+        (
+            "oauth2_client_secret_file",
+            &relay.oauth2_client_secret_file,
+        ),
+        (
+            "oauth2_refresh_token_file",
+            &relay.oauth2_refresh_token_file,
+        ),
+        (
+            "oauth2_service_account_file",
+            &relay.oauth2_service_account_file,
+        ),
+    ] {
+        if path.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err((
+                key,
+                "must be the absolute path of the file holding the secret (e.g. /etc/relayq/oauth2-secret), not the secret itself; the value is not shown here in case it is".into(),
+            ));
+        }
+    }
     if let Some(url) = &relay.oauth2_token_url {
+        if url
+            .parse::<hyper::Uri>()
+            .ok()
+            .and_then(|u| u.authority().map(|a| a.as_str().contains('@')))
+            .unwrap_or(url.contains('@'))
+        {
+            return Err((
+                "oauth2_token_url",
+                "must not hold a user name or password (user:password@host): the token request is authenticated by the oauth2_* keys; the URL is not shown here as it holds a secret".into(),
+            ));
+        }
         let ok = url
             .strip_prefix("https://")
             .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));

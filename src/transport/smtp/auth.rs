@@ -10,7 +10,8 @@
 //! # Security
 //! The secret is written only base64-encoded inside AUTH exchanges, logged as
 //! `<redacted>`, and scrubbed (with every encoded form we sent) from any
-//! upstream text that ends up in an error, in case a server echoes it.
+//! upstream text that ends up in an error or a log line, in case a server
+//! echoes it; a 334 challenge that repeats it (in base64) is not logged.
 //! The caller ensures the stream is TLS before calling in here.
 
 use std::time::Duration;
@@ -187,7 +188,10 @@ impl Exchange<'_> {
         if reply.code != 334 {
             return expect_success(reply);
         }
-        tracing::debug!("XOAUTH2 error: {}", decode_challenge_text(&reply));
+        tracing::debug!(
+            "XOAUTH2 error: {}",
+            scrub_text(decode_challenge_text(&reply), &self.sent)
+        );
         let reply = self
             .send("\r\n", "(empty line after XOAUTH2 error)")
             .await?;
@@ -204,7 +208,11 @@ impl Exchange<'_> {
         self.wire
             .write(line.as_bytes(), shown, Stage::Auth, self.limit)
             .await?;
-        let reply = self.wire.read_reply(Stage::Auth, self.limit).await?;
+        let reply = self
+            .wire
+            .read_reply_unlogged(Stage::Auth, self.limit)
+            .await?;
+        tracing::trace!("< {}", self.shown(&reply));
         if reply.code == 421 {
             return Err(SmtpError::Rejected {
                 stage: Stage::Auth,
@@ -212,6 +220,21 @@ impl Exchange<'_> {
             });
         }
         Ok(reply)
+    }
+}
+
+impl Exchange<'_> {
+    /// A reply as the log may show it: without what we sent, and a 334
+    /// challenge that repeats it (in base64, where no text search finds
+    /// it) not at all.
+    fn shown(&self, reply: &Reply) -> String {
+        if reply.code == 334 {
+            let decoded = decode_challenge_text(reply);
+            if scrub_text(decoded.clone(), &self.sent) != decoded {
+                return "334 <a challenge repeating our credentials>".into();
+            }
+        }
+        scrub_text(reply.one_line(), &self.sent)
     }
 }
 
@@ -267,13 +290,16 @@ fn cram_md5_digest(secret: &[u8], challenge: &[u8]) -> String {
 }
 
 /// Removes anything we sent from upstream text quoted in an error.
+/// `text` with every secret-bearing string we sent replaced.
+fn scrub_text(mut text: String, sent: &[String]) -> String {
+    for secret in sent.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret.as_str(), "<redacted>");
+    }
+    text
+}
+
 fn scrub_error(err: SmtpError, sent: &[String]) -> SmtpError {
-    let scrub_text = |mut text: String| {
-        for secret in sent.iter().filter(|s| !s.is_empty()) {
-            text = text.replace(secret.as_str(), "<redacted>");
-        }
-        text
-    };
+    let scrub_text = |text: String| scrub_text(text, sent);
     let scrub_reply = |reply: Reply| Reply::new(reply.code, scrub_text(reply.text));
     match err {
         SmtpError::AuthRejected { reply } => SmtpError::AuthRejected {

@@ -157,17 +157,25 @@ impl Wire {
         stage: Stage,
         limit: Duration,
     ) -> Result<Reply, SmtpError> {
-        let reply = match timeout(limit, self.read_reply_untimed(stage)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(SmtpError::Timeout {
-                    stage,
-                    after: limit,
-                });
-            }
-        };
+        let reply = self.read_reply_unlogged(stage, limit).await?;
         tracing::trace!("< {}", reply.one_line());
         Ok(reply)
+    }
+
+    /// [`Wire::read_reply`] for a caller that logs the reply itself (AUTH,
+    /// whose replies may repeat a secret).
+    pub(super) async fn read_reply_unlogged(
+        &mut self,
+        stage: Stage,
+        limit: Duration,
+    ) -> Result<Reply, SmtpError> {
+        match timeout(limit, self.read_reply_untimed(stage)).await {
+            Ok(result) => result,
+            Err(_) => Err(SmtpError::Timeout {
+                stage,
+                after: limit,
+            }),
+        }
     }
 
     async fn read_reply_untimed(&mut self, stage: Stage) -> Result<Reply, SmtpError> {

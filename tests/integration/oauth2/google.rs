@@ -12,7 +12,7 @@ pub(super) const GOOGLE_CLIENT_SECRET: &str = "GOCSPX-relayq-g00gle-s3cret";
 
 /// Writes a service account JSON key file as Google's console makes it;
 /// returns its path and the private key.
-fn service_account_file(s: &Setup) -> (PathBuf, String) {
+pub(super) fn service_account_file(s: &Setup) -> (PathBuf, String) {
     let (private_key, public_key) = service_account_keys(s.path());
     s.endpoint
         .set_service_account(SA_EMAIL, &public_key, &[MAILBOX]);

@@ -14,7 +14,8 @@
 //!
 //! Errors are answered the providers' way (`invalid_client` with an
 //! AADSTS code for Microsoft, Google's sentences), and faults can be set
-//! ([`Fault`]): forced `invalid_client`/`invalid_grant`, 503, slow answers.
+//! ([`Fault`]): forced `invalid_client`/`invalid_grant`, 503, slow answers,
+//! any answer at all.
 //! Every request is counted. Issued access tokens go into a [`TokenCheck`]
 //! the fake upstream (and, through a file, aiosmtpd) accepts;
 //! [`TokenEndpoint::expire_all`] expires them. Listens on 127.0.0.1 only.
@@ -54,6 +55,9 @@ pub enum Fault {
     Unavailable,
     /// Answers (normally) only after this long.
     Slow(Duration),
+    /// Every request gets this status and body, as they are (a broken or
+    /// hostile endpoint).
+    Answer(u16, &'static str),
 }
 
 /// One request as the endpoint saw it (no secrets kept here).
@@ -379,6 +383,13 @@ async fn answer(
         }
         Fault::InvalidClient => return invalid_client(microsoft),
         Fault::InvalidGrant => return invalid_grant(microsoft),
+        Fault::Answer(status, body) => {
+            return Response::builder()
+                .status(status)
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .expect("response");
+        }
         Fault::None | Fault::Slow(_) => {}
     }
     let grant = get("grant_type").unwrap_or_default();

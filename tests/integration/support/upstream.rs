@@ -128,6 +128,9 @@ pub struct Script {
     /// Replaces the reply to a failed AUTH ("535 5.7.3 ..." as Microsoft
     /// says it); XOAUTH2 then gets no JSON challenge first.
     pub auth_failure: Option<(u16, String)>,
+    /// A refused AUTH's replies repeat the secret the client sent (a
+    /// careless server): in XOAUTH2's JSON challenge and in the final reply.
+    pub auth_echo: bool,
     /// Recipients taken per transaction; more get "452 4.5.3 Too many
     /// recipients" (RFC 5321 4.5.3.1.10).
     pub max_rcpts: Option<usize>,
@@ -160,6 +163,7 @@ impl Default for Script {
             auth: None,
             auth_tokens: None,
             auth_failure: None,
+            auth_echo: false,
             max_rcpts: None,
             chunking: false,
             max_sessions: None,

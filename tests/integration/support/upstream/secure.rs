@@ -103,6 +103,12 @@ impl Script {
         self.auth_failure = Some((code, text.to_string()));
         self
     }
+
+    /// Repeat the secret the client sent in the replies to a failed AUTH.
+    pub fn echo_auth(mut self) -> Self {
+        self.auth_echo = true;
+        self
+    }
 }
 
 /// The bearer tokens an upstream accepts: shared with the fake token
@@ -374,19 +380,33 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .std_reply(script, 501, "5.5.2", "Cannot decode the response")
                 .await;
         }
+        let echo = match (&decoded, script.auth_echo) {
+            (Some((_, secret)), true) => format!(" (you sent {secret})"),
+            _ => String::new(),
+        };
         if let Some((code, text)) = &script.auth_failure {
-            return self.reply(*code, text).await;
+            return self.reply(*code, &format!("{text}{echo}")).await;
         }
         if mechanism == "XOAUTH2" {
             // Google's way: an error as a base64 JSON challenge; the client
             // answers with an empty line and then gets the final reply.
-            let error = BASE64.encode(
-                br#"{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"}"#,
-            );
+            let detail = if echo.is_empty() {
+                String::new()
+            } else {
+                format!(r#","detail":"{echo}""#)
+            };
+            let error = BASE64.encode(format!(
+                r#"{{"status":"401","schemes":"Bearer","scope":"https://mail.google.com/"{detail}}}"#
+            ));
             self.challenge(&error).await?;
         }
-        self.std_reply(script, 535, "5.7.8", "Authentication credentials invalid")
-            .await
+        self.std_reply(
+            script,
+            535,
+            "5.7.8",
+            &format!("Authentication credentials invalid{echo}"),
+        )
+        .await
     }
 
     fn note_auth(&self, mechanism: &str, username: &str, ok: bool) {
