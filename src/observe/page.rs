@@ -358,6 +358,15 @@ mod tests {
             last_error: None,
             connections: 0,
             max_connections: 4,
+            concurrency: 3,
+            adaptive: true,
+            concurrency_change: Some(crate::routing::concurrency::Change {
+                at_ms: now - 9_000,
+                from: 4,
+                to: 3,
+                reason: crate::routing::concurrency::Reason::Refused,
+                text: "4 -> 3: the relay refused one more connection (421 <too many>)".into(),
+            }),
             limits: Vec::new(),
         };
         let mut down = relay("down<b>", "down");
@@ -412,6 +421,11 @@ mod tests {
             "{routing}"
         );
         assert!(routing.contains(">up</td>"), "{routing}");
+        assert!(
+            routing.contains("0 open; concurrency 3 of at most 4 (adaptive): 4 -&gt; 3: the relay refused one more connection (421 &lt;too many&gt;), <time datetime=\""),
+            "{routing}"
+        );
+        assert!(routing.contains("9s ago</time>"), "{routing}");
     }
 
     #[test]
