@@ -17,6 +17,7 @@ mod interop;
 mod oauth2;
 mod observe;
 mod pipelining;
+mod postfix_sink;
 mod queue;
 mod readme;
 mod relay;

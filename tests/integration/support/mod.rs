@@ -9,6 +9,7 @@ pub mod http;
 pub mod netns;
 pub mod peers;
 pub mod pki;
+pub mod postfix;
 pub mod readme;
 pub mod redis_server;
 pub mod token_endpoint;
