@@ -5,7 +5,11 @@
 //! It starts an in-process SMTP sink as the upstream, starts relayq (the
 //! `relayq` binary next to this one) relaying to it, and drives SMTP load
 //! from its own client (the same client for both systems, one command at a
-//! time like Postfix's smtp-source). Only 127.0.0.1 is used.
+//! time like Postfix's smtp-source). Only 127.0.0.1 is used. `--far` (or
+//! `--only far`) adds the far-upstream mode (`far`): a delay proxy in front
+//! of the sink.
+
+mod far;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -65,6 +69,32 @@ struct Args {
     /// deliveries to one destination).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Also run the far-upstream mode (a delay proxy in front of the sink;
+    /// both systems at their defaults).
+    #[arg(long)]
+    far: bool,
+    /// Far mode: the round trip the proxy adds, in ms (a list runs each).
+    #[arg(long, default_value = "50")]
+    rtt_ms: String,
+    /// Far mode: the burst, messages and sessions.
+    #[arg(long, default_value_t = 2000)]
+    far_messages: usize,
+    #[arg(long, default_value_t = 20)]
+    far_sessions: usize,
+    /// Far mode: the sinks, any of smtp (the bench's sink), limit3 (the
+    /// same, 421 to a 4th connection), chunking (Postfix's smtpd).
+    #[arg(long, default_value = "smtp,limit3,chunking")]
+    far_upstreams: String,
+    /// Far mode: how long a system may take to drain the burst (Postfix
+    /// defers what a relay refuses and retries it minutes later).
+    #[arg(long, default_value_t = 900)]
+    far_timeout_s: u64,
+}
+
+impl Args {
+    fn far_timeout(&self) -> Duration {
+        Duration::from_secs(self.far_timeout_s)
+    }
 }
 
 #[derive(Default, Clone)]
@@ -90,6 +120,11 @@ fn main() -> anyhow::Result<()> {
         args.slow_messages = 20;
         args.slow_delay_ms = 5;
         args.scale = args.scale.min(300);
+        args.far = true;
+        args.far_messages = 60;
+        args.far_sessions = 5;
+        args.rtt_ms = "5".into();
+        args.far_timeout_s = 120;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -105,7 +140,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             println!("\nbench: ok");
             return Ok(());
         }
-        Some(other) => bail!("--only {other:?}: the only part that runs alone is \"slow\""),
+        Some("far") => {
+            far::far(&args).await?;
+            println!("\nbench: ok");
+            return Ok(());
+        }
+        Some(other) => bail!("--only {other:?}: the parts that run alone are \"slow\" and \"far\""),
     }
     println!(
         "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session; relayq delivers over {} connections",
@@ -188,6 +228,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     slow_upstream(&args).await?;
+    if args.far {
+        far::far(&args).await?;
+    }
     if args.scale > 0 {
         scale(&args).await?;
     }
@@ -249,15 +292,36 @@ struct Sink {
 }
 
 async fn sink(delay: Duration, pipelining: bool) -> anyhow::Result<Sink> {
+    limited_sink(delay, pipelining, None).await
+}
+
+/// [`sink`], serving at most `max_sessions` connections at once: one more
+/// gets "421 4.7.0 Too many concurrent SMTP connections", as providers
+/// answer.
+async fn limited_sink(
+    delay: Duration,
+    pipelining: bool,
+    max_sessions: Option<usize>,
+) -> anyhow::Result<Sink> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
+        while let Ok((mut s, _)) = listener.accept().await {
             let c = c.clone();
+            let active = active.clone();
+            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::spawn(async move {
-                let _ = sink_session(s, c, delay, pipelining).await;
+                if max_sessions.is_some_and(|max| now > max) {
+                    let _ = s
+                        .write_all(b"421 4.7.0 Too many concurrent SMTP connections\r\n")
+                        .await;
+                } else {
+                    let _ = sink_session(s, c, delay, pipelining).await;
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
@@ -470,9 +534,11 @@ fn relayq_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// relayq relaying to `upstream`; `concurrency`: a fixed number of
+/// connections, or `None` for relayq's default (adaptive).
 fn start_relayq(
     upstream: SocketAddr,
-    concurrency: usize,
+    concurrency: Option<usize>,
     extra: &str,
     dir: Option<tempfile::TempDir>,
 ) -> anyhow::Result<Relayq> {
@@ -481,10 +547,13 @@ fn start_relayq(
         None => tempfile::tempdir()?,
     };
     let config = format!(
-        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1000\n{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconcurrency = {concurrency}\n",
+        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1000\n{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\n{}",
         dir.path().join("spool").display(),
         upstream.ip(),
-        upstream.port()
+        upstream.port(),
+        concurrency
+            .map(|n| format!("concurrency = {n}\n"))
+            .unwrap_or_default()
     );
     let path = dir.path().join("relayq.toml");
     std::fs::write(&path, config)?;
@@ -579,7 +648,7 @@ async fn measure(
 
 async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
     let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq(sink.addr, args.concurrency, "", None)?;
+    let mut r = start_relayq(sink.addr, Some(args.concurrency), "", None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = Probe {
@@ -610,7 +679,7 @@ async fn slow_upstream(args: &Args) -> anyhow::Result<()> {
         args.slow_delay_ms
     );
     let s = sink(delay, true).await?;
-    let r = start_relayq(s.addr, c, "", None)?;
+    let r = start_relayq(s.addr, Some(c), "", None)?;
     let (_, _) = accept_load(r.addr, 4, n, args.size).await?;
     let t = Instant::now();
     wait_count(&s.count, n as u64, Duration::from_secs(600)).await?;
@@ -654,7 +723,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // A port with nothing listening: bind, note it, close.
     let down = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let dir = tempfile::tempdir()?;
-    let r = start_relayq(down, 4, "", Some(dir))?;
+    let r = start_relayq(down, Some(4), "", Some(dir))?;
     let pid = r.child.id();
     let base = rss_kb(pid).unwrap_or(0);
     let t = Instant::now();
@@ -674,7 +743,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     drop(r);
     let sink = sink(Duration::ZERO, true).await?;
     let t = Instant::now();
-    let r2 = start_relayq(sink.addr, 4, "", Some(dir))?;
+    let r2 = start_relayq(sink.addr, Some(4), "", Some(dir))?;
     println!(
         "restart with {n} queued: accepting after {:.2} s",
         t.elapsed().as_secs_f64()
@@ -725,16 +794,7 @@ async fn bench_postfix(args: &Args) -> anyhow::Result<Figures> {
 /// Installs Postfix if needed and configures it as a loopback null client
 /// relaying to `sink`, listening on port 2625. Returns the port.
 fn setup_postfix(sink: SocketAddr) -> anyhow::Result<u16> {
-    if !Path::new("/usr/sbin/postfix").exists() {
-        println!("installing postfix (apt-get)...");
-        let sel = Command::new("sh")
-            .arg("-c")
-            .arg("echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null")
-            .status()?;
-        if !sel.success() {
-            bail!("apt-get install postfix failed");
-        }
-    }
+    install_postfix()?;
     let _ = Command::new("postfix").arg("stop").output();
     let port = 2625;
     let main_cf = format!(
@@ -770,6 +830,21 @@ fn setup_postfix(sink: SocketAddr) -> anyhow::Result<u16> {
         );
     }
     Ok(port)
+}
+
+/// Installs Debian's postfix (without a system configuration) unless it is.
+fn install_postfix() -> anyhow::Result<()> {
+    if !Path::new("/usr/sbin/postfix").exists() {
+        println!("installing postfix (apt-get)...");
+        let sel = Command::new("sh")
+            .arg("-c")
+            .arg("echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null")
+            .status()?;
+        if !sel.success() {
+            bail!("apt-get install postfix failed");
+        }
+    }
+    Ok(())
 }
 
 fn postfix_pids() -> Vec<u32> {
