@@ -10,7 +10,15 @@
 //! refusal of our login or no OAuth2 token is it refusing us (both pause
 //! it at once), and anything
 //! the relay said about the message, a permanent refusal included, means
-//! it is up.
+//! it is up. (While other connections to the relay work, the router takes
+//! a refused or unanswered connection as pushback on its concurrency
+//! instead: see `routing::concurrency`; [`NotReady::no_answer`] and the
+//! pool's count of established connections tell it.)
+//!
+//! To a relay that offers CHUNKING with PIPELINING, [`RelaySender::push`]
+//! writes whole messages one behind the other and
+//! [`RelaySender::settle_pushed`] reads each one's replies in turn (the
+//! window is the router's: `routing::follow`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

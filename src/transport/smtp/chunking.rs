@@ -3,7 +3,7 @@
 //!
 //! With DATA every message waits for a 354 before its body can go, so even
 //! pipelined (see `pipeline`) a connection carries one message per round
-//! trip. BDAT needs no go-ahead: "BDAT <size> LAST" is followed at once by
+//! trip. BDAT needs no go-ahead: `BDAT <size> LAST` is followed at once by
 //! the message's exact bytes, so a message's MAIL, RCPTs, BDAT and body go
 //! out in one write, and the next message's right behind it, before any
 //! reply came back. [`Connection::send_chunked`] writes one such
