@@ -6,21 +6,19 @@
 //! controller's decisions step by step, with an injected clock, are unit
 //! tests in `src/routing/concurrency.rs`.)
 
-use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::support::client::{queue_id, send_mail};
+use crate::pipelining::{arrived_once, queue_then_flow_with};
 use crate::support::daemon::Daemon;
 use crate::support::http::{get, status_addr};
 use crate::support::upstream::{FakeUpstream, Script};
 
-const WAIT: Duration = Duration::from_secs(60);
-
 /// Adaptive (no `concurrency` key), with `extra` in `[relay]`.
-fn config(up: &FakeUpstream, extra: &str) -> String {
+fn config(port: u16, extra: &str) -> String {
     format!(
         "hostname = \"relayq.test\"\nstatus_listen = \"127.0.0.1:0\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"5s\"\nidle_timeout = \"60s\"\n{extra}\n",
-        up.port()
+        port
     )
 }
 
@@ -31,31 +29,15 @@ async fn backlog(
     extra: &str,
     script: Script,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
-    let up = FakeUpstream::start().await;
-    let d = Daemon::start(&config(&up, extra));
-    let addr = up.addr();
-    up.stop().await;
-    let mut ids = Vec::new();
-    for i in 0..n {
-        let body = format!("Subject: backlog {i}\r\n\r\nmessage {i}\r\n");
-        let r = send_mail(
-            d.addr,
-            "app@example.com",
-            &["bob@example.net"],
-            body.as_bytes(),
-        )
-        .await;
-        assert!(r.starts_with("250"), "{r}");
-        ids.push(queue_id(&r));
-    }
-    for id in &ids {
-        d.wait_log(&format!("{id}: to=<"), WAIT);
-    }
-    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
-    up.set_script(script);
-    let mark = d.log_mark();
-    d.flush();
-    (d, up, ids, mark)
+    let config = |addr: SocketAddr| config(addr.port(), extra);
+    queue_then_flow_with(
+        config,
+        n,
+        script,
+        |_| "app@example.com",
+        |_| vec!["bob@example.net"],
+    )
+    .await
 }
 
 /// The relay's line of `queue list --json`.
@@ -69,23 +51,6 @@ fn relay_state(d: &Daemon) -> serde_json::Value {
     serde_json::from_str(line).unwrap()
 }
 
-fn each_once(up: &FakeUpstream, n: usize) {
-    let got = up.messages();
-    let subjects: HashSet<String> = got
-        .iter()
-        .map(|m| {
-            let text = m.text();
-            let subject = text.lines().find(|l| l.starts_with("Subject: "));
-            subject.unwrap_or("").to_string()
-        })
-        .collect();
-    assert_eq!(
-        (got.len(), subjects.len()),
-        (n, n),
-        "each message exactly once"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
     let n = 60;
@@ -93,10 +58,7 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
         .max_sessions(3)
         .reply_delay(Duration::from_millis(5));
     let (d, up, ids, mark) = backlog(n, "", script).await;
-    for id in &ids {
-        d.wait_log(&format!("{id}: removed"), WAIT);
-    }
-    each_once(&up, n);
+    arrived_once(&d, &up, &ids);
     let after = d.log()[mark..].to_string();
     assert!(!after.contains("status=bounced"), "{after}");
     assert!(
@@ -166,10 +128,7 @@ async fn concurrency_grows_while_mail_waits_up_to_max_connections() {
     // drain faster, so relayq opens them, but never more than 7.
     let script = Script::default().reply_delay(Duration::from_millis(10));
     let (d, up, ids, mark) = backlog(n, "max_connections = 7", script).await;
-    for id in &ids {
-        d.wait_log(&format!("{id}: removed"), WAIT);
-    }
-    each_once(&up, n);
+    arrived_once(&d, &up, &ids);
     let after = d.log()[mark..].to_string();
     assert!(!after.contains("status=deferred"), "{after}");
     assert!(

@@ -195,15 +195,15 @@ async fn refusals_inside_the_window_belong_to_their_own_message() {
     assert_eq!(five.data.unwrap().text, "2.0.0 five");
 }
 
-#[tokio::test]
-async fn a_dropped_line_leaves_what_was_answered_answered() {
+/// Three messages written before any reply; the server sends `replies`
+/// and hangs up.
+async fn three_then(replies: &str) -> (Connection, [Chunked; 3]) {
     let script = Script::default()
         .hello(STREAMING)
         .rx(&first("one\r\n"))
         .rx(&behind("a@x.test", &["b@y.test"], "two\r\n"))
         .rx(&behind("a@x.test", &["b@y.test"], "three\r\n"))
-        // The first is answered; the line drops in the second's replies.
-        .tx("250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 ok\r\n250 ok\r\n")
+        .tx(replies)
         .close();
     let server = TestServer::start(script).await;
     let mut conn = Connection::open(&client(server.addr)).await.unwrap();
@@ -211,6 +211,14 @@ async fn a_dropped_line_leaves_what_was_answered_answered() {
     let b = push(&mut conn, "a@x.test", &["b@y.test"], b"two\r\n").await;
     let c = push(&mut conn, "a@x.test", &["b@y.test"], b"three\r\n").await;
     server.finish().await;
+    (conn, [a, b, c])
+}
+
+#[tokio::test]
+async fn a_dropped_line_leaves_what_was_answered_answered() {
+    // The first is answered; the line drops in the second's replies.
+    let (mut conn, [a, b, c]) =
+        three_then("250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 ok\r\n250 ok\r\n").await;
     assert_eq!(
         conn.settle_chunked(a).await.unwrap().data.unwrap().text,
         "2.0.0 one"
@@ -234,19 +242,10 @@ async fn a_dropped_line_leaves_what_was_answered_answered() {
 
 #[tokio::test]
 async fn a_421_in_the_window_answers_that_message_and_ends_the_stream() {
-    let script = Script::default()
-        .hello(STREAMING)
-        .rx(&first("one\r\n"))
-        .rx(&behind("a@x.test", &["b@y.test"], "two\r\n"))
-        .rx(&behind("a@x.test", &["b@y.test"], "three\r\n"))
-        .tx("250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 ok\r\n421 4.7.0 too many messages, closing\r\n")
-        .close();
-    let server = TestServer::start(script).await;
-    let mut conn = Connection::open(&client(server.addr)).await.unwrap();
-    let a = push(&mut conn, "a@x.test", &["b@y.test"], b"one\r\n").await;
-    let b = push(&mut conn, "a@x.test", &["b@y.test"], b"two\r\n").await;
-    let c = push(&mut conn, "a@x.test", &["b@y.test"], b"three\r\n").await;
-    server.finish().await;
+    let (mut conn, [a, b, c]) = three_then(
+        "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n250 ok\r\n421 4.7.0 too many messages, closing\r\n",
+    )
+    .await;
     assert!(conn.settle_chunked(a).await.is_ok());
     let b = conn.settle_chunked(b).await.unwrap_err();
     assert!(
