@@ -8,11 +8,12 @@
 //! `max_connections` (the hard cap):
 //!
 //! - **Start** at [`INITIAL`] connections.
-//! - **Grow** while mail waits and the relay answers well: each message
-//!   delivered while every allowed connection is busy and more mail is
-//!   ready adds one connection (so the count doubles every round trip)
+//! - **Grow** while mail waits and the relay answers well: each round of a
+//!   connection (a message delivered; with BDAT streams, as many as were
+//!   in flight on it) while every allowed connection is busy and more mail
+//!   is ready adds one connection, so the count doubles every round trip,
 //!   until the first sign of pushback; after that, one connection per
-//!   round of deliveries (a round is as many deliveries as connections).
+//!   round of all of them.
 //! - **Back off** on pushback. A relay that refuses one more connection
 //!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
 //!   open has said what it allows: concurrency drops to the connections it
@@ -127,6 +128,23 @@ pub enum Pushback {
     Throttled { error: String },
 }
 
+/// A message delivered, as the concurrency sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered {
+    /// Connections in use, this one included.
+    pub busy: usize,
+    /// The time its connection spent on it, if the connection worked on
+    /// nothing else meanwhile (with several in flight, the time since the
+    /// connection's previous message was answered).
+    pub spent: Option<std::time::Duration>,
+    /// Messages in flight on its connection when it was answered, itself
+    /// included (BDAT streams carry several): that many deliveries are one
+    /// round of the connection.
+    pub in_flight: usize,
+    /// More mail is ready for the relay than its connections carry.
+    pub backlog: bool,
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Rate {
     /// Average time a connection spent per message, ms.
@@ -230,17 +248,14 @@ impl Concurrency {
         self.generation
     }
 
-    /// A message was delivered. `busy`: connections in use (this one
-    /// included); `spent`: the time its connection spent on it, if the
-    /// connection worked on nothing else meanwhile; `backlog`: more mail
-    /// is ready for the relay.
-    pub fn delivered(
-        &mut self,
-        now: u64,
-        busy: usize,
-        spent: Option<std::time::Duration>,
-        backlog: bool,
-    ) -> Option<Change> {
+    /// A message was delivered.
+    pub fn delivered(&mut self, now: u64, d: Delivered) -> Option<Change> {
+        let Delivered {
+            busy,
+            spent,
+            in_flight,
+            backlog,
+        } = d;
         if !self.adaptive {
             return None;
         }
@@ -258,10 +273,13 @@ impl Concurrency {
         if !backlog || busy < before || before >= cap {
             return None;
         }
+        // One step per round of each connection: a connection that
+        // carries several messages at once takes that many deliveries.
+        let step = 1.0 / in_flight.max(1) as f64;
         self.window += if self.window < self.threshold {
-            1.0
+            step
         } else {
-            1.0 / self.window
+            step / self.window
         };
         self.window = self.window.min(cap as f64);
         self.changed(
@@ -426,6 +444,16 @@ mod tests {
 
     const RTT: Duration = Duration::from_millis(50);
 
+    /// A message delivered on a connection carrying only it.
+    fn at(busy: usize, spent: Duration, backlog: bool) -> Delivered {
+        Delivered {
+            busy,
+            spent: Some(spent),
+            in_flight: 1,
+            backlog,
+        }
+    }
+
     /// `n` deliveries with every allowed connection busy and mail waiting,
     /// each connection spending `spent` per message.
     fn deliver(c: &mut Concurrency, clock: &Clock, n: usize, spent: Duration) -> Vec<Change> {
@@ -433,7 +461,7 @@ mod tests {
         for _ in 0..n {
             clock.advance(Duration::from_millis(1));
             let busy = c.limit();
-            changes.extend(c.delivered(clock.now_ms(), busy, Some(spent), true));
+            changes.extend(c.delivered(clock.now_ms(), at(busy, spent, true)));
         }
         changes
     }
@@ -459,15 +487,36 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_carrying_several_messages_grows_once_per_round() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        // Eight messages in flight on each connection: eight deliveries are
+        // one round of a connection, one step.
+        let streamed = Delivered {
+            busy: INITIAL,
+            spent: Some(RTT / 8),
+            in_flight: 8,
+            backlog: true,
+        };
+        for _ in 0..7 {
+            assert_eq!(c.delivered(clock.now_ms(), streamed), None);
+        }
+        assert_eq!(
+            c.delivered(clock.now_ms(), streamed).map(|ch| ch.to),
+            Some(INITIAL + 1)
+        );
+    }
+
+    #[test]
     fn no_growth_without_waiting_mail_or_with_connections_to_spare() {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(20, clock.now_ms());
         for _ in 0..50 {
             clock.advance(Duration::from_millis(10));
             // Nothing waiting.
-            assert_eq!(c.delivered(clock.now_ms(), 4, Some(RTT), false), None);
+            assert_eq!(c.delivered(clock.now_ms(), at(4, RTT, false)), None);
             // Mail waiting, but not every allowed connection is in use.
-            assert_eq!(c.delivered(clock.now_ms(), 3, Some(RTT), true), None);
+            assert_eq!(c.delivered(clock.now_ms(), at(3, RTT, true)), None);
         }
         assert_eq!(c.limit(), INITIAL);
     }
@@ -579,19 +628,19 @@ mod tests {
         // Let the rate at this level be known: 8 connections, 20/s each.
         for _ in 0..(2 * at8) {
             clock.advance(Duration::from_millis(1));
-            c.delivered(clock.now_ms(), at8, Some(RTT), false);
+            c.delivered(clock.now_ms(), at(at8, RTT, false));
         }
         // Saturated: at 16 each connection takes twice as long, so the
         // total stays the same. No back-off for that.
         for _ in 0..40 {
             clock.advance(Duration::from_millis(1));
-            assert_eq!(c.delivered(clock.now_ms(), 16, Some(RTT * 2), false), None);
+            assert_eq!(c.delivered(clock.now_ms(), at(16, RTT * 2, false)), None);
         }
         // At 24 each takes five times as long: less in total. Back off.
         let mut cut = None;
         for _ in 0..40 {
             clock.advance(Duration::from_millis(1));
-            if let Some(ch) = c.delivered(clock.now_ms(), 24, Some(RTT * 5), false) {
+            if let Some(ch) = c.delivered(clock.now_ms(), at(24, RTT * 5, false)) {
                 cut = Some(ch);
                 break;
             }

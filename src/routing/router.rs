@@ -450,13 +450,16 @@ impl Router {
             .iter()
             .any(|(_, o)| matches!(o, RcptOutcome::Delivered { .. }));
         if took && signal == Signal::Ok {
-            let backlog = match &carry {
-                Carry::Data(next) => next.is_some(),
-                Carry::Stream(flight) => !flight.is_empty(),
-                Carry::Nothing => false,
-            } || relay.pool.is_wanted()
-                || ahead.waiting();
-            relay.pool.delivered(&mut lease, backlog);
+            // Mail waits beyond what the connections carry: a message
+            // taken to go behind this one, or jobs still queued after the
+            // stream took what it could, or a message parked.
+            let (in_flight, taken) = match &carry {
+                Carry::Data(next) => (1, next.is_some()),
+                Carry::Stream(flight) => (flight.len() + 1, false),
+                Carry::Nothing => (1, false),
+            };
+            let backlog = taken || relay.pool.is_wanted() || ahead.waiting();
+            relay.pool.delivered(&mut lease, in_flight, backlog);
         }
         // A 421 on one connection while others work: fewer connections,
         // not a pause of the whole relay.

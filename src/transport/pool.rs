@@ -28,7 +28,7 @@ use crate::clock::Clock;
 use crate::config::RelayConfig;
 use crate::delivery::SchedulerHandle;
 use crate::delivery::gate::Gate;
-use crate::routing::concurrency::{Change, Concurrency, Pushback};
+use crate::routing::concurrency::{Change, Concurrency, Delivered, Pushback};
 use crate::routing::health::Signal;
 
 struct Idle {
@@ -258,15 +258,20 @@ impl RelayPool {
     }
 
     /// A message went out on `lease` and the relay took it: feeds the
-    /// concurrency. `backlog`: more mail is ready for this relay.
-    pub fn delivered(&self, lease: &mut Lease, backlog: bool) {
+    /// concurrency. `in_flight`: messages on the connection when it was
+    /// answered (itself included); `backlog`: more mail is ready for this
+    /// relay than its connections carry.
+    pub fn delivered(&self, lease: &mut Lease, in_flight: usize, backlog: bool) {
         let spent = lease.busy_since.elapsed();
         lease.busy_since = Instant::now();
-        let busy = self.busy().max(1);
+        let d = Delivered {
+            busy: self.busy().max(1),
+            spent: Some(spent),
+            in_flight,
+            backlog,
+        };
         let now = self.clock.now_ms();
-        let change = self
-            .concurrency()
-            .delivered(now, busy, Some(spent), backlog);
+        let change = self.concurrency().delivered(now, d);
         self.apply(change);
     }
 
@@ -412,14 +417,14 @@ mod tests {
         let mut leases: Vec<Lease> = (0..4).map(|_| pool.try_checkout().ok().unwrap()).collect();
         assert!(pool.try_checkout().is_err(), "four to start with");
         // Delivered with every connection busy and mail waiting: one more.
-        pool.delivered(&mut leases[0], true);
+        pool.delivered(&mut leases[0], 1, true);
         assert_eq!(pool.limit(), 5);
         assert_eq!(gate.free(), 5);
         leases.push(pool.try_checkout().ok().unwrap());
         // The relay refuses a sixth with "421 too many" while five are open:
         // four it is, and the gate shrinks with it.
         let sixth = {
-            pool.delivered(&mut leases[0], true);
+            pool.delivered(&mut leases[0], 1, true);
             pool.try_checkout().ok().unwrap()
         };
         assert_eq!(gate.free(), 6);

@@ -332,7 +332,7 @@ pub async fn far(args: &Args) -> anyhow::Result<()> {
             let mut pf = Vec::new();
             let mut settled = String::new();
             for round in 1..=args.rounds.max(1) {
-                let (run, s) = relayq_run(kind, rtt, None, args).await?;
+                let (run, s) = relayq_run(kind, rtt, args.far_concurrency, args).await?;
                 println!(
                     "  {rtt_ms} ms, {}: round {round}: relayq {:.1} msgs/s ({} in {:.2} s, at most {} connections, concurrency now {s})",
                     kind.label(),

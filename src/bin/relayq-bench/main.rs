@@ -85,6 +85,10 @@ struct Args {
     /// same, 421 to a 4th connection), chunking (Postfix's smtpd).
     #[arg(long, default_value = "smtp,limit3,chunking")]
     far_upstreams: String,
+    /// Far mode: relayq with this fixed concurrency instead of its
+    /// default (adaptive), to compare.
+    #[arg(long)]
+    far_concurrency: Option<usize>,
     /// Far mode: how long a system may take to drain the burst (Postfix
     /// defers what a relay refuses and retries it minutes later).
     #[arg(long, default_value_t = 900)]
