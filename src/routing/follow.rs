@@ -10,11 +10,14 @@
 //! Two ways, by what the relay offers:
 //!
 //! - **PIPELINING** alone (DATA): the next message's envelope goes out
-//!   behind this one's end of data (`transport::smtp::pipeline`). A message
-//!   whose envelope got 354 keeps the connection (its lease) in a
-//!   [`Follow`] while the worker records the previous one; resuming sends
-//!   its body (and maybe the next envelope). One whose envelope was refused
-//!   gets its report from the same [`Follow`], as it would have on its own.
+//!   behind this one's end of data (`transport::smtp::pipeline`). The
+//!   message keeps the connection (its lease) in a [`Follow`] while the
+//!   worker records the previous one. When its envelope's replies came
+//!   with the reply to that end of data (they usually do), its body (and
+//!   the next envelope) is written before the worker records anything, so
+//!   the round trip and the disk overlap; resuming reads the reply. One
+//!   whose envelope was refused gets its report from the same [`Follow`],
+//!   as it would have on its own.
 //! - **CHUNKING** with PIPELINING (BDAT): whole messages go out one behind
 //!   the other, up to [`STREAM_WINDOW`] unanswered (and [`STREAM_BYTES`]),
 //!   before any reply (`transport::smtp::chunking`). Each resume reads the
@@ -40,8 +43,8 @@ use super::router::{Carry, Router};
 use crate::delivery::lookahead::{Candidate, Lookahead};
 use crate::delivery::outcome::{AttemptReport, Delivery};
 use crate::transport::pool::Lease;
-use crate::transport::relay::{Answered, Outgoing, Pushed};
-use crate::transport::smtp::{Chunked, NextTxn, Opened, Pending, SmtpError, TxnReport};
+use crate::transport::relay::{Answered, Outgoing, Pushed, Wrote};
+use crate::transport::smtp::{Chunked, NextTxn, Opened, Pending, SmtpError, TxnReport, Written};
 
 /// Messages written on one connection and not yet answered, at most.
 pub const STREAM_WINDOW: usize = 8;
@@ -94,15 +97,20 @@ pub(super) struct Done {
 enum Ready {
     Open(Opened),
     Over(Result<TxnReport, SmtpError>),
+    Written(Written, Instant),
+    Reported(AttemptReport, Signal),
 }
 
 enum State {
     /// Its envelope went out behind the previous dot; replies unread.
     Pending(Pending),
-    /// 354: the relay waits for its body.
-    Open(Opened),
     /// Its envelope was answered without a go-ahead: this is its outcome.
     Over(Result<TxnReport, SmtpError>),
+    /// Its body went out (at that time), with the next message's envelope
+    /// behind its dot if `Held::Data::next` is set; the reply is unread.
+    Written(Written, Instant),
+    /// Its body could not be written: this is its outcome.
+    Reported(AttemptReport, Signal),
 }
 
 /// What a [`Follow`] holds.
@@ -112,6 +120,8 @@ enum Held {
         ahead: Box<Ahead>,
         state: State,
         since: Instant,
+        /// The message whose envelope went behind this one's written body.
+        next: Option<Box<Ahead>>,
     },
     /// BDAT: whole messages in flight, oldest first.
     Stream(Flight),
@@ -162,10 +172,10 @@ impl Follow {
                 ahead: this,
                 state,
                 since,
+                next,
             } => {
-                router
-                    .resume_data(relay, lease, *this, state, since, ahead)
-                    .await
+                let this = (*this, state, since, next);
+                router.resume_data(relay, lease, this, ahead).await
             }
             Held::Stream(flight) => router.resume_stream(relay, lease, flight, ahead).await,
         }
@@ -177,9 +187,7 @@ impl Router {
         self: &Arc<Self>,
         id: RelayId,
         mut lease: Lease,
-        this: Ahead,
-        state: State,
-        since: Instant,
+        (this, state, since, next): (Ahead, State, Instant, Option<Box<Ahead>>),
         ahead: &mut Lookahead,
     ) -> Option<Resumed> {
         let ready = match state {
@@ -194,14 +202,24 @@ impl Router {
                     return None;
                 }
             },
-            State::Open(opened) => Ready::Open(opened),
             State::Over(result) => Ready::Over(result),
+            State::Written(written, at) => Ready::Written(written, at),
+            State::Reported(report, signal) => Ready::Reported(report, signal),
         };
         let mut next_since = since;
         let (report, signal, next) = match ready {
             Ready::Over(result) => {
                 let (report, signal) = lease.sender.report_done(result, &this.cand.rcpts, since);
                 (report, signal, None)
+            }
+            Ready::Reported(report, signal) => (report, signal, None),
+            Ready::Written(written, at) => {
+                next_since = at;
+                let (report, signal, txn) = lease
+                    .sender
+                    .read_written(written, &this.cand.rcpts, since)
+                    .await;
+                (report, signal, next.map(|n| (*n, txn)))
             }
             Ready::Open(opened) => {
                 let next = if lease.sender.can_pipeline() {
@@ -376,7 +394,7 @@ impl Router {
     pub(super) async fn follow_on(
         self: &Arc<Self>,
         id: RelayId,
-        lease: Lease,
+        mut lease: Lease,
         carry: Carry,
         ahead: &mut Lookahead,
         since: Instant,
@@ -387,10 +405,21 @@ impl Router {
             Carry::Stream(flight) => Held::Stream(flight),
             Carry::Data(Some(next)) => {
                 let (this, txn) = *next;
-                let state = match txn {
-                    NextTxn::Pending(pending) => State::Pending(pending),
-                    NextTxn::Open(opened) => State::Open(opened),
-                    NextTxn::Done(result) => State::Over(result),
+                let txn = match txn {
+                    NextTxn::Pending(pending) if lease.sender.replies_arrived(&pending).await => {
+                        lease.sender.settle_next(pending).await
+                    }
+                    txn => txn,
+                };
+                let (state, behind) = match txn {
+                    NextTxn::Pending(pending) => (State::Pending(pending), None),
+                    NextTxn::Open(opened) => {
+                        // Its body goes now, before the worker records the
+                        // message before it: the disk and the wire overlap.
+                        self.write_now(id, &mut lease, &this, opened, since, ahead)
+                            .await
+                    }
+                    NextTxn::Done(result) => (State::Over(result), None),
                     NextTxn::NotSent | NextTxn::Lost(_) => {
                         log_unanswered(&this.cand.id, &txn);
                         self.give_back(id, this.ticket).await;
@@ -402,6 +431,7 @@ impl Router {
                     ahead: Box::new(this),
                     state,
                     since,
+                    next: behind,
                 }
             }
         };
@@ -412,6 +442,44 @@ impl Router {
             held,
         };
         (None, Some(follow))
+    }
+
+    /// Writes the body of `this`, whose envelope got 354, with the worker's
+    /// next ready message's envelope behind its dot: the message is then
+    /// [`State::Written`] and the one behind it is returned.
+    async fn write_now(
+        &self,
+        id: RelayId,
+        lease: &mut Lease,
+        this: &Ahead,
+        opened: Opened,
+        since: Instant,
+        ahead: &mut Lookahead,
+    ) -> (State, Option<Box<Ahead>>) {
+        let next = if lease.sender.can_pipeline() {
+            self.look_ahead(id, ahead).await
+        } else {
+            None
+        };
+        let at = Instant::now();
+        let behind = next.as_ref().map(Ahead::outgoing);
+        match lease
+            .sender
+            .write_opened(opened, this.outgoing(), behind, since)
+            .await
+        {
+            Wrote::Yes(written) => (State::Written(written, at), next.map(Box::new)),
+            Wrote::No(report, signal, txn) => {
+                if let Some(next) = next {
+                    // Its envelope never went out, or went out on a line
+                    // that failed: nothing of it was taken.
+                    log_unanswered(&next.cand.id, &txn);
+                    self.give_back(id, next.ticket).await;
+                    ahead.hand_back(next.cand);
+                }
+                (State::Reported(report, signal), None)
+            }
+        }
     }
 
     /// A message sent on a streaming connection ([`Router::attempt`]): it,

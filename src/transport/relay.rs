@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use super::oauth2::TokenSource;
 use super::smtp::{
     AuthMechanism, Chunked, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened,
-    Pending, Reply, Secret, SmtpError, Streamed, TlsMode, TlsOptions, TxnReport,
+    Pending, Reply, Secret, SmtpError, Streamed, TlsMode, TlsOptions, TxnReport, Written,
 };
 use crate::config::{AuthMechanismConfig, Config, RelayConfig, TlsModeConfig};
 use crate::delivery::outcome::{AttemptReport, RcptOutcome};
@@ -71,6 +71,16 @@ pub enum Pushed {
     /// the stream, its report is known without the relay, or the stream
     /// broke).
     Back,
+}
+
+/// What [`RelaySender::write_opened`] did.
+pub enum Wrote {
+    /// The body is on its way; read its reply with
+    /// [`RelaySender::read_written`].
+    Yes(Written),
+    /// The write failed: the message's report, and what became of the
+    /// envelope that was to go behind it.
+    No(AttemptReport, Signal, NextTxn),
 }
 
 /// A streamed message once its turn came ([`RelaySender::settle_pushed`]).
@@ -519,26 +529,68 @@ impl RelaySender {
         next: Option<Outgoing<'_>>,
         since: Instant,
     ) -> (AttemptReport, Signal, NextTxn) {
+        match self.write_opened(opened, msg, next, since).await {
+            Wrote::Yes(written) => self.read_written(written, msg.rcpts, since).await,
+            Wrote::No(report, signal, next) => (report, signal, next),
+        }
+    }
+
+    /// The first half of [`RelaySender::transmit_opened`]: the body (and
+    /// `next`'s envelope) written, the reply not awaited.
+    pub async fn write_opened(
+        &mut self,
+        opened: Opened,
+        msg: Outgoing<'_>,
+        next: Option<Outgoing<'_>>,
+        since: Instant,
+    ) -> Wrote {
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
             let reason = "connection lost before the body was sent";
             let report = deferred(relay, msg.rcpts, reason, "4.4.2", Duration::ZERO);
-            return (report, Signal::Down(reason.into()), NextTxn::NotSent);
+            return Wrote::No(report, Signal::Down(reason.into()), NextTxn::NotSent);
         };
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
         let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         self.sent += 1;
-        let sent = conn
-            .send_opened(opened, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+        let written = conn
+            .write_opened(opened, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
             .await;
-        let (results, signal) = self.outcomes(sent.this, msg.rcpts);
-        let report = AttemptReport {
-            relay,
-            results,
-            xfer_time: since.elapsed(),
-            ..AttemptReport::default()
+        match written {
+            Ok(written) => Wrote::Yes(written),
+            Err(sent) => {
+                let (report, signal) = self.report(relay, sent.this, msg.rcpts, since);
+                Wrote::No(report, signal, sent.next)
+            }
+        }
+    }
+
+    /// The second half: the reply to a body [`RelaySender::write_opened`]
+    /// wrote, and what became of the envelope behind it.
+    pub async fn read_written(
+        &mut self,
+        written: Written,
+        rcpts: &[usize],
+        since: Instant,
+    ) -> (AttemptReport, Signal, NextTxn) {
+        let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
+        let Some(conn) = self.conn.as_mut() else {
+            let reason = "connection lost before the reply to the body";
+            let report = deferred(relay, rcpts, reason, "4.4.2", Duration::ZERO);
+            return (report, Signal::Down(reason.into()), NextTxn::NotSent);
         };
+        let sent = conn.read_written(written).await;
+        let (report, signal) = self.report(relay, sent.this, rcpts, since);
         (report, signal, sent.next)
+    }
+
+    /// Whether the replies to an envelope sent behind the previous end of
+    /// data are here already (settling it then costs no wait).
+    pub async fn replies_arrived(&mut self, pending: &Pending) -> bool {
+        match self.conn.as_mut() {
+            Some(conn) => conn.replies_arrived(pending).await,
+            None => false,
+        }
     }
 
     /// Reads the replies to the envelope sent behind the previous message's

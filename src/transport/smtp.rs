@@ -54,7 +54,7 @@ pub(crate) mod tls;
 mod wire;
 
 pub use chunking::{Chunked, Streamed};
-pub use pipeline::{NextTxn, Opened, Pending, Sent};
+pub use pipeline::{NextTxn, Opened, Pending, Sent, Written};
 
 use super::oauth2::{TokenError, TokenSource};
 use wire::{Stream, Wire};
@@ -711,6 +711,9 @@ pub struct Connection {
     /// Replies to an envelope pipelined behind the previous end of data
     /// are still to be read ([`Connection::settle_next`]).
     awaiting_replies: bool,
+    /// A body was written and the reply to it is still to be read
+    /// ([`Connection::read_written`]).
+    awaiting_dot: bool,
     /// Transactions streamed with BDAT whose replies are still to be read
     /// ([`Connection::settle_chunked`]), oldest first.
     in_flight: usize,
@@ -813,6 +816,7 @@ impl Connection {
             pending_rset: false,
             awaiting_body: false,
             awaiting_replies: false,
+            awaiting_dot: false,
             in_flight: 0,
             replies_lost: false,
             cfg: cfg.clone(),
@@ -905,8 +909,9 @@ impl Connection {
     /// can withdraw it; closing can, as the server must not deliver a
     /// message whose data was cut off (RFC 5321, section 4.1.1.4).
     fn abandon_open(&mut self) {
-        let replies =
-            std::mem::take(&mut self.awaiting_replies) || std::mem::take(&mut self.in_flight) > 0;
+        let replies = std::mem::take(&mut self.awaiting_replies)
+            | std::mem::take(&mut self.awaiting_dot)
+            | (std::mem::take(&mut self.in_flight) > 0);
         if std::mem::take(&mut self.awaiting_body) || replies {
             tracing::debug!(parent: &self.span, "pipelined transaction not completed; closing");
             self.broken = true;

@@ -86,7 +86,7 @@ impl Connection {
     pub async fn send_chunked(&mut self, env: &Envelope<'_>, body: &[u8]) -> Streamed {
         // A DATA transaction pipelined behind the previous message can't be
         // mixed with a stream.
-        if self.awaiting_body || self.awaiting_replies {
+        if self.awaiting_body || self.awaiting_replies || self.awaiting_dot {
             self.abandon_open();
         }
         if self.broken {

@@ -178,6 +178,21 @@ impl Wire {
         }
     }
 
+    /// Whether `n` complete replies are here already, after taking in what
+    /// the stream has without waiting. A read that would wait is dropped
+    /// before it takes anything, so nothing is lost.
+    pub(super) async fn replies_buffered(&mut self, n: usize) -> bool {
+        loop {
+            if complete_replies(&self.inbuf[self.pos..]) >= n {
+                return true;
+            }
+            match timeout(Duration::ZERO, self.fill(Stage::Body)).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
+    }
+
     async fn read_reply_untimed(&mut self, stage: Stage) -> Result<Reply, SmtpError> {
         let mut parser = ReplyParser::default();
         loop {
@@ -232,6 +247,16 @@ impl Wire {
         self.inbuf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
+}
+
+/// Complete replies at the start of `bytes`: lines whose code is followed
+/// by a space or the line end (the last line of a reply).
+fn complete_replies(bytes: &[u8]) -> usize {
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|line| line.ends_with(b"\n"))
+        .filter(|line| !matches!(line.get(3), Some(b'-')))
+        .count()
 }
 
 fn reply_too_long(stage: Stage) -> SmtpError {
