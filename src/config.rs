@@ -362,9 +362,10 @@ pub enum SecretSource {
     OAuth2File(PathBuf),
 }
 
-/// `max_connections` of an adaptive relay, as Postfix's
-/// `default_destination_concurrency_limit`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 20;
+/// `max_connections` of an adaptive relay: a little above Postfix's
+/// `default_destination_concurrency_limit` (20), since each of relayq's
+/// connections carries a message per round trip (see the README).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 25;
 
 /// `concurrency`: "adaptive" or a fixed number of connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -10,10 +10,10 @@
 //! - **Start** at [`INITIAL`] connections.
 //! - **Grow** while mail waits and the relay answers well: each round of a
 //!   connection (a message delivered; with BDAT streams, as many as were
-//!   in flight on it) while every allowed connection is busy and more mail
-//!   is ready adds one connection, so the count doubles every round trip,
-//!   until the first sign of pushback; after that, one connection per
-//!   round of all of them.
+//!   in flight on it; or a new connection let in) while every allowed
+//!   connection is busy and more mail is ready adds one connection, so the
+//!   count doubles every round trip, until the first sign of pushback;
+//!   after that, one connection per round of all of them.
 //! - **Back off** on pushback. A relay that refuses one more connection
 //!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
 //!   open has said what it allows: concurrency drops to the connections it

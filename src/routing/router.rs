@@ -334,6 +334,7 @@ impl Router {
         let body = headers::strip_private(body);
         let started = Instant::now();
         let relay = &self.relays[id];
+        let fresh = !lease.sender.is_connected();
         if let Err(not) = lease.sender.ready(rcpts, started).await {
             if let Some(pushback) = self.connect_pushback(id, &not) {
                 // Others work: this one waits for one of them to come back
@@ -362,6 +363,10 @@ impl Router {
                 .conclude(done, routed, skipped, Carry::Nothing, ahead)
                 .await;
             return (Delivery::Attempted(report), follow);
+        }
+        if fresh {
+            let backlog = relay.pool.is_wanted() || ahead.waiting();
+            relay.pool.connected(backlog);
         }
         let msg = Outgoing {
             meta,

@@ -275,6 +275,22 @@ impl RelayPool {
         self.apply(change);
     }
 
+    /// `lease` opened a connection and the relay let it in (greeting,
+    /// EHLO, TLS, login): an answer as good as a delivery for the
+    /// concurrency, so a burst need not wait for first deliveries to
+    /// open more. `backlog` as for [`RelayPool::delivered`].
+    pub fn connected(&self, backlog: bool) {
+        let d = Delivered {
+            busy: self.busy().max(1),
+            spent: None,
+            in_flight: 1,
+            backlog,
+        };
+        let now = self.clock.now_ms();
+        let change = self.concurrency().delivered(now, d);
+        self.apply(change);
+    }
+
     /// The relay pushed back on `lease`'s attempt while other connections
     /// to it worked.
     pub fn pushback(&self, lease: &Lease, signal: Pushback) {

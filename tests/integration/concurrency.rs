@@ -69,27 +69,30 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
         !after.contains("paused by the circuit breaker"),
         "its other connections work: no pause:\n{after}"
     );
-    assert!(
-        up.refused_sessions() >= 1,
-        "the fourth connection was tried"
-    );
-    assert!(
-        up.peak_sessions() <= 4,
-        "{} connections at once",
+    // It tried one more (maybe a few, opening fast at first) and was
+    // refused; it kept the three it was served, no churn.
+    assert!(up.refused_sessions() >= 1, "a fourth connection was tried");
+    assert_eq!(
+        up.connections() - up.refused_sessions(),
+        3,
+        "connections served: {} of {} ({} at once at most)",
+        up.connections() - up.refused_sessions(),
+        up.connections(),
         up.peak_sessions()
     );
+    let lowered = after
+        .lines()
+        .find(|l| l.contains(": concurrency ") && l.contains(" -> 3: "))
+        .unwrap_or_else(|| panic!("no change to 3 in the log:\n{after}"));
     assert!(
-        after.contains("concurrency 4 -> 3: the relay refused one more connection (greeting rejected: 421 4.7.0 Too many concurrent SMTP connections) while 3 were open"),
-        "{after}"
+        lowered.contains(" -> 3: the relay refused one more connection (greeting rejected: 421 4.7.0 Too many concurrent SMTP connections) while 3 were open; at most 3 for 5 min"),
+        "{lowered}"
     );
     let v = relay_state(&d);
-    if v["concurrency"] != 3 {
-        eprintln!("DEBUGLOG\n{}", d.log());
-    }
     assert_eq!(v["state"], "up", "{v}");
     assert_eq!(v["adaptive"], true, "{v}");
     assert_eq!(v["concurrency"], 3, "{v}");
-    assert_eq!(v["max_connections"], 20, "{v}");
+    assert_eq!(v["max_connections"], 25, "{v}");
     assert_eq!(v["concurrency_change"]["reason"], "refused", "{v}");
     assert_eq!(v["concurrency_change"]["to"], 3, "{v}");
     // The status page's data and the metrics say the same.
@@ -98,7 +101,7 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
     let endpoint = format!("127.0.0.1:{}", up.port());
     for want in [
         format!("relayq_relay_concurrency{{relay=\"{endpoint}\",name=\"default\"}} 3"),
-        format!("relayq_relay_max_connections{{relay=\"{endpoint}\",name=\"default\"}} 20"),
+        format!("relayq_relay_max_connections{{relay=\"{endpoint}\",name=\"default\"}} 25"),
         format!(
             "relayq_relay_concurrency_reason{{relay=\"{endpoint}\",name=\"default\",reason=\"refused\"}} 1"
         ),
@@ -110,13 +113,14 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
     }
     let page = get(status, "/").await.body;
     assert!(
-        page.contains("concurrency 3 of at most 20 (adaptive): 4 -&gt; 3: the relay refused one more connection"),
+        page.contains("concurrency 3 of at most 25 (adaptive): ")
+            && page.contains(" -&gt; 3: the relay refused one more connection"),
         "{page}"
     );
     let listing = String::from_utf8_lossy(&d.cli(&["queue", "list"]).stdout).to_string();
     assert!(
-        listing.contains("concurrency 3/20 (adaptive)")
-            && listing.contains("concurrency 4 -> 3: the relay refused one more connection"),
+        listing.contains("concurrency 3/25 (adaptive)")
+            && listing.contains(" -> 3: the relay refused one more connection"),
         "{listing}"
     );
 }

@@ -270,6 +270,12 @@ async fn relayq_run(
     let r = start_relayq(p.addr, concurrency, "", None)?;
     let run = burst(r.addr, &p, args, args.far_messages, args.far_timeout()).await?;
     let settled = relayq_concurrency(&r._dir.path().join("relayq.toml"));
+    if let Ok(log) = r.concurrency_log.lock() {
+        for line in log.iter() {
+            let text = line.split("): concurrency ").nth(1).unwrap_or(line);
+            println!("    relayq lowered its concurrency: {text}");
+        }
+    }
     if run.acked < args.far_messages as u64 {
         bail!(
             "relayq: the sink acknowledged {} of {} messages within {:?}",

@@ -517,6 +517,8 @@ struct Relayq {
     child: Child,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
+    /// Its log lines about its concurrency (decreases are logged).
+    concurrency_log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Relayq {
@@ -574,6 +576,8 @@ fn start_relayq(
     let stderr = child.stderr.take().context("stderr")?;
     // The start line names the listen address; logging is quiet otherwise.
     let (tx, rx) = std::sync::mpsc::channel();
+    let concurrency_log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = concurrency_log.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr)
@@ -582,6 +586,11 @@ fn start_relayq(
         {
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let _ = tx.send(rest.split([' ', ',']).next().unwrap_or("").to_string());
+            }
+            if line.contains("): concurrency ")
+                && let Ok(mut log) = log.lock()
+            {
+                log.push(line);
             }
         }
     });
@@ -593,6 +602,7 @@ fn start_relayq(
         child,
         addr,
         _dir: dir,
+        concurrency_log,
     })
 }
 
