@@ -3,8 +3,10 @@
 #   - the binary:        $PREFIX/bin/relayq                (0755)
 #   - symlinks:          /usr/sbin/sendmail, /usr/bin/mailq -> $PREFIX/bin/relayq
 #   - the user:          relayq (system user, no login, no home)
-#   - the spool:         /var/spool/relayq                 (0700, owned by relayq)
-#   - the config:        /etc/relayq/relayq.toml           (0640 root:relayq; never overwritten)
+#   - the spool:         /var/spool/relayq                 (0711, owned by relayq)
+#     and its maildrop:  /var/spool/relayq/maildrop        (1733: any user's sendmail drops mail)
+#   - the config:        /etc/relayq/relayq.toml           (0644: every user's sendmail reads it;
+#                        secrets go in password_file, readable by relayq only; never overwritten)
 #   - the unit:          /etc/systemd/system/relayq.service
 # It does not start anything: edit the config, run `relayq check`, then
 # `systemctl enable --now relayq`.
@@ -67,24 +69,33 @@ else
     say "--destdir given: not creating the user relayq (the package's postinst should)"
 fi
 
-# The spool: private to relayq.
+# The spool: private to relayq, except the maildrop, where `sendmail` run
+# by any user (PHP's mail() as www-data, cron jobs) leaves mail, even
+# before the daemon first starts (it makes the same modes at every start).
 install -d -m 0755 "$root/var/spool"
-install -d -m 0700 "$root/var/spool/relayq"
-chmod 0700 "$root/var/spool/relayq"
+install -d -m 0711 "$root/var/spool/relayq"
+chmod 0711 "$root/var/spool/relayq"
+install -d -m 1733 "$root/var/spool/relayq/maildrop"
+chmod 1733 "$root/var/spool/relayq/maildrop"
 if [ -z "$destdir" ]; then
-    chown relayq:relayq "$root/var/spool/relayq"
+    chown relayq:relayq "$root/var/spool/relayq" "$root/var/spool/relayq/maildrop"
 fi
-say "spool /var/spool/relayq (0700)"
+say "spool /var/spool/relayq (0711) with its maildrop (1733)"
 
-# The config: never overwrite what an operator wrote.
+# The config: readable by every user, because `sendmail` reads it as the
+# user who runs it; secrets live in files only relayq reads (password_file,
+# mode 0600, owned by relayq). Never overwrite what an operator wrote.
 install -d -m 0755 "$root/etc/relayq"
-if [ -e "$root/etc/relayq/relayq.toml" ]; then
+config="$root/etc/relayq/relayq.toml"
+if [ -e "$config" ]; then
     say "kept the existing /etc/relayq/relayq.toml"
-else
-    install -m 0640 "$here/relayq.toml" "$root/etc/relayq/relayq.toml"
-    if [ -z "$destdir" ]; then
-        chgrp relayq "$root/etc/relayq/relayq.toml"
+    # Others' read bit: the 8th character of "-rw-r--r--".
+    if [ "$(stat -c %A "$config" | cut -c8)" != r ]; then
+        say "warning: /etc/relayq/relayq.toml is not readable by other users, so their sendmail fails (exit 78); move any secret into password_file, then: chmod 644 /etc/relayq/relayq.toml"
     fi
+else
+    # Like Postfix's main.cf: readable by all.
+    install -m 0644 "$here/relayq.toml" "$config"
     say "installed /etc/relayq/relayq.toml from dist/relayq.toml: edit [relay] before starting"
 fi
 
@@ -119,7 +130,9 @@ fi
 
 cat <<EOF
 install.sh: done. Next:
-  1. edit /etc/relayq/relayq.toml ([relay] host, port, tls, username, password_file)
+  1. edit /etc/relayq/relayq.toml ([relay] host, port, tls, username, password_file);
+     the password goes in its own file, readable by relayq only:
+     (umask 077; printf '%s' 'the password' > /etc/relayq/relay-password); chown relayq: /etc/relayq/relay-password
   2. check it as the service runs relayq (user relayq, CAP_NET_BIND_SERVICE for port 25):
      sudo setpriv --reuid=relayq --regid=relayq --init-groups --inh-caps=+net_bind_service --ambient-caps=+net_bind_service $bin check --config /etc/relayq/relayq.toml --send-to you@example.com
   3. systemctl enable --now relayq && journalctl -u relayq -f

@@ -1,6 +1,9 @@
 //! Delivery status notifications (RFC 3464): the message relayq sends back
-//! to the original sender when a message failed for good, or is still being
-//! retried after a long time. This module only *builds* the notification;
+//! to the original sender when a message failed for good, is still being
+//! retried after a long time, or (NOTIFY=SUCCESS, RFC 3461) was delivered
+//! or relayed to an upstream that reports no status itself. The sender's
+//! ENVID and ORCPT are echoed as `Original-Envelope-Id` and
+//! `Original-Recipient`. This module only *builds* the notification;
 //! the caller queues it with the null reverse-path (`MAIL FROM:<>`), and
 //! must not build one for a message whose own sender was `<>` (RFC 5321
 //! section 4.5.5: never bounce a bounce).
@@ -63,6 +66,11 @@ pub enum Action {
     Failed,
     /// Delivery has not succeeded yet and is still being retried.
     Delayed,
+    /// Handed to an upstream that does not offer DSN: no further notice
+    /// will come (RFC 3464 2.3.3), sent on NOTIFY=SUCCESS.
+    Relayed,
+    /// Delivered (the capture transport's Maildir), on NOTIFY=SUCCESS.
+    Delivered,
 }
 
 impl Action {
@@ -70,6 +78,8 @@ impl Action {
         match self {
             Action::Failed => "failed",
             Action::Delayed => "delayed",
+            Action::Relayed => "relayed",
+            Action::Delivered => "delivered",
         }
     }
 }
@@ -91,6 +101,8 @@ pub struct BouncedRecipient {
     /// ("dns; smtp.sendgrid.net"); a bare one gets the "dns" type.
     pub remote_mta: Option<String>,
     pub last_attempt: Option<SystemTime>,
+    /// ORCPT as the sender gave it (RFC 3461): `Original-Recipient`.
+    pub original_recipient: Option<String>,
 }
 
 /// Everything needed to build one notification.
@@ -111,8 +123,10 @@ pub struct BounceInput<'a> {
     /// A human sentence or paragraph explaining what happened.
     pub reason: &'a str,
     /// Return the whole original when it is smaller than this many octets,
-    /// otherwise only its header; 0 always returns only the header.
+    /// otherwise only its header; 0 always returns only the header (RET=HDRS).
     pub return_full_message_limit: usize,
+    /// ENVID as the sender gave it (RFC 3461): `Original-Envelope-Id`.
+    pub envid: Option<&'a str>,
 }
 
 /// Builds a complete RFC 5322 message, CRLF line endings, that reports on
@@ -152,11 +166,13 @@ pub fn build_dsn(input: &BounceInput<'_>) -> Vec<u8> {
         report = report.header("Content-Transfer-Encoding", Raw::new("8bit"));
     }
 
-    let any_failed = input.recipients.iter().any(|r| r.action == Action::Failed);
-    let subject = if any_failed || input.recipients.is_empty() {
+    let has = |a: Action| input.recipients.iter().any(|r| r.action == a);
+    let subject = if has(Action::Failed) || input.recipients.is_empty() {
         "Undelivered Mail Returned to Sender"
-    } else {
+    } else if has(Action::Delayed) {
         "Delayed Mail (still being retried)"
+    } else {
+        "Successful Mail Delivery Report"
     };
     let sender = one_line(input.original_sender);
     let to = if sender.is_empty() {
@@ -232,6 +248,13 @@ fn delivery_status(input: &BounceInput<'_>, host: &str) -> Vec<u8> {
     part.extend_from_slice(b"\r\n");
 
     push_field(&mut part, "Reporting-MTA", &format!("dns; {host}"));
+    if let Some(envid) = input.envid {
+        push_field(
+            &mut part,
+            "Original-Envelope-Id",
+            &crate::spool::format::xtext(envid),
+        );
+    }
     push_field(&mut part, "X-Relayq-Queue-ID", &token(input.queue_id));
     if !input.original_sender.is_empty() {
         push_field(
@@ -244,6 +267,13 @@ fn delivery_status(input: &BounceInput<'_>, host: &str) -> Vec<u8> {
 
     for rcpt in input.recipients {
         part.extend_from_slice(b"\r\n");
+        if let Some(orcpt) = &rcpt.original_recipient {
+            push_field(
+                &mut part,
+                "Original-Recipient",
+                &format!("rfc822; {}", crate::spool::format::xtext(&one_line(orcpt))),
+            );
+        }
         push_field(&mut part, "Final-Recipient", &typed_address(&rcpt.address));
         push_field(&mut part, "Action", rcpt.action.as_str());
         push_field(&mut part, "Status", &status_code(rcpt));
@@ -375,6 +405,7 @@ fn status_code(rcpt: &BouncedRecipient) -> String {
         (true, _) => s.to_string(),
         (false, Action::Failed) => "5.0.0".to_string(),
         (false, Action::Delayed) => "4.0.0".to_string(),
+        (false, Action::Relayed | Action::Delivered) => "2.0.0".to_string(),
     }
 }
 
@@ -570,6 +601,7 @@ mod tests {
             diagnostic: Some(diagnostic.to_string()),
             remote_mta: Some("smtp.sendgrid.net".to_string()),
             last_attempt: Some(at(1_800_000_100)),
+            original_recipient: None,
         }
     }
 
@@ -584,6 +616,7 @@ mod tests {
             recipients,
             reason: "I'm sorry to have to inform you that your message could not be \
                      delivered to one or more recipients. It's attached below.",
+            envid: None,
             return_full_message_limit: 1 << 20,
         }
     }
@@ -741,6 +774,7 @@ mod tests {
             diagnostic: None,
             remote_mta: None,
             last_attempt: None,
+            original_recipient: None,
         }];
         let dsn = build_dsn(&input(&rcpts, ORIGINAL));
         assert_wire_clean(&dsn);
@@ -837,6 +871,7 @@ mod tests {
             ),
             remote_mta: Some("mx.example.org\r\nX-Injected: mta".to_string()),
             last_attempt: None,
+            original_recipient: None,
         }];
         let mut inp = input(&rcpts, ORIGINAL);
         inp.original_sender = "alice@example.com>\r\nBcc: victim@example.com\r\nX-Injected: to";
@@ -896,6 +931,7 @@ mod tests {
             diagnostic: Some(format!("550 {long_word} {long_text}")),
             remote_mta: Some("x".repeat(1200)),
             last_attempt: None,
+            original_recipient: None,
         }];
         let mut inp = input(&rcpts, ORIGINAL);
         let sender = format!("{}@example.com", "s".repeat(2000));

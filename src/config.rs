@@ -4,7 +4,8 @@
 //! deserialization (addresses, durations, sizes), so a bad value is reported
 //! by the TOML parser with the file, line, column and key. Checks that need
 //! several keys at once run afterwards in [`Config::validate`] and name the
-//! keys involved.
+//! keys involved. Parser errors quote the file: [`redact`] takes any
+//! secret out of them first.
 
 use std::fmt;
 use std::net::SocketAddr;
@@ -13,6 +14,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
+
+mod networks;
+mod redact;
 
 pub use crate::routing::config::{NamedRelay, QuotaWindow, RelaySection, RouteConfig};
 
@@ -107,7 +111,7 @@ pub enum LogFormat {
 }
 
 /// The `sendmail` command and the maildrop pickup.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SendmailConfig {
     /// Envelope sender for local submissions instead of `user@myorigin`
@@ -115,8 +119,20 @@ pub struct SendmailConfig {
     /// user still overrides it.
     pub rewrite_sender: Option<String>,
     /// Users besides root and the spool's owner who may set the envelope
-    /// sender with `-f`/`-r`; `"*"` trusts every local user.
+    /// sender with `-f`/`-r`. `"*"` (the default) trusts every local user,
+    /// as Postfix, sendmail, nullmailer, dma and msmtp do: PHP's `mail()`
+    /// passes `-f` for a sender the provider has verified. A list of names
+    /// restricts it.
     pub trusted_users: Vec<String>,
+}
+
+impl Default for SendmailConfig {
+    fn default() -> Self {
+        SendmailConfig {
+            rewrite_sender: None,
+            trusted_users: vec!["*".into()],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -136,7 +152,8 @@ pub struct SmtpConfig {
     pub max_recipients: usize,
     /// Concurrent inbound sessions; further clients get `421`.
     pub max_connections: usize,
-    /// Longest line in a message body, excluding CRLF (RFC 5322: 998).
+    /// Longest line relayed as it is, excluding CRLF (RFC 5322: 998):
+    /// longer body lines are re-encoded, longer header lines folded.
     pub max_line_length: usize,
     /// Protocol errors a client may make before it is disconnected.
     pub max_errors: usize,
@@ -147,8 +164,12 @@ pub struct SmtpConfig {
     /// Refuse new mail with `452 4.3.1` when the spool's file system has
     /// less free space than this.
     pub min_free_space: Size,
-    /// Largest header section accepted (Postfix's header_size_limit).
+    /// Largest header field accepted, continuation lines included
+    /// (Postfix's header_size_limit), on every way in.
     pub max_header_size: Size,
+    /// A message with this many `Received:` headers is refused as a mail
+    /// loop (Postfix's hopcount_limit).
+    pub max_hops: usize,
     /// Concurrent sessions from one non-loopback client address.
     pub max_connections_per_ip: usize,
     /// Client networks that may relay without AUTH. Loopback by default;
@@ -161,6 +182,27 @@ pub struct SmtpConfig {
     /// Users allowed to relay after AUTH: lines of `user:hash` with argon2
     /// (`$argon2id$...`) or bcrypt (`$2b$...`) hashes; see `relayq hash-password`.
     pub auth_users_file: Option<PathBuf>,
+    /// Failed AUTH attempts from one client address (IPv6: its /64) within
+    /// `auth_failure_window` before AUTH from it is locked (0: no limit).
+    pub auth_failure_limit: u32,
+    /// Failed AUTH attempts for one user name, from any address, before
+    /// that name is locked (0: no limit).
+    pub auth_user_failure_limit: u32,
+    pub auth_failure_window: HumanDuration,
+    /// How long a lockout lasts.
+    pub auth_lockout: HumanDuration,
+    /// The reply to a failed AUTH waits this long, doubled for each further
+    /// failure from the address (at most 16 times).
+    pub auth_failure_delay: HumanDuration,
+    /// The command and DATA timeout while the server is under stress
+    /// (sessions three quarters full), instead of the normal ones.
+    pub stress_timeout: HumanDuration,
+    /// Under stress, a message must arrive at least this fast (bytes per
+    /// second, after `stress_timeout`), or the session is closed.
+    pub min_data_rate: u64,
+    /// Lets `allow_networks` cover more public address space than a /8 of
+    /// IPv4 or a /32 of IPv6 (never all of it).
+    pub allow_public_networks: bool,
     /// Set when the file gave `allow_networks` explicitly.
     #[serde(skip)]
     pub allow_networks_explicit: bool,
@@ -175,18 +217,29 @@ impl Default for SmtpConfig {
             ],
             max_message_size: Size(25 * 1024 * 1024),
             max_recipients: 1000,
-            max_connections: 256,
+            max_connections: 4096,
             max_line_length: 998,
             max_errors: 10,
             command_timeout: HumanDuration(Duration::from_secs(300)),
             data_timeout: HumanDuration(Duration::from_secs(300)),
             min_free_space: Size(64 * 1024 * 1024),
-            max_header_size: Size(100 * 1024),
+            // Postfix's null-client recipe for SendGrid sets
+            // header_size_limit = 4096000 so that X-SMTPAPI fits.
+            max_header_size: Size(4_096_000),
+            max_hops: 50,
             max_connections_per_ip: 20,
             allow_networks: default_allow_networks(),
             tls_cert: None,
             tls_key: None,
             auth_users_file: None,
+            auth_failure_limit: 5,
+            auth_user_failure_limit: 20,
+            auth_failure_window: HumanDuration(Duration::from_secs(600)),
+            auth_lockout: HumanDuration(Duration::from_secs(900)),
+            auth_failure_delay: HumanDuration(Duration::from_secs(1)),
+            stress_timeout: HumanDuration(Duration::from_secs(10)),
+            min_data_rate: 500,
+            allow_public_networks: false,
             allow_networks_explicit: false,
         }
     }
@@ -413,6 +466,21 @@ impl RelayConfig {
         self.concurrency == ConcurrencyConfig::Adaptive
     }
 
+    /// The relay's addresses that need no DNS lookup: an IP literal, or
+    /// `localhost`.
+    pub fn known_addrs(&self) -> Vec<SocketAddr> {
+        if let Ok(ip) = self.host.parse::<std::net::IpAddr>() {
+            return vec![SocketAddr::new(ip, self.port)];
+        }
+        if self.host.eq_ignore_ascii_case("localhost") {
+            return vec![
+                SocketAddr::from(([127, 0, 0, 1], self.port)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, self.port)),
+            ];
+        }
+        Vec::new()
+    }
+
     /// Whether the relay's address is loopback (clear text is then allowed).
     pub fn is_loopback(&self) -> bool {
         self.host
@@ -495,6 +563,13 @@ pub struct QueueConfig {
     /// Bounces quote the whole original message below this size, only its
     /// headers above it.
     pub bounce_full_message_limit: Size,
+    /// A recipient that asked for NOTIFY=DELAY gets a delay notice once
+    /// its message has waited this long (sendmail's `Timeout.queuewarn`).
+    pub delay_warning_time: HumanDuration,
+    /// How long a delivered message's "done" mark may stay unsynced: after
+    /// a power loss, at most the deliveries of this window are sent again
+    /// (see the spool's durability rules). `0s` syncs each one at once.
+    pub done_sync_window: HumanDuration,
 }
 
 impl Default for QueueConfig {
@@ -504,9 +579,14 @@ impl Default for QueueConfig {
             retry_max: HumanDuration(Duration::from_secs(4000)),
             max_lifetime: HumanDuration(Duration::from_secs(5 * 86_400)),
             bounce_full_message_limit: Size(64 * 1024),
+            delay_warning_time: HumanDuration(Duration::from_secs(4 * 3600)),
+            done_sync_window: HumanDuration(Duration::from_millis(100)),
         }
     }
 }
+
+/// The longest `queue.done_sync_window` allowed.
+pub const MAX_DONE_SYNC_WINDOW: Duration = Duration::from_secs(1);
 
 fn default_hostname() -> String {
     rustix::system::uname()
@@ -561,36 +641,6 @@ pub fn is_env_name(v: &str) -> bool {
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
-/// The TOML parser's message, which quotes the line in error, with that
-/// line's value hidden when it may be a secret: the key is unknown (a
-/// misspelt `password`, or `oauth2_client_secret` without `_file`) or
-/// names one.
-fn parse_message(text: &str, e: &toml::de::Error) -> String {
-    let message = e.to_string().trim_end().to_string();
-    let Some(start) = e.span().and_then(|span| text.get(..span.start)) else {
-        return message;
-    };
-    let line_start = start.rfind('\n').map_or(0, |i| i + 1);
-    let line = text[line_start..].lines().next().unwrap_or_default();
-    let Some((key, value)) = line.split_once('=') else {
-        return message;
-    };
-    let key = key.trim().trim_matches(['"', '\'']).to_ascii_lowercase();
-    let secret_like = ["pass", "secret", "token", "key"]
-        .iter()
-        .any(|k| key.contains(k));
-    if !secret_like && !e.message().starts_with("unknown field") {
-        return message;
-    }
-    let value = value.trim();
-    let bare = value.trim_matches(['"', '\'']);
-    let mut message = message.replace(value, "<value not shown>");
-    if bare.len() >= 4 {
-        message = message.replace(bare, "<value not shown>");
-    }
-    message
-}
-
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -602,9 +652,10 @@ impl Config {
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        // The parser quotes the offending line: never with a secret in it.
         let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: parse_message(text, &e),
+            message: redact::scrub(e.to_string().trim_end(), text),
         })?;
         config.source = Some(path.to_path_buf());
         if let Some(section) = &config.relay_section {
@@ -652,6 +703,27 @@ impl Config {
             sendmail: SendmailConfig::default(),
             source: None,
         }
+    }
+
+    /// Keys that hold a secret in the config file itself (a relay's
+    /// `password`, a password in `limits_backend`): the file is read by
+    /// every user who runs `sendmail`, so these belong in `password_file`.
+    pub fn inline_secrets(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self
+            .relays
+            .iter()
+            .filter(|r| r.relay.password.is_some())
+            .map(|r| match &self.relay {
+                Some(_) => "relay.password".to_string(),
+                None => format!("relay.{}.password", r.name),
+            })
+            .collect();
+        if let Some(SecretString(url)) = &self.limits_backend
+            && crate::routing::fleet::display_url(url) != *url
+        {
+            keys.push("limits_backend".into());
+        }
+        keys
     }
 
     /// The domain for `user@domain` senders of local submissions.
@@ -711,13 +783,25 @@ impl Config {
                 "must be at least 1",
             ));
         }
-        if self.smtp.max_line_length < 78 {
-            return Err(self.invalid("smtp.max_line_length", "must be at least 78"));
+        if !(78..=998).contains(&self.smtp.max_line_length) {
+            return Err(self.invalid(
+                "smtp.max_line_length",
+                "must be between 78 and 998 (RFC 5322's limit)",
+            ));
+        }
+        if self.smtp.max_hops == 0 {
+            return Err(self.invalid("smtp.max_hops", "must be at least 1"));
         }
         if self.queue.retry_min.0.is_zero() || self.queue.retry_max.0 < self.queue.retry_min.0 {
             return Err(self.invalid(
                 "queue.retry_max",
                 "retry_min must be above zero and retry_max at least retry_min",
+            ));
+        }
+        if self.queue.done_sync_window.0 > MAX_DONE_SYNC_WINDOW {
+            return Err(self.invalid(
+                "queue.done_sync_window",
+                "must be at most 1s: every delivery in the window may be sent again after a power loss",
             ));
         }
         if self.myorigin.as_deref().is_some_and(|m| {
@@ -748,6 +832,18 @@ impl Config {
 
     /// The checks of one relay; keys are `relay.KEY` for the single form
     /// and `relay.NAME.KEY` for named relays.
+    /// Whether `addr` is one of relayq's own listen addresses: a relay
+    /// there would send every message back to relayq (a mail loop).
+    pub fn listens_on(&self, addr: SocketAddr) -> bool {
+        self.smtp.listen.iter().any(|l| {
+            l.port() != 0
+                && l.port() == addr.port()
+                && (l.ip() == addr.ip()
+                    || (l.ip().is_unspecified()
+                        && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+        })
+    }
+
     fn validate_relay(&self, named: &NamedRelay) -> Result<(), ConfigError> {
         let relay = &named.relay;
         let key = |k: &str| match &self.relay {
@@ -760,6 +856,15 @@ impl Config {
             }
             if relay.host.trim().is_empty() {
                 return Err(self.invalid(key("host"), "must not be empty"));
+            }
+            if relay.known_addrs().into_iter().any(|a| self.listens_on(a)) {
+                return Err(self.invalid(
+                    key("port"),
+                    format!(
+                        "{}:{} is relayq's own listen address (smtp.listen): every message would loop back to relayq; point the relay at your provider",
+                        relay.host, relay.port
+                    ),
+                ));
             }
             if relay.tls == TlsModeConfig::None && !relay.is_loopback() && !relay.insecure {
                 return Err(self.invalid(
@@ -871,14 +976,14 @@ impl Config {
                 "inbound AUTH is only offered after STARTTLS: set smtp.tls_cert and smtp.tls_key too",
             ));
         }
-        if let Some(any) = smtp.allow_networks.iter().find(|n| n.prefix_len() == 0) {
-            return Err(self.invalid(
-                "smtp.allow_networks",
-                format!("{any} would let the whole Internet relay through relayq (an open relay); list your own networks"),
-            ));
+        if let Err(why) = networks::judge(&smtp.allow_networks, smtp.allow_public_networks) {
+            return Err(self.invalid("smtp.allow_networks", why));
         }
         let auth = smtp.auth_users_file.is_some();
-        if let Some(open) = smtp.listen.iter().find(|a| !a.ip().is_loopback())
+        if let Some(open) = smtp
+            .listen
+            .iter()
+            .find(|a| !a.ip().to_canonical().is_loopback())
             && !smtp.allow_networks_explicit
             && !auth
         {

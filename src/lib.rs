@@ -18,12 +18,15 @@
 //! them and appends per-recipient outcomes. The client is answered `250` only
 //! once the spool has fsynced the message and its directory entry.
 
+pub mod anvil;
 pub mod bounce;
+pub mod cleanup;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod control;
 pub mod delivery;
+pub mod memory;
 pub mod observe;
 pub mod pickup;
 pub mod routing;

@@ -22,11 +22,20 @@
 //! open to every local user: a connection makes a scan due (a flood of them
 //! collapses into one scan at a time), and at most one line of
 //! [`MAX_REPORT`] bytes is read from it within [`REPORT_WAIT`], a few
-//! connections at a time: a refusal report, parsed strictly and logged
-//! as the user the kernel says connected (`SO_PEERCRED`), never as anyone
-//! the report names, without control characters. A local user can thus
-//! add refusals (and counts) only under their own uid, as they could by
+//! connections at a time and at most [`REPORTS_PER_USER`] of one user (so
+//! that nobody can keep the others' reports out; counted by
+//! [`crate::anvil`]): a refusal report, parsed strictly and logged as the
+//! user the kernel says connected (`SO_PEERCRED`), never as anyone the
+//! report names, without control characters. A local user can thus add
+//! refusals (and counts) only under their own uid, as they could by
 //! running `sendmail -bs` with bad input.
+//!
+//! Every line a local user can cause (refusals, reports, junk planted in
+//! the maildrop, a sender replaced) goes through one log budget per uid,
+//! [`LOCAL_LINES`] per [`LOCAL_PERIOD`]; beyond it lines are counted and
+//! left out, and the next line says how many were. Counters (metrics) are
+//! never left out. What the maildrop can leave on disk is bounded too (see
+//! [`crate::spool::maildrop`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -34,27 +43,69 @@ use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::SchedulerHandle;
 use crate::delivery::scheduler::stopped;
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
-use crate::spool::maildrop::{self, Dropped, Rejected};
+use crate::observe::quiet::{LogBudget, Verdict};
+use crate::spool::maildrop::{self, Dropped, Refused, Rejected};
 use crate::spool::{Area, Envelope, Record, Spool};
 use crate::submit::{self, Identity};
 
 /// How often the maildrop is scanned without being poked.
 const RESCAN: Duration = Duration::from_secs(60);
-/// The longest refusal report read from `pickup.sock`.
-pub const MAX_REPORT: usize = 8 * 1024;
+/// The longest refusal report read from `pickup.sock`: room for the
+/// longest [`Rejection::bounded`].
+pub const MAX_REPORT: usize = 128 * 1024;
 /// How long a connection to `pickup.sock` may take to send its report.
 pub const REPORT_WAIT: Duration = Duration::from_secs(2);
 /// Reports read at once; further connections only wake the pickup.
-const REPORTS_AT_ONCE: usize = 8;
+const REPORTS_AT_ONCE: usize = 64;
+/// Reports read at once from one user, so that one user holding
+/// connections open cannot keep everyone else's refusals out of the log.
+const REPORTS_PER_USER: usize = 2;
 /// The line a report starts with, then the [`Rejection`] as JSON.
 pub const REPORT_PREFIX: &[u8] = b"reject ";
+/// Lines one local user can make the daemon log per [`LOCAL_PERIOD`].
+pub const LOCAL_LINES: u32 = 10;
+pub const LOCAL_PERIOD: Duration = Duration::from_secs(600);
+
+/// The log budget of local users, by uid (see the module doc).
+fn budget() -> &'static LogBudget<u32> {
+    static BUDGET: std::sync::OnceLock<LogBudget<u32>> = std::sync::OnceLock::new();
+    BUDGET.get_or_init(|| LogBudget::new(LOCAL_LINES, LOCAL_PERIOD))
+}
+
+/// Whether a line caused by `uid` may be logged now; when it may, and
+/// lines were left out before, says so first.
+fn may_log(uid: u32) -> bool {
+    match budget().check(&uid) {
+        Verdict::Quiet => false,
+        Verdict::Log { suppressed } => {
+            if suppressed > 0 {
+                tracing::warn!(
+                    "pickup: {suppressed} lines caused by uid {uid} ({}) were left out in the previous {} minutes (at most {LOCAL_LINES} per uid)",
+                    submit::Identity::of_uid(uid).name,
+                    LOCAL_PERIOD.as_secs() / 60
+                );
+            }
+            true
+        }
+    }
+}
+
+/// Logs and counts a local user's refusal, or only counts it when the
+/// user's log budget is spent.
+fn report_rejected(uid: u32, r: &Rejection) {
+    if may_log(uid) {
+        events::rejected(&Client::local(uid), r);
+    } else {
+        events::rejected_silently(r);
+    }
+}
 
 pub struct PickupContext {
     pub config: Arc<Config>,
@@ -96,14 +147,17 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
     let listener = UnixListener::bind(&path)
         .map_err(|e| anyhow::anyhow!("cannot create pickup socket {}: {e}", path.display()))?;
     std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
-    let readers = Arc::new(Semaphore::new(REPORTS_AT_ONCE));
+    let readers = Arc::new(crate::anvil::Anvil::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             wake.notify_one();
-            if let Ok(permit) = readers.clone().try_acquire_owned() {
+            let Ok(uid) = stream.peer_cred().map(|c| c.uid()) else {
+                continue;
+            };
+            if let Some(reading) = readers.take(uid, REPORTS_PER_USER, REPORTS_AT_ONCE) {
                 tokio::spawn(async move {
-                    read_report(stream).await;
-                    drop(permit);
+                    read_report(stream, uid).await;
+                    drop(reading);
                 });
             }
         }
@@ -112,10 +166,7 @@ pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> 
 
 /// Reads one refusal report, if the connection carries one, and logs it
 /// as the connecting user.
-async fn read_report(stream: UnixStream) {
-    let Ok(cred) = stream.peer_cred() else {
-        return;
-    };
+async fn read_report(stream: UnixStream, uid: u32) {
     let mut line = Vec::new();
     let mut reader = BufReader::new(stream).take(MAX_REPORT as u64);
     if !matches!(
@@ -128,11 +179,8 @@ async fn read_report(stream: UnixStream) {
         return;
     };
     match serde_json::from_slice::<Rejection>(json) {
-        Ok(r) => events::rejected(&Client::local(cred.uid()), &r),
-        Err(e) => tracing::debug!(
-            "pickup.sock: unreadable report from uid {}: {e}",
-            cred.uid()
-        ),
+        Ok(r) => report_rejected(uid, &r),
+        Err(e) => tracing::debug!("pickup.sock: unreadable report from uid {uid}: {e}"),
     }
 }
 
@@ -182,7 +230,15 @@ pub async fn scan(ctx: &PickupContext) -> usize {
     let root = ctx.spool.root().to_path_buf();
     let listed = {
         let root = root.clone();
-        tokio::task::spawn_blocking(move || maildrop::scan(&root)).await
+        tokio::task::spawn_blocking(move || {
+            let pruned = maildrop::prune(&root, std::time::SystemTime::now());
+            (maildrop::scan(&root), pruned)
+        })
+        .await
+        .map(|(found, pruned)| {
+            log_pruned(&pruned);
+            found
+        })
     };
     let found = match listed {
         Ok(Ok(found)) => found,
@@ -192,8 +248,18 @@ pub async fn scan(ctx: &PickupContext) -> usize {
         }
         Err(_) => return 0,
     };
-    for (name, why) in &found.removed {
-        tracing::warn!("pickup: removed maildrop/{name}: {why}");
+    for junk in &found.junk {
+        if junk.owner.is_none_or(may_log) {
+            let owner = junk.owner.map_or("an unknown user".to_string(), |uid| {
+                format!("uid {uid} ({})", submit::Identity::of_uid(uid).name)
+            });
+            tracing::warn!(
+                "pickup: maildrop/{} ({}, by {owner}) is no drop file: {}",
+                junk.name,
+                junk.why,
+                junk.outcome
+            );
+        }
     }
     let mut queued = 0;
     for name in found.ready {
@@ -222,16 +288,25 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
     let dropped = match read {
         Ok(Ok(d)) => d,
         Ok(Err(Rejected::NotAFile(why))) => {
-            tracing::warn!("pickup: removed maildrop/{name}: {why}");
-            let _ = std::fs::remove_file(maildrop::dir(root).join(&name));
+            let path = maildrop::dir(root).join(&name);
+            let owner = std::fs::symlink_metadata(&path)
+                .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+                .unwrap_or(0);
+            let outcome = maildrop::clear(root, std::ffi::OsStr::new(&name));
+            if may_log(owner) {
+                tracing::warn!(
+                    "pickup: maildrop/{name} (by uid {owner} ({})) is no drop file, {why}: {outcome}",
+                    submit::Identity::of_uid(owner).name
+                );
+            }
             return false;
         }
         Ok(Err(Rejected::Bad { uid, why })) => {
-            refuse(root, &name, uid, Reason::BadDropFile, &why, None, &[]);
+            refuse(root, &name, uid, Reason::BadDropFile, &why, None, &[], max);
             return false;
         }
         Ok(Err(Rejected::TooBig { uid, why })) => {
-            refuse(root, &name, uid, Reason::MessageSize, &why, None, &[]);
+            refuse(root, &name, uid, Reason::MessageSize, &why, None, &[], max);
             return false;
         }
         Ok(Err(Rejected::Io(why))) => {
@@ -249,7 +324,16 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
         .collect();
     match accept(ctx, dropped) {
         Err((reason, why)) => {
-            refuse(root, &name, uid, reason, &why, Some(sender), &recipients);
+            refuse(
+                root,
+                &name,
+                uid,
+                reason,
+                &why,
+                Some(sender),
+                &recipients,
+                max,
+            );
             false
         }
         Ok((who, env, msg, arrival)) => {
@@ -294,8 +378,10 @@ async fn pick(ctx: &PickupContext, root: &std::path::Path, name: String) -> bool
     }
 }
 
-/// Refuses a drop file: it goes to `corrupt/` (for a human, never
-/// deleted), and the refusal is logged and counted like every other.
+/// Refuses a drop file: it is kept in `corrupt/maildrop/` for a human
+/// (within bounds, see `spool::maildrop`), and the refusal is logged and
+/// counted like every other.
+#[allow(clippy::too_many_arguments)]
 fn refuse(
     root: &std::path::Path,
     name: &str,
@@ -304,10 +390,28 @@ fn refuse(
     why: &str,
     from: Option<String>,
     to: &[String],
+    max_size: u64,
 ) {
-    let reply = match maildrop::to_corrupt(root, name) {
-        Ok(id) => format!("maildrop file {name} refused ({why}); moved to corrupt/{id}"),
-        Err(e) => format!("maildrop file {name} refused ({why}); cannot move it to corrupt/: {e}"),
+    let reply = match maildrop::to_corrupt(root, name, max_size.saturating_add(1 << 20)) {
+        Ok((kept, pruned)) => {
+            // Room made for this user's file: their budget pays the line.
+            if !pruned.is_empty() && may_log(uid) {
+                log_pruned(&pruned);
+            }
+            match kept {
+                Refused::Kept(id) => format!(
+                    "maildrop file {name} refused ({why}); kept as {}/{id}",
+                    maildrop::CORRUPT_DIR
+                ),
+                Refused::Removed(size) => {
+                    format!("maildrop file {name} refused ({why}); removed: {size}")
+                }
+            }
+        }
+        Err(e) => format!(
+            "maildrop file {name} refused ({why}); cannot move it to {}: {e}",
+            maildrop::CORRUPT_DIR
+        ),
     };
     let r = Rejection {
         stage: Stage::Pickup,
@@ -316,8 +420,24 @@ fn refuse(
         from,
         to: to.to_vec(),
         detail: None,
+        to_omitted: 0,
     };
-    events::rejected(&Client::local(uid), &r);
+    report_rejected(uid, &r);
+}
+
+/// One line for refused drop files removed from `corrupt/maildrop/` to
+/// keep it within its bounds.
+fn log_pruned(pruned: &[String]) {
+    if !pruned.is_empty() {
+        tracing::info!(
+            "pickup: {} kept within its bounds (at most {} files, {} MB, {} days): removed {} older refused drop file(s)",
+            maildrop::CORRUPT_DIR,
+            maildrop::KEEP_FILES,
+            maildrop::KEEP_BYTES >> 20,
+            maildrop::KEEP_AGE.as_secs() / 86_400,
+            pruned.len()
+        );
+    }
 }
 
 /// What a drop file's owner may send, and the reason a file is refused.
@@ -331,12 +451,14 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
     let claimed = &d.meta.sender;
     let sender = submit::sender_for(&ctx.config, &who, owner, claimed);
     if sender != *claimed {
-        tracing::warn!(
-            "pickup: maildrop/{}: sender <{claimed}> replaced by <{sender}>: uid {} ({}) may not choose the sender (see [sendmail] trusted_users)",
-            d.name,
-            who.uid,
-            who.name
-        );
+        if may_log(who.uid) {
+            tracing::warn!(
+                "pickup: maildrop/{}: sender <{claimed}> replaced by <{sender}>: uid {} ({}) may not choose the sender (see [sendmail] trusted_users)",
+                d.name,
+                who.uid,
+                who.name
+            );
+        }
     } else if !sender.is_empty() {
         submit::check_address(&sender)
             .map_err(|e| (Reason::BadAddress, format!("sender <{sender}>: {e}")))?;
@@ -351,15 +473,7 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
         })?;
         recipients.push(r.address.clone());
     }
-    if recipients.len() > ctx.config.smtp.max_recipients {
-        return Err((
-            Reason::TooManyRecipients,
-            format!(
-                "{} recipients, more than smtp.max_recipients",
-                recipients.len()
-            ),
-        ));
-    }
+    submit::check_recipients(&ctx.config, recipients.len())?;
     // The claimed arrival time is the user's to write: believe it only
     // within the queue's lifetime, so it can neither expire the message at
     // once nor keep it forever.
@@ -373,8 +487,16 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
     let env = Envelope {
         sender,
         recipients,
-        smtputf8: false,
-        eight_bit: false,
+        dsn: d.meta.dsn.clone(),
+        rcpt_dsn: d.meta.recipients.iter().map(|r| r.dsn.clone()).collect(),
+        ..Envelope::default()
     };
-    Ok((who, env, d.body, arrival))
+    // The same content rules as every other way in: the drop file's
+    // content is the user's to write, whatever the sendmail command did.
+    let limits = crate::cleanup::Limits::from_config(&ctx.config.smtp);
+    let rules = submit::local_rules(&ctx.config, &who, &env, who.full_name.clone());
+    let body = crate::cleanup::Intake::whole(&d.body, limits)
+        .and_then(|m| crate::cleanup::rewrite(m, &rules))
+        .map_err(|e| (e.reason(), e.to_string()))?;
+    Ok((who, env, body, arrival))
 }

@@ -17,13 +17,17 @@
 //!
 //! # Security
 //! Who a local user is comes from the kernel (the real uid here, the drop
-//! file's owner in the pickup), never from the message. A user may choose
-//! the envelope sender (`-f`) only if trusted: root, the spool's owner, or
-//! listed in `[sendmail] trusted_users`; everybody else sends as
-//! `user@myorigin` (or `rewrite_sender`). The pickup applies the same rule
-//! again, since a drop file's contents are the user's to write. The
-//! `Received:` header names the uid, so a forged `From:` header can be
-//! traced to its author.
+//! file's owner in the pickup), never from the message. Every local user
+//! may choose the envelope sender (`-f`) by default, as with Postfix,
+//! sendmail and nullmailer (PHP's `mail()` passes `-f` for the sender the
+//! provider has verified); `[sendmail] trusted_users` set to a list of
+//! names restricts it to them, root and the spool's owner, and everybody
+//! else then sends as `user@myorigin` (or `rewrite_sender`). The pickup
+//! applies the same rule again, since a drop file's contents are the
+//! user's to write. Whatever the sender, the real user stays visible: the
+//! `Received:` header names the uid, and the pickup's accepted log line
+//! the uid and name (`uid=33 (www-data)`), so a forged sender or `From:`
+//! can be traced to its author.
 
 use std::ffi::CStr;
 use std::io::{self, Write};
@@ -31,10 +35,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use crate::cleanup::{self, LocalFrom, Refusal, Rules, trace};
 use crate::config::Config;
 use crate::control::{self, Request};
-use crate::observe::events::Rejection;
-use crate::smtp::message;
+use crate::observe::events::{Reason, Rejection};
 use crate::spool::{Envelope, Spool, SpoolError, maildrop};
 
 /// A local user, as the password database knows them.
@@ -142,10 +146,52 @@ pub fn sender_for(config: &Config, who: &Identity, owner: u32, asked: &str) -> S
     }
 }
 
-/// Sets the SMTPUTF8 and 8BITMIME flags from what the message holds.
+/// The limit the SMTP server applies at RCPT, for a local submission
+/// (`sendmail`, a maildrop file): the reason and what to tell the user.
+pub fn check_recipients(config: &Config, recipients: usize) -> Result<(), (Reason, String)> {
+    let max = config.smtp.max_recipients;
+    if recipients > max {
+        return Err((
+            Reason::TooManyRecipients,
+            format!("too many recipients: {recipients}, more than smtp.max_recipients ({max})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Sets the SMTPUTF8 and 8BITMIME flags from what the message holds: a
+/// local submission asks for SMTPUTF8 when its envelope or header holds
+/// UTF-8 (Postfix's `smtputf8_autodetect_classes = sendmail`).
 pub fn set_flags(env: &mut Envelope, content: &[u8]) {
-    env.smtputf8 = !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.is_ascii());
-    env.eight_bit = content.iter().any(|&b| b >= 0x80);
+    let addresses =
+        std::iter::once(env.sender.as_str()).chain(env.recipients.iter().map(String::as_str));
+    env.smtputf8 = cleanup::needs_smtputf8(addresses, content);
+    env.eight_bit = !content.is_ascii();
+}
+
+/// Why a local submission was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Cleanup refused the content.
+    #[error("{0}")]
+    Refused(#[from] Refusal),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+}
+
+/// Cleanup's rules for a local user's message.
+pub fn local_rules(
+    config: &Config,
+    who: &Identity,
+    env: &Envelope,
+    full_name: Option<String>,
+) -> Rules {
+    let address = if env.sender.is_empty() {
+        default_sender(config, who)
+    } else {
+        env.sender.clone()
+    };
+    Rules::local(config, LocalFrom { address, full_name })
 }
 
 /// Why an address cannot be used, or `Ok` for a fully qualified mailbox
@@ -184,8 +230,8 @@ pub fn check_address(addr: &str) -> Result<(), &'static str> {
 }
 
 /// The headers put in front of a locally submitted message: a
-/// `Received:` naming the submitting uid (Postfix's form), and
-/// `Message-ID:`/`Date:` when the message has none.
+/// `Received:` naming the submitting uid, and `Message-ID:`/`Date:` when
+/// the message has none.
 pub fn trace_prefix(
     hostname: &str,
     uid: u32,
@@ -194,24 +240,19 @@ pub fn trace_prefix(
     content: &[u8],
     now: SystemTime,
 ) -> Vec<u8> {
-    let date = message::rfc5322_now(now);
-    let present = message::scan_headers(content);
-    let mut out = format!("Received: by {hostname} (relayq, from userid {uid})\r\n\tid {id}");
-    // One recipient only, as in the SMTP path: more would leak Bcc.
-    if let [rcpt] = env.recipients.as_slice() {
-        out.push_str(&format!(
-            "\r\n\tfor <{}>",
-            crate::spool::format::one_line(rcpt)
-        ));
-    }
-    out.push_str(&format!("; {date}\r\n"));
-    if !present.message_id {
-        out.push_str(&format!("Message-ID: <{id}@{hostname}>\r\n"));
-    }
-    if !present.date {
-        out.push_str(&format!("Date: {date}\r\n"));
-    }
-    out.into_bytes()
+    let date = trace::rfc5322_now(now);
+    let t = trace::Trace {
+        origin: trace::Origin::Local { uid },
+        hostname,
+        id,
+        // One recipient only, as in the SMTP path: more would leak Bcc.
+        single_rcpt: match env.recipients.as_slice() {
+            [rcpt] => Some(rcpt),
+            _ => None,
+        },
+        date: &date,
+    };
+    trace::prefix(&t, content)
 }
 
 enum Route {
@@ -305,14 +346,22 @@ impl Submitter {
         Ok(st.f_bavail.saturating_mul(st.f_frsize))
     }
 
-    /// Stores the message durably by this process's route. `content` is
-    /// the message without trace headers; they are added by whoever
-    /// assigns the queue id.
-    pub fn submit(&self, mut env: Envelope, content: &[u8]) -> Result<Submitted, SpoolError> {
-        set_flags(&mut env, content);
+    /// Applies cleanup's local rules to the message (`full_name` names the
+    /// `From:` added when it has none) and stores it durably by this
+    /// process's route. Trace headers are added by whoever assigns the
+    /// queue id.
+    pub fn submit(
+        &self,
+        mut env: Envelope,
+        content: Vec<u8>,
+        full_name: Option<String>,
+    ) -> Result<Submitted, SubmitError> {
+        let rules = local_rules(&self.config, &self.identity, &env, full_name);
+        let content = cleanup::rewrite(content, &rules)?;
+        set_flags(&mut env, &content);
         let now = SystemTime::now();
         let now_ms = crate::clock::to_ms(now);
-        match &self.route {
+        Ok(match &self.route {
             Route::Queue(spool) => {
                 let id = Spool::new_id();
                 let mut msg = trace_prefix(
@@ -320,25 +369,24 @@ impl Submitter {
                     self.identity.uid,
                     &id,
                     &env,
-                    content,
+                    &content,
                     now,
                 );
-                msg.extend_from_slice(content);
-                set_flags(&mut env, &msg);
+                msg.extend_from_slice(&content);
                 spool
                     .commit_blocking(id, &env, &msg, now_ms, self.identity.uid)
-                    .map(Submitted::Queued)
+                    .map(Submitted::Queued)?
             }
-            Route::Maildrop => maildrop::write(&self.config.spool_dir, &env, content, now_ms)
-                .map(Submitted::Dropped),
-        }
+            Route::Maildrop => maildrop::write(&self.config.spool_dir, &env, &content, now_ms)
+                .map(Submitted::Dropped)?,
+        })
     }
 
     /// Tells a running daemon that this command refused a message, so that
     /// its log and metrics have it like every other refusal (see
     /// `pickup`); false when none runs.
     pub fn report(&self, r: &Rejection) -> bool {
-        let Ok(json) = serde_json::to_vec(r) else {
+        let Ok(json) = serde_json::to_vec(&r.bounded()) else {
             return false;
         };
         let mut line = crate::pickup::REPORT_PREFIX.to_vec();
@@ -426,6 +474,9 @@ mod tests {
             name: "alice".into(),
             full_name: None,
         };
+        // Every local user may choose the sender unless restricted.
+        assert!(is_trusted(&c, &alice, 999));
+        c.sendmail.trusted_users = vec![];
         assert!(!is_trusted(&c, &alice, 999));
         assert!(is_trusted(&c, &alice, 1000));
         assert!(is_trusted(&c, &Identity::of_uid(0), 999));
@@ -455,30 +506,5 @@ mod tests {
         assert!(e.to_string().contains("sendmail.rewrite_sender"), "{e}");
         let e = parse(&format!("{base}[sendmail]\nrewite_sender = \"a@b\"\n")).unwrap_err();
         assert!(e.to_string().contains("rewite_sender"), "{e}");
-    }
-
-    #[test]
-    fn trace_names_the_uid_and_adds_only_missing_headers() {
-        let env = Envelope {
-            recipients: vec!["b@example.net".into()],
-            ..Envelope::default()
-        };
-        let p = trace_prefix(
-            "h.test",
-            1000,
-            "01ID",
-            &env,
-            b"Date: x\r\n\r\nbody\r\n",
-            SystemTime::UNIX_EPOCH,
-        );
-        let p = String::from_utf8(p).unwrap();
-        assert!(
-            p.starts_with(
-                "Received: by h.test (relayq, from userid 1000)\r\n\tid 01ID\r\n\tfor <b@example.net>; "
-            ),
-            "{p}"
-        );
-        assert!(p.contains("Message-ID: <01ID@h.test>\r\n"));
-        assert!(!p.contains("\r\nDate:"));
     }
 }

@@ -105,12 +105,15 @@ fn collect_all(config: &Config, spool: &Spool) -> anyhow::Result<Vec<(Place, Met
     Ok(all)
 }
 
-/// Every queued and held message, oldest first.
+/// Every queued and held message, oldest first, each once: by the id in
+/// its file, which after a power loss the daemon has not yet recovered
+/// from may differ from its name (see the spool's recovery).
 pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
     let mut all = Vec::new();
     for area in [Area::Queue, Area::Hold] {
         for id in spool.list(area)? {
             match spool.read_meta(area, &id) {
+                Ok(m) if m.is_done() => {}
                 Ok(m) => all.push((area, m)),
                 // Delivered and removed while we listed: not in the queue.
                 Err(SpoolError::NotFound(_)) => {}
@@ -119,7 +122,17 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
         }
     }
     all.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    all.dedup_by(|a, b| a.1.id == b.1.id);
     Ok(all)
+}
+
+/// The ids of the messages in `areas`, as `collect` finds them.
+fn ids_in(spool: &Spool, areas: &[Area]) -> anyhow::Result<Vec<String>> {
+    Ok(collect(spool)?
+        .into_iter()
+        .filter(|(a, _)| areas.contains(a))
+        .map(|(_, m)| m.id)
+        .collect())
 }
 
 pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result<()> {
@@ -170,14 +183,14 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
             " "
         };
         let sender = if m.sender.is_empty() {
-            "MAILER-DAEMON"
+            "MAILER-DAEMON".into()
         } else {
-            &m.sender
+            printable(&m.sender)
         };
         writeln!(
             out,
             "{}{mark} {:>8} {:>20} {sender}",
-            m.id,
+            printable(&m.id),
             m.size,
             arrival(m.arrival_ms)
         )?;
@@ -186,9 +199,9 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         }
         for (_, r) in m.pending() {
             if let Some(reason) = &r.last_reply {
-                writeln!(out, "{:indent$}({reason})", "")?;
+                writeln!(out, "{:indent$}({})", "", printable(reason))?;
             }
-            writeln!(out, "{:indent$}{}", "", r.address)?;
+            writeln!(out, "{:indent$}{}", "", printable(&r.address))?;
         }
         writeln!(out)?;
     }
@@ -200,6 +213,21 @@ pub fn list(config: &Config, json: bool, out: &mut impl Write) -> anyhow::Result
         if all.len() == 1 { "" } else { "s" }
     )?;
     write_relays(&relays, out)
+}
+
+/// Outside text (a local user's drop file, an upstream's reply, a
+/// client's headers) for an operator's terminal: control characters, which
+/// could retitle, recolour or clear it, become `?` (as in Postfix's
+/// showq); a tab stays.
+fn printable(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.chars().any(|c| c.is_control() && c != '\t') {
+        s.chars()
+            .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        s.into()
+    }
 }
 
 /// The daemon's relay states; `None` when it is not running.
@@ -259,7 +287,7 @@ fn write_relays(relays: &Option<Vec<RelayState>>, out: &mut impl Write) -> anyho
         let error = r
             .last_error
             .as_deref()
-            .map(|e| format!(": {e}"))
+            .map(|e| format!(": {}", printable(e)))
             .unwrap_or_default();
         writeln!(
             out,
@@ -327,10 +355,14 @@ fn full_date(ms: u64) -> String {
 /// message's header section (like `postcat -eh`).
 pub fn show(config: &Config, id: &str, out: &mut impl Write) -> anyhow::Result<()> {
     let spool = open_spool(config)?;
-    let (area, meta) = [Area::Queue, Area::Hold]
-        .into_iter()
-        .find_map(|a| spool.read_meta(a, id).ok().map(|m| (a, m)))
-        .ok_or_else(|| anyhow::anyhow!("no such message in the queue: {id}"))?;
+    let found = match spool.find(id) {
+        Ok(f) => f,
+        Err(SpoolError::NotFound(_) | SpoolError::BadId(_)) => {
+            return Err(anyhow::anyhow!("no such message in the queue: {id}"));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let (area, meta) = (found.area, &found.meta);
     let queue = if area == Area::Hold { "hold" } else { "queue" };
     writeln!(out, "queue id:    {} ({queue})", meta.id)?;
     writeln!(out, "arrival:     {}", full_date(meta.arrival_ms))?;
@@ -338,7 +370,7 @@ pub fn show(config: &Config, id: &str, out: &mut impl Write) -> anyhow::Result<(
     let sender = if meta.sender.is_empty() {
         "<> (a bounce)".to_string()
     } else {
-        format!("<{}>", meta.sender)
+        format!("<{}>", printable(&meta.sender))
     };
     writeln!(out, "sender:      {sender}")?;
     let mut flags = Vec::new();
@@ -363,24 +395,25 @@ pub fn show(config: &Config, id: &str, out: &mut impl Write) -> anyhow::Result<(
             RcptState::Delivered => "delivered",
             RcptState::Failed => "failed",
         };
+        let address = printable(&r.address);
         match &r.last_reply {
-            Some(reply) => writeln!(out, "  {state:<10}{}  ({reply})", r.address)?,
-            None => writeln!(out, "  {state:<10}{}", r.address)?,
+            Some(reply) => writeln!(out, "  {state:<10}{address}  ({})", printable(reply))?,
+            None => writeln!(out, "  {state:<10}{address}")?,
         }
     }
     writeln!(out, "headers:")?;
-    let head = read_headers(&spool, area, &meta)?;
+    let head = read_headers(&spool, area, &found.name, meta)?;
     for line in String::from_utf8_lossy(&head).split("\r\n") {
         if !line.is_empty() {
-            writeln!(out, "  {line}")?;
+            writeln!(out, "  {}", printable(line))?;
         }
     }
     Ok(())
 }
 
 /// The header section of a queued message (at most 256 KiB of it).
-fn read_headers(spool: &Spool, area: Area, meta: &Meta) -> anyhow::Result<Vec<u8>> {
-    let path = spool.path(area, &meta.id)?;
+fn read_headers(spool: &Spool, area: Area, name: &str, meta: &Meta) -> anyhow::Result<Vec<u8>> {
+    let path = spool.path(area, name)?;
     let mut file = std::fs::File::open(&path)?;
     file.seek(SeekFrom::Start(meta.body_offset))?;
     let mut buf = Vec::new();
@@ -454,14 +487,12 @@ pub async fn op(
     let all = ids.iter().any(|i| i == "ALL");
     let targets = if all {
         let spool = open_spool(config)?;
-        let mut v = Vec::new();
-        if matches!(op, Op::Delete | Op::Release) {
-            v.extend(spool.list(Area::Hold)?);
-        }
-        if matches!(op, Op::Delete | Op::Hold | Op::Requeue) {
-            v.extend(spool.list(Area::Queue)?);
-        }
-        v
+        let areas: &[Area] = match op {
+            Op::Delete => &[Area::Hold, Area::Queue],
+            Op::Release => &[Area::Hold],
+            Op::Hold | Op::Requeue => &[Area::Queue],
+        };
+        ids_in(&spool, areas)?
     } else {
         ids.to_vec()
     };
@@ -507,7 +538,7 @@ pub async fn flush(config: &Config, out: &mut impl Write) -> anyhow::Result<()> 
         }
     }
     super::ensure_operator(&config.spool_dir, "flush the queue")?;
-    let ids = open_spool(config)?.list(Area::Queue)?;
+    let ids = ids_in(&open_spool(config)?, &[Area::Queue])?;
     let done = apply(config, ids, Op::Requeue).await?;
     writeln!(
         out,
@@ -598,6 +629,15 @@ fn offline(
     bar: &indicatif::ProgressBar,
 ) -> anyhow::Result<(usize, Vec<String>)> {
     let now = crate::clock::to_ms(std::time::SystemTime::now());
+    // Names first: after a power loss a message may sit under a stale
+    // name until recovery, which the daemon (not running) would do. Only
+    // when one is needed: the pass reads every queue file.
+    if ids
+        .iter()
+        .any(|id| !matches!(spool.find(id), Ok(f) if f.name == *id))
+    {
+        spool.reconcile_names()?;
+    }
     let mut count = 0;
     let mut missing = Vec::new();
     for id in ids {

@@ -18,13 +18,15 @@
 //! spool root (0711: traverse only), and pokes `pickup.sock`. The daemon
 //! reads the file without following links, checks it like any untrusted
 //! input, takes the submitter from the file's owner (the kernel's word),
-//! forces the envelope sender to `user@myorigin` unless that user is
-//! trusted, and re-queues it through the one spool writer. Root and the
-//! spool's owner write `queue/` directly when they own it. Details: the
-//! `submit`, `spool::maildrop` and `pickup` modules.
+//! applies the sender rule (every user may choose it with `-f` unless
+//! `[sendmail] trusted_users` restricts it; the uid is always named in the
+//! `Received:` header and the log), runs the same content rules as every
+//! other way in (`cleanup`), and re-queues it through the one spool
+//! writer. Root and the spool's owner write `queue/` directly when they
+//! own it. Details: the `submit`, `spool::maildrop` and `pickup` modules.
 
 mod args;
-mod message;
+mod stdin;
 
 use std::ffi::OsString;
 use std::io::{BufReader, Write};
@@ -32,10 +34,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use self::args::{Mode, Options};
+use crate::cleanup::address;
 use crate::config::Config;
 use crate::observe::events::{Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
-use crate::submit::{self, Submitted, Submitter};
+use crate::submit::{self, SubmitError, Submitted, Submitter};
 
 /// sysexits.h: what scripts and PHP test for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,9 +88,36 @@ fn run(prog: &str, args: Vec<OsString>) -> Result<(), Fail> {
         Mode::ListQueue => super::queue::list(&config, false, &mut std::io::stdout().lock())
             .map_err(|e| Fail(Exit::Unavailable, format!("{e:#}"))),
         Mode::Flush => flush(&config, opts.verbose),
-        Mode::Smtp => smtp(config),
-        Mode::Deliver => deliver(prog, config, &opts),
+        Mode::Smtp => {
+            development_spool(&config)?;
+            smtp(config)
+        }
+        Mode::Deliver => {
+            development_spool(&config)?;
+            deliver(prog, config, &opts)
+        }
     }
+}
+
+/// Without a config file every user has a spool of their own, made by
+/// `relayq serve` run as them. One that does not exist yet would be made
+/// here and never delivered: a daemon runs for another user, or under
+/// another home (`sudo` sets root's), and reads only its own spool.
+fn development_spool(config: &Config) -> Result<(), Fail> {
+    if config.source.is_some() || config.spool_dir.exists() {
+        return Ok(());
+    }
+    let who = submit::Identity::current();
+    fail(
+        Exit::Config,
+        format!(
+            "no config file ({} not found) and no development spool {} for uid {} ({}): without a config file each user has their own, made by `relayq serve` run as them, and a daemon of another user (or home) would never deliver mail left here; run sendmail as the user who runs `relayq serve` (with the same HOME), or send by SMTP to 127.0.0.1:2525, or write a config file so that every user shares one spool",
+            crate::config::DEFAULT_CONFIG_PATH,
+            config.spool_dir.display(),
+            who.uid,
+            who.name
+        ),
+    )
 }
 
 fn flush(config: &Config, verbose: bool) -> Result<(), Fail> {
@@ -136,7 +166,7 @@ fn spool_fail(e: SpoolError) -> Fail {
 }
 
 /// Qualifies (`root` -> `root@myorigin`) and checks one address.
-fn qualify(config: &Config, found: message::Found, what: &str) -> Result<String, Fail> {
+fn qualify(config: &Config, found: address::Found, what: &str) -> Result<String, Fail> {
     let Some(addr) = found else {
         return fail(
             Exit::NoUser,
@@ -184,32 +214,29 @@ fn sender(prog: &str, s: &Submitter, requested: Option<&str>) -> Result<String, 
 }
 
 fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
-    let max_size = config.smtp.max_message_size.0;
-    let max_line = config.smtp.max_line_length;
+    let limits = crate::cleanup::Limits::from_config(&config.smtp);
     let s = Submitter::new(config).map_err(spool_fail)?;
     let sender = sender(prog, &s, opts.sender.as_deref())
         .map_err(|f| refuse(&s, f, Reason::BadAddress, opts.sender.as_deref(), &[]))?;
     let mut recipients = Vec::new();
     for arg in &opts.recipients {
-        for found in message::argument_recipients(arg) {
+        for found in address::argument_recipients(arg) {
             let addr = qualify(s.config(), found, "recipient address")
                 .map_err(|f| refuse(&s, f, Reason::BadAddress, Some(&sender), &recipients))?;
             recipients.push(addr);
         }
     }
     let stdin = std::io::stdin().lock();
-    let content = message::read(BufReader::new(stdin), opts.ignore_dots, max_size, max_line)
-        .map_err(|e| {
-            let reason = match e {
-                message::InputError::Io(_) => return Fail(Exit::IoErr, e.to_string()),
-                message::InputError::TooBig { .. } => Reason::MessageSize,
-                message::InputError::Nul { .. } => Reason::Nul,
-            };
-            let f = Fail(Exit::DataErr, e.to_string());
-            refuse(&s, f, reason, Some(&sender), &recipients)
-        })?;
+    let content = stdin::read(BufReader::new(stdin), opts.ignore_dots, limits).map_err(|e| {
+        let reason = match &e {
+            stdin::InputError::Io(_) => return Fail(Exit::IoErr, e.to_string()),
+            stdin::InputError::Refused(r) => r.reason(),
+        };
+        let f = Fail(Exit::DataErr, e.to_string());
+        refuse(&s, f, reason, Some(&sender), &recipients)
+    })?;
     if opts.extract {
-        for found in message::header_recipients(&content) {
+        for found in address::header_recipients(&content) {
             let addr = qualify(s.config(), found, "recipient address in the header")
                 .map_err(|f| refuse(&s, f, Reason::BadAddress, Some(&sender), &recipients))?;
             recipients.push(addr);
@@ -221,34 +248,67 @@ fn deliver(prog: &str, config: Config, opts: &Options) -> Result<(), Fail> {
         return fail(
             Exit::Usage,
             if opts.extract {
-                "no recipients: the message has no To:, Cc: or Bcc: address and none was given on the command line"
+                "no recipients: the message has no To:, Cc: or Bcc: address (nor Resent-To:, Resent-Cc:, Resent-Bcc:) and none was given on the command line"
             } else {
                 "no recipients: name them on the command line, or use -t to take them from To:, Cc: and Bcc:"
             },
         );
     }
-    let mut content = message::remove_bcc(&content);
-    if !message::has_header(&content, "from") {
-        let name = opts
-            .full_name
-            .clone()
-            .or_else(|| std::env::var("NAME").ok())
-            .or_else(|| s.identity.full_name.clone());
-        let from = if sender.is_empty() {
-            s.default_sender()
-        } else {
-            sender.clone()
-        };
-        let mut with = message::from_field(name.as_deref(), &from);
-        with.extend_from_slice(&content);
-        content = with;
+    submit::check_recipients(s.config(), recipients.len()).map_err(|(reason, why)| {
+        let f = Fail(Exit::DataErr, why);
+        refuse(&s, f, reason, Some(&sender), &recipients)
+    })?;
+    // What SMTP answers 452 4.3.1: the queue needs the disk that is left.
+    let min = s.config().smtp.min_free_space.0;
+    if let Ok(free) = s.free_space()
+        && free < min.saturating_add(content.len() as u64)
+    {
+        let f = Fail(
+            Exit::TempFail,
+            format!(
+                "the spool is short of disk space: spool file system has only {free} bytes free, below smtp.min_free_space ({min}); try again later"
+            ),
+        );
+        return Err(refuse(&s, f, Reason::DiskFull, Some(&sender), &recipients));
     }
+    let full_name = opts
+        .full_name
+        .clone()
+        .or_else(|| std::env::var("NAME").ok())
+        .or_else(|| s.identity.full_name.clone());
+    let rcpt_dsn = match opts.notify {
+        Some(notify) => vec![
+            crate::spool::RcptDsn {
+                notify,
+                orcpt: None,
+            };
+            recipients.len()
+        ],
+        None => Vec::new(),
+    };
     let env = Envelope {
-        sender,
-        recipients,
+        sender: sender.clone(),
+        recipients: recipients.clone(),
+        dsn: crate::spool::Dsn {
+            ret: opts.ret,
+            envid: opts.envid.clone(),
+        },
+        rcpt_dsn,
         ..Envelope::default()
     };
-    let stored = s.submit(env, &content).map_err(spool_fail)?;
+    let stored = s.submit(env, content, full_name).map_err(|e| match e {
+        SubmitError::Refused(r) => {
+            let f = Fail(Exit::DataErr, r.to_string());
+            refuse(&s, f, r.reason(), Some(&sender), &recipients)
+        }
+        SubmitError::Spool(e) => {
+            let reason = match e {
+                SpoolError::Full => Reason::DiskFull,
+                _ => Reason::QueueError,
+            };
+            refuse(&s, spool_fail(e), reason, Some(&sender), &recipients)
+        }
+    })?;
     let woke = s.wake(&stored);
     if opts.verbose {
         let mut err = std::io::stderr().lock();
@@ -279,6 +339,7 @@ fn refuse(s: &Submitter, f: Fail, reason: Reason, from: Option<&str>, to: &[Stri
         from: from.map(str::to_string),
         to: to.to_vec(),
         detail: None,
+        to_omitted: 0,
     });
     f
 }
@@ -294,11 +355,12 @@ impl crate::smtp::session::LocalSink for BsSink {
         self.submitter.free_space()
     }
 
-    fn submit(&self, mut env: Envelope, body: Vec<u8>) -> Result<String, SpoolError> {
+    fn submit(&self, mut env: Envelope, body: Vec<u8>) -> Result<String, SubmitError> {
         if !self.submitter.trusted() {
             env.sender = self.submitter.default_sender();
         }
-        let stored = self.submitter.submit(env, &body)?;
+        let name = self.submitter.identity.full_name.clone();
+        let stored = self.submitter.submit(env, body, name)?;
         self.submitter.wake(&stored);
         Ok(stored.name().to_string())
     }
@@ -340,6 +402,7 @@ fn smtp(config: Config) -> Result<(), Fail> {
                 // -bs is a local pipe: no STARTTLS, no AUTH.
                 tls: None,
                 users: None,
+                defenses: Default::default(),
             });
             let (_stop, shutdown) = tokio::sync::watch::channel(false);
             let io = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());

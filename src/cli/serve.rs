@@ -18,8 +18,18 @@ use crate::spool::{Area, Spool};
 /// How long shutdown waits for SMTP sessions and deliveries in flight.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
+/// File descriptors kept for everything but inbound sessions: relay
+/// connections, spool files, the control, pickup and status sockets.
+const FD_RESERVE: u64 = 256;
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM or Ctrl-C from the first log line on (a
+    // script stopping relayq once it speaks, systemd right after READY=1)
+    // must drain, not kill (nor be ignored, when inherited as ignored).
+    let signals = Signals::new()?;
+    crate::memory::return_large_blocks();
     let config = Arc::new(config);
+    warn_if_secrets_are_public(&config);
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(
@@ -38,7 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _daemon_lock = super::lock_spool(&config.spool_dir, Duration::from_secs(60))?;
     // Under the lock: the slots present now are recovery's to look at.
     spool
-        .enable_slots()
+        .enable_slots(config.queue.done_sync_window.0)
         .map_err(|e| anyhow::anyhow!("cannot open spool {}: {e}", config.spool_dir.display()))?;
     crate::spool::maildrop::prepare(&config.spool_dir)
         .map_err(|e| anyhow::anyhow!("cannot prepare the maildrop: {e}"))?;
@@ -76,8 +86,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         handle.clone(),
     )?);
     let (server_ctx_tx, server_ctx) = watch::channel(ctx);
-    let server = Server::bind(server_ctx).await?;
+    let mut server = Server::bind(server_ctx).await?;
+    server.limit_sessions(session_ceiling(&config, workers as u64));
     let addrs = server.local_addrs();
+    warn_if_short_of_space(&config, &spool);
 
     let relay_names: Vec<String> = config
         .relay
@@ -169,6 +181,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 rec.corrupt.len(),
                 rec.discarded_tmp
             );
+            if rec.stale_names > 0 {
+                tracing::warn!(
+                    "{} stale queue file names (left by a power loss) put right: each message is queued under its own id",
+                    rec.stale_names
+                );
+            }
             if rec.relinked > 0 {
                 tracing::warn!(
                     "{} accepted messages restored to queue/ from their slots (links lost in a crash)",
@@ -228,8 +246,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
 
     let server_task = tokio::spawn(server.run(shutdown.clone(), SHUTDOWN_GRACE));
-    // Handlers first: a SIGTERM right after READY=1 must drain, not kill.
-    let signals = Signals::new()?;
     // systemd (Type=notify): we are listening; a no-op outside systemd.
     if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         tracing::warn!("cannot notify systemd of readiness: {e}");
@@ -283,9 +299,80 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = pickup_task.await;
     let _ = std::fs::remove_file(&pickup_socket);
     let _ = sched_task.await;
+    // What was delivered must not be sent again after a power cut now.
+    let _ = tokio::task::spawn_blocking(move || spool.flush_done_marks()).await;
     let _ = std::fs::remove_file(crate::control::socket_path(&config.spool_dir));
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How many SMTP sessions the file descriptor limit allows: raises the soft
+/// limit to the hard one when `max_connections` needs it (systemd's
+/// default soft limit is 1024), and says so when even that is too low.
+fn session_ceiling(config: &Config, workers: u64) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let want = config.smtp.max_connections as u64;
+    let need = want + FD_RESERVE + workers;
+    let lim = getrlimit(Resource::Nofile);
+    let mut soft = lim.current.unwrap_or(u64::MAX);
+    if soft < need {
+        let raised = lim.maximum.map_or(need, |hard| hard.max(soft));
+        if setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(raised),
+                maximum: lim.maximum,
+            },
+        )
+        .is_ok()
+        {
+            tracing::info!(
+                "raised the open file limit from {soft} to {raised} for smtp.max_connections = {want}"
+            );
+            soft = raised;
+        }
+    }
+    let fit = soft.saturating_sub(FD_RESERVE + workers).max(1);
+    if fit < want {
+        tracing::warn!(
+            "smtp.max_connections = {want} needs about {need} open files but the limit is {soft} (hard limit {}); at most {fit} SMTP sessions will be served: raise LimitNOFILE= in the unit (or ulimit -n)",
+            lim.maximum
+                .map_or("unlimited".to_string(), |h| h.to_string())
+        );
+    }
+    usize::try_from(fit.min(want)).unwrap_or(usize::MAX)
+}
+
+/// The config file is meant to be readable by every user (their `sendmail`
+/// reads it): a secret written in it is then theirs too.
+fn warn_if_secrets_are_public(config: &Config) {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(path) = &config.source else { return };
+    let readable = std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o004 != 0);
+    let keys = config.inline_secrets();
+    if readable && !keys.is_empty() {
+        tracing::warn!(
+            "{} is readable by every user and holds a secret ({}): put it in a file only relayq reads (password_file, chmod 600, owned by relayq)",
+            path.display(),
+            keys.join(", ")
+        );
+    }
+}
+
+/// New mail gets `452 4.3.1` below `min_free_space`: say so at start
+/// rather than leave the first refusal to explain it.
+fn warn_if_short_of_space(config: &Config, spool: &Spool) {
+    let min = config.smtp.min_free_space.0;
+    if let Ok(free) = spool.free_space()
+        && free < min
+    {
+        tracing::warn!(
+            "spool {} has only {} free, less than smtp.min_free_space ({}): new mail is refused with 452 4.3.1 until space is freed",
+            config.spool_dir.display(),
+            crate::cli::check::human_bytes(free),
+            crate::cli::check::human_bytes(min)
+        );
+    }
 }
 
 /// SIGTERM, SIGINT and SIGHUP, caught from the moment this is created.
@@ -396,12 +483,8 @@ impl Live {
             );
             return None;
         }
-        let server = match ServerContext::new(
-            new.clone(),
-            self.spool.clone(),
-            self.clock.clone(),
-            self.scheduler.clone(),
-        ) {
+        let current = self.server.borrow().clone();
+        let server = match current.reload(new.clone()) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!("reload failed, the running configuration stays: {e:#}");

@@ -12,8 +12,14 @@ pub enum RcptOutcome {
     /// with the enhanced status code that says why (RFC 3463; `4.4.1` no
     /// answer from the host, `4.4.2` connection lost, `4.7.5` TLS...).
     Deferred { reason: String, status: String },
-    /// Failed for good (5xx): bounce to the sender.
-    Failed { reply: String, status: String },
+    /// Failed for good (5xx): bounce to the sender. `local`: relayq
+    /// decided it (the upstream was never asked), so the bounce names no
+    /// remote MTA.
+    Failed {
+        reply: String,
+        status: String,
+        local: bool,
+    },
 }
 
 impl RcptOutcome {
@@ -64,6 +70,12 @@ pub struct AttemptReport {
     pub retry_at_ms: Option<u64>,
     /// Relays whose recovery should wake this message early.
     pub wake_on: Vec<Arc<str>>,
+    /// The upstream offers DSN, so NOTIFY went with each recipient and the
+    /// notices are its to send (RFC 3461 6.2.3).
+    pub upstream_dsn: bool,
+    /// A delivered recipient was delivered for good (the capture Maildir),
+    /// not relayed.
+    pub final_delivery: bool,
 }
 
 impl AttemptReport {

@@ -202,7 +202,12 @@ async fn attempt_ahead(
     let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
     let (meta, body) = match loaded {
         Ok(Ok(x)) => x,
-        Ok(Err(SpoolError::NotFound(_))) => return (Next::Gone, None),
+        Ok(Err(SpoolError::NotFound(_))) => {
+            // Nothing takes a queued file away behind the scheduler's back
+            // (operations wait for the attempt): say so if it happened.
+            events::queue_warning(id, "queue file not found; nothing to deliver");
+            return (Next::Gone, None);
+        }
         Ok(Err(SpoolError::Corrupt { reason, .. })) => {
             events::queue_error(
                 id,
@@ -325,6 +330,12 @@ async fn record(
     let mut durable = Vec::new();
     let mut bounced: Vec<BouncedRecipient> = Vec::new();
     let mut deferred = Vec::new();
+    // DSN notices asked for with NOTIFY=SUCCESS or DELAY (RFC 3461).
+    let mut succeeded: Vec<BouncedRecipient> = Vec::new();
+    let mut delayed: Vec<BouncedRecipient> = Vec::new();
+    let warn_after_ms =
+        u64::try_from(ctx.config.queue.delay_warning_time.0.as_millis()).unwrap_or(u64::MAX);
+    let warn = !meta.warned && now_ms.saturating_sub(meta.arrival_ms) >= warn_after_ms;
     let log_relay = report.log_relay();
     let note = report
         .note
@@ -356,21 +367,33 @@ async fn record(
         match outcome {
             RcptOutcome::Delivered { reply } => {
                 line(Status::Sent, reply);
+                // An upstream that offers DSN got NOTIFY and reports
+                // itself; otherwise relayq says what became of it.
+                if rcpt.dsn.notify.success() && !report.upstream_dsn {
+                    let action = if report.final_delivery {
+                        Action::Delivered
+                    } else {
+                        Action::Relayed
+                    };
+                    let mut n = bounced_rcpt(rcpt, "2.0.0", reply, &report.relay, now);
+                    n.action = action;
+                    succeeded.push(n);
+                }
                 durable.push(Record::Delivered {
                     idx: *idx,
                     at_ms: now_ms,
                     reply: reply.clone(),
                 });
             }
-            RcptOutcome::Failed { reply, status } => {
+            RcptOutcome::Failed {
+                reply,
+                status,
+                local,
+            } => {
                 line(Status::Bounced, reply);
-                bounced.push(bounced_rcpt(
-                    &rcpt.address,
-                    status,
-                    reply,
-                    &report.relay,
-                    now,
-                ));
+                // A refusal relayq decided names no remote MTA: none said it.
+                let relay = if *local { "" } else { report.relay.as_str() };
+                bounced.push(bounced_rcpt(rcpt, status, reply, relay, now));
                 durable.push(Record::Failed {
                     idx: *idx,
                     at_ms: now_ms,
@@ -379,13 +402,7 @@ async fn record(
             }
             RcptOutcome::Deferred { reason, .. } if expired => {
                 line(Status::Expired, reason);
-                bounced.push(bounced_rcpt(
-                    &rcpt.address,
-                    "4.4.7",
-                    reason,
-                    &report.relay,
-                    now,
-                ));
+                bounced.push(bounced_rcpt(rcpt, "4.4.7", reason, &report.relay, now));
                 durable.push(Record::Failed {
                     idx: *idx,
                     at_ms: now_ms,
@@ -395,8 +412,13 @@ async fn record(
                     ),
                 });
             }
-            RcptOutcome::Deferred { reason, .. } => {
+            RcptOutcome::Deferred { reason, status } => {
                 line(Status::Deferred, reason);
+                if warn && rcpt.dsn.notify.delay() {
+                    let mut n = bounced_rcpt(rcpt, status, reason, &report.relay, now);
+                    n.action = Action::Delayed;
+                    delayed.push(n);
+                }
                 deferred.push(Record::Deferred {
                     idx: *idx,
                     at_ms: now_ms,
@@ -406,8 +428,31 @@ async fn record(
         }
     }
 
+    // NOTIFY without FAILURE (NEVER, or only SUCCESS/DELAY): no bounce.
+    let (bounced, unwanted): (Vec<_>, Vec<_>) = bounced.into_iter().partition(|b| {
+        meta.recipients
+            .iter()
+            .find(|r| r.address == b.address)
+            .is_none_or(|r| r.dsn.notify.failure())
+    });
+    if !unwanted.is_empty() {
+        events::bounce_not_wanted(id, unwanted.iter().map(|b| b.address.as_str()));
+    }
+    // Success and delay notices are courtesy: one that cannot be queued
+    // is logged, and delivery goes on.
+    if !succeeded.is_empty() {
+        send_bounce(ctx, meta, body, &succeeded, Notice::Success).await;
+    }
+    if !delayed.is_empty() && send_bounce(ctx, meta, body, &delayed, Notice::Delay).await {
+        deferred.push(Record::Warned { at_ms: now_ms });
+    }
     // Rule 2: a bounce is queued before the failures it reports are recorded.
-    if !bounced.is_empty() && !send_bounce(ctx, meta, body, &bounced, expired).await {
+    let notice = if expired {
+        Notice::Expired
+    } else {
+        Notice::Failure
+    };
+    if !bounced.is_empty() && !send_bounce(ctx, meta, body, &bounced, notice).await {
         // The failures wait for the retry, but what the upstream accepted
         // in this attempt must be recorded now, or it is sent again.
         let delivered: Vec<Record> = durable
@@ -483,14 +528,14 @@ async fn append_durably(ctx: &WorkerContext, id: &str, records: Vec<Record>) -> 
 }
 
 fn bounced_rcpt(
-    address: &str,
+    rcpt: &crate::spool::RcptStatus,
     status: &str,
     reply: &str,
     relay: &str,
     now: std::time::SystemTime,
 ) -> BouncedRecipient {
     BouncedRecipient {
-        address: address.to_string(),
+        address: rcpt.address.clone(),
         action: Action::Failed,
         status: status.to_string(),
         diagnostic: Some(reply.to_string()),
@@ -500,31 +545,62 @@ fn bounced_rcpt(
             .filter(|h| !h.is_empty() && !h.starts_with("maildir") && *h != "none")
             .map(str::to_string),
         last_attempt: Some(now),
+        original_recipient: rcpt.dsn.orcpt.clone(),
     }
+}
+
+/// What a notification to the sender reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Notice {
+    /// Failed for good: the bounce.
+    Failure,
+    /// Still undelivered after `max_lifetime`: the bounce.
+    Expired,
+    /// NOTIFY=DELAY: still trying after `delay_warning_time`.
+    Delay,
+    /// NOTIFY=SUCCESS: delivered, or relayed to an upstream without DSN.
+    Success,
 }
 
 /// Queues a DSN to the original sender. Mail from the null sender is never
 /// bounced (that is how bounce loops are avoided). Returns false if the
-/// bounce could not be queued, in which case nothing is marked failed.
+/// notice could not be queued, in which case nothing is marked failed.
 async fn send_bounce(
     ctx: &WorkerContext,
     meta: &Meta,
     body: &[u8],
     rcpts: &[BouncedRecipient],
-    expired: bool,
+    notice: Notice,
 ) -> bool {
     let id = meta.id.as_str();
     if meta.sender.is_empty() {
-        events::bounce_suppressed(id);
+        if matches!(notice, Notice::Failure | Notice::Expired) {
+            events::bounce_suppressed(id);
+        }
         return true;
     }
-    let reason = if expired {
-        format!(
+    let reason = match notice {
+        Notice::Expired => format!(
             "This message could not be delivered within {} and has been returned to you.",
             ctx.config.queue.max_lifetime
-        )
-    } else {
-        "The mail system could not deliver your message to one or more recipients.".to_string()
+        ),
+        Notice::Failure => {
+            "The mail system could not deliver your message to one or more recipients.".into()
+        }
+        Notice::Delay => format!(
+            "Your message has not been delivered yet after {}. The mail system will keep trying until {} after it was sent; you do not need to send it again.",
+            ctx.config.queue.delay_warning_time, ctx.config.queue.max_lifetime
+        ),
+        Notice::Success => "Your message was delivered or relayed as described below. You asked for this notice (NOTIFY=SUCCESS); when a recipient says \"relayed\", the next mail system does not report delivery status, so no further notice will come for it.".into(),
+    };
+    // RET (RFC 3461 4.3): a bounce returns the message unless RET=HDRS; a
+    // delay or success notice only its header unless RET=FULL.
+    let policy =
+        usize::try_from(ctx.config.queue.bounce_full_message_limit.0).unwrap_or(usize::MAX);
+    let full = match (notice, meta.dsn.ret) {
+        (_, Some(crate::spool::Ret::Hdrs)) => false,
+        (Notice::Failure | Notice::Expired, _) => true,
+        (_, ret) => ret == Some(crate::spool::Ret::Full),
     };
     let now = ctx.clock.now();
     let dsn = bounce::build_dsn(&BounceInput {
@@ -536,14 +612,15 @@ async fn send_bounce(
         original_message: body,
         recipients: rcpts,
         reason: &reason,
-        return_full_message_limit: usize::try_from(ctx.config.queue.bounce_full_message_limit.0)
-            .unwrap_or(usize::MAX),
+        return_full_message_limit: if full { policy } else { 0 },
+        envid: meta.dsn.envid.as_deref(),
     });
     let env = Envelope {
         sender: String::new(),
         recipients: vec![meta.sender.clone()],
         smtputf8: !meta.sender.is_ascii(),
         eight_bit: dsn.iter().any(|&b| b >= 0x80),
+        ..Envelope::default()
     };
     let bounce_id = Spool::new_id();
     match ctx
@@ -552,7 +629,11 @@ async fn send_bounce(
         .await
     {
         Ok(bid) => {
-            events::bounce_queued(id, &bid);
+            match notice {
+                Notice::Failure | Notice::Expired => events::bounce_queued(id, &bid),
+                Notice::Delay => events::notice_queued(id, "delay", &bid),
+                Notice::Success => events::notice_queued(id, "success", &bid),
+            }
             ctx.scheduler.queued(&bid);
             true
         }
@@ -567,7 +648,19 @@ async fn send_bounce(
 /// (an I/O error), `records` (this attempt's outcomes) are written so that
 /// recovery removes it instead of sending it again.
 async fn finish(ctx: &WorkerContext, id: &str, records: Vec<Record>) -> Next {
-    match ctx.spool.remove(Area::Queue, id) {
+    // Blocking: with `done_sync_window = "0s"` (or a committer that is
+    // behind) the removal waits for a disk sync.
+    let spool = ctx.spool.clone();
+    let owned = id.to_string();
+    let removed = tokio::task::spawn_blocking(move || spool.remove(Area::Queue, &owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(SpoolError::Io {
+                path: ctx.spool.root().to_path_buf(),
+                source: std::io::Error::other(e),
+            })
+        });
+    match removed {
         Ok(()) | Err(SpoolError::NotFound(_)) => events::removed(id),
         Err(e) => {
             events::queue_warning(id, &format!("cannot remove finished queue file: {e}"));

@@ -166,20 +166,23 @@ pub enum Reason {
     TooManyRecipients,
     MessageSize,
     HeaderSize,
+    /// A header line too long with no place to fold it.
     LineLength,
     Nul,
+    /// Too many `Received:` headers: a mail loop.
+    TooManyHops,
     /// The client stalled inside DATA.
     Timeout,
     /// The spool's disk is (nearly) full.
     DiskFull,
     /// The queue file could not be written.
     QueueError,
-    /// A maildrop file that breaks a rule (moved to corrupt/).
+    /// A maildrop file that breaks a rule (kept in corrupt/maildrop/).
     BadDropFile,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 14] = [
+    pub const ALL: [Reason; 15] = [
         Reason::RelayDenied,
         Reason::BadAddress,
         Reason::Smtputf8Required,
@@ -190,6 +193,7 @@ impl Reason {
         Reason::HeaderSize,
         Reason::LineLength,
         Reason::Nul,
+        Reason::TooManyHops,
         Reason::Timeout,
         Reason::DiskFull,
         Reason::QueueError,
@@ -208,6 +212,7 @@ impl Reason {
             Reason::HeaderSize => "header_size",
             Reason::LineLength => "line_length",
             Reason::Nul => "nul",
+            Reason::TooManyHops => "too_many_hops",
             Reason::Timeout => "timeout",
             Reason::DiskFull => "disk_full",
             Reason::QueueError => "queue_error",
@@ -265,23 +270,67 @@ pub struct Rejection {
     /// More about why, for the operator (not sent to the client).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Recipients refused with the message but left out of `to`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub to_omitted: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// Recipients named in one reject line; a longer list ends in "and N more".
 const REJECT_MAX_TO: usize = 50;
+/// The longest reply, and detail, in a reject line (characters).
+const REJECT_MAX_REPLY: usize = 512;
+/// The longest address in a reject line (characters).
+const REJECT_MAX_ADDRESS: usize = 320;
 
 /// Outside text for a log line: no control characters, bounded.
 fn loggable(s: &str, max: usize) -> String {
     s.chars().filter(|c| !c.is_control()).take(max).collect()
 }
 
+impl Rejection {
+    /// No more than its reject line shows: bounded text, the first
+    /// recipients and the count of the others. A report on `pickup.sock`
+    /// is sent this way, so that no envelope is too long to be logged.
+    pub fn bounded(&self) -> Rejection {
+        Rejection {
+            stage: self.stage,
+            reason: self.reason,
+            reply: loggable(&self.reply, REJECT_MAX_REPLY),
+            from: self
+                .from
+                .as_deref()
+                .map(|f| loggable(f, REJECT_MAX_ADDRESS)),
+            to: self
+                .to
+                .iter()
+                .take(REJECT_MAX_TO)
+                .map(|t| loggable(t, REJECT_MAX_ADDRESS))
+                .collect(),
+            detail: self
+                .detail
+                .as_deref()
+                .map(|d| loggable(d, REJECT_MAX_REPLY)),
+            to_omitted: self
+                .to_omitted
+                .saturating_add(self.to.len().saturating_sub(REJECT_MAX_TO)),
+        }
+    }
+}
+
 /// A message or recipient was refused: one `NOQUEUE: reject:` line (as
 /// Postfix's smtpd logs it) and one count, whichever way it came in.
 pub fn rejected(client: &Client, r: &Rejection) {
     let who = client.who();
-    let reply = loggable(&r.reply, 512);
-    let from = r.from.as_deref().map(|f| loggable(f, 320));
-    let to: Vec<String> = r.to.iter().map(|t| loggable(t, 320)).collect();
+    let reply = loggable(&r.reply, REJECT_MAX_REPLY);
+    let from = r.from.as_deref().map(|f| loggable(f, REJECT_MAX_ADDRESS));
+    let to: Vec<String> =
+        r.to.iter()
+            .map(|t| loggable(t, REJECT_MAX_ADDRESS))
+            .collect();
     let mut text = format!("NOQUEUE: reject: {} from {who}: {reply};", r.stage.as_str());
     if let Some(from) = &from {
         text.push_str(&format!(" from=<{from}>"));
@@ -289,10 +338,14 @@ pub fn rejected(client: &Client, r: &Rejection) {
     for t in to.iter().take(REJECT_MAX_TO) {
         text.push_str(&format!(" to=<{t}>"));
     }
-    if to.len() > REJECT_MAX_TO {
-        text.push_str(&format!(" and {} more", to.len() - REJECT_MAX_TO));
+    let more = to
+        .len()
+        .saturating_sub(REJECT_MAX_TO)
+        .saturating_add(r.to_omitted);
+    if more > 0 {
+        text.push_str(&format!(" and {more} more"));
     }
-    let detail = r.detail.as_deref().map(|d| loggable(d, 512));
+    let detail = r.detail.as_deref().map(|d| loggable(d, REJECT_MAX_REPLY));
     if let Some(d) = &detail {
         text.push_str(&format!(" ({d})"));
     }
@@ -307,6 +360,12 @@ pub fn rejected(client: &Client, r: &Rejection) {
         reason = r.reason.as_str(),
         "{text}"
     );
+    counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
+}
+
+/// Counts a refusal without logging it: a local user whose log budget is
+/// spent (see `pickup`). The count is never left out.
+pub fn rejected_silently(r: &Rejection) {
     counter!(m::REJECTED, "reason" => r.reason.as_str()).increment(1);
 }
 
@@ -408,6 +467,30 @@ pub fn bounce_queued(queue_id: &str, bounce_id: &str) {
     );
 }
 
+/// A delay or success notice the sender asked for (NOTIFY=DELAY or
+/// SUCCESS), in Postfix's words.
+pub fn notice_queued(queue_id: &str, kind: &str, notice_id: &str) {
+    tracing::info!(
+        target: "relayq::queue",
+        event = "bounce",
+        queue_id,
+        bounce_id = notice_id,
+        "{queue_id}: sender {kind} notification: {notice_id}"
+    );
+}
+
+/// Failures whose recipients said NOTIFY without FAILURE: no bounce.
+pub fn bounce_not_wanted<'a>(queue_id: &str, rcpts: impl Iterator<Item = &'a str>) {
+    let list: Vec<String> = rcpts.map(|r| format!("<{r}>")).collect();
+    tracing::info!(
+        target: "relayq::queue",
+        event = "bounce",
+        queue_id,
+        "{queue_id}: no non-delivery notification for {}: the sender asked for none (NOTIFY)",
+        list.join(", ")
+    );
+}
+
 /// A failure of mail from `<>` is not bounced (no bounce loops).
 pub fn bounce_suppressed(queue_id: &str) {
     tracing::info!(
@@ -430,6 +513,31 @@ pub fn queue_warning(queue_id: &str, what: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// However long the envelope, a bounded report fits in what the
+    /// pickup reads from `pickup.sock`.
+    #[test]
+    fn a_bounded_rejection_fits_in_a_report() {
+        let huge = "\u{1F600}\"".repeat(100_000);
+        let r = Rejection {
+            stage: Stage::Sendmail,
+            reason: Reason::BadAddress,
+            reply: huge.clone(),
+            from: Some(huge.clone()),
+            to: vec![huge.clone(); 2000],
+            detail: Some(huge),
+            to_omitted: 7,
+        };
+        let b = r.bounded();
+        assert_eq!(b.to.len(), REJECT_MAX_TO);
+        assert_eq!(b.to_omitted, 2000 - REJECT_MAX_TO + 7);
+        let json = serde_json::to_vec(&b).unwrap();
+        assert!(
+            json.len() + crate::pickup::REPORT_PREFIX.len() < crate::pickup::MAX_REPORT,
+            "{} bytes",
+            json.len()
+        );
+    }
 
     #[test]
     fn relay_names_drop_the_address() {

@@ -8,6 +8,8 @@
 //!   size history, and queue snapshots read from the spool.
 //! - [`http`] and [`page`]: the optional status endpoint (`status_listen`):
 //!   `/metrics`, `/healthz`, `/status` (JSON) and `/` (an HTML page).
+//! - [`quiet`]: a budget for the log lines that clients and local users
+//!   can cause, so a flood of bad input is not a flood of log lines.
 //!
 //! Logs go to stderr (the journal under systemd). In `text` format an
 //! event of [`events`] (it carries an `event` field) prints as its
@@ -19,6 +21,7 @@ pub mod events;
 pub mod http;
 pub mod metrics;
 pub mod page;
+pub mod quiet;
 pub mod state;
 
 use std::fmt;

@@ -25,11 +25,14 @@ pub const DEFAULT_RELAY: &str = "default";
 /// means the single form.
 pub fn relay_keys() -> &'static [&'static str] {
     static KEYS: OnceLock<&'static [&'static str]> = OnceLock::new();
-    KEYS.get_or_init(|| {
-        let mut fields = None;
-        let _ = RelayConfig::deserialize(FieldNames(&mut fields));
-        fields.unwrap_or(&[])
-    })
+    KEYS.get_or_init(struct_fields::<RelayConfig>)
+}
+
+/// The field names of a config struct, from its own `Deserialize` impl.
+pub fn struct_fields<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    let mut fields = None;
+    let _ = T::deserialize(FieldNames(&mut fields));
+    fields.unwrap_or(&[])
 }
 
 /// A deserializer that only records the field names a struct asks for.
@@ -515,6 +518,29 @@ fallback = ["sendgrid"]
         assert!(c.route[2].is_catch_all());
     }
 
+    /// A relay at one of our own listen addresses would send every
+    /// message back to relayq: refused, however it is spelt.
+    #[test]
+    fn a_relay_at_our_own_listen_address_is_a_loop() {
+        let loops = [
+            "[relay]\nhost = \"127.0.0.1\"\nport = 25\ntls = \"none\"\n",
+            "[relay]\nhost = \"localhost\"\nport = 25\ntls = \"none\"\n",
+            "[relay]\nhost = \"::1\"\nport = 25\ntls = \"none\"\n",
+            "[smtp]\nlisten = [\"0.0.0.0:2525\"]\nallow_networks = [\"127.0.0.0/8\"]\n[relay]\nhost = \"127.0.0.1\"\nport = 2525\ntls = \"none\"\n",
+            "[relay.a]\nhost = \"127.0.0.1\"\nport = 587\ntls = \"none\"\n[relay.b]\nhost = \"127.0.0.1\"\nport = 25\ntls = \"none\"\n[[route]]\nrelay = \"a\"\n",
+        ];
+        for text in loops {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.contains("own listen address"), "{text}: {e}");
+        }
+        for fine in [
+            "[relay]\nhost = \"127.0.0.1\"\nport = 2525\ntls = \"none\"\n",
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[relay]\nhost = \"127.0.0.1\"\nport = 25\ntls = \"none\"\n",
+        ] {
+            parse(fine).unwrap();
+        }
+    }
+
     #[test]
     fn the_single_form_is_the_default_relay() {
         let c = parse("[relay]\nhost = \"127.0.0.1\"\ntls = \"none\"\nconcurrency = 2\n").unwrap();
@@ -523,7 +549,7 @@ fallback = ["sendgrid"]
         assert_eq!(c.relay.as_ref().unwrap().connections(), 2);
         // Limits work in the single form too.
         let c = parse(
-            "[relay]\nport = 25\nhost = \"127.0.0.1\"\ntls = \"none\"\nmessages_per_day = 3\n",
+            "[relay]\nport = 2525\nhost = \"127.0.0.1\"\ntls = \"none\"\nmessages_per_day = 3\n",
         )
         .unwrap();
         assert_eq!(c.relays[0].relay.messages_per_day, Some(3));

@@ -110,7 +110,7 @@ enum State {
     /// behind its dot if `Held::Data::next` is set; the reply is unread.
     Written(Written, Instant),
     /// Its body could not be written: this is its outcome.
-    Reported(AttemptReport, Signal),
+    Reported(Box<(AttemptReport, Signal)>),
 }
 
 /// What a [`Follow`] holds.
@@ -204,7 +204,10 @@ impl Router {
             },
             State::Over(result) => Ready::Over(result),
             State::Written(written, at) => Ready::Written(written, at),
-            State::Reported(report, signal) => Ready::Reported(report, signal),
+            State::Reported(ended) => {
+                let (report, signal) = *ended;
+                Ready::Reported(report, signal)
+            }
         };
         let mut next_since = since;
         let (report, signal, next) = match ready {
@@ -477,7 +480,7 @@ impl Router {
                     self.give_back(id, next.ticket).await;
                     ahead.hand_back(next.cand);
                 }
-                (State::Reported(report, signal), None)
+                (State::Reported(Box::new((report, signal))), None)
             }
         }
     }

@@ -14,65 +14,22 @@
 
 use std::borrow::Cow;
 
+use crate::cleanup::header;
+
 /// Headers with this prefix are instructions to relayq and never relayed.
 pub const PRIVATE_PREFIX: &str = "x-relayq-";
 /// Longest header value considered for matching.
 const MAX_VALUE: usize = 998;
 
-/// Byte ranges of the header fields: (start of field, end including the
-/// line end of its last continuation line, name).
-fn fields(message: &[u8]) -> Vec<(usize, usize, &[u8])> {
-    let mut out: Vec<(usize, usize, &[u8])> = Vec::new();
-    let mut pos = 0;
-    while pos < message.len() {
-        let end = message[pos..]
-            .iter()
-            .position(|&b| b == b'\n')
-            .map(|p| pos + p + 1)
-            .unwrap_or(message.len());
-        let line = &message[pos..end];
-        let content = line
-            .strip_suffix(b"\n")
-            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-            .unwrap_or(line);
-        if content.is_empty() {
-            break;
-        }
-        if content[0] == b' ' || content[0] == b'\t' {
-            if let Some(last) = out.last_mut() {
-                last.1 = end;
-            }
-        } else if let Some(colon) = content.iter().position(|&b| b == b':') {
-            out.push((pos, end, content[..colon].trim_ascii()));
-        } else {
-            // Not a header line: keep it attached to nothing, so it is never
-            // removed and never matched.
-            out.push((pos, end, b""));
-        }
-        pos = end;
-    }
-    out
-}
-
 /// The unfolded, trimmed values of every `name:` header.
 pub fn values(message: &[u8], name: &str) -> Vec<String> {
-    fields(message)
-        .into_iter()
-        .filter(|(_, _, n)| n.eq_ignore_ascii_case(name.as_bytes()))
-        .map(|(start, end, n)| {
-            let raw = &message[start + n.len()..end];
-            let raw = raw
-                .iter()
-                .position(|&b| b == b':')
-                .map_or(raw, |c| &raw[c + 1..]);
-            let text = String::from_utf8_lossy(raw);
-            let unfolded: String = text
-                .split(['\r', '\n'])
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ");
-            unfolded.chars().take(MAX_VALUE).collect()
+    header::fields(message)
+        .iter()
+        .filter(|f| f.is(name))
+        .map(|f| {
+            let unfolded = header::unfold(header::value(message, f));
+            let words: Vec<&str> = unfolded.split_whitespace().collect();
+            words.join(" ").chars().take(MAX_VALUE).collect()
         })
         .collect()
 }
@@ -80,25 +37,14 @@ pub fn values(message: &[u8], name: &str) -> Vec<String> {
 /// The message without its `X-Relayq-*` header fields (borrowed when it
 /// has none, which is the common case).
 pub fn strip_private(message: &[u8]) -> Cow<'_, [u8]> {
-    let private: Vec<(usize, usize)> = fields(message)
-        .into_iter()
-        .filter(|(_, _, n)| {
-            n.len() >= PRIVATE_PREFIX.len()
-                && n[..PRIVATE_PREFIX.len()].eq_ignore_ascii_case(PRIVATE_PREFIX.as_bytes())
-        })
-        .map(|(s, e, _)| (s, e))
-        .collect();
-    if private.is_empty() {
-        return Cow::Borrowed(message);
+    let private = |f: &header::Field<'_>| {
+        f.name.len() >= PRIVATE_PREFIX.len()
+            && f.name[..PRIVATE_PREFIX.len()].eq_ignore_ascii_case(PRIVATE_PREFIX.as_bytes())
+    };
+    match header::remove(message, private) {
+        Some(m) => Cow::Owned(m),
+        None => Cow::Borrowed(message),
     }
-    let mut out = Vec::with_capacity(message.len());
-    let mut pos = 0;
-    for (start, end) in private {
-        out.extend_from_slice(&message[pos..start]);
-        pos = end;
-    }
-    out.extend_from_slice(&message[pos..]);
-    Cow::Owned(out)
 }
 
 #[cfg(test)]

@@ -6,14 +6,27 @@
 //! hash-password` prints) or bcrypt (`$2b$...`, what `htpasswd -B` makes).
 //!
 //! # Security
-//! Only hashes are stored; verification runs on the blocking pool because
-//! argon2 is deliberately slow. An unknown user is checked against a dummy
-//! hash so that the answer takes as long as for a known one (no user
-//! enumeration by timing). AUTH is only offered on a TLS session.
+//! Only hashes are stored. A check is deliberately costly (argon2id with
+//! its default parameters: ~19 MiB of memory and tens of milliseconds of
+//! CPU), so a flood of wrong passwords must not run them without bound:
+//! the [`Verifier`] runs at most [`MAX_CHECKS`] at once, on threads of its
+//! own at a low CPU priority (nice 10, so mail from the app is not slowed by
+//! a flood of logins), lets at most [`MAX_WAITING`] wait up to [`MAX_WAIT`]
+//! for a turn, and answers the rest with a temporary failure (`454 4.7.0`).
+//! Memory is therefore bounded by `MAX_CHECKS` times the hash's memory cost,
+//! and is returned when the check ends (see `cli::serve` for the allocator
+//! setting that makes sure of it). An unknown user is checked against a
+//! dummy hash so that the answer takes as long as for a known one (no user
+//! enumeration by timing). AUTH is only offered on a TLS session; see
+//! [`super::auth_budget`] for the failure budgets.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHasher, PasswordVerifier, phc::PasswordHash};
@@ -96,6 +109,128 @@ impl Users {
                 false
             }
         }
+    }
+}
+
+/// Password checks running at once. Two keep argon2's memory (~19 MiB
+/// each) well under relayq's budget and leave CPU for mail on a two-core
+/// machine, while serving tens of logins a second.
+pub const MAX_CHECKS: usize = 2;
+/// Checks that may queue for a turn; further AUTH gets `454 4.7.0` at once.
+pub const MAX_WAITING: usize = 32;
+/// How long a queued check waits for its turn before `454 4.7.0`.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
+
+/// The check could not run now: answer `454 4.7.0`, the client may retry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Busy;
+
+/// A password check for a checker thread, and where its answer goes.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Runs password checks, a bounded number at once (see the module doc).
+/// One per daemon, kept across config reloads.
+pub struct Verifier {
+    /// One per checker thread: a check holds one from start to end.
+    turns: Arc<Semaphore>,
+    /// The checker threads' queue, started on the first check.
+    checkers: std::sync::OnceLock<std::sync::mpsc::Sender<Job>>,
+    waiting: AtomicUsize,
+    max_wait: Duration,
+    /// One line a minute about logins turned away, however many.
+    busy_log: crate::observe::quiet::LogBudget<()>,
+}
+
+impl Default for Verifier {
+    fn default() -> Self {
+        Verifier::new(MAX_CHECKS, MAX_WAIT)
+    }
+}
+
+impl Verifier {
+    pub fn new(checks: usize, max_wait: Duration) -> Verifier {
+        Verifier {
+            turns: Arc::new(Semaphore::new(checks.max(1))),
+            checkers: std::sync::OnceLock::new(),
+            waiting: AtomicUsize::new(0),
+            max_wait,
+            busy_log: crate::observe::quiet::LogBudget::new(1, Duration::from_secs(60)),
+        }
+    }
+
+    /// Logs (at most once a minute) that a login was turned away busy.
+    pub fn note_busy(&self, ip: std::net::IpAddr) {
+        if let crate::observe::quiet::Verdict::Log { suppressed } = self.busy_log.check(&()) {
+            tracing::warn!(
+                target: "relayq::smtp",
+                "AUTH from [{ip}] answered 454 4.7.0: {MAX_CHECKS} password checks running and {MAX_WAITING} waiting (a flood of logins?){}",
+                crate::observe::quiet::note(suppressed, "minute")
+            );
+        }
+    }
+
+    /// Checks `user`'s password when a turn is free.
+    pub async fn verify(&self, users: &Users, user: &str, password: String) -> Result<bool, Busy> {
+        let turn = match self.turns.clone().try_acquire_owned() {
+            Ok(turn) => turn,
+            Err(_) => {
+                if self.waiting.fetch_add(1, Ordering::AcqRel) >= MAX_WAITING {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    return Err(Busy);
+                }
+                let turn =
+                    tokio::time::timeout(self.max_wait, self.turns.clone().acquire_owned()).await;
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                match turn {
+                    Ok(Ok(turn)) => turn,
+                    _ => return Err(Busy),
+                }
+            }
+        };
+        let (users, user) = (users.clone(), user.to_string());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        // The turn goes with the check: if the session is dropped meanwhile,
+        // the check still counts until it has finished.
+        let job: Job = Box::new(move || {
+            let ok = users.verify(&user, &password);
+            drop(turn);
+            let _ = tx.send(ok);
+        });
+        self.checkers().send(job).map_err(|_| Busy)?;
+        rx.await.map_err(|_| Busy)
+    }
+
+    /// The checker threads: as many as turns, so a job never waits in the
+    /// queue. They lower their own CPU priority (always allowed).
+    fn checkers(&self) -> &std::sync::mpsc::Sender<Job> {
+        self.checkers.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            let rx = Arc::new(std::sync::Mutex::new(rx));
+            for n in 0..self.turns.available_permits().max(1) {
+                let rx = rx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("relayq-auth-{n}"))
+                    .spawn(move || {
+                        // Per thread on Linux: the rest of relayq keeps
+                        // its priority.
+                        let _ = rustix::process::setpriority_process(None, 10);
+                        loop {
+                            let job = match rx.lock() {
+                                Ok(rx) => rx.recv(),
+                                Err(_) => return,
+                            };
+                            match job {
+                                Ok(job) => job(),
+                                Err(_) => return,
+                            }
+                        }
+                    });
+                if let Err(e) = spawned {
+                    tracing::error!("cannot start a password checker thread: {e}");
+                }
+            }
+            tx
+        })
     }
 }
 
@@ -182,6 +317,35 @@ mod tests {
             err.contains("/etc/relayq/users, line 1") && err.contains("hash-password"),
             "{err}"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_verifier_bounds_checks_and_refuses_beyond_the_queue() {
+        let b = bcrypt::hash("pw", 8).unwrap();
+        let users = Users::parse(&format!("alice:{b}\n"), "users").unwrap();
+        let v = Arc::new(Verifier::new(1, Duration::from_millis(200)));
+        let mut tasks = Vec::new();
+        for _ in 0..(MAX_WAITING + 8) {
+            let (v, users) = (v.clone(), users.clone());
+            tasks.push(tokio::spawn(async move {
+                v.verify(&users, "alice", "pw".into()).await
+            }));
+        }
+        let mut ok = 0;
+        let mut busy = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(true) => ok += 1,
+                Ok(false) => panic!("right password refused"),
+                Err(Busy) => busy += 1,
+            }
+        }
+        assert!(ok >= 1, "some checks ran");
+        assert!(
+            busy >= 8,
+            "beyond the queue, refused at once ({ok} ok, {busy} busy)"
+        );
+        assert_eq!(v.turns.available_permits(), 1, "every turn came back");
     }
 
     #[test]

@@ -3,11 +3,12 @@
 //! message.
 
 pub mod auth;
+pub mod auth_budget;
 #[cfg(test)]
 mod fuzz;
-pub mod message;
 pub mod server;
 pub mod session;
+pub mod sessions;
 pub mod tls;
 
 pub use server::{Server, ServerContext};

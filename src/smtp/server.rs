@@ -1,5 +1,8 @@
 //! The inbound listener: accepts connections on every configured address,
-//! enforces the connection limit, and drains on shutdown.
+//! admits them through the session table ([`super::sessions`]: limits per
+//! address, stress, the idlest session making room), and drains on
+//! shutdown. What a remote client can make relayq log about itself is
+//! budgeted ([`client_line`]).
 //!
 //! Shutdown (SIGTERM/SIGINT) flips a watch channel: idle sessions answer
 //! `421` and close, sessions inside DATA finish their message, and
@@ -12,10 +15,13 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
+use super::auth::Verifier;
+use super::auth_budget::AuthFailures;
 use super::session::Session;
+use super::sessions::{Refusal, Sessions};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::SchedulerHandle;
@@ -31,6 +37,34 @@ pub struct ServerContext {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Inbound AUTH users, when a users file is configured.
     pub users: Option<super::auth::Users>,
+    /// The AUTH failure tables and the password checker: kept across
+    /// reloads ([`ServerContext::reload`]).
+    pub defenses: Arc<Defenses>,
+}
+
+/// Lines one remote client (an address; IPv6: its /64) can make relayq log
+/// per minute about itself: refused connections, protocol abuse, failed
+/// logins. A flood of connections must not become a flood of log lines.
+pub const CLIENT_LINES: u32 = 20;
+
+/// Whether a line about `ip` may be logged now; `Some(note)` says so, the
+/// note telling how many were left out before (append it to the line).
+pub fn client_line(ip: std::net::IpAddr) -> Option<String> {
+    use crate::observe::quiet::{LogBudget, Verdict, note};
+    static BUDGET: std::sync::OnceLock<LogBudget<std::net::IpAddr>> = std::sync::OnceLock::new();
+    let budget = BUDGET.get_or_init(|| LogBudget::new(CLIENT_LINES, Duration::from_secs(60)));
+    match budget.check(&super::auth_budget::client_key(ip)) {
+        Verdict::Log { suppressed } => Some(note(suppressed, "minute")),
+        Verdict::Quiet => None,
+    }
+}
+
+/// What outlives a config reload: counts of failed logins, and the bound
+/// on password checks running at once.
+#[derive(Default)]
+pub struct Defenses {
+    pub auth_failures: AuthFailures,
+    pub verifier: Verifier,
 }
 
 impl ServerContext {
@@ -63,51 +97,40 @@ impl ServerContext {
             scheduler,
             tls,
             users,
+            defenses: Arc::default(),
         })
     }
-}
 
-/// Open sessions per client address, for `max_connections_per_ip`.
-#[derive(Default)]
-struct PerIp {
-    counts: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
-}
-
-/// Holds one connection slot of an address; gives it back when dropped.
-struct IpSlot {
-    table: Arc<PerIp>,
-    ip: std::net::IpAddr,
-}
-
-impl PerIp {
-    fn take(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<IpSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
-        let n = counts.entry(ip).or_insert(0);
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(IpSlot {
-            table: self.clone(),
-            ip,
-        })
+    /// The context for a reloaded config: new settings, certificate and
+    /// users, the same failure counts and password checker.
+    pub fn reload(&self, config: Arc<Config>) -> anyhow::Result<Self> {
+        let mut ctx = ServerContext::new(
+            config,
+            self.spool.clone(),
+            self.clock.clone(),
+            self.scheduler.clone(),
+        )?;
+        ctx.defenses = self.defenses.clone();
+        Ok(ctx)
     }
-}
 
-impl Drop for IpSlot {
-    fn drop(&mut self) {
-        let mut counts = self.table.counts.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.ip);
-            }
-        }
+    /// Whether a client address may relay without AUTH. An IPv4 client on a
+    /// dual-stack listener (`::ffff:a.b.c.d`) is judged as its IPv4 address.
+    pub fn trusted(&self, ip: std::net::IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.config
+            .smtp
+            .allow_networks
+            .iter()
+            .any(|n| n.contains(&ip))
     }
 }
 
 pub struct Server {
     listeners: Vec<TcpListener>,
+    /// Sessions at once: `max_connections`, or fewer if open files are
+    /// short (see `cli::serve`).
+    max_sessions: Option<usize>,
     /// The context for new sessions; replaced on a config reload (SIGHUP),
     /// while running sessions keep the one they started with.
     ctx: watch::Receiver<Arc<ServerContext>>,
@@ -124,7 +147,16 @@ impl Server {
                 .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
             listeners.push(l);
         }
-        Ok(Server { listeners, ctx })
+        Ok(Server {
+            listeners,
+            max_sessions: None,
+            ctx,
+        })
+    }
+
+    /// Serves at most `max` sessions at once, below `max_connections`.
+    pub fn limit_sessions(&mut self, max: usize) {
+        self.max_sessions = Some(max);
     }
 
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
@@ -138,29 +170,31 @@ impl Server {
     /// open sessions to finish.
     pub async fn run(self, shutdown: watch::Receiver<bool>, grace: Duration) {
         // The total limit is fixed at start (changing it needs a restart).
-        let max = self.ctx.borrow().config.smtp.max_connections;
-        let limit = Arc::new(Semaphore::new(max));
-        let per_ip = Arc::new(PerIp::default());
+        let configured = self.ctx.borrow().config.smtp.max_connections;
+        let max = self.max_sessions.unwrap_or(configured).min(configured);
+        let table = Sessions::new(max);
         let mut sessions = JoinSet::new();
         let mut acceptors = JoinSet::new();
         for listener in self.listeners {
             let ctx = self.ctx.clone();
-            let limit = limit.clone();
             let shutdown = shutdown.clone();
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            acceptors.spawn(accept_loop(
-                listener,
-                ctx,
-                limit,
-                per_ip.clone(),
-                shutdown,
-                tx,
-            ));
+            acceptors.spawn(accept_loop(listener, ctx, table.clone(), shutdown, tx));
             sessions.spawn(async move {
                 let mut inner = JoinSet::new();
-                while let Some(fut) = rx.recv().await {
-                    inner.spawn(fut);
-                    while inner.try_join_next().is_some() {}
+                // Finished sessions are reaped as they end: each keeps its
+                // task's memory (a few KB) until joined, and thousands may
+                // end at once after a flood.
+                loop {
+                    tokio::select! {
+                        fut = rx.recv() => match fut {
+                            Some(fut) => {
+                                inner.spawn(fut);
+                            }
+                            None => break,
+                        },
+                        Some(_) = inner.join_next(), if !inner.is_empty() => {}
+                    }
                 }
                 while inner.join_next().await.is_some() {}
             });
@@ -183,8 +217,7 @@ type SessionFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Se
 async fn accept_loop(
     listener: TcpListener,
     contexts: watch::Receiver<Arc<ServerContext>>,
-    limit: Arc<Semaphore>,
-    per_ip: Arc<PerIp>,
+    table: Arc<Sessions>,
     shutdown: watch::Receiver<bool>,
     spawn: tokio::sync::mpsc::UnboundedSender<SessionFuture>,
 ) {
@@ -219,48 +252,45 @@ async fn accept_loop(
             ));
             continue;
         };
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!("refusing {peer}: too many connections");
+        let ip = peer.ip().to_canonical();
+        let trusted = ctx.trusted(ip);
+        let now = ctx.clock.now_ms();
+        if !trusted && let Some(locked) = ctx.defenses.auth_failures.locked(ip, None, now) {
+            tracing::debug!(%peer, "refused: AUTH locked ({locked:?})");
             tokio::spawn(refuse(
                 stream,
-                format!("421 4.7.0 {host} Error: too many connections"),
+                format!(
+                    "421 4.7.0 {host} Error: too many failed authentications from {ip}; try again later"
+                ),
             ));
             continue;
-        };
-        // Trusted networks are exempt (like Postfix's
-        // smtpd_client_event_limit_exceptions = $mynetworks): by default
-        // that is loopback, where the app itself connects from.
-        let slot = if ctx
-            .config
-            .smtp
-            .allow_networks
-            .iter()
-            .any(|n| n.contains(&peer.ip()))
-        {
-            None
-        } else {
-            match per_ip.take(peer.ip(), ctx.config.smtp.max_connections_per_ip) {
-                Some(slot) => Some(slot),
-                None => {
-                    tracing::warn!("refusing {peer}: too many connections from this address");
-                    tokio::spawn(refuse(
-                        stream,
-                        format!(
-                            "421 4.7.0 {host} Error: too many connections from {}",
-                            peer.ip()
-                        ),
-                    ));
-                    continue;
+        }
+        // Trusted networks (loopback by default, where the app connects
+        // from) are never refused for their address alone: see sessions.
+        let presence = match table.admit(ip, trusted, ctx.config.smtp.max_connections_per_ip) {
+            Ok(p) => p,
+            Err(refusal) => {
+                let (why, reply) = match refusal {
+                    Refusal::Full => (
+                        "too many connections",
+                        format!("421 4.7.0 {host} Error: too many connections"),
+                    ),
+                    Refusal::PerAddress => (
+                        "too many connections from this address",
+                        format!("421 4.7.0 {host} Error: too many connections from {ip}"),
+                    ),
+                };
+                if let Some(note) = client_line(ip) {
+                    tracing::warn!("refusing {peer}: {why}{note}");
                 }
+                tokio::spawn(refuse(stream, reply));
+                continue;
             }
         };
-        let session = Session::new(stream, peer, ctx.clone(), shutdown.clone());
+        let session =
+            Session::new(stream, peer, ctx.clone(), shutdown.clone()).with_presence(presence);
         tracing::debug!(%peer, "connect");
-        let _ = tx.send(Box::pin(async move {
-            session.run().await;
-            drop(permit);
-            drop(slot);
-        }));
+        let _ = tx.send(Box::pin(session.run()));
     }
 }
 

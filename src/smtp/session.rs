@@ -7,13 +7,29 @@
 //! queued (and fsynced, see `spool`) before `250` is sent.
 //!
 //! # Security
-//! Everything read here comes from the network. Lines are read with a hard
-//! length cap (a longer line is consumed and refused, never buffered whole),
+//! Everything read here comes from the network. Command lines are read
+//! with a hard length cap (a longer line is consumed and refused, never
+//! buffered whole), body lines within what is left of the size limit,
 //! the message size is counted while it arrives and the body of an
 //! oversized message is discarded, every read has a timeout, and a client
 //! that keeps making errors is disconnected. Nothing is queued unless the
-//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` never
-//! ends a message (SMTP smuggling).
+//! end-of-data sequence `<CRLF>.<CRLF>` arrived; a bare `<LF>.<LF>` or
+//! `<CR>.<CR>` never ends a message (SMTP smuggling). The body goes
+//! through `cleanup` like every other way in: its intake makes a bare CR
+//! or LF a CRLF, so none reaches an upstream next to a dot, and its rules
+//! decide what is refused (size, header field size, NUL, hops).
+//!
+//! A message body must never be read as commands. When DATA is refused
+//! (no transaction, no accepted recipient) and the client has already sent
+//! more (it pipelined its message behind DATA instead of waiting for the
+//! reply, RFC 2920 3.1), nothing of that is executed: the session answers
+//! DATA, then `221 2.7.0 Error: I can break rules, too. Goodbye.` and hangs
+//! up, as Postfix does. So does a line that looks like a header where a
+//! command belongs, or an unknown command right after a refused DATA.
+//!
+//! Under stress (see [`super::sessions`]) every wait drops to
+//! `stress_timeout`, a message must arrive at `min_data_rate`, and an idle
+//! session may be closed to make room for a new client.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -25,9 +41,21 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWrite
 use tokio::sync::watch;
 
 use super::server::ServerContext;
-use super::{auth, message};
+use super::sessions::Presence;
+use super::{auth, auth_budget};
+use crate::cleanup::{self, Refusal, trace};
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
+
+/// How long a login turned away because the checks are busy waits for its
+/// `454`, and how long each error beyond half of `max_errors` waits for its
+/// reply (Postfix's `smtpd_error_sleep_time`).
+const BUSY_DELAY: Duration = Duration::from_secs(1);
+const ERROR_DELAY: Duration = Duration::from_secs(1);
+
+/// AUTH while the client's address or the user name is locked out (see
+/// `auth_budget`): no password is checked.
+const LOCKED: &str = "454 4.7.0 Error: too many failed authentications; try again later";
 
 /// RFC 5321 4.5.3.1.4 says 512 octets for a command line; extensions
 /// (SIZE, SMTPUTF8 addresses) need more, and Postfix allows 2048.
@@ -50,6 +78,23 @@ struct Transaction {
     recipients: Vec<String>,
     smtputf8: bool,
     eight_bit: bool,
+    dsn: crate::spool::Dsn,
+    /// NOTIFY and ORCPT per recipient, in the order of `recipients`.
+    rcpt_dsn: Vec<crate::spool::RcptDsn>,
+}
+
+impl Transaction {
+    fn into_envelope(self) -> Envelope {
+        let any_dsn = self.rcpt_dsn.iter().any(|d| *d != Default::default());
+        Envelope {
+            sender: self.sender,
+            recipients: self.recipients,
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+            dsn: self.dsn,
+            rcpt_dsn: if any_dsn { self.rcpt_dsn } else { Vec::new() },
+        }
+    }
 }
 
 /// Where a session run by `sendmail -bs` (SMTP on stdin/stdout) hands its
@@ -58,8 +103,9 @@ struct Transaction {
 /// the local sender rules.
 pub trait LocalSink: Send + Sync + 'static {
     fn free_space(&self) -> std::io::Result<u64>;
-    /// Stores the message durably; returns the name it was stored under.
-    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, SpoolError>;
+    /// Applies the local rules and stores the message durably; returns
+    /// the name it was stored under.
+    fn submit(&self, env: Envelope, body: Vec<u8>) -> Result<String, crate::submit::SubmitError>;
     /// A message or recipient the session refused: for the daemon's log
     /// and metrics, which the local user's process cannot write itself.
     fn rejected(&self, r: &Rejection);
@@ -72,10 +118,16 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// Type-erased so STARTTLS can swap a plain stream for a TLS one in place.
 type Stream = Box<dyn Io>;
 
-const READ_BUFFER: usize = 16 * 1024;
+/// The read buffer between messages: commands are short, and thousands of
+/// idle sessions must stay cheap (see the README's figures).
+const READ_BUFFER: usize = 1024;
+/// The read buffer while a message arrives: fewer, larger reads.
+const DATA_BUFFER: usize = 64 * 1024;
 
 pub struct Session {
     io: BufReader<Stream>,
+    /// The capacity of `io`'s buffer (see [`READ_BUFFER`]).
+    capacity: usize,
     out: Vec<u8>,
     ctx: Arc<ServerContext>,
     peer: SocketAddr,
@@ -90,6 +142,11 @@ pub struct Session {
     /// The client may relay without AUTH (its address is in allow_networks).
     trusted: bool,
     local: Option<Arc<dyn LocalSink>>,
+    /// This session's place in the server's session table.
+    presence: Presence,
+    /// The last command was a DATA (or BDAT) that was refused: what comes
+    /// next may be the message the client sent anyway.
+    data_refused: bool,
 }
 
 /// Why a session ended early; used for the log line.
@@ -100,7 +157,27 @@ enum Close {
     Timeout,
     TooManyErrors,
     Shutdown,
+    /// Closed to make room for a new client (the server was full).
+    Evicted,
+    /// AUTH locked for this client (too many failures).
+    Lockout,
+    /// The client broke the protocol in a way that can smuggle commands.
+    BrokeRules,
     Io(std::io::Error),
+}
+
+/// What a read waits for, which decides its timeout.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// The next command: idle, so the session may be closed to make room.
+    Command,
+    /// An answer to an AUTH challenge.
+    Challenge,
+    /// A line of a message; under stress the whole message must arrive by
+    /// `deadline` (see `min_data_rate`).
+    Data {
+        deadline: Option<tokio::time::Instant>,
+    },
 }
 
 impl Session {
@@ -110,14 +187,10 @@ impl Session {
         ctx: Arc<ServerContext>,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
-        let trusted = ctx
-            .config
-            .smtp
-            .allow_networks
-            .iter()
-            .any(|n| n.contains(&peer.ip()));
+        let trusted = ctx.trusted(peer.ip());
         Session {
             io: BufReader::with_capacity(READ_BUFFER, Box::new(stream) as Stream),
+            capacity: READ_BUFFER,
             out: Vec::with_capacity(512),
             ctx,
             peer,
@@ -130,7 +203,15 @@ impl Session {
             auth_user: None,
             trusted,
             local: None,
+            presence: Presence::detached(),
+            data_refused: false,
         }
+    }
+
+    /// Places the session in the server's session table.
+    pub fn with_presence(mut self, presence: Presence) -> Self {
+        self.presence = presence;
+        self
     }
 
     /// A session with a local user on a pipe (`sendmail -bs`): messages go
@@ -184,48 +265,126 @@ impl Session {
             if let Err(e) = self.flush_if_idle().await {
                 return Close::Io(e);
             }
-            let timeout = self.ctx.config.smtp.command_timeout.0;
-            let mut shutdown = self.shutdown.clone();
-            let line = tokio::select! {
-                r = tokio::time::timeout(timeout, read_line(&mut self.io, MAX_COMMAND_LINE)) => r,
-                _ = crate::delivery::scheduler::stopped(&mut shutdown) => {
-                    self.reply("421 4.3.2 Service shutting down, closing transmission channel");
-                    return Close::Shutdown;
-                }
-            };
-            let line = match line {
-                Err(_) => {
-                    let host = self.ctx.config.hostname.clone();
-                    self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
-                    return Close::Timeout;
-                }
-                Ok(Err(e)) => return Close::Io(e),
-                Ok(Ok(Line::Eof)) => return Close::Eof,
-                Ok(Ok(Line::TooLong { .. })) => {
+            let line = match self.read(MAX_COMMAND_LINE, Wait::Command).await {
+                Err(close) => return close,
+                Ok(Line::Eof) => return Close::Eof,
+                Ok(Line::TooLong { .. }) => {
+                    self.data_refused = false;
                     if self.error("500 5.5.2 Error: command line too long") {
                         return Close::TooManyErrors;
                     }
                     continue;
                 }
-                Ok(Ok(Line::Ok(line))) => line,
+                Ok(Line::Ok(line)) => line,
             };
-            match self.command(&line).await {
+            let after_refused_data = std::mem::take(&mut self.data_refused);
+            let errors = self.errors;
+            match self.command(&line, after_refused_data).await {
                 Ok(true) => {}
                 Ok(false) => return Close::Quit,
                 Err(close) => return close,
             }
+            // A client that keeps making errors gets slower answers, as
+            // Postfix's do after smtpd_soft_error_limit.
+            if self.errors > errors && self.errors * 2 > self.ctx.config.smtp.max_errors {
+                self.pause(ERROR_DELAY).await;
+            }
         }
     }
 
+    /// Reads one line, waiting as `wait` allows: the normal timeouts, or
+    /// `stress_timeout` while the server is under stress (re-judged when
+    /// stress begins or ends mid-wait). A session waiting for a command is
+    /// idle: it may be asked to make room, and shutdown closes it. The
+    /// reply that ends the session on a timeout is written here.
+    async fn read(&mut self, max: usize, wait: Wait) -> Result<Line, Close> {
+        let smtp = &self.ctx.config.smtp;
+        let normal = match wait {
+            Wait::Command | Wait::Challenge => smtp.command_timeout.0,
+            Wait::Data { .. } => smtp.data_timeout.0,
+        };
+        let stress_timeout = smtp.stress_timeout.0.min(normal);
+        let started = tokio::time::Instant::now();
+        let deadline = |stress: bool| {
+            let per_read = started + if stress { stress_timeout } else { normal };
+            match wait {
+                Wait::Data {
+                    deadline: Some(whole),
+                } if stress => per_read.min(whole),
+                _ => per_read,
+            }
+        };
+        let idle = !matches!(wait, Wait::Data { .. });
+        if idle {
+            self.presence.idle();
+        }
+        let mut stress = self.presence.stress_watch();
+        let mut stress_live = true;
+        let mut shutdown = self.shutdown.clone();
+        let command = matches!(wait, Wait::Command);
+        let outcome = {
+            let presence = &self.presence;
+            let read = read_line(&mut self.io, max);
+            tokio::pin!(read);
+            let sleep = tokio::time::sleep_until(deadline(*stress.borrow()));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    r = &mut read => break r.map_err(Close::Io),
+                    _ = &mut sleep => break Err(Close::Timeout),
+                    changed = stress.changed(), if stress_live => match changed {
+                        Ok(()) => {
+                            let now_stressed = *stress.borrow_and_update();
+                            sleep.as_mut().reset(deadline(now_stressed));
+                        }
+                        Err(_) => stress_live = false,
+                    },
+                    _ = presence.evicted(), if idle => break Err(Close::Evicted),
+                    _ = crate::delivery::scheduler::stopped(&mut shutdown), if command => {
+                        break Err(Close::Shutdown)
+                    }
+                }
+            }
+        };
+        self.presence.busy();
+        let host = self.ctx.config.hostname.clone();
+        match &outcome {
+            Err(Close::Timeout) => {
+                self.reply(&format!("421 4.4.2 {host} Error: timeout exceeded"));
+            }
+            Err(Close::Evicted) => {
+                self.reply(&format!(
+                    "421 4.7.0 {host} Error: server busy, closing idle connection"
+                ));
+            }
+            Err(Close::Shutdown) => {
+                self.reply("421 4.3.2 Service shutting down, closing transmission channel");
+            }
+            _ => {}
+        }
+        outcome
+    }
+
     /// Handles one command line. `Ok(false)` ends the session.
-    async fn command(&mut self, line: &[u8]) -> Result<bool, Close> {
+    async fn command(&mut self, line: &[u8], after_refused_data: bool) -> Result<bool, Close> {
         if line.contains(&0) {
             return self.fail("500 5.5.2 Error: NUL character in command");
         }
         let request = Request::parse(&mut line.iter());
         let request = match request {
             Ok(r) => r,
-            Err(e) => return self.parse_error(e, line),
+            Err(e) => {
+                // A header where a command belongs is a message being read
+                // as commands (Postfix: "non-SMTP command"); so is anything
+                // unknown right after a refused DATA. Executing what follows
+                // could run commands a message's author wrote.
+                if matches!(e, ParseError::UnknownCommand)
+                    && (after_refused_data || is_header_like(line))
+                {
+                    return Err(self.break_rules("non-SMTP command", line));
+                }
+                return self.parse_error(e, line);
+            }
         };
         match request {
             Request::Ehlo { host } => self.hello(&host, true),
@@ -288,12 +447,73 @@ impl Session {
                 let initial = initial_response.into_owned();
                 self.auth(mechanism, initial).await
             }
+            // BDAT's chunk follows it unasked: refused, it would be read
+            // as commands.
+            Request::Bdat { .. } => {
+                self.refuse_data("502 5.5.1 Error: command not implemented", "BDAT")
+            }
             Request::Expn { .. }
             | Request::Etrn { .. }
             | Request::Atrn { .. }
-            | Request::Burl { .. }
-            | Request::Bdat { .. } => self.fail("502 5.5.1 Error: command not implemented"),
+            | Request::Burl { .. } => self.fail("502 5.5.1 Error: command not implemented"),
         }
+    }
+
+    /// Refuses DATA or BDAT. If the client already sent more, it did not
+    /// wait for this answer (RFC 2920 3.1): that is the message, and it
+    /// must not be executed: answer, then hang up.
+    fn refuse_data(&mut self, reply: &str, command: &str) -> Result<bool, Close> {
+        if self.input_waiting() {
+            let waiting = self.io.buffer().to_vec();
+            self.reply(reply);
+            return Err(self.break_rules(
+                &format!("improper command pipelining after {command}"),
+                &waiting,
+            ));
+        }
+        self.data_refused = true;
+        self.fail(reply)
+    }
+
+    /// Gives the connection a read buffer of `capacity`, unless bytes are
+    /// waiting in the current one (they would be lost).
+    fn rebuffer(&mut self, capacity: usize) {
+        if !self.io.buffer().is_empty() || self.capacity == capacity {
+            return;
+        }
+        let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
+        let stream = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
+        self.io = BufReader::with_capacity(capacity, stream);
+        self.capacity = capacity;
+    }
+
+    /// Whether the client has sent bytes we have not read yet: in our
+    /// buffer, or ready on the connection (a look that never waits).
+    fn input_waiting(&mut self) -> bool {
+        if !self.io.buffer().is_empty() {
+            return true;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        matches!(
+            std::pin::Pin::new(&mut self.io).poll_fill_buf(&mut cx),
+            std::task::Poll::Ready(Ok(buf)) if !buf.is_empty()
+        )
+    }
+
+    /// Ends the session like Postfix does when a client sends what can only
+    /// be a message where commands belong; logs what it sent (escaped).
+    fn break_rules(&mut self, what: &str, sample: &[u8]) -> Close {
+        let shown: String = sample
+            .iter()
+            .take(100)
+            .flat_map(|&b| std::ascii::escape_default(b))
+            .map(char::from)
+            .collect();
+        if let Some(note) = super::server::client_line(self.peer.ip()) {
+            tracing::warn!(target: "relayq::smtp", "{what} from [{}]: {shown}{note}", self.peer.ip());
+        }
+        self.reply("221 2.7.0 Error: I can break rules, too. Goodbye.");
+        Close::BrokeRules
     }
 
     fn hello(&mut self, host: &str, esmtp: bool) -> Result<bool, Close> {
@@ -311,7 +531,7 @@ impl Session {
             if self.ctx.users.is_some() && self.tls {
                 text.push_str("250-AUTH PLAIN LOGIN\r\n");
             }
-            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250 SMTPUTF8");
+            text.push_str("250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8");
             self.reply(&text);
         } else {
             let text = format!("250 {name}");
@@ -340,15 +560,33 @@ impl Session {
                 "555 5.5.4 Error: MAIL parameters need EHLO",
             );
         }
-        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0
-            || from.env_id.is_some()
-            || from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS) != 0
-        {
+        if from.flags & (smtp_proto::MAIL_REQUIRETLS | smtp_proto::MAIL_BODY_BINARYMIME) != 0 {
             return refuse(
                 self,
                 Reason::UnsupportedParameter,
                 "555 5.5.4 Error: unsupported MAIL parameter",
             );
+        }
+        let ret_flags = from.flags & (smtp_proto::MAIL_RET_FULL | smtp_proto::MAIL_RET_HDRS);
+        if (ret_flags != 0 || from.env_id.is_some()) && !self.esmtp {
+            return refuse(
+                self,
+                Reason::UnsupportedParameter,
+                "555 5.5.4 Error: MAIL parameters need EHLO",
+            );
+        }
+        // RFC 3461 4.3/4.4: RET once, ENVID printable and at most 100.
+        let ret = match ret_flags {
+            0 => None,
+            smtp_proto::MAIL_RET_FULL => Some(crate::spool::Ret::Full),
+            smtp_proto::MAIL_RET_HDRS => Some(crate::spool::Ret::Hdrs),
+            _ => return refuse(self, Reason::Syntax, "501 5.5.4 Error: RET given twice"),
+        };
+        let envid = from.env_id.as_deref().map(str::to_string);
+        if envid.as_deref().is_some_and(|e| {
+            e.is_empty() || e.len() > 100 || !e.chars().all(|c| c.is_ascii_graphic() || c == ' ')
+        }) {
+            return refuse(self, Reason::Syntax, "501 5.5.4 Error: invalid ENVID");
         }
         let max = self.ctx.config.smtp.max_message_size.0;
         if from.size as u64 > max {
@@ -403,6 +641,8 @@ impl Session {
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            dsn: crate::spool::Dsn { ret, envid },
+            rcpt_dsn: Vec::new(),
         });
         self.reply("250 2.1.0 Ok");
         Ok(true)
@@ -450,11 +690,15 @@ impl Session {
                 None,
             );
         }
-        if to.orcpt.is_some() || to.flags != 0 {
+        let dsn = match rcpt_dsn(to.flags, to.orcpt.as_deref()) {
+            Ok(d) => d,
+            Err((reason, reply)) => return refuse(self, reason, reply, None),
+        };
+        if (dsn.notify.given() || dsn.orcpt.is_some()) && !self.esmtp {
             return refuse(
                 self,
                 Reason::UnsupportedParameter,
-                "555 5.5.4 Error: unsupported RCPT parameter",
+                "555 5.5.4 Error: RCPT parameters need EHLO",
                 None,
             );
         }
@@ -476,6 +720,7 @@ impl Session {
         // address in both To and Cc must not make the upstream send twice.
         if !txn.recipients.contains(&addr) {
             txn.recipients.push(addr);
+            txn.rcpt_dsn.push(dsn);
         }
         self.reply("250 2.1.5 Ok");
         Ok(true)
@@ -483,21 +728,26 @@ impl Session {
 
     async fn data(&mut self) -> Result<bool, Close> {
         match &self.txn {
-            None => return self.fail("503 5.5.1 Error: need MAIL command"),
+            None => return self.refuse_data("503 5.5.1 Error: need MAIL command", "DATA"),
             Some(t) if t.recipients.is_empty() => {
-                return self.fail("503 5.5.1 Error: need RCPT command");
+                return self.refuse_data("503 5.5.1 Error: need RCPT command", "DATA");
             }
             Some(_) => {}
         }
         self.reply("354 End data with <CR><LF>.<CR><LF>");
         self.flush().await.map_err(Close::Io)?;
 
-        let body = match self.read_body().await {
+        self.rebuffer(DATA_BUFFER);
+        let body = self.read_body().await;
+        self.rebuffer(READ_BUFFER);
+        let body = match body {
             Ok(Ok(body)) => body,
-            Ok(Err((reason, refusal))) => {
-                self.rejected_txn(Stage::EndOfMessage, reason, refusal, None);
+            Ok(Err(refusal)) => {
+                let reply = refusal.smtp_reply();
+                let detail = refusal.to_string();
+                self.rejected_txn(Stage::EndOfMessage, refusal.reason(), &reply, Some(&detail));
                 self.txn = None;
-                self.reply(refusal);
+                self.reply(&reply);
                 return Ok(true);
             }
             Err(close) => {
@@ -512,96 +762,91 @@ impl Session {
         Ok(true)
     }
 
-    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing and
-    /// turning bare LF line ends into CRLF. `Ok(Err(reply))` means the whole
-    /// body was read but must be refused with that reply.
-    async fn read_body(&mut self) -> Result<Result<Vec<u8>, (Reason, &'static str)>, Close> {
-        let limits = &self.ctx.config.smtp;
-        let max_size = usize::try_from(limits.max_message_size.0).unwrap_or(usize::MAX);
-        // Two bytes for the line end, one for a stuffed dot.
-        let max_line = limits.max_line_length + 3;
-        let timeout = limits.data_timeout.0;
-        let max_header = usize::try_from(limits.max_header_size.0).unwrap_or(usize::MAX);
-        let mut in_header = true;
-        let mut body = Vec::with_capacity(4096);
-        let mut refusal: Option<(Reason, &'static str)> = None;
+    /// Reads the message up to `<CRLF>.<CRLF>`, undoing dot-stuffing, into
+    /// the cleanup intake (line ends, bare CR, limits). `Ok(Err(refusal))`
+    /// means the whole body was read but must be refused.
+    async fn read_body(&mut self) -> Result<Result<Vec<u8>, Refusal>, Close> {
+        let ctx = self.ctx.clone();
+        let smtp = &ctx.config.smtp;
+        let limits = cleanup::Limits::from_config(smtp);
+        let mut intake = cleanup::Intake::new(limits);
+        let mut too_big = false;
+        let started = tokio::time::Instant::now();
+        let mut received: u64 = 0;
+        let min_rate = smtp.min_data_rate.max(1);
         // The end of data is `<CRLF>.<CRLF>`: a dot line ends the message
         // only when the line before it ended in CRLF (or there was none).
         // After a bare LF it is content, so `<LF>.<CRLF>` cannot smuggle a
         // second transaction past an upstream that reads it differently.
         let mut after_crlf = true;
         loop {
-            let line = match tokio::time::timeout(timeout, read_line(&mut self.io, max_line)).await
-            {
-                Err(_) => {
-                    let host = self.ctx.config.hostname.clone();
+            // Long lines are content (cleanup re-encodes them); only what
+            // is left of the size limit bounds a line. Two bytes for the
+            // line end, one for a stuffed dot.
+            let max_line = limits
+                .max_message_size
+                .saturating_sub(intake.len())
+                .saturating_add(3);
+            // Under stress the message must keep up min_data_rate: a
+            // client trickling a byte a second would hold its session
+            // forever while each single read stays within the timeout.
+            let deadline = started
+                + smtp.stress_timeout.0
+                + Duration::from_secs_f64(received as f64 / min_rate as f64);
+            let read = self
+                .read(
+                    max_line,
+                    Wait::Data {
+                        deadline: Some(deadline),
+                    },
+                )
+                .await;
+            let line = match read {
+                Err(Close::Timeout) => {
+                    let host = &ctx.config.hostname;
                     let reply = format!("421 4.4.2 {host} Error: timeout exceeded");
-                    let detail = format!("no data for {timeout:?} (smtp.data_timeout)");
+                    let detail = if self.presence.under_stress() {
+                        format!(
+                            "under stress, the message arrived slower than {} bytes/s (smtp.min_data_rate) or stalled for {:?} (smtp.stress_timeout)",
+                            smtp.min_data_rate, smtp.stress_timeout.0
+                        )
+                    } else {
+                        format!("no data for {:?} (smtp.data_timeout)", smtp.data_timeout.0)
+                    };
                     self.rejected_txn(Stage::Data, Reason::Timeout, &reply, Some(&detail));
-                    self.reply(&reply);
                     return Err(Close::Timeout);
                 }
-                Ok(Err(e)) => return Err(Close::Io(e)),
-                Ok(Ok(Line::Eof)) => return Err(Close::Eof),
-                Ok(Ok(Line::TooLong { crlf })) => {
+                Err(close) => return Err(close),
+                Ok(Line::Eof) => return Err(Close::Eof),
+                Ok(Line::TooLong { crlf }) => {
                     after_crlf = crlf;
-                    refusal.get_or_insert((Reason::LineLength, LINE_TOO_LONG));
+                    received = received.saturating_add(max_line as u64);
+                    too_big = true;
                     continue;
                 }
-                Ok(Ok(Line::Ok(line))) => line,
+                Ok(Line::Ok(line)) => line,
             };
+            received = received.saturating_add(line.len() as u64);
             if line == b".\r\n" && after_crlf {
                 break;
             }
             after_crlf = line.ends_with(b"\r\n");
+            if too_big || intake.refused() {
+                continue;
+            }
             let content = line.strip_prefix(b".").unwrap_or(&line);
             let text = content
                 .strip_suffix(b"\r\n")
                 .or_else(|| content.strip_suffix(b"\n"))
                 .unwrap_or(content);
-            if refusal.is_some() {
-                continue;
-            }
-            if text.len() > limits.max_line_length {
-                refusal = Some((Reason::LineLength, LINE_TOO_LONG));
-                continue;
-            }
-            if text.contains(&0) {
-                refusal = Some((
-                    Reason::Nul,
-                    "554 5.6.0 Error: message contains NUL characters",
-                ));
-                continue;
-            }
-            if in_header {
-                if text.is_empty() {
-                    in_header = false;
-                } else if body.len() + text.len() + 2 > max_header {
-                    refusal = Some((
-                        Reason::HeaderSize,
-                        "552 5.3.4 Error: message header size exceeds limit",
-                    ));
-                    continue;
-                }
-            }
-            if body.len() + text.len() + 2 > max_size {
-                refusal = Some((
-                    Reason::MessageSize,
-                    "552 5.3.4 Error: message size exceeds fixed limit",
-                ));
-                body = Vec::new();
-                continue;
-            }
-            body.extend_from_slice(text);
-            // A last line without any line end is only possible at EOF,
-            // which aborts the transaction above; every stored line ends in
-            // CRLF.
-            body.extend_from_slice(b"\r\n");
+            intake.line(text);
         }
-        Ok(match refusal {
-            Some(r) => Err(r),
-            None => Ok(body),
-        })
+        if too_big {
+            return Ok(Err(Refusal::TooBig {
+                limit: limits.max_message_size,
+            }));
+        }
+        Ok(intake.finish())
     }
 
     async fn queue(&mut self, txn: Transaction, body: Vec<u8>) {
@@ -609,34 +854,37 @@ impl Session {
             return self.queue_local(sink, txn, body).await;
         }
         let ctx = self.ctx.clone();
+        let rules = cleanup::Rules::smtp(&ctx.config, self.trusted);
+        let body = match rewrite_off_thread(body, rules).await {
+            Ok(body) => body,
+            Err(refusal) => return self.refuse_content(&refusal, &txn.sender, &txn.recipients),
+        };
         let id = crate::spool::Spool::new_id();
         let now = ctx.clock.now();
-        let date = message::rfc5322_now(now);
+        let date = trace::rfc5322_now(now);
         let protocol = match (self.esmtp, txn.smtputf8) {
             (_, true) => "UTF8SMTP",
             (true, false) => "ESMTP",
             (false, false) => "SMTP",
         };
         let helo = self.helo.clone().unwrap_or_default();
-        let trace = message::Trace {
-            helo: &helo,
-            client_ip: self.peer.ip(),
+        let trace = trace::Trace {
+            origin: trace::Origin::Smtp {
+                helo: &helo,
+                client_ip: self.peer.ip(),
+                protocol,
+            },
             hostname: &ctx.config.hostname,
-            protocol,
             id: &id,
             single_rcpt: (txn.recipients.len() == 1).then(|| txn.recipients[0].as_str()),
             date: &date,
         };
-        let mut msg = message::prefix(&trace, &message::scan_headers(&body));
+        let mut msg = trace::prefix(&trace, &body);
         msg.extend_from_slice(&body);
         drop(body);
-        let eight_bit = txn.eight_bit || msg.iter().any(|&b| b >= 0x80);
-        let env = Envelope {
-            sender: txn.sender,
-            recipients: txn.recipients,
-            smtputf8: txn.smtputf8,
-            eight_bit,
-        };
+        let eight_bit = txn.eight_bit || !msg.is_ascii();
+        let mut env = txn.into_envelope();
+        env.eight_bit = eight_bit;
         let size = msg.len();
         let nrcpt = env.recipients.len();
         let sender = env.sender.clone();
@@ -694,10 +942,16 @@ impl Session {
         self.flush().await.map_err(Close::Io)?;
         let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
         let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
-        let timeout = self.ctx.config.smtp.command_timeout.0;
+        let smtp = &self.ctx.config.smtp;
+        let timeout = if self.presence.under_stress() {
+            smtp.stress_timeout.0.min(smtp.command_timeout.0)
+        } else {
+            smtp.command_timeout.0
+        };
         match tokio::time::timeout(timeout, acceptor.accept(plain)).await {
             Ok(Ok(tls)) => {
                 self.io = BufReader::with_capacity(READ_BUFFER, Box::new(tls) as Stream);
+                self.capacity = READ_BUFFER;
                 self.tls = true;
                 // The client must start over with EHLO (RFC 3207 4.2).
                 self.helo = None;
@@ -729,6 +983,15 @@ impl Session {
         }
         if self.txn.is_some() {
             return self.fail("503 5.5.1 Error: MAIL transaction in progress");
+        }
+        let ip = self.peer.ip();
+        let defenses = self.ctx.defenses.clone();
+        if defenses
+            .auth_failures
+            .locked(ip, None, self.ctx.clock.now_ms())
+            .is_some()
+        {
+            return self.fail(LOCKED);
         }
         let (method, creds) = match mechanism {
             smtp_proto::AUTH_PLAIN => {
@@ -762,47 +1025,101 @@ impl Session {
         let Some((user, password)) = creds else {
             return self.fail("501 5.5.2 Error: malformed authentication response");
         };
-        let check_user = user.clone();
-        let ok = tokio::task::spawn_blocking(move || users.verify(&check_user, &password))
-            .await
-            .unwrap_or(false);
         let shown: String = user.chars().filter(|c| !c.is_control()).take(64).collect();
+        if defenses
+            .auth_failures
+            .locked(ip, Some(&user), self.ctx.clock.now_ms())
+            .is_some()
+        {
+            return self.fail(LOCKED);
+        }
+        let ok = match defenses.verifier.verify(&users, &user, password).await {
+            Ok(ok) => ok,
+            Err(auth::Busy) => {
+                defenses.verifier.note_busy(ip);
+                // Not at once: a flood answered instantly would come back
+                // instantly, and its own traffic would eat the CPU.
+                self.pause(BUSY_DELAY).await;
+                return self.fail("454 4.7.0 Temporary authentication failure: too many logins at once, try again later");
+            }
+        };
         if ok {
-            tracing::info!(target: "relayq::smtp", "client=[{}], sasl_method={method}, sasl_username={shown}", self.peer.ip());
+            tracing::info!(target: "relayq::smtp", "client=[{ip}], sasl_method={method}, sasl_username={shown}");
+            defenses.auth_failures.succeeded(&user);
             self.auth_user = Some(user);
             self.reply("235 2.7.0 Authentication successful");
-            Ok(true)
-        } else {
-            tracing::warn!(target: "relayq::smtp", "[{}]: SASL {method} authentication failed for user {shown}", self.peer.ip());
-            self.fail("535 5.7.8 Error: authentication failed")
+            return Ok(true);
         }
+        let smtp = &self.ctx.config.smtp;
+        let budget = auth_budget::Budget::from(smtp);
+        let failure =
+            defenses
+                .auth_failures
+                .failed(ip, Some(&user), self.ctx.clock.now_ms(), &budget);
+        if let Some(note) = super::server::client_line(ip) {
+            tracing::warn!(target: "relayq::smtp", "[{ip}]: SASL {method} authentication failed for user {shown}{note}");
+        }
+        if let Some(locked) = failure.lockout {
+            let minutes = |d: &crate::config::HumanDuration| d.0.as_secs().div_ceil(60);
+            let (window, lockout) = (
+                minutes(&smtp.auth_failure_window),
+                minutes(&smtp.auth_lockout),
+            );
+            match locked {
+                auth_budget::Locked::Address { .. } => tracing::warn!(
+                    target: "relayq::smtp",
+                    "AUTH lockout: [{}]: {} failed AUTH attempts within {window}m (smtp.auth_failure_limit); AUTH from it is refused for {lockout}m",
+                    auth_budget::client_key(ip),
+                    smtp.auth_failure_limit
+                ),
+                auth_budget::Locked::User { .. } => tracing::warn!(
+                    target: "relayq::smtp",
+                    "AUTH lockout: user {shown}: {} failed AUTH attempts within {window}m from any address (smtp.auth_user_failure_limit); AUTH for it is refused for {lockout}m",
+                    smtp.auth_user_failure_limit
+                ),
+            }
+            let host = self.ctx.config.hostname.clone();
+            self.reply(&format!(
+                "421 4.7.0 {host} Error: too many failed authentications; try again later"
+            ));
+            return Err(Close::Lockout);
+        }
+        self.pause(failure.delay).await;
+        self.fail("535 5.7.8 Error: authentication failed")
+    }
+
+    /// Waits before a reply to a client that deserves to wait (tarpit).
+    /// The session is idle meanwhile: it may be closed to make room. Only
+    /// network clients wait: a local user on a pipe (`sendmail -bs`) gains
+    /// nothing by flooding it and could simply stop reading.
+    async fn pause(&mut self, delay: Duration) {
+        if delay.is_zero() || !self.presence.attached() {
+            return;
+        }
+        self.presence.idle();
+        tokio::time::sleep(delay).await;
+        self.presence.busy();
     }
 
     /// Sends an AUTH challenge and reads the client's one-line answer.
     async fn challenge(&mut self, prompt: &str) -> Result<String, Close> {
         self.reply(prompt);
         self.flush().await.map_err(Close::Io)?;
-        let timeout = self.ctx.config.smtp.command_timeout.0;
-        match tokio::time::timeout(timeout, read_line(&mut self.io, 12 * 1024)).await {
-            Err(_) => Err(Close::Timeout),
-            Ok(Err(e)) => Err(Close::Io(e)),
-            Ok(Ok(Line::Eof)) => Err(Close::Eof),
-            Ok(Ok(Line::TooLong { .. })) => Ok(String::new()),
-            Ok(Ok(Line::Ok(line))) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
+        match self.read(12 * 1024, Wait::Challenge).await? {
+            Line::Eof => Err(Close::Eof),
+            Line::TooLong { .. } => Ok(String::new()),
+            Line::Ok(line) => Ok(String::from_utf8_lossy(&line).trim_end().to_string()),
         }
     }
 
     async fn queue_local(&mut self, sink: Arc<dyn LocalSink>, txn: Transaction, body: Vec<u8>) {
         let (sender, recipients) = (txn.sender.clone(), txn.recipients.clone());
-        let env = Envelope {
-            sender: txn.sender,
-            recipients: txn.recipients,
-            smtputf8: txn.smtputf8,
-            eight_bit: txn.eight_bit,
-        };
+        let env = txn.into_envelope();
+        use crate::submit::SubmitError;
         match tokio::task::spawn_blocking(move || sink.submit(env, body)).await {
             Ok(Ok(id)) => self.reply(&format!("250 2.0.0 Ok: queued as {id}")),
-            Ok(Err(e)) => self.queue_failed(e, &sender, &recipients),
+            Ok(Err(SubmitError::Refused(r))) => self.refuse_content(&r, &sender, &recipients),
+            Ok(Err(SubmitError::Spool(e))) => self.queue_failed(e, &sender, &recipients),
             Err(e) => self.queue_failed(
                 SpoolError::Io {
                     path: self.ctx.config.spool_dir.clone(),
@@ -812,6 +1129,21 @@ impl Session {
                 &recipients,
             ),
         }
+    }
+
+    /// Refuses the message at the end of data, with cleanup's reason.
+    fn refuse_content(&mut self, refusal: &Refusal, sender: &str, recipients: &[String]) {
+        let reply = refusal.smtp_reply();
+        let detail = refusal.to_string();
+        self.rejected(
+            Stage::EndOfMessage,
+            refusal.reason(),
+            &reply,
+            Some(sender),
+            recipients,
+            Some(&detail),
+        );
+        self.reply(&reply);
     }
 
     /// Reports a refused message or recipient (the `NOQUEUE: reject:` line
@@ -836,6 +1168,7 @@ impl Session {
                 .or_else(|| self.txn.as_ref().map(|t| t.sender.clone())),
             to: to.to_vec(),
             detail: detail.map(str::to_string),
+            to_omitted: 0,
         };
         match &self.local {
             Some(sink) => sink.rejected(&r),
@@ -928,7 +1261,12 @@ impl Session {
             stream.write_all(&self.out).await?;
             stream.flush().await
         };
-        match tokio::time::timeout(Duration::from_secs(60), write).await {
+        let limit = if self.presence.under_stress() {
+            self.ctx.config.smtp.stress_timeout.0
+        } else {
+            Duration::from_secs(60)
+        };
+        match tokio::time::timeout(limit, write).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(std::io::Error::new(
@@ -942,8 +1280,61 @@ impl Session {
     }
 }
 
-const LINE_TOO_LONG: &str =
-    "500 5.5.2 Error: message line too long (RFC 5322 allows 998 characters)";
+/// NOTIFY and ORCPT of a RCPT command (RFC 3461), checked.
+fn rcpt_dsn(
+    flags: u64,
+    orcpt: Option<&str>,
+) -> Result<crate::spool::RcptDsn, (Reason, &'static str)> {
+    use crate::spool::Notify;
+    if flags
+        & !(smtp_proto::RCPT_NOTIFY_NEVER
+            | smtp_proto::RCPT_NOTIFY_SUCCESS
+            | smtp_proto::RCPT_NOTIFY_FAILURE
+            | smtp_proto::RCPT_NOTIFY_DELAY)
+        != 0
+    {
+        return Err((
+            Reason::UnsupportedParameter,
+            "555 5.5.4 Error: unsupported RCPT parameter",
+        ));
+    }
+    let mut notify = Notify::default();
+    for (flag, n) in [
+        (smtp_proto::RCPT_NOTIFY_NEVER, Notify::NEVER),
+        (smtp_proto::RCPT_NOTIFY_SUCCESS, Notify::SUCCESS),
+        (smtp_proto::RCPT_NOTIFY_FAILURE, Notify::FAILURE),
+        (smtp_proto::RCPT_NOTIFY_DELAY, Notify::DELAY),
+    ] {
+        if flags & flag != 0 {
+            notify = notify.with(n);
+        }
+    }
+    if notify.given() && notify.param().and_then(|p| Notify::parse(&p)) != Some(notify) {
+        return Err((
+            Reason::Syntax,
+            "501 5.5.4 Error: NOTIFY=NEVER cannot be combined with other values",
+        ));
+    }
+    let orcpt = orcpt.map(str::to_string);
+    if orcpt
+        .as_deref()
+        .is_some_and(|o| o.len() > 500 || o.chars().any(char::is_control))
+    {
+        return Err((Reason::Syntax, "501 5.5.4 Error: invalid ORCPT"));
+    }
+    Ok(crate::spool::RcptDsn { notify, orcpt })
+}
+
+/// Runs cleanup's rewrite; a big message on a blocking thread, so a
+/// 25 MB MIME re-encoding does not stall other sessions.
+async fn rewrite_off_thread(body: Vec<u8>, rules: cleanup::Rules) -> Result<Vec<u8>, Refusal> {
+    if body.len() < 256 * 1024 {
+        return cleanup::rewrite(body, &rules);
+    }
+    tokio::task::spawn_blocking(move || cleanup::rewrite(body, &rules))
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+}
 
 /// The reply to a command smtp-proto could not parse.
 fn parse_error_reply(e: &ParseError) -> String {
@@ -1030,6 +1421,23 @@ fn is_null_path(line: &[u8]) -> bool {
     line.get(open + 1) == Some(&b'>')
 }
 
+/// Whether a command line's first word is a header label (`Subject:`,
+/// `From:x`, `X-Mailer :`): RFC 5322 field-name characters, optional blanks,
+/// then a colon, as Postfix's `is_header()` judges it.
+fn is_header_like(line: &[u8]) -> bool {
+    let mut name = 0;
+    let mut blanks = false;
+    for &b in line {
+        match b {
+            b':' => return name > 0,
+            b' ' | b'\t' if name > 0 => blanks = true,
+            33..=126 if !blanks => name += 1,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Reads one line including its LF, up to `max` bytes. A longer line is
 /// consumed to its end and reported as [`Line::TooLong`].
 async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
@@ -1074,7 +1482,30 @@ async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::R
 
 #[cfg(test)]
 mod tests {
-    use super::requote;
+    use super::{is_header_like, requote};
+
+    #[test]
+    fn header_like_lines() {
+        for yes in [
+            &b"Subject: hi\r\n"[..],
+            b"From:<a@b>\r\n",
+            b"X-Mailer : x\r\n",
+            b"To:\r\n",
+            b"Received: from x\r\n",
+        ] {
+            assert!(is_header_like(yes), "{}", String::from_utf8_lossy(yes));
+        }
+        for no in [
+            &b"MAIL FROM:<a@b>\r\n"[..],
+            b"RCPT TO:<a@b>\r\n",
+            b"DATA\r\n",
+            b":x\r\n",
+            b"Hello world\r\n",
+            b"\r\n",
+        ] {
+            assert!(!is_header_like(no), "{}", String::from_utf8_lossy(no));
+        }
+    }
 
     #[test]
     fn requote_restores_quoted_local_parts_only() {

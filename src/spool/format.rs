@@ -44,10 +44,149 @@ pub struct Envelope {
     /// Reverse path; empty for the null sender `<>`.
     pub sender: String,
     pub recipients: Vec<String>,
-    /// The envelope or headers need SMTPUTF8.
+    /// The sender asked for SMTPUTF8 (or, for local mail, the envelope or
+    /// headers hold UTF-8).
     pub smtputf8: bool,
     /// The body has 8-bit octets (BODY=8BITMIME).
     pub eight_bit: bool,
+    /// RET and ENVID from MAIL FROM (RFC 3461).
+    pub dsn: Dsn,
+    /// NOTIFY and ORCPT of each recipient, in the same order; empty when
+    /// none was given.
+    pub rcpt_dsn: Vec<RcptDsn>,
+}
+
+/// RFC 3461 RET: what a delivery status notification returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ret {
+    Full,
+    Hdrs,
+}
+
+impl Ret {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ret::Full => "FULL",
+            Ret::Hdrs => "HDRS",
+        }
+    }
+}
+
+/// The message's DSN parameters (RFC 3461 MAIL FROM: RET and ENVID).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dsn {
+    pub ret: Option<Ret>,
+    /// ENVID, decoded (printable ASCII).
+    pub envid: Option<String>,
+}
+
+/// RFC 3461 NOTIFY: which notifications a recipient's sender wants. Not
+/// given (the default) means failures only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notify(u8);
+
+impl Notify {
+    pub const NEVER: Notify = Notify(1);
+    pub const SUCCESS: Notify = Notify(2);
+    pub const FAILURE: Notify = Notify(4);
+    pub const DELAY: Notify = Notify(8);
+
+    pub fn with(self, other: Notify) -> Notify {
+        Notify(self.0 | other.0)
+    }
+    pub fn given(self) -> bool {
+        self.0 != 0
+    }
+    fn has(self, other: Notify) -> bool {
+        self.0 & other.0 != 0
+    }
+    /// A bounce is wanted: NOTIFY not given, or it says FAILURE.
+    pub fn failure(self) -> bool {
+        !self.given() || self.has(Notify::FAILURE)
+    }
+    pub fn success(self) -> bool {
+        self.has(Notify::SUCCESS)
+    }
+    /// Only on request: relayq sends no delay notice by default.
+    pub fn delay(self) -> bool {
+        self.has(Notify::DELAY)
+    }
+
+    /// The RCPT parameter value (`NEVER` or `SUCCESS,FAILURE,DELAY`);
+    /// `None` when not given.
+    pub fn param(self) -> Option<String> {
+        if !self.given() {
+            return None;
+        }
+        if self.has(Notify::NEVER) {
+            return Some("NEVER".into());
+        }
+        let words: Vec<&str> = [
+            (Notify::SUCCESS, "SUCCESS"),
+            (Notify::FAILURE, "FAILURE"),
+            (Notify::DELAY, "DELAY"),
+        ]
+        .iter()
+        .filter(|(n, _)| self.has(*n))
+        .map(|(_, w)| *w)
+        .collect();
+        Some(words.join(","))
+    }
+
+    /// Parses `NEVER` or a comma list of SUCCESS, FAILURE, DELAY (any
+    /// case); NEVER with anything else is an error (RFC 3461 4.1).
+    pub fn parse(s: &str) -> Option<Notify> {
+        let mut n = Notify::default();
+        for word in s.split(',') {
+            n = n.with(match word.trim().to_ascii_uppercase().as_str() {
+                "NEVER" => Notify::NEVER,
+                "SUCCESS" => Notify::SUCCESS,
+                "FAILURE" => Notify::FAILURE,
+                "DELAY" => Notify::DELAY,
+                _ => return None,
+            });
+        }
+        (n.given() && (!n.has(Notify::NEVER) || n == Notify::NEVER)).then_some(n)
+    }
+}
+
+/// A recipient's DSN parameters (RFC 3461 RCPT TO: NOTIFY and ORCPT).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RcptDsn {
+    pub notify: Notify,
+    /// ORCPT's address (type `rfc822`), decoded.
+    pub orcpt: Option<String>,
+}
+
+/// RFC 3461 4 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes xtext; `None` when malformed.
+pub fn unxtext(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'+' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Where one recipient stands.
@@ -64,6 +203,8 @@ pub struct RcptStatus {
     pub state: RcptState,
     /// The last reply or error for this recipient, verbatim, one line.
     pub last_reply: Option<String>,
+    /// NOTIFY and ORCPT as the sender gave them.
+    pub dsn: RcptDsn,
 }
 
 /// A status record appended after the end marker.
@@ -89,6 +230,8 @@ pub enum Record {
     },
     /// The message has been tried `attempts` times; next try not before.
     Attempt { attempts: u32, next_ms: u64 },
+    /// A delay notice (NOTIFY=DELAY) has been queued: none again.
+    Warned { at_ms: u64 },
     /// The daemon has logged the accepted line of a message the `sendmail`
     /// command queued itself (one with a `submitter`).
     Accepted { at_ms: u64 },
@@ -111,6 +254,9 @@ pub struct Meta {
     pub next_attempt_ms: Option<u64>,
     /// The file's permanent name in `slots/`, when it is a reused file.
     pub slot: Option<String>,
+    pub dsn: Dsn,
+    /// A delay notice was sent ([`Record::Warned`]).
+    pub warned: bool,
     /// The uid of the local user whose `sendmail` wrote this file straight
     /// into `queue/` (root or the spool's owner); `None` for everything the
     /// daemon wrote.
@@ -118,6 +264,20 @@ pub struct Meta {
     /// The daemon has logged this message's accepted line (only tracked
     /// for files with a `submitter`: the daemon logs its own at once).
     pub accepted_logged: bool,
+}
+
+impl Meta {
+    /// The envelope as it was queued (pending and done recipients alike).
+    pub fn envelope(&self) -> Envelope {
+        Envelope {
+            sender: self.sender.clone(),
+            recipients: self.recipients.iter().map(|r| r.address.clone()).collect(),
+            smtputf8: self.smtputf8,
+            eight_bit: self.eight_bit,
+            dsn: self.dsn.clone(),
+            rcpt_dsn: self.recipients.iter().map(|r| r.dsn.clone()).collect(),
+        }
+    }
 }
 
 impl Meta {
@@ -241,6 +401,21 @@ fn encode_header_with_origin(
     for r in &env.recipients {
         let _ = writeln!(h, "rcpt {}", one_line(r));
     }
+    // Written only when the sender gave DSN parameters, so a file without
+    // them reads the same to versions that do not know these lines.
+    if let Some(ret) = env.dsn.ret {
+        let _ = writeln!(h, "dsn-ret {}", ret.as_str());
+    }
+    if let Some(envid) = &env.dsn.envid {
+        let _ = writeln!(h, "dsn-envid {}", xtext(envid));
+    }
+    for (i, d) in env.rcpt_dsn.iter().enumerate() {
+        if d.notify.given() || d.orcpt.is_some() {
+            let notify = d.notify.param().unwrap_or_else(|| "-".into());
+            let orcpt = d.orcpt.as_deref().map(xtext).unwrap_or_else(|| "-".into());
+            let _ = writeln!(h, "dsn-rcpt {i} {notify} {orcpt}");
+        }
+    }
     let _ = writeln!(h, "size {size}");
     h.push('\n');
     h.into_bytes()
@@ -258,6 +433,7 @@ pub fn encode_record(rec: &Record) -> Vec<u8> {
             format!("deferred {idx} {at_ms} {}\n", one_line(reason))
         }
         Record::Attempt { attempts, next_ms } => format!("attempt {attempts} {next_ms}\n"),
+        Record::Warned { at_ms } => format!("warned {at_ms}\n"),
         Record::Accepted { at_ms } => format!("accepted {at_ms}\n"),
     };
     line.into_bytes()
@@ -287,6 +463,8 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
     let mut size = None;
     let (mut smtputf8, mut eight_bit) = (false, false);
     let mut recipients = Vec::new();
+    let mut dsn = Dsn::default();
+    let mut rcpt_dsn: Vec<(usize, RcptDsn)> = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
         let (key, value) = line
             .split_once(' ')
@@ -315,13 +493,32 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
                 address: value.to_string(),
                 state: RcptState::Pending,
                 last_reply: None,
+                dsn: RcptDsn::default(),
             }),
+            "dsn-ret" => {
+                dsn.ret = Some(match value {
+                    "FULL" => Ret::Full,
+                    "HDRS" => Ret::Hdrs,
+                    _ => return Err(FormatError::BadHeader(line.into())),
+                })
+            }
+            "dsn-envid" => {
+                dsn.envid = Some(unxtext(value).ok_or_else(|| FormatError::BadHeader(line.into()))?)
+            }
+            "dsn-rcpt" => rcpt_dsn
+                .push(decode_rcpt_dsn(value).ok_or_else(|| FormatError::BadHeader(line.into()))?),
             "size" => size = Some(parse_num(value, line)?),
             _ => return Err(FormatError::BadHeader(line.into())),
         }
     }
     if recipients.is_empty() {
         return Err(FormatError::Missing("rcpt"));
+    }
+    for (i, d) in rcpt_dsn {
+        recipients
+            .get_mut(i)
+            .ok_or_else(|| FormatError::BadHeader(format!("dsn-rcpt {i}: no such recipient")))?
+            .dsn = d;
     }
     Ok(Some(Meta {
         id: id.ok_or(FormatError::Missing("id"))?,
@@ -335,6 +532,8 @@ pub fn decode_header(buf: &[u8]) -> Result<Option<Meta>, FormatError> {
         attempts: 0,
         next_attempt_ms: None,
         slot,
+        dsn,
+        warned: false,
         submitter,
         accepted_logged: false,
     }))
@@ -386,6 +585,10 @@ fn apply_record(meta: &mut Meta, line: &str) -> Result<(), FormatError> {
     let bad = || FormatError::BadRecord(line.chars().take(200).collect());
     let mut parts = line.splitn(4, ' ');
     let kind = parts.next().ok_or_else(bad)?;
+    if kind == "warned" {
+        meta.warned = true;
+        return Ok(());
+    }
     if kind == "attempt" {
         meta.attempts = parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         meta.next_attempt_ms = Some(parts.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?);
@@ -410,6 +613,24 @@ fn apply_record(meta: &mut Meta, line: &str) -> Result<(), FormatError> {
     }
     rcpt.last_reply = Some(text);
     Ok(())
+}
+
+/// `<idx> <notify or -> <orcpt xtext or ->`.
+fn decode_rcpt_dsn(value: &str) -> Option<(usize, RcptDsn)> {
+    let mut parts = value.split(' ');
+    let idx = parts.next()?.parse().ok()?;
+    let notify = match parts.next()? {
+        "-" => Notify::default(),
+        n => Notify::parse(n)?,
+    };
+    let orcpt = match parts.next()? {
+        "-" => None,
+        o => Some(unxtext(o)?),
+    };
+    parts
+        .next()
+        .is_none()
+        .then_some((idx, RcptDsn { notify, orcpt }))
 }
 
 fn parse_num(value: &str, line: &str) -> Result<u64, FormatError> {
@@ -452,6 +673,7 @@ mod tests {
             recipients: vec!["a@example.net".into(), "ü@例え.jp".into()],
             smtputf8: true,
             eight_bit: false,
+            ..Envelope::default()
         };
         (
             env,
@@ -529,6 +751,50 @@ mod tests {
         assert_eq!(meta.recipients[1].state, RcptState::Delivered);
         assert_eq!((meta.attempts, meta.next_attempt_ms), (2, Some(99)));
         assert!(!meta.is_done());
+    }
+
+    /// DSN parameters survive the spool; a file without them (every file
+    /// an older version wrote) reads with none.
+    #[test]
+    fn dsn_parameters_round_trip() {
+        let (mut env, body) = sample();
+        env.dsn = Dsn {
+            ret: Some(Ret::Hdrs),
+            envid: Some("QQ314159 x+y=z".into()),
+        };
+        env.rcpt_dsn = vec![
+            RcptDsn {
+                notify: Notify::SUCCESS.with(Notify::DELAY),
+                orcpt: Some("Bob@Example.COM".into()),
+            },
+            RcptDsn {
+                notify: Notify::NEVER,
+                orcpt: None,
+            },
+        ];
+        let mut f = file(&env, &body, &[]);
+        f.extend_from_slice(&encode_record(&Record::Warned { at_ms: 9 }));
+        let text = String::from_utf8_lossy(&f);
+        assert!(text.contains("dsn-envid QQ314159+20x+2By+3Dz\n"), "{text}");
+        let (meta, got) = decode(&f).unwrap();
+        assert_eq!(got, &body[..]);
+        assert_eq!(meta.dsn, env.dsn);
+        assert_eq!(meta.envelope(), env);
+        assert!(meta.warned);
+        assert!(!meta.recipients[1].dsn.notify.failure());
+        assert!(meta.recipients[0].dsn.notify.success());
+
+        let (plain, body) = sample();
+        let f = file(&plain, &body, &[]);
+        assert!(!String::from_utf8_lossy(&f).contains("dsn-"));
+        let (meta, _) = decode(&f).unwrap();
+        assert_eq!(meta.dsn, Dsn::default());
+        assert!(meta.recipients.iter().all(|r| r.dsn.notify.failure()));
+        assert!(!meta.warned);
+        // A damaged DSN line is an error, not a guess.
+        let bad = String::from_utf8_lossy(&file(&env, &body, &[]))
+            .replace("dsn-rcpt 1 NEVER", "dsn-rcpt 7 NEVER");
+        assert!(decode(bad.as_bytes()).is_err());
     }
 
     #[test]
@@ -639,7 +905,7 @@ mod tests {
                           body in proptest::collection::vec(any::<u8>(), 0..512),
                           smtputf8 in any::<bool>(), eight_bit in any::<bool>(),
                           records in proptest::collection::vec(record(), 0..8)) {
-                let env = Envelope { sender, recipients, smtputf8, eight_bit };
+                let env = Envelope { sender, recipients, smtputf8, eight_bit, ..Envelope::default() };
                 let mut f = encode_header("01ID", 42, &env, body.len() as u64);
                 f.extend_from_slice(&body);
                 f.extend_from_slice(END);

@@ -15,7 +15,9 @@
 //! status records. It is written by the same rules as a queue file, with
 //! one change: an unprivileged process cannot open the write-only
 //! directory to fsync it, so after the rename it calls `syncfs(2)` on the
-//! file, which also makes the directory entry durable.
+//! file, which also makes the directory entry durable. The daemon removes
+//! a drop file once it is queued and fsyncs `maildrop/` at once, so a power
+//! loss cannot bring back (and queue again) a file already queued.
 //!
 //! # Security
 //! Everything in `maildrop/` was written by a possibly hostile local user.
@@ -31,6 +33,16 @@
 //! or deleting files they do not own; the drop file names carry 80 random
 //! bits, so a file readable by all (the daemon may run as a user other
 //! than the submitter's) is still not found by others.
+//!
+//! What a user can leave behind is bounded. Anything in the maildrop that
+//! cannot become a message (a directory, a FIFO, a file relayq may not
+//! read, a stray name) is removed ([`clear`]); what the daemon cannot
+//! remove (a full directory another user owns, when relayq does not run as
+//! root) is renamed `.junk.<ULID>` and left for root, and the report says
+//! which happened. Refused drop files are kept for a human in
+//! `corrupt/maildrop/`, at most [`KEEP_FILES`] files, [`KEEP_BYTES`]
+//! bytes (apparent size: a sparse file counts whole) and [`KEEP_AGE`]
+//! old; one larger than the message size limit is not kept at all.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -44,8 +56,18 @@ use super::{SpoolError, check_id};
 pub const DIR: &str = "maildrop";
 pub const PICKUP_SOCKET: &str = "pickup.sock";
 const TMP_PREFIX: &str = ".tmp.";
+/// An entry the daemon could not remove, renamed out of the way.
+const JUNK_PREFIX: &str = ".junk.";
 /// A `.tmp.` file older than this belongs to a sendmail that died.
 const STALE_TMP: Duration = Duration::from_secs(24 * 3600);
+/// Refused drop files kept in `corrupt/maildrop/`: at most this many ...
+pub const KEEP_FILES: usize = 100;
+/// ... this many bytes together ...
+pub const KEEP_BYTES: u64 = 100 * 1024 * 1024;
+/// ... and none older than this.
+pub const KEEP_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Where refused drop files are kept, under the spool root.
+pub const CORRUPT_DIR: &str = "corrupt/maildrop";
 
 pub fn dir(spool_root: &Path) -> PathBuf {
     spool_root.join(DIR)
@@ -84,7 +106,13 @@ pub fn prepare(spool_root: &Path) -> Result<(), SpoolError> {
             io::Error::other("is not a directory; remove it and restart"),
         ));
     }
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1733)).map_err(|e| io(&dir, e))
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1733)).map_err(|e| io(&dir, e))?;
+    let kept = spool_root.join(CORRUPT_DIR);
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .recursive(true)
+        .create(&kept)
+        .map_err(|e| io(&kept, e))
 }
 
 /// Writes a drop file (client side). Returns its name.
@@ -143,14 +171,17 @@ pub struct Dropped {
 /// What to do with a maildrop entry that is not a valid drop file.
 #[derive(Debug, thiserror::Error)]
 pub enum Rejected {
-    /// Not a regular file (symlink, FIFO, ...) or hard-linked: removed.
+    /// Not a regular file (symlink, FIFO, directory, ...), hard-linked, or
+    /// not readable by relayq: to be cleared ([`clear`]).
     #[error("{0}")]
     NotAFile(String),
-    /// A file that does not decode or breaks a rule: moved to corrupt/.
-    /// `uid` is the file's owner, who wrote it.
+    /// A file that does not decode or breaks a rule: kept in
+    /// `corrupt/maildrop/` (see [`to_corrupt`]). `uid` is the file's
+    /// owner, who wrote it.
     #[error("{why}")]
     Bad { uid: u32, why: String },
-    /// A file over the message size limit: moved to corrupt/.
+    /// A file over the message size limit: removed, or kept when small
+    /// enough (see [`to_corrupt`]).
     #[error("{why}")]
     TooBig { uid: u32, why: String },
     /// Could not be read now; left for the next scan.
@@ -163,12 +194,85 @@ pub enum Rejected {
 pub struct Scan {
     /// Names of complete drop files, oldest first.
     pub ready: Vec<String>,
-    /// Entries that can never become drop files (junk, stale tmp files):
-    /// removed by [`scan`] itself.
-    pub removed: Vec<(String, &'static str)>,
+    /// Entries that can never become drop files (junk, stale tmp files),
+    /// and what [`scan`] did with them.
+    pub junk: Vec<Junk>,
 }
 
-/// Lists the maildrop and removes junk.
+/// An entry of the maildrop that is no drop file.
+#[derive(Debug)]
+pub struct Junk {
+    /// Its name, printable (control characters escaped).
+    pub name: String,
+    /// Its owner, who planted it (unknown if it vanished meanwhile).
+    pub owner: Option<u32>,
+    /// Why it is junk.
+    pub why: String,
+    pub outcome: Cleared,
+}
+
+/// What [`clear`] did with a junk entry: said as it is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Cleared {
+    Removed,
+    /// Could not be removed; renamed to this name in the maildrop, where
+    /// scans leave it alone, for root to remove.
+    Renamed {
+        to: String,
+        error: String,
+    },
+    /// Could be neither removed nor renamed (or it vanished).
+    Left {
+        error: String,
+    },
+}
+
+impl std::fmt::Display for Cleared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cleared::Removed => f.write_str("removed"),
+            Cleared::Renamed { to, error } => write!(
+                f,
+                "cannot be removed ({error}); renamed to maildrop/{to}, which relayq leaves alone: remove it as root"
+            ),
+            Cleared::Left { error } => {
+                write!(f, "cannot be removed or renamed ({error}); left in place")
+            }
+        }
+    }
+}
+
+/// Removes a maildrop entry that is no drop file: a file or link is
+/// unlinked, a directory removed with what is inside (without following
+/// links). What cannot be removed (a directory of another user that relayq
+/// may not empty) is renamed out of the scan's way, which needs no
+/// permission on the entry itself.
+pub fn clear(spool_root: &Path, name: &std::ffi::OsStr) -> Cleared {
+    let dir = dir(spool_root);
+    let path = dir.join(name);
+    let removed = match fs::symlink_metadata(&path) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
+        Ok(_) => fs::remove_file(&path),
+        Err(e) => {
+            return Cleared::Left {
+                error: e.to_string(),
+            };
+        }
+    };
+    let error = match removed {
+        Ok(()) => return Cleared::Removed,
+        Err(e) => e.to_string(),
+    };
+    let to = format!("{JUNK_PREFIX}{}", super::Spool::new_id());
+    match fs::rename(&path, dir.join(&to)) {
+        Ok(()) => Cleared::Renamed { to, error },
+        Err(e) => Cleared::Left {
+            error: format!("{error}; rename: {e}"),
+        },
+    }
+}
+
+/// Lists the maildrop and clears junk.
 pub fn scan(spool_root: &Path) -> Result<Scan, SpoolError> {
     let dir = dir(spool_root);
     let mut scan = Scan::default();
@@ -177,13 +281,11 @@ pub fn scan(spool_root: &Path) -> Result<Scan, SpoolError> {
         .map_err(|e| SpoolError::io(&dir, e))?
         .flatten()
     {
-        let Ok(name) = entry.file_name().into_string() else {
-            let _ = fs::remove_file(entry.path());
-            scan.removed.push(("(non-UTF-8 name)".into(), "junk name"));
+        let raw = entry.file_name();
+        let name = raw.to_string_lossy();
+        let why = if check_id(&name).is_ok() {
+            scan.ready.push(name.into_owned());
             continue;
-        };
-        if check_id(&name).is_ok() {
-            scan.ready.push(name);
         } else if let Some(id) = name.strip_prefix(TMP_PREFIX)
             && check_id(id).is_ok()
         {
@@ -193,15 +295,36 @@ pub fn scan(spool_root: &Path) -> Result<Scan, SpoolError> {
                 .ok()
                 .and_then(|t| now.duration_since(t).ok())
                 .is_some_and(|age| age > STALE_TMP);
-            if old {
-                let _ = fs::remove_file(entry.path());
-                scan.removed
-                    .push((name, "unfinished write older than a day"));
+            if !old {
+                continue;
             }
+            "an unfinished write older than a day"
+        } else if name.starts_with(JUNK_PREFIX) {
+            // Reported when it was renamed; removed quietly once it can be.
+            let _ = clear(spool_root, &raw);
+            continue;
         } else {
-            let _ = fs::remove_dir_all(entry.path()).or_else(|_| fs::remove_file(entry.path()));
-            scan.removed.push((name, "not a drop file name"));
-        }
+            "not a drop file name"
+        };
+        let owner = entry.metadata().ok().map(|m| m.uid());
+        let kind = entry
+            .file_type()
+            .map(|t| {
+                if t.is_dir() {
+                    "a directory"
+                } else if t.is_file() {
+                    "a file"
+                } else {
+                    "an entry"
+                }
+            })
+            .unwrap_or("an entry");
+        scan.junk.push(Junk {
+            name: name.escape_debug().to_string(),
+            owner,
+            why: format!("{kind}, {why}"),
+            outcome: clear(spool_root, &raw),
+        });
     }
     scan.ready.sort_unstable();
     Ok(scan)
@@ -217,6 +340,11 @@ pub fn read(spool_root: &Path, name: &str, max_size: u64) -> Result<Dropped, Rej
         .open(&path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ELOOP) => Rejected::NotAFile("a symbolic link".into()),
+            // A drop file is made readable by sendmail: its owner took that
+            // away (it would be retried, and reported, forever).
+            Some(libc::EACCES | libc::EPERM) => {
+                Rejected::NotAFile(format!("not readable by relayq ({e})"))
+            }
             _ => Rejected::Io(format!("cannot open: {e}")),
         })?;
     let st = file
@@ -344,21 +472,86 @@ fn read_waiting(path: &Path) -> Option<Waiting> {
     })
 }
 
-/// Removes a drop file once it is queued (or was not a file at all).
+/// Removes a drop file once it is queued (or was not a file at all), and
+/// makes the removal durable: a power loss must not bring back a file
+/// already queued, or it would be queued (and sent) a second time.
 pub fn remove(spool_root: &Path, name: &str) -> Result<(), SpoolError> {
     check_id(name)?;
-    let path = dir(spool_root).join(name);
-    fs::remove_file(&path).map_err(|e| SpoolError::io(&path, e))
+    let dir = dir(spool_root);
+    let path = dir.join(name);
+    super::fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+    super::fsync_dir(&dir)
 }
 
-/// Moves a bad drop file to `corrupt/` under a fresh id, for a human.
-pub fn to_corrupt(spool_root: &Path, name: &str) -> Result<String, SpoolError> {
+/// What became of a refused drop file.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// Kept for a human as `corrupt/maildrop/<name>`.
+    Kept(String),
+    /// Removed: too large to keep (the reason).
+    Removed(String),
+}
+
+/// Moves a refused drop file to `corrupt/maildrop/` under a fresh id, for
+/// a human, unless it is larger than `max_size` or than all that is kept
+/// (then it is removed); then keeps that directory within its bounds.
+/// Returns what happened, and the names of kept files removed to make room.
+pub fn to_corrupt(
+    spool_root: &Path,
+    name: &str,
+    max_size: u64,
+) -> Result<(Refused, Vec<String>), SpoolError> {
     check_id(name)?;
-    let id = super::Spool::new_id();
     let src = dir(spool_root).join(name);
-    let dst = spool_root.join("corrupt").join(&id);
-    fs::rename(&src, &dst).map_err(|e| SpoolError::io(&src, e))?;
-    Ok(id)
+    let size = fs::symlink_metadata(&src)
+        .map_err(|e| SpoolError::io(&src, e))?
+        .len();
+    if size > max_size || size > KEEP_BYTES {
+        fs::remove_file(&src).map_err(|e| SpoolError::io(&src, e))?;
+        let why = format!(
+            "{size} bytes, too large to keep (corrupt/maildrop keeps files up to {} bytes)",
+            max_size.min(KEEP_BYTES)
+        );
+        return Ok((Refused::Removed(why), Vec::new()));
+    }
+    let id = super::Spool::new_id();
+    let kept = spool_root.join(CORRUPT_DIR);
+    fs::rename(&src, kept.join(&id)).map_err(|e| SpoolError::io(&src, e))?;
+    Ok((Refused::Kept(id), prune(spool_root, SystemTime::now())))
+}
+
+/// Keeps `corrupt/maildrop/` within [`KEEP_FILES`], [`KEEP_BYTES`] and
+/// [`KEEP_AGE`], removing the oldest first; returns what it removed.
+pub fn prune(spool_root: &Path, now: SystemTime) -> Vec<String> {
+    let kept = spool_root.join(CORRUPT_DIR);
+    let Ok(entries) = fs::read_dir(&kept) else {
+        return Vec::new();
+    };
+    let mut files: Vec<(SystemTime, u64, PathBuf, String)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            Some((m.modified().unwrap_or(now), m.len(), e.path(), name))
+        })
+        .collect();
+    // Oldest first (ids are time-ordered, mtime breaks no ties).
+    files.sort_by(|a, b| a.3.cmp(&b.3));
+    let mut total: u64 = files.iter().map(|f| f.1).sum();
+    let mut count = files.len();
+    let mut removed = Vec::new();
+    for (mtime, size, path, name) in files {
+        let too_old = now.duration_since(mtime).is_ok_and(|age| age > KEEP_AGE);
+        if !(too_old || count > KEEP_FILES || total > KEEP_BYTES) {
+            continue;
+        }
+        if fs::remove_file(&path).is_ok() {
+            count -= 1;
+            total = total.saturating_sub(size);
+            removed.push(name);
+        }
+    }
+    removed
 }
 
 #[cfg(test)]
@@ -426,12 +619,58 @@ mod tests {
             read(root, garbage, 1000),
             Err(Rejected::Bad { .. })
         ));
-        fs::create_dir(root.join("corrupt")).unwrap();
-        let id = to_corrupt(root, garbage).unwrap();
-        assert!(root.join("corrupt").join(id).exists());
+        let (kept, pruned) = to_corrupt(root, garbage, 1000).unwrap();
+        let Refused::Kept(id) = kept else {
+            panic!("{kept:?}")
+        };
+        assert!(root.join(CORRUPT_DIR).join(id).exists() && pruned.is_empty());
         fs::write(dir_path(root, "not-an-id"), b"x").unwrap();
+        fs::create_dir_all(dir_path(root, "planted/deeper")).unwrap();
         let s = scan(root).unwrap();
-        assert!(s.removed.iter().any(|(n, _)| n == "not-an-id"));
-        assert!(!dir_path(root, "not-an-id").exists());
+        for name in ["not-an-id", "planted"] {
+            let j = s.junk.iter().find(|j| j.name == name).unwrap();
+            assert_eq!(j.outcome, Cleared::Removed, "{j:?}");
+            assert!(!dir_path(root, name).exists());
+        }
+    }
+
+    #[test]
+    fn corrupt_maildrop_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        prepare(root).unwrap();
+        let bad = |name: &str, len: u64| {
+            let f = File::create(dir_path(root, name)).unwrap();
+            f.set_len(len).unwrap();
+        };
+        // A sparse file larger than the message limit is not kept.
+        bad("01DDDDDDDDDDDDDDDDDDDDDDDD", 1 << 30);
+        let (r, _) = to_corrupt(root, "01DDDDDDDDDDDDDDDDDDDDDDDD", 1 << 20).unwrap();
+        assert!(matches!(r, Refused::Removed(_)), "{r:?}");
+        assert!(!dir_path(root, "01DDDDDDDDDDDDDDDDDDDDDDDD").exists());
+        // Beyond KEEP_FILES, the oldest go.
+        let mut kept = Vec::new();
+        for _ in 0..KEEP_FILES + 5 {
+            let name = super::super::Spool::new_id();
+            bad(&name, 10);
+            if let (Refused::Kept(id), _) = to_corrupt(root, &name, 1 << 20).unwrap() {
+                kept.push(id);
+            }
+        }
+        let mut left: Vec<String> = fs::read_dir(root.join(CORRUPT_DIR))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        kept.sort();
+        assert_eq!(
+            left,
+            kept[kept.len() - KEEP_FILES..],
+            "the oldest went first"
+        );
+        // Files older than KEEP_AGE go at the next prune.
+        let later = SystemTime::now() + KEEP_AGE + Duration::from_secs(60);
+        assert_eq!(prune(root, later).len(), KEEP_FILES);
     }
 }

@@ -31,7 +31,8 @@
 //! accept, and no directory fsync. The slot name is durable before the
 //! file is first used, so the message is safe once its data is; the
 //! `queue/<ID>` link is made at once but needs no fsync, because recovery
-//! re-links a message found in a slot without one. A free slot starts with
+//! re-links a message found in a slot without one (and renames a stale
+//! name that a power loss left on it). A free slot starts with
 //! a NUL byte. At most 1024 free slots are kept (others are deleted), and
 //! only files up to 64 KiB are reused. The `sendmail` command and queue
 //! tools never take slots; they write new files (rule 1b).
@@ -47,6 +48,12 @@
 //! sender <address>\n        empty for the null sender <>
 //! flags <smtputf8,8bitmime | ->\n
 //! rcpt <address>\n          one per recipient; its index is its order
+//! dsn-ret <FULL|HDRS>\n     optional: RFC 3461 RET
+//! dsn-envid <xtext>\n       optional: RFC 3461 ENVID, xtext-encoded
+//! dsn-rcpt <idx> <notify> <orcpt>\n
+//!                           optional, per recipient: NOTIFY (`NEVER` or a
+//!                           list of SUCCESS,FAILURE,DELAY; `-` if not
+//!                           given) and ORCPT's address as xtext (`-`)
 //! size <n>\n
 //! \n
 //! <n bytes: the message, CRLF line ends, headers we added included>
@@ -59,16 +66,37 @@
 //! failed <idx> <unix ms> <upstream reply or reason>\n
 //! deferred <idx> <unix ms> <reason>\n
 //! attempt <count> <next attempt unix ms>\n
+//! warned <unix ms>\n        a delay notice (NOTIFY=DELAY) was queued
 //! accepted <unix ms>\n      the daemon logged the accepted line of a file
 //!                           with `submitter` (written without fsync, like
 //!                           rule 3: losing it logs the line once more)
 //! <NUL bytes up to the end of the file: a reused file is zero-filled>
 //! ```
+//! The `dsn-*` lines (added for RFC 3461 DSN) are written only for a
+//! message whose sender gave DSN parameters, so every other file is
+//! byte for byte what older versions wrote, and a file without them (any
+//! older file) reads as "no DSN parameters": a newer binary reads every
+//! older queue file. An older binary refuses a file with `dsn-*` lines or
+//! a `warned` record (to `corrupt/`), so downgrade only with an empty
+//! queue, or after such messages are delivered.
+//! `flags smtputf8` means the sender asked for SMTPUTF8 (or, for local
+//! mail, that its envelope or header holds UTF-8): the transport requires
+//! it of the upstream only when an address or header really is UTF-8.
+//!
 //! Addresses and replies never contain CR, LF or NUL (they are replaced by
 //! spaces before they are written). A record is written where the records
 //! end (the first NUL, or the end of the file).
 //!
 //! # Durability rules (every write follows them)
+//! Two kinds of loss are planned for. A killed process (`kill -9`, a
+//! panic) loses nothing the kernel was given: every write and directory
+//! change it made stays. A power loss (or a kernel crash) loses every write
+//! not yet synced, and any subset of the directory changes (link, unlink,
+//! rename, create) not yet synced: the file system may have committed some
+//! of them and not others, in any combination. So what recovery trusts is
+//! the content of durable files (the id and end checksum inside them),
+//! never a name alone. All writes go through `fsop`, where the crash-state
+//! test (`crash`) records them.
 //! 1. **Accept** (the daemon): take a free slot, or create a new one with
 //!    `O_EXCL` and mode 0600 in `slots/`. Write the whole file (header,
 //!    content, end marker, zeros up to the old length) at offset 0 and
@@ -77,7 +105,11 @@
 //!    fsync of `slots/` (group commit: one fsync covers every new slot
 //!    created before it started). Only after that may a client be told
 //!    `250`. (Should we crash before the `250`, the message may still be
-//!    delivered: at least once, as with every MTA.)
+//!    delivered: at least once, as with every MTA.) After a power loss the
+//!    message is in its slot, whole; its `queue/<ID>` name may be missing,
+//!    and an older name of the slot (`queue/<OLD>` of the message it held
+//!    before, whose unlink was lost) may still be there: recovery puts
+//!    both right.
 //!    1b. **Accept** (the `sendmail` command, or without slots): create
 //!    `tmp/<ID>` with `O_EXCL` and mode 0600, hold an exclusive `flock` on
 //!    it while writing, write it whole, `fdatasync` it, `rename` it to
@@ -94,27 +126,52 @@
 //! 3. **Deferred / attempt / accepted**: written without fsync. Losing
 //!    them only makes a retry come early, or an accepted line be logged
 //!    twice, after a crash.
-//! 4. **Done** (or deleted): overwrite the first byte of the file with NUL,
-//!    then unlink its `queue/` (or `hold/`) name, without fsync; a slot
-//!    then goes back to the free list. The NUL comes first so that a
-//!    deleted message cannot come back from its slot. A killed process
-//!    cannot lose either write (they are in the kernel); a machine crash
-//!    within the file system's commit interval can lose them, and then the
-//!    message is sent again, as Postfix would. A file whose records say
+//! 4. **Done** (or deleted): overwrite the first byte of the file with NUL
+//!    (the done mark), then unlink its `queue/` (or `hold/`) name, without
+//!    fsync; a slot then goes back to the free list. The NUL comes first so
+//!    that a deleted message cannot come back from its slot, whichever of
+//!    its names survive a power loss. The mark is made durable by a group
+//!    commit (`done`): one thread `fdatasync`s the marks written in the
+//!    last `queue.done_sync_window` (default 100 ms) together, or sooner
+//!    when 256 are waiting; a slot taken for a new message before that
+//!    needs no sync of its own (the accept's `fdatasync` wrote over the
+//!    mark). So a `kill -9` sends nothing again, and a power loss sends
+//!    again at most the messages finished in the last window before it
+//!    (plus those whose batch sync was running). A window of `0s` syncs
+//!    each mark before the worker moves on. A file whose records say
 //!    every recipient is done is removed by recovery.
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
-//!    by an fsync of both. The slot name stays.
+//!    by an fsync of both. The slot name stays. A power loss between the
+//!    two fsyncs can leave both names; recovery keeps the one in `hold/`.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
 //! got `250`: it is deleted, unless another process (the `sendmail`
-//! command) still holds its lock. In `queue/` and `hold/`, a file starting
-//! with NUL, or whose recipients are all done, is removed; one that does
-//! not decode goes to `corrupt/` with an error in the log. Then each slot
-//! with no other name is read whole: if it holds a complete message (its
-//! checksum matches) that is not done, its `queue/<ID>` link was lost in a
-//! crash and is made again (and fsynced); otherwise it is free (a torn
+//! command) still holds its lock. Then every name in `queue/` and `hold/`
+//! is judged by its file's content (a slot's file is read whole and its
+//! checksum checked):
+//! - the file starts with NUL (a removal, or a free slot): the name goes;
+//! - it holds the message the name says, complete: queued (or held), or
+//!   removed if its records say every recipient is done;
+//! - it holds another message, complete (a stale name: the slot was reused
+//!   and the power loss kept the old name): the name is renamed to
+//!   `queue/<that id>`, or dropped if that name exists; the message is
+//!   queued once, under its own id;
+//! - it fails its checksum and the header does not name this message: a
+//!   torn write of an accept never acknowledged, over a finished message
+//!   whose name survived; the name goes and the slot is freed below;
+//! - anything else that does not decode goes to `corrupt/` with an error
+//!   in the log (a file acknowledged is never torn: it was synced whole).
+//!
+//! Then each slot with no other name is read whole: if it holds a complete
+//! message (its checksum matches) that is not done, its `queue/<ID>` link
+//! was lost and is made again (and fsynced); otherwise it is free (a torn
 //! write of an accept that was never acknowledged, or a finished message).
+//! Each step is safe to repeat, so a second loss during recovery is
+//! recovered from the same way. The queue tools, which change the spool
+//! only while the daemon is down, put the names right first
+//! ([`Spool::reconcile_names`]), and `queue show` finds a message by the id
+//! inside its file ([`Spool::find`]).
 //! Recovery runs while the daemon already accepts mail. It skips the slots
 //! this run made (their names start with a prefix chosen at start), and a
 //! delivery that frees an older slot before recovery reaches it leaves a
@@ -129,19 +186,27 @@
 //! name read from a file is used only if it is well formed and names the
 //! same inode.
 
+#[cfg(test)]
+mod crash;
+mod done;
 pub mod format;
+mod fsop;
 pub mod maildrop;
 mod slots;
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, mpsc};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 
-pub use format::{Envelope, Meta, Origin, RcptState, RcptStatus, Record};
+use done::{Cover, DoneMarks};
+pub use format::{
+    Dsn, Envelope, Meta, Notify, Origin, RcptDsn, RcptState, RcptStatus, Record, Ret,
+};
 use slots::Slots;
 
 /// The directories a message can be in.
@@ -210,6 +275,19 @@ pub struct Recovery {
     /// Messages found in a slot whose `queue/` link a crash had lost
     /// (also in `queued`).
     pub relinked: usize,
+    /// Names a power loss left on a file that now holds another message
+    /// (its slot was reused): renamed to that message's id, or dropped.
+    pub stale_names: usize,
+}
+
+/// A message found by [`Spool::find`].
+#[derive(Debug)]
+pub struct Found {
+    pub area: Area,
+    /// The name its file has in `area`: its id, unless a power loss left
+    /// a stale one that recovery has not yet put right.
+    pub name: String,
+    pub meta: Meta,
 }
 
 /// Handle to the spool directory; cheap to clone.
@@ -224,6 +302,9 @@ struct Inner {
     queue_sync: DirSync,
     /// The daemon's reusable files; unset in the command-line tools.
     slots: OnceLock<Slots>,
+    /// The daemon's group commit of done marks (durability rule 4);
+    /// unset, each mark is synced at once.
+    done: OnceLock<DoneMarks>,
 }
 
 impl Spool {
@@ -249,18 +330,40 @@ impl Spool {
                 root: root.to_path_buf(),
                 queue_sync: DirSync::start(&root.join("queue"))?,
                 slots: OnceLock::new(),
+                done: OnceLock::new(),
             }),
         })
     }
 
     /// Makes accepts reuse queue files (the daemon only, holding the spool
-    /// lock, before it accepts mail and before [`Spool::recover`]).
-    pub fn enable_slots(&self) -> Result<(), SpoolError> {
+    /// lock, before it accepts mail and before [`Spool::recover`]), and
+    /// done marks durable at most `done_window` after they are written
+    /// (durability rule 4; zero: at once).
+    pub fn enable_slots(&self, done_window: Duration) -> Result<(), SpoolError> {
         if self.inner.slots.get().is_none() {
             let slots = Slots::open(&self.inner.root.join("slots"))?;
             let _ = self.inner.slots.set(slots);
         }
+        if self.inner.done.get().is_none() {
+            let done = DoneMarks::start(done_window).map_err(|e| SpoolError::io(self.root(), e))?;
+            let _ = self.inner.done.set(done);
+        }
         Ok(())
+    }
+
+    /// Waits until the done mark of every message removed so far is
+    /// durable (at shutdown, and for tests).
+    pub fn flush_done_marks(&self) {
+        if let Some(done) = self.inner.done.get() {
+            done.flush();
+        }
+    }
+
+    fn mark_done(&self, file: File, cover: Cover) {
+        match self.inner.done.get() {
+            Some(done) => done.add(file, cover),
+            None => DoneMarks::immediate().add(file, cover),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -344,32 +447,26 @@ impl Spool {
         env: &Envelope,
         message: &[u8],
         arrival_ms: u64,
-        free: Option<String>,
+        free: Option<(String, Cover)>,
     ) -> Result<bool, SpoolError> {
         let gone = || SpoolError::io(self.root(), io::Error::other("slots are not enabled"));
         let slots = self.inner.slots.get().ok_or_else(gone)?;
         let dir = slots.dir();
-        let reused = free.and_then(|name| {
+        let reused = free.and_then(|(name, cover)| {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(dir.join(&name))
                 .ok()?;
-            Some((name, file))
+            Some((name, file, cover))
         });
-        let (name, file, created) = match reused {
-            Some((name, file)) => (name, file, false),
+        let (name, file, cover, created) = match reused {
+            Some((name, file, cover)) => (name, file, Some(cover), false),
             None => {
                 let name = slots.new_name();
                 let path = dir.join(&name);
-                let file = OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(|e| SpoolError::io(&path, e))?;
-                (name, file, true)
+                let file = fsop::create_new(&path).map_err(|e| SpoolError::io(&path, e))?;
+                (name, file, None, true)
             }
         };
         let path = dir.join(&name);
@@ -389,19 +486,23 @@ impl Spool {
                 let mut all = header;
                 all.extend_from_slice(message);
                 all.extend_from_slice(&end);
-                file.write_all_at(&all, 0)?;
+                fsop::write_at(&file, &all, 0)?;
             } else {
-                file.write_all_at(&header, 0)?;
-                file.write_all_at(message, body_at)?;
-                file.write_all_at(&end, end_at)?;
+                fsop::write_at(&file, &header, 0)?;
+                fsop::write_at(&file, message, body_at)?;
+                fsop::write_at(&file, &end, end_at)?;
             }
-            file.sync_data()?;
-            fs::hard_link(&path, self.inner.root.join("queue").join(id))
+            fsop::sync_data(&file)?;
+            // The message is durably over the last one's done mark.
+            if let Some(cover) = &cover {
+                cover.set();
+            }
+            fsop::hard_link(&path, &self.inner.root.join("queue").join(id))
         })();
         if let Err(e) = result {
             // Never acknowledged: the slot must not pass for a message.
-            let _ = file.write_all_at(&[0], 0);
-            let _ = fs::remove_file(&path);
+            let _ = fsop::write_at(&file, &[0], 0);
+            let _ = fsop::remove_file(&path);
             return Err(SpoolError::io(&path, e));
         }
         Ok(created)
@@ -417,11 +518,7 @@ impl Spool {
     ) -> Result<String, SpoolError> {
         let tmp = self.inner.root.join("tmp").join(&id);
         let result = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
+            let file = fsop::create_new(&tmp)?;
             // Recovery in a starting daemon must not delete a file that a
             // live sendmail process is still writing.
             rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
@@ -430,14 +527,15 @@ impl Spool {
                 submitter,
             };
             let (header, end) = format::encode_around(&id, arrival_ms, env, message, origin);
-            file.write_all(&header)?;
-            file.write_all(message)?;
-            file.write_all(&end)?;
-            file.sync_data()?;
-            fs::rename(&tmp, self.inner.root.join("queue").join(&id))
+            let body_at = header.len() as u64;
+            fsop::write_at(&file, &header, 0)?;
+            fsop::write_at(&file, message, body_at)?;
+            fsop::write_at(&file, &end, body_at + message.len() as u64)?;
+            fsop::sync_data(&file)?;
+            fsop::rename(&tmp, &self.inner.root.join("queue").join(&id))
         })();
         if let Err(e) = result {
-            let _ = fs::remove_file(&tmp);
+            let _ = fsop::remove_file(&tmp);
             return Err(SpoolError::io(&tmp, e));
         }
         Ok(id)
@@ -460,6 +558,17 @@ impl Spool {
         file.read_to_end(&mut buf)
             .map_err(|e| SpoolError::io(&path, e))?;
         let (meta, body) = format::decode(&buf).map_err(|e| format_err(&path, e))?;
+        if meta.id != id {
+            // Recovery renames such a name; one seen later is a bug, and
+            // delivering the other message under this id would be worse.
+            tracing::error!(
+                target: "relayq::queue",
+                "{id}: queue file {} holds message {} (a stale name); not delivered under this id",
+                path.display(),
+                meta.id
+            );
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
         let body = body.to_vec();
         Ok((meta, body))
     }
@@ -494,10 +603,9 @@ impl Spool {
         if buf.len() < torn {
             buf.resize(torn, 0);
         }
-        file.write_all_at(&buf, ends.records)
-            .map_err(|e| SpoolError::io(&path, e))?;
+        fsop::write_at(&file, &buf, ends.records).map_err(|e| SpoolError::io(&path, e))?;
         if durable {
-            file.sync_data().map_err(|e| SpoolError::io(&path, e))?;
+            fsop::sync_data(&file).map_err(|e| SpoolError::io(&path, e))?;
         }
         Ok(())
     }
@@ -511,16 +619,18 @@ impl Spool {
             .open(&path)
             .map_err(|e| not_found_or(e, &path, id))?;
         let st = file.metadata().map_err(|e| SpoolError::io(&path, e))?;
-        let mut slot = None;
-        if st.nlink() > 1 {
-            // Another name (a slot) keeps the file: read which, then make
-            // sure the message cannot come back from it.
-            slot = read_header(&mut file, &path).ok().and_then(|m| m.slot);
-            file.write_all_at(&[0], 0)
-                .map_err(|e| SpoolError::io(&path, e))?;
+        let header = read_header(&mut file, &path).ok();
+        if header.as_ref().is_some_and(|m| m.id != id) {
+            // A stale name (see recovery): the file is another message's.
+            return fsop::remove_file(&path).map_err(|e| not_found_or(e, &path, id));
         }
+        // The NUL first: whichever name survives a power loss, the
+        // message cannot come back from the file once the mark is durable.
+        fsop::write_at(&file, &[0], 0).map_err(|e| SpoolError::io(&path, e))?;
+        let slot = header.and_then(|m| m.slot).filter(|_| st.nlink() > 1);
+        let cover = Cover::default();
         let mut state = self.inner.slots.get().map(|s| s.lock());
-        match fs::remove_file(&path) {
+        match fsop::remove_file(&path) {
             // Recovery may have removed it first, having seen the NUL.
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -529,8 +639,10 @@ impl Spool {
         if let (Some(state), Some(slots), Some(name)) =
             (state.as_mut(), self.inner.slots.get(), slot)
         {
-            state.give_back(slots.dir(), &name, st.dev(), st.ino());
+            state.give_back(slots.dir(), &name, st.dev(), st.ino(), cover.clone());
         }
+        drop(state);
+        self.mark_done(file, cover);
         Ok(())
     }
 
@@ -538,9 +650,39 @@ impl Spool {
     pub fn move_to(&self, id: &str, from: Area, to: Area) -> Result<(), SpoolError> {
         let src = self.path(from, id)?;
         let dst = self.path(to, id)?;
-        fs::rename(&src, &dst).map_err(|e| not_found_or(e, &src, id))?;
+        fsop::rename(&src, &dst).map_err(|e| not_found_or(e, &src, id))?;
         fsync_dir(&self.inner.root.join(to.dir()))?;
         fsync_dir(&self.inner.root.join(from.dir()))
+    }
+
+    /// Finds message `id` in `queue/` or `hold/` by the id its file holds:
+    /// under its own name, or (after a power loss the daemon has not yet
+    /// recovered from) under a stale one. Returns where and its metadata.
+    pub fn find(&self, id: &str) -> Result<Found, SpoolError> {
+        check_id(id)?;
+        for area in [Area::Queue, Area::Hold] {
+            match self.read_meta(area, id) {
+                Ok(meta) if meta.id == id => {
+                    return Ok(Found {
+                        area,
+                        name: id.to_string(),
+                        meta,
+                    });
+                }
+                Ok(_) | Err(SpoolError::NotFound(_) | SpoolError::Corrupt { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for area in [Area::Queue, Area::Hold] {
+            for name in self.list(area)? {
+                if let Ok(meta) = self.read_meta(area, &name)
+                    && meta.id == id
+                {
+                    return Ok(Found { area, name, meta });
+                }
+            }
+        }
+        Err(SpoolError::NotFound(id.to_string()))
     }
 
     /// Ids of the messages in an area, oldest first (ULIDs sort by time).
@@ -558,16 +700,35 @@ impl Spool {
 
     /// Start-up recovery; see the module documentation.
     pub fn recover(&self) -> Result<Recovery, SpoolError> {
-        let rec = self.recover_areas();
+        let rec = self.recover_all();
         if let Some(s) = self.inner.slots.get() {
             s.lock().recovered();
         }
         rec
     }
 
-    fn recover_areas(&self) -> Result<Recovery, SpoolError> {
+    /// Makes every name in `queue/` and `hold/` the id of the message its
+    /// file holds (the first part of recovery), so that a message is found
+    /// by its id. For the queue tools, which change the spool while the
+    /// daemon is down (holding its lock), after a power loss the daemon
+    /// has not recovered from yet.
+    pub fn reconcile_names(&self) -> Result<Recovery, SpoolError> {
         let mut rec = Recovery::default();
+        for area in [Area::Queue, Area::Hold] {
+            for name in self.list(area)? {
+                self.recover_name(area, &name, &mut rec)?;
+            }
+        }
+        if rec.stale_names > 0 {
+            fsync_dir(&self.inner.root.join(Area::Queue.dir()))?;
+            fsync_dir(&self.inner.root.join(Area::Hold.dir()))?;
+        }
+        Ok(rec)
+    }
+
+    fn recover_all(&self) -> Result<Recovery, SpoolError> {
         let tmp = self.inner.root.join("tmp");
+        let mut discarded_tmp = 0;
         for entry in fs::read_dir(&tmp)
             .map_err(|e| SpoolError::io(&tmp, e))?
             .flatten()
@@ -579,39 +740,169 @@ impl Spool {
             if rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive)
                 .is_ok()
             {
-                let _ = fs::remove_file(&path);
-                rec.discarded_tmp += 1;
+                let _ = fsop::remove_file(&path);
+                discarded_tmp += 1;
             }
         }
-        for area in [Area::Queue, Area::Hold] {
-            for id in self.list(area)? {
-                match self.read_meta(area, &id) {
-                    Ok(meta) if meta.is_done() => {
-                        self.remove(area, &id)?;
-                        rec.removed_done += 1;
-                    }
-                    Ok(meta) if area == Area::Queue => rec.queued.push(meta),
-                    Ok(meta) => rec.held.push(meta),
-                    Err(SpoolError::Corrupt { reason, .. }) => {
-                        self.move_to(&id, area, Area::Corrupt)?;
-                        rec.corrupt.push(CorruptFile { id, reason });
-                    }
-                    // Gone, or a removal a crash interrupted (rule 4).
-                    Err(SpoolError::NotFound(_)) => match self.remove(area, &id) {
-                        Ok(()) => rec.removed_done += 1,
-                        Err(SpoolError::NotFound(_)) => {}
-                        Err(e) => return Err(e),
-                    },
-                    Err(e) => return Err(e),
-                }
-            }
-        }
+        let mut rec = self.reconcile_names()?;
+        rec.discarded_tmp = discarded_tmp;
         // The messages found so far must reach the scheduler whatever
         // happens to one slot.
         if let Err(e) = self.recover_slots(&mut rec) {
             tracing::error!("recovery of queue file slots stopped early: {e}");
         }
         Ok(rec)
+    }
+
+    /// Judges one name in `queue/` or `hold/` by the content of its file,
+    /// never by the name alone: a power loss can keep any subset of the
+    /// unsynced links and unlinks, so a name may belong to a message long
+    /// finished whose slot now holds another one.
+    fn recover_name(&self, area: Area, name: &str, rec: &mut Recovery) -> Result<(), SpoolError> {
+        let path = self.path(area, name)?;
+        let mut file = match open_existing(&path, name) {
+            Ok(f) => f,
+            // Delivered or moved meanwhile (the daemon runs).
+            Err(SpoolError::NotFound(_)) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let st = file.metadata().map_err(|e| SpoolError::io(&path, e))?;
+        // A slot's file can hold a write torn by a power loss (a new
+        // message over a finished one): read it whole and check its sum.
+        // Other files were synced whole before they got a name.
+        let (verdict, header_id) = if st.nlink() > 1 {
+            let mut buf = Vec::new();
+            file.read_to_end(&mut buf)
+                .map_err(|e| SpoolError::io(&path, e))?;
+            let header_id = format::decode_header(&buf).ok().flatten().map(|m| m.id);
+            let verdict = format::decode(&buf)
+                .map(|(meta, _)| meta)
+                .map_err(|e| format_err(&path, e));
+            (verdict, header_id)
+        } else {
+            let verdict = read_meta_from(&mut file, &path).map(|(meta, _)| meta);
+            let header_id = verdict.as_ref().ok().map(|m| m.id.clone());
+            (verdict, header_id)
+        };
+        match verdict {
+            // A move to or from hold/ that a power loss caught between its
+            // two directory syncs can leave both names: on hold it stays
+            // (an operator can release it; mail meant to be held must not
+            // go out).
+            Ok(meta)
+                if meta.id == name
+                    && area == Area::Queue
+                    && self.same_file(&self.path(Area::Hold, name)?, &st) =>
+            {
+                fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+                rec.stale_names += 1;
+            }
+            Ok(meta) if meta.id == name => {
+                if meta.is_done() {
+                    self.remove(area, name)?;
+                    rec.removed_done += 1;
+                } else if area == Area::Queue {
+                    rec.queued.push(meta);
+                } else {
+                    rec.held.push(meta);
+                }
+            }
+            Ok(meta) => self.recover_stale_name(area, name, &path, &st, meta, rec)?,
+            // A removal a crash interrupted (rule 4), or a name left on a
+            // free slot: the file holds no message.
+            Err(SpoolError::NotFound(_)) => match fsop::remove_file(&path) {
+                Ok(()) => rec.removed_done += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(SpoolError::io(&path, e)),
+            },
+            // A torn write over a finished message whose name survived:
+            // an accept never acknowledged (what is acknowledged is
+            // synced whole). The slot part of recovery frees the file.
+            Err(SpoolError::Corrupt { .. })
+                if st.nlink() > 1 && header_id.as_deref() != Some(name) =>
+            {
+                tracing::warn!(
+                    target: "relayq::queue",
+                    "{name}: stale name of a slot holding an unfinished write (never acknowledged); dropped"
+                );
+                match fsop::remove_file(&path) {
+                    Ok(()) => rec.stale_names += 1,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(SpoolError::io(&path, e)),
+                }
+            }
+            Err(SpoolError::Corrupt { reason, .. }) => {
+                self.move_to(name, area, Area::Corrupt)?;
+                rec.corrupt.push(CorruptFile {
+                    id: name.to_string(),
+                    reason,
+                });
+            }
+            Err(e) => return Err(e),
+        }
+        Ok(())
+    }
+
+    /// Whether `path` names the file `st` describes.
+    fn same_file(&self, path: &Path, st: &fs::Metadata) -> bool {
+        fs::symlink_metadata(path).is_ok_and(|m| m.dev() == st.dev() && m.ino() == st.ino())
+    }
+
+    /// `area/name` holds message `meta.id`, complete: the name is stale
+    /// (its own message finished, and the slot was reused) or the file
+    /// was named wrongly. The message gets its own name in `queue/`, the
+    /// only place an accept puts it (a move to `hold/` is synced, so had
+    /// it been held, `hold/<id>` would be there).
+    fn recover_stale_name(
+        &self,
+        area: Area,
+        name: &str,
+        path: &Path,
+        st: &fs::Metadata,
+        meta: Meta,
+        rec: &mut Recovery,
+    ) -> Result<(), SpoolError> {
+        let id = meta.id.clone();
+        let own = [Area::Queue, Area::Hold, Area::Corrupt]
+            .into_iter()
+            .map(|a| self.path(a, &id))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .find_map(|p| fs::symlink_metadata(&p).ok().map(|m| (p, m)));
+        match own {
+            // Its own name is there too: this one is left over.
+            Some((_, m)) if m.dev() == st.dev() && m.ino() == st.ino() => {
+                fsop::remove_file(path).map_err(|e| SpoolError::io(path, e))?;
+            }
+            Some((other, _)) => {
+                // Two files claim one id: not ours to choose.
+                let reason = format!(
+                    "named {name} but holds message {id}, which {} also holds",
+                    other.display()
+                );
+                self.move_to(name, area, Area::Corrupt)?;
+                rec.corrupt.push(CorruptFile {
+                    id: name.to_string(),
+                    reason,
+                });
+                return Ok(());
+            }
+            None if meta.is_done() => {
+                fsop::remove_file(path).map_err(|e| SpoolError::io(path, e))?;
+            }
+            None => {
+                let to = self.path(Area::Queue, &id)?;
+                fsop::rename(path, &to).map_err(|e| SpoolError::io(path, e))?;
+                rec.queued.push(meta);
+            }
+        }
+        tracing::warn!(
+            target: "relayq::queue",
+            "{id}: found under the stale name {}/{name} (left by a power loss); renamed",
+            area.dir()
+        );
+        rec.stale_names += 1;
+        Ok(())
     }
 
     /// The slot part of recovery: re-links messages whose `queue/` link a
@@ -641,7 +932,8 @@ impl Spool {
                 continue;
             };
             if !st.is_file() || st.nlink() > 1 {
-                // In use: the message is in queue/, hold/ or corrupt/.
+                // In use: the message is in queue/, hold/ or corrupt/
+                // under its id (names were reconciled first).
                 continue;
             }
             let buf = fs::read(&path).map_err(|e| SpoolError::io(&path, e))?;
@@ -660,24 +952,27 @@ impl Spool {
                         );
                         continue;
                     }
-                    fs::hard_link(&path, &q).map_err(|e| SpoolError::io(&q, e))?;
+                    fsop::hard_link(&path, &q).map_err(|e| SpoolError::io(&q, e))?;
                     rec.relinked += 1;
                     rec.queued.push(meta);
                 }
                 // A finished message, or a torn write never acknowledged.
+                // Its NUL needs no sync: should it be lost, the next
+                // recovery finds the same and frees the slot again.
                 _ => {
                     if buf.first().is_some_and(|&b| b != 0) {
                         let file = OpenOptions::new()
                             .write(true)
                             .open(&path)
                             .map_err(|e| SpoolError::io(&path, e))?;
-                        file.write_all_at(&[0], 0)
-                            .map_err(|e| SpoolError::io(&path, e))?;
+                        fsop::write_at(&file, &[0], 0).map_err(|e| SpoolError::io(&path, e))?;
                     }
                     match state.as_mut() {
-                        Some(state) => state.free_or_delete(&path, &name, st.len()),
+                        Some(state) => {
+                            state.free_or_delete(&path, &name, st.len(), Cover::default())
+                        }
                         None => {
-                            let _ = fs::remove_file(&path);
+                            let _ = fsop::remove_file(&path);
                         }
                     }
                 }
@@ -821,7 +1116,7 @@ fn create_private_dir(path: &Path) -> Result<(), SpoolError> {
 
 fn fsync_dir(path: &Path) -> Result<(), SpoolError> {
     File::open(path)
-        .and_then(|d| d.sync_all())
+        .and_then(|d| fsop::sync_dir(&d, path))
         .map_err(|e| SpoolError::io(path, e))
 }
 
@@ -836,6 +1131,7 @@ struct DirSync {
 impl DirSync {
     fn start(dir: &Path) -> Result<DirSync, SpoolError> {
         let handle = File::open(dir).map_err(|e| SpoolError::io(dir, e))?;
+        let path = dir.to_path_buf();
         let (tx, rx) = mpsc::channel::<oneshot::Sender<Result<(), String>>>();
         std::thread::Builder::new()
             .name("spool-dirsync".into())
@@ -843,7 +1139,7 @@ impl DirSync {
                 while let Ok(first) = rx.recv() {
                     let mut waiting = vec![first];
                     waiting.extend(rx.try_iter());
-                    let result = handle.sync_all().map_err(|e| e.to_string());
+                    let result = fsop::sync_dir(&handle, &path).map_err(|e| e.to_string());
                     for w in waiting {
                         let _ = w.send(result.clone());
                     }
@@ -869,6 +1165,7 @@ impl DirSync {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::FileExt;
 
     fn env() -> Envelope {
         Envelope {
@@ -964,7 +1261,7 @@ mod tests {
 
     async fn daemon_spool(root: &Path) -> Spool {
         let spool = Spool::open(root).unwrap();
-        spool.enable_slots().unwrap();
+        spool.enable_slots(Duration::from_millis(100)).unwrap();
         spool
     }
 

@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
-use super::{DirSync, SpoolError, check_id};
+use super::done::Cover;
+use super::{DirSync, SpoolError, check_id, fsop};
 
 /// Free slots kept at most; more are deleted when they come back.
 pub const MAX_FREE: usize = 1024;
@@ -32,7 +33,8 @@ pub struct Slots {
 }
 
 pub struct State {
-    free: Vec<String>,
+    /// Each with the cover its done mark waits for (see `done`).
+    free: Vec<(String, Cover)>,
     /// Until recovery is done: older slots that deliveries gave back
     /// meanwhile, which recovery must skip (they may be in use again).
     recovering: Option<HashSet<String>>,
@@ -74,8 +76,9 @@ impl Slots {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A free slot, most recently used first (its pages are likely cached).
-    pub fn take(&self) -> Option<String> {
+    /// A free slot, most recently used first (its pages are likely
+    /// cached), and the cover to set once it is overwritten durably.
+    pub fn take(&self) -> Option<(String, Cover)> {
         self.lock().free.pop()
     }
 }
@@ -98,7 +101,7 @@ impl State {
     /// deletes it when the list is full or the file is large. `name` comes
     /// from the file's header: used only if it is well formed and names
     /// the file whose message was removed (`dev`, `ino`).
-    pub fn give_back(&mut self, dir: &Path, name: &str, dev: u64, ino: u64) {
+    pub fn give_back(&mut self, dir: &Path, name: &str, dev: u64, ino: u64, cover: Cover) {
         if check_id(name).is_err() {
             return;
         }
@@ -112,15 +115,15 @@ impl State {
         if let Some(given) = self.recovering.as_mut() {
             given.insert(name.to_string());
         }
-        self.free_or_delete(&path, name, st.len());
+        self.free_or_delete(&path, name, st.len(), cover);
     }
 
     /// A slot known to hold no message: reuse it or delete it.
-    pub fn free_or_delete(&mut self, path: &Path, name: &str, len: u64) {
+    pub fn free_or_delete(&mut self, path: &Path, name: &str, len: u64, cover: Cover) {
         if self.free.len() < MAX_FREE && len <= MAX_SLOT_BYTES {
-            self.free.push(name.to_string());
+            self.free.push((name.to_string(), cover));
         } else {
-            let _ = fs::remove_file(path);
+            let _ = fsop::remove_file(path);
         }
     }
 }

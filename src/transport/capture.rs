@@ -88,6 +88,7 @@ impl CaptureSender {
             results: rcpts.iter().map(|&i| (i, outcome.clone())).collect(),
             conn_time: Duration::ZERO,
             xfer_time: started.elapsed(),
+            final_delivery: true,
             ..AttemptReport::default()
         }
     }

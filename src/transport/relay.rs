@@ -421,7 +421,8 @@ impl RelaySender {
             return Pushed::Back;
         };
         let addrs = msg.addresses();
-        match conn.send_chunked(&msg.envelope(&addrs), msg.body).await {
+        let body = for_upstream(conn, msg);
+        match conn.send_chunked(&msg.envelope(&addrs), &body).await {
             Streamed::InFlight(chunked) => {
                 self.sent += 1;
                 Pushed::InFlight(chunked)
@@ -501,12 +502,14 @@ impl RelaySender {
         };
         let addrs = msg.addresses();
         let env = msg.envelope(&addrs);
+        let body = for_upstream(conn, msg);
+        let upstream_dsn = conn.capabilities().dsn;
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
         let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         let xfer_start = Instant::now();
         self.sent += 1;
         let sent = conn
-            .send_then(&env, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+            .send_then(&env, &body, next_env.as_ref().map(|(e, n)| (e, *n)))
             .await;
         let (results, signal) = self.outcomes(sent.this, msg.rcpts);
         let report = AttemptReport {
@@ -514,6 +517,7 @@ impl RelaySender {
             results,
             conn_time,
             xfer_time: xfer_start.elapsed(),
+            upstream_dsn,
             ..AttemptReport::default()
         };
         (report, signal, sent.next)
@@ -553,8 +557,9 @@ impl RelaySender {
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
         let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         self.sent += 1;
+        let body = for_upstream(conn, msg);
         let written = conn
-            .write_opened(opened, msg.body, next_env.as_ref().map(|(e, n)| (e, *n)))
+            .write_opened(opened, &body, next_env.as_ref().map(|(e, n)| (e, *n)))
             .await;
         match written {
             Ok(written) => Wrote::Yes(written),
@@ -626,11 +631,13 @@ impl RelaySender {
         rcpts: &[usize],
         since: Instant,
     ) -> (AttemptReport, Signal) {
+        let upstream_dsn = self.conn.as_ref().is_some_and(|c| c.capabilities().dsn);
         let (results, signal) = self.outcomes(result, rcpts);
         let report = AttemptReport {
             relay,
             results,
             xfer_time: since.elapsed(),
+            upstream_dsn,
             ..AttemptReport::default()
         };
         (report, signal)
@@ -676,6 +683,7 @@ impl RelaySender {
                     RcptOutcome::Failed {
                         reply: text.clone(),
                         status: e.dsn(),
+                        local: e.is_local(),
                     }
                 } else {
                     RcptOutcome::Deferred {
@@ -700,25 +708,55 @@ pub struct Outgoing<'a> {
     pub rcpts: &'a [usize],
 }
 
+/// The recipients of one transaction: addresses, and their DSN
+/// parameters in the same order.
+#[derive(Default)]
+struct Rcpts<'a> {
+    addrs: Vec<&'a str>,
+    dsn: Vec<crate::spool::RcptDsn>,
+}
+
 impl<'a> Outgoing<'a> {
-    fn addresses(&self) -> Vec<&'a str> {
-        self.rcpts
+    fn addresses(&self) -> Rcpts<'a> {
+        let chosen = self
+            .rcpts
             .iter()
-            .filter_map(|&i| self.meta.recipients.get(i).map(|r| r.address.as_str()))
-            .collect()
+            .filter_map(|&i| self.meta.recipients.get(i));
+        Rcpts {
+            addrs: chosen.clone().map(|r| r.address.as_str()).collect(),
+            dsn: chosen.map(|r| r.dsn.clone()).collect(),
+        }
     }
 
-    fn envelope<'b>(&self, addrs: &'b [&'b str]) -> Envelope<'b>
+    fn envelope<'b>(&self, rcpts: &'b Rcpts<'b>) -> Envelope<'b>
     where
         'a: 'b,
     {
+        let addresses =
+            std::iter::once(self.meta.sender.as_str()).chain(rcpts.addrs.iter().copied());
         Envelope {
             from: &self.meta.sender,
-            rcpts: addrs,
+            rcpts: &rcpts.addrs,
             smtputf8: self.meta.smtputf8,
+            // Postfix's rule: only a message that asked for SMTPUTF8 (or a
+            // local one with UTF-8 in it) and really holds UTF-8 needs it.
+            smtputf8_required: self.meta.smtputf8
+                && crate::cleanup::needs_smtputf8(addresses, self.body),
             eight_bit: self.meta.eight_bit,
+            dsn: Some(&self.meta.dsn),
+            rcpt_dsn: &rcpts.dsn,
         }
     }
+}
+
+/// The body as this upstream may receive it: 8-bit content converted to
+/// quoted-printable or base64 when it does not offer 8BITMIME (RFC 6152
+/// forbids sending it 8-bit), losslessly (see `cleanup::mime`).
+fn for_upstream<'b>(conn: &Connection, msg: Outgoing<'b>) -> std::borrow::Cow<'b, [u8]> {
+    if !msg.meta.eight_bit || conn.capabilities().eight_bit_mime {
+        return std::borrow::Cow::Borrowed(msg.body);
+    }
+    crate::cleanup::seven_bit(msg.body)
 }
 
 /// "Too many connections / logins / sessions": the relay throttles us.
@@ -754,7 +792,7 @@ fn transaction_signal(e: &SmtpError) -> Signal {
         // A stale connection was replaced and the new one's login failed.
         SmtpError::AuthRejected { .. } | SmtpError::OAuth2(_) => connect_signal(e),
         SmtpError::Rejected { .. }
-        | SmtpError::SmtpUtf8NotOffered
+        | SmtpError::SmtpUtf8NotOffered { .. }
         | SmtpError::InvalidSender { .. } => Signal::Ok,
         _ => Signal::Down(e.to_string()),
     }
@@ -865,6 +903,7 @@ fn outcome(rcpt: &Reply, data: Option<&Reply>) -> RcptOutcome {
         RcptOutcome::Failed {
             reply: reply.one_line(),
             status: reply.status(),
+            local: false,
         }
     } else {
         RcptOutcome::Deferred {

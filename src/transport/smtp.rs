@@ -289,18 +289,30 @@ pub struct Capabilities {
     pub size: Option<u64>,
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
+    /// RFC 3461 delivery status notifications.
+    pub dsn: bool,
     pub starttls: bool,
     /// Mechanism names, upper case.
     pub auth: Vec<String>,
     pub enhanced_status_codes: bool,
     /// Every extension line as received (the greeting line excluded).
     pub raw: Vec<String>,
+    /// The first line of the EHLO reply: the server's name, then prose.
+    pub greeting: String,
 }
 
 impl Capabilities {
+    /// The first line of the EHLO reply, as a reply (for the loop check).
+    fn greeting_line(&self) -> Reply {
+        Reply::new(250, self.greeting.clone())
+    }
+
     /// Parses a positive EHLO reply; a HELO session has the default (nothing).
     pub fn from_ehlo(reply: &Reply) -> Self {
-        let mut caps = Capabilities::default();
+        let mut caps = Capabilities {
+            greeting: reply.text.split('\n').next().unwrap_or("").to_string(),
+            ..Capabilities::default()
+        };
         for line in reply.text.split('\n').skip(1) {
             caps.raw.push(line.to_string());
             let mut words = line.split_ascii_whitespace();
@@ -314,6 +326,7 @@ impl Capabilities {
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "DSN" => caps.dsn = true,
                 "STARTTLS" => caps.starttls = true,
                 "ENHANCEDSTATUSCODES" => caps.enhanced_status_codes = true,
                 "AUTH" => caps.add_auth(words),
@@ -343,11 +356,22 @@ pub struct Envelope<'a> {
     /// "" for the null sender (bounces).
     pub from: &'a str,
     pub rcpts: &'a [&'a str],
-    /// The message needs SMTPUTF8 (also implied by a non-ASCII address).
+    /// The sender asked for SMTPUTF8: it is passed on when offered.
     pub smtputf8: bool,
-    /// The body has 8-bit content. Sent as BODY=8BITMIME when offered, and
-    /// as-is otherwise, as Postfix does by default.
+    /// The message cannot be relayed without SMTPUTF8: UTF-8 in an address
+    /// or header (a non-ASCII address implies it). Without SMTPUTF8
+    /// offered, it is not sent ([`SmtpError::SmtpUtf8NotOffered`]).
+    pub smtputf8_required: bool,
+    /// The body has 8-bit content: sent as BODY=8BITMIME when offered.
+    /// For an upstream without 8BITMIME the caller converts the body first
+    /// (`cleanup::seven_bit`), as Postfix does unless
+    /// `disable_mime_output_conversion` is set.
     pub eight_bit: bool,
+    /// RET and ENVID (RFC 3461), passed on when the upstream offers DSN.
+    pub dsn: Option<&'a crate::spool::Dsn>,
+    /// NOTIFY and ORCPT per recipient, in the order of `rcpts` (or empty),
+    /// passed on when the upstream offers DSN.
+    pub rcpt_dsn: &'a [crate::spool::RcptDsn],
 }
 
 /// What the upstream said about one transaction.
@@ -376,9 +400,13 @@ pub enum Stage {
     Mail,
     Rcpt,
     Data,
-    /// The body and the reply after it.
+    /// The body, and a refusal in reply to it.
     Body,
-    /// A BDAT command, its chunk and the reply to it.
+    /// Waiting for the reply to the final dot (or to the last BDAT
+    /// chunk): the whole message was sent, so if the connection fails now
+    /// the upstream may have taken it.
+    Dot,
+    /// A BDAT command and its chunk.
     Bdat,
     Rset,
     Quit,
@@ -398,6 +426,7 @@ impl Stage {
             Stage::Rcpt => "rcpt",
             Stage::Data => "data",
             Stage::Body => "body",
+            Stage::Dot => "dot",
             Stage::Bdat => "bdat",
             Stage::Rset => "rset",
             Stage::Quit => "quit",
@@ -407,7 +436,19 @@ impl Stage {
 
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            Stage::Dot => f.write_str("end of data"),
+            other => f.write_str(other.as_str()),
+        }
+    }
+}
+
+/// "during body", or for a failure after the final dot what Postfix says
+/// too: the message may have been accepted, and will be sent again.
+fn during(stage: &Stage) -> String {
+    match stage {
+        Stage::Dot => "after the end of data -- message may be sent more than once".into(),
+        other => format!("during {other}"),
     }
 }
 
@@ -438,11 +479,11 @@ pub enum SmtpError {
     Connect { addr: SocketAddr, source: io::Error },
     #[error("connect to {addr} timed out after {after:?}")]
     ConnectTimeout { addr: SocketAddr, after: Duration },
-    #[error("I/O error during {stage}: {source}")]
+    #[error("I/O error {}: {source}", during(stage))]
     Io { stage: Stage, source: io::Error },
-    #[error("connection closed by the server during {stage}")]
+    #[error("connection closed by the server {}", during(stage))]
     Closed { stage: Stage },
-    #[error("timed out after {after:?} during {stage}")]
+    #[error("timed out after {after:?} {}", during(stage))]
     Timeout { stage: Stage, after: Duration },
     #[error("protocol error during {stage}: {detail}")]
     Protocol { stage: Stage, detail: String },
@@ -468,8 +509,10 @@ pub enum SmtpError {
     /// No OAuth2 access token could be had (the token source logged why).
     #[error("no OAuth2 token: {0}")]
     OAuth2(TokenError),
-    #[error("the message needs SMTPUTF8 but the upstream does not offer it")]
-    SmtpUtf8NotOffered,
+    #[error(
+        "relayq did not send the message: it needs SMTPUTF8 (UTF-8 in an address or header), but host {host} does not offer SMTPUTF8"
+    )]
+    SmtpUtf8NotOffered { host: String },
     #[error("invalid sender address {address:?}: {reason}")]
     InvalidSender {
         address: String,
@@ -477,6 +520,15 @@ pub enum SmtpError {
     },
     #[error("connection is unusable after an earlier error")]
     Unusable,
+    /// The upstream greeted us, or answered EHLO, with our own host name:
+    /// the relay is relayq itself (Postfix: "mail for ... loops back to
+    /// myself").
+    #[error("mail for {host} loops back to myself: it {said} with my own hostname {name}")]
+    Loop {
+        host: String,
+        said: &'static str,
+        name: String,
+    },
 }
 
 impl SmtpError {
@@ -491,7 +543,7 @@ impl SmtpError {
                 stage: Stage::Mail,
                 reply,
             } => reply.is_permanent() && reply.code != 530,
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
         }
     }
@@ -518,8 +570,9 @@ impl SmtpError {
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls
             | SmtpError::OAuth2(_) => "4.7.0".into(),
-            SmtpError::SmtpUtf8NotOffered => "5.6.7".into(),
+            SmtpError::SmtpUtf8NotOffered { .. } => "5.6.7".into(),
             SmtpError::InvalidSender { .. } => "5.1.7".into(),
+            SmtpError::Loop { .. } => "4.4.6".into(),
         };
         let class = if self.is_permanent() { '5' } else { '4' };
         let mut code = code;
@@ -545,9 +598,19 @@ impl SmtpError {
             | SmtpError::AuthMechanismMismatch { .. }
             | SmtpError::CredentialsWithoutTls => "auth",
             SmtpError::OAuth2(_) => "oauth2",
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => "mail",
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => "mail",
             SmtpError::Unusable => "session",
+            SmtpError::Loop { .. } => "loop",
         }
+    }
+
+    /// Decided by relayq, not said by the upstream: a bounce must not
+    /// name the upstream as the one who refused.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. }
+        )
     }
 
     /// Errors after which the server and we still agree where we are.
@@ -559,7 +622,7 @@ impl SmtpError {
                 stage: Stage::Rset, ..
             } => false,
             SmtpError::Rejected { reply, .. } => reply.code != 421,
-            SmtpError::SmtpUtf8NotOffered | SmtpError::InvalidSender { .. } => true,
+            SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
         }
     }
@@ -772,7 +835,9 @@ impl Connection {
                 reply: greeting,
             });
         }
+        check_loop(&greeting, cfg, "greeted me")?;
         let mut caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+        check_loop(&caps.greeting_line(), cfg, "answered EHLO")?;
         if let (Some(setup), TlsMode::StartTls) = (&tls, cfg.tls) {
             if !caps.starttls {
                 return Err(SmtpError::StartTlsNotOffered {
@@ -1026,7 +1091,15 @@ impl Connection {
         steps.push(Step::Mail(mail));
         for (i, rcpt) in env.rcpts.iter().enumerate() {
             match address_problem(rcpt) {
-                None => steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>\r\n"))),
+                None => {
+                    let params = env
+                        .rcpt_dsn
+                        .get(i)
+                        .filter(|_| self.caps.dsn)
+                        .map(rcpt_dsn_params)
+                        .unwrap_or_default();
+                    steps.push(Step::Rcpt(i, format!("RCPT TO:<{rcpt}>{params}\r\n")));
+                }
                 Some(reason) => replies.rcpts[i] = Some(invalid_rcpt_reply(reason)),
             }
         }
@@ -1049,13 +1122,16 @@ impl Connection {
                 reason,
             });
         }
-        let needs_utf8 =
-            env.smtputf8 || !env.from.is_ascii() || env.rcpts.iter().any(|r| !r.is_ascii());
+        let required = env.smtputf8_required
+            || !env.from.is_ascii()
+            || env.rcpts.iter().any(|r| !r.is_ascii());
+        if required && !self.caps.smtputf8 {
+            return Err(SmtpError::SmtpUtf8NotOffered {
+                host: self.cfg.host.clone(),
+            });
+        }
         let mut line = format!("MAIL FROM:<{}>", env.from);
-        if needs_utf8 {
-            if !self.caps.smtputf8 {
-                return Err(SmtpError::SmtpUtf8NotOffered);
-            }
+        if (required || env.smtputf8) && self.caps.smtputf8 {
             line.push_str(" SMTPUTF8");
         }
         if env.eight_bit && self.caps.eight_bit_mime {
@@ -1063,6 +1139,14 @@ impl Connection {
         }
         if self.caps.size.is_some() {
             line.push_str(&format!(" SIZE={size}"));
+        }
+        if let Some(dsn) = env.dsn.filter(|_| self.caps.dsn) {
+            if let Some(ret) = dsn.ret {
+                line.push_str(&format!(" RET={}", ret.as_str()));
+            }
+            if let Some(envid) = &dsn.envid {
+                line.push_str(&format!(" ENVID={}", crate::spool::format::xtext(envid)));
+            }
         }
         line.push_str("\r\n");
         Ok(line)
@@ -1110,13 +1194,14 @@ impl Connection {
         replies: &mut EnvelopeReplies,
     ) -> Result<(), SmtpError> {
         for step in group {
-            // The reply to BDAT comes once the message is processed, like
-            // the reply after DATA's dot.
-            let limit = match step {
-                Step::Bdat(_) => self.data_timeout,
-                _ => self.command_timeout,
+            // The reply to BDAT LAST comes once the message is processed,
+            // like the reply after DATA's dot, and failing to read it leaves
+            // the same doubt.
+            let (stage, limit) = match step {
+                Step::Bdat(_) => (Stage::Dot, self.data_timeout),
+                _ => (step.stage(), self.command_timeout),
             };
-            let reply = self.wire.read_reply(step.stage(), limit).await?;
+            let reply = self.wire.read_reply(stage, limit).await?;
             if reply.code == 421 || (matches!(step, Step::Rset) && !reply.is_positive()) {
                 return Err(SmtpError::Rejected {
                     stage: step.stage(),
@@ -1153,8 +1238,34 @@ impl Connection {
     }
 }
 
+/// ` NOTIFY=... ORCPT=rfc822;...` for a recipient that has them.
+fn rcpt_dsn_params(d: &crate::spool::RcptDsn) -> String {
+    let mut out = String::new();
+    if let Some(n) = d.notify.param() {
+        out.push_str(&format!(" NOTIFY={n}"));
+    }
+    if let Some(o) = &d.orcpt {
+        out.push_str(&format!(" ORCPT=rfc822;{}", crate::spool::format::xtext(o)));
+    }
+    out
+}
+
 fn invalid_rcpt_reply(reason: &str) -> Reply {
     Reply::new(501, format!("5.1.3 relayq: recipient address {reason}"))
+}
+
+/// A greeting or EHLO reply whose first word is our own host name: the
+/// upstream is relayq itself, and sending would loop.
+fn check_loop(reply: &Reply, cfg: &ClientConfig, said: &'static str) -> Result<(), SmtpError> {
+    let name = reply.text.split_ascii_whitespace().next().unwrap_or("");
+    if name.eq_ignore_ascii_case(&cfg.helo_name) {
+        return Err(SmtpError::Loop {
+            host: cfg.host.clone(),
+            said,
+            name: cfg.helo_name.clone(),
+        });
+    }
+    Ok(())
 }
 
 /// The HELO name goes into a command line: it must be one word.

@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn bench_smoke_runs_and_counts_correctly() {
     let out = Command::new(env!("CARGO_BIN_EXE_relayq-bench"))
-        .args(["--smoke", "--scale", "100"])
+        .args(["--smoke", "--scale", "100", "--compare-done-sync"])
         .output()
         .expect("run relayq-bench");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -29,5 +29,55 @@ fn bench_smoke_runs_and_counts_correctly() {
     ] {
         assert!(stdout.contains(row), "no row {row:?} in {stdout}");
     }
+    // The relayq that syncs each done mark on its own ran too, and counted.
+    assert_eq!(
+        stdout
+            .matches("relayq: 250 messages accepted and relayed, count matches")
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| relayq, done marks synced one by one |"),
+        "{stdout}"
+    );
     assert!(stdout.trim_end().ends_with("bench: ok"), "{stdout}");
+}
+
+/// The attack loads of issue 16 in smoke mode: they run and print their
+/// figures (RSS, the normal client's latency); nothing is asserted on the
+/// figures themselves.
+#[test]
+fn attack_benchmarks_run_in_smoke_mode() {
+    for (part, lines) in [
+        (
+            "auth-flood",
+            &[
+                "attackers: ",
+                "normal client on 127.0.0.1: ",
+                "relayq RSS: ",
+                "load during",
+            ][..],
+        ),
+        (
+            "idle-flood",
+            &[
+                "opened 100 idle connections",
+                "per idle session",
+                "normal client on 127.0.0.1: ",
+            ],
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_relayq-bench"))
+            .args(["--only", part, "--smoke"])
+            .output()
+            .expect("run relayq-bench");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{part} failed:\n{stdout}\n{stderr}");
+        for line in lines {
+            assert!(stdout.contains(line), "{part}: no {line:?} in:\n{stdout}");
+        }
+        assert!(stdout.trim_end().ends_with("bench: ok"), "{stdout}");
+    }
 }

@@ -533,3 +533,138 @@ fn check_says_fail_where_serve_cannot_listen() {
     let (started, log) = serves(nobody(true, &["serve"]));
     assert!(started, "{log}");
 }
+
+/// A config file `check` cannot read, or none at all without a home for
+/// the development default, fails with a fix for that, not the advice for
+/// a typo ("correct the key named above").
+#[test]
+fn an_unreadable_config_is_not_a_typo() {
+    use std::os::unix::fs::PermissionsExt;
+
+    if !crate::sendmail::can_switch_user() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = tmp.path().join("relayq.toml");
+    std::fs::write(&config, "hostname = \"relayq.test\"\n").unwrap();
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let o = crate::sendmail::as_nobody(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let line = out.lines().next().unwrap_or_default();
+    assert!(
+        line.starts_with("FAIL config: cannot read config file")
+            && line.contains("Permission denied"),
+        "{line}"
+    );
+    let fix = line.split(" -> fix: ").nth(1).unwrap_or_default();
+    assert!(
+        fix.contains("chmod 644") && !fix.contains("key named above"),
+        "{fix}"
+    );
+
+    let o = std::process::Command::new(BIN)
+        .arg("check")
+        .arg("--config")
+        .arg(tmp.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let fix = out.split(" -> fix: ").nth(1).unwrap_or_default();
+    assert!(
+        out.starts_with("FAIL config: cannot read config file") && fix.contains("path"),
+        "{out}"
+    );
+
+    if !std::path::Path::new("/etc/relayq/relayq.toml").exists() {
+        let o = std::process::Command::new(BIN)
+            .arg("check")
+            .env_clear()
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        let fix = out.split(" -> fix: ").nth(1).unwrap_or_default();
+        assert!(fix.contains("set HOME") && !fix.contains("key"), "{out}");
+    }
+}
+
+/// A spool that `relayq serve` made as root (the README's `sudo relayq
+/// serve`), then handed to the service's user by its top directory only
+/// (as `dist/install.sh` did): the daemon cannot open `queue/` and the
+/// rest, so `check` run as that user must fail it, as `serve` fails.
+#[test]
+fn check_fails_a_spool_whose_insides_belong_to_another_user() {
+    use std::process::Stdio;
+
+    if !crate::sendmail::can_switch_user() {
+        return;
+    }
+    let mut d = Daemon::start(&relay_config("127.0.0.1:9".parse().unwrap(), ""));
+    crate::sendmail::open_to_others(&d);
+    let o = crate::sendmail::sendmail(&d.config, &["a@example.net"], b"Subject: x\n\nx\n");
+    assert!(o.status.success(), "{}", crate::sendmail::stderr(&o));
+    assert!(d.stop());
+    let spool = d.spool();
+    std::os::unix::fs::chown(&spool, Some(65534), Some(65534)).unwrap();
+
+    let as_nobody = |args: &[&str]| {
+        let mut c = crate::sendmail::as_nobody(BIN);
+        c.args(args).arg("--config").arg(&d.config);
+        c
+    };
+    let o = as_nobody(&["check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    let line = out
+        .lines()
+        .find(|l| l.contains(" spool: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("FAIL spool: ")
+            && line.contains("belongs to uid 0")
+            && line.contains(&format!(
+                "chown nobody: {s} {s}/* {s}/corrupt/maildrop && chown -R nobody: {s}/queue {s}/hold {s}/slots {s}/tmp",
+                s = spool.display()
+            )),
+        "{line}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    let o = as_nobody(&["serve"]).stdin(Stdio::null()).output().unwrap();
+    assert!(
+        !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "serve fails as check says: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    // What the fix says makes both work.
+    let fix = line
+        .split(" -> fix: while relayq is stopped, ")
+        .nth(1)
+        .unwrap();
+    let fix = fix.split("; or run").next().unwrap();
+    let o = std::process::Command::new("sh")
+        .args(["-c", fix])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{fix}: {o:?}");
+    let o = as_nobody(&["check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.lines().any(|l| l.starts_with("ok   spool: ")), "{out}");
+
+    // Only corrupt/maildrop/ left to root: the pickup could keep no
+    // refused drop file there, so check names it.
+    let kept = spool.join("corrupt/maildrop");
+    std::os::unix::fs::chown(&kept, Some(0), Some(0)).unwrap();
+    let o = as_nobody(&["check"]).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL spool: ")
+            && l.contains(&format!("{} belongs to uid 0", kept.display()))),
+        "{out}"
+    );
+}

@@ -211,3 +211,56 @@ fn one_spool_per_user_whatever_the_directory() {
         text(&o)
     );
 }
+
+/// A development daemon reads only the spool in the home of whoever runs
+/// it. `sendmail` run by another user, or under another home (`sudo`
+/// sets root's), must not make a spool of its own there and exit 0: the
+/// message would never be delivered. It says why and exits 78, making
+/// nothing.
+#[test]
+fn sendmail_of_another_user_or_home_strands_nothing() {
+    if !netns::available() || Path::new("/etc/relayq/relayq.toml").exists() {
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let cwd = tempfile::tempdir().unwrap();
+    let d = Serving::start(home.path(), cwd.path());
+    d.wait_line("started:");
+
+    let other = tempfile::tempdir().unwrap();
+    for args in [
+        &["sendmail", "bob@example.net"][..],
+        &["sendmail", "-bs"][..],
+    ] {
+        let o = run(
+            user(args, other.path(), cwd.path(), &[]),
+            b"Subject: lost?\n\nhi\n",
+        );
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {}", text(&o));
+        assert!(
+            text(&o).contains(&format!(
+                "no development spool {}",
+                other.path().join(".local/state/relayq/spool").display()
+            )),
+            "{}",
+            text(&o)
+        );
+        assert_eq!(files_in(other.path()), Vec::<PathBuf>::new(), "{args:?}");
+    }
+
+    // Another user with a home of their own.
+    if crate::sendmail::can_switch_user() {
+        let theirs = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(theirs.path(), Some(65534), Some(65534)).unwrap();
+        let mut cmd = crate::sendmail::as_nobody(BIN);
+        cmd.args(["sendmail", "bob@example.net"])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOME", theirs.path())
+            .current_dir("/");
+        let o = run(cmd, b"Subject: lost?\n\nhi\n");
+        assert_eq!(o.status.code(), Some(78), "{}", text(&o));
+        assert!(text(&o).contains("uid 65534 (nobody)"), "{}", text(&o));
+        assert_eq!(files_in(theirs.path()), Vec::<PathBuf>::new());
+    }
+}

@@ -20,7 +20,7 @@ use crate::support::upstream::{FakeUpstream, Received, Script};
 const WAIT: Duration = Duration::from_secs(30);
 
 /// The Subject of a message as the upstream got it.
-fn subject(m: &Received) -> String {
+pub(crate) fn subject(m: &Received) -> String {
     m.text()
         .lines()
         .find_map(|l| l.strip_prefix("Subject: "))
@@ -209,18 +209,25 @@ async fn accepted_recipients_are_not_sent_again_after_a_crash() {
 
 /// What the sending clients saw.
 #[derive(Default)]
-struct Tally {
+pub(crate) struct Tally {
     /// Subject -> queue id, for every message answered 250.
-    accepted: Mutex<BTreeMap<String, String>>,
+    pub accepted: Mutex<BTreeMap<String, String>>,
     /// Subjects whose end of data was sent but got no reply (in flight
     /// when relayq died): they may or may not arrive.
-    unanswered: Mutex<BTreeSet<String>>,
-    count: AtomicUsize,
+    pub unanswered: Mutex<BTreeSet<String>>,
+    pub count: AtomicUsize,
 }
 
 /// One SMTP client that keeps sending until `stop` or until relayq goes
-/// away; errors end it quietly (relayq is about to be killed).
-async fn sender(addr: SocketAddr, client: usize, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+/// away; errors end it quietly (relayq is about to be killed). Subjects
+/// are `<prefix>-c<client>-m<n>`.
+pub(crate) async fn sender(
+    addr: SocketAddr,
+    prefix: String,
+    client: usize,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+) {
     let mut n = 0;
     'conn: while !stop.load(Ordering::Relaxed) {
         let Ok(stream) = TcpStream::connect(addr).await else {
@@ -238,7 +245,7 @@ async fn sender(addr: SocketAddr, client: usize, stop: Arc<AtomicBool>, tally: A
                 break 'conn;
             }
             n += 1;
-            let subject = format!("load-c{client}-m{n}");
+            let subject = format!("{prefix}-c{client}-m{n}");
             let ok = expect(&mut io, Some("MAIL FROM:<app@example.com>"), "250").await
                 && expect(
                     &mut io,
@@ -315,6 +322,7 @@ async fn kill_9_while_clients_send_loses_nothing_answered_250() {
     for client in 0..CLIENTS {
         tasks.push(tokio::spawn(sender(
             d.addr,
+            "load".into(),
             client,
             stop.clone(),
             tally.clone(),
@@ -638,5 +646,54 @@ trait RepeatLines {
 impl RepeatLines for String {
     fn repeat_lines(&self, n: usize) -> String {
         format!("{self}\r\n").repeat(n)
+    }
+}
+
+/// A SIGTERM (or Ctrl-C) during start-up, from the daemon's first log
+/// line on, is a graceful stop: the handlers are in place before anything
+/// is said, so a supervisor or script that stops relayq as soon as it
+/// speaks never kills it half-way (exit by signal), nor is ignored.
+#[test]
+fn a_stop_during_start_up_is_graceful() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("relayq.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "hostname = \"relayq.test\"\nspool_dir = \"{d}/spool\"\nstatus_listen = \"127.0.0.1:0\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[capture]\nmaildir = \"{d}/Maildir\"\n",
+                d = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let mut child = Command::new(crate::support::daemon::BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+        let mut first = String::new();
+        err.read_line(&mut first).unwrap();
+        assert!(
+            !first.contains("started:"),
+            "an earlier line first: {first}"
+        );
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        let status = child.wait().unwrap();
+        assert!(
+            status.success(),
+            "signal {signal} after {first:?}: {status:?}\n{rest}"
+        );
+        assert!(rest.contains("stopped"), "{rest}");
     }
 }

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod attack;
 mod bench;
 mod bounce;
 mod check;
@@ -10,6 +11,7 @@ mod chunking;
 mod concurrency;
 mod dev_mode;
 mod durability;
+mod fidelity;
 mod front_door;
 mod inbound;
 mod install;
@@ -18,6 +20,7 @@ mod oauth2;
 mod observe;
 mod pipelining;
 mod postfix_sink;
+mod powerloss;
 mod queue;
 mod readme;
 mod relay;
@@ -25,6 +28,7 @@ mod reload;
 mod routing;
 mod sendmail;
 mod smtp;
+mod smuggling;
 mod status_page;
 mod tls;
 mod ways_in;

@@ -319,7 +319,8 @@ async fn the_listing_shows_what_waits_in_the_maildrop() {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
-    let mut d = Daemon::start(&relay_config(addr, ""));
+    // Senders restricted, so that the listing has a sender to replace.
+    let mut d = Daemon::start(&relay_config(addr, "[sendmail]\ntrusted_users = []\n"));
     open_to_others(&d);
     let ids = deferred(&d, 1).await;
     assert!(d.stop());
@@ -395,4 +396,37 @@ async fn the_listing_shows_what_waits_in_the_maildrop() {
     let out = ok(&d.cli(&["queue", "list"]));
     assert!(!out.contains("waiting in the maildrop"), "{out}");
     assert!(out.contains("in 4 Requests."), "{out}");
+}
+
+/// A drop file is any local user's to write: its recipients reach root's
+/// terminal through `mailq` only as printable text (no escape sequences
+/// that retitle the window, recolour or clear it), while the JSON listing
+/// keeps them exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_listing_prints_no_control_characters_from_a_drop_file() {
+    if !can_switch_user() {
+        return;
+    }
+    let mut d = Daemon::start(&relay_config("127.0.0.1:9".parse().unwrap(), ""));
+    open_to_others(&d);
+    assert!(d.stop());
+    let evil = "\u{1b}]0;pwned\u{7}\u{1b}[2J\u{1b}[31mred\u{9b}0m\u{8}\u{8}@example.net";
+    let file = format!(
+        "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt {evil}\nsize 12\n\nSubject: x\r\nend\n"
+    );
+    crate::sendmail::drop_as_nobody(&d, "01BBBBBBBBBBBBBBBBBBBBBBBB", &file);
+
+    let out = ok(&d.cli(&["queue", "list"]));
+    assert!(out.contains("01BBBBBBBBBBBBBBBBBBBBBBBB"), "{out}");
+    assert!(!out.chars().any(|c| c.is_control() && c != '\n'), "{out:?}");
+    assert!(
+        out.contains("?]0;pwned??[2J?[31mred?0m??@example.net"),
+        "{out:?}"
+    );
+    let o = crate::sendmail::sendmail(&d.config, &["-bp"], b"");
+    assert_eq!(stdout(&o), out, "mailq says the same");
+
+    let json = ok(&d.cli(&["queue", "list", "--json"]));
+    let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
+    assert_eq!(v["recipients"][0]["address"], evil, "{json}");
 }

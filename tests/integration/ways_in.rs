@@ -122,6 +122,12 @@ async fn every_way_in_logs_one_accepted_line_and_counts_it() {
         d.wait_log(&format!("{id}: to=<"), WAIT);
     }
     wait_metric(&d, "relayq_accepted_messages_total", 5.0).await;
+    // The metric is counted after the line is written, but the line still
+    // has to come through the test's log reader.
+    let deadline = std::time::Instant::now() + WAIT;
+    while d.count_log("(queue active)") < 5 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let log = d.log();
     let accepted: Vec<&str> = log
         .lines()
@@ -141,10 +147,15 @@ async fn every_way_in_logs_one_accepted_line_and_counts_it() {
     one(format!(
         "{root_bs}: uid=0 (root), from=<bs@example.com>, size="
     ));
+    // Every local user may choose the sender (the -bs MAIL FROM stands);
+    // the real user is on the line all the same.
     assert_eq!(
         accepted
             .iter()
-            .filter(|l| l.contains(": uid=65534 (nobody), from=<nobody@relayq.test>, size="))
+            .filter(
+                |l| l.contains(": uid=65534 (nobody), from=<nobody@relayq.test>, size=")
+                    || l.contains(": uid=65534 (nobody), from=<bs@example.com>, size=")
+            )
             .count(),
         2,
         "{accepted:#?}"
@@ -246,7 +257,21 @@ async fn every_smtp_refusal_logs_one_noqueue_line_and_counts_it() {
     expected.push(("too_many_recipients", format!("NOQUEUE: reject: RCPT from [127.0.0.1]: {r}; from=<app@example.com> to=<three@example.net>")));
 
     // Refusals after DATA: the whole transaction is named.
-    let long = format!("Subject: long\r\n\r\n{}\r\n", "x".repeat(1200));
+    // Long lines are re-encoded, not refused; a header line with no place
+    // to fold (here a MIME part's) is.
+    let long = format!(
+        "Subject: long\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain; name=\"{}\"\r\n\r\nhi\r\n--b--\r\n",
+        "x".repeat(1200)
+    );
+    let hops: String = (0..50)
+        .map(|i| {
+            format!(
+                "Received: from h{i} by h{}; Mon, 1 Jan 2024 00:00:00 +0000\r\n",
+                i + 1
+            )
+        })
+        .collect();
+    let hops = format!("{hops}Subject: loop\r\n\r\nx\r\n");
     let big_header = format!("Subject: h\r\nX-Big: {}\r\n\r\nbody\r\n", "y".repeat(700));
     let big_body = format!(
         "Subject: b\r\n\r\n{}",
@@ -254,7 +279,8 @@ async fn every_smtp_refusal_logs_one_noqueue_line_and_counts_it() {
     );
     let nul = "Subject: nul\r\n\r\nbefore\0after\r\n".to_string();
     for (reason, data, code) in [
-        ("line_length", long, "500 5.5.2"),
+        ("line_length", long, "554 5.6.0"),
+        ("too_many_hops", hops, "554 5.4.6"),
         ("header_size", big_header, "552 5.3.4"),
         ("message_size", big_body, "552 5.3.4"),
         ("nul", nul, "554 5.6.0"),
@@ -292,6 +318,7 @@ async fn every_smtp_refusal_logs_one_noqueue_line_and_counts_it() {
         "too_many_recipients",
         "smtputf8_required",
         "line_length",
+        "too_many_hops",
         "header_size",
         "nul",
     ] {
@@ -311,9 +338,9 @@ async fn local_refusals_are_logged_by_the_daemon_as_the_local_user() {
     let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
     open_to_others(&d);
 
-    // -bs as nobody: a line too long.
+    // -bs as nobody: a header line too long, with no place to fold it.
     let dialogue = format!(
-        "HELO x\r\nMAIL FROM:<n@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\nSubject: long\r\n\r\n{}\r\n.\r\nQUIT\r\n",
+        "HELO x\r\nMAIL FROM:<n@example.com>\r\nRCPT TO:<bob@example.net>\r\nDATA\r\nSubject: long\r\nX-Token: {}\r\n\r\nx\r\n.\r\nQUIT\r\n",
         "x".repeat(1200)
     );
     let mut cmd = as_nobody(BIN);
@@ -322,7 +349,7 @@ async fn local_refusals_are_logged_by_the_daemon_as_the_local_user() {
     let out = String::from_utf8_lossy(&o.stdout).into_owned();
     let reply = out
         .lines()
-        .find(|l| l.starts_with("500 5.5.2"))
+        .find(|l| l.starts_with("554 5.6.0"))
         .unwrap_or_else(|| panic!("{out}"));
     d.wait_log(&format!("NOQUEUE: reject: END-OF-MESSAGE from uid=65534 (nobody): {reply}; from=<n@example.com> to=<bob@example.net>"), WAIT);
 
@@ -368,7 +395,7 @@ async fn local_refusals_are_logged_by_the_daemon_as_the_local_user() {
     );
     let line = d.wait_log("NOQUEUE: reject: pickup from uid=65534 (nobody): maildrop file 01BBBBBBBBBBBBBBBBBBBBBBBB refused", WAIT);
     assert!(
-        line.contains("moved to corrupt/") && line.contains("to=<not-an-address>"),
+        line.contains("kept as corrupt/maildrop/") && line.contains("to=<not-an-address>"),
         "{line}"
     );
 
@@ -376,4 +403,271 @@ async fn local_refusals_are_logged_by_the_daemon_as_the_local_user() {
     wait_metric(&d, &rejected("nul"), 2.0).await;
     wait_metric(&d, &rejected("bad_address"), 2.0).await;
     assert_eq!(d.count_log("NOQUEUE: reject:"), 5, "{}", d.log());
+}
+
+/// The limits SMTP applies at RCPT and at the end of DATA (header size,
+/// number of recipients) hold for every local way in too: `sendmail` as
+/// root or as another user refuses at once (exit 65, one reject line),
+/// rather than queueing what SMTP refuses, or exiting 0 and leaving the
+/// pickup to refuse the message later, out of the user's sight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_submissions_keep_the_smtp_limits() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(
+        up.addr(),
+        "status_listen = \"127.0.0.1:0\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_header_size = 600\nmax_recipients = 2\n",
+    ));
+    open_to_others(&d);
+    // One field over the limit (Postfix's header_size_limit is per field).
+    let big_header = format!("Subject: big\nX-Filler: {}\n\nbody\n", "h ".repeat(400));
+    let three = ["a@example.net", "b@example.net", "c@example.net"];
+
+    let root = |args: &[&str], input: &str| sendmail(&d.config, args, input.as_bytes());
+    let nobody = |args: &[&str], input: &str| {
+        let mut cmd = as_nobody(BIN);
+        cmd.args(["sendmail", "-C"]).arg(&d.config).args(args);
+        run(cmd, input.as_bytes())
+    };
+    let cases: Vec<(&str, std::process::Output, &str)> = vec![
+        ("root", root(&["a@example.net"], &big_header), "header"),
+        ("nobody", nobody(&["a@example.net"], &big_header), "header"),
+        ("root", root(&three, "Subject: many\n\nx\n"), "recipients"),
+        (
+            "nobody",
+            nobody(&three, "Subject: many\n\nx\n"),
+            "recipients",
+        ),
+        (
+            "nobody",
+            nobody(
+                &["-t", "a@example.net"],
+                "To: b@example.net, c@example.net\nSubject: many\n\nx\n",
+            ),
+            "recipients",
+        ),
+    ];
+    for (who, o, what) in &cases {
+        assert_eq!(
+            o.status.code(),
+            Some(65),
+            "{who}'s sendmail refuses too many {what}: {}",
+            stderr(o)
+        );
+        assert!(stderr(o).contains(what), "{who}: {}", stderr(o));
+    }
+    wait_metric(&d, &rejected("header_size"), 2.0).await;
+    wait_metric(&d, &rejected("too_many_recipients"), 3.0).await;
+    assert_eq!(
+        d.count_log("NOQUEUE: reject: sendmail from uid=0 (root): "),
+        2,
+        "{}",
+        d.log()
+    );
+    assert_eq!(
+        d.count_log("NOQUEUE: reject: sendmail from uid=65534 (nobody): "),
+        3,
+        "{}",
+        d.log()
+    );
+
+    // A drop file written by hand with a header over the limit is refused
+    // by the pickup, as SMTP would refuse it.
+    let body = big_header.replace('\n', "\r\n");
+    let file = format!(
+        "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt a@example.net\nsize {}\n\n{body}end\n",
+        body.len()
+    );
+    drop_as_nobody(&d, "01CCCCCCCCCCCCCCCCCCCCCCCC", &file);
+    let o = nobody(&["z@example.net"], "Subject: pokes the pickup\n\nx\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+    d.wait_log(
+        "NOQUEUE: reject: pickup from uid=65534 (nobody): maildrop file 01CCCCCCCCCCCCCCCCCCCCCCCC refused",
+        WAIT,
+    );
+    wait_metric(&d, &rejected("header_size"), 3.0).await;
+
+    // Only the message that keeps the limits was sent.
+    let got = up.wait_for_messages(1, WAIT).await;
+    assert!(got[0].text().contains("Subject: pokes the pickup\r\n"));
+    assert_eq!(d.count_log("(queue active)"), 1, "{}", d.log());
+    assert_eq!(up.messages().len(), 1, "nothing refused was relayed");
+}
+
+/// A refusal with a long envelope (hundreds of recipients, an address of
+/// thousands of characters) is logged like any other: one bounded reject
+/// line that ends in "and N more", never dropped for its size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_refusals_with_long_envelopes_are_logged() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
+    open_to_others(&d);
+    let many: Vec<String> = (0..300)
+        .map(|i| format!("recipient-number-{i:03}@example.net"))
+        .collect();
+    let args: Vec<&str> = many.iter().map(String::as_str).collect();
+    let o = sendmail(&d.config, &args, b"Subject: x\n\na\0b\n");
+    assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    let line = d.wait_log("NOQUEUE: reject: sendmail from uid=0 (root): line 3", WAIT);
+    assert!(
+        line.contains("to=<recipient-number-049@example.net> and 250 more"),
+        "{line}"
+    );
+    assert!(!line.contains("recipient-number-050@"), "{line}");
+
+    let long = format!("{}@example@net", "l".repeat(9000));
+    let mut cmd = as_nobody(BIN);
+    cmd.args(["sendmail", "-C"]).arg(&d.config).arg(&long);
+    let o = run(cmd, b"Subject: x\n\nx\n");
+    assert_eq!(o.status.code(), Some(67), "{}", stderr(&o));
+    let line = d.wait_log(
+        "NOQUEUE: reject: sendmail from uid=65534 (nobody): bad recipient address <llll",
+        WAIT,
+    );
+    assert!(line.len() < 2000, "bounded: {} bytes", line.len());
+
+    // A -bs session as root refusing a message with 300 recipients.
+    let mut dialogue = String::from("HELO x\r\nMAIL FROM:<r@example.com>\r\n");
+    for r in &many {
+        dialogue.push_str(&format!("RCPT TO:<{r}>\r\n"));
+    }
+    dialogue.push_str("DATA\r\nSubject: nul\r\n\r\na\0b\r\n.\r\nQUIT\r\n");
+    let o = sendmail(&d.config, &["-bs"], dialogue.as_bytes());
+    assert!(String::from_utf8_lossy(&o.stdout).contains("554 5.6.0"));
+    let line = d.wait_log("NOQUEUE: reject: END-OF-MESSAGE from uid=0 (root)", WAIT);
+    assert!(line.contains(" and 250 more"), "{line}");
+
+    wait_metric(&d, &rejected("nul"), 2.0).await;
+    wait_metric(&d, &rejected("bad_address"), 1.0).await;
+}
+
+/// Holds `conns` connections to `pickup.sock` open as `nobody` without
+/// sending anything, reconnecting whenever the daemon closes one: a
+/// local user trying to keep everyone else's refusal reports out.
+const HOG: &str = r#"
+import socket, sys, threading, time
+path, conns = sys.argv[1], int(sys.argv[2])
+up = threading.Semaphore(0)
+def hog():
+    first = True
+    while True:
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            if first:
+                up.release()
+                first = False
+            s.recv(1)
+        except OSError:
+            time.sleep(0.01)
+        s.close()
+for _ in range(conns):
+    threading.Thread(target=hog, daemon=True).start()
+for _ in range(conns):
+    up.acquire()
+print("ready", flush=True)
+sys.stdin.read()
+"#;
+
+/// One local user holding `pickup.sock` open cannot keep the refusals of
+/// others out of the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_user_cannot_keep_other_refusals_out_of_the_log() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
+    open_to_others(&d);
+    // The system's Python: one under root's home is out of nobody's reach.
+    let mut hog = as_nobody("/usr/bin/python3")
+        .args(["-c", HOG])
+        .arg(d.spool().join("pickup.sock"))
+        .arg("32")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("/usr/bin/python3");
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(hog.stdout.take().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    for i in 0..5 {
+        let o = sendmail(
+            &d.config,
+            &[&format!("victim{i}@example.net")],
+            b"Subject: x\n\na\0b\n",
+        );
+        assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+    }
+    for i in 0..5 {
+        d.wait_log(
+            &format!("NOQUEUE: reject: sendmail from uid=0 (root): line 3 contains a NUL character (exit 65); from=<root@relayq.test> to=<victim{i}@example.net>"),
+            WAIT,
+        );
+    }
+    let _ = hog.kill();
+    let _ = hog.wait();
+    wait_metric(&d, &rejected("nul"), 5.0).await;
+}
+
+/// Short of disk space (below `smtp.min_free_space`), every way in
+/// refuses new mail the same way: SMTP and `-bs` with `452 4.3.1`, the
+/// `sendmail` command with exit 75 (try again later) instead of filling
+/// the disk the queue needs; each refusal is logged and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_of_disk_space_every_way_in_refuses_and_logs_it() {
+    if !can_switch_user() {
+        return;
+    }
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(
+        up.addr(),
+        "status_listen = \"127.0.0.1:0\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmin_free_space = 1000000000000000000\n",
+    ));
+    open_to_others(&d);
+    let (mut c, _) = Client::connect(d.addr).await;
+    assert!(c.cmd("EHLO client.test").await.starts_with("250"));
+    let r = c.cmd("MAIL FROM:<app@example.com>").await;
+    assert!(r.starts_with("452 4.3.1"), "{r}");
+
+    let o = sendmail(&d.config, &["root-rcpt@example.net"], b"Subject: x\n\nx\n");
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+    assert!(stderr(&o).contains("disk space"), "{}", stderr(&o));
+    let mut cmd = as_nobody(BIN);
+    cmd.args(["sendmail", "-C"])
+        .arg(&d.config)
+        .arg("nobody-rcpt@example.net");
+    let o = run(cmd, b"Subject: x\n\nx\n");
+    assert_eq!(o.status.code(), Some(75), "{}", stderr(&o));
+
+    d.wait_log("NOQUEUE: reject: MAIL from [127.0.0.1]: 452 4.3.1", WAIT);
+    for (who, to) in [
+        ("uid=0 (root)", "root-rcpt@example.net"),
+        ("uid=65534 (nobody)", "nobody-rcpt@example.net"),
+    ] {
+        let line = d.wait_log(&format!("NOQUEUE: reject: sendmail from {who}: "), WAIT);
+        assert!(
+            line.contains("only") && line.contains(&format!("to=<{to}>")),
+            "{line}"
+        );
+    }
+    wait_metric(&d, &rejected("disk_full"), 3.0).await;
+    assert!(
+        d.spool()
+            .join("maildrop")
+            .read_dir()
+            .unwrap()
+            .next()
+            .is_none()
+    );
+    assert!(d.spool().join("queue").read_dir().unwrap().next().is_none());
 }

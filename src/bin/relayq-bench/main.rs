@@ -9,6 +9,7 @@
 //! `--only far`) adds the far-upstream mode (`far`): a delay proxy in front
 //! of the sink.
 
+mod attack;
 mod far;
 
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -61,9 +63,26 @@ struct Args {
     /// are the medians (the disk here is noisy, see BENCHMARKING.md).
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Run only this part: "slow" (the slow-upstream test).
+    /// Run only this part: "slow" (the slow-upstream test), "scale" (the
+    /// large-queue test, with --scale N; with --baseline, both binaries
+    /// interleaved over --rounds), "auth-flood" or "idle-flood" (the
+    /// attacks of issue 16).
     #[arg(long)]
     only: Option<String>,
+    /// auth-flood: attacking connections, each from its own loopback
+    /// address.
+    #[arg(long, default_value_t = 200)]
+    flood_connections: usize,
+    /// auth-flood and idle-flood: how long the attack lasts.
+    #[arg(long, default_value_t = 60)]
+    flood_seconds: u64,
+    /// auth-flood: keep relayq's AUTH failure budgets on (by default they
+    /// are off, to measure the bound on password checks alone).
+    #[arg(long)]
+    with_budgets: bool,
+    /// idle-flood: idle connections from 127.0.0.1.
+    #[arg(long, default_value_t = 2000)]
+    idle_connections: usize,
     /// relayq's delivery connections to the sink in the main loads
     /// (`concurrency` in [relay]; Postfix's default allows 20 parallel
     /// deliveries to one destination).
@@ -93,6 +112,16 @@ struct Args {
     /// defers what a relay refuses and retries it minutes later).
     #[arg(long, default_value_t = 900)]
     far_timeout_s: u64,
+    /// Also run relayq with `queue.done_sync_window = "0s"` (each done
+    /// mark synced before the worker moves on), interleaved, to show what
+    /// the group commit of done marks saves.
+    #[arg(long)]
+    compare_done_sync: bool,
+    /// Another relayq binary (e.g. built from an earlier commit) to run
+    /// interleaved with this one under the same loads: the cost of a
+    /// change, measured in one run.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 impl Args {
@@ -137,19 +166,19 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    match args.only.as_deref() {
-        None => {}
-        Some("slow") => {
-            slow_upstream(&args).await?;
-            println!("\nbench: ok");
-            return Ok(());
+    if let Some(only) = args.only.as_deref() {
+        match only {
+            "slow" => slow_upstream(&args).await?,
+            "scale" if args.scale > 0 => scale_rounds(&args).await?,
+            "auth-flood" => attack::auth_flood(&args).await?,
+            "idle-flood" => attack::idle_flood(&args).await?,
+            "far" => far::far(&args).await?,
+            other => bail!(
+                "--only {other:?}: the parts that run alone are \"slow\", \"far\", \"scale\" (with --scale N), \"auth-flood\" and \"idle-flood\""
+            ),
         }
-        Some("far") => {
-            far::far(&args).await?;
-            println!("\nbench: ok");
-            return Ok(());
-        }
-        Some(other) => bail!("--only {other:?}: the parts that run alone are \"slow\" and \"far\""),
+        println!("\nbench: ok");
+        return Ok(());
     }
     println!(
         "relayq-bench: {} messages of {} bytes over {} sessions; {} back to back on one session; relayq delivers over {} connections",
@@ -162,13 +191,37 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let mut relayq_rounds = Vec::new();
     let mut postfix_rounds = Vec::new();
+    let mut variants: Vec<(String, PathBuf, &str, Vec<Figures>)> = Vec::new();
+    if args.compare_done_sync {
+        let zero = "[queue]\ndone_sync_window = \"0s\"";
+        variants.push((
+            "relayq, done marks synced one by one".into(),
+            relayq_binary()?,
+            zero,
+            Vec::new(),
+        ));
+    }
+    if let Some(b) = &args.baseline {
+        variants.push((
+            format!("baseline {}", b.display()),
+            b.clone(),
+            "",
+            Vec::new(),
+        ));
+    }
     for round in 1..=args.rounds.max(1) {
         if args.rounds > 1 {
             println!("\n-- round {round} of {}", args.rounds);
         }
-        let r = bench_relayq(&args).await?;
+        let r = bench_relayq(&args, &relayq_binary()?, "").await?;
         print_figures("relayq", &r);
         relayq_rounds.push(r);
+        for (name, bin, extra, rounds) in &mut variants {
+            println!("other CPU load now: {:.0}%", other_cpu_percent());
+            let v = bench_relayq(&args, bin, extra).await?;
+            print_figures(name, &v);
+            rounds.push(v);
+        }
         if args.compare_postfix {
             let p = bench_postfix(&args).await?;
             print_figures("postfix", &p);
@@ -180,6 +233,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.rounds > 1 {
         println!("\nmedians of {} rounds:", args.rounds);
         print_figures("relayq", &relayq);
+    }
+    if !variants.is_empty() {
+        println!();
+        println!("| relayq against | accept msgs/s | drain msgs/s | accept ratio | drain ratio |");
+        println!("|---|---|---|---|---|");
+        for (name, _, _, rounds) in &variants {
+            let v = median(rounds);
+            println!(
+                "| {name} | {:.0} vs {:.0} | {:.0} vs {:.0} | {:.3}x | {:.3}x |",
+                relayq.accept_rate,
+                v.accept_rate,
+                relayq.drain_rate,
+                v.drain_rate,
+                relayq.accept_rate / v.accept_rate,
+                relayq.drain_rate / v.drain_rate
+            );
+        }
     }
     if let Some(p) = &postfix {
         if args.rounds > 1 {
@@ -236,7 +306,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         far::far(&args).await?;
     }
     if args.scale > 0 {
-        scale(&args).await?;
+        scale(&args, &relayq_binary()?).await?;
     }
     println!("\nbench: ok");
     Ok(())
@@ -548,12 +618,27 @@ fn start_relayq(
     extra: &str,
     dir: Option<tempfile::TempDir>,
 ) -> anyhow::Result<Relayq> {
+    start_relayq_binary(&relayq_binary()?, upstream, concurrency, extra, dir)
+}
+
+fn start_relayq_binary(
+    binary: &Path,
+    upstream: SocketAddr,
+    concurrency: Option<usize>,
+    extra: &str,
+    dir: Option<tempfile::TempDir>,
+) -> anyhow::Result<Relayq> {
     let dir = match dir {
         Some(d) => d,
         None => tempfile::tempdir()?,
     };
+    let max = if extra.contains("max_connections") {
+        ""
+    } else {
+        "max_connections = 1000\n"
+    };
     let config = format!(
-        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_connections = 1000\n{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\n{}",
+        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n{max}{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\n{}",
         dir.path().join("spool").display(),
         upstream.ip(),
         upstream.port(),
@@ -563,7 +648,7 @@ fn start_relayq(
     );
     let path = dir.path().join("relayq.toml");
     std::fs::write(&path, config)?;
-    let mut child = Command::new(relayq_binary()?)
+    let mut child = Command::new(binary)
         .args(["serve", "--config"])
         .arg(&path)
         // Logs stay on, as Postfix's do (it writes maillog_file): the cost
@@ -660,9 +745,11 @@ async fn measure(
     Ok(fig)
 }
 
-async fn bench_relayq(args: &Args) -> anyhow::Result<Figures> {
+/// The main loads against `binary` (relayq, or a baseline build), with
+/// `extra` added to its config.
+async fn bench_relayq(args: &Args, binary: &Path, extra: &str) -> anyhow::Result<Figures> {
     let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq(sink.addr, Some(args.concurrency), "", None)?;
+    let mut r = start_relayq_binary(binary, sink.addr, Some(args.concurrency), extra, None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = Probe {
@@ -731,13 +818,18 @@ async fn slow_upstream(args: &Args) -> anyhow::Result<()> {
 
 /// Queue `args.scale` messages while the upstream is down, measure memory
 /// per queued message and restart time, then drain.
-async fn scale(args: &Args) -> anyhow::Result<()> {
+/// Queues `--scale` messages with the upstream down, restarts, drains:
+/// returns the drain rate (msgs/s) of `binary`.
+async fn scale(args: &Args, binary: &Path) -> anyhow::Result<f64> {
     let n = args.scale;
-    println!("\n== scale: {n} messages queued with the upstream down");
+    println!(
+        "\n== scale ({}): {n} messages queued with the upstream down",
+        binary.display()
+    );
     // A port with nothing listening: bind, note it, close.
     let down = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let dir = tempfile::tempdir()?;
-    let r = start_relayq(down, Some(4), "", Some(dir))?;
+    let r = start_relayq_binary(binary, down, Some(4), "", Some(dir))?;
     let pid = r.child.id();
     let base = rss_kb(pid).unwrap_or(0);
     let t = Instant::now();
@@ -757,7 +849,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     drop(r);
     let sink = sink(Duration::ZERO, true).await?;
     let t = Instant::now();
-    let r2 = start_relayq(sink.addr, Some(4), "", Some(dir))?;
+    let r2 = start_relayq_binary(binary, sink.addr, Some(4), "", Some(dir))?;
     println!(
         "restart with {n} queued: accepting after {:.2} s",
         t.elapsed().as_secs_f64()
@@ -767,7 +859,7 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // socket is up).
     let config = r2._dir.path().join("relayq.toml");
     for _ in 0..100 {
-        let out = Command::new(relayq_binary()?)
+        let out = Command::new(binary)
             .args(["queue", "flush", "--config"])
             .arg(&config)
             .output()?;
@@ -779,12 +871,40 @@ async fn scale(args: &Args) -> anyhow::Result<()> {
     // The old upstream address is in the config only; the restarted relayq
     // relays to the live sink, so the whole queue drains.
     wait_count(&sink.count, n as u64, Duration::from_secs(3600)).await?;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
     println!(
-        "drained {n} in {:.1} s ({:.0} msgs/s)",
-        t.elapsed().as_secs_f64(),
-        n as f64 / t.elapsed().as_secs_f64()
+        "drained {n} in {:.1} s ({rate:.0} msgs/s)",
+        t.elapsed().as_secs_f64()
     );
     drop(r2);
+    Ok(rate)
+}
+
+/// `--only scale`: the large-queue drain alone, interleaved with the
+/// `--baseline` binary when one is given (a drain from a full queue reuses
+/// no queue file, so every done mark is synced by the group commit).
+async fn scale_rounds(args: &Args) -> anyhow::Result<()> {
+    let mut ours = Vec::new();
+    let mut base = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        println!("other CPU load now: {:.0}%", other_cpu_percent());
+        ours.push(scale(args, &relayq_binary()?).await?);
+        if let Some(b) = &args.baseline {
+            println!("other CPU load now: {:.0}%", other_cpu_percent());
+            base.push(scale(args, b).await?);
+        }
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let (o, b) = (med(&mut ours), med(&mut base));
+    if b > 0.0 {
+        println!(
+            "\ndrain of a full queue, median: {o:.0} msgs/s against the baseline's {b:.0} ({:.3}x)",
+            o / b
+        );
+    }
     Ok(())
 }
 

@@ -52,8 +52,26 @@ pub(super) fn check_spool<W: Write>(config: &Config, r: &mut Report<W>) {
                         m.uid()
                     ),
                     format!(
-                        "run the check as the user relayq runs as (sudo -u relayq relayq check), or chown -R relayq: {}",
-                        dir.display()
+                        "run the check as the user relayq runs as (sudo -u relayq relayq check), or give it the spool: {}",
+                        chown_spool("relayq", dir)
+                    ),
+                );
+                return;
+            }
+            if let Some((path, uid)) = foreign_entry(dir) {
+                let me = crate::submit::Identity::of_uid(rustix::process::geteuid().as_raw());
+                r.fail(
+                    name,
+                    format!(
+                        "{} belongs to uid {uid} ({}), not to uid {} ({}) that this check runs as: relayq serve run like this cannot use it (Permission denied)",
+                        path.display(),
+                        crate::submit::Identity::of_uid(uid).name,
+                        me.uid,
+                        me.name
+                    ),
+                    format!(
+                        "while relayq is stopped, {}; or run the check as the user relayq runs as",
+                        chown_spool(&me.name, dir)
                     ),
                 );
                 return;
@@ -122,7 +140,63 @@ pub(super) fn check_spool<W: Write>(config: &Config, r: &mut Report<W>) {
     );
 }
 
-pub(super) fn human_bytes(n: u64) -> String {
+/// The command that gives the spool to `user`. Not `chown -R`: the files
+/// in `maildrop/` must keep their owners, whom the pickup takes for their
+/// submitters (in `Received:`, the log, and the `trusted_users` rule), and
+/// so must the refused ones kept in `corrupt/maildrop/` (only that
+/// directory is the daemon's, to add and prune them).
+fn chown_spool(user: &str, dir: &std::path::Path) -> String {
+    let d = dir.display();
+    // Named unless it is known not to be there: hidden behind another
+    // user's corrupt/ (mode 0700), it is the daemon's, made at its start.
+    let kept = match std::fs::symlink_metadata(dir.join(crate::spool::maildrop::CORRUPT_DIR)) {
+        Ok(m) => m.is_dir(),
+        Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+    };
+    let kept = if kept {
+        format!(" {d}/{}", crate::spool::maildrop::CORRUPT_DIR)
+    } else {
+        String::new()
+    };
+    format!(
+        "chown {user}: {d} {d}/*{kept} && chown -R {user}: {d}/queue {d}/hold {d}/slots {d}/tmp"
+    )
+}
+
+/// The first thing in the spool that the daemon, run as this user, needs
+/// to write but another user owns (a spool made by `relayq serve` run as
+/// root, then given to the service's user by its top directory only).
+/// What local users own by design is skipped: their files in `maildrop/`,
+/// and those the pickup refused into `corrupt/maildrop/` (not that
+/// directory: the pickup writes there). Root may use anything.
+fn foreign_entry(dir: &std::path::Path) -> Option<(std::path::PathBuf, u32)> {
+    let me = rustix::process::geteuid().as_raw();
+    if me == 0 {
+        return None;
+    }
+    let foreign = |p: &std::path::Path| {
+        std::fs::symlink_metadata(p)
+            .ok()
+            .filter(|m| m.uid() != me)
+            .map(|m| (p.to_path_buf(), m.uid()))
+    };
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let path = entry.path();
+        if let Some(f) = foreign(&path) {
+            return Some(f);
+        }
+        let name = entry.file_name();
+        if ["queue", "hold", "slots", "tmp"].iter().any(|d| name == *d) {
+            let inside = std::fs::read_dir(&path).ok()?;
+            if let Some(f) = inside.flatten().find_map(|e| foreign(&e.path())) {
+                return Some(f);
+            }
+        }
+    }
+    foreign(&dir.join(crate::spool::maildrop::CORRUPT_DIR))
+}
+
+pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
     let mut v = n as f64;
     let mut unit = 0;

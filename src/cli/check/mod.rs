@@ -21,6 +21,7 @@
 //! config would send them in delivery too (same TLS rules).
 
 mod local;
+pub use local::human_bytes;
 mod relay;
 
 use std::io::Write;
@@ -81,11 +82,23 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
     let config = match super::load_config(opts.config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
-            r.fail(
-                "config",
-                format!("{e:#}"),
-                "correct the key named above (every key is listed in the README's Configuration reference), then run relayq check again",
-            );
+            use crate::config::ConfigError;
+            let fix = match e.downcast_ref::<ConfigError>() {
+                Some(ConfigError::Read { error, .. })
+                    if error.kind() == std::io::ErrorKind::PermissionDenied =>
+                {
+                    "chmod 644 it (every user's sendmail reads it too; keep the relay password in relay.password_file, not inline), then run relayq check again"
+                }
+                Some(ConfigError::Read { .. }) => {
+                    "give the path of an existing config file (--config FILE or $RELAYQ_CONFIG), or write /etc/relayq/relayq.toml"
+                }
+                Some(_) => {
+                    "correct the key named above (every key is listed in the README's Configuration reference), then run relayq check again"
+                }
+                // No file and no place for the development default.
+                None => "set HOME (or XDG_STATE_HOME), or write a config file",
+            };
+            r.fail("config", format!("{e:#}"), fix);
             return false;
         }
     };

@@ -90,6 +90,18 @@ pub(super) async fn check_relay<W: Write>(config: &Config, opts: &Options, r: &m
         }
     };
 
+    if let Some(own) = addrs.iter().find(|a| config.listens_on(**a)) {
+        r.fail(
+            "loop",
+            format!(
+                "{} resolves to {own}, which is relayq's own listen address: every message would loop back to relayq",
+                relay.host
+            ),
+            "point [relay] host and port at your provider, not at this relayq",
+        );
+        return;
+    }
+
     // TCP, and the greeting in clear text (not for implicit TLS).
     let connect_limit = relay.connect_timeout.0.min(STEP_TIMEOUT);
     let mut reached = None;
@@ -419,14 +431,17 @@ async fn send_test<W: Write>(
     let body = format!(
         "From: <{from}>\r\nTo: <{to}>\r\nSubject: relayq check: test message from {host}\r\nDate: {date}\r\nMessage-ID: <{id}.check@{host}>\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\nThis is a test message sent by `relayq check --send-to` on {host}\r\nthrough the relay {target}. No reply is needed.\r\n",
         host = config.hostname,
-        date = crate::smtp::message::rfc5322_now(std::time::SystemTime::now()),
+        date = crate::cleanup::trace::rfc5322_now(std::time::SystemTime::now()),
     );
     let rcpts = [to];
     let env = Envelope {
         from: &from,
         rcpts: &rcpts,
         smtputf8: !from.is_ascii() || !to.is_ascii(),
+        smtputf8_required: false,
         eight_bit: false,
+        dsn: None,
+        rcpt_dsn: &[],
     };
     let sender_fix = format!(
         "the relay refuses the sender {from}: use an address or domain your provider has verified for this account (--from ADDR for the check, and your application's sender)"

@@ -38,6 +38,13 @@ pub struct Options {
     pub config: Option<PathBuf>,
     /// Recipients from the command line, as written.
     pub recipients: Vec<String>,
+    /// `-N`: DSN NOTIFY for every recipient (`never`, or a list of
+    /// `success`, `delay`, `failure`).
+    pub notify: Option<crate::spool::Notify>,
+    /// `-R`: DSN RET (`hdrs` or `full`).
+    pub ret: Option<crate::spool::Ret>,
+    /// `-V`: DSN ENVID.
+    pub envid: Option<String>,
 }
 
 /// A usage error, worded for the user.
@@ -94,11 +101,36 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Options, Usage>
                 let _ = p.optional_value();
                 o.mode = Mode::Flush;
             }
+            // DSN requests, as Postfix's sendmail takes them (RFC 3461).
+            Short('N') => {
+                let v = text(p.value().map_err(usage)?, "-N")?;
+                o.notify = Some(crate::spool::Notify::parse(&v).ok_or_else(|| {
+                    Usage(format!(
+                        "-N {v}: use never, or a list of success, delay and failure"
+                    ))
+                })?);
+            }
+            Short('R') => {
+                let v = text(p.value().map_err(usage)?, "-R")?;
+                o.ret = Some(match v.to_ascii_lowercase().as_str() {
+                    "hdrs" => crate::spool::Ret::Hdrs,
+                    "full" => crate::spool::Ret::Full,
+                    _ => return Err(Usage(format!("-R {v}: use hdrs or full"))),
+                });
+            }
+            Short('V') => {
+                let v = text(p.value().map_err(usage)?, "-V")?;
+                if v.is_empty() || v.len() > 100 || !v.chars().all(|c| c.is_ascii_graphic()) {
+                    return Err(Usage(format!(
+                        "-V {v}: an envelope id is 1 to 100 printable ASCII characters"
+                    )));
+                }
+                o.envid = Some(v);
+            }
             // Flags with a value that Postfix accepts and ignores (or that
-            // have no meaning for a relay): body type, DSN notify, DSN
-            // return, envelope id, log file, queue label, options, hop
-            // count, error mode, protocol.
-            Short('B' | 'N' | 'R' | 'V' | 'X' | 'L' | 'O' | 'h' | 'e' | 'p') => {
+            // have no meaning for a relay): body type, log file, queue
+            // label, options, hop count, error mode, protocol.
+            Short('B' | 'X' | 'L' | 'O' | 'h' | 'e' | 'p') => {
                 let _ = p.value().map_err(usage)?;
             }
             Short('A' | 'd') => {
@@ -186,6 +218,20 @@ mod tests {
         assert_eq!(o.recipients, vec!["a@example.com"]);
         assert_eq!(o.mode, Mode::Deliver);
         assert!(!o.ignore_dots);
+        assert_eq!(o.notify, Some(crate::spool::Notify::NEVER));
+        assert_eq!(o.ret, Some(crate::spool::Ret::Hdrs));
+        assert_eq!(o.envid.as_deref(), Some("envid"));
+    }
+
+    #[test]
+    fn dsn_flags() {
+        use crate::spool::Notify;
+        let o = p(&["-N", "success,delay", "-R", "full", "a@example.com"]).unwrap();
+        assert_eq!(o.notify, Some(Notify::SUCCESS.with(Notify::DELAY)));
+        assert!(p(&["-N", "never,success"]).is_err());
+        assert!(p(&["-N", "sometimes"]).is_err());
+        assert!(p(&["-R", "body"]).is_err());
+        assert!(p(&["-V", "has space"]).is_err());
     }
 
     #[test]

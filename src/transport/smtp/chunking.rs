@@ -27,9 +27,10 @@
 //! each outcome as it reads it.
 //!
 //! The body goes as stored: no dot-stuffing (BDAT counts octets), and
-//! ending in CRLF exactly as DATA would send it (`wire::last_line_ended`).
+//! with every line end CRLF and a CRLF at the end, exactly the octets DATA
+//! sends before its dot (`wire::DataEncoder::chunk`).
 
-use super::wire::last_line_ended;
+use super::wire::DataEncoder;
 use super::{
     BODY_CHUNK, Connection, Envelope, EnvelopeReplies, PIPELINE_BATCH, Planned, Reply, SmtpError,
     Stage, Step, TxnReport,
@@ -95,8 +96,7 @@ impl Connection {
         if !self.streams() {
             return Streamed::NotStreamable;
         }
-        let (body, line_end) = last_line_ended(body);
-        let size = body.len() + line_end.len();
+        let size = DataEncoder::chunk_len(body);
         // What is unanswered may leave a transaction open (a refused BDAT).
         let rset = self.pending_rset || self.in_flight > 0;
         let (mut steps, replies) = match self.plan(env, size, rset) {
@@ -113,7 +113,7 @@ impl Connection {
         self.pending_rset = false;
         let span = self.span.clone();
         let written = self
-            .write_chunked(&steps, body, line_end)
+            .write_chunked(&steps, body, size)
             .instrument(span)
             .await;
         if let Err(e) = written {
@@ -124,28 +124,23 @@ impl Connection {
         Streamed::InFlight(Chunked { steps, replies })
     }
 
-    /// The commands and the chunk, in pieces of `BODY_CHUNK` (a small
-    /// message in one write), each under `data_timeout`.
+    /// The commands and the chunk (`size` octets), in pieces of about
+    /// `BODY_CHUNK` (a small message in one write), each under
+    /// `data_timeout`.
     async fn write_chunked(
         &mut self,
         steps: &[Step],
         body: &[u8],
-        line_end: &[u8],
+        size: usize,
     ) -> Result<(), SmtpError> {
         let commands: String = steps.iter().map(Step::line).collect();
-        let shown = format!("{}<{} octets of message>", commands, body.len());
-        let mut buf = Vec::with_capacity(commands.len() + body.len().min(BODY_CHUNK) + 2);
+        let shown = format!("{commands}<{size} octets of message>");
+        let mut buf = Vec::with_capacity(commands.len() + size.min(BODY_CHUNK) + 2);
         buf.extend_from_slice(commands.as_bytes());
-        let mut rest = body;
+        let mut encoder = DataEncoder::chunk(body);
         let mut first = true;
         loop {
-            let take = rest.len().min(BODY_CHUNK.saturating_sub(buf.len()).max(1));
-            let (piece, tail) = rest.split_at(take);
-            buf.extend_from_slice(piece);
-            rest = tail;
-            if rest.is_empty() {
-                buf.extend_from_slice(line_end);
-            }
+            let more = encoder.fill(&mut buf, BODY_CHUNK);
             let label = if first {
                 shown.as_str()
             } else {
@@ -156,7 +151,7 @@ impl Connection {
                 .await?;
             buf.clear();
             first = false;
-            if rest.is_empty() {
+            if !more {
                 return Ok(());
             }
         }

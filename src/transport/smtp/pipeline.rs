@@ -277,7 +277,8 @@ impl Connection {
     /// Reads the reply to a body [`Connection::write_body`] wrote.
     async fn read_body(&mut self, written: Written) -> Sent {
         let Written { rcpts, planned } = written;
-        let this = match self.wire.read_reply(Stage::Body, self.data_timeout).await {
+        // Everything is sent: a connection lost now may have delivered it.
+        let this = match self.wire.read_reply(Stage::Dot, self.data_timeout).await {
             Ok(reply) if reply.code == 421 => Err(SmtpError::Rejected {
                 stage: Stage::Body,
                 reply,

@@ -265,7 +265,10 @@ fn envelope<'a>(from: &'a str, rcpts: &'a [&'a str]) -> Envelope<'a> {
         from,
         rcpts,
         smtputf8: false,
+        smtputf8_required: false,
         eight_bit: false,
+        dsn: None,
+        rcpt_dsn: &[],
     }
 }
 
@@ -374,14 +377,24 @@ fn encode(body: &[u8], limit: usize) -> Vec<u8> {
 
 #[test]
 fn data_is_dot_stuffed_and_terminated() {
-    let cases: [(&[u8], &[u8]); 7] = [
+    let cases: [(&[u8], &[u8]); 12] = [
         (b"a\r\n.\r\n..x\r\n", b"a\r\n..\r\n...x\r\n.\r\n"),
         (b".starts\r\nend", b"..starts\r\nend\r\n.\r\n"),
         (b"", b".\r\n"),
-        (b"x\n.\n", b"x\n..\r\n.\r\n"),
+        // Bare LF and bare CR go out as CRLF, and the dot after them is
+        // stuffed: no upstream can read an end of data into the body.
+        (b"x\n.\n", b"x\r\n..\r\n.\r\n"),
         (b"ends in cr\r", b"ends in cr\r\n.\r\n"),
         (b"a.b\r\n .c\r\n", b"a.b\r\n .c\r\n.\r\n"),
         (b"\r\n.", b"\r\n..\r\n.\r\n"),
+        (
+            b"x\r.\rMAIL FROM:<e@x>\r",
+            b"x\r\n..\r\nMAIL FROM:<e@x>\r\n.\r\n",
+        ),
+        (b"x\r\n.\r", b"x\r\n..\r\n.\r\n"),
+        (b"x\r.\r\n", b"x\r\n..\r\n.\r\n"),
+        (b"x\n.\r", b"x\r\n..\r\n.\r\n"),
+        (b"x\r.\n", b"x\r\n..\r\n.\r\n"),
     ];
     for (body, want) in cases {
         assert_eq!(
@@ -936,7 +949,7 @@ async fn smtputf8_is_required_when_the_message_needs_it() {
     assert!(conn.is_usable());
     conn.quit().await;
     server.finish().await;
-    assert!(matches!(err, SmtpError::SmtpUtf8NotOffered));
+    assert!(matches!(err, SmtpError::SmtpUtf8NotOffered { .. }));
     assert!(err.is_permanent());
     assert!(err.to_string().contains("SMTPUTF8"));
 }
@@ -1454,5 +1467,8 @@ fn errors_carry_the_status_postfix_would_log() {
         reply: Reply::new(421, "too busy"),
     };
     assert_eq!(throttled.dsn(), "4.0.0");
-    assert_eq!(SmtpError::SmtpUtf8NotOffered.dsn(), "5.6.7");
+    assert_eq!(
+        SmtpError::SmtpUtf8NotOffered { host: "h".into() }.dsn(),
+        "5.6.7"
+    );
 }

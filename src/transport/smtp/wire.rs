@@ -6,7 +6,8 @@
 //! is capped at `MAX_REPLY_BYTES`, every line must be "ddd", "ddd " or
 //! "ddd-" with one code throughout, and leftover bytes are kept, never
 //! dropped, so a pipelined session can't drift out of step. The encoder
-//! stuffs a dot after every LF, bare or not, so a body can't end DATA early.
+//! sends every line end (CRLF, bare LF, bare CR) as CRLF and stuffs a dot
+//! at the start of every line, so a body can't end DATA early.
 
 use std::io;
 use std::pin::Pin;
@@ -320,68 +321,88 @@ fn snippet(bytes: &[u8]) -> String {
     String::from_utf8_lossy(cut).escape_debug().to_string()
 }
 
-/// The body without its last line ending, and the line ending it is sent
-/// with: a message always ends in CRLF (one is added to a last line
-/// without any, and a bare LF at the very end becomes CRLF, so DATA's
-/// terminator is "\r\n.\r\n" and never "\n.\r\n", which some servers
-/// misread). BDAT sends the same octets.
-pub(super) fn last_line_ended(body: &[u8]) -> (&[u8], &'static [u8]) {
-    if body.is_empty() || body.ends_with(b"\r\n") {
-        (body, b"")
-    } else if let Some(head) = body.strip_suffix(b"\n") {
-        (head, b"\r\n")
-    } else if body.ends_with(b"\r") {
-        (body, b"\n")
-    } else {
-        (body, b"\r\n")
-    }
-}
-
 /// The DATA payload: the body dot-stuffed, ending in CRLF, then ".\r\n",
-/// produced in bounded pieces without copying the whole body.
+/// produced in bounded pieces without copying the whole body. Every line
+/// end goes out as CRLF: a bare LF or a bare CR (a queue file written
+/// before cleanup normalised them) is sent as CRLF too, so no upstream
+/// that takes either for a line end can see a dot line we did not stuff.
+///
+/// [`DataEncoder::chunk`] makes the same octets for BDAT, which counts
+/// them instead: no dot-stuffing and no terminator.
 pub(super) struct DataEncoder<'a> {
     rest: &'a [u8],
-    /// What completes the last line: "", "\n" or "\r\n".
-    suffix: &'static [u8],
+    /// The body ends with a line end; otherwise CRLF is added before the dot.
+    ends_line: bool,
     at_line_start: bool,
     finished: bool,
+    /// DATA (dot-stuffed, ".\r\n" after the body) or a BDAT chunk.
+    data: bool,
 }
 
 impl<'a> DataEncoder<'a> {
     pub(super) fn new(body: &'a [u8]) -> Self {
-        let (rest, suffix) = last_line_ended(body);
         DataEncoder {
-            rest,
-            suffix,
+            rest: body,
+            ends_line: body.is_empty() || matches!(body.last(), Some(b'\r' | b'\n')),
             at_line_start: true,
             finished: false,
+            data: true,
         }
+    }
+
+    /// The body as a BDAT chunk: the same line ends as DATA sends, nothing
+    /// stuffed, no terminator.
+    pub(super) fn chunk(body: &'a [u8]) -> Self {
+        DataEncoder {
+            data: false,
+            ..DataEncoder::new(body)
+        }
+    }
+
+    /// The octets a BDAT chunk of `body` has (see [`DataEncoder::chunk`]).
+    pub(super) fn chunk_len(body: &[u8]) -> usize {
+        let mut extra = 0;
+        for (i, &b) in body.iter().enumerate() {
+            // A bare LF or a bare CR becomes CRLF: one octet more.
+            let bare_lf = b == b'\n' && (i == 0 || body[i - 1] != b'\r');
+            let bare_cr = b == b'\r' && body.get(i + 1) != Some(&b'\n');
+            extra += usize::from(bare_lf || bare_cr);
+        }
+        let ends_line = body.is_empty() || matches!(body.last(), Some(b'\r' | b'\n'));
+        body.len() + extra + if ends_line { 0 } else { 2 }
     }
 
     /// Appends up to about `limit` bytes to `out`; false once the terminator
     /// has been appended.
     pub(super) fn fill(&mut self, out: &mut Vec<u8>, limit: usize) -> bool {
         while out.len() < limit && !self.rest.is_empty() {
-            if self.at_line_start && self.rest[0] == b'.' {
+            if self.data && self.at_line_start && self.rest[0] == b'.' {
                 out.push(b'.');
             }
             let room = limit.saturating_sub(out.len()).max(1);
-            let line_len = self
-                .rest
-                .iter()
-                .position(|&b| b == b'\n')
-                .map_or(self.rest.len(), |i| i + 1)
-                .min(room);
-            let (piece, rest) = self.rest.split_at(line_len);
-            out.extend_from_slice(piece);
-            // Any LF starts a line for stuffing: a bare LF followed by "."
-            // must not become an end of data on a lenient server.
-            self.at_line_start = piece.ends_with(b"\n");
-            self.rest = rest;
+            match self.rest.iter().position(|&b| b == b'\r' || b == b'\n') {
+                Some(p) if p < room => {
+                    out.extend_from_slice(&self.rest[..p]);
+                    out.extend_from_slice(b"\r\n");
+                    let crlf = self.rest[p] == b'\r' && self.rest.get(p + 1) == Some(&b'\n');
+                    self.rest = &self.rest[p + if crlf { 2 } else { 1 }..];
+                    self.at_line_start = true;
+                }
+                found => {
+                    let n = found.unwrap_or(self.rest.len()).min(room);
+                    out.extend_from_slice(&self.rest[..n]);
+                    self.rest = &self.rest[n..];
+                    self.at_line_start = false;
+                }
+            }
         }
         if self.rest.is_empty() && !self.finished {
-            out.extend_from_slice(self.suffix);
-            out.extend_from_slice(b".\r\n");
+            if !self.ends_line {
+                out.extend_from_slice(b"\r\n");
+            }
+            if self.data {
+                out.extend_from_slice(b".\r\n");
+            }
             self.finished = true;
         }
         !self.finished

@@ -21,6 +21,17 @@ impl Client {
         (c, greeting)
     }
 
+    /// Connects from a chosen loopback source address (`127.0.0.2`, ...),
+    /// as a client on another host would, and returns the greeting.
+    pub async fn connect_from(source: &str, addr: SocketAddr) -> (Client, String) {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(format!("{source}:0").parse().expect("source address"))
+            .expect("bind the source address");
+        let stream = socket.connect(addr).await.expect("connect to relayq");
+        Client::from_stream(stream).await
+    }
+
     /// Wraps an already connected stream (e.g. bound to a chosen source
     /// address) and returns the client with the greeting.
     pub async fn from_stream(s: TcpStream) -> (Client, String) {
@@ -29,6 +40,12 @@ impl Client {
         };
         let greeting = c.reply().await;
         (c, greeting)
+    }
+
+    /// The raw connection, for a test that writes and reads on its own
+    /// (anything buffered but unread is dropped).
+    pub fn into_stream(self) -> TcpStream {
+        self.io.into_inner()
     }
 
     pub async fn send(&mut self, bytes: &[u8]) {

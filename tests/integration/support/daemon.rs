@@ -20,6 +20,10 @@ pub struct Daemon {
     /// Extra environment for the daemon (after RELAYQ_LOG, so it may
     /// override it).
     env: Vec<(String, String)>,
+    /// The open file limit (soft, hard) the daemon starts with.
+    nofile: Option<(u64, u64)>,
+    /// Runs the daemon as this uid (and gid) instead of ours.
+    run_as: Option<u32>,
 }
 
 /// A config relaying to `upstream` in clear text (allowed: loopback).
@@ -29,6 +33,29 @@ pub fn relay_config(upstream: SocketAddr, extra: &str) -> String {
         upstream.ip(),
         upstream.port()
     )
+}
+
+/// `relayq hash-password`: an argon2 hash for an `auth_users_file` line.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run relayq hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("write the password");
+    let out = child.wait_with_output().expect("wait");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("UTF-8")
+        .trim()
+        .to_string()
 }
 
 impl Daemon {
@@ -49,6 +76,50 @@ impl Daemon {
     /// Like [`Daemon::start_in`], with extra environment variables for the
     /// daemon process (e.g. a `password_env` secret, or `RELAYQ_LOG`).
     pub fn start_in_with_env(dir: &Path, config: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_in_with(dir, config, env, None)
+    }
+
+    /// Like [`Daemon::start_in`], with the open file limit (soft, hard)
+    /// the daemon starts with, as `LimitNOFILE=` or `ulimit -n` would set.
+    pub fn start_in_with_nofile(dir: &Path, config: &str, nofile: (u64, u64)) -> Daemon {
+        Daemon::start_in_with(dir, config, &[], Some(nofile))
+    }
+
+    /// Like [`Daemon::start_in`], running as user nobody (65534), as a
+    /// service runs as its own user: `dir` is handed to nobody. Needs root.
+    pub fn start_in_as_nobody(dir: &Path, config: &str) -> Daemon {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(dir, Some(65534), Some(65534)).expect("chown the test dir");
+        // Other local users reach the maildrop through it, as through /var/spool.
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .expect("chmod the test dir");
+        Daemon::start_in_with_run_as(dir, config, Some(65534))
+    }
+
+    fn start_in_with_run_as(dir: &Path, config: &str, run_as: Option<u32>) -> Daemon {
+        let mut d = Daemon::new_in(dir, config, &[], None);
+        d.run_as = run_as;
+        d.spawn();
+        d
+    }
+
+    fn start_in_with(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Daemon {
+        let mut d = Daemon::new_in(dir, config, env, nofile);
+        d.spawn();
+        d
+    }
+
+    fn new_in(
+        dir: &Path,
+        config: &str,
+        env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
+    ) -> Daemon {
         let mut text = String::new();
         if !config.contains("spool_dir") {
             text.push_str(&format!(
@@ -62,7 +133,7 @@ impl Daemon {
         }
         let config_path = dir.join("relayq.toml");
         std::fs::write(&config_path, text).expect("write config");
-        let mut d = Daemon {
+        Daemon {
             child: None,
             dir: dir.to_path_buf(),
             config: config_path,
@@ -73,13 +144,38 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-        };
-        d.spawn();
-        d
+            nofile,
+            run_as: None,
+        }
     }
 
     fn spawn(&mut self) {
-        let mut child = Command::new(BIN)
+        let mut cmd = match self.run_as {
+            None => Command::new(BIN),
+            Some(_) => Command::new(crate::sendmail::nobody_bin()),
+        };
+        if let Some(id) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            // std drops the supplementary groups too when root sets a uid.
+            cmd.uid(id).gid(id);
+        }
+        if let Some((soft, hard)) = self.nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd
             .args(["serve", "--config"])
             .arg(&self.config)
             .env("RELAYQ_TEST_CLOCK", "1")

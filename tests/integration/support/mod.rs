@@ -6,6 +6,7 @@ pub mod aiosmtpd;
 pub mod client;
 pub mod daemon;
 pub mod http;
+pub mod mime;
 pub mod netns;
 pub mod peers;
 pub mod pki;

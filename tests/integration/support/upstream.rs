@@ -86,6 +86,8 @@ pub struct Script {
     pub pipelining: bool,
     pub smtputf8: bool,
     pub eightbitmime: bool,
+    /// Advertise DSN (RFC 3461); off by default.
+    pub dsn: bool,
     pub enhancedstatuscodes: bool,
     /// Advertise `SIZE n` and enforce it on MAIL's SIZE= and on the body.
     pub size: Option<usize>,
@@ -148,6 +150,7 @@ impl Default for Script {
             pipelining: true,
             smtputf8: true,
             eightbitmime: true,
+            dsn: false,
             enhancedstatuscodes: true,
             size: None,
             ehlo_reply: None,
@@ -229,6 +232,19 @@ impl Script {
         self
     }
 
+    pub fn no_smtputf8(mut self) -> Self {
+        self.smtputf8 = false;
+        self
+    }
+    pub fn no_8bitmime(mut self) -> Self {
+        self.eightbitmime = false;
+        self
+    }
+    pub fn with_dsn(mut self) -> Self {
+        self.dsn = true;
+        self
+    }
+
     pub fn no_pipelining(mut self) -> Self {
         self.pipelining = false;
         self
@@ -256,6 +272,9 @@ pub struct Received {
     pub mail_params: String,
     /// Accepted recipients only, in order, without angle brackets.
     pub rcpts: Vec<String>,
+    /// Everything after each accepted recipient's path ("NOTIFY=..."), in
+    /// the order of `rcpts`.
+    pub rcpt_params: Vec<String>,
     /// The body as sent, dot-stuffing undone, CRLF kept, without ".\r\n".
     pub data: Vec<u8>,
     /// The id given in the final reply ("FAKE<n>"), or "" if scripted.
@@ -265,6 +284,8 @@ pub struct Received {
     /// Commands were already behind the body's end when it arrived (the
     /// client sent more before this message's reply).
     pub followed: bool,
+    /// When it was recorded, just before the final reply.
+    pub at: std::time::Instant,
 }
 
 impl Received {
@@ -583,6 +604,7 @@ struct Transaction {
     mail_from: String,
     mail_params: String,
     rcpts: Vec<String>,
+    rcpt_params: Vec<String>,
 }
 
 /// Why a session ended early; all of them just close the socket.
@@ -732,6 +754,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if script.chunking {
                     lines.push("CHUNKING".into());
                 }
+                if script.dsn {
+                    lines.push("DSN".into());
+                }
                 if script.enhancedstatuscodes {
                     lines.push("ENHANCEDSTATUSCODES".into());
                 }
@@ -802,6 +827,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 mail_from,
                 mail_params,
                 rcpts: Vec::new(),
+                rcpt_params: Vec::new(),
             });
         }
         self.reply(code, &text).await
@@ -816,7 +842,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if script.drop_at == Some(Stage::Rcpt) && tx.rcpts.is_empty() {
             return Err(Closed::ByUs);
         }
-        let Some((address, _params)) = strip_prefix_ci(arg, "TO:").and_then(parse_path) else {
+        let Some((address, params)) = strip_prefix_ci(arg, "TO:").and_then(parse_path) else {
             return self
                 .std_reply(script, 501, "5.5.4", "Syntax: RCPT TO:<address>")
                 .await;
@@ -839,6 +865,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             && let Some(tx) = &mut self.tx
         {
             tx.rcpts.push(address);
+            tx.rcpt_params.push(params);
         }
         self.reply(code, &text).await
     }
@@ -946,10 +973,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 mail_from: tx.mail_from,
                 mail_params: tx.mail_params,
                 rcpts: tx.rcpts,
+                rcpt_params: tx.rcpt_params,
                 data,
                 queue_id,
                 via,
                 followed,
+                at: std::time::Instant::now(),
             };
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();

@@ -88,12 +88,13 @@ async fn three_messages_go_out_before_any_reply_each_answered_on_its_own() {
 }
 
 #[tokio::test]
-async fn a_body_without_a_final_line_end_gets_one_as_data_would_send() {
+async fn line_ends_go_out_as_data_would_send_them() {
     for (body, sent) in [
         ("no end", "no end\r\n"),
         ("bare lf\n", "bare lf\r\n"),
         ("lone cr\r", "lone cr\r\n"),
-        ("mid\nline\r\n", "mid\nline\r\n"),
+        ("mid\nline\r\n", "mid\r\nline\r\n"),
+        ("a\rb\r\n\r\n", "a\r\nb\r\n\r\n"),
     ] {
         let script = Script::default()
             .hello(STREAMING)
@@ -109,6 +110,44 @@ async fn a_body_without_a_final_line_end_gets_one_as_data_would_send() {
         );
         conn.quit().await;
         server.finish().await;
+    }
+}
+
+#[test]
+fn a_chunk_is_the_data_payload_unstuffed_and_counted_exactly() {
+    use super::super::wire::DataEncoder;
+    // In small pieces, as a long body is written.
+    let encode = |mut e: DataEncoder<'_>| {
+        let mut out = Vec::new();
+        loop {
+            let mut piece = Vec::new();
+            let more = e.fill(&mut piece, 7);
+            out.extend_from_slice(&piece);
+            if !more {
+                return out;
+            }
+        }
+    };
+    for body in [
+        &b""[..],
+        b"x",
+        b"one\r\ntwo",
+        b"a\nb\rc\r\n",
+        b"\r\n\r\n",
+        b"\n\n\r\r",
+        b".dot\r\n..two\r\n.",
+        b"long line without end that crosses several pieces",
+    ] {
+        let chunk = encode(DataEncoder::chunk(body));
+        assert_eq!(chunk.len(), DataEncoder::chunk_len(body), "{body:?}");
+        // DATA's payload is the same octets, dot-stuffed, then ".\r\n".
+        let data = encode(DataEncoder::new(body));
+        let unstuffed: Vec<u8> = String::from_utf8_lossy(&data[..data.len() - 3])
+            .split_inclusive("\r\n")
+            .map(|l| l.strip_prefix('.').unwrap_or(l))
+            .collect::<String>()
+            .into_bytes();
+        assert_eq!(chunk, unstuffed, "{body:?}");
     }
 }
 

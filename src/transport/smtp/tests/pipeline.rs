@@ -243,9 +243,14 @@ async fn dropped_line_before_the_dot_reply_loses_both() {
     let mut conn = Connection::open(&client(server.addr)).await.unwrap();
     let sent = send_first(&mut conn).await;
     assert!(
-        matches!(sent.this, Err(SmtpError::Closed { stage: Stage::Body })),
+        matches!(sent.this, Err(SmtpError::Closed { stage: Stage::Dot })),
         "{:?}",
         sent.this
+    );
+    let said = sent.this.as_ref().unwrap_err().to_string();
+    assert_eq!(
+        said,
+        "connection closed by the server after the end of data -- message may be sent more than once"
     );
     assert!(matches!(sent.next, NextTxn::Lost(_)), "{:?}", sent.next);
     assert!(!conn.is_usable());
