@@ -22,8 +22,11 @@
 //!   out), a `421` on a connection in use, or a delivery rate per
 //!   connection that fell by more than concurrency rose (more connections,
 //!   less mail delivered in total) halves it. Only one halving per round:
-//!   an attempt that started before the last cut does not cut again (TCP
-//!   reacts once per window of losses the same way).
+//!   an attempt that started before the last cut does not cut again, nor
+//!   does a delivery on a connection the cut has not closed yet (TCP
+//!   reacts once per window of losses the same way). The rate is measured
+//!   per round of a connection: a stream's replies come together, the
+//!   first after a round trip, the others at once.
 //! - **Idle**: once a relay has had no connection open for a while (its
 //!   connections close after `idle_timeout`), the next burst starts again
 //!   from [`INITIAL`], as Postfix forgets an idle destination.
@@ -149,8 +152,13 @@ pub struct Delivered {
 struct Rate {
     /// Average time a connection spent per message, ms.
     ms: f64,
+    /// Rounds averaged into `ms`.
     samples: u32,
+    /// The last message's time (unix ms; 0: none yet).
     at_ms: u64,
+    /// Messages of the round being gathered, and their time.
+    pending: u32,
+    pending_ms: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -260,8 +268,11 @@ impl Concurrency {
             return None;
         }
         let before = self.limit();
-        if let Some(spent) = spent {
-            self.sample(now, busy, spent.as_secs_f64() * 1000.0);
+        // Connections over the limit are the ones a cut has not closed
+        // yet: what they deliver measures a level given up on, and must
+        // not cut again before the cut took effect (once per round).
+        if let Some(spent) = spent.filter(|_| busy <= before) {
+            self.sample(now, busy, spent.as_secs_f64() * 1000.0, in_flight);
             if let Some(text) = self.rate_fell(now, busy) {
                 return self.cut(now, before, Reason::Rate, text);
             }
@@ -386,21 +397,32 @@ impl Concurrency {
         Some(self.last.clone())
     }
 
-    fn sample(&mut self, now: u64, level: usize, ms: f64) {
+    /// Adds a message's time to `level`'s average. A connection carrying
+    /// `in_flight` messages gets their replies together: the first took
+    /// the round trip, the others no time. An average that followed every
+    /// message would swing with the position in the round and show rates
+    /// no connection had, so the messages of a round (`in_flight` of them
+    /// in a row) make one sample, and a level's first samples a plain
+    /// mean.
+    fn sample(&mut self, now: u64, level: usize, ms: f64, in_flight: usize) {
         let Some(r) = self.rates.get_mut(level) else {
             return;
         };
-        if r.samples == 0 || now.saturating_sub(r.at_ms) > RATE_MEMORY_MS {
-            *r = Rate {
-                ms,
-                samples: 1,
-                at_ms: now,
-            };
-        } else {
-            r.ms += RATE_WEIGHT * (ms - r.ms);
-            r.samples += 1;
-            r.at_ms = now;
+        if r.at_ms != 0 && now.saturating_sub(r.at_ms) > RATE_MEMORY_MS {
+            *r = Rate::default();
         }
+        r.at_ms = now.max(1);
+        r.pending_ms += ms;
+        r.pending += 1;
+        if (r.pending as usize) < in_flight.max(1) {
+            return;
+        }
+        let round = r.pending_ms / r.pending as f64;
+        r.pending_ms = 0.0;
+        r.pending = 0;
+        r.samples += 1;
+        let weight = (1.0 / r.samples as f64).max(RATE_WEIGHT);
+        r.ms += weight * (round - r.ms);
     }
 
     /// Whether the relay delivers less in total at `level` connections
@@ -632,11 +654,17 @@ mod tests {
         }
         // Saturated: at 16 each connection takes twice as long, so the
         // total stays the same. No back-off for that.
+        while c.limit() < 16 {
+            deliver(&mut c, &clock, 1, RTT * 2);
+        }
         for _ in 0..40 {
             clock.advance(Duration::from_millis(1));
             assert_eq!(c.delivered(clock.now_ms(), at(16, RTT * 2, false)), None);
         }
         // At 24 each takes five times as long: less in total. Back off.
+        while c.limit() < 24 {
+            deliver(&mut c, &clock, 1, RTT * 5);
+        }
         let mut cut = None;
         for _ in 0..40 {
             clock.advance(Duration::from_millis(1));
@@ -649,11 +677,67 @@ mod tests {
         assert_eq!(cut.reason, Reason::Rate);
         assert!(
             cut.text
-                .contains("fell from 20.0/s at 8 connections to 4.0/s at 24"),
+                .contains(" at 8 connections to 4.0/s at 24 (96/s in total, down from 1"),
             "{}",
             cut.text
         );
-        assert_eq!(cut.to, at8 / 2);
+        assert_eq!(cut.to, 12);
+        // The 24 connections still busy until the cut closes them go on
+        // delivering as slowly: that is the level given up on, not a
+        // reason to halve again.
+        for _ in 0..100 {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(c.delivered(clock.now_ms(), at(24, RTT * 5, false)), None);
+        }
+        assert_eq!(c.limit(), 12);
+    }
+
+    #[test]
+    fn replies_to_a_stream_arriving_together_measure_the_rate_of_the_round() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        while c.limit() < 8 {
+            deliver(&mut c, &clock, 1, RTT);
+        }
+        // Each connection carries 8 messages a round trip; their replies
+        // come together: the first took the round trip, the others no
+        // time. At 8 connections that is twice the total of 4: no cut,
+        // wherever in a round the rate is looked at.
+        let round = |c: &mut Concurrency, busy: usize, took: Duration| {
+            let mut changes = Vec::new();
+            for i in 0..8 {
+                clock.advance(Duration::from_millis(1));
+                let spent = if i == 0 { took } else { Duration::ZERO };
+                let d = Delivered {
+                    busy,
+                    spent: Some(spent),
+                    in_flight: 8,
+                    backlog: false,
+                };
+                changes.extend(c.delivered(clock.now_ms(), d));
+            }
+            changes
+        };
+        for _ in 0..20 {
+            assert_eq!(round(&mut c, 4, RTT), vec![]);
+        }
+        for _ in 0..20 {
+            assert_eq!(
+                round(&mut c, 8, RTT),
+                vec![],
+                "8 connections deliver twice what 4 do"
+            );
+        }
+        assert_eq!(c.limit(), 8);
+        // A real fall still shows: when a round at 8 takes four round
+        // trips, 8 deliver less than 4 did. One cut, to 4.
+        let mut cuts = Vec::new();
+        for _ in 0..40 {
+            cuts.extend(round(&mut c, 8, RTT * 4));
+        }
+        assert_eq!(cuts.len(), 1, "{cuts:?}");
+        assert_eq!(cuts[0].reason, Reason::Rate);
+        assert_eq!(cuts[0].to, 4);
     }
 
     #[test]
