@@ -95,8 +95,29 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
     assert_eq!(v["max_connections"], 25, "{v}");
     assert_eq!(v["concurrency_change"]["reason"], "refused", "{v}");
     assert_eq!(v["concurrency_change"]["to"], 3, "{v}");
-    // The status page's data and the metrics say the same.
+    // /status, the page, the metrics and the listing say the same.
     let status = status_addr(&d);
+    let json = get(status, "/status").await.body;
+    let v: serde_json::Value = serde_json::from_str(&json).expect("/status is JSON");
+    let relay = v["routing"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["name"] == "default"))
+        .unwrap_or_else(|| panic!("no relay \"default\" in /status routing: {json}"));
+    assert_eq!(relay["concurrency"], 3, "{relay}");
+    assert_eq!(relay["adaptive"], true, "{relay}");
+    assert_eq!(relay["max_connections"], 25, "{relay}");
+    assert_eq!(relay["concurrency_change"]["reason"], "refused", "{relay}");
+    assert!(
+        relay["concurrency_change"]["from"].as_u64() > Some(3),
+        "{relay}"
+    );
+    assert_eq!(relay["concurrency_change"]["to"], 3, "{relay}");
+    assert!(
+        relay["concurrency_change"]["text"]
+            .as_str()
+            .is_some_and(|t| t.contains("the relay refused one more connection")),
+        "{relay}"
+    );
     let metrics = get(status, "/metrics").await.body;
     let endpoint = format!("127.0.0.1:{}", up.port());
     for want in [
