@@ -151,6 +151,16 @@ async fn refusals_inside_a_bdat_window_belong_to_their_own_message() {
     got.sort_unstable();
     expected.sort_unstable();
     assert_eq!(got, expected, "exactly the messages not refused, once each");
+    // The refusals came inside BDAT windows, not DATA exchanges.
+    assert!(
+        up.messages().iter().all(|m| m.via == "BDAT"),
+        "a message went without BDAT"
+    );
+    assert!(
+        !up.commands().iter().any(|c| c.ends_with(" DATA")),
+        "DATA to a server that streams: {:?}",
+        up.commands()
+    );
     assert!(
         up.messages().iter().filter(|m| m.followed).count() > 0,
         "nothing was streamed behind a chunk"
