@@ -64,6 +64,18 @@ pub(crate) async fn queue_then_flow_with(
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    queue_then_flow_on(config, n, |up| up.set_script(script), sender, rcpts).await
+}
+
+/// [`queue_then_flow_with`] with the upstream set up by `back` when it
+/// comes back (its script, TLS), before the flush.
+pub(crate) async fn queue_then_flow_on(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    back: impl FnOnce(&FakeUpstream),
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
@@ -79,7 +91,7 @@ pub(crate) async fn queue_then_flow_with(
         d.wait_log(&format!("{id}: to=<"), WAIT);
     }
     let up = FakeUpstream::start_on(addr).await.expect("upstream back");
-    up.set_script(script);
+    back(&up);
     let mark = d.log_mark();
     d.flush();
     (d, up, ids, mark)

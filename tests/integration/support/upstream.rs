@@ -141,6 +141,9 @@ pub struct Script {
     /// Connections served at once; one more gets "421 4.7.0 Too many
     /// concurrent SMTP connections" as its greeting and is closed.
     pub max_sessions: Option<usize>,
+    /// With `max_sessions`: one more connection is greeted and refused at
+    /// AUTH instead, with this reply (a provider counting logins).
+    pub over_limit_at_auth: Option<(u16, String)>,
 }
 
 impl Default for Script {
@@ -170,6 +173,7 @@ impl Default for Script {
             max_rcpts: None,
             chunking: false,
             max_sessions: None,
+            over_limit_at_auth: None,
         }
     }
 }
@@ -257,6 +261,13 @@ impl Script {
         self.max_sessions = Some(n);
         self
     }
+    /// `n` logins at once; one more is refused at AUTH with `code` and
+    /// `text`.
+    pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
+        self.max_sessions = Some(n);
+        self.over_limit_at_auth = Some((code, text.to_string()));
+        self
+    }
 }
 
 /// One completed transaction: the server answered 2xx to its body.
@@ -335,10 +346,10 @@ struct State {
     /// Sessions open now, and the most open at once.
     active: usize,
     peak_active: usize,
-    /// Connections refused for `max_sessions`.
-    refused_sessions: usize,
+    /// Connections refused for `max_sessions` (at the greeting or AUTH).
+    pub(super) refused_sessions: usize,
     /// The connections that arrived over `max_sessions`.
-    over_limit: std::collections::HashSet<usize>,
+    pub(super) over_limit: std::collections::HashSet<usize>,
 }
 
 impl Shared {
@@ -678,7 +689,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         let over = {
             let mut state = self.shared.lock();
-            let over = state.over_limit.contains(&self.conn);
+            let over = state.over_limit.contains(&self.conn) && script.over_limit_at_auth.is_none();
             state.refused_sessions += usize::from(over);
             over
         };
