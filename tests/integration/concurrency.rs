@@ -237,3 +237,42 @@ async fn an_upstream_refusing_a_fourth_login_with_454_gets_three() {
     assert_eq!(v["concurrency"], 3, "{v}");
     assert_eq!(v["concurrency_change"]["reason"], "refused", "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_on_a_connection_in_use_halves_concurrency_and_loses_nothing() {
+    // The relay answers one message with 421 and closes that connection
+    // while the others work: half the connections, not a paused relay,
+    // and the message goes again.
+    let n = 60;
+    let script = Script::default()
+        .reply_delay(Duration::from_millis(10))
+        .throttle_body(30);
+    let (d, up, ids, mark) = backlog(n, "max_connections = 8", script).await;
+    arrived_once(&d, &up, &ids);
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=bounced"), "{after}");
+    assert!(
+        !after.contains("paused by the circuit breaker"),
+        "its other connections work: no pause:\n{after}"
+    );
+    let halved = after
+        .lines()
+        .find(|l| {
+            l.contains(": concurrency ") && l.contains(": the relay throttled a connection (")
+        })
+        .unwrap_or_else(|| panic!("no cut for the 421 in the log:\n{after}"));
+    assert!(
+        halved.contains("421 4.7.0 Too many messages, slow down)"),
+        "{halved}"
+    );
+    // The message answered 421 went again a second later, on another
+    // connection (arrived_once saw it arrive).
+    let cut = halved
+        .split(": concurrency ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .and_then(|t| t.split_once(" -> "))
+        .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
+        .unwrap_or_else(|| panic!("{halved}"));
+    assert_eq!(cut.1, (cut.0 / 2).max(1), "halved: {halved}");
+}

@@ -144,6 +144,10 @@ pub struct Script {
     /// With `max_sessions`: one more connection is greeted and refused at
     /// AUTH instead, with this reply (a provider counting logins).
     pub over_limit_at_auth: Option<(u16, String)>,
+    /// Answer the Nth body (counted like `fail_first_n_transactions`)
+    /// with "421 4.7.0 Too many messages, slow down" and close: a
+    /// provider throttling a connection in use.
+    pub throttle_body: Option<usize>,
 }
 
 impl Default for Script {
@@ -174,6 +178,7 @@ impl Default for Script {
             chunking: false,
             max_sessions: None,
             over_limit_at_auth: None,
+            throttle_body: None,
         }
     }
 }
@@ -259,6 +264,10 @@ impl Script {
     }
     pub fn max_sessions(mut self, n: usize) -> Self {
         self.max_sessions = Some(n);
+        self
+    }
+    pub fn throttle_body(mut self, n: usize) -> Self {
+        self.throttle_body = Some(n);
         self
     }
     /// `n` logins at once; one more is refused at AUTH with `code` and
@@ -937,17 +946,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Closed::ByUs);
         };
 
-        let (failing, close) = {
+        let (failing, throttled, close) = {
             let mut state = self.shared.lock();
             state.bodies_seen += 1;
             state.followed_seen += usize::from(followed);
+            let throttled = script.throttle_body == Some(state.bodies_seen);
             (
                 state.bodies_seen <= script.fail_first_n_transactions,
-                script.close_after_body == Some(state.bodies_seen)
+                throttled,
+                throttled
+                    || script.close_after_body == Some(state.bodies_seen)
                     || (followed && script.close_in_window == Some(state.followed_seen)),
             )
         };
-        let (code, text, queue_id) = if failing {
+        let (code, text, queue_id) = if throttled {
+            (
+                421,
+                "4.7.0 Too many messages, slow down".into(),
+                String::new(),
+            )
+        } else if failing {
             let text = enhanced(&script, "4.3.0", "Error: temporary failure (scripted)");
             (451, text, String::new())
         } else if script.size.is_some_and(|limit| data.len() > limit) {
