@@ -585,6 +585,10 @@ impl Default for QueueConfig {
     }
 }
 
+/// The longest path a Unix socket may have (`sun_path` holds 108 bytes
+/// with the final NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
 /// The longest `queue.done_sync_window` allowed.
 pub const MAX_DONE_SYNC_WINDOW: Duration = Duration::from_secs(1);
 
@@ -765,6 +769,17 @@ impl Config {
         }
         if self.smtp.listen.is_empty() {
             return Err(self.invalid("smtp.listen", "at least one listen address is needed"));
+        }
+        let socket = crate::control::socket_path(&self.spool_dir);
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(self.invalid(
+                "spool_dir",
+                format!(
+                    "is too long: the daemon's sockets live in it, and a socket's path ({}, {} bytes) may be at most {MAX_SOCKET_PATH} bytes; choose a shorter spool_dir",
+                    socket.display(),
+                    socket.as_os_str().len()
+                ),
+            ));
         }
         self.validate_inbound()?;
         if let Some(addr) = self.status_listen

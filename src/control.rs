@@ -94,17 +94,60 @@ pub fn socket_path(spool_dir: &Path) -> PathBuf {
     spool_dir.join("control.sock")
 }
 
+/// Creates a socket at `path` in the spool (what a previous run left
+/// there is replaced) with `mode`. `what` and `needed_for` name it in the
+/// error, which says why it failed and what to do: a daemon without its
+/// sockets must not start (see [`bind`]).
+pub fn bind_in_spool(
+    path: &Path,
+    mode: u32,
+    what: &str,
+    needed_for: &str,
+) -> anyhow::Result<UnixListener> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)
+        .and_then(|l| {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            Ok(l)
+        })
+        .map_err(|e| {
+            let fix = match e.raw_os_error() {
+                Some(libc::ENOSYS | libc::EPERM | libc::EOPNOTSUPP) => {
+                    "the file system spool_dir is on does not support Unix sockets (some FUSE file systems do not): put spool_dir on a local file system"
+                }
+                Some(libc::EADDRINUSE) => {
+                    "something that is not a socket is in its place: remove it"
+                }
+                _ => "put it right and start again",
+            };
+            anyhow::anyhow!(
+                "cannot create the {what} socket {}: {e}; relayq needs it for {needed_for}, so it does not start without it: {fix}",
+                path.display()
+            )
+        })?;
+    Ok(listener)
+}
+
+/// Creates the control socket, before the daemon says it has started:
+/// without it the queue tools cannot reach the daemon (they found the
+/// spool locked, and said so), and mail `sendmail` queues itself would
+/// wait for the next restart.
+pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    bind_in_spool(
+        path,
+        0o600,
+        "control",
+        "the queue tools and for mail that sendmail queues itself",
+    )
+}
+
 /// Serves the control socket until the task is dropped.
 pub async fn serve(
-    path: PathBuf,
+    listener: UnixListener,
     spool: Spool,
     scheduler: SchedulerHandle,
     clock: Clock,
 ) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| anyhow::anyhow!("cannot create control socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -143,6 +186,17 @@ fn err(e: String) -> Response {
         count: None,
         missing: Vec::new(),
         relays: None,
+    }
+}
+
+/// Before a delete is answered, the done marks of the messages it removed
+/// are made durable (one sync for the batch): the operator was told they
+/// are deleted, so a power loss must not bring them back and send them,
+/// as the done-sync window allows for delivered mail (durability rule 4).
+async fn deleted_for_good(spool: &Spool, op: Op) {
+    if op == Op::Delete {
+        let spool = spool.clone();
+        let _ = tokio::task::spawn_blocking(move || spool.flush_done_marks()).await;
     }
 }
 
@@ -197,8 +251,11 @@ async fn execute(
             if let Some(router) = crate::routing::current() {
                 router.reset_health();
             }
+            // "Every queued message", including any a `sendmail` queued
+            // without telling us.
+            let adopted = crate::pickup::adopt(spool, scheduler, Duration::ZERO).await;
             match scheduler.flush().await {
-                Ok(n) => Response::ok(Some(n)),
+                Ok(n) => Response::ok(Some(n + adopted)),
                 Err(e) => err(e.to_string()),
             }
         }
@@ -215,11 +272,19 @@ async fn execute(
                 ..Response::ok(None)
             }
         }
-        Request::Op { id, op } => match scheduler.op(&id, op.into()).await {
-            Ok(()) => Response::ok(Some(1)),
-            Err(e) => err(e.to_string()),
-        },
-        Request::Ops { ids, op } => ops(scheduler, ids, op.into()).await,
+        Request::Op { id, op } => {
+            let r = scheduler.op(&id, op.into()).await;
+            deleted_for_good(spool, op).await;
+            match r {
+                Ok(()) => Response::ok(Some(1)),
+                Err(e) => err(e.to_string()),
+            }
+        }
+        Request::Ops { ids, op } => {
+            let r = ops(scheduler, ids, op.into()).await;
+            deleted_for_good(spool, op).await;
+            r
+        }
         Request::Wake { id } => {
             // Logged before it is scheduled, so the accepted line comes
             // before any delivery line.

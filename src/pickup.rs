@@ -37,7 +37,6 @@
 //! never left out. What the maildrop can leave on disk is bounded too (see
 //! [`crate::spool::maildrop`]).
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -140,13 +139,20 @@ impl PickupContext {
     }
 }
 
-/// Serves `pickup.sock` (mode 0666): every connection wakes the pickup,
-/// and may carry one refusal report.
-pub async fn serve_wake(path: PathBuf, wake: Arc<Notify>) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .map_err(|e| anyhow::anyhow!("cannot create pickup socket {}: {e}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
+/// Creates `pickup.sock` (mode 0666), before the daemon says it has
+/// started (see `control::bind`).
+pub fn bind_wake(path: &std::path::Path) -> anyhow::Result<UnixListener> {
+    crate::control::bind_in_spool(
+        path,
+        0o666,
+        "pickup",
+        "waking the pickup when a local user's sendmail leaves mail in the maildrop and for logging its refusals",
+    )
+}
+
+/// Serves `pickup.sock`: every connection wakes the pickup, and may carry
+/// one refusal report.
+pub async fn serve_wake(listener: UnixListener, wake: Arc<Notify>) -> anyhow::Result<()> {
     let readers = Arc::new(crate::anvil::Anvil::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {
@@ -213,13 +219,73 @@ pub fn announce(spool: &Spool, area: Area, id: &str) {
     }
 }
 
-/// Runs the pickup until shutdown.
+/// Takes up messages in `queue/` the scheduler was never told about: the
+/// `sendmail` command queues a message itself, then tells the daemon, and
+/// one that stopped in between (killed, or unable to reach the daemon)
+/// left it there, listed by `mailq` but never tried until a restart.
+/// Files younger than `min_age` are left to the `sendmail` that may be
+/// telling the daemon now. Returns how many were scheduled. (An operation
+/// naming such a message takes it up too: see the scheduler.)
+pub async fn adopt(spool: &Spool, scheduler: &SchedulerHandle, min_age: Duration) -> usize {
+    let s = spool.clone();
+    let names = match tokio::task::spawn_blocking(move || s.list(Area::Queue)).await {
+        Ok(Ok(ids)) => ids,
+        _ => return 0,
+    };
+    let unknown = scheduler.unknown(names).await;
+    if unknown.is_empty() {
+        return 0;
+    }
+    let s = spool.clone();
+    let adopted = tokio::task::spawn_blocking(move || {
+        unknown
+            .into_iter()
+            .filter(|id| take_up(&s, id, min_age))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
+    for id in &adopted {
+        scheduler.queued(id);
+    }
+    adopted.len()
+}
+
+/// Whether `queue/<id>`, which the scheduler does not know, is a message
+/// to take up (at least `min_age` old, complete, not done, under its own
+/// id: anything else is recovery's); if so logs it, and its accepted line
+/// once ([`announce`]), for the caller to schedule.
+pub fn take_up(spool: &Spool, id: &str, min_age: Duration) -> bool {
+    let Ok(meta) = spool.read_meta(Area::Queue, id) else {
+        return false;
+    };
+    let now = crate::clock::to_ms(std::time::SystemTime::now());
+    let min_age = u64::try_from(min_age.as_millis()).unwrap_or(u64::MAX);
+    if meta.id != id || meta.is_done() || now.saturating_sub(meta.arrival_ms) < min_age {
+        return false;
+    }
+    events::queue_warning(
+        id,
+        "in queue/ but never scheduled (the sendmail command that queued it stopped before it told the daemon); scheduled now",
+    );
+    announce(spool, Area::Queue, id);
+    true
+}
+
+/// How long a message `sendmail` queued itself may wait for that command
+/// to tell the daemon before the minutely pass takes it up.
+const UNTOLD_AFTER: Duration = Duration::from_secs(30);
+
+/// Runs the pickup until shutdown; once a minute it also takes up what
+/// the `sendmail` command queued without telling the daemon ([`adopt`]).
 pub async fn run(ctx: Arc<PickupContext>, wake: Arc<Notify>, mut shutdown: watch::Receiver<bool>) {
     loop {
         scan(&ctx).await;
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(RESCAN) => {}
+            _ = tokio::time::sleep(RESCAN) => {
+                adopt(&ctx.spool, &ctx.scheduler, UNTOLD_AFTER).await;
+            }
             _ = stopped(&mut shutdown) => return,
         }
     }

@@ -65,9 +65,20 @@ pub fn lock_path(spool_dir: &Path) -> PathBuf {
     spool_dir.join("daemon.lock")
 }
 
+/// Why the spool lock was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error(
+        "the spool {0} is locked by another relayq process (a running `relayq serve`, or a queue tool); stop it first"
+    )]
+    Held(PathBuf),
+    #[error("{0}")]
+    Other(String),
+}
+
 /// Takes the exclusive spool lock (`<spool>/daemon.lock`), waiting up to
 /// `wait` for another holder; the lock lasts as long as the file is open.
-pub fn lock_spool(spool_dir: &Path, wait: Duration) -> anyhow::Result<File> {
+pub fn lock_spool(spool_dir: &Path, wait: Duration) -> Result<File, LockError> {
     let path = lock_path(spool_dir);
     let file = File::options()
         .read(true)
@@ -77,7 +88,12 @@ pub fn lock_spool(spool_dir: &Path, wait: Duration) -> anyhow::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
-        .map_err(|e| anyhow::anyhow!("cannot open the spool lock {}: {e}", path.display()))?;
+        .map_err(|e| {
+            LockError::Other(format!(
+                "cannot open the spool lock {}: {e}",
+                path.display()
+            ))
+        })?;
     let deadline = Instant::now() + wait;
     loop {
         match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
@@ -86,13 +102,13 @@ pub fn lock_spool(spool_dir: &Path, wait: Duration) -> anyhow::Result<File> {
                 std::thread::sleep(Duration::from_millis(100));
             }
             Err(rustix::io::Errno::WOULDBLOCK) => {
-                return Err(anyhow::anyhow!(
-                    "the spool {} is locked by another relayq process (a running `relayq serve`, or a queue tool); stop it first",
-                    spool_dir.display()
-                ));
+                return Err(LockError::Held(spool_dir.to_path_buf()));
             }
             Err(e) => {
-                return Err(anyhow::anyhow!("cannot lock {}: {e}", path.display()));
+                return Err(LockError::Other(format!(
+                    "cannot lock {}: {e}",
+                    path.display()
+                )));
             }
         }
     }

@@ -121,7 +121,13 @@ pub fn collect(spool: &Spool) -> anyhow::Result<Vec<(Area, Meta)>> {
             }
         }
     }
-    all.sort_by(|a, b| a.1.id.cmp(&b.1.id));
+    // A message under both names (a power loss between the two syncs of a
+    // move) is on hold: recovery keeps that one. Listed once, held.
+    all.sort_by(|a, b| {
+        a.1.id
+            .cmp(&b.1.id)
+            .then((a.0 != Area::Hold).cmp(&(b.0 != Area::Hold)))
+    });
     all.dedup_by(|a, b| a.1.id == b.1.id);
     Ok(all)
 }
@@ -608,11 +614,19 @@ pub async fn apply(config: &Config, ids: Vec<String>, op: Op) -> anyhow::Result<
                     done.online = false;
                     break;
                 }
-                Err(_) if starting < Duration::from_secs(10) => {
+                Err(super::LockError::Held(_)) if starting < Duration::from_secs(10) => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     starting += Duration::from_millis(200);
                 }
-                Err(e) => return Err(e),
+                Err(e @ super::LockError::Other(_)) => return Err(e.into()),
+                Err(super::LockError::Held(_)) => {
+                    bar.abandon();
+                    return Err(anyhow::anyhow!(
+                        "another relayq process holds the spool lock {}, but no daemon answers on {}: wait for the other queue tool to finish, or, if relayq serve runs, restart it (it makes its control socket at start)",
+                        super::lock_path(&config.spool_dir).display(),
+                        control::socket_path(&config.spool_dir).display()
+                    ));
+                }
             },
         }
     }
@@ -673,9 +687,8 @@ fn offline(
         bar.inc(1);
     }
     if op == Op::Delete {
-        for dir in ["queue", "hold"] {
-            let _ = std::fs::File::open(spool.root().join(dir)).and_then(|d| d.sync_all());
-        }
+        // The marks are synced (no committer here); the names follow.
+        spool.sync_names()?;
     }
     Ok((count, missing))
 }

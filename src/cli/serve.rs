@@ -143,7 +143,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ));
     }
     let control = tokio::spawn(crate::control::serve(
-        crate::control::socket_path(&config.spool_dir),
+        crate::control::bind(&crate::control::socket_path(&config.spool_dir))?,
         spool.clone(),
         handle.clone(),
         clock.clone(),
@@ -152,7 +152,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let wake = Arc::new(tokio::sync::Notify::new());
     let pickup_socket = crate::spool::maildrop::pickup_socket(&config.spool_dir);
     let pickup_wake = tokio::spawn(crate::pickup::serve_wake(
-        pickup_socket.clone(),
+        crate::pickup::bind_wake(&pickup_socket)?,
         wake.clone(),
     ));
     let pickup_task = tokio::spawn(crate::pickup::run(

@@ -78,6 +78,11 @@ pub(crate) enum Event {
     },
     /// A relay is up again after an outage.
     RelayUp(Arc<str>),
+    /// Which of these ids it does not know.
+    Unknown {
+        ids: Vec<String>,
+        done: oneshot::Sender<Vec<String>>,
+    },
 }
 
 /// A cheap, cloneable way to talk to the scheduler.
@@ -121,6 +126,16 @@ impl SchedulerHandle {
             })
             .map_err(|_| ControlError::Stopped)?;
         rx.await.map_err(|_| ControlError::Stopped)?
+    }
+
+    /// The ids in `ids` the scheduler has never been told about (none
+    /// until start-up recovery has handed it the queue: it would find them).
+    pub async fn unknown(&self, ids: Vec<String>) -> Vec<String> {
+        let (tx, rx) = oneshot::channel();
+        if self.tx.send(Event::Unknown { ids, done: tx }).is_err() {
+            return Vec::new();
+        }
+        rx.await.unwrap_or_default()
     }
 
     pub fn tick(&self) {
@@ -189,6 +204,8 @@ pub struct Scheduler {
     /// big queue is read after the daemon already listens) is due at once
     /// too, so `relayq queue flush` right after a restart means all of it.
     flushed: bool,
+    /// Start-up recovery has handed over the queue.
+    recovered: bool,
 }
 
 impl Scheduler {
@@ -216,6 +233,7 @@ impl Scheduler {
             parked: HashMap::new(),
             releases: HashMap::new(),
             flushed: false,
+            recovered: false,
             waiting_on: HashMap::new(),
         };
         (
@@ -319,6 +337,7 @@ impl Scheduler {
                 self.ready.push_back(id);
             }
             Event::Recovered { queued, held } => {
+                self.recovered = true;
                 for meta in held {
                     let id: Box<str> = meta.id.into();
                     self.entries.insert(
@@ -367,6 +386,16 @@ impl Scheduler {
                 let _ = done.send(n);
             }
             Event::Op { id, op, done } => self.op(id, op, done),
+            Event::Unknown { ids, done } => {
+                let unknown = if self.recovered {
+                    ids.into_iter()
+                        .filter(|id| !self.entries.contains_key(id.as_str()))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let _ = done.send(unknown);
+            }
             Event::Tick => {}
             Event::RelayFree { relay, releases } => {
                 let known = self.releases.entry(relay.clone()).or_default();
@@ -472,6 +501,22 @@ impl Scheduler {
     }
 
     fn op(&mut self, id: String, op: QueueOp, done: oneshot::Sender<Result<(), ControlError>>) {
+        // A message in queue/ it was never told about (its `sendmail`
+        // stopped before telling it): taken up, not scheduled yet, so that
+        // the operation applies before any delivery.
+        let adopted = self.recovered
+            && !self.entries.contains_key(id.as_str())
+            && crate::pickup::take_up(&self.spool, &id, Duration::ZERO);
+        if adopted {
+            self.entries.insert(
+                id.as_str().into(),
+                Entry {
+                    state: State::Waiting,
+                    next_ms: PARKED,
+                    deferred_op: None,
+                },
+            );
+        }
         let Some(entry) = self.entries.get_mut(id.as_str()) else {
             let _ = done.send(Err(ControlError::NotFound(id)));
             return;
@@ -529,6 +574,17 @@ impl Scheduler {
             }
             (QueueOp::Release, State::InFlight) => Ok(()),
         };
+        // Taken up and left waiting by the operation (a release, or one
+        // that failed): due now.
+        if adopted
+            && self
+                .entries
+                .get(id.as_str())
+                .is_some_and(|e| e.state == State::Waiting && e.next_ms == PARKED)
+        {
+            let now = self.clock.now_ms();
+            self.schedule(id.as_str().into(), now);
+        }
         let _ = done.send(result);
     }
 }

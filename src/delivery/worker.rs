@@ -311,7 +311,7 @@ fn wait(
 }
 
 /// Applies an attempt's outcomes to the spool and decides what comes next.
-async fn record(
+pub(crate) async fn record(
     ctx: &WorkerContext,
     meta: &Meta,
     body: &[u8],
@@ -443,8 +443,11 @@ async fn record(
     if !succeeded.is_empty() {
         send_bounce(ctx, meta, body, &succeeded, Notice::Success).await;
     }
+    // Rule 2 for a delay notice: its `warned` record is synced once the
+    // notice is queued; lost to a power cut, the next attempt would send
+    // the sender a second notice.
     if !delayed.is_empty() && send_bounce(ctx, meta, body, &delayed, Notice::Delay).await {
-        deferred.push(Record::Warned { at_ms: now_ms });
+        append_durably(ctx, id, vec![Record::Warned { at_ms: now_ms }]).await;
     }
     // Rule 2: a bounce is queued before the failures it reports are recorded.
     let notice = if expired {

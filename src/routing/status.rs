@@ -3,10 +3,11 @@
 //! endpoint), and the local counts saved across restarts
 //! (`<spool_dir>/limits.json`), so a restart does not reset a daily cap.
 //!
-//! `limits.json` is written (temp file, rename) at most once a second
-//! while counts change, and at shutdown; it is not fsynced: after a crash
-//! at most the last second of counts is lost. A file that does not parse
-//! is ignored with a warning.
+//! `limits.json` is written at most once a second while counts change,
+//! and at shutdown, replaced whole and synced (`spool::replace_file`):
+//! after a crash or a power loss at most the counts since the last save
+//! (about a second) are lost. A file that does not parse is ignored with
+//! a warning.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -203,22 +204,9 @@ impl Router {
             })
             .collect();
         let saved = Saved { version: 1, relays };
-        let result = (|| {
-            let text = serde_json::to_vec(&saved).map_err(std::io::Error::other)?;
-            let tmp = path.with_extension("json.tmp");
-            {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(&text)?;
-            }
-            std::fs::rename(&tmp, path)
-        })();
+        let result = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|text| crate::spool::replace_file(path, &text));
         if let Err(e) = result {
             self.dirty.store(true, Ordering::Relaxed);
             tracing::warn!(target: "relayq::routing", "cannot save relay limit counts to {}: {e}", path.display());

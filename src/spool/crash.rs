@@ -4,12 +4,23 @@
 //! recording the spool's file-system operations (`fsop::record`), then,
 //! for each point of the record, build the states a conservative file
 //! system may persist, run recovery on each and check the durability
-//! rules of the parent module:
+//! rules of the parent module. Two workloads: the queue's own writes
+//! (accepts, deliveries, hold, release, delete, the `sendmail` command's
+//! files, a restart), and the other writers through their own code (an
+//! attempt's outcomes as the delivery worker records them, with bounces,
+//! success and delay notices; DSN parameters; drop files and the pickup).
+//! Checked:
 //! - every acknowledged message not yet finished is queued (or held)
-//!   exactly once, under its id, with its content intact;
+//!   exactly once, under its id, with its content (and DSN parameters)
+//!   intact; so is every notice an attempt queued, once it returned;
 //! - a finished message comes back only if its done mark was not yet
 //!   durable at the loss (so only within the done-sync window), and a
 //!   recipient recorded durably as delivered is never pending again;
+//! - a failure is recorded (or its message removed) only with its bounce
+//!   queued, and a delay notice is never sent twice (its `warned` record
+//!   is durable once the attempt returns);
+//! - a drop file written whole is in `maildrop/` or queued, and both only
+//!   while the pickup is between its commit and the removal;
 //! - nothing is stranded: no slot holds an unfinished message without a
 //!   name, every name is its message's id, nothing acknowledged is in
 //!   `corrupt/`;
@@ -19,7 +30,8 @@
 //! The file-system model (conservative, as ALICE's): an operation is
 //! durable once a sync that started after it has returned: `fdatasync` of
 //! its file for a write, `fsync` of its directory for a create, link,
-//! unlink or rename (of both directories for a rename across two). Any
+//! unlink or rename (of both directories for a rename across two), or a
+//! `syncfs` for anything. Any
 //! subset of the other operations may survive: directory operations each
 //! whole or not at all (a rename atomically), in any combination with one
 //! another and with the data writes; a write whole, not at all, or torn
@@ -29,10 +41,20 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::fsop::record::{self, Op};
-use super::{Area, Envelope, Record, Spool, format};
+use super::fsop::{
+    self,
+    record::{self, Op},
+};
+use super::{Area, Dsn, Envelope, Notify, RcptDsn, Record, Ret, Spool, format, maildrop};
+use crate::clock::Clock;
+use crate::config::{Config, HumanDuration};
+use crate::delivery::outcome::{AttemptReport, RcptOutcome};
+use crate::delivery::scheduler::Scheduler;
+use crate::delivery::worker::{self, WorkerContext};
+use crate::pickup::{self, PickupContext};
 
 /// The done-sync window of the workload's daemon.
 const WINDOW: Duration = Duration::from_millis(40);
@@ -58,37 +80,36 @@ fn env(rcpts: usize) -> Envelope {
     }
 }
 
-/// What the workload sent, by message id: content and recipient count.
-type Sent = BTreeMap<String, (Vec<u8>, usize)>;
+/// What a workload sent.
+#[derive(Default)]
+struct Sent {
+    /// By message id: content and recipient count.
+    msgs: BTreeMap<String, (Vec<u8>, usize)>,
+    /// The envelopes of messages with DSN parameters, to check they
+    /// survive as given.
+    envs: BTreeMap<String, Envelope>,
+    /// Drop files (`sendmail` by a local user), by name: a line of the
+    /// message found in its queued copy once the pickup has taken it.
+    drops: BTreeMap<String, Vec<u8>>,
+}
+
+impl Sent {
+    fn insert(&mut self, id: String, msg: (Vec<u8>, usize)) {
+        self.msgs.insert(id, msg);
+    }
+}
 
 /// The workload: accepts (new and reused slots, and the `sendmail`
 /// path), deliveries concurrent with accepts, a partial delivery,
 /// hold/release/delete, a large message, and a restart with recovery.
 fn workload(root: &Path) -> Sent {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(3)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut sent = Sent::new();
+    runtime(3).block_on(async {
+        let mut sent = Sent::default();
         let spool = Spool::open(root).unwrap();
         spool.enable_slots(WINDOW).unwrap();
         let accept = |spool: Spool, i: usize, size: usize, rcpts: usize| async move {
-            let id = Spool::new_id();
-            let b = body(i, size);
-            record::mark(format!("begin {id}"));
-            spool
-                .commit(id.clone(), env(rcpts), b.clone(), 1)
-                .await
-                .unwrap();
-            record::mark(format!("ack {id}"));
+            let (id, b) = accept_env(&spool, env(rcpts), i, size, 1).await;
             (id, b, rcpts)
-        };
-        let deliver = |spool: &Spool, id: &str| {
-            spool.load(id).unwrap();
-            record::mark(format!("finished {id}"));
-            spool.remove(Area::Queue, id).unwrap();
         };
         // Accepts into new slots, four at a time.
         let mut first = Vec::new();
@@ -236,6 +257,216 @@ fn workload(root: &Path) -> Sent {
     })
 }
 
+/// Delivers `id` as a worker does once every recipient is done.
+fn deliver(spool: &Spool, id: &str) {
+    spool.load(id).unwrap();
+    record::mark(format!("finished {id}"));
+    spool.remove(Area::Queue, id).unwrap();
+}
+
+fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Accepts message `i` of `size` bytes with `env`, arrived at
+/// `arrival_ms`.
+async fn accept_env(
+    spool: &Spool,
+    env: Envelope,
+    i: usize,
+    size: usize,
+    arrival_ms: u64,
+) -> (String, Vec<u8>) {
+    let id = Spool::new_id();
+    let b = body(i, size);
+    record::mark(format!("begin {id}"));
+    spool
+        .commit(id.clone(), env, b.clone(), arrival_ms)
+        .await
+        .unwrap();
+    record::mark(format!("ack {id}"));
+    (id, b)
+}
+
+/// Records an attempt at `id` with these outcomes as the delivery worker
+/// does (`worker::record`), in a window: what it queues (notices) is the
+/// daemon's promise once it returns.
+async fn attempt(ctx: &WorkerContext, id: &str, results: Vec<(usize, RcptOutcome)>) {
+    let (meta, content) = ctx.spool.load(id).unwrap();
+    let report = AttemptReport {
+        relay: "mx.example.net[192.0.2.25]:25".into(),
+        results,
+        ..AttemptReport::default()
+    };
+    record::mark(format!("open {id}"));
+    worker::record(ctx, &meta, &content, report, Instant::now()).await;
+    record::mark(format!("close {id}"));
+}
+
+fn delivered() -> RcptOutcome {
+    RcptOutcome::Delivered {
+        reply: "250 2.0.0 ok".into(),
+    }
+}
+
+fn deferred() -> RcptOutcome {
+    RcptOutcome::Deferred {
+        reason: "451 4.2.1 mailbox busy".into(),
+        status: "4.2.1".into(),
+    }
+}
+
+fn failed() -> RcptOutcome {
+    RcptOutcome::Failed {
+        reply: "550 5.1.1 no such user".into(),
+        status: "5.1.1".into(),
+        local: false,
+    }
+}
+
+/// The daemon's other writers, through their own code: attempts recorded
+/// as the delivery worker records them (a bounce and the `failed`
+/// records it reports, a success and a delay notice and the `warned`
+/// record, partial deliveries; the notices taking slots freed just
+/// before), DSN parameters, a message held after a partial delivery,
+/// local submission (drop files written as `sendmail` writes them while
+/// the daemon is down, taken by the pickup; a bad one refused to
+/// corrupt/), then a restart and more of the same.
+fn notices_workload(root: &Path) -> Sent {
+    runtime(2).block_on(async {
+        let mut sent = Sent::default();
+        let spool = Spool::open(root).unwrap();
+        spool.enable_slots(WINDOW).unwrap();
+        let mut config = Config::development(root.parent().unwrap());
+        config.spool_dir = root.to_path_buf();
+        config.queue.delay_warning_time = HumanDuration(Duration::from_secs(3600));
+        let config = Arc::new(config);
+        let clock = Clock::new();
+        let (_scheduler, handle, _jobs) = Scheduler::new(spool.clone(), clock.clone(), 1);
+        let ctx = WorkerContext {
+            config: config.clone(),
+            spool: spool.clone(),
+            clock: clock.clone(),
+            scheduler: handle.clone(),
+            router: None,
+        };
+        let now = clock.now_ms();
+        // Queued two hours ago: past the delay warning time.
+        let old = now - 2 * 3600 * 1000;
+
+        // Free slots whose done marks are not yet synced.
+        for i in 0..4 {
+            let (id, _) = accept_env(&spool, env(1), i, 300 + i * 900, now).await;
+            deliver(&spool, &id);
+        }
+        // DSN parameters; a success notice for one recipient, a delay
+        // notice for the other.
+        let dsn_env = Envelope {
+            dsn: Dsn {
+                ret: Some(Ret::Hdrs),
+                envid: Some("crash-envid-1".into()),
+            },
+            rcpt_dsn: vec![
+                RcptDsn {
+                    notify: Notify::DELAY.with(Notify::FAILURE),
+                    orcpt: Some("Original@example.net".into()),
+                },
+                RcptDsn {
+                    notify: Notify::SUCCESS,
+                    orcpt: None,
+                },
+            ],
+            ..env(2)
+        };
+        let (d, b) = accept_env(&spool, dsn_env.clone(), 10, 700, old).await;
+        sent.insert(d.clone(), (b, 2));
+        sent.envs.insert(d.clone(), dsn_env);
+        attempt(&ctx, &d, vec![(0, deferred()), (1, delivered())]).await;
+        record::mark(format!("warned {d}"));
+        record::mark(format!("partial {d} 1"));
+        // A bounce for one recipient of three, one delivered, one left.
+        let (f1, b) = accept_env(&spool, env(3), 11, 700, now).await;
+        sent.insert(f1.clone(), (b, 3));
+        record::mark(format!("bounces {f1}"));
+        attempt(
+            &ctx,
+            &f1,
+            vec![(0, delivered()), (1, failed()), (2, deferred())],
+        )
+        .await;
+        record::mark(format!("partial {f1} 0"));
+        record::mark(format!("partial {f1} 1"));
+        // A bounce for the only recipient: the message goes.
+        let (f2, b) = accept_env(&spool, env(1), 12, 700, now).await;
+        sent.insert(f2.clone(), (b, 1));
+        record::mark(format!("finished {f2}"));
+        record::mark(format!("bounces {f2}"));
+        attempt(&ctx, &f2, vec![(0, failed())]).await;
+        // Held after a partial delivery.
+        let (h, b) = accept_env(&spool, env(2), 13, 700, now).await;
+        sent.insert(h.clone(), (b, 2));
+        attempt(&ctx, &h, vec![(0, delivered()), (1, deferred())]).await;
+        record::mark(format!("partial {h} 0"));
+        record::mark(format!("moving {h}"));
+        spool.move_to(&h, Area::Queue, Area::Hold).unwrap();
+        record::mark(format!("held {h}"));
+
+        // `sendmail` by local users while the daemon is down: drop files,
+        // and one that is not a queue file.
+        let drop = |sent: &mut Sent, i: usize| {
+            let line = format!("crash test drop {i}");
+            let msg = format!("Subject: drop {i}\r\n\r\n{line}\r\n").into_bytes();
+            let name = maildrop::write(root, &env(1), &msg, now).unwrap();
+            record::mark(format!("dropped {name}"));
+            sent.drops.insert(name.clone(), line.into_bytes());
+            name
+        };
+        let mut names: Vec<String> = (0..3).map(|i| drop(&mut sent, i)).collect();
+        let bad = maildrop::dir(root).join(Spool::new_id());
+        let f = fsop::create_new(&bad).unwrap();
+        fsop::write_at(&f, b"relayq-queue 1\nnot a queue file\n", 0).unwrap();
+        fsop::sync_data(&f).unwrap();
+        let pickup =
+            PickupContext::new(config.clone(), spool.clone(), clock.clone(), handle.clone());
+        for round in 0..2 {
+            record::mark("open pick".into());
+            pickup::scan(&pickup).await;
+            record::mark("close pick".into());
+            for name in names.drain(..) {
+                record::mark(format!("picked {name}"));
+            }
+            if round == 0 {
+                names.push(drop(&mut sent, 3));
+            }
+        }
+
+        // A restart; more attempts on the recovered queue.
+        spool.flush_done_marks();
+        let again = Spool::open(root).unwrap();
+        again.enable_slots(WINDOW).unwrap();
+        again.recover().unwrap();
+        record::mark("recovered".into());
+        let ctx = WorkerContext {
+            spool: again.clone(),
+            ..ctx
+        };
+        deliver(&again, &f1);
+        let (f3, b) = accept_env(&again, env(2), 14, 700, now).await;
+        sent.insert(f3.clone(), (b, 2));
+        record::mark(format!("finished {f3}"));
+        record::mark(format!("bounces {f3}"));
+        attempt(&ctx, &f3, vec![(0, failed()), (1, failed())]).await;
+        record::mark(format!("finished {d}"));
+        attempt(&ctx, &d, vec![(0, delivered())]).await;
+        again.flush_done_marks();
+        sent
+    })
+}
+
 /// A file of the model: its identity is its index in `Model::files`.
 #[derive(Clone, Default)]
 struct MFile {
@@ -262,6 +493,10 @@ enum MOp {
     },
     SyncDir {
         dir: String,
+        token: u64,
+    },
+    /// `syncfs`: everything before it is durable once it ends.
+    SyncFs {
         token: u64,
     },
     SyncEnd {
@@ -342,6 +577,7 @@ impl Trace {
                     inos.get(&ino).map(|&file| MOp::SyncFile { file, token })
                 }
                 Op::SyncDirBegin { dir, token } => Some(MOp::SyncDir { dir, token }),
+                Op::SyncFsBegin { token } => Some(MOp::SyncFs { token }),
                 Op::SyncEnd { token } => Some(MOp::SyncEnd { token }),
                 Op::Link { path, ino } => inos.get(&ino).map(|&file| MOp::Dir {
                     dir: dir_of(&path),
@@ -378,6 +614,19 @@ impl Trace {
                 })
                 .min()
         };
+        let fs_synced = |i: usize| {
+            ops[i + 1..]
+                .iter()
+                .filter_map(|o| match o {
+                    MOp::SyncFs { token } => ends.get(token).copied(),
+                    _ => None,
+                })
+                .min()
+        };
+        let earliest = |a: Option<usize>, b: Option<usize>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut durable_after = vec![None; ops.len()];
         let mut source_durable_after = vec![None; ops.len()];
         for (i, op) in ops.iter().enumerate() {
@@ -399,6 +648,10 @@ impl Trace {
                 } => dir_synced(i, &dir_of(from)),
                 _ => durable_after[i],
             };
+            if matches!(op, MOp::Write { .. } | MOp::Dir { .. }) {
+                durable_after[i] = earliest(durable_after[i], fs_synced(i));
+                source_durable_after[i] = earliest(source_durable_after[i], fs_synced(i));
+            }
         }
         Trace {
             init,
@@ -476,16 +729,6 @@ impl Trace {
         }
         s
     }
-
-    fn marks(&self, k: usize) -> impl Iterator<Item = (usize, &str)> {
-        self.ops[..k]
-            .iter()
-            .enumerate()
-            .filter_map(|(i, o)| match o {
-                MOp::Mark(m) => Some((i, m.as_str())),
-                _ => None,
-            })
-    }
 }
 
 /// Decides, for each unsynced operation, what of it a loss keeps.
@@ -501,7 +744,16 @@ enum Keep {
 /// inode number.
 fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
     let _ = fs::remove_dir_all(dir);
-    for sub in ["", "tmp", "queue", "hold", "corrupt", "slots"] {
+    for sub in [
+        "",
+        "tmp",
+        "queue",
+        "hold",
+        "corrupt",
+        "corrupt/maildrop",
+        "slots",
+        "maildrop",
+    ] {
         fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
@@ -529,9 +781,20 @@ fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
 fn read_state(dir: &Path) -> (State, HashMap<u64, usize>) {
     let mut s = State::default();
     let mut inos = HashMap::new();
-    for sub in ["tmp", "queue", "hold", "corrupt", "slots"] {
+    for sub in [
+        "tmp",
+        "queue",
+        "hold",
+        "corrupt",
+        "corrupt/maildrop",
+        "slots",
+        "maildrop",
+    ] {
         for e in fs::read_dir(dir.join(sub)).unwrap() {
             let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                continue;
+            }
             let ino = e.metadata().unwrap().ino();
             let file = *inos.entry(ino).or_insert_with(|| {
                 s.files.push(MFile {
@@ -557,11 +820,42 @@ struct Expect {
     partial: BTreeSet<(String, usize)>,
     /// Moved to hold/ (and not being moved back).
     held: BTreeSet<String>,
+    /// Messages the daemon itself queued in a window of the workload
+    /// (`open TAG` .. `close TAG`): notices an attempt at message TAG
+    /// queued, or the messages the pickup queued (TAG `pick`). Begun when
+    /// their header is written, acknowledged when the window closes.
+    made: BTreeMap<String, Vec<String>>,
+    /// Messages whose failure reports (bounces) were being queued: a
+    /// failed recipient (or the message gone) needs a bounce.
+    bounces: BTreeSet<String>,
+    /// Messages whose delay notice was queued: sending another after a
+    /// loss is a duplicate.
+    warned: BTreeSet<String>,
+    /// Drop files written whole (`sendmail` returned).
+    dropped: BTreeSet<String>,
+    /// Drop files the pickup has queued and removed.
+    picked: BTreeSet<String>,
 }
 
 fn expect(t: &Trace, k: usize) -> Expect {
     let mut e = Expect::default();
-    for (i, m) in t.marks(k) {
+    let mut window: Option<String> = None;
+    for (i, op) in t.ops[..k].iter().enumerate() {
+        let m = match op {
+            MOp::Mark(m) => m.as_str(),
+            // The first write of a queue file the daemon made in a window.
+            MOp::Write {
+                offset: 0, data, ..
+            } => {
+                if let (Some(tag), Ok(Some(meta))) = (&window, format::decode_header(data))
+                    && e.begun.insert(meta.id.clone())
+                {
+                    e.made.entry(tag.clone()).or_default().push(meta.id);
+                }
+                continue;
+            }
+            _ => continue,
+        };
         let mut w = m.split(' ');
         match (w.next(), w.next(), w.next()) {
             (Some("begin"), Some(id), _) => {
@@ -582,6 +876,24 @@ fn expect(t: &Trace, k: usize) -> Expect {
             // Until the move returns, either place is right.
             (Some("moving"), Some(id), _) => {
                 e.held.remove(id);
+            }
+            (Some("open"), Some(tag), _) => window = Some(tag.into()),
+            (Some("close"), Some(tag), _) => {
+                window = None;
+                e.acked
+                    .extend(e.made.get(tag).into_iter().flatten().cloned());
+            }
+            (Some("bounces"), Some(id), _) => {
+                e.bounces.insert(id.into());
+            }
+            (Some("warned"), Some(id), _) => {
+                e.warned.insert(id.into());
+            }
+            (Some("dropped"), Some(name), _) => {
+                e.dropped.insert(name.into());
+            }
+            (Some("picked"), Some(name), _) => {
+                e.picked.insert(name.into());
             }
             _ => {}
         }
@@ -625,6 +937,8 @@ fn check(
         .unwrap_or_else(|err| panic!("{what}: recovery failed: {err}"));
     let mut seen = BTreeSet::new();
     let mut back = Vec::new();
+    // Messages the pickup queued, by content.
+    let mut bodies: Vec<Vec<u8>> = Vec::new();
     for (meta, held) in rec
         .queued
         .iter()
@@ -650,7 +964,25 @@ fn check(
             let (_, b) = spool
                 .load(id)
                 .unwrap_or_else(|err| panic!("{what}: {id} cannot be loaded: {err}"));
-            assert_eq!(b, sent[id].0, "{what}: {id} damaged");
+            match sent.msgs.get(id) {
+                Some((want, _)) => assert_eq!(&b, want, "{what}: {id} damaged"),
+                None => bodies.push(b),
+            }
+        }
+        if let Some(env) = sent.envs.get(id) {
+            let got = m.envelope();
+            assert_eq!(
+                (&got.dsn, &got.rcpt_dsn),
+                (&env.dsn, &env.rcpt_dsn),
+                "{what}: {id} lost its DSN parameters"
+            );
+        }
+        if e.warned.contains(id) {
+            assert!(
+                m.warned,
+                "{what}: {id} had its delay notice queued, but its `warned` record is lost: \
+                 a second notice would be sent"
+            );
         }
         for (pid, idx) in &e.partial {
             if pid == id {
@@ -669,6 +1001,53 @@ fn check(
             assert!(
                 seen.contains(id),
                 "{what}: acknowledged {id} lost (not recovered)"
+            );
+        }
+    }
+    // Rule 2: a failure is recorded (or its message removed) only once the
+    // bounce reporting it is queued.
+    for id in &e.bounces {
+        let failed = if seen.contains(id) {
+            let area = if e.held.contains(id) {
+                Area::Hold
+            } else {
+                Area::Queue
+            };
+            spool.read_meta(area, id).is_ok_and(|m| {
+                m.recipients
+                    .iter()
+                    .any(|r| r.state == format::RcptState::Failed)
+            })
+        } else {
+            e.finished.contains_key(id)
+        };
+        let made = e.made.get(id).map(Vec::as_slice).unwrap_or_default();
+        if failed {
+            assert!(
+                made.iter().any(|b| seen.contains(b)),
+                "{what}: {id} has a failure recorded (or is gone) but no bounce for it"
+            );
+        }
+    }
+    // A drop file is queued once: it is in maildrop/ or queued, and both
+    // only while the pickup is between the two.
+    for name in &e.dropped {
+        let line = &sent.drops[name];
+        let copies = bodies
+            .iter()
+            .filter(|b| b.windows(line.len()).any(|w| w == &line[..]))
+            .count();
+        let waiting =
+            fs::read(dir.join("maildrop").join(name)).is_ok_and(|d| format::decode(&d).is_ok());
+        assert!(
+            copies + usize::from(waiting) >= 1,
+            "{what}: drop file {name} lost (neither in maildrop/ nor queued)"
+        );
+        if e.picked.contains(name) {
+            assert_eq!(
+                (copies, waiting),
+                (1, false),
+                "{what}: drop file {name} queued, and (copies, still in maildrop/)"
             );
         }
     }
@@ -700,7 +1079,12 @@ fn check(
         }
     }
     for e2 in fs::read_dir(dir.join("corrupt")).unwrap() {
-        let data = fs::read(e2.unwrap().path()).unwrap();
+        let e2 = e2.unwrap();
+        if e2.file_type().unwrap().is_dir() {
+            // corrupt/maildrop: refused drop files, never acknowledged.
+            continue;
+        }
+        let data = fs::read(e2.path()).unwrap();
         if let Ok(Some(m)) = format::decode_header(&data) {
             assert!(
                 !e.acked.contains(&m.id) || e.finished.contains_key(&m.id),
@@ -741,20 +1125,45 @@ fn scratch() -> tempfile::TempDir {
     }
 }
 
-#[test]
-fn every_crash_state_recovers_without_loss_or_stale_duplicates() {
+/// One recording at a time: the recorder is global, and a workload's
+/// operations must not mix with another's.
+static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A spool whose directories exist (and are durable) before a workload.
+fn spool_for_workload() -> (tempfile::TempDir, PathBuf) {
     let work = scratch();
     let root = work.path().join("spool");
     fs::create_dir_all(&root).unwrap();
     fs::set_permissions(&root, fs::Permissions::from_mode(0o700)).unwrap();
-    // The directories exist (and are durable) before the workload.
     drop(Spool::open(&root).unwrap());
+    super::maildrop::prepare(&root).unwrap();
+    (work, root)
+}
+
+#[test]
+fn every_crash_state_recovers_without_loss_or_stale_duplicates() {
+    let _one = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
+    let (work, root) = spool_for_workload();
     record::start(&root);
     let sent = workload(&root);
-    let rec = record::stop();
+    explore(work.path(), &sent, record::stop(), 300);
+}
+
+#[test]
+fn every_crash_state_of_notices_and_local_submission_recovers() {
+    let _one = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
+    let (work, root) = spool_for_workload();
+    record::start(&root);
+    let sent = notices_workload(&root);
+    explore(work.path(), &sent, record::stop(), 150);
+}
+
+/// Builds every state a loss at each point of the recording `rec` can
+/// leave, recovers it and checks it (see the module documentation).
+fn explore(work: &Path, sent: &Sent, rec: Vec<(u128, Op)>, min_ops: usize) {
     let trace = Trace::new(State::default(), HashMap::new(), rec);
     let n = trace.ops.len();
-    assert!(n > 300, "the workload recorded only {n} operations");
+    assert!(n > min_ops, "the workload recorded only {n} operations");
 
     // When each finished message's done mark became durable, and how long
     // after it was written (the window, checked).
@@ -787,7 +1196,7 @@ fn every_crash_state_recovers_without_loss_or_stale_duplicates() {
             eprintln!("{i}: {op} durable_after={:?}", trace.durable_after[i]);
         }
     }
-    let out = work.path().join("state");
+    let out = work.join("state");
     let mut rng = fastrand::Rng::with_seed(17);
     let started = Instant::now();
     let (mut states, mut dups, mut second) = (0usize, BTreeSet::new(), 0usize);
@@ -855,13 +1264,13 @@ fn every_crash_state_recovers_without_loss_or_stale_duplicates() {
             let s = trace.state(k, keep);
             materialize(&s, &out);
             let what = format!("loss after op {k} of {n} ({name})");
-            for id in check(&out, &sent, &e, &durable, &what) {
+            for id in check(&out, sent, &e, &durable, &what) {
                 dups.insert(id);
             }
             states += 1;
             // A second loss in the middle of recovering from this one.
             if k % 25 == 0 && name == "all lost" {
-                second += second_loss(&s, &out, &sent, &e, &durable, &what, &mut rng);
+                second += second_loss(&s, &out, sent, &e, &durable, &what, &mut rng);
             }
         }
     }
@@ -924,4 +1333,78 @@ fn second_loss(
         }
     }
     count
+}
+
+/// `limits.json` (see `replace_file`): after a loss at any point of a run
+/// of saves it holds a whole save, and none older than the last one that
+/// returned (so a loss costs at most the counts since, about a second).
+#[test]
+fn every_crash_state_of_a_replaced_file_holds_a_whole_recent_version() {
+    let _one = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
+    let (work, root) = spool_for_workload();
+    let path = root.join("limits.json");
+    let version = |v: usize| {
+        format!(
+            "{{\"version\":1,\"saved\":{v},\"pad\":\"{}\"}}",
+            "x".repeat(v * 300)
+        )
+    };
+    record::start(&root);
+    for v in 0..4 {
+        super::replace_file(&path, version(v).as_bytes()).unwrap();
+        record::mark(format!("saved {v}"));
+    }
+    let trace = Trace::new(State::default(), HashMap::new(), record::stop());
+    let n = trace.ops.len();
+    let out = work.path().join("state");
+    let mut states = 0;
+    for k in 0..=n {
+        // The saves made before the loss.
+        let saved: Vec<usize> = trace.ops[..k]
+            .iter()
+            .filter_map(|o| match o {
+                MOp::Mark(m) => m.strip_prefix("saved ").and_then(|v| v.parse().ok()),
+                _ => None,
+            })
+            .collect();
+        let choices: Vec<(&str, Chooser)> = vec![
+            ("all kept", Box::new(|_, _| Keep::All)),
+            ("all lost", Box::new(|_, _| Keep::None)),
+            (
+                "directory operations kept, data lost",
+                Box::new(|_, o| match o {
+                    MOp::Dir { .. } => Keep::All,
+                    _ => Keep::None,
+                }),
+            ),
+            (
+                "data kept, directory operations lost",
+                Box::new(|_, o| match o {
+                    MOp::Write { .. } => Keep::All,
+                    _ => Keep::None,
+                }),
+            ),
+        ];
+        for (name, keep) in choices {
+            materialize(&trace.state(k, keep), &out);
+            let what = format!("loss after op {k} of {n} ({name})");
+            let got = fs::read_to_string(out.join("limits.json")).ok();
+            let oldest = saved.last().copied();
+            match (&got, oldest) {
+                (None, None) => {}
+                (None, Some(v)) => panic!("{what}: limits.json gone, though save {v} was made"),
+                (Some(text), _) => {
+                    let v = (0..4).find(|&v| *text == version(v)).unwrap_or_else(|| {
+                        panic!("{what}: limits.json is not a whole save: {text:?}")
+                    });
+                    assert!(
+                        oldest.is_none_or(|o| v >= o),
+                        "{what}: limits.json holds save {v}, older than save {oldest:?}"
+                    );
+                }
+            }
+            states += 1;
+        }
+    }
+    eprintln!("replaced file: {states} crash states after {n} operations");
 }

@@ -24,6 +24,15 @@ pub fn create_new(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Creates a new file with `opts` (which must say `create_new`): for a
+/// file whose mode or flags differ from [`create_new`]'s (a drop file).
+pub fn create_new_with(opts: &OpenOptions, path: &Path) -> io::Result<File> {
+    let file = opts.open(path)?;
+    #[cfg(test)]
+    record::created(path, &file);
+    Ok(file)
+}
+
 /// `pwrite` of all of `buf` at `offset`.
 pub fn write_at(file: &File, buf: &[u8], offset: u64) -> io::Result<()> {
     file.write_all_at(buf, offset)?;
@@ -51,6 +60,18 @@ pub fn sync_dir(dir: &File, path: &Path) -> io::Result<()> {
     #[cfg(not(test))]
     let _ = path;
     dir.sync_all()?;
+    #[cfg(test)]
+    record::sync_end(token);
+    Ok(())
+}
+
+/// `syncfs(2)` of the file system `file` is on: everything written and
+/// every directory change made on it so far is durable when this returns
+/// (for a process that may not open the directory to fsync it).
+pub fn sync_fs(file: &File) -> io::Result<()> {
+    #[cfg(test)]
+    let token = record::sync_fs_begin(file);
+    rustix::fs::syncfs(file)?;
     #[cfg(test)]
     record::sync_end(token);
     Ok(())
@@ -115,6 +136,11 @@ pub mod record {
         },
         SyncDirBegin {
             dir: String,
+            token: u64,
+        },
+        /// A `syncfs` started: everything recorded before it is durable
+        /// once the matching `SyncEnd` is recorded.
+        SyncFsBegin {
             token: u64,
         },
         SyncEnd {
@@ -193,6 +219,7 @@ pub mod record {
         let op = match op {
             Op::SyncFileBegin { ino, .. } => Op::SyncFileBegin { ino, token },
             Op::SyncDirBegin { dir, .. } => Op::SyncDirBegin { dir, token },
+            Op::SyncFsBegin { .. } => Op::SyncFsBegin { token },
             op => op,
         };
         r.next_token += 1;
@@ -256,6 +283,15 @@ pub mod record {
                 token: 0,
             })
         })
+    }
+
+    /// Only a `syncfs` of the recorded root's file system counts.
+    pub fn sync_fs_begin(file: &File) -> Option<u64> {
+        if lock().is_none() {
+            return None;
+        }
+        file_ino(file)?;
+        push_with(|_| Some(Op::SyncFsBegin { token: 0 }))
     }
 
     pub fn sync_end(token: Option<u64>) {

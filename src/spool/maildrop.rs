@@ -45,13 +45,13 @@
 //! old; one larger than the message size limit is not kept at all.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::format::{self, Envelope, Meta, RcptState};
-use super::{SpoolError, check_id};
+use super::{SpoolError, check_id, fsop};
 
 pub const DIR: &str = "maildrop";
 pub const PICKUP_SOCKET: &str = "pickup.sock";
@@ -127,31 +127,29 @@ pub fn write(
     let tmp = dir.join(format!("{TMP_PREFIX}{id}"));
     let done = dir.join(&id);
     let result = (|| {
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
+        let file = fsop::create_new_with(
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .custom_flags(libc::O_NOFOLLOW),
+            &tmp,
+        )?;
         rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)?;
         // Readable by the daemon whatever user it runs as; explicit because
         // the umask may have removed bits.
         rustix::fs::fchmod(&file, rustix::fs::Mode::from_raw_mode(0o444))?;
-        file.write_all(&format::encode_header(
-            &id,
-            arrival_ms,
-            env,
-            message.len() as u64,
-        ))?;
-        file.write_all(message)?;
-        file.write_all(format::END)?;
-        file.sync_data()?;
-        fs::rename(&tmp, &done)?;
-        rustix::fs::syncfs(&file)?;
-        Ok(())
+        let header = format::encode_header(&id, arrival_ms, env, message.len() as u64);
+        let body_at = header.len() as u64;
+        fsop::write_at(&file, &header, 0)?;
+        fsop::write_at(&file, message, body_at)?;
+        fsop::write_at(&file, format::END, body_at + message.len() as u64)?;
+        fsop::sync_data(&file)?;
+        fsop::rename(&tmp, &done)?;
+        fsop::sync_fs(&file)
     })();
     if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
+        let _ = fsop::remove_file(&tmp);
         return Err(SpoolError::io(&dir, e));
     }
     Ok(id)
@@ -252,7 +250,7 @@ pub fn clear(spool_root: &Path, name: &std::ffi::OsStr) -> Cleared {
     let path = dir.join(name);
     let removed = match fs::symlink_metadata(&path) {
         Ok(m) if m.is_dir() => fs::remove_dir_all(&path),
-        Ok(_) => fs::remove_file(&path),
+        Ok(_) => fsop::remove_file(&path),
         Err(e) => {
             return Cleared::Left {
                 error: e.to_string(),
@@ -479,7 +477,7 @@ pub fn remove(spool_root: &Path, name: &str) -> Result<(), SpoolError> {
     check_id(name)?;
     let dir = dir(spool_root);
     let path = dir.join(name);
-    super::fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
+    fsop::remove_file(&path).map_err(|e| SpoolError::io(&path, e))?;
     super::fsync_dir(&dir)
 }
 
@@ -507,7 +505,8 @@ pub fn to_corrupt(
         .map_err(|e| SpoolError::io(&src, e))?
         .len();
     if size > max_size || size > KEEP_BYTES {
-        fs::remove_file(&src).map_err(|e| SpoolError::io(&src, e))?;
+        fsop::remove_file(&src).map_err(|e| SpoolError::io(&src, e))?;
+        super::fsync_dir(&dir(spool_root))?;
         let why = format!(
             "{size} bytes, too large to keep (corrupt/maildrop keeps files up to {} bytes)",
             max_size.min(KEEP_BYTES)
@@ -516,7 +515,12 @@ pub fn to_corrupt(
     }
     let id = super::Spool::new_id();
     let kept = spool_root.join(CORRUPT_DIR);
-    fs::rename(&src, kept.join(&id)).map_err(|e| SpoolError::io(&src, e))?;
+    // Synced like a move between queue directories (durability rule 5):
+    // a power loss must not bring it back to be refused (and logged)
+    // again, or leave a second copy in corrupt/.
+    fsop::rename(&src, &kept.join(&id)).map_err(|e| SpoolError::io(&src, e))?;
+    super::fsync_dir(&kept)?;
+    super::fsync_dir(&dir(spool_root))?;
     Ok((Refused::Kept(id), prune(spool_root, SystemTime::now())))
 }
 

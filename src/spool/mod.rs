@@ -67,6 +67,7 @@
 //! deferred <idx> <unix ms> <reason>\n
 //! attempt <count> <next attempt unix ms>\n
 //! warned <unix ms>\n        a delay notice (NOTIFY=DELAY) was queued
+//!                           (synced: rule 2)
 //! accepted <unix ms>\n      the daemon logged the accepted line of a file
 //!                           with `submitter` (written without fsync, like
 //!                           rule 3: losing it logs the line once more)
@@ -121,8 +122,10 @@
 //!    the message is removed instead (rule 4): writing records only to
 //!    delete them would cost an fsync per message. A bounce is committed
 //!    (rule 1) before the `failed` records, or the removal, that it
-//!    reports. A crash between the upstream's `250` and our fsync can make
-//!    us send once more: delivery is at least once, never at most once.
+//!    reports; a delay notice before its `warned` record, which is synced
+//!    too (lost, the next attempt would send the sender a second notice).
+//!    A crash between the upstream's `250` and our fsync can make us send
+//!    once more: delivery is at least once, never at most once.
 //! 3. **Deferred / attempt / accepted**: written without fsync. Losing
 //!    them only makes a retry come early, or an accepted line be logged
 //!    twice, after a crash.
@@ -138,11 +141,16 @@
 //!    mark). So a `kill -9` sends nothing again, and a power loss sends
 //!    again at most the messages finished in the last window before it
 //!    (plus those whose batch sync was running). A window of `0s` syncs
-//!    each mark before the worker moves on. A file whose records say
+//!    each mark before the worker moves on. A delete is not answered
+//!    before its marks are durable (the queue tool said "deleted": the
+//!    message must not come back and be sent). A file whose records say
 //!    every recipient is done is removed by recovery.
 //! 5. **Hold / release / corrupt**: a `rename` between directories followed
 //!    by an fsync of both. The slot name stays. A power loss between the
 //!    two fsyncs can leave both names; recovery keeps the one in `hold/`.
+//! 6. **`limits.json`** (not a queue file): replaced whole, by a temp file
+//!    `fdatasync`ed, renamed over it, then the root fsynced
+//!    ([`replace_file`]): whole, and at most a save old, after any loss.
 //!
 //! # Recovery (at start)
 //! A file in `tmp/` is an accept that never finished, so its client never
@@ -650,9 +658,24 @@ impl Spool {
     pub fn move_to(&self, id: &str, from: Area, to: Area) -> Result<(), SpoolError> {
         let src = self.path(from, id)?;
         let dst = self.path(to, id)?;
-        fsop::rename(&src, &dst).map_err(|e| not_found_or(e, &src, id))?;
+        let st = fs::symlink_metadata(&src).map_err(|e| not_found_or(e, &src, id))?;
+        if self.same_file(&dst, &st) {
+            // Under both names (a power loss between the two syncs of an
+            // earlier move): rename(2) of a name onto another name of the
+            // same file does nothing, so the old name goes instead.
+            fsop::remove_file(&src).map_err(|e| not_found_or(e, &src, id))?;
+        } else {
+            fsop::rename(&src, &dst).map_err(|e| not_found_or(e, &src, id))?;
+        }
         fsync_dir(&self.inner.root.join(to.dir()))?;
         fsync_dir(&self.inner.root.join(from.dir()))
+    }
+
+    /// Makes the names made and removed in `queue/` and `hold/` so far
+    /// durable.
+    pub fn sync_names(&self) -> Result<(), SpoolError> {
+        fsync_dir(&self.inner.root.join(Area::Queue.dir()))?;
+        fsync_dir(&self.inner.root.join(Area::Hold.dir()))
     }
 
     /// Finds message `id` in `queue/` or `hold/` by the id its file holds:
@@ -660,7 +683,9 @@ impl Spool {
     /// recovered from) under a stale one. Returns where and its metadata.
     pub fn find(&self, id: &str) -> Result<Found, SpoolError> {
         check_id(id)?;
-        for area in [Area::Queue, Area::Hold] {
+        // Hold first: a message under both names (a power loss between
+        // the two syncs of a move) is on hold, as recovery keeps it.
+        for area in [Area::Hold, Area::Queue] {
             match self.read_meta(area, id) {
                 Ok(meta) if meta.id == id => {
                     return Ok(Found {
@@ -720,8 +745,7 @@ impl Spool {
             }
         }
         if rec.stale_names > 0 {
-            fsync_dir(&self.inner.root.join(Area::Queue.dir()))?;
-            fsync_dir(&self.inner.root.join(Area::Hold.dir()))?;
+            self.sync_names()?;
         }
         Ok(rec)
     }
@@ -1100,6 +1124,29 @@ fn read_meta_from(file: &mut File, path: &Path) -> Result<(Meta, Ends), SpoolErr
         used: start + used as u64,
     };
     Ok((meta, ends))
+}
+
+/// Replaces a small file of the spool that is not a queue file
+/// (`limits.json`) with `content`, mode 0600: a temp file, `fdatasync`ed,
+/// renamed over it, and the directory fsynced. A reader, or a restart
+/// after a crash or a power loss, finds the old content or the new, whole
+/// (unsynced, a power loss could keep the rename but not the data: an
+/// empty file, and every count lost); the new one once this returns.
+pub fn replace_file(path: &Path, content: &[u8]) -> io::Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
+    match fsop::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let file = fsop::create_new(&tmp)?;
+    fsop::write_at(&file, content, 0)?;
+    fsop::sync_data(&file)?;
+    fsop::rename(&tmp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir).and_then(|d| fsop::sync_dir(&d, dir))
 }
 
 fn create_private_dir(path: &Path) -> Result<(), SpoolError> {

@@ -22,6 +22,7 @@ mod observe;
 mod pipelining;
 mod postfix_sink;
 mod powerloss;
+mod powerloss_ops;
 mod queue;
 mod readme;
 mod relay;

@@ -19,7 +19,7 @@ use crate::support::upstream::{FakeUpstream, Script};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn out(o: &std::process::Output) -> String {
+pub(crate) fn out(o: &std::process::Output) -> String {
     assert!(
         o.status.success(),
         "exit {:?}: {}",
@@ -174,13 +174,76 @@ async fn stale_name(names: Names) {
     assert_eq!(subjects(&up), vec!["X", "control", "old"], "{names:?}");
 }
 
+/// A move to hold/ (or back) renames, then syncs hold/ and queue/: a power
+/// loss between the two syncs can leave the message under both names, and
+/// recovery keeps it on hold. Until the daemon has recovered, the tools
+/// must see it as held too, and releasing it must release it: a rename
+/// of one name of a file onto another name of the same file does nothing,
+/// so `queue release` said "released" and the message stayed on hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_left_under_both_names_is_held_until_released() {
+    let up = FakeUpstream::start_with(Script::default().mail_reply(451, "4.3.0 down")).await;
+    let mut d = Daemon::start(&relay_config(up.addr(), ""));
+    let spool = d.spool();
+    let mut ids = Vec::new();
+    for subject in ["held", "released"] {
+        let id = queue_id(
+            &send_mail(
+                d.addr,
+                "app@example.com",
+                &["bob@example.net"],
+                format!("Subject: {subject}\r\n\r\nput on hold\r\n").as_bytes(),
+            )
+            .await,
+        );
+        d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+        let o = d.cli(&["queue", "hold", &id]);
+        assert!(out(&o).starts_with("put on hold: 1"), "{}", out(&o));
+        ids.push(id);
+    }
+    assert!(d.stop());
+    // The power loss kept the queue/ names the renames had removed.
+    for id in &ids {
+        std::fs::hard_link(spool.join("hold").join(id), spool.join("queue").join(id)).unwrap();
+    }
+
+    let list = out(&d.cli(&["queue", "list"]));
+    for id in &ids {
+        assert_eq!(list.matches(id.as_str()).count(), 1, "{list}");
+        assert!(list.contains(&format!("{id}!")), "not shown held: {list}");
+    }
+    let show = out(&d.cli(&["queue", "show", &ids[0]]));
+    assert!(show.contains(&format!("{} (hold)", ids[0])), "{show}");
+    let r = out(&d.cli(&["queue", "release", &ids[1]]));
+    assert!(r.starts_with("released: 1 message"), "{r}");
+    assert_eq!(sorted(&spool.join("hold")), vec![ids[0].clone()]);
+    assert!(sorted(&spool.join("queue")).contains(&ids[1]));
+
+    up.set_script(Script::default());
+    let mark = d.log_mark();
+    d.restart();
+    let line = d.wait_log_since(mark, "recovered queue:", WAIT);
+    assert!(line.contains("1 queued, 1 on hold"), "{line}");
+    d.flush();
+    d.wait_log_since(mark, &format!("{}: removed", ids[1]), WAIT);
+    let list = out(&d.cli(&["queue", "list"]));
+    assert!(list.contains(&format!("{}!", ids[0])), "{list}");
+    assert!(!list.contains(&ids[1]), "{list}");
+    let subjects: Vec<String> = up
+        .messages()
+        .iter()
+        .map(crate::durability::subject)
+        .collect();
+    assert_eq!(subjects, vec!["released"]);
+}
+
 /// A LazyFS mount: a FUSE file system that keeps every write in its own
 /// cache until it is fsynced, and drops what is unsynced on command (a
 /// power loss for data; directory operations pass straight through).
-struct LazyFs {
+pub(crate) struct LazyFs {
     bin: PathBuf,
-    dir: PathBuf,
-    mnt: PathBuf,
+    pub(crate) dir: PathBuf,
+    pub(crate) mnt: PathBuf,
     fifo: PathBuf,
     done: PathBuf,
     child: Option<Child>,
@@ -190,7 +253,7 @@ struct LazyFs {
 }
 
 impl LazyFs {
-    fn start(bin: &Path, dir: &Path) -> LazyFs {
+    pub(crate) fn start(bin: &Path, dir: &Path) -> LazyFs {
         let (root, mnt) = (dir.join("root"), dir.join("mnt"));
         std::fs::create_dir_all(&root).unwrap();
         std::fs::create_dir_all(&mnt).unwrap();
@@ -260,21 +323,30 @@ impl LazyFs {
     /// that is gone: LazyFS must be running).
     fn command(&self, cmd: &str) {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&self.fifo)
-            .unwrap_or_else(|e| {
-                panic!(
+        // LazyFS opens the FIFO from a thread of its own, which may come
+        // after the mount (ENXIO until then), or between two commands.
+        let deadline = Instant::now() + WAIT;
+        let mut f = loop {
+            match std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&self.fifo)
+            {
+                Ok(f) => break f,
+                Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!(
                     "LazyFS is not reading its fault FIFO ({e}); its log:\n{}",
                     std::fs::read_to_string(self.dir.join("lazyfs.log")).unwrap_or_default()
-                )
-            });
+                ),
+            }
+        };
         f.write_all(format!("{cmd}\n").as_bytes()).unwrap();
     }
 
     /// Drops every write not yet fsynced: the power loss.
-    fn clear_cache(&self) {
+    pub(crate) fn clear_cache(&self) {
         self.command("lazyfs::clear-cache");
         let mut reader = self.done_reader.as_ref().expect("mounted");
         let mut got = Vec::new();
@@ -316,7 +388,7 @@ impl LazyFs {
         }
     }
 
-    fn remount(&mut self) {
+    pub(crate) fn remount(&mut self) {
         self.unmount();
         self.mount();
     }
@@ -355,19 +427,86 @@ enum Phase {
 /// How long the daemon drains before the loss in the draining phases.
 const DRAIN_BEFORE_LOSS: Duration = Duration::from_millis(2500);
 
-/// What one round saw.
-#[derive(Default)]
-struct Count {
-    acked: usize,
-    delivered: usize,
-    lost: Vec<String>,
-    duplicated: usize,
+/// What one round saw. `acked`: messages relayq (or `sendmail`) said it
+/// had; `wrongly_sent`: deleted or held messages that went out.
+#[derive(Default, Debug)]
+pub(crate) struct Count {
+    pub acked: usize,
+    pub delivered: usize,
+    pub lost: Vec<String>,
+    pub duplicated: usize,
     /// The longest time between a duplicate's first delivery and the loss.
-    oldest_duplicate: Duration,
+    pub oldest_duplicate: Duration,
+    pub wrongly_sent: Vec<String>,
+    /// Messages deleted as the operator asked.
+    pub deleted: usize,
+    /// Messages `queue list` showed more than once.
+    pub listed_twice: Vec<String>,
+}
+
+/// How many times each subject `<prefix>-...` arrived, and when first.
+pub(crate) fn arrivals(up: &FakeUpstream, prefix: &str) -> BTreeMap<String, (Instant, usize)> {
+    let mut first: BTreeMap<String, (Instant, usize)> = BTreeMap::new();
+    let prefix = format!("{prefix}-");
+    for m in up
+        .messages()
+        .iter()
+        .filter(|m| subject(m).starts_with(&prefix))
+    {
+        let e = first.entry(subject(m)).or_insert((m.at, 0));
+        e.0 = e.0.min(m.at);
+        e.1 += 1;
+    }
+    first
+}
+
+/// Counts what arrived of `acked` (subjects), duplicates measured from
+/// `lost_at`.
+pub(crate) fn count(
+    up: &FakeUpstream,
+    prefix: &str,
+    acked: &BTreeSet<String>,
+    lost_at: Instant,
+) -> Count {
+    let first = arrivals(up, prefix);
+    let mut c = Count {
+        acked: acked.len(),
+        ..Count::default()
+    };
+    for s in acked {
+        if first.contains_key(s) {
+            c.delivered += 1;
+        } else {
+            c.lost.push(s.clone());
+        }
+    }
+    for (at, times) in first.values() {
+        if *times > 1 {
+            c.duplicated += 1;
+            c.oldest_duplicate = c
+                .oldest_duplicate
+                .max(lost_at.saturating_duration_since(*at));
+        }
+    }
+    c
+}
+
+/// Waits until every subject in `want` arrived and `spool`'s queue is
+/// empty (or a minute), then a while for anything sent again.
+pub(crate) async fn drained(up: &FakeUpstream, spool: &Path, want: &BTreeSet<String>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got: BTreeSet<String> = up.messages().iter().map(subject).collect();
+        if (want.is_subset(&got) && queued(spool) == 0) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
 }
 
 /// Queue files in the spool's `queue/`.
-fn queued(spool: &Path) -> usize {
+pub(crate) fn queued(spool: &Path) -> usize {
     std::fs::read_dir(spool.join("queue"))
         .map(|d| {
             d.filter_map(|e| e.ok())
@@ -377,7 +516,7 @@ fn queued(spool: &Path) -> usize {
         .unwrap_or(0)
 }
 
-async fn load(
+pub(crate) async fn load(
     d: &Daemon,
     prefix: &str,
     until: impl Fn(usize) -> bool,
@@ -403,21 +542,28 @@ async fn load(
     tasks
 }
 
-/// One round: load in `phase`, a power loss, a restart; counts.
-async fn round(fs: &mut LazyFs, up: &FakeUpstream, phase: Phase, n: usize) -> Count {
-    let down = Script::default().mail_reply(451, "4.3.0 upstream down for the test");
+/// A daemon for round `n` with its spool on the mount (`spool-<n>`),
+/// relaying to `up` (`relay_extra`: more of its `[relay]` section).
+/// Retries come quickly: what the upstream deferred before a loss drains
+/// on its own after the restart.
+pub(crate) fn daemon_on(fs: &LazyFs, up: &FakeUpstream, n: usize, relay_extra: &str) -> Daemon {
     let spool = fs.mnt.join(format!("spool-{n}"));
     let work = fs.dir.join(format!("round-{n}"));
     std::fs::create_dir_all(&work).unwrap();
-    // Retries come quickly: the control socket (`queue flush`) does not
-    // work on a FUSE mount, so the daemon retries on its own.
     let config = relay_config(
         up.addr(),
         &format!(
             "spool_dir = \"{}\"\n[queue]\nretry_min = \"1s\"\nretry_max = \"1s\"\n",
             spool.display()
         ),
-    );
+    ) + relay_extra;
+    Daemon::start_in(&work, &config)
+}
+
+/// One round: load in `phase`, a power loss, a restart; counts.
+async fn round(fs: &mut LazyFs, up: &FakeUpstream, phase: Phase, n: usize) -> Count {
+    let down = Script::default().mail_reply(451, "4.3.0 upstream down for the test");
+    let spool = fs.mnt.join(format!("spool-{n}"));
     let prefix = format!("r{n}");
     let tally = Arc::new(Tally::default());
     let upstream_down = matches!(
@@ -432,7 +578,7 @@ async fn round(fs: &mut LazyFs, up: &FakeUpstream, phase: Phase, n: usize) -> Co
     } else {
         Script::default()
     });
-    let mut d = Daemon::start_in(&work, &config);
+    let mut d = daemon_on(fs, up, n, "");
     let before = up.messages().len();
     let lost_at;
     match phase {
@@ -515,55 +661,14 @@ async fn round(fs: &mut LazyFs, up: &FakeUpstream, phase: Phase, n: usize) -> Co
     d.restart();
     d.wait_log_since(mark, "recovered queue:", WAIT);
     let accepted: BTreeSet<String> = tally.accepted.lock().unwrap().keys().cloned().collect();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let got: BTreeSet<String> = up.messages().iter().map(subject).collect();
-        if (accepted.is_subset(&got) && queued(&spool) == 0) || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Anything sent again would be sent by now.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    drained(up, &spool, &accepted).await;
     assert!(d.stop(), "relayq exits cleanly; log:\n{}", d.log());
-    let mut first: BTreeMap<String, (Instant, usize)> = BTreeMap::new();
-    for m in up
-        .messages()
-        .iter()
-        .filter(|m| subject(m).starts_with(&format!("{prefix}-")))
-    {
-        let e = first.entry(subject(m)).or_insert((m.at, 0));
-        e.0 = e.0.min(m.at);
-        e.1 += 1;
-    }
-    let mut c = Count {
-        acked: accepted.len(),
-        ..Count::default()
-    };
-    for s in &accepted {
-        if first.contains_key(s) {
-            c.delivered += 1;
-        } else {
-            c.lost.push(s.clone());
-        }
-    }
-    for (at, times) in first.values() {
-        if *times > 1 {
-            c.duplicated += 1;
-            c.oldest_duplicate = c
-                .oldest_duplicate
-                .max(lost_at.saturating_duration_since(*at));
-        }
-    }
-    c
+    count(up, &prefix, &accepted, lost_at)
 }
 
-/// Power losses with the spool on LazyFS, in every phase of the daemon's
-/// work; run by CI (`.ci/run` builds LazyFS and points RELAYQ_LAZYFS at
-/// it). Needs root and /dev/fuse.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs LazyFS (RELAYQ_LAZYFS), root and /dev/fuse; run by .ci/run"]
-async fn lazyfs_power_loss_rounds() {
+/// The LazyFS that `RELAYQ_LAZYFS` names, mounted in a fresh temp dir
+/// (kept as long as the mount), and `RELAYQ_LAZYFS_ROUNDS` (default 1).
+pub(crate) fn lazyfs_from_env() -> (tempfile::TempDir, LazyFs, usize) {
     let bin = PathBuf::from(
         std::env::var_os("RELAYQ_LAZYFS").expect("RELAYQ_LAZYFS: path to the lazyfs binary"),
     );
@@ -572,7 +677,17 @@ async fn lazyfs_power_loss_rounds() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(1);
     let dir = tempfile::tempdir().unwrap();
-    let mut fs = LazyFs::start(&bin, dir.path());
+    let fs = LazyFs::start(&bin, dir.path());
+    (dir, fs, rounds)
+}
+
+/// Power losses with the spool on LazyFS, in every phase of the daemon's
+/// work; run by CI (`.ci/run` builds LazyFS and points RELAYQ_LAZYFS at
+/// it). Needs root and /dev/fuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs LazyFS (RELAYQ_LAZYFS), root and /dev/fuse; run by .ci/run"]
+async fn lazyfs_power_loss_rounds() {
+    let (_dir, mut fs, rounds) = lazyfs_from_env();
     let up = FakeUpstream::start().await;
     let phases = [
         Phase::AcceptingUpstreamDown,

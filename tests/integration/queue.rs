@@ -430,3 +430,87 @@ async fn the_listing_prints_no_control_characters_from_a_drop_file() {
     let v: serde_json::Value = serde_json::from_str(json.lines().next().unwrap()).unwrap();
     assert_eq!(v["recipients"][0]["address"], evil, "{json}");
 }
+
+/// Runs `relayq serve` on `config` and returns its stderr once it exits;
+/// panics if it is still running after a while (it started).
+fn serve_refused(config: &std::path::Path) -> String {
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(config)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "relayq serve is running without its sockets:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The daemon's control socket (and the pickup's) live in the spool. When
+/// one cannot be made (a spool_dir too long for a socket's path, a file
+/// system without sockets such as some FUSE ones, something else in its
+/// place), relayq serve used to run without it, silently: every queue
+/// tool then said the spool was "locked by another relayq process", and
+/// mail its owner's `sendmail` queued waited for the next restart. It
+/// refuses to start instead, naming the socket, the cause and the fix.
+#[test]
+fn a_spool_without_room_for_its_sockets_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relayq.toml");
+    let write = |spool: &std::path::Path| {
+        std::fs::write(
+            &config,
+            format!(
+                "spool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[capture]\nmaildir = \"{}\"\n",
+                spool.display(),
+                dir.path().join("Maildir").display()
+            ),
+        )
+        .unwrap();
+    };
+    // Longer than a socket path may be (108 bytes with its NUL).
+    let long = dir.path().join("a".repeat(50)).join("b".repeat(50));
+    write(&long);
+    let err = serve_refused(&config);
+    assert!(
+        err.contains("spool_dir") && err.contains("too long") && err.contains("control.sock"),
+        "{err}"
+    );
+    let o = std::process::Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("too long"), "{}", stderr(&o));
+
+    // Something in the socket's place that is not ours to remove.
+    let spool = dir.path().join("spool");
+    std::fs::create_dir_all(spool.join("control.sock").join("keep")).unwrap();
+    write(&spool);
+    let err = serve_refused(&config);
+    assert!(
+        err.contains("cannot create the control socket") && err.contains("control.sock"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(spool.join("control.sock")).unwrap();
+    std::fs::create_dir_all(spool.join("pickup.sock").join("keep")).unwrap();
+    let err = serve_refused(&config);
+    assert!(
+        err.contains("cannot create the pickup socket") && err.contains("pickup.sock"),
+        "{err}"
+    );
+}

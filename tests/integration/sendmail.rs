@@ -296,6 +296,60 @@ async fn daemon_down_message_kept_then_delivered() {
     );
 }
 
+/// `sendmail` run by the spool's owner queues the message itself, then
+/// tells the daemon. Killed in between (a PHP time limit, Ctrl-C, the OOM
+/// killer), or unable to reach the daemon, it leaves the message in
+/// queue/ where the running daemon never looked again: `mailq` listed it,
+/// `queue flush` said "0 deferred", `queue requeue ID` said "no such
+/// message", until the next restart. The daemon now takes up such files:
+/// at `queue flush`, at `queue requeue ID`, and on its own once a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_sendmail_queued_without_telling_the_daemon_is_not_stranded() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), ""));
+    let sock = d.spool().join("control.sock");
+    let away = d.spool().join("control.sock.away");
+    let mut ids = Vec::new();
+    for n in 0..2 {
+        // The daemon cannot be told (as if sendmail died before it could).
+        std::fs::rename(&sock, &away).unwrap();
+        let o = sendmail(
+            &d.config,
+            &["-v", "bob@example.net"],
+            format!("Subject: untold {n}\n\nqueued\n").as_bytes(),
+        );
+        std::fs::rename(&away, &sock).unwrap();
+        ok(&o);
+        let err = stderr(&o);
+        let id = err
+            .split("queued as ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("{err}"))
+            .to_string();
+        ids.push(id);
+    }
+    let list = String::from_utf8_lossy(&d.cli(&["queue", "list"]).stdout).into_owned();
+    assert!(ids.iter().all(|id| list.contains(id.as_str())), "{list}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(up.messages().is_empty(), "sent without being told?");
+
+    // requeue names one; flush takes the other.
+    let o = d.cli(&["queue", "requeue", &ids[0]]);
+    ok(&o);
+    up.wait_for_messages(1, WAIT).await;
+    let o = d.cli(&["queue", "flush"]);
+    ok(&o);
+    let got = up.wait_for_messages(2, WAIT).await;
+    let mut subjects: Vec<String> = got.iter().map(crate::durability::subject).collect();
+    subjects.sort();
+    assert_eq!(subjects, vec!["untold 0", "untold 1"]);
+    for id in &ids {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+        assert_eq!(d.count_log(&format!("{id}: uid=")), 1, "{}", d.log());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_flag() {
     let up = FakeUpstream::start().await;
