@@ -320,9 +320,10 @@ pub struct RelayConfig {
     /// Allows `tls = "none"` to a non-loopback upstream.
     #[serde(default)]
     pub insecure: bool,
-    /// Parallel connections to this relay.
-    #[serde(default = "default_concurrency")]
-    pub concurrency: usize,
+    /// Connections to this relay: learned ("adaptive", the default, up to
+    /// `max_connections`) or fixed.
+    #[serde(default)]
+    pub concurrency: ConcurrencyConfig,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     #[serde(default = "default_command_timeout")]
@@ -393,8 +394,9 @@ pub struct RelayConfig {
     /// Name to verify the certificate against (default: `host`).
     #[serde(default)]
     pub tls_server_name: Option<String>,
-    /// Parallel connections, the provider-facing name of `concurrency`
-    /// (wins when both are set).
+    /// The most connections open at once (a hard cap: the provider's
+    /// limit). Default: [`DEFAULT_MAX_CONNECTIONS`] when adaptive, else
+    /// `concurrency`.
     #[serde(default)]
     pub max_connections: Option<usize>,
     /// Close a connection after this many messages (providers cap it).
@@ -457,10 +459,55 @@ pub enum SecretSource {
     OAuth2File(PathBuf),
 }
 
+/// `max_connections` of an adaptive relay: a little above Postfix's
+/// `default_destination_concurrency_limit` (20), since each of relayq's
+/// connections carries a message per round trip (see the README).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 25;
+
+/// `concurrency`: "adaptive" or a fixed number of connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConcurrencyConfig {
+    #[default]
+    Adaptive,
+    Fixed(usize),
+}
+
+impl<'de> Deserialize<'de> for ConcurrencyConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Text(String),
+        }
+        let wrong = || {
+            serde::de::Error::custom(
+                "concurrency must be \"adaptive\" or a number of connections (at least 1)",
+            )
+        };
+        match Raw::deserialize(d)? {
+            Raw::Int(n) if n >= 1 => Ok(ConcurrencyConfig::Fixed(
+                usize::try_from(n).map_err(|_| wrong())?,
+            )),
+            Raw::Text(t) if t.eq_ignore_ascii_case("adaptive") => Ok(ConcurrencyConfig::Adaptive),
+            _ => Err(wrong()),
+        }
+    }
+}
+
 impl RelayConfig {
-    /// Connections this relay may have open at once.
+    /// Connections this relay may have open at once (the hard cap).
     pub fn connections(&self) -> usize {
-        self.max_connections.unwrap_or(self.concurrency)
+        match self.concurrency {
+            ConcurrencyConfig::Adaptive => self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS),
+            ConcurrencyConfig::Fixed(n) => self.max_connections.map_or(n, |max| n.min(max)),
+        }
+        .max(1)
+    }
+
+    /// Whether the number of connections is learned rather than fixed.
+    pub fn adaptive(&self) -> bool {
+        self.concurrency == ConcurrencyConfig::Adaptive
     }
 
     /// The relay's addresses that need no DNS lookup: an IP literal, or
@@ -603,9 +650,6 @@ fn default_spool_dir() -> PathBuf {
 }
 fn default_relay_port() -> u16 {
     587
-}
-fn default_concurrency() -> usize {
-    4
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(30))
@@ -890,8 +934,8 @@ impl Config {
             None => format!("relay.{}.{k}", named.name),
         };
         {
-            if relay.concurrency == 0 {
-                return Err(self.invalid(key("concurrency"), "must be at least 1"));
+            if relay.max_connections == Some(0) {
+                return Err(self.invalid(key("max_connections"), "must be at least 1"));
             }
             if relay.host.trim().is_empty() {
                 return Err(self.invalid(key("host"), "must not be empty"));
@@ -1237,7 +1281,50 @@ mod tests {
         let c = parse("[relay]\nhost = \"127.0.0.1\"\nport = 2526\ntls = \"none\"\n").unwrap();
         assert_eq!(c.transport_kind(), TransportKind::Relay);
         assert_eq!(c.smtp.listen.len(), 2);
-        assert_eq!(c.relay.unwrap().concurrency, 4);
+        let relay = c.relay.unwrap();
+        assert_eq!(relay.concurrency, ConcurrencyConfig::Adaptive);
+        assert!(relay.adaptive());
+        assert_eq!(relay.connections(), DEFAULT_MAX_CONNECTIONS);
+    }
+
+    #[test]
+    fn concurrency_is_adaptive_or_a_number() {
+        let relay = |extra: &str| {
+            parse(&format!(
+                "[relay]\nhost = \"127.0.0.1\"\ntls = \"none\"\n{extra}"
+            ))
+            .map(|c| c.relay.unwrap())
+        };
+        let r = relay("concurrency = \"adaptive\"\nmax_connections = 3\n").unwrap();
+        assert!(r.adaptive());
+        assert_eq!(r.connections(), 3);
+        let r = relay("concurrency = 8\n").unwrap();
+        assert!(!r.adaptive());
+        assert_eq!(r.connections(), 8);
+        // Both numbers: the cap wins.
+        assert_eq!(
+            relay("concurrency = 8\nmax_connections = 4\n")
+                .unwrap()
+                .connections(),
+            4
+        );
+        for bad in [
+            "concurrency = 0",
+            "concurrency = \"lots\"",
+            "concurrency = -2",
+        ] {
+            let e = relay(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("concurrency must be \"adaptive\" or a number"),
+                "{bad}: {e}"
+            );
+            assert!(e.contains("line 4"), "{bad}: {e}");
+        }
+        let e = relay("max_connections = 0").unwrap_err().to_string();
+        assert!(
+            e.contains("relay.max_connections: must be at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

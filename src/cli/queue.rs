@@ -311,9 +311,23 @@ fn write_relays(relays: &Option<Vec<RelayState>>, out: &mut impl Write) -> anyho
             .unwrap_or_default();
         writeln!(
             out,
-            "  {:width$}  {}  {state}{error}, connections {}/{}",
-            r.name, r.endpoint, r.connections, r.max_connections
+            "  {:width$}  {}  {state}{error}, connections {} open, concurrency {}/{} ({})",
+            r.name,
+            r.endpoint,
+            r.connections,
+            r.concurrency,
+            r.max_connections,
+            if r.adaptive { "adaptive" } else { "fixed" }
         )?;
+        if let Some(change) = r.concurrency_change.as_ref().filter(|_| r.adaptive) {
+            writeln!(
+                out,
+                "  {:width$}    concurrency {} (since {})",
+                "",
+                change.text,
+                fmt_time(change.at_ms, None)
+            )?;
+        }
         for l in &r.limits {
             let tz = l
                 .window

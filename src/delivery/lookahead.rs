@@ -8,8 +8,11 @@
 //! worker's from then on, exactly as if it had been handed over next:
 //! the scheduler has it in flight, so no queue operation moves its file
 //! meanwhile. A job the transport can't send on the same connection is
-//! handed back here, and the worker tries it the usual way next.
+//! handed back here, and the worker tries it the usual way next; one that
+//! was on a connection that broke before the relay answered it is handed
+//! back to be tried alone (nothing sent behind it).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -32,15 +35,16 @@ pub struct Candidate {
 pub struct Lookahead {
     /// Where jobs come from; `None`: don't look ahead.
     source: Option<(Arc<Mutex<mpsc::Receiver<Job>>>, Spool)>,
-    /// A job taken ahead but not sent: the worker's next.
-    held: Option<Box<str>>,
+    /// Jobs taken ahead but not sent: the worker's next ones, in order;
+    /// `true` to try that one alone.
+    held: VecDeque<(Box<str>, bool)>,
 }
 
 impl Lookahead {
     pub fn new(jobs: Arc<Mutex<mpsc::Receiver<Job>>>, spool: Spool) -> Lookahead {
         Lookahead {
             source: Some((jobs, spool)),
-            held: None,
+            held: VecDeque::new(),
         }
     }
 
@@ -48,7 +52,7 @@ impl Lookahead {
     pub fn off() -> Lookahead {
         Lookahead {
             source: None,
-            held: None,
+            held: VecDeque::new(),
         }
     }
 
@@ -62,7 +66,7 @@ impl Lookahead {
     /// One that can't be loaded or has nothing pending is held for the
     /// usual path, which knows how to report it.
     pub async fn candidate(&mut self) -> Option<Candidate> {
-        if self.held.is_some() {
+        if !self.held.is_empty() {
             return None;
         }
         let (jobs, spool) = self.source.as_ref()?;
@@ -75,12 +79,12 @@ impl Lookahead {
         let owned = job.id.to_string();
         let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
         let Ok(Ok((meta, body))) = loaded else {
-            self.held = Some(job.id);
+            self.held.push_back((job.id, false));
             return None;
         };
         let rcpts: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
         if rcpts.is_empty() {
-            self.held = Some(job.id);
+            self.held.push_back((job.id, false));
             return None;
         }
         Some(Candidate {
@@ -95,11 +99,26 @@ impl Lookahead {
     /// A candidate that did not go out behind the previous message: the
     /// worker tries it next, the usual way.
     pub fn hand_back(&mut self, c: Candidate) {
-        self.held = Some(c.id);
+        self.held.push_back((c.id, false));
     }
 
-    /// The job to try next, if one was taken ahead and not sent.
-    pub fn take_held(&mut self) -> Option<Box<str>> {
-        self.held.take()
+    /// A candidate whose connection broke before the relay answered it:
+    /// the worker tries it next, alone.
+    pub fn hand_back_alone(&mut self, c: Candidate) {
+        self.held.push_back((c.id, true));
+    }
+
+    /// The jobs to try next (`true`: alone), taken ahead and not sent.
+    pub fn take_held(&mut self) -> VecDeque<(Box<str>, bool)> {
+        std::mem::take(&mut self.held)
+    }
+
+    /// Whether more jobs are ready than workers are waiting for (mail
+    /// waits): a worker idle for work holds the queue, so then nothing is.
+    pub fn waiting(&self) -> bool {
+        let Some((jobs, _)) = &self.source else {
+            return false;
+        };
+        jobs.try_lock().is_ok_and(|rx| !rx.is_empty())
     }
 }

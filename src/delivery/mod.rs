@@ -9,6 +9,7 @@
 //! to send behind the current one on a pipelining connection (`lookahead`).
 //! That one is the worker's like any job: the scheduler has it in flight.
 
+pub mod gate;
 pub mod lookahead;
 pub mod outcome;
 pub mod scheduler;

@@ -4,12 +4,16 @@
 //! the durability rules. On a relay that pipelines, the next ready message
 //! may go out behind the current one (see `lookahead`); the worker then
 //! records the current one and finishes the next on the same connection.
+//! A worker takes work only with a pass from the relays' gate (see `gate`),
+//! so no more workers are busy than the relays allow connections.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Mutex, mpsc, watch};
 
+use super::gate::{Gate, Pass};
 use super::lookahead::Lookahead;
 use super::outcome::{AttemptReport, Delivery, RcptOutcome, backoff};
 use super::scheduler::{Job, Next, SchedulerHandle, stopped};
@@ -39,6 +43,11 @@ impl WorkerContext {
             None => Sender::new(&self.config)?,
         })
     }
+
+    /// The gate workers pass to take work, when relaying.
+    fn gate(&self) -> Option<Arc<Gate>> {
+        self.router.as_ref().map(|r| r.gate())
+    }
 }
 
 /// Runs one worker until shutdown. The connection it holds is closed after
@@ -62,7 +71,12 @@ pub async fn run(
     let mut live = true;
     // `changed()` below marks the new context as seen: remember it.
     let mut switch = false;
-    let mut held: Option<Box<str>> = None;
+    // Taken ahead and not sent behind the previous message: this worker's
+    // next ones (`true`: to try alone).
+    let mut held: VecDeque<(Box<str>, bool)> = VecDeque::new();
+    // Kept while this worker works (held jobs included), then given back,
+    // so a gate that shrank can retire it.
+    let mut pass: Option<Pass> = None;
     loop {
         if std::mem::take(&mut switch) || (live && contexts.has_changed().unwrap_or(false)) {
             let next = contexts.borrow_and_update().clone();
@@ -71,6 +85,9 @@ pub async fn run(
                     sender.close().await;
                     sender = fresh;
                     ctx = next;
+                    if held.is_empty() {
+                        pass = None;
+                    }
                 }
                 Err(e) => {
                     tracing::error!("reloaded transport cannot start, keeping the old one: {e:#}")
@@ -78,12 +95,26 @@ pub async fn run(
             }
         }
         let idle = sender.idle_timeout();
-        let id = match held.take() {
-            // Taken ahead and not sent behind the previous message: it is
-            // this worker's next one.
-            Some(id) if !*shutdown.borrow() => id,
+        if held.is_empty() {
+            pass = None;
+        }
+        let (id, alone) = match held.pop_front() {
+            Some(job) if !*shutdown.borrow() => job,
             Some(_) => break,
             None => {
+                if pass.is_none()
+                    && let Some(gate) = ctx.gate()
+                {
+                    tokio::select! {
+                        p = gate.enter() => pass = Some(p),
+                        _ = stopped(&mut shutdown) => break,
+                        r = contexts.changed(), if live => {
+                            live = r.is_ok();
+                            switch = live;
+                            continue;
+                        }
+                    }
+                }
                 let job = tokio::select! {
                     job = async { jobs.lock().await.recv().await } => job,
                     _ = stopped(&mut shutdown) => break,
@@ -98,30 +129,34 @@ pub async fn run(
                     }
                 };
                 let Some(job) = job else { break };
-                job.id
+                (job.id, false)
             }
         };
-        held = chain(&ctx, &mut sender, id, &jobs, &shutdown, &contexts).await;
+        let more = chain(&ctx, &mut sender, id, alone, &jobs, &shutdown, &contexts).await;
+        held.extend(more);
     }
+    drop(pass);
     sender.close().await;
 }
 
 /// Tries a message, then each message that went out behind it on the same
 /// connection (see `lookahead`), recording each outcome as soon as it is
-/// known. Returns a job taken ahead but not sent, to try next.
+/// known; `alone`: nothing goes out behind it. Returns the jobs taken ahead
+/// but not sent, to try next.
 async fn chain(
     ctx: &WorkerContext,
     sender: &mut Sender,
     id: Box<str>,
+    alone: bool,
     jobs: &Arc<Mutex<mpsc::Receiver<Job>>>,
     shutdown: &watch::Receiver<bool>,
     contexts: &watch::Receiver<Arc<WorkerContext>>,
-) -> Option<Box<str>> {
+) -> VecDeque<(Box<str>, bool)> {
     let mut ahead = Lookahead::new(jobs.clone(), ctx.spool.clone());
     // What is open is finished, but no more work is taken ahead once the
     // worker should stop or take up a new configuration.
     let must_stop = || *shutdown.borrow() || contexts.has_changed().unwrap_or(true);
-    if must_stop() {
+    if alone || must_stop() {
         ahead.stop();
     }
     let (next, mut follow) = attempt_ahead(ctx, sender, &id, &mut ahead).await;

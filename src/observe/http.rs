@@ -229,6 +229,7 @@ async fn metrics(State(ctx): State<Arc<StatusContext>>) -> Response {
         Ok(snap) => super::metrics::set_queue(&snap),
         Err(e) => return unavailable(e),
     }
+    super::metrics::set_relays(&crate::routing::relay_states());
     match super::metrics::render() {
         Some(text) => (
             [(

@@ -25,6 +25,10 @@ pub const RELAY_UP: &str = "relayq_relay_up";
 pub const QUEUE_MESSAGES: &str = "relayq_queue_messages";
 pub const QUEUE_OLDEST: &str = "relayq_queue_oldest_message_age_seconds";
 pub const SPOOL_BYTES: &str = "relayq_spool_bytes";
+pub const RELAY_CONNECTIONS: &str = "relayq_relay_connections";
+pub const RELAY_CONCURRENCY: &str = "relayq_relay_concurrency";
+pub const RELAY_MAX_CONNECTIONS: &str = "relayq_relay_max_connections";
+pub const RELAY_CONCURRENCY_REASON: &str = "relayq_relay_concurrency_reason";
 
 /// From a fast local relay to a five-day expiry.
 const DELAY_BUCKETS: &[f64] = &[
@@ -95,6 +99,22 @@ pub fn install(relays: &[String]) -> anyhow::Result<()> {
         metrics::Unit::Bytes,
         "Bytes of queue files in the spool"
     );
+    describe_gauge!(
+        RELAY_CONNECTIONS,
+        "Connections open to the relay now (busy or idle), by relay (host:port) and name"
+    );
+    describe_gauge!(
+        RELAY_CONCURRENCY,
+        "Connections the relay's concurrency allows now (adaptive, or fixed by concurrency = N)"
+    );
+    describe_gauge!(
+        RELAY_MAX_CONNECTIONS,
+        "The relay's max_connections: the most ever open at once"
+    );
+    describe_gauge!(
+        RELAY_CONCURRENCY_REASON,
+        "1 for the reason of the relay's last concurrency change (start, fixed, backlog, refused, failed, throttled, rate, idle), 0 for the others"
+    );
     counter!(ACCEPTED).increment(0);
     for reason in super::events::Reason::ALL {
         counter!(REJECTED, "reason" => reason.as_str()).increment(0);
@@ -113,6 +133,24 @@ pub fn set_queue(snap: &QueueSnapshot) {
     gauge!(QUEUE_MESSAGES, "area" => "hold").set(snap.held as f64);
     gauge!(QUEUE_OLDEST).set(snap.oldest_age_seconds.unwrap_or(0.0));
     gauge!(SPOOL_BYTES).set(snap.bytes as f64);
+}
+
+/// Sets the relay gauges from the router's snapshot.
+pub fn set_relays(relays: &[crate::routing::RelayState]) {
+    use crate::routing::concurrency::Reason;
+    for r in relays {
+        let labels = [("relay", r.endpoint.clone()), ("name", r.name.clone())];
+        gauge!(RELAY_CONNECTIONS, &labels).set(r.connections as f64);
+        gauge!(RELAY_CONCURRENCY, &labels).set(r.concurrency as f64);
+        gauge!(RELAY_MAX_CONNECTIONS, &labels).set(r.max_connections as f64);
+        let current = r.concurrency_change.as_ref().map(|c| c.reason);
+        for reason in Reason::ALL {
+            let mut with_reason = labels.to_vec();
+            with_reason.push(("reason", reason.as_str().to_string()));
+            let on = current == Some(reason);
+            gauge!(RELAY_CONCURRENCY_REASON, &with_reason).set(if on { 1.0 } else { 0.0 });
+        }
+    }
 }
 
 /// The Prometheus text exposition, or `None` if [`install`] was not called.

@@ -159,15 +159,28 @@ pub fn render(r: &StatusReport) -> String {
                     )
                 })
                 .collect();
+            let concurrency = match &relay.concurrency_change {
+                Some(change) if relay.adaptive => format!(
+                    "{} open; concurrency {} of at most {} (adaptive): {}, {}",
+                    relay.connections,
+                    relay.concurrency,
+                    relay.max_connections,
+                    esc(&change.text),
+                    since(r.now, change.at_ms)
+                ),
+                _ => format!(
+                    "{} open; concurrency {} (fixed)",
+                    relay.connections, relay.concurrency
+                ),
+            };
             let _ = write!(
                 h,
-                "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}/{}</td><td>{}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td></tr>",
                 esc(&relay.name),
                 esc(&relay.endpoint),
                 esc(&relay.state),
                 state,
-                relay.connections,
-                relay.max_connections,
+                concurrency,
                 if limits.is_empty() {
                     "none".to_string()
                 } else {
@@ -345,6 +358,15 @@ mod tests {
             last_error: None,
             connections: 0,
             max_connections: 4,
+            concurrency: 3,
+            adaptive: true,
+            concurrency_change: Some(crate::routing::concurrency::Change {
+                at_ms: now - 9_000,
+                from: 4,
+                to: 3,
+                reason: crate::routing::concurrency::Reason::Refused,
+                text: "4 -> 3: the relay refused one more connection (421 <too many>)".into(),
+            }),
             limits: Vec::new(),
         };
         let mut down = relay("down<b>", "down");
@@ -399,6 +421,11 @@ mod tests {
             "{routing}"
         );
         assert!(routing.contains(">up</td>"), "{routing}");
+        assert!(
+            routing.contains("0 open; concurrency 3 of at most 4 (adaptive): 4 -&gt; 3: the relay refused one more connection (421 &lt;too many&gt;), <time datetime=\""),
+            "{routing}"
+        );
+        assert!(routing.contains("9s ago</time>"), "{routing}");
     }
 
     #[test]

@@ -1,16 +1,37 @@
-//! Pipelining across messages, at the router: when a relay's connection
-//! pipelines, the worker's next ready message (see `delivery::lookahead`)
-//! can go out behind this one's end of data, if the router would send it to
-//! the same relay anyway: its route starts with this relay, the relay is
-//! usable, and its limits admit one more message now (counted before its
-//! MAIL is sent, given back if the relay takes nothing). Anything else and
-//! the message is handed back to the worker, to be tried the usual way.
+//! Several messages on one connection at once, at the router: when a
+//! relay's connection pipelines, the worker's next ready messages (see
+//! `delivery::lookahead`) go out behind the current one, if the router
+//! would send them to the same relay anyway: their route starts with this
+//! relay, the relay is usable, and its limits admit one more message now
+//! (counted before it is written, given back if the relay takes nothing).
+//! Anything else and the message is handed back to the worker, to be tried
+//! the usual way.
 //!
-//! A message whose envelope got 354 keeps the connection (its lease) in a
-//! [`Follow`] while the worker records the previous one; resuming sends its
-//! body (and maybe the next envelope). One whose envelope was refused gets
-//! its report from the same [`Follow`], as it would have on its own.
+//! Two ways, by what the relay offers:
+//!
+//! - **PIPELINING** alone (DATA): the next message's envelope goes out
+//!   behind this one's end of data (`transport::smtp::pipeline`). The
+//!   message keeps the connection (its lease) in a [`Follow`] while the
+//!   worker records the previous one. When its envelope's replies came
+//!   with the reply to that end of data (they usually do), its body (and
+//!   the next envelope) is written before the worker records anything, so
+//!   the round trip and the disk overlap; resuming reads the reply. One
+//!   whose envelope was refused gets its report from the same [`Follow`],
+//!   as it would have on its own.
+//! - **CHUNKING** with PIPELINING (BDAT): whole messages go out one behind
+//!   the other, up to [`STREAM_WINDOW`] unanswered (and [`STREAM_BYTES`]),
+//!   before any reply (`transport::smtp::chunking`). Each resume reads the
+//!   oldest one's replies and writes the next ready message before the
+//!   worker records it, so the connection never waits for the disk.
+//!
+//! Every message is recorded from its own replies. When the line drops
+//! (or the connection turns out to have gone stale) the messages not yet
+//! answered are handed back to the worker to be retried alone, on a new
+//! connection with nothing behind them, so a message that breaks the
+//! connection can only break its own attempts; what was answered before
+//! stays recorded and is never sent again.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,12 +39,18 @@ use super::headers;
 use super::health::{Availability, Signal};
 use super::reserve::Ticket;
 use super::route::{RelayId, Routed};
-use super::router::Router;
+use super::router::{Carry, Router};
 use crate::delivery::lookahead::{Candidate, Lookahead};
-use crate::delivery::outcome::AttemptReport;
+use crate::delivery::outcome::{AttemptReport, Delivery};
 use crate::transport::pool::Lease;
-use crate::transport::relay::Outgoing;
-use crate::transport::smtp::{NextTxn, Opened, Pending, SmtpError, TxnReport};
+use crate::transport::relay::{Answered, Outgoing, Pushed, Wrote};
+use crate::transport::smtp::{Chunked, NextTxn, Opened, Pending, SmtpError, TxnReport, Written};
+
+/// Messages written on one connection and not yet answered, at most.
+pub const STREAM_WINDOW: usize = 8;
+/// Bytes of message written on one connection and not yet answered, at
+/// most (one larger message still goes, alone).
+pub const STREAM_BYTES: usize = 1024 * 1024;
 
 /// The next message, admitted to go out behind the current one.
 pub(super) struct Ahead {
@@ -44,6 +71,17 @@ impl Ahead {
     }
 }
 
+/// A message written whole into a stream, its replies unread.
+pub(super) struct InFlight {
+    ahead: Ahead,
+    chunked: Chunked,
+    /// When it was written.
+    since: Instant,
+}
+
+/// Messages in flight on a streaming connection, oldest first.
+pub(super) type Flight = VecDeque<InFlight>;
+
 /// An attempt on a relay, as it ended.
 pub(super) struct Done {
     pub(super) id: RelayId,
@@ -59,72 +97,117 @@ pub(super) struct Done {
 enum Ready {
     Open(Opened),
     Over(Result<TxnReport, SmtpError>),
+    Written(Written, Instant),
+    Reported(AttemptReport, Signal),
 }
 
 enum State {
     /// Its envelope went out behind the previous dot; replies unread.
     Pending(Pending),
-    /// 354: the relay waits for its body.
-    Open(Opened),
     /// Its envelope was answered without a go-ahead: this is its outcome.
     Over(Result<TxnReport, SmtpError>),
+    /// Its body went out (at that time), with the next message's envelope
+    /// behind its dot if `Held::Data::next` is set; the reply is unread.
+    Written(Written, Instant),
+    /// Its body could not be written: this is its outcome.
+    Reported(Box<(AttemptReport, Signal)>),
 }
 
-/// A message whose envelope went out behind the previous message's end of
-/// data, with the connection it is on. The worker owns the message (the
-/// scheduler has it in flight) and must [`Follow::resume`] it.
-#[must_use = "the message and its connection are held until resumed"]
+/// What a [`Follow`] holds.
+enum Held {
+    /// DATA: one message whose envelope went out behind the previous one.
+    Data {
+        ahead: Box<Ahead>,
+        state: State,
+        since: Instant,
+        /// The message whose envelope went behind this one's written body.
+        next: Option<Box<Ahead>>,
+    },
+    /// BDAT: whole messages in flight, oldest first.
+    Stream(Flight),
+}
+
+/// Messages that went out behind the previous one on its connection, with
+/// the connection. The worker owns the messages (the scheduler has them in
+/// flight) and must [`Follow::resume`] them.
+#[must_use = "the messages and their connection are held until resumed"]
 pub struct Follow {
     router: Arc<Router>,
     relay: RelayId,
     lease: Lease,
-    ahead: Ahead,
-    state: State,
-    since: Instant,
+    held: Held,
 }
 
 /// A resumed message's attempt.
 pub struct Resumed {
     pub job: Candidate,
     pub report: AttemptReport,
-    /// The message after it, if that went out behind it.
+    /// The messages after it, if any went out behind it.
     pub follow: Option<Follow>,
 }
 
 impl Follow {
-    /// The queue id of the message.
+    /// The queue id of the next message to finish.
     pub fn id(&self) -> &str {
-        &self.ahead.cand.id
+        match &self.held {
+            Held::Data { ahead, .. } => &ahead.cand.id,
+            Held::Stream(flight) => flight.front().map_or("", |m| &m.ahead.cand.id),
+        }
     }
 
-    /// Finishes the message: sends its body (with the next envelope from
-    /// `ahead` behind it, again, if it qualifies), or reports the refusal.
-    /// `None` when its envelope was never answered (the connection broke):
-    /// nothing of it was taken, and it is handed back to `ahead`, to be
-    /// tried the usual way.
+    /// Finishes the next message: sends its body (with the next envelope
+    /// behind it, again, if one qualifies), reads a streamed one's replies
+    /// (writing the next ready message behind the stream), or reports the
+    /// refusal. `None` when it was never answered (the connection broke):
+    /// it and any behind it are handed back to `ahead`, to be tried again.
     pub async fn resume(self, ahead: &mut Lookahead) -> Option<Resumed> {
         let Follow {
             router,
-            relay: id,
-            mut lease,
-            ahead: this,
-            state,
-            since,
+            relay,
+            lease,
+            held,
         } = self;
+        match held {
+            Held::Data {
+                ahead: this,
+                state,
+                since,
+                next,
+            } => {
+                let this = (*this, state, since, next);
+                router.resume_data(relay, lease, this, ahead).await
+            }
+            Held::Stream(flight) => router.resume_stream(relay, lease, flight, ahead).await,
+        }
+    }
+}
+
+impl Router {
+    async fn resume_data(
+        self: &Arc<Self>,
+        id: RelayId,
+        mut lease: Lease,
+        (this, state, since, next): (Ahead, State, Instant, Option<Box<Ahead>>),
+        ahead: &mut Lookahead,
+    ) -> Option<Resumed> {
         let ready = match state {
             State::Pending(pending) => match lease.sender.settle_next(pending).await {
                 NextTxn::Open(opened) => Ready::Open(opened),
                 NextTxn::Done(result) => Ready::Over(result),
                 txn @ (NextTxn::NotSent | NextTxn::Lost(_) | NextTxn::Pending(_)) => {
                     log_unanswered(&this.cand.id, &txn);
-                    router.relays[id].pool.checkin(lease);
-                    router.give_back(id, this.ticket).await;
+                    self.relays[id].pool.checkin(lease);
+                    self.give_back(id, this.ticket).await;
                     ahead.hand_back(this.cand);
                     return None;
                 }
             },
-            State::Open(opened) => Ready::Open(opened),
             State::Over(result) => Ready::Over(result),
+            State::Written(written, at) => Ready::Written(written, at),
+            State::Reported(ended) => {
+                let (report, signal) = *ended;
+                Ready::Reported(report, signal)
+            }
         };
         let mut next_since = since;
         let (report, signal, next) = match ready {
@@ -132,9 +215,18 @@ impl Follow {
                 let (report, signal) = lease.sender.report_done(result, &this.cand.rcpts, since);
                 (report, signal, None)
             }
+            Ready::Reported(report, signal) => (report, signal, None),
+            Ready::Written(written, at) => {
+                next_since = at;
+                let (report, signal, txn) = lease
+                    .sender
+                    .read_written(written, &this.cand.rcpts, since)
+                    .await;
+                (report, signal, next.map(|n| (*n, txn)))
+            }
             Ready::Open(opened) => {
                 let next = if lease.sender.can_pipeline() {
-                    router.look_ahead(id, ahead).await
+                    self.look_ahead(id, ahead).await
                 } else {
                     None
                 };
@@ -151,6 +243,21 @@ impl Follow {
                 (report, signal, next.map(|n| (n, txn)))
             }
         };
+        let carry = Carry::Data(next.map(Box::new));
+        let ended = (report, signal, next_since);
+        Some(self.finish(id, lease, this, ended, carry, ahead).await)
+    }
+
+    /// A resumed message's end: recorded like any attempt (`conclude`).
+    async fn finish(
+        self: &Arc<Self>,
+        id: RelayId,
+        lease: Lease,
+        this: Ahead,
+        (report, signal, since): (AttemptReport, Signal, Instant),
+        carry: Carry,
+        ahead: &mut Lookahead,
+    ) -> Resumed {
         let Ahead {
             cand,
             ticket,
@@ -163,18 +270,94 @@ impl Follow {
             ticket,
             report,
             signal,
-            since: next_since,
+            since,
         };
-        let (report, follow) = router.conclude(done, &routed, &[], next, ahead).await;
-        Some(Resumed {
+        let (report, follow) = self.conclude(done, &routed, &[], carry, ahead).await;
+        Resumed {
             job: cand,
             report,
             follow,
-        })
+        }
     }
-}
 
-impl Router {
+    async fn resume_stream(
+        self: &Arc<Self>,
+        id: RelayId,
+        mut lease: Lease,
+        mut flight: Flight,
+        ahead: &mut Lookahead,
+    ) -> Option<Resumed> {
+        let oldest = flight.pop_front()?;
+        let InFlight {
+            ahead: this,
+            chunked,
+            since,
+        } = oldest;
+        let answered = lease
+            .sender
+            .settle_pushed(chunked, &this.cand.rcpts, since)
+            .await;
+        let (report, signal) = match answered {
+            Answered::Yes(report, signal) => (report, signal),
+            Answered::No(e) => {
+                self.relays[id].pool.checkin(lease);
+                let all = std::iter::once(this).chain(flight.into_iter().map(|m| m.ahead));
+                self.unanswered(id, all, &e.to_string(), ahead).await;
+                return None;
+            }
+        };
+        // The next message goes on the wire before this one is recorded.
+        if signal == Signal::Ok {
+            self.top_up(id, &mut lease, &mut flight, 0, ahead).await;
+        }
+        let ended = (report, signal, since);
+        let carry = Carry::Stream(flight);
+        Some(self.finish(id, lease, this, ended, carry, ahead).await)
+    }
+
+    /// Writes the worker's next ready messages behind those in flight, while
+    /// the window has room. `more`: messages written and unanswered besides
+    /// `flight` (the one being sent, in the first attempt).
+    pub(super) async fn top_up(
+        &self,
+        id: RelayId,
+        lease: &mut Lease,
+        flight: &mut Flight,
+        more: usize,
+        ahead: &mut Lookahead,
+    ) {
+        let mut bytes: usize = flight.iter().map(|m| m.ahead.body.len()).sum();
+        while flight.len() + more < STREAM_WINDOW
+            && bytes < STREAM_BYTES
+            && lease.sender.can_stream()
+        {
+            let Some(next) = self.look_ahead(id, ahead).await else {
+                break;
+            };
+            if bytes + next.body.len() > STREAM_BYTES && flight.len() + more > 0 {
+                self.give_back(id, next.ticket).await;
+                ahead.hand_back(next.cand);
+                break;
+            }
+            let since = Instant::now();
+            match lease.sender.push(next.outgoing()).await {
+                Pushed::InFlight(chunked) => {
+                    bytes += next.body.len();
+                    flight.push_back(InFlight {
+                        ahead: next,
+                        chunked,
+                        since,
+                    });
+                }
+                Pushed::Back => {
+                    self.give_back(id, next.ticket).await;
+                    ahead.hand_back(next.cand);
+                    break;
+                }
+            }
+        }
+    }
+
     /// The worker's next ready message, if the router would send it to
     /// relay `id` now anyway; it is then counted against the relay's limits.
     /// Not while a message is parked waiting for one of the relay's
@@ -207,41 +390,200 @@ impl Router {
         })
     }
 
-    /// What becomes of the message sent behind the one just done: held
-    /// open with the connection, or handed back to the worker (its quota
-    /// given back) when its envelope was never answered. Returns the lease
-    /// when the connection goes back to the pool.
+    /// What becomes of the messages sent behind the one just done: held
+    /// with the connection, or handed back to the worker (their quota given
+    /// back) when never answered. Returns the lease when the connection goes
+    /// back to the pool.
     pub(super) async fn follow_on(
         self: &Arc<Self>,
         id: RelayId,
-        lease: Lease,
-        next: Option<(Ahead, NextTxn)>,
+        mut lease: Lease,
+        carry: Carry,
         ahead: &mut Lookahead,
         since: Instant,
     ) -> (Option<Lease>, Option<Follow>) {
-        let Some((this, txn)) = next else {
-            return (Some(lease), None);
-        };
-        let state = match txn {
-            NextTxn::Pending(pending) => State::Pending(pending),
-            NextTxn::Open(opened) => State::Open(opened),
-            NextTxn::Done(result) => State::Over(result),
-            NextTxn::NotSent | NextTxn::Lost(_) => {
-                log_unanswered(&this.cand.id, &txn);
-                self.give_back(id, this.ticket).await;
-                ahead.hand_back(this.cand);
-                return (Some(lease), None);
+        let held = match carry {
+            Carry::Nothing | Carry::Data(None) => return (Some(lease), None),
+            Carry::Stream(flight) if flight.is_empty() => return (Some(lease), None),
+            Carry::Stream(flight) => Held::Stream(flight),
+            Carry::Data(Some(next)) => {
+                let (this, txn) = *next;
+                let txn = match txn {
+                    NextTxn::Pending(pending) if lease.sender.replies_arrived(&pending).await => {
+                        lease.sender.settle_next(pending).await
+                    }
+                    txn => txn,
+                };
+                let (state, behind) = match txn {
+                    NextTxn::Pending(pending) => (State::Pending(pending), None),
+                    NextTxn::Open(opened) => {
+                        // Its body goes now, before the worker records the
+                        // message before it: the disk and the wire overlap.
+                        self.write_now(id, &mut lease, &this, opened, since, ahead)
+                            .await
+                    }
+                    NextTxn::Done(result) => (State::Over(result), None),
+                    NextTxn::NotSent | NextTxn::Lost(_) => {
+                        log_unanswered(&this.cand.id, &txn);
+                        self.give_back(id, this.ticket).await;
+                        ahead.hand_back(this.cand);
+                        return (Some(lease), None);
+                    }
+                };
+                Held::Data {
+                    ahead: Box::new(this),
+                    state,
+                    since,
+                    next: behind,
+                }
             }
         };
         let follow = Follow {
             router: self.clone(),
             relay: id,
             lease,
-            ahead: this,
-            state,
-            since,
+            held,
         };
         (None, Some(follow))
+    }
+
+    /// Writes the body of `this`, whose envelope got 354, with the worker's
+    /// next ready message's envelope behind its dot: the message is then
+    /// [`State::Written`] and the one behind it is returned.
+    async fn write_now(
+        &self,
+        id: RelayId,
+        lease: &mut Lease,
+        this: &Ahead,
+        opened: Opened,
+        since: Instant,
+        ahead: &mut Lookahead,
+    ) -> (State, Option<Box<Ahead>>) {
+        let next = if lease.sender.can_pipeline() {
+            self.look_ahead(id, ahead).await
+        } else {
+            None
+        };
+        let at = Instant::now();
+        let behind = next.as_ref().map(Ahead::outgoing);
+        match lease
+            .sender
+            .write_opened(opened, this.outgoing(), behind, since)
+            .await
+        {
+            Wrote::Yes(written) => (State::Written(written, at), next.map(Box::new)),
+            Wrote::No(report, signal, txn) => {
+                if let Some(next) = next {
+                    // Its envelope never went out, or went out on a line
+                    // that failed: nothing of it was taken.
+                    log_unanswered(&next.cand.id, &txn);
+                    self.give_back(id, next.ticket).await;
+                    ahead.hand_back(next.cand);
+                }
+                (State::Reported(Box::new((report, signal))), None)
+            }
+        }
+    }
+
+    /// A message sent on a streaming connection ([`Router::attempt`]): it,
+    /// and the worker's next ready messages behind it, are written whole;
+    /// its outcome is read, the rest are held in the [`Follow`]. When its
+    /// replies never come (the line dropped, or the kept connection had gone
+    /// stale), it is tried once more at once, alone, on a new connection.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn stream(
+        self: &Arc<Self>,
+        id: RelayId,
+        mut lease: Lease,
+        ticket: Ticket,
+        msg: Outgoing<'_>,
+        routed: &Routed,
+        skipped: &[super::router::Skipped],
+        ahead: &mut Lookahead,
+        started: Instant,
+    ) -> (Delivery, Option<Follow>) {
+        let mut alone = false;
+        let (report, signal, flight) = loop {
+            let kept = lease.sender.is_kept();
+            let since = Instant::now();
+            let chunked = match lease.sender.push(msg).await {
+                Pushed::InFlight(chunked) => chunked,
+                Pushed::Back if !lease.sender.is_connected() && !alone => {
+                    // A kept connection that died while idle: a new one.
+                    alone = true;
+                    if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
+                        break (not.report, not.signal, Flight::new());
+                    }
+                    continue;
+                }
+                Pushed::Back => {
+                    // Not streamable (a huge envelope, or nothing can be
+                    // written): the usual way tells.
+                    let (report, signal, _) = lease.sender.transmit(msg, None, started).await;
+                    break (report, signal, Flight::new());
+                }
+            };
+            let mut flight = Flight::new();
+            if !alone {
+                self.top_up(id, &mut lease, &mut flight, 1, ahead).await;
+            }
+            match lease.sender.settle_pushed(chunked, msg.rcpts, since).await {
+                Answered::Yes(mut report, signal) => {
+                    report.conn_time = since.saturating_duration_since(started);
+                    break (report, signal, flight);
+                }
+                Answered::No(e) if !alone && (kept || !flight.is_empty()) => {
+                    let reason = e.to_string();
+                    tracing::debug!(target: "relayq::delivery", "{}: no reply on the stream ({reason}); trying it again alone", msg.meta.id);
+                    let rest = flight.into_iter().map(|m| m.ahead);
+                    self.unanswered(id, rest, &reason, ahead).await;
+                    alone = true;
+                    // The lease keeps its slot; a new connection on it.
+                    if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
+                        break (not.report, not.signal, Flight::new());
+                    }
+                }
+                Answered::No(e) => {
+                    let rest = flight.into_iter().map(|m| m.ahead);
+                    self.unanswered(id, rest, &e.to_string(), ahead).await;
+                    let (report, signal) = lease.sender.report_done(Err(e), msg.rcpts, since);
+                    break (report, signal, Flight::new());
+                }
+            }
+        };
+        let done = Done {
+            id,
+            lease,
+            ticket,
+            report,
+            signal,
+            since: started,
+        };
+        let (report, follow) = self
+            .conclude(done, routed, skipped, Carry::Stream(flight), ahead)
+            .await;
+        (Delivery::Attempted(report), follow)
+    }
+
+    /// The line dropped (or the connection was stale) before the relay
+    /// answered these: each goes back to the worker, to be retried alone.
+    async fn unanswered(
+        &self,
+        id: RelayId,
+        messages: impl IntoIterator<Item = Ahead>,
+        reason: &str,
+        ahead: &mut Lookahead,
+    ) {
+        for m in messages {
+            tracing::info!(
+                target: "relayq::delivery",
+                "{}: relay={}, the connection ended before the relay answered ({reason}); trying it again alone",
+                m.cand.id,
+                self.relays[id].endpoint,
+            );
+            self.give_back(id, m.ticket).await;
+            ahead.hand_back_alone(m.cand);
+        }
     }
 }
 

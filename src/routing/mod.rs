@@ -23,6 +23,7 @@
 //! [`relay_states`] is the snapshot the control socket (`relayq queue
 //! list`) and the status endpoint show.
 
+pub mod concurrency;
 pub mod config;
 pub mod fleet;
 mod follow;

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use super::concurrency::Pushback;
 use super::fleet::Fleet;
 use super::health::{Availability, Health, Policy, Signal, Status, Transition};
 use super::quota::{Denied, Quota, WindowSpec};
@@ -25,16 +26,27 @@ use super::{fmt_time, headers};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::delivery::SchedulerHandle;
+use crate::delivery::gate::Gate;
 use crate::delivery::lookahead::Lookahead;
 use crate::delivery::outcome::{AttemptReport, Delivery, RcptOutcome};
 use crate::spool::Meta;
 use crate::transport::oauth2::TokenSource;
-use crate::transport::pool::{Lease, RelayPool};
-use crate::transport::relay::Outgoing;
+use crate::transport::pool::{Lease, PoolContext, RelayPool};
+use crate::transport::relay::{NotReady, Outgoing};
 use crate::transport::smtp::NextTxn;
 
-use super::follow::{Ahead, Done};
+use super::follow::{Ahead, Done, Flight};
 pub use super::follow::{Follow, Resumed};
+
+/// What an attempt leaves on its connection besides its own message.
+pub(super) enum Carry {
+    Nothing,
+    /// DATA: the next message's envelope, sent behind this one's end of
+    /// data, and what became of it.
+    Data(Option<Box<(Ahead, NextTxn)>>),
+    /// BDAT: whole messages written behind this one, unanswered.
+    Stream(Flight),
+}
 
 pub(super) struct RelayEntry {
     pub(super) name: Arc<str>,
@@ -92,6 +104,8 @@ pub struct Router {
     /// Local counts changed since they were last saved.
     pub(super) dirty: AtomicBool,
     pub(super) seq: AtomicU64,
+    /// The workers' gate: as many passes as the relays allow connections.
+    gate: Arc<Gate>,
 }
 
 impl Router {
@@ -103,7 +117,8 @@ impl Router {
         scheduler: Option<SchedulerHandle>,
     ) -> Result<Router, String> {
         let named_form = config.relay.is_none();
-        let relays = config
+        let gate = Gate::new(0);
+        let relays: Vec<RelayEntry> = config
             .relays
             .iter()
             .map(|named| {
@@ -116,14 +131,15 @@ impl Router {
                     format!("relay {endpoint}")
                 };
                 let tokens = TokenSource::for_relay(&named.relay, label, clock.clone());
+                let ctx = PoolContext {
+                    helo: config.hostname.clone(),
+                    tokens,
+                    scheduler: scheduler.clone(),
+                    gate: Some(gate.clone()),
+                    clock: clock.clone(),
+                };
                 RelayEntry {
-                    pool: RelayPool::new(
-                        name.clone(),
-                        named.relay.clone(),
-                        config.hostname.clone(),
-                        tokens,
-                        scheduler.clone(),
-                    ),
+                    pool: RelayPool::new(name.clone(), named.relay.clone(), ctx),
                     endpoint,
                     policy: Policy::of(&named.relay),
                     state: Mutex::new(RelayRuntime {
@@ -137,6 +153,7 @@ impl Router {
                 }
             })
             .collect();
+        gate.grow(relays.iter().map(|r| r.pool.limit()).sum());
         let fleet = config
             .limits_backend
             .as_ref()
@@ -154,7 +171,13 @@ impl Router {
             scheduler,
             dirty: AtomicBool::new(false),
             seq: AtomicU64::new(0),
+            gate,
         })
+    }
+
+    /// The workers' gate (see `delivery::gate`).
+    pub fn gate(&self) -> Arc<Gate> {
+        self.gate.clone()
     }
 
     /// Connections all relays may have open together: the number of
@@ -248,7 +271,7 @@ impl Router {
                     return (parked, None);
                 }
             };
-            let (report, follow) = self
+            return self
                 .attempt(
                     id,
                     lease,
@@ -259,7 +282,6 @@ impl Router {
                     ahead,
                 )
                 .await;
-            return (Delivery::Attempted(report), follow);
         }
         (self.wait(&skipped, self.clock.now_ms()), None)
     }
@@ -308,32 +330,65 @@ impl Router {
         routed: &Routed,
         skipped: &[Skipped],
         ahead: &mut Lookahead,
-    ) -> (AttemptReport, Option<Follow>) {
+    ) -> (Delivery, Option<Follow>) {
         let body = headers::strip_private(body);
         let started = Instant::now();
-        // When the next message's envelope (if any) goes out.
-        let mut since = started;
-        let (report, signal, next) = match lease.sender.ready(rcpts, started).await {
-            Err((report, signal)) => (report, signal, None),
-            Ok(()) => {
-                let next = if lease.sender.can_pipeline() {
-                    self.look_ahead(id, ahead).await
-                } else {
-                    None
+        let relay = &self.relays[id];
+        let fresh = !lease.sender.is_connected();
+        if let Err(not) = lease.sender.ready(rcpts, started).await {
+            if let Some(pushback) = self.connect_pushback(id, &not) {
+                // Others work: this one waits for one of them to come back
+                // (not for this slot: a new connection now would be counted
+                // by the relay with the one it just refused).
+                tracing::debug!(target: "relayq::delivery", "{}: relay {} pushed back on one more connection ({}); waiting for one of its connections", meta.id, relay.name, not.signal.error().unwrap_or_default());
+                relay.pool.pushback(&lease, pushback);
+                relay.pool.checkin(lease);
+                let seen = relay.pool.releases();
+                self.give_back(id, ticket).await;
+                let parked = Delivery::Parked {
+                    relay: relay.name.clone(),
+                    seen,
                 };
-                let msg = Outgoing {
-                    meta,
-                    body: &body,
-                    rcpts,
-                };
-                since = Instant::now();
-                let (report, signal, txn) = lease
-                    .sender
-                    .transmit(msg, next.as_ref().map(Ahead::outgoing), started)
-                    .await;
-                (report, signal, next.map(|n| (n, txn)))
+                return (parked, None);
             }
+            let done = Done {
+                id,
+                lease,
+                ticket,
+                report: not.report,
+                signal: not.signal,
+                since: started,
+            };
+            let (report, follow) = self
+                .conclude(done, routed, skipped, Carry::Nothing, ahead)
+                .await;
+            return (Delivery::Attempted(report), follow);
+        }
+        if fresh {
+            let backlog = relay.pool.is_wanted() || ahead.waiting();
+            relay.pool.connected(backlog);
+        }
+        let msg = Outgoing {
+            meta,
+            body: &body,
+            rcpts,
         };
+        if lease.sender.can_stream() {
+            return self
+                .stream(id, lease, ticket, msg, routed, skipped, ahead, started)
+                .await;
+        }
+        let next = if lease.sender.can_pipeline() {
+            self.look_ahead(id, ahead).await
+        } else {
+            None
+        };
+        // When the next message's envelope (if any) goes out.
+        let since = Instant::now();
+        let (report, signal, txn) = lease
+            .sender
+            .transmit(msg, next.as_ref().map(Ahead::outgoing), started)
+            .await;
         let done = Done {
             id,
             lease,
@@ -342,24 +397,52 @@ impl Router {
             signal,
             since,
         };
-        self.conclude(done, routed, skipped, next, ahead).await
+        let carry = Carry::Data(next.map(|n| Box::new((n, txn))));
+        let (report, follow) = self.conclude(done, routed, skipped, carry, ahead).await;
+        (Delivery::Attempted(report), follow)
     }
 
-    /// What every attempt ends with: the connection back to the pool
-    /// (unless a transaction is open on it for the next message), the
-    /// relay's health, the quota given back if the relay took nothing, and
-    /// the log's relay name, route note and retry hints.
+    /// Whether a connection that could not be opened is the relay pushing
+    /// back on our concurrency rather than failing: it refused one more
+    /// connection while others were open, or did not answer while others
+    /// work. Then only the concurrency backs off; with no other connection,
+    /// it is the relay's health (down, or throttling us).
+    fn connect_pushback(&self, id: RelayId, not: &NotReady) -> Option<Pushback> {
+        let pool = &self.relays[id].pool;
+        match &not.signal {
+            Signal::Throttled(error) => {
+                // Ours count, even those still logging in or closing: the
+                // relay counted them when it refused this one.
+                let open = pool.held_slots().saturating_sub(1);
+                (open > 0).then(|| Pushback::Refused {
+                    open,
+                    error: error.clone(),
+                })
+            }
+            Signal::Down(error) if not.no_answer && pool.established() > 0 => {
+                Some(Pushback::Failed {
+                    error: error.clone(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// What every attempt ends with: the concurrency fed, the connection
+    /// back to the pool (unless messages that went out behind this one hold
+    /// it), the relay's health, the quota given back if the relay took
+    /// nothing, and the log's relay name, route note and retry hints.
     pub(super) async fn conclude(
         self: &Arc<Self>,
         done: Done,
         routed: &Routed,
         skipped: &[Skipped],
-        next: Option<(Ahead, NextTxn)>,
+        carry: Carry,
         ahead: &mut Lookahead,
     ) -> (AttemptReport, Option<Follow>) {
         let Done {
             id,
-            lease,
+            mut lease,
             ticket,
             mut report,
             signal,
@@ -367,16 +450,44 @@ impl Router {
         } = done;
         let others = routed.relays.len() > 1;
         let relay = &self.relays[id];
-        let (lease, follow) = self.follow_on(id, lease, next, ahead, since).await;
-        if let Some(lease) = lease {
-            relay.pool.checkin(lease);
-        }
-        let now = self.clock.now_ms();
-        self.record_signal(id, &signal, now);
         let took = report
             .results
             .iter()
             .any(|(_, o)| matches!(o, RcptOutcome::Delivered { .. }));
+        if took && signal == Signal::Ok {
+            // Mail waits beyond what the connections carry: a message
+            // taken to go behind this one, or jobs still queued after the
+            // stream took what it could, or a message parked.
+            let (in_flight, taken) = match &carry {
+                Carry::Data(next) => (1, next.is_some()),
+                Carry::Stream(flight) => (flight.len() + 1, false),
+                Carry::Nothing => (1, false),
+            };
+            let backlog = taken || relay.pool.is_wanted() || ahead.waiting();
+            relay.pool.delivered(&mut lease, in_flight, backlog);
+        }
+        // A 421 on one connection while others work: fewer connections,
+        // not a pause of the whole relay.
+        let pushback = match &signal {
+            Signal::Throttled(error) if relay.pool.established() > 0 => {
+                relay.pool.pushback(
+                    &lease,
+                    Pushback::Throttled {
+                        error: error.clone(),
+                    },
+                );
+                true
+            }
+            _ => false,
+        };
+        let (lease, follow) = self.follow_on(id, lease, carry, ahead, since).await;
+        if let Some(lease) = lease {
+            relay.pool.checkin(lease);
+        }
+        let now = self.clock.now_ms();
+        if !pushback {
+            self.record_signal(id, &signal, now);
+        }
         if !took {
             self.give_back(id, ticket).await;
         }
@@ -393,7 +504,10 @@ impl Router {
             }
             report.note = Some(note);
         }
-        if signal != Signal::Ok {
+        if pushback {
+            // Its other connections work: try again soon, on one of them.
+            report.retry_at_ms = Some(now + 1_000);
+        } else if signal != Signal::Ok {
             report.wake_on = vec![relay.name.clone()];
             report.retry_at_ms = self.retry_hint(relay, now, others);
         }

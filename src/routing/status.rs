@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use super::concurrency::Change;
 use super::health::Status;
 use super::quota::{Period, SavedWindow, share_of};
 use super::router::Router;
@@ -35,8 +36,19 @@ pub struct RelayState {
     pub paused_until_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Connections open now (busy or idle).
     pub connections: usize,
+    /// The most ever allowed at once (`max_connections`).
     pub max_connections: usize,
+    /// Connections allowed now: learned, or fixed by `concurrency = N`.
+    #[serde(default)]
+    pub concurrency: usize,
+    /// Whether `concurrency` is learned ("adaptive") rather than fixed.
+    #[serde(default)]
+    pub adaptive: bool,
+    /// The last change of `concurrency`: when, from, to, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency_change: Option<Change>,
     #[serde(default)]
     pub limits: Vec<LimitState>,
 }
@@ -120,6 +132,9 @@ impl Router {
                     last_error,
                     connections: r.pool.open_connections(),
                     max_connections: r.pool.max_connections(),
+                    concurrency: r.pool.limit(),
+                    adaptive: r.pool.is_adaptive(),
+                    concurrency_change: Some(r.pool.last_change()),
                     limits,
                 }
             })

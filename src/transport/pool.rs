@@ -1,6 +1,8 @@
 //! A relay's connection pool: at most `max_connections` connections open
 //! at once (busy or idle), each reused until `max_messages_per_connection`
-//! or `idle_timeout`.
+//! or `idle_timeout`, and within that at most as many as the relay's
+//! concurrency allows now (`routing::concurrency`, which the pool keeps
+//! and feeds: deliveries, pushback, idleness).
 //!
 //! Workers never wait on a pool. A worker that finds every connection busy
 //! hands its message back to the scheduler as parked on this relay, and
@@ -9,9 +11,12 @@
 //! count *before* it looks for a connection, so a connection returned in
 //! between is never missed. That way a slow relay occupies only its own
 //! connections, never the workers other relays need (Postfix's qmgr
-//! keeps per-destination concurrency for the same reason).
+//! keeps per-destination concurrency for the same reason). When the
+//! concurrency grows, that counts as a connection coming back; when it
+//! shrinks, connections over it are closed as they come back, and the
+//! workers' gate (`delivery::gate`) follows it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -19,8 +24,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::oauth2::TokenSource;
 use super::relay::RelaySender;
+use crate::clock::Clock;
 use crate::config::RelayConfig;
 use crate::delivery::SchedulerHandle;
+use crate::delivery::gate::Gate;
+use crate::routing::concurrency::{Change, Concurrency, Delivered, Pushback};
 use crate::routing::health::Signal;
 
 struct Idle {
@@ -33,6 +41,10 @@ struct Idle {
 pub struct Lease {
     pub sender: RelaySender,
     permit: OwnedSemaphorePermit,
+    /// The concurrency's generation when lent (see `Concurrency::pushback`).
+    generation: u64,
+    /// Since when the connection works on its current message.
+    busy_since: Instant,
 }
 
 pub struct RelayPool {
@@ -42,9 +54,18 @@ pub struct RelayPool {
     /// The relay's OAuth2 tokens, one source for all its connections.
     tokens: Option<Arc<TokenSource>>,
     max: usize,
-    /// One permit per connection, held while it is open, busy or idle.
+    /// One permit per connection, held while it is open, busy or idle,
+    /// or closing.
     slots: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
+    /// Connections being closed (their permit is still held).
+    closing: AtomicUsize,
+    /// Connections open and logged in, busy or idle (kept by the senders).
+    established: Arc<AtomicUsize>,
+    concurrency: Mutex<Concurrency>,
+    clock: Clock,
+    /// When a connection was last lent or returned (unix ms).
+    last_used_ms: AtomicU64,
     /// Grows by one every time a slot or an idle connection comes back.
     releases: AtomicU64,
     /// One more than the release count a refused checkout saw (the highest
@@ -53,29 +74,64 @@ pub struct RelayPool {
     wanted_until: AtomicU64,
     /// Told about releases, so parked messages go out.
     scheduler: Option<SchedulerHandle>,
+    /// The workers' gate, resized with this relay's concurrency.
+    gate: Option<Arc<Gate>>,
+}
+
+/// What a pool needs besides the relay's settings.
+pub struct PoolContext {
+    pub helo: String,
+    pub tokens: Option<Arc<TokenSource>>,
+    pub scheduler: Option<SchedulerHandle>,
+    pub gate: Option<Arc<Gate>>,
+    pub clock: Clock,
 }
 
 impl RelayPool {
-    pub fn new(
-        name: Arc<str>,
-        relay: RelayConfig,
-        helo: String,
-        tokens: Option<Arc<TokenSource>>,
-        scheduler: Option<SchedulerHandle>,
-    ) -> Arc<RelayPool> {
-        let max = relay.connections().max(1);
+    pub fn new(name: Arc<str>, relay: RelayConfig, ctx: PoolContext) -> Arc<RelayPool> {
+        let max = relay.connections();
+        let now = ctx.clock.now_ms();
+        let concurrency = if relay.adaptive() {
+            Concurrency::adaptive(max, now)
+        } else {
+            Concurrency::fixed(max, now)
+        };
         Arc::new(RelayPool {
             name,
             relay,
-            helo,
-            tokens,
+            helo: ctx.helo,
+            tokens: ctx.tokens,
             max,
             slots: Arc::new(Semaphore::new(max)),
             idle: Mutex::new(Vec::new()),
+            closing: AtomicUsize::new(0),
+            established: Arc::new(AtomicUsize::new(0)),
+            concurrency: Mutex::new(concurrency),
+            clock: ctx.clock,
+            last_used_ms: AtomicU64::new(now),
             releases: AtomicU64::new(0),
             wanted_until: AtomicU64::new(0),
-            scheduler,
+            scheduler: ctx.scheduler,
+            gate: ctx.gate,
         })
+    }
+
+    /// Connections the relay's concurrency allows now.
+    pub fn limit(&self) -> usize {
+        self.concurrency().limit()
+    }
+
+    fn concurrency(&self) -> MutexGuard<'_, Concurrency> {
+        self.concurrency.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The concurrency's last change (what, when and why).
+    pub fn last_change(&self) -> Change {
+        self.concurrency().last_change().clone()
+    }
+
+    pub fn is_adaptive(&self) -> bool {
+        self.concurrency().is_adaptive()
     }
 
     /// The relay's OAuth2 token source, if relayq gets its tokens.
@@ -91,35 +147,77 @@ impl RelayPool {
         self.max
     }
 
-    /// Connections open now (busy or idle), counting ones being opened.
+    /// Connections open now (busy or idle), counting ones being opened,
+    /// not ones being closed.
     pub fn open_connections(&self) -> usize {
+        (self.max - self.slots.available_permits())
+            .saturating_sub(self.closing.load(Ordering::SeqCst))
+    }
+
+    /// Connections the relay may count now: open, being opened or being
+    /// closed.
+    pub fn held_slots(&self) -> usize {
         self.max - self.slots.available_permits()
     }
 
+    /// Connections open and logged in now, busy or idle.
+    pub fn established(&self) -> usize {
+        self.established.load(Ordering::SeqCst)
+    }
+
+    fn busy(&self) -> usize {
+        self.open_connections().saturating_sub(self.idle().len())
+    }
+
     /// An idle connection, or a free slot to open one; `Err` with the
-    /// release count when every slot is taken.
-    pub fn try_checkout(&self) -> Result<Lease, u64> {
+    /// release count when the concurrency allows no more.
+    pub fn try_checkout(self: &Arc<Self>) -> Result<Lease, u64> {
         let seen = self.releases.load(Ordering::SeqCst);
-        if let Some(idle) = self.idle().pop() {
+        let (limit, generation) = {
+            let c = self.concurrency();
+            (c.limit(), c.generation())
+        };
+        self.touch();
+        loop {
+            let Some(idle) = self.idle().pop() else { break };
+            if self.open_connections() > limit {
+                // Over the concurrency after a cut: close it, try the next.
+                self.close_later(idle.sender, idle.permit);
+                continue;
+            }
             return Ok(Lease {
                 sender: idle.sender,
                 permit: idle.permit,
+                generation,
+                busy_since: Instant::now(),
             });
         }
-        match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => Ok(Lease {
+        let permit = match self.open_connections() < limit {
+            true => self.slots.clone().try_acquire_owned().ok(),
+            false => None,
+        };
+        match permit {
+            Some(permit) => Ok(Lease {
                 sender: RelaySender::for_relay(
                     self.relay.clone(),
                     self.helo.clone(),
                     self.tokens.clone(),
-                ),
+                )
+                .counted(self.established.clone()),
                 permit,
+                generation,
+                busy_since: Instant::now(),
             }),
-            Err(_) => {
+            None => {
                 self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
                 Err(seen)
             }
         }
+    }
+
+    fn touch(&self) {
+        self.last_used_ms
+            .store(self.clock.now_ms(), Ordering::SeqCst);
     }
 
     /// Whether a message is parked waiting for a connection to come back.
@@ -129,14 +227,22 @@ impl RelayPool {
         self.wanted_until.load(Ordering::SeqCst) > self.releases.load(Ordering::SeqCst)
     }
 
-    /// Takes a connection back: kept for the next message if it is open
-    /// and under `max_messages_per_connection`, else closed.
+    /// The release count now (see [`RelayPool::try_checkout`]).
+    pub fn releases(&self) -> u64 {
+        self.releases.load(Ordering::SeqCst)
+    }
+
+    /// Takes a connection back: kept for the next message if it is open,
+    /// under `max_messages_per_connection` and within the concurrency,
+    /// else closed.
     pub fn checkin(self: &Arc<Self>, lease: Lease) {
+        self.touch();
         let spent = self
             .relay
             .max_messages_per_connection
             .is_some_and(|max| lease.sender.sent_on_connection() >= max);
-        if lease.sender.is_connected() && !spent {
+        let over = self.open_connections() > self.limit();
+        if lease.sender.is_connected() && !spent && !over {
             self.idle().push(Idle {
                 sender: lease.sender,
                 permit: lease.permit,
@@ -151,12 +257,78 @@ impl RelayPool {
         }
     }
 
+    /// A message went out on `lease` and the relay took it: feeds the
+    /// concurrency. `in_flight`: messages on the connection when it was
+    /// answered (itself included); `backlog`: more mail is ready for this
+    /// relay than its connections carry.
+    pub fn delivered(&self, lease: &mut Lease, in_flight: usize, backlog: bool) {
+        let spent = lease.busy_since.elapsed();
+        lease.busy_since = Instant::now();
+        let d = Delivered {
+            busy: self.busy().max(1),
+            spent: Some(spent),
+            in_flight,
+            backlog,
+        };
+        let now = self.clock.now_ms();
+        let change = self.concurrency().delivered(now, d);
+        self.apply(change);
+    }
+
+    /// `lease` opened a connection and the relay let it in (greeting,
+    /// EHLO, TLS, login): an answer as good as a delivery for the
+    /// concurrency, so a burst need not wait for first deliveries to
+    /// open more. `backlog` as for [`RelayPool::delivered`].
+    pub fn connected(&self, backlog: bool) {
+        let d = Delivered {
+            busy: self.busy().max(1),
+            spent: None,
+            in_flight: 1,
+            backlog,
+        };
+        let now = self.clock.now_ms();
+        let change = self.concurrency().delivered(now, d);
+        self.apply(change);
+    }
+
+    /// The relay pushed back on `lease`'s attempt while other connections
+    /// to it worked.
+    pub fn pushback(&self, lease: &Lease, signal: Pushback) {
+        let now = self.clock.now_ms();
+        let change = self.concurrency().pushback(now, signal, lease.generation);
+        self.apply(change);
+    }
+
+    /// Logs a change of concurrency, resizes the workers' gate, and lets
+    /// parked mail go when it grew.
+    fn apply(&self, change: Option<Change>) {
+        let Some(change) = change else { return };
+        let endpoint = format!("{}:{}", self.relay.host, self.relay.port);
+        if change.to < change.from {
+            tracing::info!(target: "relayq::routing", "relay {} ({endpoint}): concurrency {}", self.name, change.text);
+        } else {
+            tracing::debug!(target: "relayq::routing", "relay {} ({endpoint}): concurrency {}", self.name, change.text);
+        }
+        if let Some(gate) = &self.gate {
+            if change.to > change.from {
+                gate.grow(change.to - change.from);
+            } else {
+                gate.shrink(change.from - change.to);
+            }
+        }
+        if change.to > change.from {
+            self.released();
+        }
+    }
+
     /// QUITs in the background; the slot is free only once it is closed,
     /// so the relay never sees more than `max_connections`.
     fn close_later(self: &Arc<Self>, mut sender: RelaySender, permit: OwnedSemaphorePermit) {
+        self.closing.fetch_add(1, Ordering::SeqCst);
         let pool = self.clone();
         tokio::spawn(async move {
             sender.close().await;
+            pool.closing.fetch_sub(1, Ordering::SeqCst);
             drop(permit);
             pool.released();
         });
@@ -169,9 +341,16 @@ impl RelayPool {
         }
     }
 
-    /// Closes connections idle for longer than `idle_timeout`.
+    /// Closes connections idle for longer than `idle_timeout`; once none
+    /// has been open for that long, the concurrency starts afresh.
     pub fn reap(self: &Arc<Self>) {
         let limit = self.relay.idle_timeout.0;
+        let now = self.clock.now_ms();
+        let quiet = now.saturating_sub(self.last_used_ms.load(Ordering::SeqCst));
+        if self.open_connections() == 0 && u128::from(quiet) >= limit.as_millis() {
+            let change = self.concurrency().idle(now);
+            self.apply(change);
+        }
         let stale: Vec<Idle> = {
             let mut idle = self.idle();
             let (stale, keep) = std::mem::take(&mut *idle)
@@ -220,16 +399,64 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 mod tests {
     use super::*;
 
+    fn pool(relay: &str, gate: Option<Arc<Gate>>) -> Arc<RelayPool> {
+        let relay: RelayConfig = toml::from_str(relay).unwrap();
+        let ctx = PoolContext {
+            helo: "client.test".into(),
+            tokens: None,
+            scheduler: None,
+            gate,
+            clock: Clock::new(),
+        };
+        RelayPool::new("a".into(), relay, ctx)
+    }
+
     #[tokio::test]
     async fn a_refused_checkout_is_wanted_until_a_connection_comes_back() {
-        let relay: RelayConfig =
-            toml::from_str("host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n").unwrap();
-        let pool = RelayPool::new("a".into(), relay, "client.test".into(), None, None);
+        let pool = pool("host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n", None);
         let lease = pool.try_checkout().ok().unwrap();
         assert!(!pool.is_wanted(), "nobody waits yet");
         assert!(pool.try_checkout().is_err());
         assert!(pool.is_wanted(), "a message waits for the only connection");
         pool.checkin(lease);
         assert!(!pool.is_wanted(), "the connection came back");
+    }
+
+    #[tokio::test]
+    async fn checkouts_follow_the_concurrency_and_the_gate_follows_too() {
+        let gate = Gate::new(crate::routing::concurrency::INITIAL);
+        let pool = pool(
+            "host = \"127.0.0.1\"\nport = 2525\nmax_connections = 6\n",
+            Some(gate.clone()),
+        );
+        assert!(pool.is_adaptive());
+        let mut leases: Vec<Lease> = (0..4).map(|_| pool.try_checkout().ok().unwrap()).collect();
+        assert!(pool.try_checkout().is_err(), "four to start with");
+        // Delivered with every connection busy and mail waiting: one more.
+        pool.delivered(&mut leases[0], 1, true);
+        assert_eq!(pool.limit(), 5);
+        assert_eq!(gate.free(), 5);
+        leases.push(pool.try_checkout().ok().unwrap());
+        // The relay refuses a sixth with "421 too many" while five are open:
+        // four it is, and the gate shrinks with it.
+        let sixth = {
+            pool.delivered(&mut leases[0], 1, true);
+            pool.try_checkout().ok().unwrap()
+        };
+        assert_eq!(gate.free(), 6);
+        pool.pushback(
+            &sixth,
+            Pushback::Refused {
+                open: pool.open_connections() - 1,
+                error: "421 4.7.0 too many connections".into(),
+            },
+        );
+        pool.checkin(sixth);
+        assert_eq!(pool.limit(), 5);
+        assert_eq!(gate.free(), 5);
+        assert!(pool.try_checkout().is_err(), "at the relay's limit");
+        for lease in leases {
+            pool.checkin(lease);
+        }
     }
 }

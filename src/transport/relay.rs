@@ -10,16 +10,25 @@
 //! refusal of our login or no OAuth2 token is it refusing us (both pause
 //! it at once), and anything
 //! the relay said about the message, a permanent refusal included, means
-//! it is up.
+//! it is up. (While other connections to the relay work, the router takes
+//! a refused or unanswered connection as pushback on its concurrency
+//! instead: see `routing::concurrency`; [`NotReady::no_answer`] and the
+//! pool's count of established connections tell it.)
+//!
+//! To a relay that offers CHUNKING with PIPELINING, [`RelaySender::push`]
+//! writes whole messages one behind the other and
+//! [`RelaySender::settle_pushed`] reads each one's replies in turn (the
+//! window is the router's: `routing::follow`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::oauth2::TokenSource;
 use super::smtp::{
-    AuthMechanism, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened, Pending,
-    Reply, Secret, SmtpError, TlsMode, TlsOptions, TxnReport,
+    AuthMechanism, Chunked, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened,
+    Pending, Reply, Secret, SmtpError, Streamed, TlsMode, TlsOptions, TxnReport, Written,
 };
 use crate::config::{AuthMechanismConfig, Config, RelayConfig, TlsModeConfig};
 use crate::delivery::outcome::{AttemptReport, RcptOutcome};
@@ -34,6 +43,53 @@ pub struct RelaySender {
     conn: Option<Connection>,
     /// Messages sent on the current connection.
     sent: u32,
+    /// The pool's count of established connections, kept while `conn` is
+    /// open.
+    established: Option<Arc<AtomicUsize>>,
+}
+
+impl Drop for RelaySender {
+    fn drop(&mut self) {
+        self.drop_conn();
+    }
+}
+
+/// Why no connection could be had for a message.
+pub struct NotReady {
+    /// Every recipient deferred.
+    pub report: AttemptReport,
+    pub signal: Signal,
+    /// The relay did not answer: the connection was refused or timed out.
+    pub no_answer: bool,
+}
+
+/// What became of a message written into a stream ([`RelaySender::push`]).
+pub enum Pushed {
+    /// On the wire: settle it in turn.
+    InFlight(Chunked),
+    /// Not written: send it the usual way (its envelope is too large for
+    /// the stream, its report is known without the relay, or the stream
+    /// broke).
+    Back,
+}
+
+/// What [`RelaySender::write_opened`] did.
+pub enum Wrote {
+    /// The body is on its way; read its reply with
+    /// [`RelaySender::read_written`].
+    Yes(Written),
+    /// The write failed: the message's report, and what became of the
+    /// envelope that was to go behind it.
+    No(AttemptReport, Signal, NextTxn),
+}
+
+/// A streamed message once its turn came ([`RelaySender::settle_pushed`]).
+pub enum Answered {
+    /// The relay answered it: its report.
+    Yes(AttemptReport, Signal),
+    /// Its replies were never read (the line dropped, or the connection
+    /// had gone stale): why. The relay may have taken it or not.
+    No(SmtpError),
 }
 
 /// Why a connection could not be opened: where, what, and what it says
@@ -74,7 +130,37 @@ impl RelaySender {
             tokens,
             conn: None,
             sent: 0,
+            established: None,
         }
+    }
+
+    /// Keeps `established` counting this sender's open connection.
+    pub fn counted(mut self, established: Arc<AtomicUsize>) -> RelaySender {
+        self.established = Some(established);
+        self
+    }
+
+    fn put_conn(&mut self, conn: Connection) {
+        if self.conn.is_none()
+            && let Some(n) = &self.established
+        {
+            n.fetch_add(1, Ordering::SeqCst);
+        }
+        self.conn = Some(conn);
+    }
+
+    fn take_conn(&mut self) -> Option<Connection> {
+        let conn = self.conn.take();
+        if conn.is_some()
+            && let Some(n) = &self.established
+        {
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
+        conn
+    }
+
+    fn drop_conn(&mut self) {
+        drop(self.take_conn());
     }
 
     /// The relay's OAuth2 token source, if relayq gets its tokens.
@@ -97,7 +183,7 @@ impl RelaySender {
 
     pub async fn close(&mut self) {
         self.sent = 0;
-        if let Some(c) = self.conn.take() {
+        if let Some(c) = self.take_conn() {
             c.quit().await;
         }
     }
@@ -163,7 +249,7 @@ impl RelaySender {
             match Connection::open(&cfg).await {
                 Ok(c) => {
                     crate::observe::events::relay_connected(&self.describe(None));
-                    self.conn = Some(c);
+                    self.put_conn(c);
                     return Ok(());
                 }
                 Err(e @ SmtpError::OAuth2(_)) => {
@@ -249,7 +335,7 @@ impl RelaySender {
         if let Some(conn) = self.conn.as_mut()
             && (!conn.is_usable() || conn.ping().await.is_err())
         {
-            self.conn = None;
+            self.drop_conn();
         }
         if self.conn.is_some() {
             return Signal::Ok;
@@ -273,7 +359,7 @@ impl RelaySender {
     ) -> (AttemptReport, Signal) {
         let started = Instant::now();
         if let Err(failed) = self.ready(rcpts, started).await {
-            return failed;
+            return (failed.report, failed.signal);
         }
         let (report, signal, _) = self
             .transmit(Outgoing { meta, body, rcpts }, None, started)
@@ -284,18 +370,14 @@ impl RelaySender {
     /// Makes sure a connection is open for the next message: the kept one
     /// (owing a RSET) or a new one. `Err` is the attempt's report when none
     /// could be opened.
-    pub async fn ready(
-        &mut self,
-        rcpts: &[usize],
-        started: Instant,
-    ) -> Result<(), (AttemptReport, Signal)> {
+    pub async fn ready(&mut self, rcpts: &[usize], started: Instant) -> Result<(), NotReady> {
         // A kept connection owes a RSET, which goes out pipelined with the
         // next MAIL; if the connection went stale meanwhile, send() opens a
         // fresh one. Without pipelining the RSET is a round trip here.
         if let Some(conn) = self.conn.as_mut()
             && (!conn.is_usable() || conn.reset().await.is_err())
         {
-            self.conn = None;
+            self.drop_conn();
         }
         if self.conn.is_none()
             && let Err(ConnectFailure {
@@ -306,9 +388,85 @@ impl RelaySender {
             }) = self.connect().await
         {
             let report = deferred(relay, rcpts, &reason, &status, started.elapsed());
-            return Err((report, signal));
+            return Err(NotReady {
+                report,
+                signal,
+                // "4.4.1": refused or timed out (SmtpError::dsn).
+                no_answer: status == "4.4.1",
+            });
         }
         Ok(())
+    }
+
+    /// Whether the connection streams whole transactions (CHUNKING with
+    /// PIPELINING) and `max_messages_per_connection` leaves room for one
+    /// more.
+    pub fn can_stream(&self) -> bool {
+        self.conn.as_ref().is_some_and(Connection::streams)
+            && self
+                .relay
+                .max_messages_per_connection
+                .is_none_or(|max| self.sent < max)
+    }
+
+    /// Whether the connection was used for a message before (a stream on
+    /// it may find it went stale while idle).
+    pub fn is_kept(&self) -> bool {
+        self.sent > 0
+    }
+
+    /// Writes `msg` as a whole transaction behind those in flight.
+    pub async fn push(&mut self, msg: Outgoing<'_>) -> Pushed {
+        let Some(conn) = self.conn.as_mut() else {
+            return Pushed::Back;
+        };
+        let addrs = msg.addresses();
+        let body = for_upstream(conn, msg);
+        match conn.send_chunked(&msg.envelope(&addrs), &body).await {
+            Streamed::InFlight(chunked) => {
+                self.sent += 1;
+                Pushed::InFlight(chunked)
+            }
+            Streamed::Lost(_) => {
+                // Nothing of it was taken; the replies to those written
+                // before it can still be read.
+                if conn.is_spent() {
+                    self.drop_conn();
+                }
+                Pushed::Back
+            }
+            Streamed::Known(_) | Streamed::NotStreamable => Pushed::Back,
+        }
+    }
+
+    /// Reads the replies to the oldest message in flight. `since` is when
+    /// it was written.
+    pub async fn settle_pushed(
+        &mut self,
+        chunked: Chunked,
+        rcpts: &[usize],
+        since: Instant,
+    ) -> Answered {
+        let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
+        let Some(conn) = self.conn.as_mut() else {
+            return Answered::No(SmtpError::Unusable);
+        };
+        let result = conn.settle_chunked(chunked).await;
+        // No reply, or one out of step: the relay said nothing about this
+        // message that can be trusted (a 421 is an answer).
+        if matches!(
+            &result,
+            Err(SmtpError::Unusable
+                | SmtpError::Closed { .. }
+                | SmtpError::Io { .. }
+                | SmtpError::Timeout { .. }
+                | SmtpError::Protocol { .. })
+        ) {
+            self.drop_conn();
+            return Answered::No(result.err().unwrap_or(SmtpError::Unusable));
+        }
+        let (report, signal) = self.report(relay, result, rcpts, since);
+        Answered::Yes(report, signal)
     }
 
     /// Whether another message may ride behind the next one sent: the
@@ -375,29 +533,69 @@ impl RelaySender {
         next: Option<Outgoing<'_>>,
         since: Instant,
     ) -> (AttemptReport, Signal, NextTxn) {
+        match self.write_opened(opened, msg, next, since).await {
+            Wrote::Yes(written) => self.read_written(written, msg.rcpts, since).await,
+            Wrote::No(report, signal, next) => (report, signal, next),
+        }
+    }
+
+    /// The first half of [`RelaySender::transmit_opened`]: the body (and
+    /// `next`'s envelope) written, the reply not awaited.
+    pub async fn write_opened(
+        &mut self,
+        opened: Opened,
+        msg: Outgoing<'_>,
+        next: Option<Outgoing<'_>>,
+        since: Instant,
+    ) -> Wrote {
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
         let Some(conn) = self.conn.as_mut() else {
             let reason = "connection lost before the body was sent";
             let report = deferred(relay, msg.rcpts, reason, "4.4.2", Duration::ZERO);
-            return (report, Signal::Down(reason.into()), NextTxn::NotSent);
+            return Wrote::No(report, Signal::Down(reason.into()), NextTxn::NotSent);
         };
         let next_addrs = next.map(|n| n.addresses()).unwrap_or_default();
         let next_env = next.map(|n| (n.envelope(&next_addrs), n.body.len()));
         self.sent += 1;
         let body = for_upstream(conn, msg);
-        let upstream_dsn = conn.capabilities().dsn;
-        let sent = conn
-            .send_opened(opened, &body, next_env.as_ref().map(|(e, n)| (e, *n)))
+        let written = conn
+            .write_opened(opened, &body, next_env.as_ref().map(|(e, n)| (e, *n)))
             .await;
-        let (results, signal) = self.outcomes(sent.this, msg.rcpts);
-        let report = AttemptReport {
-            relay,
-            results,
-            xfer_time: since.elapsed(),
-            upstream_dsn,
-            ..AttemptReport::default()
+        match written {
+            Ok(written) => Wrote::Yes(written),
+            Err(sent) => {
+                let (report, signal) = self.report(relay, sent.this, msg.rcpts, since);
+                Wrote::No(report, signal, sent.next)
+            }
+        }
+    }
+
+    /// The second half: the reply to a body [`RelaySender::write_opened`]
+    /// wrote, and what became of the envelope behind it.
+    pub async fn read_written(
+        &mut self,
+        written: Written,
+        rcpts: &[usize],
+        since: Instant,
+    ) -> (AttemptReport, Signal, NextTxn) {
+        let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
+        let Some(conn) = self.conn.as_mut() else {
+            let reason = "connection lost before the reply to the body";
+            let report = deferred(relay, rcpts, reason, "4.4.2", Duration::ZERO);
+            return (report, Signal::Down(reason.into()), NextTxn::NotSent);
         };
+        let sent = conn.read_written(written).await;
+        let (report, signal) = self.report(relay, sent.this, rcpts, since);
         (report, signal, sent.next)
+    }
+
+    /// Whether the replies to an envelope sent behind the previous end of
+    /// data are here already (settling it then costs no wait).
+    pub async fn replies_arrived(&mut self, pending: &Pending) -> bool {
+        match self.conn.as_mut() {
+            Some(conn) => conn.replies_arrived(pending).await,
+            None => false,
+        }
     }
 
     /// Reads the replies to the envelope sent behind the previous message's
@@ -408,7 +606,7 @@ impl RelaySender {
         };
         let next = conn.settle_next(pending).await;
         if !conn.is_usable() && !matches!(next, NextTxn::Done(_)) {
-            self.conn = None;
+            self.drop_conn();
         }
         next
     }
@@ -422,8 +620,18 @@ impl RelaySender {
         since: Instant,
     ) -> (AttemptReport, Signal) {
         let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
-        let upstream_dsn = self.conn.as_ref().is_some_and(|c| c.capabilities().dsn);
         self.sent += 1;
+        self.report(relay, result, rcpts, since)
+    }
+
+    fn report(
+        &mut self,
+        relay: String,
+        result: Result<TxnReport, SmtpError>,
+        rcpts: &[usize],
+        since: Instant,
+    ) -> (AttemptReport, Signal) {
+        let upstream_dsn = self.conn.as_ref().is_some_and(|c| c.capabilities().dsn);
         let (results, signal) = self.outcomes(result, rcpts);
         let report = AttemptReport {
             relay,
@@ -442,8 +650,8 @@ impl RelaySender {
         result: Result<TxnReport, SmtpError>,
         rcpts: &[usize],
     ) -> (Vec<(usize, RcptOutcome)>, Signal) {
-        if self.conn.as_ref().is_some_and(|c| !c.is_usable()) {
-            self.conn = None;
+        if self.conn.as_ref().is_some_and(Connection::is_spent) {
+            self.drop_conn();
         }
         let e = match result {
             Ok(report) => {

@@ -15,7 +15,9 @@
 //! Submodules: `wire` (the TCP-or-TLS stream, the reply reader, the DATA
 //! encoder), `tls` (trust roots, server name, pinning, readable verification
 //! errors), `auth` (SMTP AUTH mechanisms), `pipeline` (the next message's
-//! envelope sent behind this one's end of data), `tests` (a scripted server).
+//! envelope sent behind this one's end of data), `chunking` (whole
+//! transactions streamed with BDAT, several in flight), `tests` (a scripted
+//! server).
 //!
 //! # Security
 //! The upstream is not trusted to be well behaved. A reply is capped at
@@ -44,13 +46,15 @@ use tokio::time::timeout;
 use tracing::Instrument;
 
 mod auth;
+mod chunking;
 mod pipeline;
 #[cfg(test)]
 mod tests;
 pub(crate) mod tls;
 mod wire;
 
-pub use pipeline::{NextTxn, Opened, Pending, Sent};
+pub use chunking::{Chunked, Streamed};
+pub use pipeline::{NextTxn, Opened, Pending, Sent, Written};
 
 use super::oauth2::{TokenError, TokenSource};
 use wire::{Stream, Wire};
@@ -279,6 +283,8 @@ fn parse_digits(s: &str, max_len: usize) -> Option<u16> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Capabilities {
     pub pipelining: bool,
+    /// RFC 3030: the message may be sent with BDAT instead of DATA.
+    pub chunking: bool,
     /// `Some(0)` when SIZE is offered without a fixed limit.
     pub size: Option<u64>,
     pub eight_bit_mime: bool,
@@ -316,6 +322,7 @@ impl Capabilities {
             let keyword = keyword.to_ascii_uppercase();
             match keyword.as_str() {
                 "PIPELINING" => caps.pipelining = true,
+                "CHUNKING" => caps.chunking = true,
                 "SIZE" => caps.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
                 "8BITMIME" => caps.eight_bit_mime = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
@@ -395,9 +402,12 @@ pub enum Stage {
     Data,
     /// The body, and a refusal in reply to it.
     Body,
-    /// Waiting for the reply to the final dot: the whole message was sent,
-    /// so if the connection fails now the upstream may have taken it.
+    /// Waiting for the reply to the final dot (or to the last BDAT
+    /// chunk): the whole message was sent, so if the connection fails now
+    /// the upstream may have taken it.
     Dot,
+    /// A BDAT command and its chunk.
+    Bdat,
     Rset,
     Quit,
 }
@@ -417,6 +427,7 @@ impl Stage {
             Stage::Data => "data",
             Stage::Body => "body",
             Stage::Dot => "dot",
+            Stage::Bdat => "bdat",
             Stage::Rset => "rset",
             Stage::Quit => "quit",
         }
@@ -605,6 +616,11 @@ impl SmtpError {
     /// Errors after which the server and we still agree where we are.
     fn leaves_session_in_sync(&self) -> bool {
         match self {
+            // A refused RSET leaves the replies to what followed it in the
+            // same group unread.
+            SmtpError::Rejected {
+                stage: Stage::Rset, ..
+            } => false,
             SmtpError::Rejected { reply, .. } => reply.code != 421,
             SmtpError::SmtpUtf8NotOffered { .. } | SmtpError::InvalidSender { .. } => true,
             _ => false,
@@ -633,13 +649,16 @@ enum Step {
     /// Index into the envelope's recipients.
     Rcpt(usize, String),
     Data,
+    /// "BDAT <size> LAST": with CHUNKING, in place of DATA; the chunk
+    /// follows the command line (see `chunking`).
+    Bdat(String),
 }
 
 impl Step {
     fn line(&self) -> &str {
         match self {
             Step::Rset => "RSET\r\n",
-            Step::Mail(line) | Step::Rcpt(_, line) => line,
+            Step::Mail(line) | Step::Rcpt(_, line) | Step::Bdat(line) => line,
             Step::Data => "DATA\r\n",
         }
     }
@@ -650,6 +669,7 @@ impl Step {
             Step::Mail(_) => Stage::Mail,
             Step::Rcpt(..) => Stage::Rcpt,
             Step::Data => Stage::Data,
+            Step::Bdat(_) => Stage::Bdat,
         }
     }
 }
@@ -697,12 +717,36 @@ impl EnvelopeReplies {
             Step::Rset => {}
             Step::Mail(_) => self.mail = Some(reply),
             Step::Rcpt(i, _) => self.rcpts[*i] = Some(reply),
-            Step::Data => self.data = Some(reply),
+            Step::Data | Step::Bdat(_) => self.data = Some(reply),
         }
     }
 
     fn mail_refused(&self) -> bool {
         self.mail.as_ref().is_some_and(|r| !r.is_positive())
+    }
+
+    /// Each recipient's reply, once MAIL was accepted; the refusal of
+    /// MAIL (or its missing reply) as the transaction's error.
+    fn rcpt_replies(&mut self) -> Result<Vec<Reply>, SmtpError> {
+        match self.mail.take() {
+            Some(mail) if mail.is_positive() => {}
+            Some(mail) => {
+                return Err(SmtpError::Rejected {
+                    stage: Stage::Mail,
+                    reply: mail,
+                });
+            }
+            None => {
+                return Err(SmtpError::Protocol {
+                    stage: Stage::Mail,
+                    detail: "no reply to MAIL".into(),
+                });
+            }
+        }
+        Ok(std::mem::take(&mut self.rcpts)
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Reply::new(451, "4.3.0 relayq: no reply to RCPT")))
+            .collect())
     }
 
     fn any_rcpt_accepted(&self) -> bool {
@@ -730,6 +774,15 @@ pub struct Connection {
     /// Replies to an envelope pipelined behind the previous end of data
     /// are still to be read ([`Connection::settle_next`]).
     awaiting_replies: bool,
+    /// A body was written and the reply to it is still to be read
+    /// ([`Connection::read_written`]).
+    awaiting_dot: bool,
+    /// Transactions streamed with BDAT whose replies are still to be read
+    /// ([`Connection::settle_chunked`]), oldest first.
+    in_flight: usize,
+    /// A reply to a streamed transaction could not be read (or was 421):
+    /// the replies to the ones behind it never will be.
+    replies_lost: bool,
     /// How this connection was opened, to open it again if it went stale
     /// while idle.
     cfg: ClientConfig,
@@ -828,6 +881,9 @@ impl Connection {
             pending_rset: false,
             awaiting_body: false,
             awaiting_replies: false,
+            awaiting_dot: false,
+            in_flight: 0,
+            replies_lost: false,
             cfg: cfg.clone(),
             span,
         })
@@ -918,7 +974,9 @@ impl Connection {
     /// can withdraw it; closing can, as the server must not deliver a
     /// message whose data was cut off (RFC 5321, section 4.1.1.4).
     fn abandon_open(&mut self) {
-        let replies = std::mem::take(&mut self.awaiting_replies);
+        let replies = std::mem::take(&mut self.awaiting_replies)
+            | std::mem::take(&mut self.awaiting_dot)
+            | (std::mem::take(&mut self.in_flight) > 0);
         if std::mem::take(&mut self.awaiting_body) || replies {
             tracing::debug!(parent: &self.span, "pipelined transaction not completed; closing");
             self.broken = true;
@@ -997,7 +1055,7 @@ impl Connection {
         body: &[u8],
         next: Option<(&Envelope<'_>, usize)>,
     ) -> Sent {
-        let planned = match self.plan(env, body.len(), true) {
+        let planned = match self.plan(env, body.len(), self.pending_rset) {
             Ok(p) => p,
             Err(e) => return Sent::alone(Err(e)),
         };
@@ -1005,6 +1063,8 @@ impl Connection {
             Planned::Nothing(report) => return Sent::alone(Ok(report)),
             Planned::Steps(steps, replies) => (steps, replies),
         };
+        // The RSET owed goes out at the head of these steps.
+        self.pending_rset = false;
         if let Err(e) = self.exchange_envelope(&steps, &mut replies).await {
             return Sent::alone(Err(e));
         }
@@ -1016,7 +1076,7 @@ impl Connection {
     }
 
     /// The envelope's commands, with the replies already known (recipients
-    /// whose address can't be written). A RSET owed goes first if `rset`.
+    /// whose address can't be written), a RSET first if `rset`.
     fn plan(&mut self, env: &Envelope<'_>, size: usize, rset: bool) -> Result<Planned, SmtpError> {
         let mut replies = EnvelopeReplies {
             mail: None,
@@ -1025,7 +1085,7 @@ impl Connection {
         };
         let mail = self.mail_command(env, size)?;
         let mut steps = Vec::with_capacity(env.rcpts.len() + 3);
-        if rset && std::mem::take(&mut self.pending_rset) {
+        if rset {
             steps.push(Step::Rset);
         }
         steps.push(Step::Mail(mail));
@@ -1044,7 +1104,8 @@ impl Connection {
             }
         }
         if !steps.iter().any(|s| matches!(s, Step::Rcpt(..))) {
-            // Nothing to send to: don't open a transaction at all.
+            // Nothing to send to: don't open a transaction at all (a RSET
+            // owed stays owed).
             return Ok(Planned::Nothing(TxnReport {
                 rcpts: replies.rcpts.into_iter().flatten().collect(),
                 data: None,
@@ -1133,10 +1194,14 @@ impl Connection {
         replies: &mut EnvelopeReplies,
     ) -> Result<(), SmtpError> {
         for step in group {
-            let reply = self
-                .wire
-                .read_reply(step.stage(), self.command_timeout)
-                .await?;
+            // The reply to BDAT LAST comes once the message is processed,
+            // like the reply after DATA's dot, and failing to read it leaves
+            // the same doubt.
+            let (stage, limit) = match step {
+                Step::Bdat(_) => (Stage::Dot, self.data_timeout),
+                _ => (step.stage(), self.command_timeout),
+            };
+            let reply = self.wire.read_reply(stage, limit).await?;
             if reply.code == 421 || (matches!(step, Step::Rset) && !reply.is_positive()) {
                 return Err(SmtpError::Rejected {
                     stage: step.stage(),
@@ -1149,31 +1214,15 @@ impl Connection {
     }
 
     /// What the envelope's replies leave: a body to send, or a report.
-    fn settle(&mut self, replies: EnvelopeReplies) -> Result<Settled, SmtpError> {
+    fn settle(&mut self, mut replies: EnvelopeReplies) -> Result<Settled, SmtpError> {
         let go_ahead = replies.data.as_ref().is_some_and(|r| r.code == 354);
         let accepted = replies.any_rcpt_accepted();
-        let Some(mail) = replies.mail else {
-            return Err(SmtpError::Protocol {
-                stage: Stage::Mail,
-                detail: "no reply to MAIL".into(),
-            });
-        };
-        if go_ahead && (!mail.is_positive() || !accepted) {
+        if go_ahead && (replies.mail_refused() || !accepted) {
             // A pipelined DATA got 354 though there is no one to deliver to.
             // Sending "." could deliver an empty message; closing is safe.
             self.broken = true;
         }
-        if !mail.is_positive() {
-            return Err(SmtpError::Rejected {
-                stage: Stage::Mail,
-                reply: mail,
-            });
-        }
-        let rcpts = replies
-            .rcpts
-            .into_iter()
-            .map(|r| r.unwrap_or_else(|| Reply::new(451, "4.3.0 relayq: no reply to RCPT")))
-            .collect();
+        let rcpts = replies.rcpt_replies()?;
         let data = match replies.data {
             _ if !accepted => None,
             Some(reply) if reply.code == 354 => return Ok(Settled::GoAhead(rcpts)),

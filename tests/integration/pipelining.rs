@@ -4,6 +4,7 @@
 //! refusals of either message must be reported as they would be alone.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::support::client::{dot_stuff, queue_id, send_mail};
@@ -14,7 +15,7 @@ const WAIT: Duration = Duration::from_secs(30);
 
 /// A message body with a unique subject and content that tests the DATA
 /// encoding (leading dots, a line that is only a dot, 8-bit text).
-fn body(i: usize) -> Vec<u8> {
+pub(crate) fn body(i: usize) -> Vec<u8> {
     format!(
         "Subject: pipelined {i}\r\nFrom: app@example.com\r\n\r\nmessage {i}\r\n.\r\n..two\r\n.leading dot\r\nGr\u{fc}\u{df}e {i}\r\n{}\r\n",
         "x".repeat(i * 37 % 500)
@@ -23,7 +24,7 @@ fn body(i: usize) -> Vec<u8> {
 }
 
 /// The subject line, which identifies the message.
-fn subject(m: &Received) -> String {
+pub(crate) fn subject(m: &Received) -> String {
     m.text()
         .lines()
         .find(|l| l.starts_with("Subject: "))
@@ -31,22 +32,54 @@ fn subject(m: &Received) -> String {
         .to_string()
 }
 
+/// The message number in a test message's subject.
+pub(crate) fn index(m: &Received) -> usize {
+    subject(m)["Subject: pipelined ".len()..]
+        .parse()
+        .unwrap_or_else(|_| panic!("not a test message: {}", m.text()))
+}
+
 /// Queues `n` messages (from `sender(i)` to `rcpts(i)`) while the upstream
 /// is down, then brings it back with `script` and flushes the queue.
 /// Returns the daemon, the upstream, the queue ids, and the daemon's log
 /// mark from just before the flush.
-async fn queue_then_flow(
+pub(crate) async fn queue_then_flow(
     n: usize,
     relay_extra: &str,
     script: Script,
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    // Appended to the [relay] section, which relay_config writes last.
+    let config = |addr| format!("{}{relay_extra}\n", relay_config(addr, ""));
+    queue_then_flow_with(config, n, script, sender, rcpts).await
+}
+
+/// [`queue_then_flow`] with the daemon's whole config, given the
+/// upstream's address.
+pub(crate) async fn queue_then_flow_with(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    script: Script,
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    queue_then_flow_on(config, n, |up| up.set_script(script), sender, rcpts).await
+}
+
+/// [`queue_then_flow_with`] with the upstream set up by `back` when it
+/// comes back (its script, TLS), before the flush.
+pub(crate) async fn queue_then_flow_on(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    back: impl FnOnce(&FakeUpstream),
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
-    // Appended to the [relay] section, which relay_config writes last.
-    let d = Daemon::start(&format!("{}{relay_extra}\n", relay_config(addr, "")));
+    let d = Daemon::start(&config(addr));
     let mut ids = Vec::new();
     for i in 0..n {
         // Dot-stuffed like any client must; relayq undoes it on receipt.
@@ -58,10 +91,31 @@ async fn queue_then_flow(
         d.wait_log(&format!("{id}: to=<"), WAIT);
     }
     let up = FakeUpstream::start_on(addr).await.expect("upstream back");
-    up.set_script(script);
+    back(&up);
     let mark = d.log_mark();
     d.flush();
     (d, up, ids, mark)
+}
+
+/// Waits until every queued message is done, checks that each arrived
+/// exactly once, and returns them by number.
+pub(crate) fn arrived_once(
+    d: &Daemon,
+    up: &FakeUpstream,
+    ids: &[String],
+) -> HashMap<usize, Received> {
+    for id in ids {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    let got = up.messages();
+    let n = ids.len();
+    let by_index: HashMap<usize, Received> = got.iter().map(|m| (index(m), m.clone())).collect();
+    assert_eq!(
+        (got.len(), by_index.len()),
+        (n, n),
+        "each message exactly once"
+    );
+    by_index
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +255,7 @@ async fn refusals_in_a_pipelined_stream_are_reported_per_message() {
     let subjects: std::collections::HashSet<String> = accepted.iter().map(|m| subject(m)).collect();
     assert_eq!(subjects.len(), accepted.len(), "no message twice");
     for m in &accepted {
-        let i: usize = subject(m)["Subject: pipelined ".len()..].parse().unwrap();
+        let i = index(m);
         assert!(
             !refused_rcpt(i) && !refused_body(i),
             "message {i} went through"
@@ -239,7 +293,7 @@ async fn a_line_dropped_behind_a_dot_loses_nothing_and_sends_nothing_twice() {
     assert_eq!(got.len(), n, "each message exactly once: {subjects:?}");
     assert_eq!(subjects.len(), n, "no message twice");
     for m in &got {
-        let i: usize = subject(m)["Subject: pipelined ".len()..].parse().unwrap();
+        let i = index(m);
         assert!(m.data.ends_with(&body(i)), "message {i} changed in transit");
     }
     assert!(up.connections() >= 2, "the dropped connection was replaced");
@@ -258,35 +312,32 @@ async fn a_line_dropped_behind_a_dot_loses_nothing_and_sends_nothing_twice() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_messages_per_connection_counts_pipelined_messages() {
-    let n = 14;
+    let up = max_messages_per_connection_holds(Script::default()).await;
+    assert!(
+        up.sent_behind_dot() > 0,
+        "nothing was pipelined behind a dot"
+    );
+}
+
+/// With `max_messages_per_connection = 3`, no connection carries more,
+/// however many go out behind each other; every message arrives once.
+pub(crate) async fn max_messages_per_connection_holds(script: Script) -> FakeUpstream {
     let (d, up, ids, _) = queue_then_flow(
-        n,
+        14,
         "max_messages_per_connection = 3",
-        Script::default(),
+        script,
         |_| "app@example.com",
         |_| vec!["bob@example.net"],
     )
     .await;
-    for id in &ids {
-        d.wait_log(&format!("{id}: removed"), WAIT);
-    }
-    let got = up.messages();
-    let subjects: std::collections::HashSet<String> = got.iter().map(subject).collect();
-    assert_eq!(
-        (got.len(), subjects.len()),
-        (n, n),
-        "each message exactly once"
-    );
+    arrived_once(&d, &up, &ids);
     let mut per_conn: HashMap<usize, usize> = HashMap::new();
-    for m in &got {
+    for m in &up.messages() {
         *per_conn.entry(m.conn).or_default() += 1;
     }
     assert!(
         per_conn.values().all(|&k| k <= 3),
         "a connection carried more than 3 messages: {per_conn:?}"
     );
-    assert!(
-        up.sent_behind_dot() > 0,
-        "nothing was pipelined behind a dot"
-    );
+    up
 }

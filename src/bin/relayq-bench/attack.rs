@@ -294,7 +294,7 @@ pub async fn auth_flood(args: &Args) -> anyhow::Result<()> {
         users.display()
     );
     let upstream = sink(Duration::ZERO, true).await?;
-    let r = start_relayq(upstream.addr, 4, &extra, None)?;
+    let r = start_relayq(upstream.addr, Some(4), &extra, None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kb(pid).unwrap_or(0);
@@ -390,7 +390,7 @@ pub async fn idle_flood(args: &Args) -> anyhow::Result<()> {
     let upstream = sink(Duration::ZERO, true).await?;
     // relayq's default session settings (the bench's usual max_connections
     // override is replaced by the default).
-    let r = start_relayq(upstream.addr, 4, "max_connections = 4096\n", None)?;
+    let r = start_relayq(upstream.addr, Some(4), "max_connections = 4096\n", None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = rss_kb(pid).unwrap_or(0);

@@ -80,6 +80,15 @@ pub struct Pending {
     replies: EnvelopeReplies,
 }
 
+/// A body written with [`Connection::write_opened`] (and the next
+/// envelope behind its dot, if one was given), its reply not read yet.
+#[must_use = "the reply to this body must be read: Connection::read_written"]
+#[derive(Debug)]
+pub struct Written {
+    rcpts: Vec<Reply>,
+    planned: Option<(Vec<Step>, EnvelopeReplies)>,
+}
+
 /// A transaction whose envelope was accepted and whose DATA got 354.
 #[must_use = "the server waits for this body: send it with Connection::send_opened"]
 #[derive(Debug)]
@@ -140,27 +149,89 @@ impl Connection {
         body: &[u8],
         next: Option<(&Envelope<'_>, usize)>,
     ) -> Sent {
+        match self.write_opened(opened, body, next).await {
+            Ok(written) => self.read_written(written).await,
+            Err(sent) => sent,
+        }
+    }
+
+    /// The first half of [`Connection::send_opened`]: writes the body (and
+    /// `next`'s envelope behind its dot) without waiting for the reply, so
+    /// the caller can do other work meanwhile. `Err` is the outcome when
+    /// the write failed.
+    pub async fn write_opened(
+        &mut self,
+        opened: Opened,
+        body: &[u8],
+        next: Option<(&Envelope<'_>, usize)>,
+    ) -> Result<Written, Sent> {
         if self.broken || !std::mem::take(&mut self.awaiting_body) {
-            return Sent::alone(Err(SmtpError::Unusable));
+            return Err(Sent::alone(Err(SmtpError::Unusable)));
         }
         let span = self.span.clone();
-        let sent = self
-            .body_then(opened.rcpts, body, next)
+        match self
+            .write_body(opened.rcpts, body, next)
             .instrument(span)
-            .await;
+            .await
+        {
+            Ok(written) => {
+                self.awaiting_dot = true;
+                Ok(written)
+            }
+            Err(sent) => {
+                self.note_result(&sent.this);
+                Err(sent)
+            }
+        }
+    }
+
+    /// The second half: reads the reply to a body [`Connection::write_opened`]
+    /// wrote.
+    pub async fn read_written(&mut self, written: Written) -> Sent {
+        if self.broken || !std::mem::take(&mut self.awaiting_dot) {
+            let next = match written.planned {
+                Some(_) => NextTxn::Lost("connection unusable".into()),
+                None => NextTxn::NotSent,
+            };
+            return Sent {
+                this: Err(SmtpError::Unusable),
+                next,
+            };
+        }
+        let span = self.span.clone();
+        let sent = self.read_body(written).instrument(span).await;
         self.note_result(&sent.this);
         sent
     }
 
-    /// Writes the body in chunks, each under `data_timeout`, the next
-    /// envelope (if it can go in one group) in the same write as the final
-    /// dot, and reads the reply to this body.
+    /// Whether the replies to a pending envelope are already here (read
+    /// without waiting for more): then settling it costs no wait.
+    pub async fn replies_arrived(&mut self, pending: &Pending) -> bool {
+        self.wire.replies_buffered(pending.steps.len()).await
+    }
+
+    /// Writes the body and reads the reply to it (see `write_body`).
     pub(super) async fn body_then(
         &mut self,
         rcpts: Vec<Reply>,
         body: &[u8],
         next: Option<(&Envelope<'_>, usize)>,
     ) -> Sent {
+        match self.write_body(rcpts, body, next).await {
+            Ok(written) => self.read_body(written).await,
+            Err(sent) => sent,
+        }
+    }
+
+    /// Writes the body in chunks, each under `data_timeout`, and the next
+    /// envelope (if it can go in one group) in the same write as the final
+    /// dot. `Err` is the outcome when a write failed.
+    async fn write_body(
+        &mut self,
+        rcpts: Vec<Reply>,
+        body: &[u8],
+        next: Option<(&Envelope<'_>, usize)>,
+    ) -> Result<Written, Sent> {
         let planned = match next {
             Some((env, size)) if self.caps.pipelining => match self.plan(env, size, false) {
                 Ok(Planned::Steps(steps, replies)) if steps.len() <= PIPELINE_BATCH => {
@@ -195,12 +266,17 @@ impl Connection {
                 } else {
                     NextTxn::NotSent
                 };
-                return Sent { this: Err(e), next };
+                return Err(Sent { this: Err(e), next });
             }
             if !more {
-                break;
+                return Ok(Written { rcpts, planned });
             }
         }
+    }
+
+    /// Reads the reply to a body [`Connection::write_body`] wrote.
+    async fn read_body(&mut self, written: Written) -> Sent {
+        let Written { rcpts, planned } = written;
         // Everything is sent: a connection lost now may have delivered it.
         let this = match self.wire.read_reply(Stage::Dot, self.data_timeout).await {
             Ok(reply) if reply.code == 421 => Err(SmtpError::Rejected {

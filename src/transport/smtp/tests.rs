@@ -1441,6 +1441,7 @@ async fn many_recipients_are_pipelined_in_bounded_batches() {
     assert_eq!(report.data.map(|r| r.code), Some(250));
 }
 
+mod chunking;
 mod pipeline;
 
 #[test]

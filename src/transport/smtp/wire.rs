@@ -179,6 +179,21 @@ impl Wire {
         }
     }
 
+    /// Whether `n` complete replies are here already, after taking in what
+    /// the stream has without waiting. A read that would wait is dropped
+    /// before it takes anything, so nothing is lost.
+    pub(super) async fn replies_buffered(&mut self, n: usize) -> bool {
+        loop {
+            if complete_replies(&self.inbuf[self.pos..]) >= n {
+                return true;
+            }
+            match timeout(Duration::ZERO, self.fill(Stage::Body)).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
+    }
+
     async fn read_reply_untimed(&mut self, stage: Stage) -> Result<Reply, SmtpError> {
         let mut parser = ReplyParser::default();
         loop {
@@ -233,6 +248,16 @@ impl Wire {
         self.inbuf.extend_from_slice(&chunk[..n]);
         Ok(())
     }
+}
+
+/// Complete replies at the start of `bytes`: lines whose code is followed
+/// by a space or the line end (the last line of a reply).
+fn complete_replies(bytes: &[u8]) -> usize {
+    bytes
+        .split_inclusive(|&b| b == b'\n')
+        .filter(|line| line.ends_with(b"\n"))
+        .filter(|line| !matches!(line.get(3), Some(b'-')))
+        .count()
 }
 
 fn reply_too_long(stage: Stage) -> SmtpError {
@@ -301,12 +326,17 @@ fn snippet(bytes: &[u8]) -> String {
 /// end goes out as CRLF: a bare LF or a bare CR (a queue file written
 /// before cleanup normalised them) is sent as CRLF too, so no upstream
 /// that takes either for a line end can see a dot line we did not stuff.
+///
+/// [`DataEncoder::chunk`] makes the same octets for BDAT, which counts
+/// them instead: no dot-stuffing and no terminator.
 pub(super) struct DataEncoder<'a> {
     rest: &'a [u8],
     /// The body ends with a line end; otherwise CRLF is added before the dot.
     ends_line: bool,
     at_line_start: bool,
     finished: bool,
+    /// DATA (dot-stuffed, ".\r\n" after the body) or a BDAT chunk.
+    data: bool,
 }
 
 impl<'a> DataEncoder<'a> {
@@ -316,14 +346,37 @@ impl<'a> DataEncoder<'a> {
             ends_line: body.is_empty() || matches!(body.last(), Some(b'\r' | b'\n')),
             at_line_start: true,
             finished: false,
+            data: true,
         }
+    }
+
+    /// The body as a BDAT chunk: the same line ends as DATA sends, nothing
+    /// stuffed, no terminator.
+    pub(super) fn chunk(body: &'a [u8]) -> Self {
+        DataEncoder {
+            data: false,
+            ..DataEncoder::new(body)
+        }
+    }
+
+    /// The octets a BDAT chunk of `body` has (see [`DataEncoder::chunk`]).
+    pub(super) fn chunk_len(body: &[u8]) -> usize {
+        let mut extra = 0;
+        for (i, &b) in body.iter().enumerate() {
+            // A bare LF or a bare CR becomes CRLF: one octet more.
+            let bare_lf = b == b'\n' && (i == 0 || body[i - 1] != b'\r');
+            let bare_cr = b == b'\r' && body.get(i + 1) != Some(&b'\n');
+            extra += usize::from(bare_lf || bare_cr);
+        }
+        let ends_line = body.is_empty() || matches!(body.last(), Some(b'\r' | b'\n'));
+        body.len() + extra + if ends_line { 0 } else { 2 }
     }
 
     /// Appends up to about `limit` bytes to `out`; false once the terminator
     /// has been appended.
     pub(super) fn fill(&mut self, out: &mut Vec<u8>, limit: usize) -> bool {
         while out.len() < limit && !self.rest.is_empty() {
-            if self.at_line_start && self.rest[0] == b'.' {
+            if self.data && self.at_line_start && self.rest[0] == b'.' {
                 out.push(b'.');
             }
             let room = limit.saturating_sub(out.len()).max(1);
@@ -347,7 +400,9 @@ impl<'a> DataEncoder<'a> {
             if !self.ends_line {
                 out.extend_from_slice(b"\r\n");
             }
-            out.extend_from_slice(b".\r\n");
+            if self.data {
+                out.extend_from_slice(b".\r\n");
+            }
             self.finished = true;
         }
         !self.finished

@@ -10,6 +10,7 @@ pub mod mime;
 pub mod netns;
 pub mod peers;
 pub mod pki;
+pub mod postfix;
 pub mod readme;
 pub mod redis_server;
 pub mod token_endpoint;

@@ -25,6 +25,11 @@
 //! every AUTH attempt with its outcome ([`FakeUpstream::auths`]), so a test
 //! can prove nothing was said in clear text.
 //!
+//! With [`Script::chunking`] it offers CHUNKING and takes BDAT (RFC 3030) as
+//! well as DATA (`upstream/chunking.rs`); [`Script::max_sessions`] makes it
+//! refuse connections over a number open at once with "421 4.7.0 Too many
+//! concurrent SMTP connections", as providers do.
+//!
 //! The script is read afresh for every decision, so `set_script` takes effect
 //! on the next command, also on connections already open.
 
@@ -42,6 +47,7 @@ use tokio::sync::{Notify, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+mod chunking;
 mod secure;
 pub use secure::{AuthAttempt, Handshake, Seen, TokenCheck, UpstreamTls};
 
@@ -62,9 +68,11 @@ pub enum Stage {
     Rcpt,
     /// On receiving DATA, before the 354.
     Data,
-    /// After the 354 and the first line of the body (mid-body).
+    /// After the 354 and the first line of the body (mid-body); with BDAT,
+    /// after the first octet of the chunk.
     DataBody,
-    /// After the whole body, before the final reply.
+    /// After the whole body (the dot, or the last BDAT chunk), before the
+    /// final reply.
     DataEnd,
 }
 
@@ -105,8 +113,13 @@ pub struct Script {
     /// server started or `set_script` was last called), then behave normally.
     pub fail_first_n_transactions: usize,
     /// Close the connection right after answering the Nth body (counted
-    /// like `fail_first_n_transactions`), before reading what follows it.
+    /// like `fail_first_n_transactions`), processing nothing that follows
+    /// it (see `hang_up`).
     pub close_after_body: Option<usize>,
+    /// Like `close_after_body`, counting only bodies that arrived with the
+    /// client's next commands already behind them: the line drops with
+    /// messages in flight.
+    pub close_in_window: Option<usize>,
     /// `(user, password)`: advertise AUTH PLAIN LOGIN XOAUTH2 and answer
     /// MAIL with 530 until the client logged in (XOAUTH2 takes the password
     /// as its bearer token).
@@ -123,6 +136,18 @@ pub struct Script {
     /// Recipients taken per transaction; more get "452 4.5.3 Too many
     /// recipients" (RFC 5321 4.5.3.1.10).
     pub max_rcpts: Option<usize>,
+    /// Advertise CHUNKING and take BDAT.
+    pub chunking: bool,
+    /// Connections served at once; one more gets "421 4.7.0 Too many
+    /// concurrent SMTP connections" as its greeting and is closed.
+    pub max_sessions: Option<usize>,
+    /// With `max_sessions`: one more connection is greeted and refused at
+    /// AUTH instead, with this reply (a provider counting logins).
+    pub over_limit_at_auth: Option<(u16, String)>,
+    /// Answer the Nth body (counted like `fail_first_n_transactions`)
+    /// with "421 4.7.0 Too many messages, slow down" and close: a
+    /// provider throttling a connection in use.
+    pub throttle_body: Option<usize>,
 }
 
 impl Default for Script {
@@ -144,11 +169,16 @@ impl Default for Script {
             reply_delay: Duration::ZERO,
             fail_first_n_transactions: 0,
             close_after_body: None,
+            close_in_window: None,
             auth: None,
             auth_tokens: None,
             auth_failure: None,
             auth_echo: false,
             max_rcpts: None,
+            chunking: false,
+            max_sessions: None,
+            over_limit_at_auth: None,
+            throttle_body: None,
         }
     }
 }
@@ -194,6 +224,10 @@ impl Script {
         self.close_after_body = Some(n);
         self
     }
+    pub fn close_in_window(mut self, n: usize) -> Self {
+        self.close_in_window = Some(n);
+        self
+    }
     pub fn fail_first(mut self, n: usize) -> Self {
         self.fail_first_n_transactions = n;
         self
@@ -224,6 +258,25 @@ impl Script {
         self.pipelining = false;
         self
     }
+    pub fn chunking(mut self) -> Self {
+        self.chunking = true;
+        self
+    }
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.max_sessions = Some(n);
+        self
+    }
+    pub fn throttle_body(mut self, n: usize) -> Self {
+        self.throttle_body = Some(n);
+        self
+    }
+    /// `n` logins at once; one more is refused at AUTH with `code` and
+    /// `text`.
+    pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
+        self.max_sessions = Some(n);
+        self.over_limit_at_auth = Some((code, text.to_string()));
+        self
+    }
 }
 
 /// One completed transaction: the server answered 2xx to its body.
@@ -246,6 +299,11 @@ pub struct Received {
     pub data: Vec<u8>,
     /// The id given in the final reply ("FAKE<n>"), or "" if scripted.
     pub queue_id: String,
+    /// "BDAT" or "DATA": how the body came.
+    pub via: &'static str,
+    /// Commands were already behind the body's end when it arrived (the
+    /// client sent more before this message's reply).
+    pub followed: bool,
     /// When it was recorded, just before the final reply.
     pub at: std::time::Instant,
 }
@@ -281,6 +339,8 @@ struct State {
     connections: usize,
     /// Bodies received since start or the last `set_script`, for fail_first.
     bodies_seen: usize,
+    /// Of those, the ones with commands already behind them.
+    followed_seen: usize,
     /// For the "queued as FAKE<n>" ids.
     queued: usize,
     /// Set by `start_tls`/`set_tls`: read at each new connection.
@@ -292,6 +352,13 @@ struct State {
     /// Bodies whose final dot arrived with more commands already behind it
     /// (sent before the reply to the dot: pipelined after the data).
     sent_behind_dot: usize,
+    /// Sessions open now, and the most open at once.
+    active: usize,
+    peak_active: usize,
+    /// Connections refused for `max_sessions` (at the greeting or AUTH).
+    pub(super) refused_sessions: usize,
+    /// The connections that arrived over `max_sessions`.
+    pub(super) over_limit: std::collections::HashSet<usize>,
 }
 
 impl Shared {
@@ -366,6 +433,7 @@ impl FakeUpstream {
         let mut state = self.shared.lock();
         state.script = script;
         state.bodies_seen = 0;
+        state.followed_seen = 0;
     }
 
     /// Completed transactions so far.
@@ -405,6 +473,16 @@ impl FakeUpstream {
     /// pipelined after the end of data (RFC 2920).
     pub fn sent_behind_dot(&self) -> usize {
         self.shared.lock().sent_behind_dot
+    }
+
+    /// The most connections open at once so far.
+    pub fn peak_sessions(&self) -> usize {
+        self.shared.lock().peak_active
+    }
+
+    /// Connections refused for [`Script::max_sessions`] so far.
+    pub fn refused_sessions(&self) -> usize {
+        self.shared.lock().refused_sessions
     }
 
     /// Waits until at least `n` transactions completed and returns them all.
@@ -518,10 +596,21 @@ async fn accept_loop(
                 let conn = {
                     let mut state = shared.lock();
                     state.connections += 1;
+                    state.active += 1;
+                    state.peak_active = state.peak_active.max(state.active);
+                    // Decided in order of arrival, as a server counts.
+                    if state.script.max_sessions.is_some_and(|max| state.active > max) {
+                        let conn = state.connections;
+                        state.over_limit.insert(conn);
+                    }
                     state.connections
                 };
                 shared.changed.notify_waiters();
-                sessions.spawn(secure::serve_connection(stream, conn, shared.clone()));
+                let shared = shared.clone();
+                sessions.spawn(async move {
+                    secure::serve_connection(stream, conn, shared.clone()).await;
+                    shared.lock().active -= 1;
+                });
             }
         }
     }
@@ -565,6 +654,7 @@ where
         greeting_refused: false,
         tls,
         authenticated: None,
+        chunks: Vec::new(),
     };
     match session.run(greet).await {
         Err(Closed::StartTls) => Some(session.into_stream()),
@@ -584,6 +674,8 @@ struct Session<S> {
     tls: bool,
     /// The user name after a successful AUTH.
     authenticated: Option<String>,
+    /// BDAT chunks of the transaction so far.
+    chunks: Vec<u8>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -602,6 +694,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn greet(&mut self) -> Result<(), Closed> {
         let script = self.shared.script();
         if script.drop_at == Some(Stage::Greeting) {
+            return Err(Closed::ByUs);
+        }
+        let over = {
+            let mut state = self.shared.lock();
+            let over = state.over_limit.contains(&self.conn) && script.over_limit_at_auth.is_none();
+            state.refused_sessions += usize::from(over);
+            over
+        };
+        if over {
+            self.reply(421, "4.7.0 Too many concurrent SMTP connections")
+                .await?;
             return Err(Closed::ByUs);
         }
         match script.greeting {
@@ -668,6 +771,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 if script.smtputf8 {
                     lines.push("SMTPUTF8".into());
                 }
+                if script.chunking {
+                    lines.push("CHUNKING".into());
+                }
                 if script.dsn {
                     lines.push("DSN".into());
                 }
@@ -680,8 +786,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "MAIL" => self.mail(&script, arg).await,
             "RCPT" => self.rcpt(&script, arg).await,
             "DATA" => self.data(&script).await,
+            "BDAT" if script.chunking => self.bdat(&script, arg).await,
             "RSET" => {
                 self.tx = None;
+                self.chunks.clear();
                 self.std_reply(&script, 250, "2.0.0", "Ok").await
             }
             "NOOP" => self.std_reply(&script, 250, "2.0.0", "Ok").await,
@@ -802,21 +910,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         self.reply(354, "End data with <CR><LF>.<CR><LF>").await?;
 
         let mut data = Vec::new();
-        loop {
+        let followed = loop {
             let line = self.read_line().await?;
             if line == b".\r\n" {
                 // Nothing has been answered since the dot arrived, so bytes
                 // already here were sent without waiting for the reply.
-                if !self.io.buffer().is_empty() {
-                    self.shared.lock().sent_behind_dot += 1;
-                }
-                break;
+                break !self.io.buffer().is_empty();
             }
             // RFC 5321 4.5.2: a leading dot was added by the client; drop it.
             data.extend_from_slice(line.strip_prefix(b".").unwrap_or(&line));
             if script.drop_at == Some(Stage::DataBody) {
                 return Err(Closed::ByUs);
             }
+        };
+        self.end_of_message(data, "DATA", followed).await
+    }
+
+    /// The whole body is in (after the dot, or the last BDAT chunk): the
+    /// scripted fate of the message, recorded, and the reply.
+    async fn end_of_message(
+        &mut self,
+        data: Vec<u8>,
+        via: &'static str,
+        followed: bool,
+    ) -> Result<(), Closed> {
+        if followed {
+            self.shared.lock().sent_behind_dot += 1;
         }
         // The script may have changed while the body was arriving.
         let script = self.shared.script();
@@ -827,15 +946,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Closed::ByUs);
         };
 
-        let (failing, close) = {
+        let (failing, throttled, close) = {
             let mut state = self.shared.lock();
             state.bodies_seen += 1;
+            state.followed_seen += usize::from(followed);
+            let throttled = script.throttle_body == Some(state.bodies_seen);
             (
                 state.bodies_seen <= script.fail_first_n_transactions,
-                script.close_after_body == Some(state.bodies_seen),
+                throttled,
+                throttled
+                    || script.close_after_body == Some(state.bodies_seen)
+                    || (followed && script.close_in_window == Some(state.followed_seen)),
             )
         };
-        let (code, text, queue_id) = if failing {
+        let (code, text, queue_id) = if throttled {
+            (
+                421,
+                "4.7.0 Too many messages, slow down".into(),
+                String::new(),
+            )
+        } else if failing {
             let text = enhanced(&script, "4.3.0", "Error: temporary failure (scripted)");
             (451, text, String::new())
         } else if script.size.is_some_and(|limit| data.len() > limit) {
@@ -875,6 +1005,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 rcpt_params: tx.rcpt_params,
                 data,
                 queue_id,
+                via,
+                followed,
                 at: std::time::Instant::now(),
             };
             self.shared.lock().messages.push(received);
@@ -882,9 +1014,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.write_reply(code, &text).await?;
         if close {
+            self.hang_up().await;
             return Err(Closed::ByUs);
         }
         Ok(())
+    }
+
+    /// Ends the session after what was answered: closes our side (the
+    /// replies already written arrive, then end of stream) and processes
+    /// nothing more, discarding what the client still sends until it hangs
+    /// up. Closing with unread input would make the kernel reset the
+    /// connection, which may destroy replies in flight: that is not the
+    /// line this models dropping.
+    async fn hang_up(&mut self) {
+        use tokio::io::AsyncReadExt;
+        let _ = self.io.get_mut().shutdown().await;
+        let mut sink = [0u8; 4096];
+        let drain = async { while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {} };
+        let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
     }
 
     /// A reply whose text gets the enhanced code when the script advertises it.

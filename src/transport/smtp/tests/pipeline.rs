@@ -354,3 +354,55 @@ async fn a_next_envelope_too_big_for_one_group_is_not_sent() {
     conn.quit().await;
     server.finish().await;
 }
+
+#[tokio::test]
+async fn a_body_written_now_is_answered_later_and_replies_are_checked_without_waiting() {
+    let script = opening()
+        .tx("250 first\r\n")
+        // The second envelope's replies come a little later.
+        .pause(200)
+        .tx("250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        .rx("two\r\n.\r\nMAIL FROM:<f@x.test>\r\nRCPT TO:<g@y.test>\r\nDATA\r\n")
+        .tx("250 second\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        .rx("three\r\n.\r\n")
+        .tx("250 third\r\n")
+        .quit();
+    let server = TestServer::start(script).await;
+    let mut conn = Connection::open(&client(server.addr)).await.unwrap();
+    let second = ["d@y.test", "e@y.test"];
+    let next = envelope("c@x.test", &second);
+    let sent = conn
+        .send_then(
+            &envelope("a@x.test", &["b@y.test"]),
+            b"one\r\n",
+            Some((&next, 5)),
+        )
+        .await;
+    assert_eq!(sent.this.unwrap().data.unwrap().text, "first");
+    let NextTxn::Pending(pending) = sent.next else {
+        panic!("{:?}", sent.next)
+    };
+    // Not here yet: the check does not wait for them.
+    let started = std::time::Instant::now();
+    assert!(!conn.replies_arrived(&pending).await);
+    assert!(started.elapsed() < Duration::from_millis(150));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(conn.replies_arrived(&pending).await);
+    let second_open = opened(conn.settle_next(pending).await);
+    let third = envelope("f@x.test", &["g@y.test"]);
+    // The body and the next envelope go out before any reply is read.
+    let written = conn
+        .write_opened(second_open, b"two\r\n", Some((&third, 7)))
+        .await
+        .unwrap();
+    let sent = conn.read_written(written).await;
+    assert_eq!(sent.this.unwrap().data.unwrap().text, "second");
+    let NextTxn::Pending(pending) = sent.next else {
+        panic!("{:?}", sent.next)
+    };
+    let third_open = opened(conn.settle_next(pending).await);
+    let sent = conn.send_opened(third_open, b"three\r\n", None).await;
+    assert_eq!(sent.this.unwrap().data.unwrap().text, "third");
+    conn.quit().await;
+    server.finish().await;
+}

@@ -5,7 +5,12 @@
 //! It starts an in-process SMTP sink as the upstream, starts relayq (the
 //! `relayq` binary next to this one) relaying to it, and drives SMTP load
 //! from its own client (the same client for both systems, one command at a
-//! time like Postfix's smtp-source). Only 127.0.0.1 is used.
+//! time like Postfix's smtp-source). Only 127.0.0.1 is used. `--far` (or
+//! `--only far`) adds the far-upstream mode (`far`): a delay proxy in front
+//! of the sink.
+
+mod attack;
+mod far;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,8 +22,6 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 
-#[path = "relayq-bench/attack.rs"]
-mod attack;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -85,6 +88,30 @@ struct Args {
     /// deliveries to one destination).
     #[arg(long, default_value_t = 8)]
     concurrency: usize,
+    /// Also run the far-upstream mode (a delay proxy in front of the sink;
+    /// both systems at their defaults).
+    #[arg(long)]
+    far: bool,
+    /// Far mode: the round trip the proxy adds, in ms (a list runs each).
+    #[arg(long, default_value = "50")]
+    rtt_ms: String,
+    /// Far mode: the burst, messages and sessions.
+    #[arg(long, default_value_t = 2000)]
+    far_messages: usize,
+    #[arg(long, default_value_t = 20)]
+    far_sessions: usize,
+    /// Far mode: the sinks, any of smtp (the bench's sink), limit3 (the
+    /// same, 421 to a 4th connection), chunking (Postfix's smtpd).
+    #[arg(long, default_value = "smtp,limit3,chunking")]
+    far_upstreams: String,
+    /// Far mode: relayq with this fixed concurrency instead of its
+    /// default (adaptive), to compare.
+    #[arg(long)]
+    far_concurrency: Option<usize>,
+    /// Far mode: how long a system may take to drain the burst (Postfix
+    /// defers what a relay refuses and retries it minutes later).
+    #[arg(long, default_value_t = 900)]
+    far_timeout_s: u64,
     /// Also run relayq with `queue.done_sync_window = "0s"` (each done
     /// mark synced before the worker moves on), interleaved, to show what
     /// the group commit of done marks saves.
@@ -95,6 +122,12 @@ struct Args {
     /// change, measured in one run.
     #[arg(long)]
     baseline: Option<PathBuf>,
+}
+
+impl Args {
+    fn far_timeout(&self) -> Duration {
+        Duration::from_secs(self.far_timeout_s)
+    }
 }
 
 #[derive(Default, Clone)]
@@ -120,6 +153,11 @@ fn main() -> anyhow::Result<()> {
         args.slow_messages = 20;
         args.slow_delay_ms = 5;
         args.scale = args.scale.min(300);
+        args.far = true;
+        args.far_messages = 60;
+        args.far_sessions = 5;
+        args.rtt_ms = "5".into();
+        args.far_timeout_s = 120;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -134,8 +172,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "scale" if args.scale > 0 => scale_rounds(&args).await?,
             "auth-flood" => attack::auth_flood(&args).await?,
             "idle-flood" => attack::idle_flood(&args).await?,
+            "far" => far::far(&args).await?,
             other => bail!(
-                "--only {other:?}: the parts that run alone are \"slow\", \"scale\" (with --scale N), \"auth-flood\" and \"idle-flood\""
+                "--only {other:?}: the parts that run alone are \"slow\", \"far\", \"scale\" (with --scale N), \"auth-flood\" and \"idle-flood\""
             ),
         }
         println!("\nbench: ok");
@@ -263,6 +302,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     slow_upstream(&args).await?;
+    if args.far {
+        far::far(&args).await?;
+    }
     if args.scale > 0 {
         scale(&args, &relayq_binary()?).await?;
     }
@@ -324,15 +366,36 @@ struct Sink {
 }
 
 async fn sink(delay: Duration, pipelining: bool) -> anyhow::Result<Sink> {
+    limited_sink(delay, pipelining, None).await
+}
+
+/// [`sink`], serving at most `max_sessions` connections at once: one more
+/// gets "421 4.7.0 Too many concurrent SMTP connections", as providers
+/// answer.
+async fn limited_sink(
+    delay: Duration,
+    pipelining: bool,
+    max_sessions: Option<usize>,
+) -> anyhow::Result<Sink> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let count = Arc::new(AtomicU64::new(0));
     let c = count.clone();
+    let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
+        while let Ok((mut s, _)) = listener.accept().await {
             let c = c.clone();
+            let active = active.clone();
+            let now = active.fetch_add(1, Ordering::SeqCst) + 1;
             tokio::spawn(async move {
-                let _ = sink_session(s, c, delay, pipelining).await;
+                if max_sessions.is_some_and(|max| now > max) {
+                    let _ = s
+                        .write_all(b"421 4.7.0 Too many concurrent SMTP connections\r\n")
+                        .await;
+                } else {
+                    let _ = sink_session(s, c, delay, pipelining).await;
+                }
+                active.fetch_sub(1, Ordering::SeqCst);
             });
         }
     });
@@ -524,6 +587,8 @@ struct Relayq {
     child: Child,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
+    /// Its log lines about its concurrency (decreases are logged).
+    concurrency_log: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Drop for Relayq {
@@ -545,9 +610,11 @@ fn relayq_binary() -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
+/// relayq relaying to `upstream`; `concurrency`: a fixed number of
+/// connections, or `None` for relayq's default (adaptive).
 fn start_relayq(
     upstream: SocketAddr,
-    concurrency: usize,
+    concurrency: Option<usize>,
     extra: &str,
     dir: Option<tempfile::TempDir>,
 ) -> anyhow::Result<Relayq> {
@@ -557,7 +624,7 @@ fn start_relayq(
 fn start_relayq_binary(
     binary: &Path,
     upstream: SocketAddr,
-    concurrency: usize,
+    concurrency: Option<usize>,
     extra: &str,
     dir: Option<tempfile::TempDir>,
 ) -> anyhow::Result<Relayq> {
@@ -571,10 +638,13 @@ fn start_relayq_binary(
         "max_connections = 1000\n"
     };
     let config = format!(
-        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n{max}{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconcurrency = {concurrency}\n",
+        "hostname = \"bench.test\"\nspool_dir = \"{}\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n{max}{extra}\n[relay]\nhost = \"{}\"\nport = {}\ntls = \"none\"\n{}",
         dir.path().join("spool").display(),
         upstream.ip(),
-        upstream.port()
+        upstream.port(),
+        concurrency
+            .map(|n| format!("concurrency = {n}\n"))
+            .unwrap_or_default()
     );
     let path = dir.path().join("relayq.toml");
     std::fs::write(&path, config)?;
@@ -591,6 +661,8 @@ fn start_relayq_binary(
     let stderr = child.stderr.take().context("stderr")?;
     // The start line names the listen address; logging is quiet otherwise.
     let (tx, rx) = std::sync::mpsc::channel();
+    let concurrency_log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = concurrency_log.clone();
     std::thread::spawn(move || {
         use std::io::BufRead;
         for line in std::io::BufReader::new(stderr)
@@ -599,6 +671,11 @@ fn start_relayq_binary(
         {
             if let Some(rest) = line.split("listening on ").nth(1) {
                 let _ = tx.send(rest.split([' ', ',']).next().unwrap_or("").to_string());
+            }
+            if line.contains("): concurrency ")
+                && let Ok(mut log) = log.lock()
+            {
+                log.push(line);
             }
         }
     });
@@ -610,6 +687,7 @@ fn start_relayq_binary(
         child,
         addr,
         _dir: dir,
+        concurrency_log,
     })
 }
 
@@ -671,7 +749,7 @@ async fn measure(
 /// `extra` added to its config.
 async fn bench_relayq(args: &Args, binary: &Path, extra: &str) -> anyhow::Result<Figures> {
     let sink = sink(Duration::ZERO, true).await?;
-    let mut r = start_relayq_binary(binary, sink.addr, args.concurrency, extra, None)?;
+    let mut r = start_relayq_binary(binary, sink.addr, Some(args.concurrency), extra, None)?;
     let pid = r.child.id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let probe = Probe {
@@ -702,7 +780,7 @@ async fn slow_upstream(args: &Args) -> anyhow::Result<()> {
         args.slow_delay_ms
     );
     let s = sink(delay, true).await?;
-    let r = start_relayq(s.addr, c, "", None)?;
+    let r = start_relayq(s.addr, Some(c), "", None)?;
     let (_, _) = accept_load(r.addr, 4, n, args.size).await?;
     let t = Instant::now();
     wait_count(&s.count, n as u64, Duration::from_secs(600)).await?;
@@ -751,7 +829,7 @@ async fn scale(args: &Args, binary: &Path) -> anyhow::Result<f64> {
     // A port with nothing listening: bind, note it, close.
     let down = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let dir = tempfile::tempdir()?;
-    let r = start_relayq_binary(binary, down, 4, "", Some(dir))?;
+    let r = start_relayq_binary(binary, down, Some(4), "", Some(dir))?;
     let pid = r.child.id();
     let base = rss_kb(pid).unwrap_or(0);
     let t = Instant::now();
@@ -771,7 +849,7 @@ async fn scale(args: &Args, binary: &Path) -> anyhow::Result<f64> {
     drop(r);
     let sink = sink(Duration::ZERO, true).await?;
     let t = Instant::now();
-    let r2 = start_relayq_binary(binary, sink.addr, 4, "", Some(dir))?;
+    let r2 = start_relayq_binary(binary, sink.addr, Some(4), "", Some(dir))?;
     println!(
         "restart with {n} queued: accepting after {:.2} s",
         t.elapsed().as_secs_f64()
@@ -850,16 +928,7 @@ async fn bench_postfix(args: &Args) -> anyhow::Result<Figures> {
 /// Installs Postfix if needed and configures it as a loopback null client
 /// relaying to `sink`, listening on port 2625. Returns the port.
 fn setup_postfix(sink: SocketAddr) -> anyhow::Result<u16> {
-    if !Path::new("/usr/sbin/postfix").exists() {
-        println!("installing postfix (apt-get)...");
-        let sel = Command::new("sh")
-            .arg("-c")
-            .arg("echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null")
-            .status()?;
-        if !sel.success() {
-            bail!("apt-get install postfix failed");
-        }
-    }
+    install_postfix()?;
     let _ = Command::new("postfix").arg("stop").output();
     let port = 2625;
     let main_cf = format!(
@@ -886,6 +955,9 @@ fn setup_postfix(sink: SocketAddr) -> anyhow::Result<u16> {
     let _ = Command::new("/usr/lib/postfix/configure-instance.sh")
         .arg("-")
         .output();
+    // Mail left by a run cut short (deferred by a refusing sink) would be
+    // delivered into this run and counted as this burst's.
+    let _ = Command::new("postsuper").args(["-d", "ALL"]).output();
     let _ = Command::new("newaliases").output();
     let st = Command::new("postfix").arg("start").output()?;
     if !st.status.success() {
@@ -895,6 +967,21 @@ fn setup_postfix(sink: SocketAddr) -> anyhow::Result<u16> {
         );
     }
     Ok(port)
+}
+
+/// Installs Debian's postfix (without a system configuration) unless it is.
+fn install_postfix() -> anyhow::Result<()> {
+    if !Path::new("/usr/sbin/postfix").exists() {
+        println!("installing postfix (apt-get)...");
+        let sel = Command::new("sh")
+            .arg("-c")
+            .arg("echo 'postfix postfix/main_mailer_type select No configuration' | debconf-set-selections && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postfix >/dev/null")
+            .status()?;
+        if !sel.success() {
+            bail!("apt-get install postfix failed");
+        }
+    }
+    Ok(())
 }
 
 fn postfix_pids() -> Vec<u32> {

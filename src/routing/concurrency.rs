@@ -1,0 +1,766 @@
+//! One relay's concurrency: how many connections relayq may have open to
+//! it at once, adapted to how it answers, like Postfix's destination
+//! concurrency feedback and TCP's congestion window (additive increase,
+//! multiplicative decrease).
+//!
+//! A relay 2 ms away drains a backlog with two connections; one 80 ms away
+//! needs thirty; some allow only a few. So the number is learned, within
+//! `max_connections` (the hard cap):
+//!
+//! - **Start** at [`INITIAL`] connections.
+//! - **Grow** while mail waits and the relay answers well: each round of a
+//!   connection (a message delivered; with BDAT streams, as many as were
+//!   in flight on it; or a new connection let in) while every allowed
+//!   connection is busy and more mail is ready adds one connection, so the
+//!   count doubles every round trip, until the first sign of pushback;
+//!   after that, one connection per round of all of them.
+//! - **Back off** on pushback. A relay that refuses one more connection
+//!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
+//!   open has said what it allows: concurrency drops to the connections it
+//!   still serves and stays at most there for [`CEILING_HOLD_MS`] before
+//!   trying one more. A connection that cannot be opened (refused, timed
+//!   out), a `421` on a connection in use, or a delivery rate per
+//!   connection that fell by more than concurrency rose (more connections,
+//!   less mail delivered in total) halves it. Only one halving per round:
+//!   an attempt that started before the last cut does not cut again, nor
+//!   does a delivery on a connection the cut has not closed yet (TCP
+//!   reacts once per window of losses the same way). The rate is measured
+//!   per round of a connection: a stream's replies come together, the
+//!   first after a round trip, the others at once.
+//! - **Idle**: once a relay has had no connection open for a while (its
+//!   connections close after `idle_timeout`), the next burst starts again
+//!   from [`INITIAL`], as Postfix forgets an idle destination.
+//!
+//! With `concurrency = N` in the config the number is fixed at N instead.
+//!
+//! When no other connection to the relay works, pushback is the relay
+//! being down or throttling us: the circuit breaker (`health`) handles it,
+//! not this. Pure state: times are passed in (unix ms), so tests step
+//! through it with an injected clock.
+
+use serde::{Deserialize, Serialize};
+
+/// Connections an adaptive relay starts with (Postfix's
+/// `initial_destination_concurrency` is 5).
+pub const INITIAL: usize = 4;
+/// How long a relay's refusal of one more connection keeps concurrency
+/// at most at the connections it served then.
+pub const CEILING_HOLD_MS: u64 = 5 * 60_000;
+/// The multiplicative decrease.
+const BACKOFF: f64 = 0.5;
+/// Delivery-rate samples older than this are not compared.
+const RATE_MEMORY_MS: u64 = 30_000;
+/// Samples at a level before its rate is trusted.
+const RATE_SAMPLES: u32 = 8;
+/// Total throughput at more connections must stay above this share of
+/// the best seen at fewer, or concurrency backs off.
+const RATE_MARGIN: f64 = 0.9;
+/// Weight of a new sample in a level's average.
+const RATE_WEIGHT: f64 = 0.2;
+
+/// Why concurrency last changed, as a short word for metrics labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// Adaptive, at its starting point.
+    Start,
+    /// Set by `concurrency = N`.
+    Fixed,
+    /// Grew: mail waiting and the relay answering well.
+    Backlog,
+    /// The relay refused one more connection while others were open.
+    Refused,
+    /// A connection failed (refused, timed out) while others worked.
+    Failed,
+    /// A 421 on a connection in use while others worked.
+    Throttled,
+    /// The delivery rate per connection fell by more than concurrency rose.
+    Rate,
+    /// No connection for a while: back to the start.
+    Idle,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Start => "start",
+            Reason::Fixed => "fixed",
+            Reason::Backlog => "backlog",
+            Reason::Refused => "refused",
+            Reason::Failed => "failed",
+            Reason::Throttled => "throttled",
+            Reason::Rate => "rate",
+            Reason::Idle => "idle",
+        }
+    }
+
+    pub const ALL: [Reason; 8] = [
+        Reason::Start,
+        Reason::Fixed,
+        Reason::Backlog,
+        Reason::Refused,
+        Reason::Failed,
+        Reason::Throttled,
+        Reason::Rate,
+        Reason::Idle,
+    ];
+}
+
+/// The last change of a relay's concurrency.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    /// When (unix ms).
+    pub at_ms: u64,
+    pub from: usize,
+    pub to: usize,
+    pub reason: Reason,
+    /// For people: "3 -> 4: mail waiting and the relay answering well".
+    pub text: String,
+}
+
+/// A sign that the relay wants fewer connections from us, seen while
+/// other connections to it work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pushback {
+    /// It refused one more connection (`421`, `454`, "too many ...") while
+    /// `open` others were open: what it allows.
+    Refused { open: usize, error: String },
+    /// A connection could not be opened (refused, timed out).
+    Failed { error: String },
+    /// A `421` on a connection in use.
+    Throttled { error: String },
+}
+
+/// A message delivered, as the concurrency sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered {
+    /// Connections in use, this one included.
+    pub busy: usize,
+    /// The time its connection spent on it, if the connection worked on
+    /// nothing else meanwhile (with several in flight, the time since the
+    /// connection's previous message was answered).
+    pub spent: Option<std::time::Duration>,
+    /// Messages in flight on its connection when it was answered, itself
+    /// included (BDAT streams carry several): that many deliveries are one
+    /// round of the connection.
+    pub in_flight: usize,
+    /// More mail is ready for the relay than its connections carry.
+    pub backlog: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Rate {
+    /// Average time a connection spent per message, ms.
+    ms: f64,
+    /// Rounds averaged into `ms`.
+    samples: u32,
+    /// The last message's time (unix ms; 0: none yet).
+    at_ms: u64,
+    /// Messages of the round being gathered, and their time.
+    pending: u32,
+    pending_ms: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Concurrency {
+    adaptive: bool,
+    max: usize,
+    window: f64,
+    /// Below it, growth is one connection per delivery (slow start).
+    threshold: f64,
+    /// A limit the relay stated by refusing one more connection, and
+    /// until when it holds.
+    ceiling: Option<(usize, u64)>,
+    /// Counts cuts; an attempt remembers the value it started under.
+    generation: u64,
+    last: Change,
+    /// Per number of busy connections.
+    rates: Vec<Rate>,
+}
+
+impl Concurrency {
+    /// Adaptive, from [`INITIAL`] up to `max`.
+    pub fn adaptive(max: usize, now: u64) -> Concurrency {
+        let max = max.max(1);
+        let start = INITIAL.min(max);
+        Concurrency::with(
+            true,
+            max,
+            start,
+            now,
+            Reason::Start,
+            format!(
+                "{start}: starting point; grows up to {max} while mail waits and the relay answers well"
+            ),
+        )
+    }
+
+    /// Fixed at `n` (`concurrency = n`).
+    pub fn fixed(n: usize, now: u64) -> Concurrency {
+        let n = n.max(1);
+        Concurrency::with(
+            false,
+            n,
+            n,
+            now,
+            Reason::Fixed,
+            format!("{n}: fixed by concurrency = {n}"),
+        )
+    }
+
+    fn with(
+        adaptive: bool,
+        max: usize,
+        start: usize,
+        now: u64,
+        reason: Reason,
+        text: String,
+    ) -> Concurrency {
+        Concurrency {
+            adaptive,
+            max,
+            window: start as f64,
+            threshold: max as f64,
+            ceiling: None,
+            generation: 0,
+            last: Change {
+                at_ms: now,
+                from: start,
+                to: start,
+                reason,
+                text,
+            },
+            rates: vec![Rate::default(); max + 1],
+        }
+    }
+
+    /// Connections allowed now.
+    pub fn limit(&self) -> usize {
+        (self.window.floor() as usize).clamp(1, self.max)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive
+    }
+
+    pub fn last_change(&self) -> &Change {
+        &self.last
+    }
+
+    /// What an attempt remembers when it starts, for [`Concurrency::pushback`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// A message was delivered.
+    pub fn delivered(&mut self, now: u64, d: Delivered) -> Option<Change> {
+        let Delivered {
+            busy,
+            spent,
+            in_flight,
+            backlog,
+        } = d;
+        if !self.adaptive {
+            return None;
+        }
+        let before = self.limit();
+        // Connections over the limit are the ones a cut has not closed
+        // yet: what they deliver measures a level given up on, and must
+        // not cut again before the cut took effect (once per round).
+        if let Some(spent) = spent.filter(|_| busy <= before) {
+            self.sample(now, busy, spent.as_secs_f64() * 1000.0, in_flight);
+            if let Some(text) = self.rate_fell(now, busy) {
+                return self.cut(now, before, Reason::Rate, text);
+            }
+        }
+        let cap = match self.ceiling {
+            Some((limit, until)) if until > now => limit.min(self.max),
+            _ => self.max,
+        };
+        if !backlog || busy < before || before >= cap {
+            return None;
+        }
+        // One step per round of each connection: a connection that
+        // carries several messages at once takes that many deliveries.
+        let step = 1.0 / in_flight.max(1) as f64;
+        self.window += if self.window < self.threshold {
+            step
+        } else {
+            step / self.window
+        };
+        self.window = self.window.min(cap as f64);
+        self.changed(
+            now,
+            before,
+            Reason::Backlog,
+            "mail waiting and the relay answering well".into(),
+        )
+    }
+
+    /// The relay pushed back on an attempt that started under
+    /// `generation` while other connections to it worked.
+    pub fn pushback(&mut self, now: u64, signal: Pushback, generation: u64) -> Option<Change> {
+        if !self.adaptive {
+            return None;
+        }
+        let before = self.limit();
+        match signal {
+            Pushback::Refused { open, error } => {
+                // The relay said how many it allows. An attempt that started
+                // before the last cut may have been counted with connections
+                // since closed: it can't lower the limit again.
+                let allowed = open.clamp(1, self.max);
+                if generation < self.generation && allowed < before {
+                    return None;
+                }
+                self.ceiling = Some((allowed, now + CEILING_HOLD_MS));
+                if (allowed as f64) < self.window {
+                    self.window = allowed as f64;
+                    self.threshold = self.window;
+                    self.generation += 1;
+                }
+                let text = format!(
+                    "the relay refused one more connection ({error}) while {open} were open; at most {allowed} for {} min",
+                    CEILING_HOLD_MS / 60_000
+                );
+                self.changed(now, before, Reason::Refused, text)
+            }
+            Pushback::Failed { error } if generation >= self.generation => self.cut(
+                now,
+                before,
+                Reason::Failed,
+                format!("a connection failed while others worked ({error})"),
+            ),
+            Pushback::Throttled { error } if generation >= self.generation => self.cut(
+                now,
+                before,
+                Reason::Throttled,
+                format!("the relay throttled a connection ({error})"),
+            ),
+            // Started before the last cut: that cut was the answer.
+            Pushback::Failed { .. } | Pushback::Throttled { .. } => None,
+        }
+    }
+
+    /// No connection has been open for a while: the next burst starts
+    /// from the beginning (a learned ceiling still holds).
+    pub fn idle(&mut self, now: u64) -> Option<Change> {
+        let start = INITIAL.min(self.max);
+        if !self.adaptive || self.limit() <= start {
+            return None;
+        }
+        let before = self.limit();
+        self.window = start as f64;
+        self.threshold = self.max as f64;
+        self.rates.fill(Rate::default());
+        self.changed(
+            now,
+            before,
+            Reason::Idle,
+            "no connection open for a while: starting again".into(),
+        )
+    }
+
+    fn cut(&mut self, now: u64, before: usize, reason: Reason, text: String) -> Option<Change> {
+        self.window = (self.window * BACKOFF).max(1.0);
+        self.threshold = self.window;
+        self.generation += 1;
+        // Rates at the levels given up on are measured afresh if they are
+        // reached again.
+        let keep = self.limit() + 1;
+        for r in self.rates.iter_mut().skip(keep) {
+            *r = Rate::default();
+        }
+        self.changed(now, before, reason, text)
+    }
+
+    fn changed(&mut self, now: u64, before: usize, reason: Reason, why: String) -> Option<Change> {
+        let after = self.limit();
+        if after == before && reason != Reason::Refused {
+            return None;
+        }
+        if after == before && self.last.reason == Reason::Refused && self.last.to == after {
+            // The same limit stated again.
+            return None;
+        }
+        self.last = Change {
+            at_ms: now,
+            from: before,
+            to: after,
+            reason,
+            text: format!("{before} -> {after}: {why}"),
+        };
+        Some(self.last.clone())
+    }
+
+    /// Adds a message's time to `level`'s average. A connection carrying
+    /// `in_flight` messages gets their replies together: the first took
+    /// the round trip, the others no time. An average that followed every
+    /// message would swing with the position in the round and show rates
+    /// no connection had, so the messages of a round (`in_flight` of them
+    /// in a row) make one sample, and a level's first samples a plain
+    /// mean.
+    fn sample(&mut self, now: u64, level: usize, ms: f64, in_flight: usize) {
+        let Some(r) = self.rates.get_mut(level) else {
+            return;
+        };
+        if r.at_ms != 0 && now.saturating_sub(r.at_ms) > RATE_MEMORY_MS {
+            *r = Rate::default();
+        }
+        r.at_ms = now.max(1);
+        r.pending_ms += ms;
+        r.pending += 1;
+        if (r.pending as usize) < in_flight.max(1) {
+            return;
+        }
+        let round = r.pending_ms / r.pending as f64;
+        r.pending_ms = 0.0;
+        r.pending = 0;
+        r.samples += 1;
+        let weight = (1.0 / r.samples as f64).max(RATE_WEIGHT);
+        r.ms += weight * (round - r.ms);
+    }
+
+    /// Whether the relay delivers less in total at `level` connections
+    /// than it did at fewer: its rate per connection fell by more than
+    /// the connections rose.
+    fn rate_fell(&self, now: u64, level: usize) -> Option<String> {
+        let trusted = |l: usize| {
+            let r = self.rates.get(l)?;
+            (l > 0
+                && r.samples >= RATE_SAMPLES.max(l as u32)
+                && now.saturating_sub(r.at_ms) <= RATE_MEMORY_MS
+                && r.ms > 0.0)
+                .then_some(r.ms)
+        };
+        let ms = trusted(level)?;
+        let total = level as f64 * 1000.0 / ms;
+        // The best total, at the fewest connections that reached it.
+        let (best, best_total) = (1..level)
+            .filter_map(|l| trusted(l).map(|ms| (l, l as f64 * 1000.0 / ms)))
+            .fold(None, |best: Option<(usize, f64)>, (l, t)| match best {
+                Some((_, b)) if b >= t => best,
+                _ => Some((l, t)),
+            })?;
+        (total < RATE_MARGIN * best_total).then(|| {
+            format!(
+                "the delivery rate per connection fell from {:.1}/s at {best} connections to {:.1}/s at {level} ({:.0}/s in total, down from {:.0}/s)",
+                best_total / best as f64,
+                total / level as f64,
+                total,
+                best_total
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Clock;
+    use std::time::Duration;
+
+    const RTT: Duration = Duration::from_millis(50);
+
+    /// A message delivered on a connection carrying only it.
+    fn at(busy: usize, spent: Duration, backlog: bool) -> Delivered {
+        Delivered {
+            busy,
+            spent: Some(spent),
+            in_flight: 1,
+            backlog,
+        }
+    }
+
+    /// `n` deliveries with every allowed connection busy and mail waiting,
+    /// each connection spending `spent` per message.
+    fn deliver(c: &mut Concurrency, clock: &Clock, n: usize, spent: Duration) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for _ in 0..n {
+            clock.advance(Duration::from_millis(1));
+            let busy = c.limit();
+            changes.extend(c.delivered(clock.now_ms(), at(busy, spent, true)));
+        }
+        changes
+    }
+
+    #[test]
+    fn grows_under_backlog_fast_at_first_and_respects_the_cap() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        assert_eq!(c.limit(), INITIAL);
+        assert_eq!(c.last_change().reason, Reason::Start);
+        // Slow start: one more connection per delivery.
+        let changes = deliver(&mut c, &clock, 3, RTT);
+        assert_eq!(c.limit(), INITIAL + 3);
+        assert_eq!(changes.len(), 3);
+        assert_eq!(
+            changes[0].text,
+            "4 -> 5: mail waiting and the relay answering well"
+        );
+        assert!(changes.iter().all(|ch| ch.reason == Reason::Backlog));
+        deliver(&mut c, &clock, 100, RTT);
+        assert_eq!(c.limit(), 20, "capped at max_connections");
+        assert!(deliver(&mut c, &clock, 50, RTT).is_empty());
+    }
+
+    #[test]
+    fn a_connection_carrying_several_messages_grows_once_per_round() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        // Eight messages in flight on each connection: eight deliveries are
+        // one round of a connection, one step.
+        let streamed = Delivered {
+            busy: INITIAL,
+            spent: Some(RTT / 8),
+            in_flight: 8,
+            backlog: true,
+        };
+        for _ in 0..7 {
+            assert_eq!(c.delivered(clock.now_ms(), streamed), None);
+        }
+        assert_eq!(
+            c.delivered(clock.now_ms(), streamed).map(|ch| ch.to),
+            Some(INITIAL + 1)
+        );
+    }
+
+    #[test]
+    fn no_growth_without_waiting_mail_or_with_connections_to_spare() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        for _ in 0..50 {
+            clock.advance(Duration::from_millis(10));
+            // Nothing waiting.
+            assert_eq!(c.delivered(clock.now_ms(), at(4, RTT, false)), None);
+            // Mail waiting, but not every allowed connection is in use.
+            assert_eq!(c.delivered(clock.now_ms(), at(3, RTT, true)), None);
+        }
+        assert_eq!(c.limit(), INITIAL);
+    }
+
+    #[test]
+    fn a_refused_extra_connection_settles_at_what_the_relay_allows() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        // The fourth connection gets "421 too many connections" while three
+        // are open: three it is, and growth stops there.
+        let g = c.generation();
+        let change = c
+            .pushback(
+                clock.now_ms(),
+                Pushback::Refused {
+                    open: 3,
+                    error: "421 4.7.0 Too many concurrent SMTP connections".into(),
+                },
+                g,
+            )
+            .expect("a change");
+        assert_eq!(
+            (change.from, change.to, change.reason),
+            (4, 3, Reason::Refused)
+        );
+        assert!(change.text.starts_with("4 -> 3: the relay refused one more connection (421 4.7.0 Too many concurrent SMTP connections) while 3 were open"), "{}", change.text);
+        assert!(deliver(&mut c, &clock, 500, RTT).is_empty());
+        assert_eq!(c.limit(), 3);
+        // A refusal of an attempt that started before that cut (counted
+        // with a connection since closed) does not lower it again.
+        let stale = Pushback::Refused {
+            open: 2,
+            error: "421".into(),
+        };
+        assert_eq!(c.pushback(clock.now_ms(), stale, g), None);
+        assert_eq!(c.limit(), 3);
+        // Saying it again changes nothing.
+        let refused = Pushback::Refused {
+            open: 3,
+            error: "421".into(),
+        };
+        assert_eq!(
+            c.pushback(clock.now_ms(), refused.clone(), c.generation()),
+            None
+        );
+        // After the hold, one more is tried (and refused again).
+        clock.advance(Duration::from_millis(CEILING_HOLD_MS));
+        let changes = deliver(&mut c, &clock, 10, RTT);
+        assert_eq!(changes.first().map(|ch| ch.to), Some(4));
+        assert_eq!(
+            c.pushback(clock.now_ms(), refused, c.generation())
+                .map(|ch| ch.to),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn failures_and_421_halve_once_per_round() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(32, clock.now_ms());
+        deliver(&mut c, &clock, 12, RTT);
+        assert_eq!(c.limit(), 16);
+        // Four connections opened in the same round time out: one halving.
+        let g = c.generation();
+        let failed = || Pushback::Failed {
+            error: "connect to 127.0.0.1:25 timed out after 30s".into(),
+        };
+        let change = c.pushback(clock.now_ms(), failed(), g).expect("a cut");
+        assert_eq!(
+            (change.from, change.to, change.reason),
+            (16, 8, Reason::Failed)
+        );
+        for _ in 0..3 {
+            assert_eq!(c.pushback(clock.now_ms(), failed(), g), None, "same round");
+        }
+        assert_eq!(c.limit(), 8);
+        // A 421 on a connection opened after the cut halves again.
+        let throttled = Pushback::Throttled {
+            error: "421 4.7.0 slow down".into(),
+        };
+        let change = c
+            .pushback(clock.now_ms(), throttled, c.generation())
+            .expect("a cut");
+        assert_eq!((change.to, change.reason), (4, Reason::Throttled));
+        // Never below one.
+        for _ in 0..5 {
+            c.pushback(clock.now_ms(), failed(), c.generation());
+        }
+        assert_eq!(c.limit(), 1);
+        // After a cut, growth is about one connection per round (as many
+        // deliveries as connections), not one per delivery.
+        let mut deliveries = 0;
+        while c.limit() < 4 {
+            deliver(&mut c, &clock, 1, RTT);
+            deliveries += 1;
+        }
+        assert_eq!(deliveries, 1 + 3 + 3, "1 -> 2 -> 3 -> 4");
+    }
+
+    #[test]
+    fn a_falling_rate_per_connection_backs_off_but_a_saturated_one_does_not() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        // Up to 8 with every connection taking one round trip per message.
+        while c.limit() < 8 {
+            deliver(&mut c, &clock, 1, RTT);
+        }
+        let at8 = c.limit();
+        // Let the rate at this level be known: 8 connections, 20/s each.
+        for _ in 0..(2 * at8) {
+            clock.advance(Duration::from_millis(1));
+            c.delivered(clock.now_ms(), at(at8, RTT, false));
+        }
+        // Saturated: at 16 each connection takes twice as long, so the
+        // total stays the same. No back-off for that.
+        while c.limit() < 16 {
+            deliver(&mut c, &clock, 1, RTT * 2);
+        }
+        for _ in 0..40 {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(c.delivered(clock.now_ms(), at(16, RTT * 2, false)), None);
+        }
+        // At 24 each takes five times as long: less in total. Back off.
+        while c.limit() < 24 {
+            deliver(&mut c, &clock, 1, RTT * 5);
+        }
+        let mut cut = None;
+        for _ in 0..40 {
+            clock.advance(Duration::from_millis(1));
+            if let Some(ch) = c.delivered(clock.now_ms(), at(24, RTT * 5, false)) {
+                cut = Some(ch);
+                break;
+            }
+        }
+        let cut = cut.expect("a cut for the falling rate");
+        assert_eq!(cut.reason, Reason::Rate);
+        assert!(
+            cut.text
+                .contains(" at 8 connections to 4.0/s at 24 (96/s in total, down from 1"),
+            "{}",
+            cut.text
+        );
+        assert_eq!(cut.to, 12);
+        // The 24 connections still busy until the cut closes them go on
+        // delivering as slowly: that is the level given up on, not a
+        // reason to halve again.
+        for _ in 0..100 {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(c.delivered(clock.now_ms(), at(24, RTT * 5, false)), None);
+        }
+        assert_eq!(c.limit(), 12);
+    }
+
+    #[test]
+    fn replies_to_a_stream_arriving_together_measure_the_rate_of_the_round() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        while c.limit() < 8 {
+            deliver(&mut c, &clock, 1, RTT);
+        }
+        // Each connection carries 8 messages a round trip; their replies
+        // come together: the first took the round trip, the others no
+        // time. At 8 connections that is twice the total of 4: no cut,
+        // wherever in a round the rate is looked at.
+        let round = |c: &mut Concurrency, busy: usize, took: Duration| {
+            let mut changes = Vec::new();
+            for i in 0..8 {
+                clock.advance(Duration::from_millis(1));
+                let spent = if i == 0 { took } else { Duration::ZERO };
+                let d = Delivered {
+                    busy,
+                    spent: Some(spent),
+                    in_flight: 8,
+                    backlog: false,
+                };
+                changes.extend(c.delivered(clock.now_ms(), d));
+            }
+            changes
+        };
+        for _ in 0..20 {
+            assert_eq!(round(&mut c, 4, RTT), vec![]);
+        }
+        for _ in 0..20 {
+            assert_eq!(
+                round(&mut c, 8, RTT),
+                vec![],
+                "8 connections deliver twice what 4 do"
+            );
+        }
+        assert_eq!(c.limit(), 8);
+        // A real fall still shows: when a round at 8 takes four round
+        // trips, 8 deliver less than 4 did. One cut, to 4.
+        let mut cuts = Vec::new();
+        for _ in 0..40 {
+            cuts.extend(round(&mut c, 8, RTT * 4));
+        }
+        assert_eq!(cuts.len(), 1, "{cuts:?}");
+        assert_eq!(cuts[0].reason, Reason::Rate);
+        assert_eq!(cuts[0].to, 4);
+    }
+
+    #[test]
+    fn an_idle_relay_starts_again_and_a_fixed_one_never_changes() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        deliver(&mut c, &clock, 100, RTT);
+        assert_eq!(c.limit(), 20);
+        let change = c.idle(clock.now_ms()).expect("a change");
+        assert_eq!((change.to, change.reason), (INITIAL, Reason::Idle));
+        assert_eq!(c.idle(clock.now_ms()), None);
+
+        let mut f = Concurrency::fixed(8, clock.now_ms());
+        assert_eq!(f.last_change().text, "8: fixed by concurrency = 8");
+        assert!(deliver(&mut f, &clock, 100, RTT).is_empty());
+        let refused = Pushback::Refused {
+            open: 2,
+            error: "421".into(),
+        };
+        assert_eq!(f.pushback(clock.now_ms(), refused, 0), None);
+        assert_eq!(f.idle(clock.now_ms()), None);
+        assert_eq!(f.limit(), 8);
+        // A cap below the starting point.
+        assert_eq!(Concurrency::adaptive(2, clock.now_ms()).limit(), 2);
+    }
+}

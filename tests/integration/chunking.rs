@@ -1,0 +1,231 @@
+//! CHUNKING (RFC 3030) with PIPELINING upstream: queued mail goes out with
+//! BDAT, several whole messages in flight on a connection. Every message
+//! must arrive exactly once, byte for byte, be recorded from its own
+//! replies, and survive a line dropped in the middle of a window without
+//! being sent twice. Postfix's own smtpd, which nobody here wrote, is the
+//! independent peer in `postfix_sink.rs`.
+
+use std::time::Duration;
+
+use crate::pipelining::{
+    arrived_once, body, index, max_messages_per_connection_holds, queue_then_flow,
+};
+use crate::support::upstream::Script;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A deferral after an attempt (not the ones logged while the upstream
+/// was down, before the test let mail flow).
+fn deferred_by_the_relay(log: &str) -> bool {
+    log.lines()
+        .any(|l| l.contains("status=deferred") && !l.contains("relay=none"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_mail_streams_with_bdat_byte_for_byte_each_once() {
+    let n = 40;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        Script::default()
+            .chunking()
+            .reply_delay(Duration::from_millis(5)),
+        |_| "app@example.com",
+        |i| {
+            if i % 3 == 0 {
+                vec!["bob@example.net", "carol@example.org"]
+            } else {
+                vec!["bob@example.net"]
+            }
+        },
+    )
+    .await;
+    let by_index = arrived_once(&d, &up, &ids);
+    let got = up.messages();
+    for i in 0..n {
+        let m = &by_index[&i];
+        assert_eq!(m.via, "BDAT", "message {i} went with {}", m.via);
+        // The chunk is the message as relayq sends it: its own headers
+        // first, then exactly what the client wrote (dot lines, 8-bit).
+        assert!(
+            m.data.ends_with(&body(i)),
+            "message {i} changed in transit: {:?}",
+            m.text()
+        );
+        assert!(m.data.starts_with(b"Received: "), "{:?}", m.text());
+        assert_eq!(m.rcpts.len(), if i % 3 == 0 { 2 } else { 1 });
+    }
+    assert!(
+        !up.commands().iter().any(|c| c.ends_with(" DATA")),
+        "DATA to a server that streams: {:?}",
+        up.commands()
+    );
+    // Several messages were in flight: a chunk arrived with the next
+    // message's commands already behind it.
+    let followed = got.iter().filter(|m| m.followed).count();
+    eprintln!("messages with another one behind their chunk: {followed} of {n}");
+    assert!(followed > 0, "nothing was streamed behind a chunk");
+    let after = &d.log()[mark..];
+    assert_eq!(after.matches("status=sent").count(), n + n.div_ceil(3));
+    assert!(!deferred_by_the_relay(after), "{after}");
+    assert_eq!(d.queued(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_inside_a_bdat_window_belong_to_their_own_message() {
+    // Every fifth message goes to a recipient the upstream refuses, every
+    // seventh is from a sender whose messages it refuses after the chunk,
+    // every eleventh from one it defers (451) after the chunk.
+    let n = 33;
+    let refused_rcpt = |i: usize| i % 5 == 1;
+    let refused_body = |i: usize| i % 7 == 2;
+    let deferred_body = |i: usize| i % 11 == 4;
+    let script = Script::default()
+        .chunking()
+        .reply_delay(Duration::from_millis(5))
+        .rcpt("gone@example.net", 550, "5.1.1 no such user")
+        .data_reply_from("spam@example.com", 554, "5.7.1 content refused")
+        .data_reply_from("later@example.com", 451, "4.3.0 try again later");
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        script,
+        move |i| {
+            if refused_body(i) {
+                "spam@example.com"
+            } else if deferred_body(i) {
+                "later@example.com"
+            } else {
+                "app@example.com"
+            }
+        },
+        move |i| {
+            if refused_rcpt(i) {
+                vec!["gone@example.net"]
+            } else {
+                vec!["bob@example.net"]
+            }
+        },
+    )
+    .await;
+    for (i, id) in ids.iter().enumerate() {
+        if deferred_body(i) && !refused_rcpt(i) {
+            d.wait_log_since(mark, &format!("{id}: to=<bob@example.net>"), WAIT);
+        } else {
+            d.wait_log(&format!("{id}: removed"), WAIT);
+        }
+    }
+    let log = d.log();
+    let after = &log[mark..];
+    for (i, id) in ids.iter().enumerate() {
+        let lines: Vec<&str> = after
+            .lines()
+            .filter(|l| l.contains(&format!("{id}: to=<")))
+            .collect();
+        assert_eq!(lines.len(), 1, "message {i}: one outcome: {lines:?}");
+        let line = lines[0];
+        let (status, reply) = if refused_rcpt(i) {
+            ("status=bounced", "550 5.1.1 no such user")
+        } else if refused_body(i) {
+            ("status=bounced", "554 5.7.1 content refused")
+        } else if deferred_body(i) {
+            ("status=deferred", "451 4.3.0 try again later")
+        } else {
+            ("status=sent", "250 2.0.0 Ok: queued as FAKE")
+        };
+        assert!(
+            line.contains(status) && line.contains(reply),
+            "message {i}: {line}"
+        );
+    }
+    let taken: Vec<usize> = up
+        .messages()
+        .iter()
+        .filter(|m| !m.mail_from.is_empty())
+        .map(index)
+        .collect();
+    let mut expected: Vec<usize> = (0..n)
+        .filter(|&i| !refused_rcpt(i) && !refused_body(i) && !deferred_body(i))
+        .collect();
+    let mut got = taken.clone();
+    got.sort_unstable();
+    expected.sort_unstable();
+    assert_eq!(got, expected, "exactly the messages not refused, once each");
+    // The refusals came inside BDAT windows, not DATA exchanges.
+    assert!(
+        up.messages().iter().all(|m| m.via == "BDAT"),
+        "a message went without BDAT"
+    );
+    assert!(
+        !up.commands().iter().any(|c| c.ends_with(" DATA")),
+        "DATA to a server that streams: {:?}",
+        up.commands()
+    );
+    assert!(
+        up.messages().iter().filter(|m| m.followed).count() > 0,
+        "nothing was streamed behind a chunk"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_dropped_in_a_bdat_window_loses_nothing_and_sends_nothing_twice() {
+    // The upstream hangs up right after answering the third message that
+    // came with more written behind it: those were never answered. Each
+    // must go again alone (nothing behind it), the answered ones never
+    // again.
+    let n = 24;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        Script::default()
+            .chunking()
+            .close_in_window(3)
+            // Replies come slower than messages are written, as from a
+            // provider far away: several are in flight.
+            .reply_delay(Duration::from_millis(10)),
+        |_| "app@example.com",
+        |_| vec!["bob@example.net"],
+    )
+    .await;
+    let by_index = arrived_once(&d, &up, &ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit"
+        );
+    }
+    let after = d.log()[mark..].to_string();
+    let retried: Vec<usize> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, id)| {
+            after.lines().any(|l| {
+                l.contains(&format!("{id}: relay=")) && l.contains("trying it again alone")
+            })
+        })
+        .map(|(i, _)| i)
+        .collect();
+    eprintln!("retried alone after the drop: {retried:?}");
+    assert!(
+        !retried.is_empty(),
+        "the drop left messages unanswered in the window:\n{after}"
+    );
+    for i in &retried {
+        assert!(
+            !by_index[i].followed,
+            "message {i} was retried with another one behind it"
+        );
+    }
+    assert!(
+        !deferred_by_the_relay(&after),
+        "an unanswered message must not be deferred:\n{after}"
+    );
+    assert_eq!(after.matches("status=sent").count(), n);
+    assert!(up.connections() >= 2, "the dropped connection was replaced");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_messages_per_connection_counts_streamed_messages() {
+    let up = max_messages_per_connection_holds(Script::default().chunking()).await;
+    assert!(up.messages().iter().all(|m| m.via == "BDAT"));
+}
