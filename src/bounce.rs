@@ -268,11 +268,8 @@ fn delivery_status(input: &BounceInput<'_>, host: &str) -> Vec<u8> {
     for rcpt in input.recipients {
         part.extend_from_slice(b"\r\n");
         if let Some(orcpt) = &rcpt.original_recipient {
-            push_field(
-                &mut part,
-                "Original-Recipient",
-                &format!("rfc822; {}", crate::spool::format::xtext(&one_line(orcpt))),
-            );
+            let (kind, value) = crate::spool::format::orcpt(&one_line(orcpt));
+            push_field(&mut part, "Original-Recipient", &format!("{kind}; {value}"));
         }
         push_field(&mut part, "Final-Recipient", &typed_address(&rcpt.address));
         push_field(&mut part, "Action", rcpt.action.as_str());

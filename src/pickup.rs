@@ -471,8 +471,17 @@ fn accept(ctx: &PickupContext, d: Dropped) -> Result<Accepted, (Reason, String)>
                 format!("recipient <{}>: {e}", r.address),
             )
         })?;
+        // The DSN parameters are the user's to write too: the limits an
+        // SMTP client's are held to.
+        r.dsn
+            .check()
+            .map_err(|e| (Reason::Syntax, format!("recipient <{}>: {e}", r.address)))?;
         recipients.push(r.address.clone());
     }
+    d.meta
+        .dsn
+        .check()
+        .map_err(|e| (Reason::Syntax, e.to_string()))?;
     submit::check_recipients(&ctx.config, recipients.len())?;
     // The claimed arrival time is the user's to write: believe it only
     // within the queue's lifetime, so it can neither expire the message at

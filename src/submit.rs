@@ -200,15 +200,24 @@ pub fn check_address(addr: &str) -> Result<(), &'static str> {
     if addr.len() > 320 {
         return Err("address too long");
     }
-    if addr
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || "<>,;()\\".contains(c))
-    {
-        return Err("address contains spaces or characters like < > , ; ( )");
-    }
     let Some((local, domain)) = addr.rsplit_once('@') else {
         return Err("address has no @domain");
     };
+    // A quoted local part ("john doe"@example.com, as an SMTP client may
+    // give it) may hold spaces and specials, escaped quotes and
+    // backslashes; nothing else may.
+    let plain = match local.strip_prefix('"').and_then(|l| l.strip_suffix('"')) {
+        Some(inner) if quoted_text(inner) => domain,
+        _ => addr,
+    };
+    if plain
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || "<>,;()\\\"".contains(c))
+    {
+        return Err(
+            "address contains spaces or characters like < > , ; ( ) \" outside a quoted local part",
+        );
+    }
     if local.is_empty() || domain.is_empty() {
         return Err("address must look like user@domain");
     }
@@ -227,6 +236,21 @@ pub fn check_address(addr: &str) -> Result<(), &'static str> {
         return Err("address has more than one @");
     }
     Ok(())
+}
+
+/// The inside of a quoted string: no control character, and `"` and `\\`
+/// only escaped by a `\\`.
+fn quoted_text(inner: &str) -> bool {
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.next().is_some_and(|e| !e.is_control()) => {}
+            '"' | '\\' => return false,
+            c if c.is_control() => return false,
+            _ => {}
+        }
+    }
+    true
 }
 
 /// The headers put in front of a locally submitted message: a
@@ -446,6 +470,8 @@ mod tests {
             "x@[192.0.2.1]",
             "j\u{f6}rg@b\u{fc}cher.example",
             "\"odd@local\"@example.com",
+            "\"john doe\"@example.com",
+            "\"a, <b> (c); \\\\ \\\"d\\\"\"@example.com",
         ] {
             assert_eq!(check_address(ok), Ok(()), "{ok}");
         }
@@ -460,6 +486,10 @@ mod tests {
             "a@b@c",
             "a@example..com",
             "a@exa_mple.com",
+            "\"a\"b\"@example.com",
+            "\"a\\\"@example.com",
+            "\"a\rb\"@example.com",
+            "x\"a b\"@example.com",
         ] {
             assert!(check_address(bad).is_err(), "{bad}");
         }

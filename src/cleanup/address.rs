@@ -4,7 +4,10 @@
 //! `@myorigin` (Postfix's `local_header_rewrite_clients`), which providers
 //! otherwise refuse ("Missing final '@domain'").
 //!
-//! Recipients are read with mail-parser. Qualifying must change nothing
+//! Recipients are read with mail-parser, but for a field it misreads (a
+//! quoted local part outside angle brackets, `"john doe"@x`, comes back as
+//! a display name and `@x`), which the module's own scanner reads
+//! (`addr_specs`). Qualifying must change nothing
 //! but the bare names, keeping display names, comments, groups and
 //! folding, so it works on the field's bytes: a small scanner that knows
 //! quoted strings, comments, angle brackets and groups finds where each
@@ -66,6 +69,20 @@ pub fn header_recipients(msg: &[u8]) -> Vec<Found> {
             continue;
         }
         if let HeaderValue::Address(a) = h.value() {
+            // mail-parser reads a quoted local part outside angle brackets
+            // (`"john doe"@x`, `john."doe"@x`) as a display name followed
+            // by `@x`; such a field is read by `addr_specs` instead.
+            let misread = a.iter().any(|addr| {
+                addr.name().is_some()
+                    && addr
+                        .address()
+                        .is_some_and(|r| r.starts_with('@') || r.starts_with('.'))
+            });
+            let raw = head.get(h.offset_start as usize..h.offset_end as usize);
+            if let (true, Some(raw)) = (misread, raw) {
+                out.extend(addr_specs(raw));
+                continue;
+            }
             for addr in a.iter() {
                 // A lone word ("root") is a local user to qualify; the
                 // parser reads it as a display name.
@@ -80,6 +97,37 @@ pub fn header_recipients(msg: &[u8]) -> Vec<Found> {
     out
 }
 
+/// `local@domain` with the local part in quotes when it is not a dot-atom
+/// (`john doe@x` becomes `"john doe"@x`), `"` and `\\` escaped: the one
+/// form in which an address with a quoted local part is queued and
+/// relayed, whichever way it came in. A dot-atom is returned unchanged.
+pub fn quote_local_part(addr: &str) -> String {
+    let Some(at) = addr.rfind('@') else {
+        return addr.to_string();
+    };
+    let (local, domain) = addr.split_at(at);
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_atom {
+        return addr.to_string();
+    }
+    let mut out = String::with_capacity(addr.len() + 4);
+    out.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out.push_str(domain);
+    out
+}
+
 /// Addresses in one command-line argument, which may be a list
 /// ("a@x, Bob <b@y>") like a header value.
 pub fn argument_recipients(arg: &str) -> Vec<Found> {
@@ -88,6 +136,164 @@ pub fn argument_recipients(arg: &str) -> Vec<Found> {
     }
     let field = format!("To: {arg}\r\n\r\n");
     header_recipients(field.as_bytes())
+}
+
+/// The addresses of an address-list field value, read by this module's
+/// own scanner (see `header_recipients` for when): quoted strings,
+/// comments, angle brackets, groups and obsolete spaces around dots
+/// understood; a quoted local part comes back in the one quoted form
+/// ([`quote_local_part`]). Entries as in [`Found`].
+pub fn addr_specs(v: &[u8]) -> Vec<Found> {
+    let mut out = Vec::new();
+    let mut mb = Spec::default();
+    let mut gap = false;
+    let mut i = 0;
+    while i < v.len() {
+        match v[i] {
+            b'"' => {
+                let mut text = Vec::new();
+                i += 1;
+                while i < v.len() && v[i] != b'"' {
+                    if v[i] == b'\\' && i + 1 < v.len() {
+                        i += 1;
+                    }
+                    if !matches!(v[i], b'\r' | b'\n') {
+                        text.push(v[i]);
+                    }
+                    i += 1;
+                }
+                i += 1;
+                mb.word(&text, gap);
+                mb.quoted = true;
+                gap = false;
+            }
+            b'(' => {
+                i = comment_end(v, i);
+                gap = true;
+            }
+            b'<' => {
+                let mut quoted = false;
+                let mut j = i + 1;
+                while j < v.len() && (quoted || v[j] != b'>') {
+                    match v[j] {
+                        b'\\' => j += 1,
+                        b'"' => quoted = !quoted,
+                        _ => {}
+                    }
+                    j += 1;
+                }
+                let inside = &v[i + 1..j.min(v.len())];
+                // A source route (`<@a,@b:x@y>`) is not part of the address.
+                let inside = match inside.trim_ascii_start().first() {
+                    Some(b'@') => inside
+                        .iter()
+                        .position(|&b| b == b':')
+                        .map_or(&inside[..0], |c| &inside[c + 1..]),
+                    _ => inside,
+                };
+                mb.angle = Some(addr_specs(inside).into_iter().next().flatten());
+                i = j + 1;
+            }
+            b',' | b';' => {
+                out.extend(std::mem::take(&mut mb).finish());
+                i += 1;
+            }
+            // A group's display name ends here (an address has no colon
+            // outside quotes and brackets).
+            b':' => {
+                mb = Spec::default();
+                i += 1;
+            }
+            b'.' | b'@' => {
+                mb.special(v[i]);
+                gap = false;
+                i += 1;
+            }
+            // Whitespace, and a stray `)` or `>` (no match above).
+            b' ' | b'\t' | b'\r' | b'\n' | b')' | b'>' => {
+                gap = true;
+                i += 1;
+            }
+            _ => {
+                let end = v[i..]
+                    .iter()
+                    .position(|b| b" \t\r\n\"(),;:<>.@".contains(b))
+                    .map_or(v.len(), |p| i + p);
+                mb.word(&v[i..end], gap);
+                gap = false;
+                i = end;
+            }
+        }
+    }
+    out.extend(mb.finish());
+    out
+}
+
+/// Just past the comment that starts at `v[start]` (`(`), nested
+/// comments and escapes honoured; the end of `v` when it is unbalanced.
+fn comment_end(v: &[u8], start: usize) -> usize {
+    let mut depth = 0usize;
+    let mut i = start;
+    while i < v.len() {
+        match v[i] {
+            b'\\' => i += 1,
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+        if depth == 0 {
+            break;
+        }
+    }
+    i.min(v.len())
+}
+
+/// One mailbox as `addr_specs` reads it.
+#[derive(Default)]
+struct Spec {
+    /// The address's text, quotes removed (its meaning, RFC 5322 3.4.1).
+    text: Vec<u8>,
+    /// Two words with only space between: a display name.
+    phrase: bool,
+    /// It has a quoted string: without an `@`, a display name.
+    quoted: bool,
+    last_word: bool,
+    any: bool,
+    /// What the angle brackets held, if there were any.
+    angle: Option<Found>,
+}
+
+impl Spec {
+    fn word(&mut self, w: &[u8], gap: bool) {
+        if self.last_word && gap {
+            self.phrase = true;
+        }
+        self.text.extend_from_slice(w);
+        self.last_word = true;
+        self.any = true;
+    }
+
+    fn special(&mut self, c: u8) {
+        self.text.push(c);
+        self.last_word = false;
+        self.any = true;
+    }
+
+    /// The entry, or nothing for an empty one (a group's end, a
+    /// trailing comma).
+    fn finish(self) -> Option<Found> {
+        if let Some(a) = self.angle {
+            return Some(a);
+        }
+        if !self.any {
+            return None;
+        }
+        if self.phrase || (self.quoted && !self.text.contains(&b'@')) {
+            return Some(None);
+        }
+        Some(Some(quote_local_part(&String::from_utf8_lossy(&self.text))))
+    }
 }
 
 /// A `From:` field for a message that has none: the display name (RFC
@@ -157,19 +363,7 @@ fn bare_name_ends(v: &[u8]) -> Vec<usize> {
                 mailbox.word_end(i + 1);
             }
             b'(' => {
-                let mut depth = 0usize;
-                while i < v.len() {
-                    match v[i] {
-                        b'\\' => i += 1,
-                        b'(' => depth += 1,
-                        b')' => depth -= 1,
-                        _ => {}
-                    }
-                    i += 1;
-                    if depth == 0 {
-                        break;
-                    }
-                }
+                i = comment_end(v, i);
                 mailbox.gap();
                 continue;
             }
@@ -339,6 +533,72 @@ mod tests {
             vec![Some("x@example.com".into()), Some("y@example.org".into())]
         );
         assert_eq!(argument_recipients("root"), vec![Some("root".into())]);
+    }
+
+    /// mail-parser reads a quoted local part outside angle brackets as a
+    /// display name (`"john doe"@example.com` gave `@example.com`).
+    #[test]
+    fn quoted_local_parts_are_recipients_as_written() {
+        let m = b"To: \"john doe\"@example.com, john.\"doe\"@example.com,\r\n \"a@b\"@example.com, \"j\\\"d\"@example.com\r\nCc: \"x\".y@example.com (c), Bob <\"bob smith\"@example.com>\r\n\r\n";
+        let r: Vec<Found> = header_recipients(m);
+        assert_eq!(
+            r,
+            [
+                "\"john doe\"@example.com",
+                "john.doe@example.com",
+                "\"a@b\"@example.com",
+                "\"j\\\"d\"@example.com",
+                "x.y@example.com",
+                "\"bob smith\"@example.com",
+            ]
+            .map(|a| Some(a.to_string()))
+        );
+        assert_eq!(
+            argument_recipients("\"john doe\"@example.com"),
+            [Some("\"john doe\"@example.com".to_string())]
+        );
+    }
+
+    proptest::proptest! {
+        /// Any bytes, weighted to the scanner's specials: it ends, and
+        /// `header_recipients` with it, whatever the sender wrote.
+        #[test]
+        fn the_scanners_end_on_any_input(v in proptest::collection::vec(
+            proptest::sample::select(b"\"()<>,;:.@\\ \tab\r\n\xc3".to_vec()), 0..40)
+        ) {
+            let _ = addr_specs(&v);
+            let _ = bare_name_ends(&v);
+            let msg = [&b"To: \"q\"@x, "[..], &v, b"\r\n\r\n"].concat();
+            let _ = header_recipients(&msg);
+        }
+    }
+
+    #[test]
+    fn the_own_scanner_reads_every_shape_of_address_list() {
+        let specs = |v: &str| -> Vec<Found> { addr_specs(v.as_bytes()) };
+        let some = |a: &str| Some(a.to_string());
+        assert_eq!(
+            specs("team: root, \"a b\"@x.example (c);, Bob <b@y.example>,"),
+            [some("root"), some("\"a b\"@x.example"), some("b@y.example")]
+        );
+        assert_eq!(specs("undisclosed-recipients:;"), []);
+        assert_eq!(
+            specs("john . doe @ example.com, <@route.example,@r2:x@z.example>"),
+            [some("john.doe@example.com"), some("x@z.example")]
+        );
+        assert_eq!(
+            specs("Cron Daemon, \"Name, Only\", <>, \"q\" <\"a\\\\b\"@x>"),
+            [None, None, None, some("\"a\\\\b\"@x")]
+        );
+        // Stray closing brackets are skipped, never looped on.
+        assert_eq!(
+            specs("\"a b\"@x.example, foo), >bar"),
+            [some("\"a b\"@x.example"), some("foo"), some("bar")]
+        );
+        assert_eq!(
+            specs("j\u{f6}rg@b\u{fc}cher.example, x@[192.0.2.1]"),
+            [some("j\u{f6}rg@b\u{fc}cher.example"), some("x@[192.0.2.1]")]
+        );
     }
 
     #[test]

@@ -323,5 +323,16 @@ mod tests {
         // Whitespace only at the start is not a place to fold either.
         let head = format!("X-Token:    {}\r\n\r\n", "b".repeat(1200));
         assert!(fold(head.as_bytes(), 998).is_err());
+        // A DKIM signature with a 1,200-character b= tag: folded where it
+        // can be, and the refusal does not claim there was no space.
+        let head = format!(
+            "DKIM-Signature: v=1; a=rsa-sha256; d=example.com; s=s; b={}\r\n\r\n",
+            "A".repeat(1200)
+        );
+        let err = fold(head.as_bytes(), 998).unwrap_err();
+        assert!(
+            err.to_string().contains("a run of that many characters"),
+            "{err}"
+        );
     }
 }

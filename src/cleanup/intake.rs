@@ -7,10 +7,16 @@
 //! bounded by `max_message_size` and each header field (with its
 //! continuation lines) by `max_header_size`; past a limit nothing more is
 //! kept, so memory stays bounded. A NUL byte is refused: it would be cut or
-//! mangled somewhere downstream. A bare CR is a line end, exactly like a
-//! bare LF: it is stored as CRLF, so no CR reaches an upstream next to a
-//! dot, where a server that takes a lone CR for a line end would see the
-//! end of the data and a smuggled transaction after it (SMTP smuggling).
+//! mangled somewhere downstream. No bare CR is kept: an upstream that
+//! takes a lone CR for a line end would see the end of the data next to a
+//! dot and a smuggled transaction after it (SMTP smuggling). In the body a
+//! bare CR is a line end, exactly like a bare LF, stored as CRLF. CRs just
+//! before a line end belong to it (`\r\r\n` is one line end, as written
+//! by an app whose CRLF went through a LF-to-CRLF filter). Inside a header
+//! line a CR becomes a space: as a line end it would turn the rest of the
+//! line into a header field of its own, a `Bcc:` that `sendmail -t` obeys
+//! or an `X-Relayq-Relay:` that picks the route, smuggled past an app that
+//! strips LF from a subject but not CR.
 
 use super::Refusal;
 
@@ -93,16 +99,35 @@ impl Intake {
         self.refusal.is_some()
     }
 
-    /// One line as read, without its CRLF or LF. A CR inside it ends a
-    /// line too (see the module's security note).
+    /// One line as read, without its CRLF or LF. What a CR inside it is
+    /// depends on where it is (see the module's security note).
     pub fn line(&mut self, text: &[u8]) {
         self.lines += 1;
-        for piece in text.split(|&b| b == b'\r') {
-            if self.refusal.is_some() {
-                return;
+        let text = &text[..text.len() - text.iter().rev().take_while(|&&b| b == b'\r').count()];
+        if !text.contains(&b'\r') || !self.stays_in_header(text) {
+            for piece in text.split(|&b| b == b'\r') {
+                if self.refusal.is_some() {
+                    return;
+                }
+                self.one(piece);
             }
-            self.one(piece);
+            return;
         }
+        let spaced: Vec<u8> = text
+            .iter()
+            .map(|&b| if b == b'\r' { b' ' } else { b })
+            .collect();
+        self.one(&spaced);
+    }
+
+    /// Whether the line (its text up to a first CR) is a header field or a
+    /// continuation of one in the header section.
+    fn stays_in_header(&self, text: &[u8]) -> bool {
+        let Section::Header { field } = self.section else {
+            return false;
+        };
+        let first = text.split(|&b| b == b'\r').next().unwrap_or_default();
+        is_field(first) || (field > 0 && matches!(first.first(), Some(b' ' | b'\t')))
     }
 
     fn refuse(&mut self, why: Refusal) {
@@ -191,18 +216,60 @@ mod tests {
     fn lines_become_crlf_and_bare_cr_is_a_line_end() {
         assert_eq!(
             take(&[b"Subject: x", b"", b"a\rb", b"c\r"], BIG).unwrap(),
-            b"Subject: x\r\n\r\na\r\nb\r\nc\r\n\r\n"
+            b"Subject: x\r\n\r\na\r\nb\r\nc\r\n"
         );
         // The smuggling shapes: a dot between bare CRs is a line of its own,
         // which the transport will stuff.
         assert_eq!(
             take(&[b"S: x", b"", b"x\r.\rMAIL FROM:<a@b>\r"], BIG).unwrap(),
-            b"S: x\r\n\r\nx\r\n.\r\nMAIL FROM:<a@b>\r\n\r\n"
+            b"S: x\r\n\r\nx\r\n.\r\nMAIL FROM:<a@b>\r\n"
         );
         assert_eq!(
-            Intake::whole(b"S: x\n\nx\r.\r\ny\r\r\nz", BIG).unwrap(),
-            b"S: x\r\n\r\nx\r\n.\r\ny\r\n\r\nz\r\n"
+            Intake::whole(b"S: x\n\nx\r.\r\ny\r\r\nz\r\r\r\n\r.\r\r\n", BIG).unwrap(),
+            b"S: x\r\n\r\nx\r\n.\r\ny\r\nz\r\n\r\n.\r\n"
         );
+    }
+
+    #[test]
+    fn crs_before_a_line_end_belong_to_it() {
+        // "\r\r\n" everywhere: the header stays a header.
+        assert_eq!(
+            take(
+                &[
+                    b"From: a@b\r",
+                    b"To: c@d\r\r",
+                    b"Subject: x\r",
+                    b"\r",
+                    b"body\r"
+                ],
+                BIG
+            )
+            .unwrap(),
+            b"From: a@b\r\nTo: c@d\r\nSubject: x\r\n\r\nbody\r\n"
+        );
+        assert_eq!(
+            Intake::whole(b"A: 1\r\r\nB: 2\r\r\n\r\r\nbody\r\r\n", BIG).unwrap(),
+            b"A: 1\r\nB: 2\r\n\r\nbody\r\n"
+        );
+    }
+
+    #[test]
+    fn a_cr_inside_a_header_line_is_a_space() {
+        assert_eq!(
+            take(
+                &[b"To: a@b", b"Subject: hi\rBcc: v@x\r\rX-Relayq-Relay: evil", b"\tmore\rX: y", b"X-B: 1", b"", b"a\rB: 2"],
+                BIG
+            )
+            .unwrap(),
+            b"To: a@b\r\nSubject: hi Bcc: v@x  X-Relayq-Relay: evil\r\n\tmore X: y\r\nX-B: 1\r\n\r\na\r\nB: 2\r\n"
+        );
+        // Where the text is no header field, it is the body's and breaks
+        // at a CR as there.
+        assert_eq!(
+            take(&[b"S: x", b"not a field\rB: 2"], BIG).unwrap(),
+            b"S: x\r\n\r\nnot a field\r\nB: 2\r\n"
+        );
+        assert_eq!(take(&[b"\rB: 2"], BIG).unwrap(), b"\r\nB: 2\r\n");
     }
 
     #[test]

@@ -15,6 +15,10 @@
 //!   quoted-printable (text) or base64, as Postfix does unless
 //!   `disable_mime_output_conversion` is set.
 //!
+//! A message of more than [`MAX_PARTS`] parts is not parsed (memory, see
+//! there): its long lines are refused, and it goes to a 7-bit upstream as
+//! it is, as Postfix stops MIME processing past its nesting limit.
+//!
 //! The structure comes from mail-parser: it gives each part's header and
 //! body offsets in the message, so a part is replaced in place and every
 //! other byte stays as it was. A part mail-parser could not make sense of
@@ -22,12 +26,15 @@
 //!
 //! # Security
 //! The message is the sender's. mail-parser never panics on input; offsets
-//! it returns are checked against the message before use.
+//! it returns are checked against the message before use. Nesting depth is
+//! the sender's too (32 bytes a level of message/rfc822): nothing here
+//! recurses per level, neither the walk over the parts nor the dropping of
+//! mail-parser's tree of them (see `Parsed`).
 
 use std::ops::Range;
 
 use base64::Engine;
-use mail_parser::{MessageParser, MessagePart, MimeHeaders, PartType};
+use mail_parser::{Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
 use super::header;
 
@@ -54,49 +61,162 @@ struct Leaf {
     not_mime: bool,
 }
 
+/// A message as mail-parser parsed it, taken apart level by level when
+/// dropped. mail-parser puts each unencoded message/rfc822 part inside its
+/// parent, and dropping that tree recurses once per level: a crafted
+/// message a few megabytes long nests deep enough to overflow the stack
+/// and abort the process.
+struct Parsed<'x>(Message<'x>);
+
+impl Drop for Parsed<'_> {
+    fn drop(&mut self) {
+        let mut levels = vec![std::mem::take(&mut self.0.parts)];
+        while let Some(parts) = levels.pop() {
+            for mut part in parts {
+                if let PartType::Message(m) = &mut part.body {
+                    levels.push(std::mem::take(&mut m.parts));
+                }
+            }
+        }
+    }
+}
+
+/// The most MIME parts (nested messages included) whose structure relayq
+/// parses. mail-parser keeps about a kilobyte for each part: a 25 MB
+/// message of empty parts (36 bytes each) took half a gigabyte, per
+/// message. No mail anybody writes comes near this.
+pub const MAX_PARTS: usize = 10_000;
+
+/// The message parsed, or `None` when it cannot be or has more than
+/// [`MAX_PARTS`] parts.
+fn parse(msg: &[u8]) -> Option<Parsed<'_>> {
+    if too_many_parts(msg) {
+        return None;
+    }
+    MessageParser::new().parse(msg).map(Parsed)
+}
+
+/// Whether the message has more than [`MAX_PARTS`] parts, counted without
+/// parsing it: delimiter lines of the boundaries it declares, and
+/// message/* parts. Two passes over the bytes, bounded memory.
+fn too_many_parts(msg: &[u8]) -> bool {
+    let lines = || msg.split(|&b| b == b'\n');
+    let mut boundaries: std::collections::HashSet<&[u8]> = std::collections::HashSet::new();
+    let mut parts = 0usize;
+    for line in lines() {
+        if let Some(b) = boundary_parameter(line) {
+            boundaries.insert(b);
+        }
+        if line.len() > 13
+            && line[..13].eq_ignore_ascii_case(b"content-type:")
+            && line[13..].trim_ascii_start().len() >= 8
+            && line[13..].trim_ascii_start()[..8].eq_ignore_ascii_case(b"message/")
+        {
+            parts += 1;
+        }
+        if boundaries.len() + parts > MAX_PARTS {
+            return true;
+        }
+    }
+    if boundaries.is_empty() {
+        return false;
+    }
+    for line in lines() {
+        let Some(key) = line.strip_prefix(b"--") else {
+            continue;
+        };
+        let key = key.trim_ascii_end();
+        if boundaries.contains(key)
+            || key
+                .strip_suffix(b"--")
+                .is_some_and(|k| boundaries.contains(k))
+        {
+            parts += 1;
+            if parts > MAX_PARTS {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// The value of a `boundary=` parameter on a header line, if any.
+fn boundary_parameter(line: &[u8]) -> Option<&[u8]> {
+    const KEY: &[u8] = b"boundary=";
+    let at = line
+        .windows(KEY.len())
+        .position(|w| w.eq_ignore_ascii_case(KEY))?;
+    let v = &line[at + KEY.len()..];
+    let v = match v.strip_prefix(b"\"") {
+        Some(q) => &q[..q.iter().position(|&b| b == b'"')?],
+        None => {
+            &v[..v
+                .iter()
+                .position(|&b| b == b';' || b.is_ascii_whitespace())
+                .unwrap_or(v.len())]
+        }
+    };
+    (!v.is_empty()).then_some(v)
+}
+
+/// The parts of the message and of every unencoded message/rfc822 part in
+/// it, in the order they appear, with whether each is first in its
+/// message. Walked with a stack of its own, not by recursion, for the
+/// reason [`Parsed`] gives.
+fn walk<'a>(parsed: &'a Parsed<'_>, mut visit: impl FnMut(&'a MessagePart<'a>, bool)) {
+    let mut levels = vec![parsed.0.parts.iter()];
+    let mut first = true;
+    while let Some(level) = levels.last_mut() {
+        let Some(part) = level.next() else {
+            levels.pop();
+            continue;
+        };
+        visit(part, std::mem::take(&mut first));
+        // An encoded message/rfc822 is already 7-bit; only an unencoded
+        // one has its parts in this message, at offsets into it.
+        if let PartType::Message(m) = &part.body
+            && part.encoding == mail_parser::Encoding::None
+        {
+            levels.push(m.parts.iter());
+            first = true;
+        }
+    }
+}
+
 /// Every part with a body that can be replaced, in order.
 fn leaves(msg: &[u8]) -> Vec<Leaf> {
-    let Some(parsed) = MessageParser::new().parse(msg) else {
+    let Some(parsed) = parse(msg) else {
         return Vec::new();
     };
     let mut out = Vec::new();
-    collect(&parsed.parts, msg, true, &mut out);
-    out
-}
-
-fn collect(parts: &[MessagePart<'_>], msg: &[u8], top: bool, out: &mut Vec<Leaf>) {
-    for (i, part) in parts.iter().enumerate() {
+    walk(&parsed, |part, first| {
         let (h, b, e) = (
             part.offset_header as usize,
             part.offset_body as usize,
             part.offset_end as usize,
         );
         let sane = h <= b && b <= e && e <= msg.len() && msg[h..b].ends_with(b"\n");
-        match &part.body {
-            PartType::Multipart(_) => {}
-            // An unencoded message/rfc822: its parts are in this message,
-            // at offsets into it. An encoded one is already 7-bit.
-            PartType::Message(m) => {
-                if part.encoding == mail_parser::Encoding::None {
-                    collect(&m.parts, msg, true, out);
-                }
-            }
-            _ if part.is_encoding_problem || !sane => {}
-            _ => out.push(Leaf {
-                header: h..b,
-                body: b..e,
-                ctype: part
-                    .content_type()
-                    .map_or("text".into(), |c| c.ctype().to_ascii_lowercase()),
-                cte: part
-                    .content_transfer_encoding()
-                    .unwrap_or("")
-                    .trim()
-                    .to_ascii_lowercase(),
-                not_mime: top && i == 0 && part.content_type().is_none(),
-            }),
+        if matches!(part.body, PartType::Multipart(_) | PartType::Message(_))
+            || part.is_encoding_problem
+            || !sane
+        {
+            return;
         }
-    }
+        out.push(Leaf {
+            header: h..b,
+            body: b..e,
+            ctype: part
+                .content_type()
+                .map_or("text".into(), |c| c.ctype().to_ascii_lowercase()),
+            cte: part
+                .content_transfer_encoding()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase(),
+            not_mime: first && part.content_type().is_none(),
+        });
+    });
+    out
 }
 
 fn longest_line(bytes: &[u8]) -> usize {
@@ -118,6 +238,14 @@ pub fn long_lines(msg: &[u8], max: usize) -> Result<Option<Vec<u8>>, super::Refu
         Some(head) => [&head[..], &msg[head_end..]].concat(),
         None => msg.to_vec(),
     };
+    if longest_line(&out) <= max {
+        return Ok(Some(out));
+    }
+    // What is left needs the structure; without it the last resort would
+    // change content, which a message of that many parts is not worth.
+    if too_many_parts(&out) {
+        return Err(super::Refusal::TooManyParts { limit: MAX_PARTS });
+    }
     let recoded = rewrite(&out, |leaf, body| {
         if longest_line(body) <= max {
             return None;
@@ -296,11 +424,16 @@ fn soft_breaks(body: &[u8]) -> Vec<u8> {
 
 /// Folds over-long header lines of every MIME part.
 fn fold_part_headers(msg: &[u8], max: usize) -> Result<Option<Vec<u8>>, super::Refusal> {
-    let Some(parsed) = MessageParser::new().parse(msg) else {
+    let Some(parsed) = parse(msg) else {
         return Ok(None);
     };
     let mut blocks = Vec::new();
-    headers_of(&parsed.parts, msg, &mut blocks);
+    walk(&parsed, |part, _| {
+        let (h, b) = (part.offset_header as usize, part.offset_body as usize);
+        if h < b && b <= msg.len() {
+            blocks.push(h..b);
+        }
+    });
     let mut out = Vec::with_capacity(msg.len());
     let mut pos = 0;
     let mut changed = false;
@@ -320,20 +453,6 @@ fn fold_part_headers(msg: &[u8], max: usize) -> Result<Option<Vec<u8>>, super::R
     }
     out.extend_from_slice(&msg[pos..]);
     Ok(Some(out))
-}
-
-fn headers_of(parts: &[MessagePart<'_>], msg: &[u8], out: &mut Vec<Range<usize>>) {
-    for part in parts {
-        let (h, b) = (part.offset_header as usize, part.offset_body as usize);
-        if h < b && b <= msg.len() {
-            out.push(h..b);
-        }
-        if let PartType::Message(m) = &part.body
-            && part.encoding == mail_parser::Encoding::None
-        {
-            headers_of(&m.parts, msg, out);
-        }
-    }
 }
 
 /// The last resort: lines still longer than `max` are broken with CRLF,

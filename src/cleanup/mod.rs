@@ -53,9 +53,13 @@ pub enum Refusal {
     )]
     TooManyHops { count: usize, limit: usize },
     #[error(
-        "header field {field:?} is longer than RFC 5322 allows (998 characters a line) and has no space, comma or semicolon to fold it at"
+        "header field {field:?} is longer than RFC 5322 allows (998 characters a line) and has a run of that many characters without a space, comma or semicolon to fold it at"
     )]
     Unfoldable { field: String },
+    #[error(
+        "lines longer than RFC 5322 allows (998 characters) in a message of more than {limit} MIME parts, too many to re-encode"
+    )]
+    TooManyParts { limit: usize },
 }
 
 impl Refusal {
@@ -67,7 +71,7 @@ impl Refusal {
             Refusal::HeaderTooBig { .. } => Reason::HeaderSize,
             Refusal::Nul { .. } => Reason::Nul,
             Refusal::TooManyHops { .. } => Reason::TooManyHops,
-            Refusal::Unfoldable { .. } => Reason::LineLength,
+            Refusal::Unfoldable { .. } | Refusal::TooManyParts { .. } => Reason::LineLength,
         }
     }
 
@@ -82,6 +86,9 @@ impl Refusal {
             Refusal::TooManyHops { count, .. } => {
                 format!("554 5.4.6 Error: too many hops ({count} Received: headers; mail loop?)")
             }
+            Refusal::TooManyParts { limit } => format!(
+                "554 5.6.0 Error: long lines in a message of more than {limit} MIME parts cannot be re-encoded"
+            ),
             Refusal::Unfoldable { field } => format!(
                 "554 5.6.0 Error: header field {} is too long and cannot be folded",
                 field

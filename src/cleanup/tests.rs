@@ -240,3 +240,159 @@ fn smtputf8_is_needed_only_for_utf8_in_addresses_or_headers() {
         "Subject: K\u{f6}ln\r\n\r\n".as_bytes()
     ));
 }
+
+/// `depth` message/rfc822 parts, each inside the one before, around a
+/// text part with `body`; every level is a few bytes, so a crafted message
+/// far under the size limit nests a hundred thousand levels deep.
+fn nested_messages(depth: usize, body: &str) -> Vec<u8> {
+    let mut msg = b"Subject: x\r\nMIME-Version: 1.0\r\n".to_vec();
+    for _ in 0..depth {
+        msg.extend_from_slice(b"Content-Type: message/rfc822\r\n\r\n");
+    }
+    msg.extend_from_slice(b"Content-Type: text/plain; charset=utf-8\r\n\r\n");
+    msg.extend_from_slice(body.as_bytes());
+    msg.extend_from_slice(b"\r\n");
+    msg
+}
+
+/// The body of the innermost part as quoted-printable decodes it.
+fn innermost_qp(msg: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(msg);
+    let body = text
+        .rsplit("Content-Transfer-Encoding: quoted-printable\r\n\r\n")
+        .next()
+        .unwrap();
+    quoted_printable::decode(body, quoted_printable::ParseMode::Strict).unwrap()
+}
+
+/// A message nested as deep as relayq parses is re-encoded like any other
+/// (5,000 levels once overflowed the stack and aborted the daemon: the
+/// part walk recursed, and so does dropping mail-parser's tree); deeper
+/// is past MAX_PARTS and not parsed at all.
+#[test]
+fn deeply_nested_messages_are_re_encoded_without_recursion() {
+    let depth = mime::MAX_PARTS - 1;
+    for body in ["y".repeat(1500), "Gr\u{fc}\u{df}e ".repeat(200)] {
+        let msg = nested_messages(depth, &body);
+        let out = rewrite(msg, &rules()).unwrap();
+        assert!(lines_fit(&out));
+        assert_eq!(innermost_qp(&out), format!("{body}\r\n").as_bytes());
+    }
+    let deeper = nested_messages(100_000, &"y".repeat(1500));
+    assert!(matches!(
+        rewrite(deeper, &rules()),
+        Err(Refusal::TooManyParts { .. })
+    ));
+}
+
+#[test]
+fn deeply_nested_8bit_messages_go_seven_bit_without_recursion() {
+    let msg = nested_messages(mime::MAX_PARTS - 1, "K\u{f6}ln");
+    let out = seven_bit(&msg).into_owned();
+    assert!(out.is_ascii());
+    assert_eq!(innermost_qp(&out), "K\u{f6}ln\r\n".as_bytes());
+}
+
+/// `n` small text parts and one with a 1,500-octet line.
+fn many_parts(n: usize) -> Vec<u8> {
+    let mut msg =
+        b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b b\"\r\n\r\n"
+            .to_vec();
+    for _ in 0..n {
+        msg.extend_from_slice(b"--b b\r\nContent-Type: text/plain\r\n\r\nx\r\n");
+    }
+    msg.extend_from_slice(b"--b b\r\n\r\n");
+    msg.extend_from_slice("y".repeat(1500).as_bytes());
+    msg.extend_from_slice(b"\r\n--b b--\r\n");
+    msg
+}
+
+/// Past MAX_PARTS a message is not parsed (mail-parser would keep a
+/// kilobyte a part: 500 MB for one 18 MB message): long lines in it are
+/// refused with the reason, not broken (which would change the content).
+#[test]
+fn a_message_of_too_many_parts_is_not_parsed() {
+    let out = rewrite(many_parts(mime::MAX_PARTS - 10), &rules()).unwrap();
+    assert!(lines_fit(&out));
+    assert_eq!(decoded(&out).last().unwrap(), "y".repeat(1500).as_bytes());
+    assert_eq!(
+        rewrite(many_parts(mime::MAX_PARTS + 1), &rules()),
+        Err(Refusal::TooManyParts {
+            limit: mime::MAX_PARTS
+        })
+    );
+    // Nested messages count too.
+    let deep = [
+        &b"Subject: x\r\nMIME-Version: 1.0\r\n"[..],
+        &b"Content-Type: Message/RFC822\r\n\r\n".repeat(mime::MAX_PARTS + 1),
+        &[b'z'; 1200],
+        b"\r\n",
+    ]
+    .concat();
+    assert!(matches!(
+        rewrite(deep, &rules()),
+        Err(Refusal::TooManyParts { .. })
+    ));
+    // Only a long header line: folded, no structure needed.
+    let mut msg = many_parts(mime::MAX_PARTS + 1);
+    let tail = msg.len() - 1500 - 2 - 11;
+    msg.truncate(tail);
+    msg.extend_from_slice(b"--b b--\r\n");
+    let msg = [format!("X-Long: {}\r\n", "w ".repeat(700)).as_bytes(), &msg].concat();
+    assert!(lines_fit(&rewrite(msg, &rules()).unwrap()));
+    // Lines that look like delimiters of a boundary nobody declared are
+    // text, however many.
+    let text = [
+        &b"Subject: x\r\n\r\n"[..],
+        &b"--b b\r\n".repeat(mime::MAX_PARTS * 2),
+        &[b'q'; 1200],
+        b"\r\n",
+    ]
+    .concat();
+    assert!(lines_fit(&rewrite(text, &rules()).unwrap()));
+    // And the 7-bit conversion leaves such a message alone.
+    let eight = [
+        &many_parts(mime::MAX_PARTS + 1)[..],
+        "K\u{f6}ln\r\n".as_bytes(),
+    ]
+    .concat();
+    assert!(matches!(seven_bit(&eight), std::borrow::Cow::Borrowed(_)));
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+    /// Messages made of MIME's building blocks in any order, some lines
+    /// long: the rules end without panicking, what they return fits and
+    /// applying them again changes nothing.
+    #[test]
+    fn the_rules_hold_on_any_mix_of_mime_pieces(
+        pieces in proptest::collection::vec(proptest::sample::select(vec![
+            "Content-Type: multipart/mixed; boundary=b\r\n",
+            "Content-Type: message/rfc822\r\n",
+            "Content-Type: text/plain; charset=utf-8\r\n",
+            "Content-Transfer-Encoding: base64\r\n",
+            "Content-Transfer-Encoding: quoted-printable\r\n",
+            "Content-Transfer-Encoding: 8bit\r\n",
+            "MIME-Version: 1.0\r\n",
+            "To: root, \"a b\"@x (c)\r\n",
+            "\r\n", "--b\r\n", "--b--\r\n", "=C3=A9=\r\n", "K\u{f6}ln\r\n", " folded\r\n",
+            "LONG", "LONGB64", "x\r\n",
+        ]), 0..40)
+    ) {
+        let mut msg = Vec::new();
+        for p in pieces {
+            match p {
+                "LONG" => msg.extend_from_slice(format!("{}\r\n", "w ".repeat(600)).as_bytes()),
+                "LONGB64" => msg.extend_from_slice(format!("{}\r\n", "QUJD".repeat(300)).as_bytes()),
+                p => msg.extend_from_slice(p.as_bytes()),
+            }
+        }
+        let local = Rules { qualify: Some("example.org".into()), ..rules() };
+        let _ = seven_bit(&msg);
+        if let Ok(out) = rewrite(msg, &local) {
+            proptest::prop_assert!(lines_fit(&out));
+            proptest::prop_assert_eq!(rewrite(out.clone(), &local).unwrap(), out.clone());
+            let _ = seven_bit(&out);
+        }
+    }
+}

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod auth_budget;
+pub mod dsn;
 #[cfg(test)]
 mod fuzz;
 pub mod server;

@@ -42,7 +42,7 @@ use tokio::sync::watch;
 
 use super::server::ServerContext;
 use super::sessions::Presence;
-use super::{auth, auth_budget};
+use super::{auth, auth_budget, dsn};
 use crate::cleanup::{self, Refusal, trace};
 use crate::observe::events::{self, Client, Reason, Rejection, Stage};
 use crate::spool::{Envelope, SpoolError};
@@ -414,7 +414,11 @@ impl Session {
         if line.contains(&0) {
             return self.fail("500 5.5.2 Error: NUL character in command");
         }
-        let request = Request::parse(&mut line.iter());
+        let dsn = match dsn::scan(line) {
+            Ok(d) => d,
+            Err(reply) => return self.dsn_error(reply, line),
+        };
+        let request = Request::parse(&mut dsn.line.as_deref().unwrap_or(line).iter());
         let request = match request {
             Ok(r) => r,
             Err(e) => {
@@ -449,8 +453,12 @@ impl Session {
                 );
                 self.fail(reply)
             }
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { mut from } => {
+                from.env_id = dsn.envid.map(Cow::Owned);
+                self.mail(from)
+            }
             Request::Rcpt { mut to } => {
+                to.orcpt = dsn.orcpt.map(Cow::Owned);
                 // RFC 5321 4.5.1: "RCPT TO:<Postmaster>" without a domain
                 // must be accepted; it means this host's postmaster.
                 if is_bare_postmaster(line) {
@@ -626,10 +634,11 @@ impl Session {
             smtp_proto::MAIL_RET_HDRS => Some(crate::spool::Ret::Hdrs),
             _ => return refuse(self, Reason::Syntax, "501 5.5.4 Error: RET given twice"),
         };
-        let envid = from.env_id.as_deref().map(str::to_string);
-        if envid.as_deref().is_some_and(|e| {
-            e.is_empty() || e.len() > 100 || !e.chars().all(|c| c.is_ascii_graphic() || c == ' ')
-        }) {
+        let dsn = crate::spool::Dsn {
+            ret,
+            envid: from.env_id.as_deref().map(str::to_string),
+        };
+        if dsn.check().is_err() {
             return refuse(self, Reason::Syntax, "501 5.5.4 Error: invalid ENVID");
         }
         let max = self.ctx.config.smtp.max_message_size.0;
@@ -685,7 +694,7 @@ impl Session {
             recipients: Vec::new(),
             smtputf8,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
-            dsn: crate::spool::Dsn { ret, envid },
+            dsn,
             rcpt_dsn: Vec::new(),
         });
         self.reply("250 2.1.0 Ok");
@@ -1236,6 +1245,17 @@ impl Session {
         self.rejected(stage, reason, reply, None, &to, detail);
     }
 
+    /// A MAIL or RCPT whose DSN parameters are wrong (see `dsn`).
+    fn dsn_error(&mut self, reply: &str, line: &[u8]) -> Result<bool, Close> {
+        let stage = match line.get(..4).map(|v| v.to_ascii_uppercase()).as_deref() {
+            Some(b"MAIL") => Stage::Mail,
+            _ => Stage::Rcpt,
+        };
+        let shown = command_text(line);
+        self.rejected(stage, Reason::Syntax, reply, None, &[], Some(&shown));
+        self.fail(reply)
+    }
+
     fn parse_error(&mut self, e: ParseError, line: &[u8]) -> Result<bool, Close> {
         // A MAIL or RCPT that does not parse refuses a sender or recipient.
         let verb = line.get(..4).map(|v| v.to_ascii_uppercase());
@@ -1368,14 +1388,14 @@ fn rcpt_dsn(
             "501 5.5.4 Error: NOTIFY=NEVER cannot be combined with other values",
         ));
     }
-    let orcpt = orcpt.map(str::to_string);
-    if orcpt
-        .as_deref()
-        .is_some_and(|o| o.len() > 500 || o.chars().any(char::is_control))
-    {
+    let dsn = crate::spool::RcptDsn {
+        notify,
+        orcpt: orcpt.map(str::to_string),
+    };
+    if dsn.check().is_err() {
         return Err((Reason::Syntax, "501 5.5.4 Error: invalid ORCPT"));
     }
-    Ok(crate::spool::RcptDsn { notify, orcpt })
+    Ok(dsn)
 }
 
 /// Runs cleanup's rewrite; a big message on a blocking thread, so a
@@ -1429,32 +1449,9 @@ fn command_text(line: &[u8]) -> String {
 /// smtp-proto returns a quoted local part without its quotes (`"a b"@x`
 /// comes back as `a b@x`): quote it again, so that what is queued and
 /// relayed is the address the client gave, and one token on a command
-/// line. A local part that is a dot-atom is returned unchanged.
+/// line.
 fn requote(addr: &str) -> String {
-    let Some(at) = addr.rfind('@') else {
-        return addr.to_string();
-    };
-    let (local, domain) = addr.split_at(at);
-    let atext =
-        |c: char| c.is_ascii_alphanumeric() || !c.is_ascii() || "!#$%&'*+-/=?^_`{|}~".contains(c);
-    let dot_atom = !local.is_empty()
-        && local
-            .split('.')
-            .all(|atom| !atom.is_empty() && atom.chars().all(atext));
-    if dot_atom {
-        return addr.to_string();
-    }
-    let mut out = String::with_capacity(addr.len() + 4);
-    out.push('"');
-    for c in local.chars() {
-        if c == '"' || c == '\\' {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out.push('"');
-    out.push_str(domain);
-    out
+    crate::cleanup::address::quote_local_part(addr)
 }
 
 /// Whether a MAIL command line's reverse-path is literally `<>`.

@@ -80,6 +80,20 @@ pub struct Dsn {
     pub envid: Option<String>,
 }
 
+impl Dsn {
+    /// Whether an ENVID may be kept and passed on (RFC 3461 4.4: printable
+    /// ASCII, at most 100 characters), whichever way it came in.
+    pub fn check(&self) -> Result<(), &'static str> {
+        match &self.envid {
+            Some(e) if e.is_empty() || e.len() > 100 => Err("ENVID must be 1 to 100 characters"),
+            Some(e) if !e.chars().all(|c| c.is_ascii_graphic() || c == ' ') => {
+                Err("ENVID must be printable ASCII")
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// RFC 3461 NOTIFY: which notifications a recipient's sender wants. Not
 /// given (the default) means failures only.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -154,8 +168,23 @@ impl Notify {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RcptDsn {
     pub notify: Notify,
-    /// ORCPT's address (type `rfc822`), decoded.
+    /// ORCPT's address, decoded: passed on as type `rfc822` when it is
+    /// ASCII, `utf-8` (RFC 6533) otherwise.
     pub orcpt: Option<String>,
+}
+
+impl RcptDsn {
+    /// Whether an ORCPT may be kept and passed on (RFC 3461 4.2: at most
+    /// 500 characters; no control characters), whichever way it came in.
+    pub fn check(&self) -> Result<(), &'static str> {
+        match &self.orcpt {
+            Some(o) if o.is_empty() || o.len() > 500 => Err("ORCPT must be 1 to 500 characters"),
+            Some(o) if o.chars().any(char::is_control) => {
+                Err("ORCPT must not hold control characters")
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// RFC 3461 4 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
@@ -169,6 +198,25 @@ pub fn xtext(s: &str) -> String {
         }
     }
     out
+}
+
+/// An ORCPT address as its type and value, for a RCPT parameter
+/// (`{type};{value}`) or a report's Original-Recipient: `rfc822` and xtext
+/// for ASCII, else `utf-8` and RFC 6533's utf-8-addr-xtext (ASCII only,
+/// `\x{HEX}` for what is not printable ASCII, `+`, `=` or `\`).
+pub fn orcpt(addr: &str) -> (&'static str, String) {
+    if addr.is_ascii() {
+        return ("rfc822", xtext(addr));
+    }
+    let mut out = String::with_capacity(addr.len() + 8);
+    for c in addr.chars() {
+        if c.is_ascii_graphic() && !"+=\\".contains(c) {
+            out.push(c);
+        } else {
+            out.push_str(&format!("\\x{{{:X}}}", u32::from(c)));
+        }
+    }
+    ("utf-8", out)
 }
 
 /// Decodes xtext; `None` when malformed.

@@ -1189,14 +1189,16 @@ impl Connection {
     }
 }
 
-/// ` NOTIFY=... ORCPT=rfc822;...` for a recipient that has them.
+/// ` NOTIFY=... ORCPT=rfc822;...` (or `utf-8;...`) for a recipient that
+/// has them.
 fn rcpt_dsn_params(d: &crate::spool::RcptDsn) -> String {
     let mut out = String::new();
     if let Some(n) = d.notify.param() {
         out.push_str(&format!(" NOTIFY={n}"));
     }
     if let Some(o) = &d.orcpt {
-        out.push_str(&format!(" ORCPT=rfc822;{}", crate::spool::format::xtext(o)));
+        let (kind, value) = crate::spool::format::orcpt(o);
+        out.push_str(&format!(" ORCPT={kind};{value}"));
     }
     out
 }

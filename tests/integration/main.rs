@@ -11,6 +11,7 @@ mod dev_mode;
 mod durability;
 mod fidelity;
 mod front_door;
+mod hostile_content;
 mod inbound;
 mod install;
 mod interop;

@@ -603,6 +603,38 @@ pub fn drop_as_nobody(d: &Daemon, name: &str, content: &str) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
+/// Writes a drop file holding `body` for `rcpt` by hand, as `nobody`
+/// (bytes on stdin: `body` may be too big for an argument). `extra` are
+/// header lines of the queue file (each ending in a LF), e.g. `dsn-envid`.
+pub fn drop_message_as_nobody(d: &Daemon, name: &str, rcpt: &str, extra: &str, body: &[u8]) {
+    let file = [
+        format!(
+            "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt {rcpt}\n{extra}size {}\n\n",
+            body.len()
+        )
+        .as_bytes(),
+        body,
+        b"end\n",
+    ]
+    .concat();
+    let path = d.spool().join("maildrop").join(name);
+    let mut cmd = as_nobody("sh");
+    cmd.args(["-c", &format!("cat > {}", path.display())]);
+    let o = run(cmd, &file);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// Wakes the pickup the way any local user can: by running sendmail
+/// (for poke@example.net).
+pub fn poke_pickup_as_nobody(d: &Daemon) {
+    let mut cmd = as_nobody(BIN);
+    cmd.args(["sendmail", "-C"])
+        .arg(&d.config)
+        .arg("poke@example.net");
+    let o = run(cmd, b"Subject: poke\n\nx\n");
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
 /// Makes a test's directory and config reachable for `nobody`.
 pub fn open_to_others(d: &Daemon) {
     std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();

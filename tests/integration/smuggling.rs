@@ -8,7 +8,10 @@
 
 use std::time::Duration;
 
-use crate::sendmail::{as_nobody, can_switch_user, open_to_others, run, sendmail, stderr};
+use crate::sendmail::{
+    can_switch_user, drop_message_as_nobody, open_to_others, poke_pickup_as_nobody, run, sendmail,
+    stderr,
+};
 use crate::support::client::Client;
 use crate::support::daemon::{BIN, Daemon, relay_config};
 use crate::support::mime;
@@ -149,34 +152,18 @@ async fn bare_cr_and_lf_smuggle_nothing_through_the_maildrop() {
     let up = FakeUpstream::start().await;
     let d = Daemon::start(&relay_config(up.addr(), ""));
     open_to_others(&d);
-    let drop = d.dir.join("spool").join("maildrop");
     let cases = fake_ends();
     for (i, (_, end)) in cases.iter().enumerate() {
-        let body = message(i, end);
-        let file = [
-            format!(
-                "relayq-queue 1\nid 01AAAAAAAAAAAAAAAAAAAAAAAA\narrival 1\nsender nobody@relayq.test\nflags -\nrcpt r{i}@example.net\nsize {}\n\n",
-                body.len()
-            )
-            .as_bytes(),
-            &body,
-            b"end\n",
-        ]
-        .concat();
         let name = format!("01B{:023}", i);
-        let path = drop.join(&name);
-        let script = format!("cat > {}", path.display());
-        let mut cmd = as_nobody("sh");
-        cmd.args(["-c", &script]);
-        let o = run(cmd, &file);
-        assert!(o.status.success(), "{}", stderr(&o));
+        drop_message_as_nobody(
+            &d,
+            &name,
+            &format!("r{i}@example.net"),
+            "",
+            &message(i, end),
+        );
     }
-    // Any sendmail run pokes the pickup.
-    let mut cmd = as_nobody(BIN);
-    cmd.args(["sendmail", "-C"])
-        .arg(&d.config)
-        .arg("poke@example.net");
-    assert!(run(cmd, b"Subject: poke\n\nx\n").status.success());
+    poke_pickup_as_nobody(&d);
     let got = up.wait_for_messages(cases.len() + 1, WAIT).await;
     let cased: Vec<Received> = got
         .into_iter()
