@@ -53,6 +53,12 @@ use crate::spool::{Envelope, SpoolError};
 const BUSY_DELAY: Duration = Duration::from_secs(1);
 const ERROR_DELAY: Duration = Duration::from_secs(1);
 
+/// How long a reply may wait for the client to make room for it (to read),
+/// outside stress.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the last reply and the close of a session may take.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
 /// AUTH while the client's address or the user name is locked out (see
 /// `auth_budget`): no password is checked.
 const LOCKED: &str = "454 4.7.0 Error: too many failed authentications; try again later";
@@ -180,6 +186,71 @@ enum Wait {
     },
 }
 
+/// How long a wait on the client may last: a read, a TLS handshake, a
+/// write the client must make room for. Every wait the client controls
+/// goes through [`patiently`], so none of them escapes stress.
+struct Patience {
+    normal: Duration,
+    /// The limit while the server is under stress (at most `normal`).
+    stress: Duration,
+    /// Under stress, the wait ends by this instant at the latest.
+    whole: Option<tokio::time::Instant>,
+    /// The session waits for the client to act (a command, a handshake):
+    /// it may be asked to make room meanwhile.
+    idle: bool,
+    /// Shutdown ends the wait (between commands).
+    command: bool,
+}
+
+/// Runs `op` (which waits on the client) within `p`: the limit is
+/// re-judged when stress begins or ends mid-wait, so a wait begun before
+/// stress cannot keep its long timeout; an idle wait ends when the
+/// session table asks the session to make room.
+async fn patiently<T>(
+    op: impl std::future::Future<Output = std::io::Result<T>>,
+    presence: &Presence,
+    shutdown: &watch::Receiver<bool>,
+    p: Patience,
+) -> Result<T, Close> {
+    let started = tokio::time::Instant::now();
+    let stress_limit = p.stress.min(p.normal);
+    let deadline = |stress: bool| {
+        let per_wait = started + if stress { stress_limit } else { p.normal };
+        match p.whole {
+            Some(whole) if stress => per_wait.min(whole),
+            _ => per_wait,
+        }
+    };
+    if p.idle {
+        presence.idle();
+    }
+    let mut stress = presence.stress_watch();
+    let mut stress_live = true;
+    let mut shutdown = shutdown.clone();
+    tokio::pin!(op);
+    let sleep = tokio::time::sleep_until(deadline(*stress.borrow()));
+    tokio::pin!(sleep);
+    let outcome = loop {
+        tokio::select! {
+            r = &mut op => break r.map_err(Close::Io),
+            _ = &mut sleep => break Err(Close::Timeout),
+            changed = stress.changed(), if stress_live => match changed {
+                Ok(()) => {
+                    let now_stressed = *stress.borrow_and_update();
+                    sleep.as_mut().reset(deadline(now_stressed));
+                }
+                Err(_) => stress_live = false,
+            },
+            _ = presence.evicted(), if p.idle => break Err(Close::Evicted),
+            _ = crate::delivery::scheduler::stopped(&mut shutdown), if p.command => {
+                break Err(Close::Shutdown)
+            }
+        }
+    };
+    presence.busy();
+    outcome
+}
+
 impl Session {
     pub fn new<S: Io + 'static>(
         stream: S,
@@ -255,8 +326,14 @@ impl Session {
             Close::Io(e) => tracing::debug!(peer = %self.peer, "session ended by I/O error: {e}"),
             other => tracing::debug!(peer = %self.peer, "session closed: {other:?}"),
         }
-        let _ = self.flush().await;
-        let _ = self.io.get_mut().shutdown().await;
+        // The last reply and the close, briefly: a TLS close waits until
+        // the client has taken what is pending, which a client that reads
+        // nothing never does (the session would never end).
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            let _ = self.flush().await;
+            let _ = self.io.get_mut().shutdown().await;
+        })
+        .await;
         tracing::debug!(peer = %self.peer, "disconnect");
     }
 
@@ -299,54 +376,21 @@ impl Session {
     /// reply that ends the session on a timeout is written here.
     async fn read(&mut self, max: usize, wait: Wait) -> Result<Line, Close> {
         let smtp = &self.ctx.config.smtp;
-        let normal = match wait {
-            Wait::Command | Wait::Challenge => smtp.command_timeout.0,
-            Wait::Data { .. } => smtp.data_timeout.0,
+        let patience = Patience {
+            normal: match wait {
+                Wait::Command | Wait::Challenge => smtp.command_timeout.0,
+                Wait::Data { .. } => smtp.data_timeout.0,
+            },
+            stress: smtp.stress_timeout.0,
+            whole: match wait {
+                Wait::Data { deadline } => deadline,
+                _ => None,
+            },
+            idle: !matches!(wait, Wait::Data { .. }),
+            command: matches!(wait, Wait::Command),
         };
-        let stress_timeout = smtp.stress_timeout.0.min(normal);
-        let started = tokio::time::Instant::now();
-        let deadline = |stress: bool| {
-            let per_read = started + if stress { stress_timeout } else { normal };
-            match wait {
-                Wait::Data {
-                    deadline: Some(whole),
-                } if stress => per_read.min(whole),
-                _ => per_read,
-            }
-        };
-        let idle = !matches!(wait, Wait::Data { .. });
-        if idle {
-            self.presence.idle();
-        }
-        let mut stress = self.presence.stress_watch();
-        let mut stress_live = true;
-        let mut shutdown = self.shutdown.clone();
-        let command = matches!(wait, Wait::Command);
-        let outcome = {
-            let presence = &self.presence;
-            let read = read_line(&mut self.io, max);
-            tokio::pin!(read);
-            let sleep = tokio::time::sleep_until(deadline(*stress.borrow()));
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    r = &mut read => break r.map_err(Close::Io),
-                    _ = &mut sleep => break Err(Close::Timeout),
-                    changed = stress.changed(), if stress_live => match changed {
-                        Ok(()) => {
-                            let now_stressed = *stress.borrow_and_update();
-                            sleep.as_mut().reset(deadline(now_stressed));
-                        }
-                        Err(_) => stress_live = false,
-                    },
-                    _ = presence.evicted(), if idle => break Err(Close::Evicted),
-                    _ = crate::delivery::scheduler::stopped(&mut shutdown), if command => {
-                        break Err(Close::Shutdown)
-                    }
-                }
-            }
-        };
-        self.presence.busy();
+        let read = read_line(&mut self.io, max);
+        let outcome = patiently(read, &self.presence, &self.shutdown, patience).await;
         let host = self.ctx.config.hostname.clone();
         match &outcome {
             Err(Close::Timeout) => {
@@ -952,13 +996,18 @@ impl Session {
         let placeholder: Stream = Box::new(tokio::io::duplex(1).0);
         let plain = std::mem::replace(&mut self.io, BufReader::new(placeholder)).into_inner();
         let smtp = &self.ctx.config.smtp;
-        let timeout = if self.presence.under_stress() {
-            smtp.stress_timeout.0.min(smtp.command_timeout.0)
-        } else {
-            smtp.command_timeout.0
+        // The handshake is the client's to make, like its next command: the
+        // session is idle meanwhile (it may make room for a newcomer), and
+        // the limit drops to stress_timeout when stress begins mid-wait.
+        let patience = Patience {
+            normal: smtp.command_timeout.0,
+            stress: smtp.stress_timeout.0,
+            whole: None,
+            idle: true,
+            command: true,
         };
-        match tokio::time::timeout(timeout, acceptor.accept(plain)).await {
-            Ok(Ok(tls)) => {
+        match patiently(acceptor.accept(plain), &self.presence, &self.shutdown, patience).await {
+            Ok(tls) => {
                 self.io = BufReader::with_capacity(READ_BUFFER, Box::new(tls) as Stream);
                 self.capacity = READ_BUFFER;
                 self.tls = true;
@@ -968,11 +1017,12 @@ impl Session {
                 self.txn = None;
                 Ok(true)
             }
-            Ok(Err(e)) => {
+            Err(Close::Io(e)) => {
                 tracing::info!(target: "relayq::smtp", "TLS handshake with [{}] failed: {e}", self.peer.ip());
                 Err(Close::Io(e))
             }
-            Err(_) => Err(Close::Timeout),
+            // No reply: the client expects TLS records, not a 421.
+            Err(close) => Err(close),
         }
     }
 
@@ -1281,13 +1331,16 @@ impl Session {
             stream.write_all(&self.out).await?;
             stream.flush().await
         };
-        let limit = if self.presence.under_stress() {
-            self.ctx.config.smtp.stress_timeout.0
-        } else {
-            Duration::from_secs(60)
+        let patience = Patience {
+            normal: WRITE_TIMEOUT,
+            stress: self.ctx.config.smtp.stress_timeout.0,
+            whole: None,
+            idle: false,
+            command: false,
         };
-        match tokio::time::timeout(limit, write).await {
-            Ok(r) => r?,
+        match patiently(write, &self.presence, &self.shutdown, patience).await {
+            Ok(()) => {}
+            Err(Close::Io(e)) => return Err(e),
             Err(_) => {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,

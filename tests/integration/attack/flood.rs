@@ -175,3 +175,124 @@ async fn the_open_file_limit_is_raised_for_max_connections() {
     .await;
     assert!(r.starts_with("250 2.0.0"), "{r}");
 }
+
+/// relayq offering STARTTLS with a certificate from a test CA, and a TLS
+/// client config that trusts it (the certificate names 127.0.0.1).
+fn start_tls(dir: &std::path::Path, smtp: &str) -> (Daemon, tokio_rustls::TlsConnector) {
+    use crate::support::pki::{CertKind, TestCa};
+    let ca = TestCa::new(&dir.join("pki"));
+    let cert = ca.server_cert(CertKind::Good);
+    let smtp = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n{smtp}",
+        cert.cert_file.display(),
+        cert.key_file.display()
+    );
+    let d = Daemon::start_in(dir, &config(dir, &smtp));
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&ca.ca_file).unwrap();
+    for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (d, tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)))
+}
+
+/// A connection from `source` that said EHLO and STARTTLS and got `220`:
+/// the TLS handshake is the client's to start.
+async fn after_starttls(d: &Daemon, source: &str) -> TcpStream {
+    let (mut c, greeting) = Client::connect_from(source, d.addr).await;
+    assert!(greeting.starts_with("220 "), "{greeting}");
+    c.cmd("EHLO x").await;
+    let r = c.cmd("STARTTLS").await;
+    assert!(r.starts_with("220 2.0.0"), "{r}");
+    c.into_stream()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_tls_handshake_makes_room_and_ends_under_stress() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, _) = start_tls(
+        tmp.path(),
+        "max_connections = 8\nstress_timeout = \"2s\"\n",
+    );
+    // Every place taken by a client that asked for TLS and never began
+    // the handshake; the first five began before stress (at six).
+    let mut stalled = Vec::new();
+    for i in 0..8 {
+        stalled.push(after_starttls(&d, &format!("127.0.8.{}", i + 1)).await);
+    }
+    d.wait_log("SMTP sessions under stress", WAIT);
+    // A handshake that has not begun waits for the client like a command:
+    // the idlest makes room for the app.
+    let r = send_mail(
+        d.addr,
+        "app@example.com",
+        &["bob@example.net"],
+        b"Subject: app\r\n\r\nserved\r\n",
+    )
+    .await;
+    assert!(r.starts_with("250 2.0.0"), "the app was refused: {r}");
+    // And under stress every stalled handshake ends in seconds, not after
+    // the 5 minutes of command_timeout that were due when it began.
+    for (i, s) in stalled.iter_mut().enumerate() {
+        assert!(
+            closed_with(s, WAIT).await.is_some(),
+            "stalled handshake {i} still open after {WAIT:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_reads_nothing_does_not_keep_its_session() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (d, tls) = start_tls(
+        tmp.path(),
+        "max_connections = 4\nstress_timeout = \"1s\"\n",
+    );
+    // Four TLS clients that send commands and never read a reply, until
+    // relayq can write no more to them (and they no more to relayq).
+    let mut deaf = Vec::new();
+    for i in 0..4 {
+        let plain = after_starttls(&d, &format!("127.0.9.{}", i + 1)).await;
+        let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+        let mut s = tls.connect(name, plain).await.expect("TLS handshake");
+        let batch = b"HELP\r\n".repeat(1000);
+        let started = Instant::now();
+        while tokio::time::timeout(Duration::from_secs(2), s.write_all(&batch))
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            assert!(started.elapsed() < WAIT * 4, "relayq kept reading");
+        }
+        deaf.push(s);
+    }
+    // Their writes time out (at stress_timeout: the table is full), and
+    // closing the session must not wait for them either: the app gets in.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (mut c, greeting) = Client::connect(d.addr).await;
+        if greeting.starts_with("220 ") {
+            c.cmd("EHLO app.test").await;
+            let r = c
+                .mail(
+                    "app@example.com",
+                    &["bob@example.net"],
+                    b"Subject: app\r\n\r\nserved\r\n",
+                )
+                .await;
+            assert!(r.starts_with("250 2.0.0"), "{r}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessions of clients that read nothing were never closed: {greeting}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(deaf);
+}
