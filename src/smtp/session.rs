@@ -1006,7 +1006,14 @@ impl Session {
             idle: true,
             command: true,
         };
-        match patiently(acceptor.accept(plain), &self.presence, &self.shutdown, patience).await {
+        match patiently(
+            acceptor.accept(plain),
+            &self.presence,
+            &self.shutdown,
+            patience,
+        )
+        .await
+        {
             Ok(tls) => {
                 self.io = BufReader::with_capacity(READ_BUFFER, Box::new(tls) as Stream);
                 self.capacity = READ_BUFFER;

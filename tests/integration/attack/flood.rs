@@ -199,7 +199,10 @@ fn start_tls(dir: &std::path::Path, smtp: &str) -> (Daemon, tokio_rustls::TlsCon
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    (d, tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)))
+    (
+        d,
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(client)),
+    )
 }
 
 /// A connection from `source` that said EHLO and STARTTLS and got `220`:
@@ -216,10 +219,7 @@ async fn after_starttls(d: &Daemon, source: &str) -> TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_tls_handshake_makes_room_and_ends_under_stress() {
     let tmp = tempfile::tempdir().unwrap();
-    let (d, _) = start_tls(
-        tmp.path(),
-        "max_connections = 8\nstress_timeout = \"2s\"\n",
-    );
+    let (d, _) = start_tls(tmp.path(), "max_connections = 8\nstress_timeout = \"2s\"\n");
     // Every place taken by a client that asked for TLS and never began
     // the handshake; the first five began before stress (at six).
     let mut stalled = Vec::new();
@@ -237,23 +237,28 @@ async fn a_stalled_tls_handshake_makes_room_and_ends_under_stress() {
     )
     .await;
     assert!(r.starts_with("250 2.0.0"), "the app was refused: {r}");
-    // And under stress every stalled handshake ends in seconds, not after
-    // the 5 minutes of command_timeout that were due when it began.
-    for (i, s) in stalled.iter_mut().enumerate() {
-        assert!(
-            closed_with(s, WAIT).await.is_some(),
-            "stalled handshake {i} still open after {WAIT:?}"
-        );
+    // And under stress stalled handshakes end in seconds, not after the 5
+    // minutes of command_timeout that were due when they began, until
+    // stress is over (fewer than half the places in use): the few left
+    // then wait like any idle client.
+    d.wait_log("SMTP sessions no longer under stress", WAIT);
+    let mut closed = 0;
+    for s in stalled.iter_mut() {
+        if closed_with(s, Duration::from_secs(2)).await.is_some() {
+            closed += 1;
+        }
     }
+    assert!(
+        closed >= 5,
+        "only {closed} of 8 stalled handshakes ended under stress\n{}",
+        d.log()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_client_that_reads_nothing_does_not_keep_its_session() {
     let tmp = tempfile::tempdir().unwrap();
-    let (d, tls) = start_tls(
-        tmp.path(),
-        "max_connections = 4\nstress_timeout = \"1s\"\n",
-    );
+    let (d, tls) = start_tls(tmp.path(), "max_connections = 4\nstress_timeout = \"1s\"\n");
     // Four TLS clients that send commands and never read a reply, until
     // relayq can write no more to them (and they no more to relayq).
     let mut deaf = Vec::new();
