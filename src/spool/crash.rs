@@ -740,21 +740,23 @@ enum Keep {
     Torn(Box<dyn Fn(usize) -> bool>),
 }
 
+/// The directories of a spool that hold files.
+const SPOOL_DIRS: [&str; 8] = [
+    "tmp",
+    "queue",
+    "hold",
+    "corrupt",
+    "corrupt/maildrop",
+    "slots",
+    "maildrop",
+    "pickup",
+];
+
 /// Writes `s` out as a spool directory at `dir`; returns each file's
 /// inode number.
 fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
     let _ = fs::remove_dir_all(dir);
-    for sub in [
-        "",
-        "tmp",
-        "queue",
-        "hold",
-        "corrupt",
-        "corrupt/maildrop",
-        "slots",
-        "maildrop",
-        "pickup",
-    ] {
+    for sub in std::iter::once("").chain(SPOOL_DIRS) {
         fs::DirBuilder::new()
             .mode(0o700)
             .recursive(true)
@@ -782,16 +784,7 @@ fn materialize(s: &State, dir: &Path) -> HashMap<u64, usize> {
 fn read_state(dir: &Path) -> (State, HashMap<u64, usize>) {
     let mut s = State::default();
     let mut inos = HashMap::new();
-    for sub in [
-        "tmp",
-        "queue",
-        "hold",
-        "corrupt",
-        "corrupt/maildrop",
-        "slots",
-        "maildrop",
-        "pickup",
-    ] {
+    for sub in SPOOL_DIRS {
         let entries = match fs::read_dir(dir.join(sub)) {
             Ok(entries) => entries,
             // Made when first needed (pickup/).
