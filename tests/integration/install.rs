@@ -488,3 +488,57 @@ kill $! && wait $! || true
     );
     assert!(!log.contains(SECRET), "the secret reached the log:\n{log}");
 }
+
+/// The spool is the relayq user's, so anything in it, the maildrop
+/// included, that user can replace with a link (to /etc, say). install.sh
+/// runs as root, again at each upgrade: it must never chmod 1733 (nor
+/// chown to relayq) what such a link points to, which would hand that
+/// directory or file to the relayq user. It refuses, naming the link, and
+/// leaves the target alone.
+#[test]
+fn install_script_never_follows_a_link_in_the_spool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    install(&root, &[]);
+    let maildrop = root.join("var/spool/relayq/maildrop");
+    std::fs::remove_dir(&maildrop).unwrap();
+    let dir = tmp.path().join("etc-like");
+    std::fs::create_dir(&dir).unwrap();
+    let file = tmp.path().join("shadow-like");
+    std::fs::write(&file, "x").unwrap();
+    let dangling = tmp.path().join("not-there");
+    for victim in [&dir, &file, &dangling] {
+        let existed = victim.exists();
+        if existed {
+            std::fs::set_permissions(victim, std::fs::Permissions::from_mode(0o750)).unwrap();
+        }
+        std::os::unix::fs::symlink(victim, &maildrop).unwrap();
+        let out = Command::new("sh")
+            .arg(SCRIPT)
+            .arg("--destdir")
+            .arg(&root)
+            .args(["--binary", BIN])
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{}: {said}", victim.display());
+        assert!(
+            said.contains("/var/spool/relayq/maildrop is a symbolic link"),
+            "{}: {said}",
+            victim.display()
+        );
+        if existed {
+            assert_eq!(mode(victim), 0o750, "{}", victim.display());
+        } else {
+            assert!(!victim.exists(), "install.sh created {}", victim.display());
+        }
+        std::fs::remove_file(&maildrop).unwrap();
+    }
+    // With the link gone, install.sh makes the maildrop again.
+    install(&root, &[]);
+    assert_eq!(mode(&maildrop), 0o1733);
+}
