@@ -489,6 +489,97 @@ kill $! && wait $! || true
     assert!(!log.contains(SECRET), "the secret reached the log:\n{log}");
 }
 
+/// The config the package installs, edited as README "Install" says (its
+/// [relay] only): local users' mail (cron's, root's) goes out under this
+/// machine's name, not the example's (`app1.example.com`, a domain nobody
+/// here owns: a provider refuses the sender, bounces go nowhere). An
+/// example name left as hostname or myorigin fails `relayq check`.
+#[test]
+fn the_shipped_config_sends_under_this_hosts_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.toml")).unwrap();
+    let spool_line = format!("spool_dir = \"{}\"", spool.display());
+    let edited = shipped
+        .replace("\"smtp.example.com\"", "\"127.0.0.1\"")
+        .replace("spool_dir = \"/var/spool/relayq\"", &spool_line);
+    assert!(edited.contains(&spool_line) && edited.contains("\"127.0.0.1\""));
+    let config = tmp.path().join("relayq.toml");
+    std::fs::write(&config, &edited).unwrap();
+    let o = crate::sendmail::sendmail(&config, &["bob@example.net"], b"Subject: cron\n\ndone\n");
+    assert!(o.status.success(), "{}", crate::sendmail::stderr(&o));
+    let queued: Vec<_> = std::fs::read_dir(spool.join("queue"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let file = String::from_utf8_lossy(&std::fs::read(&queued[0]).unwrap()).into_owned();
+    let text = |cmd: &str, arg: &str| {
+        let o = Command::new(cmd).arg(arg).output().unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let want = format!("sender {}@{}", text("id", "-un"), text("uname", "-n"));
+    assert!(file.lines().any(|l| l == want), "{want:?} missing:\n{file}");
+    assert!(!file.contains("example.com"), "{file}");
+
+    let check = |top: &str| {
+        let p = tmp.path().join("check.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "{top}\n{spool_line}\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[relay]\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\nconnect_timeout = \"2s\"\n"
+            ),
+        )
+        .unwrap();
+        let o = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for (top, named) in [
+        (
+            "hostname = \"app1.example.com\"",
+            "hostname app1.example.com is an example name",
+        ),
+        (
+            "hostname = \"app1.example.com\"",
+            "as user@app1.example.com",
+        ),
+        ("hostname = \"mx1.invalid\"", "as user@mx1.invalid"),
+        (
+            "hostname = \"relayq.test\"\nmyorigin = \"mail.example.org\"",
+            "as user@mail.example.org (myorigin)",
+        ),
+    ] {
+        let out = check(top);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("FAIL hostname:"))
+            .unwrap_or_else(|| panic!("{top}: no FAIL hostname line:\n{out}"));
+        assert!(line.contains(named), "{top}: {named:?} missing in {line}");
+    }
+    let out = check("hostname = \"relayq.test\"\nmyorigin = \"mail.relayq.test\"");
+    assert!(!out.contains("FAIL hostname"), "{out}");
+}
+
+/// A config that still names an example host or origin (an install from
+/// before the shipped config left hostname out): the daemon says so at
+/// start, in the log admins read.
+#[test]
+fn the_daemon_warns_of_an_example_mail_name() {
+    use crate::support::daemon::{Daemon, relay_config};
+    let relay = "127.0.0.1:9".parse().unwrap();
+    let d = Daemon::start(&relay_config(relay, "myorigin = \"example.org\""));
+    let line = d.wait_log(
+        "as user@example.org (myorigin)",
+        std::time::Duration::from_secs(30),
+    );
+    assert!(line.contains("warning") || line.contains("WARN"), "{line}");
+}
+
 /// The spool is the relayq user's, so anything in it, the maildrop
 /// included, that user can replace with a link (to /etc, say). install.sh
 /// runs as root, again at each upgrade: it must never chmod 1733 (nor
