@@ -5,7 +5,7 @@
 #   - the user:          relayq (system user, no login, no home)
 #   - the spool:         /var/spool/relayq                 (0711, owned by relayq)
 #     and its maildrop:  /var/spool/relayq/maildrop        (1733: any user's sendmail drops mail);
-#     its queue directories are made by `relayq queue init`, run as relayq
+#     it and the queue directories are made by `relayq queue init`, run as relayq
 #   - the config:        /etc/relayq/relayq.toml           (0644: every user's sendmail reads it;
 #                        secrets go in password_file, readable by relayq only; never overwritten)
 #   - the unit:          /etc/systemd/system/relayq.service
