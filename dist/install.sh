@@ -5,7 +5,7 @@
 #   - the user:          relayq (system user, no login, no home)
 #   - the spool:         /var/spool/relayq                 (0711, owned by relayq)
 #     and its maildrop:  /var/spool/relayq/maildrop        (1733: any user's sendmail drops mail);
-#     its queue directories are made by `relayq queue init`, run as relayq
+#     it and the queue directories are made by `relayq queue init`, run as relayq
 #   - the config:        /etc/relayq/relayq.toml           (0644: every user's sendmail reads it;
 #                        secrets go in password_file, readable by relayq only; never overwritten)
 #   - the unit:          /etc/systemd/system/relayq.service
@@ -73,15 +73,27 @@ fi
 # The spool: private to relayq, except the maildrop, where `sendmail` run
 # by any user (PHP's mail() as www-data, cron jobs) leaves mail, even
 # before the daemon first starts (it makes the same modes at every start).
+# What is inside the spool is the relayq user's to replace (with a link to
+# /etc, say), and this script runs as root at every upgrade: it never
+# follows what is in there. The maildrop is made by relayq itself (queue
+# init, below); only a staging (--destdir), with no relayq user, makes it
+# here.
 install -d -m 0755 "$root/var/spool"
 install -d -m 0711 "$root/var/spool/relayq"
 chmod 0711 "$root/var/spool/relayq"
-install -d -m 1733 "$root/var/spool/relayq/maildrop"
-chmod 1733 "$root/var/spool/relayq/maildrop"
-if [ -z "$destdir" ]; then
-    chown relayq:relayq "$root/var/spool/relayq" "$root/var/spool/relayq/maildrop"
+maildrop="$root/var/spool/relayq/maildrop"
+if [ -L "$maildrop" ]; then
+    echo "install.sh: $maildrop is a symbolic link, not relayq's maildrop (the relayq user may have put it there): not following it; see where it points, remove it, and run install.sh again" >&2
+    exit 1
 fi
-say "spool /var/spool/relayq (0711) with its maildrop (1733)"
+if [ -z "$destdir" ]; then
+    chown relayq:relayq "$root/var/spool/relayq"
+    say "spool /var/spool/relayq (0711); relayq makes its maildrop (1733) below"
+else
+    install -d -m 1733 "$maildrop"
+    chmod 1733 "$maildrop"
+    say "spool /var/spool/relayq (0711) with its maildrop (1733)"
+fi
 
 # The config: readable by every user, because `sendmail` reads it as the
 # user who runs it; secrets live in files only relayq reads (password_file,

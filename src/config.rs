@@ -782,6 +782,36 @@ impl Config {
         })
     }
 
+    /// An example name (`app1.example.com`, as the shipped config once
+    /// had) left as `hostname` or `myorigin` while relaying: relayq would
+    /// greet the relay with it, and send local users' mail (cron's, root's)
+    /// as `user@` a domain nobody here owns, which providers refuse and
+    /// whose bounces go nowhere. Said by `relayq check` and at start.
+    pub fn example_mail_name(&self) -> Option<String> {
+        if self.transport_kind() != TransportKind::Relay {
+            return None;
+        }
+        let mut why = Vec::new();
+        if is_example_host(&self.hostname) {
+            why.push(format!(
+                "hostname {} is an example name, which relayq greets the relay with",
+                self.hostname
+            ));
+        }
+        let origin = self.myorigin();
+        if is_example_host(origin) {
+            let key = if self.myorigin.is_some() {
+                " (myorigin)"
+            } else {
+                ""
+            };
+            why.push(format!(
+                "local users' mail (cron's, root's) would go out as user@{origin}{key}"
+            ));
+        }
+        (!why.is_empty()).then(|| why.join("; "))
+    }
+
     /// Keys that hold a secret in the config file itself (a relay's
     /// `password`, a password in `limits_backend`): the file is read by
     /// every user who runs `sendmail`, so these belong in `password_file`.

@@ -30,6 +30,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::memory::return_large_blocks();
     let config = Arc::new(config);
     warn_if_secrets_are_public(&config);
+    if let Some(why) = config.example_mail_name() {
+        tracing::warn!(
+            "config: {why}: set hostname to this machine's fully qualified name (or remove it: the default is the system's host name) and myorigin, if set, to your mail domain"
+        );
+    }
     for relay in config.relays.iter().map(|r| &r.relay) {
         for file in relay.exposed_secret_files() {
             tracing::warn!(

@@ -488,3 +488,148 @@ kill $! && wait $! || true
     );
     assert!(!log.contains(SECRET), "the secret reached the log:\n{log}");
 }
+
+/// The config the package installs, edited as README "Install" says (its
+/// [relay] only): local users' mail (cron's, root's) goes out under this
+/// machine's name, not the example's (`app1.example.com`, a domain nobody
+/// here owns: a provider refuses the sender, bounces go nowhere). An
+/// example name left as hostname or myorigin fails `relayq check`.
+#[test]
+fn the_shipped_config_sends_under_this_hosts_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let spool = tmp.path().join("spool");
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/relayq.toml")).unwrap();
+    let spool_line = format!("spool_dir = \"{}\"", spool.display());
+    let edited = shipped
+        .replace("\"smtp.example.com\"", "\"127.0.0.1\"")
+        .replace("spool_dir = \"/var/spool/relayq\"", &spool_line);
+    assert!(edited.contains(&spool_line) && edited.contains("\"127.0.0.1\""));
+    let config = tmp.path().join("relayq.toml");
+    std::fs::write(&config, &edited).unwrap();
+    let o = crate::sendmail::sendmail(&config, &["bob@example.net"], b"Subject: cron\n\ndone\n");
+    assert!(o.status.success(), "{}", crate::sendmail::stderr(&o));
+    let queued: Vec<_> = std::fs::read_dir(spool.join("queue"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    let file = String::from_utf8_lossy(&std::fs::read(&queued[0]).unwrap()).into_owned();
+    let text = |cmd: &str, arg: &str| {
+        let o = Command::new(cmd).arg(arg).output().unwrap();
+        String::from_utf8(o.stdout).unwrap().trim().to_string()
+    };
+    let want = format!("sender {}@{}", text("id", "-un"), text("uname", "-n"));
+    assert!(file.lines().any(|l| l == want), "{want:?} missing:\n{file}");
+    assert!(!file.contains("example.com"), "{file}");
+
+    let check = |top: &str| {
+        let p = tmp.path().join("check.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "{top}\n{spool_line}\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[relay]\nhost = \"127.0.0.1\"\nport = 9\ntls = \"none\"\nconnect_timeout = \"2s\"\n"
+            ),
+        )
+        .unwrap();
+        let o = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&p)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    for (top, named) in [
+        (
+            "hostname = \"app1.example.com\"",
+            "hostname app1.example.com is an example name",
+        ),
+        (
+            "hostname = \"app1.example.com\"",
+            "as user@app1.example.com",
+        ),
+        ("hostname = \"mx1.invalid\"", "as user@mx1.invalid"),
+        (
+            "hostname = \"relayq.test\"\nmyorigin = \"mail.example.org\"",
+            "as user@mail.example.org (myorigin)",
+        ),
+    ] {
+        let out = check(top);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("FAIL hostname:"))
+            .unwrap_or_else(|| panic!("{top}: no FAIL hostname line:\n{out}"));
+        assert!(line.contains(named), "{top}: {named:?} missing in {line}");
+    }
+    let out = check("hostname = \"relayq.test\"\nmyorigin = \"mail.relayq.test\"");
+    assert!(!out.contains("FAIL hostname"), "{out}");
+}
+
+/// A config that still names an example host or origin (an install from
+/// before the shipped config left hostname out): the daemon says so at
+/// start, in the log admins read.
+#[test]
+fn the_daemon_warns_of_an_example_mail_name() {
+    use crate::support::daemon::{Daemon, relay_config};
+    let relay = "127.0.0.1:9".parse().unwrap();
+    let d = Daemon::start(&relay_config(relay, "myorigin = \"example.org\""));
+    let line = d.wait_log(
+        "as user@example.org (myorigin)",
+        std::time::Duration::from_secs(30),
+    );
+    assert!(line.contains("warning") || line.contains("WARN"), "{line}");
+}
+
+/// The spool is the relayq user's, so anything in it, the maildrop
+/// included, that user can replace with a link (to /etc, say). install.sh
+/// runs as root, again at each upgrade: it must never chmod 1733 (nor
+/// chown to relayq) what such a link points to, which would hand that
+/// directory or file to the relayq user. It refuses, naming the link, and
+/// leaves the target alone.
+#[test]
+fn install_script_never_follows_a_link_in_the_spool() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    install(&root, &[]);
+    let maildrop = root.join("var/spool/relayq/maildrop");
+    std::fs::remove_dir(&maildrop).unwrap();
+    let dir = tmp.path().join("etc-like");
+    std::fs::create_dir(&dir).unwrap();
+    let file = tmp.path().join("shadow-like");
+    std::fs::write(&file, "x").unwrap();
+    let dangling = tmp.path().join("not-there");
+    for victim in [&dir, &file, &dangling] {
+        let existed = victim.exists();
+        if existed {
+            std::fs::set_permissions(victim, std::fs::Permissions::from_mode(0o750)).unwrap();
+        }
+        std::os::unix::fs::symlink(victim, &maildrop).unwrap();
+        let out = Command::new("sh")
+            .arg(SCRIPT)
+            .arg("--destdir")
+            .arg(&root)
+            .args(["--binary", BIN])
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{}: {said}", victim.display());
+        assert!(
+            said.contains("/var/spool/relayq/maildrop is a symbolic link"),
+            "{}: {said}",
+            victim.display()
+        );
+        if existed {
+            assert_eq!(mode(victim), 0o750, "{}", victim.display());
+        } else {
+            assert!(!victim.exists(), "install.sh created {}", victim.display());
+        }
+        std::fs::remove_file(&maildrop).unwrap();
+    }
+    // With the link gone, install.sh makes the maildrop again.
+    install(&root, &[]);
+    assert_eq!(mode(&maildrop), 0o1733);
+}

@@ -123,6 +123,13 @@ pub async fn run(opts: &Options, out: impl Write) -> bool {
             "set [relay] host (and port, tls, username, password_file) to your provider's settings",
         );
     }
+    if let Some(why) = config.example_mail_name() {
+        r.fail(
+            "hostname",
+            why,
+            "remove the hostname line (the default is this machine's host name) or set it to this machine's fully qualified name, and myorigin, if set, to your mail domain",
+        );
+    }
     local::check_spool(&config, &mut r);
     for addr in &config.smtp.listen {
         local::check_listen(*addr, &mut r).await;
