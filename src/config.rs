@@ -464,6 +464,11 @@ pub enum SecretSource {
 /// connections carries a message per round trip (see the README).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 25;
 
+/// The most connections to one relay `max_connections` or `concurrency`
+/// may ask for: each is a delivery worker and an open file, and no
+/// provider takes more than a few dozen from one client.
+pub const MAX_RELAY_CONNECTIONS: usize = 1000;
+
 /// `concurrency`: "adaptive" or a fixed number of connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConcurrencyConfig {
@@ -1355,6 +1360,21 @@ mod tests {
             e.contains("relay.max_connections: must be at least 1"),
             "{e}"
         );
+        // A worker and an open file per connection: a number no provider
+        // allows is a mistake, said at load, not a daemon that starts a
+        // billion workers (or can't allocate them).
+        for (bad, key) in [
+            ("max_connections = 1000000000", "relay.max_connections"),
+            ("max_connections = 1001", "relay.max_connections"),
+            ("concurrency = 5000", "relay.concurrency"),
+        ] {
+            let e = relay(bad).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{key}: must be at most 1000")),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(relay("max_connections = 1000").unwrap().connections(), 1000);
     }
 
     #[test]

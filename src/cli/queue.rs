@@ -324,7 +324,7 @@ fn write_relays(relays: &Option<Vec<RelayState>>, out: &mut impl Write) -> anyho
                 out,
                 "  {:width$}    concurrency {} (since {})",
                 "",
-                change.text,
+                printable(&change.text),
                 fmt_time(change.at_ms, None)
             )?;
         }
@@ -714,4 +714,51 @@ fn offline(
         spool.sync_names()?;
     }
     Ok((count, missing))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::concurrency::{Change, Reason};
+
+    #[test]
+    fn relay_lines_show_no_control_characters_from_the_upstream() {
+        // A hostile relay's refusal text (a terminal title and a screen
+        // clear) ends up in the concurrency's last change.
+        let said = "greeting rejected: 421 4.7.0 \u{1b}]0;owned\u{7}\u{1b}[2J too many";
+        let change = Change {
+            at_ms: 0,
+            from: 4,
+            to: 3,
+            reason: Reason::Refused,
+            text: format!(
+                "4 -> 3: the relay refused one more connection ({said}) while 3 were open"
+            ),
+        };
+        let relay = RelayState {
+            name: "default".into(),
+            endpoint: "127.0.0.1:25".into(),
+            state: "up".into(),
+            down_since_ms: None,
+            paused_until_ms: None,
+            last_error: Some(said.into()),
+            connections: 3,
+            max_connections: 25,
+            concurrency: 3,
+            adaptive: true,
+            concurrency_change: Some(change),
+            limits: Vec::new(),
+        };
+        let mut out = Vec::new();
+        write_relays(&Some(vec![relay]), &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("concurrency 4 -> 3: the relay refused one more connection (greeting rejected: 421 4.7.0 ?]0;owned??[2J too many) while 3 were open"),
+            "{text}"
+        );
+    }
 }

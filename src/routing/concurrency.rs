@@ -11,7 +11,8 @@
 //! - **Grow** while mail waits and the relay answers well: each round of a
 //!   connection (a message delivered; with BDAT streams, as many as were
 //!   in flight on it; or a new connection let in) while every allowed
-//!   connection is busy and more mail is ready adds one connection, so the
+//!   connection is busy (and no more: connections a cut has not closed
+//!   yet don't count) and more mail is ready adds one connection, so the
 //!   count doubles every round trip, until the first sign of pushback;
 //!   after that, one connection per round of all of them.
 //! - **Back off** on pushback. A relay that refuses one more connection
@@ -29,7 +30,9 @@
 //!   first after a round trip, the others at once.
 //! - **Idle**: once a relay has had no connection open for a while (its
 //!   connections close after `idle_timeout`), the next burst starts again
-//!   from [`INITIAL`], as Postfix forgets an idle destination.
+//!   from [`INITIAL`], down from growth or up from a cut, as Postfix
+//!   forgets an idle destination (a limit the relay stated still holds
+//!   while it lasts).
 //!
 //! With `concurrency = N` in the config the number is fixed at N instead.
 //!
@@ -281,7 +284,11 @@ impl Concurrency {
             Some((limit, until)) if until > now => limit.min(self.max),
             _ => self.max,
         };
-        if !backlog || busy < before || before >= cap {
+        // Growth only while exactly the allowed connections are busy:
+        // fewer, and mail does not need more; more are the ones a cut has
+        // not closed yet, delivering for a level given up on (growing on
+        // their deliveries would undo the cut before it took effect).
+        if !backlog || busy != before || before >= cap {
             return None;
         }
         // One step per round of each connection: a connection that
@@ -347,13 +354,21 @@ impl Concurrency {
     }
 
     /// No connection has been open for a while: the next burst starts
-    /// from the beginning (a learned ceiling still holds).
+    /// from the beginning, down from growth or up from a cut, and grows
+    /// fast again (a limit the relay stated still holds while it lasts).
     pub fn idle(&mut self, now: u64) -> Option<Change> {
-        let start = INITIAL.min(self.max);
-        if !self.adaptive || self.limit() <= start {
+        if !self.adaptive {
             return None;
         }
+        let stated = match self.ceiling {
+            Some((limit, until)) if until > now => limit,
+            _ => self.max,
+        };
+        let start = INITIAL.min(stated).min(self.max);
         let before = self.limit();
+        if before == start && self.threshold >= self.max as f64 {
+            return None;
+        }
         self.window = start as f64;
         self.threshold = self.max as f64;
         self.rates.fill(Rate::default());
@@ -762,5 +777,73 @@ mod tests {
         assert_eq!(f.limit(), 8);
         // A cap below the starting point.
         assert_eq!(Concurrency::adaptive(2, clock.now_ms()).limit(), 2);
+    }
+
+    #[test]
+    fn an_idle_relay_cut_below_the_start_starts_again_from_it() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(20, clock.now_ms());
+        let failed = || Pushback::Failed {
+            error: "connect to 127.0.0.1:25 timed out after 30s".into(),
+        };
+        c.pushback(clock.now_ms(), failed(), c.generation())
+            .expect("a cut");
+        c.pushback(clock.now_ms(), failed(), c.generation())
+            .expect("a cut");
+        assert_eq!(c.limit(), 1);
+        let change = c.idle(clock.now_ms()).expect("back to the start");
+        assert_eq!(
+            (change.from, change.to, change.reason),
+            (1, INITIAL, Reason::Idle)
+        );
+        assert_eq!(c.idle(clock.now_ms()), None);
+        // The next burst grows as the first did: one more per delivery.
+        deliver(&mut c, &clock, 3, RTT);
+        assert_eq!(c.limit(), INITIAL + 3);
+        // A limit the relay stated holds through idleness while it lasts.
+        let refused = Pushback::Refused {
+            open: 2,
+            error: "421 4.7.0 Too many connections".into(),
+        };
+        c.pushback(clock.now_ms(), refused, c.generation())
+            .expect("a ceiling");
+        assert_eq!(c.limit(), 2);
+        assert_eq!(c.idle(clock.now_ms()), None);
+        assert_eq!(c.limit(), 2);
+        clock.advance(Duration::from_millis(CEILING_HOLD_MS));
+        assert_eq!(c.idle(clock.now_ms()).map(|ch| ch.to), Some(INITIAL));
+    }
+
+    #[test]
+    fn connections_a_cut_has_not_closed_yet_do_not_grow_it_back() {
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(32, clock.now_ms());
+        deliver(&mut c, &clock, 12, RTT);
+        assert_eq!(c.limit(), 16);
+        let throttled = Pushback::Throttled {
+            error: "421 4.7.0 slow down".into(),
+        };
+        let cut = c
+            .pushback(clock.now_ms(), throttled, c.generation())
+            .expect("a cut");
+        assert_eq!(cut.to, 8);
+        // The sixteen connections busy when it came deliver what they
+        // carry (streams of eight) while mail waits: that is the level
+        // given up on, not a relay answering well at eight.
+        for _ in 0..16 * 8 {
+            clock.advance(Duration::from_millis(1));
+            let d = Delivered {
+                busy: 16,
+                spent: Some(RTT),
+                in_flight: 8,
+                backlog: true,
+            };
+            assert_eq!(c.delivered(clock.now_ms(), d), None);
+        }
+        assert_eq!(c.limit(), 8);
+        // Once no more are busy than it allows, it grows again, one more
+        // per round.
+        deliver(&mut c, &clock, 9, RTT);
+        assert_eq!(c.limit(), 9);
     }
 }

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use serde::de::{self, DeserializeSeed, IntoDeserializer, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::config::RelayConfig;
+use crate::config::{ConcurrencyConfig, MAX_RELAY_CONNECTIONS, RelayConfig};
 
 /// The name the single `[relay]` form gets.
 pub const DEFAULT_RELAY: &str = "default";
@@ -270,6 +270,15 @@ pub fn valid_relay_name(name: &str) -> bool {
 pub fn check_relay_limits(relay: &RelayConfig) -> Result<(), (&'static str, String)> {
     if relay.max_connections == Some(0) {
         return Err(("max_connections", "must be at least 1".into()));
+    }
+    let too_many = format!(
+        "must be at most {MAX_RELAY_CONNECTIONS} (each connection is a delivery worker and an open file)"
+    );
+    if relay.max_connections > Some(MAX_RELAY_CONNECTIONS) {
+        return Err(("max_connections", too_many));
+    }
+    if matches!(relay.concurrency, ConcurrencyConfig::Fixed(n) if n > MAX_RELAY_CONNECTIONS) {
+        return Err(("concurrency", too_many));
     }
     if relay.max_messages_per_connection == Some(0) {
         return Err((

@@ -362,9 +362,14 @@ impl Router {
     /// relay `id` now anyway; it is then counted against the relay's limits.
     /// Not while a message is parked waiting for one of the relay's
     /// connections: this one then goes back to the pool after the current
-    /// message, so a worker can't keep it from others for long.
+    /// message, so a worker can't keep it from others for long. Nor while
+    /// more of the relay's connections are at work than its concurrency
+    /// allows (a cut): this one then goes back to the pool, which closes
+    /// it while there are too many, so the cut takes effect within a round
+    /// rather than when the backlog is gone.
     pub(super) async fn look_ahead(&self, id: RelayId, ahead: &mut Lookahead) -> Option<Ahead> {
-        if self.relays[id].pool.is_wanted() {
+        let pool = &self.relays[id].pool;
+        if pool.is_wanted() || pool.over_limit() {
             return None;
         }
         let cand = ahead.candidate().await?;

@@ -13,8 +13,10 @@
 //! connections, never the workers other relays need (Postfix's qmgr
 //! keeps per-destination concurrency for the same reason). When the
 //! concurrency grows, that counts as a connection coming back; when it
-//! shrinks, connections over it are closed as they come back, and the
-//! workers' gate (`delivery::gate`) follows it.
+//! shrinks, connections over it are closed as they come back (one carrying
+//! message after message comes back once what it carries is answered:
+//! [`RelayPool::over_limit`]), and the workers' gate (`delivery::gate`)
+//! follows it.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -167,6 +169,16 @@ impl RelayPool {
 
     fn busy(&self) -> usize {
         self.open_connections().saturating_sub(self.idle().len())
+    }
+
+    /// More connections at work (logged in, not idle) than the concurrency
+    /// allows now: a cut has not taken effect yet. A connection carrying
+    /// message after message then takes no more and comes back once what
+    /// it carries is answered, to be closed while there are too many.
+    /// (Connections still being opened don't count: one the relay refuses
+    /// must not make the ones it serves close.)
+    pub fn over_limit(&self) -> bool {
+        self.established().saturating_sub(self.idle().len()) > self.limit()
     }
 
     /// An idle connection, or a free slot to open one; `Err` with the

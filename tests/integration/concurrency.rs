@@ -6,6 +6,7 @@
 //! controller's decisions step by step, with an injected clock, are unit
 //! tests in `src/routing/concurrency.rs`.)
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -255,24 +256,70 @@ async fn a_421_on_a_connection_in_use_halves_concurrency_and_loses_nothing() {
         !after.contains("paused by the circuit breaker"),
         "its other connections work: no pause:\n{after}"
     );
-    let halved = after
-        .lines()
-        .find(|l| {
-            l.contains(": concurrency ") && l.contains(": the relay throttled a connection (")
-        })
-        .unwrap_or_else(|| panic!("no cut for the 421 in the log:\n{after}"));
+    let (halved, from, to) = throttle_cut(&after);
     assert!(
         halved.contains("421 4.7.0 Too many messages, slow down)"),
         "{halved}"
     );
     // The message answered 421 went again a second later, on another
     // connection (arrived_once saw it arrive).
-    let cut = halved
+    assert_eq!(to, (from / 2).max(1), "halved: {halved}");
+}
+
+/// The cut a 421 on a connection in use made, from the log: its line, and
+/// the concurrency before and after.
+fn throttle_cut(after: &str) -> (String, usize, usize) {
+    let line = after
+        .lines()
+        .find(|l| {
+            l.contains(": concurrency ") && l.contains(": the relay throttled a connection (")
+        })
+        .unwrap_or_else(|| panic!("no cut for the 421 in the log:\n{after}"));
+    let (from, to) = line
         .split(": concurrency ")
         .nth(1)
         .and_then(|t| t.split(':').next())
         .and_then(|t| t.split_once(" -> "))
         .map(|(a, b)| (a.parse::<usize>().unwrap(), b.parse::<usize>().unwrap()))
-        .unwrap_or_else(|| panic!("{halved}"));
-    assert_eq!(cut.1, (cut.0 / 2).max(1), "halved: {halved}");
+        .unwrap_or_else(|| panic!("{line}"));
+    (line.to_string(), from, to)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_a_cut_take_no_more_mail_while_mail_waits() {
+    // A 421 halves the concurrency in the middle of a backlog. The
+    // connections over the new number must finish what they carry and
+    // close, not go on taking message after message behind it until the
+    // backlog is gone (the cut would then be a number on the status page,
+    // not fewer connections to a relay that asked for fewer).
+    let n = 120;
+    let script = Script::default()
+        .reply_delay(Duration::from_millis(20))
+        .throttle_body(30);
+    let (d, up, ids, mark) = backlog(n, "max_connections = 8", script).await;
+    arrived_once(&d, &up, &ids);
+    let after = d.log()[mark..].to_string();
+    let (_, _, to) = throttle_cut(&after);
+    let (at, opened) = up.throttled().expect("the 421 went out");
+    // Per connection opened before the 421, the messages it carried after.
+    let mut carried: HashMap<usize, usize> = HashMap::new();
+    for m in up
+        .messages()
+        .iter()
+        .filter(|m| m.conn <= opened && m.at > at)
+    {
+        *carried.entry(m.conn).or_default() += 1;
+    }
+    eprintln!(
+        "cut to {to}; carried after the 421 by connections opened before: {carried:?} (opened {opened})"
+    );
+    assert!(!carried.is_empty(), "nothing was on its way at the 421");
+    // One over the cut may still finish what was on its way when relayq
+    // read the 421: the message in flight, the one whose envelope went
+    // behind its end of data, one more written meanwhile.
+    let went_on = carried.values().filter(|&&k| k > 3).count();
+    assert!(
+        went_on <= to,
+        "{went_on} connections open before the cut to {to} went on taking mail: {carried:?}"
+    );
 }

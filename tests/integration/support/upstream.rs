@@ -359,6 +359,9 @@ struct State {
     pub(super) refused_sessions: usize,
     /// The connections that arrived over `max_sessions`.
     pub(super) over_limit: std::collections::HashSet<usize>,
+    /// When the [`Script::throttle_body`] 421 went out, and how many
+    /// connections had been accepted by then.
+    throttled: Option<(std::time::Instant, usize)>,
 }
 
 impl Shared {
@@ -478,6 +481,12 @@ impl FakeUpstream {
     /// The most connections open at once so far.
     pub fn peak_sessions(&self) -> usize {
         self.shared.lock().peak_active
+    }
+
+    /// When the [`Script::throttle_body`] 421 went out, and how many
+    /// connections had been accepted by then.
+    pub fn throttled(&self) -> Option<(std::time::Instant, usize)> {
+        self.shared.lock().throttled
     }
 
     /// Connections refused for [`Script::max_sessions`] so far.
@@ -1011,6 +1020,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             };
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
+        }
+        if throttled {
+            let mut state = self.shared.lock();
+            let opened = state.connections;
+            state.throttled = Some((std::time::Instant::now(), opened));
         }
         self.write_reply(code, &text).await?;
         if close {
