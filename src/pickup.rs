@@ -308,15 +308,26 @@ pub fn announce(spool: &Spool, area: Area, id: &str) {
 /// telling the daemon now. Returns how many were scheduled. (An operation
 /// naming such a message takes it up too: see the scheduler.)
 pub async fn adopt(spool: &Spool, scheduler: &SchedulerHandle, min_age: Duration) -> usize {
+    adopt_counted(spool, scheduler, min_age).await.0
+}
+
+/// [`adopt`], also saying whether it left unknown messages behind (too
+/// young, or not to be taken up), which a later pass must look at again.
+async fn adopt_counted(
+    spool: &Spool,
+    scheduler: &SchedulerHandle,
+    min_age: Duration,
+) -> (usize, bool) {
     let s = spool.clone();
     let names = match tokio::task::spawn_blocking(move || s.list(Area::Queue)).await {
         Ok(Ok(ids)) => ids,
-        _ => return 0,
+        _ => return (0, true),
     };
     let unknown = scheduler.unknown(names).await;
     if unknown.is_empty() {
-        return 0;
+        return (0, false);
     }
+    let total = unknown.len();
     let s = spool.clone();
     let adopted = tokio::task::spawn_blocking(move || {
         unknown
@@ -329,7 +340,7 @@ pub async fn adopt(spool: &Spool, scheduler: &SchedulerHandle, min_age: Duration
     for id in &adopted {
         scheduler.queued(id);
     }
-    adopted.len()
+    (adopted.len(), adopted.len() < total)
 }
 
 /// Whether `queue/<id>`, which the scheduler does not know, is a message
@@ -371,12 +382,23 @@ pub async fn run(
         _ = settled => {}
         _ = stopped(&mut shutdown) => return,
     }
+    // queue/'s mtime when a pass last left nothing behind: a message
+    // queued since changes it, so an unchanged directory (a big deferred
+    // queue, the upstream down) is not listed again every minute.
+    let mut settled_at = None;
+    let queue_dir = ctx.spool.root().join("queue");
     loop {
         scan(&ctx).await;
         tokio::select! {
             _ = wake.notified() => {}
             _ = tokio::time::sleep(RESCAN) => {
-                adopt(&ctx.spool, &ctx.scheduler, UNTOLD_AFTER).await;
+                // Read before the listing: a link made during it changes
+                // the mtime again, and the next pass looks.
+                let mtime = std::fs::metadata(&queue_dir).and_then(|m| m.modified()).ok();
+                if mtime.is_none() || mtime != settled_at {
+                    let (_, left) = adopt_counted(&ctx.spool, &ctx.scheduler, UNTOLD_AFTER).await;
+                    settled_at = if left { None } else { mtime };
+                }
             }
             _ = stopped(&mut shutdown) => return,
         }
