@@ -16,7 +16,9 @@
 //! shrinks, connections over it are closed as they come back (one carrying
 //! message after message comes back once what it carries is answered:
 //! [`RelayPool::over_limit`]), and the workers' gate (`delivery::gate`)
-//! follows it.
+//! follows it. The gate also hears of every connection lent and returned:
+//! a relay the routes don't send mail to counts there only while it
+//! carries some.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -47,6 +49,26 @@ pub struct Lease {
     generation: u64,
     /// Since when the connection works on its current message.
     busy_since: Instant,
+    /// Tells the workers' gate when the connection comes back (none for
+    /// a probe: it carries no mail).
+    _lent: Option<Lent>,
+}
+
+/// A connection lent for mail, as the workers' gate counts it.
+struct Lent(Arc<Gate>, usize);
+
+impl Lent {
+    fn new(gate: &Option<(Arc<Gate>, usize)>) -> Option<Lent> {
+        let (gate, relay) = gate.as_ref()?;
+        gate.lent(*relay, true);
+        Some(Lent(gate.clone(), *relay))
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.0.lent(self.1, false);
+    }
 }
 
 pub struct RelayPool {
@@ -76,8 +98,9 @@ pub struct RelayPool {
     wanted_until: AtomicU64,
     /// Told about releases, so parked messages go out.
     scheduler: Option<SchedulerHandle>,
-    /// The workers' gate, resized with this relay's concurrency.
-    gate: Option<Arc<Gate>>,
+    /// The workers' gate and this relay's place in it, told of the
+    /// relay's concurrency and of connections lent.
+    gate: Option<(Arc<Gate>, usize)>,
 }
 
 /// What a pool needs besides the relay's settings.
@@ -85,7 +108,8 @@ pub struct PoolContext {
     pub helo: String,
     pub tokens: Option<Arc<TokenSource>>,
     pub scheduler: Option<SchedulerHandle>,
-    pub gate: Option<Arc<Gate>>,
+    /// The workers' gate and the relay's index in it.
+    pub gate: Option<(Arc<Gate>, usize)>,
     pub clock: Clock,
 }
 
@@ -98,6 +122,9 @@ impl RelayPool {
         } else {
             Concurrency::fixed(max, now)
         };
+        if let Some((gate, id)) = &ctx.gate {
+            gate.set_limit(*id, concurrency.limit());
+        }
         Arc::new(RelayPool {
             name,
             relay,
@@ -184,6 +211,13 @@ impl RelayPool {
     /// An idle connection, or a free slot to open one; `Err` with the
     /// release count when the concurrency allows no more.
     pub fn try_checkout(self: &Arc<Self>) -> Result<Lease, u64> {
+        let mut lease = self.try_lend()?;
+        lease._lent = Lent::new(&self.gate);
+        Ok(lease)
+    }
+
+    /// [`RelayPool::try_checkout`], not counted by the workers' gate.
+    fn try_lend(self: &Arc<Self>) -> Result<Lease, u64> {
         let seen = self.releases.load(Ordering::SeqCst);
         let (limit, generation) = {
             let c = self.concurrency();
@@ -202,6 +236,7 @@ impl RelayPool {
                 permit: idle.permit,
                 generation,
                 busy_since: Instant::now(),
+                _lent: None,
             });
         }
         let permit = match self.open_connections() < limit {
@@ -219,6 +254,7 @@ impl RelayPool {
                 permit,
                 generation,
                 busy_since: Instant::now(),
+                _lent: None,
             }),
             None => {
                 self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
@@ -283,8 +319,7 @@ impl RelayPool {
             backlog,
         };
         let now = self.clock.now_ms();
-        let change = self.concurrency().delivered(now, d);
-        self.apply(change);
+        self.adjust(|c| c.delivered(now, d));
     }
 
     /// `lease` opened a connection and the relay let it in (greeting,
@@ -299,34 +334,37 @@ impl RelayPool {
             backlog,
         };
         let now = self.clock.now_ms();
-        let change = self.concurrency().delivered(now, d);
-        self.apply(change);
+        self.adjust(|c| c.delivered(now, d));
     }
 
     /// The relay pushed back on `lease`'s attempt while other connections
     /// to it worked.
     pub fn pushback(&self, lease: &Lease, signal: Pushback) {
         let now = self.clock.now_ms();
-        let change = self.concurrency().pushback(now, signal, lease.generation);
-        self.apply(change);
+        self.adjust(|c| c.pushback(now, signal, lease.generation));
     }
 
-    /// Logs a change of concurrency, resizes the workers' gate, and lets
-    /// parked mail go when it grew.
-    fn apply(&self, change: Option<Change>) {
+    /// Changes the concurrency with `f`; on a change, resizes the
+    /// workers' gate (under the concurrency's lock, so the gate's last
+    /// word is the concurrency's last), logs it, and lets parked mail go
+    /// when it grew.
+    fn adjust(&self, f: impl FnOnce(&mut Concurrency) -> Option<Change>) {
+        let change = {
+            let mut c = self.concurrency();
+            let change = f(&mut c);
+            if change.is_some()
+                && let Some((gate, id)) = &self.gate
+            {
+                gate.set_limit(*id, c.limit());
+            }
+            change
+        };
         let Some(change) = change else { return };
         let endpoint = format!("{}:{}", self.relay.host, self.relay.port);
         if change.to < change.from {
             tracing::info!(target: "relayq::routing", "relay {} ({endpoint}): concurrency {}", self.name, change.text);
         } else {
             tracing::debug!(target: "relayq::routing", "relay {} ({endpoint}): concurrency {}", self.name, change.text);
-        }
-        if let Some(gate) = &self.gate {
-            if change.to > change.from {
-                gate.grow(change.to - change.from);
-            } else {
-                gate.shrink(change.from - change.to);
-            }
         }
         if change.to > change.from {
             self.released();
@@ -360,8 +398,7 @@ impl RelayPool {
         let now = self.clock.now_ms();
         let quiet = now.saturating_sub(self.last_used_ms.load(Ordering::SeqCst));
         if self.open_connections() == 0 && u128::from(quiet) >= limit.as_millis() {
-            let change = self.concurrency().idle(now);
-            self.apply(change);
+            self.adjust(|c| c.idle(now));
         }
         let stale: Vec<Idle> = {
             let mut idle = self.idle();
@@ -380,7 +417,7 @@ impl RelayPool {
     /// `None` when no slot is free to do so. A good connection stays in
     /// the pool for the next message.
     pub async fn probe(self: &Arc<Self>) -> Option<Signal> {
-        let mut lease = self.try_checkout().ok()?;
+        let mut lease = self.try_lend().ok()?;
         let signal = lease.sender.probe().await;
         self.checkin(lease);
         Some(signal)
@@ -411,7 +448,7 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 mod tests {
     use super::*;
 
-    fn pool(relay: &str, gate: Option<Arc<Gate>>) -> Arc<RelayPool> {
+    fn pool(relay: &str, gate: Option<(Arc<Gate>, usize)>) -> Arc<RelayPool> {
         let relay: RelayConfig = toml::from_str(relay).unwrap();
         let ctx = PoolContext {
             helo: "client.test".into(),
@@ -436,11 +473,13 @@ mod tests {
 
     #[tokio::test]
     async fn checkouts_follow_the_concurrency_and_the_gate_follows_too() {
-        let gate = Gate::new(crate::routing::concurrency::INITIAL);
+        let gate = Gate::new(1);
+        gate.steer(&[true]);
         let pool = pool(
             "host = \"127.0.0.1\"\nport = 2525\nmax_connections = 6\n",
-            Some(gate.clone()),
+            Some((gate.clone(), 0)),
         );
+        assert_eq!(gate.free(), crate::routing::concurrency::INITIAL);
         assert!(pool.is_adaptive());
         let mut leases: Vec<Lease> = (0..4).map(|_| pool.try_checkout().ok().unwrap()).collect();
         assert!(pool.try_checkout().is_err(), "four to start with");
