@@ -1,5 +1,5 @@
 //! How many delivery workers may work at once: as many as the relays that
-//! get mail now allow connections in total (see `routing::concurrency`),
+//! carry mail now allow connections in total (see `routing::concurrency`),
 //! which changes as relays answer and as mail moves between them.
 //!
 //! relayq starts a worker per connection it may ever open
@@ -12,16 +12,21 @@
 //! takes a message only with a [`Pass`], and there are as many passes as
 //! connections allowed.
 //!
-//! Passes are counted per relay, and only for relays mail goes to: a
-//! route's fallback while its primary takes the mail, or a relay no route
-//! reaches, counts nothing. Its connections would never carry that mail,
-//! so workers holding its passes could only take the primary's mail and
-//! park it (the primary would then look contended and stop streaming).
-//! The router says which relays its routes send mail to now ([`Gate::steer`],
-//! from their health); a relay that carries mail anyway (quota failover, a
-//! last resort) counts while it has a connection lent. When the count
-//! drops, passes in use are not taken back; they are retired as they are
-//! returned.
+//! Passes are counted per relay, and only for relays that carry mail now
+//! (a connection of theirs is lent to a worker): a route's fallback while
+//! its primary takes the mail, a primary whose route gets no mail, a relay
+//! no route reaches, count nothing. Their connections would never carry
+//! the mail that comes, so workers holding their passes could only take
+//! another relay's mail, find its connections busy and park it (that
+//! relay would then look contended and stop streaming). A relay counts
+//! from the moment mail takes one of its connections (a worker routed a
+//! message to it: the route's primary, or a fallback once the relays
+//! before it are skipped) until its last connection comes back, so the
+//! passes follow wherever the routes send mail, with each relay's own
+//! concurrency. When no relay carries mail, one pass is out, so a worker
+//! looks at the queue and the relay its next message goes to starts
+//! counting. When the count drops, passes in use are not taken back; they
+//! are retired as they are returned.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -34,20 +39,14 @@ pub struct Gate {
     owed: AtomicUsize,
     /// Per relay: connections it allows now and connections lent now.
     relays: Vec<Share>,
-    /// Which relays the routes send mail to now, and the passes that
-    /// makes (with the relays carrying mail anyway).
-    steer: Mutex<Steer>,
+    /// The passes there are (out or free); a resize holds it.
+    size: Mutex<usize>,
 }
 
 #[derive(Default)]
 struct Share {
     limit: AtomicUsize,
     lent: AtomicUsize,
-}
-
-struct Steer {
-    routed: Vec<bool>,
-    size: usize,
 }
 
 /// A worker's leave to take messages; given back when dropped.
@@ -57,18 +56,16 @@ pub struct Pass {
 }
 
 impl Gate {
-    /// A gate for `relays` relays, each allowing nothing and getting no
-    /// mail until told ([`Gate::set_limit`], [`Gate::steer`]).
+    /// A gate for `relays` relays, none carrying mail yet: one pass.
     pub fn new(relays: usize) -> Arc<Gate> {
-        Arc::new(Gate {
+        let gate = Arc::new(Gate {
             passes: Arc::new(Semaphore::new(0)),
             owed: AtomicUsize::new(0),
             relays: (0..relays).map(|_| Share::default()).collect(),
-            steer: Mutex::new(Steer {
-                routed: vec![false; relays],
-                size: 0,
-            }),
-        })
+            size: Mutex::new(0),
+        });
+        gate.resize();
+        gate
     }
 
     /// Waits for a pass.
@@ -89,20 +86,8 @@ impl Gate {
         self.resize();
     }
 
-    /// The relays the routes send mail to now (by index; others get none).
-    pub fn steer(&self, routed: &[bool]) {
-        {
-            let mut st = self.state();
-            if st.routed == routed {
-                return;
-            }
-            st.routed = routed.to_vec();
-        }
-        self.resize();
-    }
-
-    /// Relay `relay` lent a connection (`true`) or got one back: a relay
-    /// the routes don't send mail to counts while it carries some.
+    /// Relay `relay` lent a connection for mail (`true`) or got one back:
+    /// it counts while one is lent.
     pub fn lent(&self, relay: usize, lent: bool) {
         let Some(s) = self.relays.get(relay) else {
             return;
@@ -115,44 +100,34 @@ impl Gate {
         self.resize();
     }
 
-    /// The passes the relays that get mail allow together.
+    /// The passes there are (out or free).
     pub fn size(&self) -> usize {
-        self.state().size
+        *self.size.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Whether relay `relay` counts now (mail goes to it, or it carries some).
+    /// Whether relay `relay` counts now: it carries mail.
     pub fn counts(&self, relay: usize) -> bool {
-        let st = self.state();
-        self.counted(&st, relay)
+        self.relays
+            .get(relay)
+            .is_some_and(|s| s.lent.load(Ordering::SeqCst) > 0)
     }
 
-    fn counted(&self, st: &Steer, relay: usize) -> bool {
-        st.routed.get(relay).copied().unwrap_or(false)
-            || self
-                .relays
-                .get(relay)
-                .is_some_and(|s| s.lent.load(Ordering::SeqCst) > 0)
-    }
-
-    fn state(&self) -> std::sync::MutexGuard<'_, Steer> {
-        self.steer.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Brings the passes to what the relays that count allow together.
-    /// Reads every relay's numbers under the lock: whichever change came
-    /// last, the last resize sees it.
+    /// Brings the passes to what the relays that count allow together (one
+    /// when none does). Reads every relay's numbers under the lock:
+    /// whichever change came last, the last resize sees it.
     fn resize(&self) {
-        let mut st = self.state();
+        let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
         let want: usize = (0..self.relays.len())
-            .filter(|&i| self.counted(&st, i))
+            .filter(|&i| self.counts(i))
             .map(|i| self.relays[i].limit.load(Ordering::SeqCst))
             .sum();
-        if want > st.size {
-            self.grow(want - st.size);
+        let want = want.max(1);
+        if want > *size {
+            self.grow(want - *size);
         } else {
-            self.shrink(st.size - want);
+            self.shrink(*size - want);
         }
-        st.size = want;
+        *size = want;
     }
 
     /// `n` more passes (fewer retired first, if some are owed).
@@ -200,8 +175,9 @@ mod tests {
     #[tokio::test]
     async fn passes_follow_the_size_and_a_shrink_retires_passes_in_use() {
         let gate = Gate::new(1);
-        gate.steer(&[true]);
         gate.set_limit(0, 2);
+        assert_eq!(gate.free(), 1, "nothing carries mail: one pass");
+        gate.lent(0, true);
         let a = gate.enter().await;
         let b = gate.enter().await;
         assert_eq!(gate.free(), 0);
@@ -231,39 +207,34 @@ mod tests {
     }
 
     #[test]
-    fn only_relays_that_get_mail_count() {
-        // A primary (0), its fallback (1), and a relay no route reaches (2).
+    fn only_relays_that_carry_mail_count() {
+        // A primary (0), its fallback (1), and a relay no mail goes to (2).
         let gate = Gate::new(3);
         for (relay, limit) in [(0, 4), (1, 4), (2, 20)] {
             gate.set_limit(relay, limit);
         }
-        assert_eq!(gate.size(), 0, "nothing is routed yet");
-        gate.steer(&[true, false, false]);
-        assert_eq!((gate.size(), gate.free()), (4, 4), "the primary's only");
+        assert_eq!(gate.size(), 1, "no mail yet: one worker looks");
+        // Mail takes a connection of the primary: its passes, no others.
+        gate.lent(0, true);
+        assert_eq!((gate.size(), gate.free()), (4, 4));
         // The fallback's concurrency changes: still nothing of it counts.
         gate.set_limit(1, 9);
         assert_eq!(gate.size(), 4);
-        assert!(!gate.counts(1) && !gate.counts(2));
+        assert!(gate.counts(0) && !gate.counts(1) && !gate.counts(2));
         // The primary grows: so do the passes.
         gate.set_limit(0, 6);
-        assert_eq!((gate.size(), gate.free()), (6, 6));
-        // The primary is down for good: its mail goes to the fallback,
-        // whose own concurrency now counts, and the primary's no longer.
-        gate.steer(&[false, true, false]);
-        assert_eq!((gate.size(), gate.free()), (9, 9));
-        // A relay carrying mail anyway (quota failover, a last resort)
-        // counts while a connection of it is lent, and no longer after.
-        gate.lent(0, true);
-        gate.lent(0, true);
-        assert!(gate.counts(0));
+        assert_eq!(gate.size(), 6);
+        // Its mail goes to the fallback (the primary is down): both count
+        // while both carry mail, then the fallback alone, with its own
+        // concurrency.
+        gate.lent(1, true);
+        gate.lent(1, true);
         assert_eq!(gate.size(), 15);
-        gate.lent(0, false);
-        assert_eq!(gate.size(), 15, "one is still lent");
         gate.lent(0, false);
         assert_eq!(gate.size(), 9);
-        // Routed by two routes at once (a fallback that is another
-        // route's primary) counts once.
-        gate.steer(&[true, true, false]);
-        assert_eq!(gate.size(), 15);
+        gate.lent(1, false);
+        assert_eq!(gate.size(), 9, "one is still lent");
+        gate.lent(1, false);
+        assert_eq!(gate.size(), 1, "no mail: one pass again");
     }
 }

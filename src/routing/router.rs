@@ -159,7 +159,7 @@ impl Router {
             .as_ref()
             .map(|url| Fleet::new(&url.0))
             .transpose()?;
-        let router = Router {
+        Ok(Router {
             relays,
             table: RouteTable::new(&config.relays, &config.route),
             clock,
@@ -172,39 +172,12 @@ impl Router {
             dirty: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             gate,
-        };
-        router.steer();
-        Ok(router)
+        })
     }
 
     /// The workers' gate (see `delivery::gate`).
     pub fn gate(&self) -> Arc<Gate> {
         self.gate.clone()
-    }
-
-    /// Tells the workers' gate which relays the routes send mail to now,
-    /// as [`Router::deliver_ahead`] would pick them by health: for each
-    /// route mail can take, its first usable relay, or the one its mail
-    /// waits for, or the first down one (tried as a last resort); when
-    /// every relay of it is paused, its primary (so its mail is still
-    /// taken to be told to wait). Fallbacks of a healthy primary, and
-    /// relays no route reaches, get no passes. (A relay skipped for its
-    /// limits is not foreseen: it counts while it carries mail.)
-    pub fn steer(&self) {
-        let now = self.clock.now_ms();
-        let mut routed = vec![false; self.relays.len()];
-        for list in self.table.reachable() {
-            let (to, skipped) = self.by_health(list, now);
-            let last_resort = skipped.iter().find(|s| s.until.is_none()).map(|s| s.relay);
-            let to = to
-                .map(|(id, _)| id)
-                .or(last_resort)
-                .or(list.first().copied());
-            if let Some(r) = to.and_then(|id| routed.get_mut(id)) {
-                *r = true;
-            }
-        }
-        self.gate.steer(&routed);
     }
 
     /// Connections all relays may have open together: the number of
@@ -237,7 +210,6 @@ impl Router {
         rcpts: &[usize],
         ahead: &mut Lookahead,
     ) -> (Delivery, Option<Follow>) {
-        self.steer();
         let routed = self.table.route(&meta.sender, body);
         let mut skipped: Vec<Skipped> = Vec::new();
         // (relay, tried as a last resort despite being down)
@@ -317,7 +289,7 @@ impl Router {
     /// Where a route's mail goes now by the relays' health alone (not their
     /// limits), as [`Router::deliver_ahead`] decides it: the first relay
     /// that is usable or that the mail must wait for, and the relays
-    /// skipped before it.
+    /// skipped before it (none: every relay is skipped).
     pub(super) fn by_health(
         &self,
         list: &[RelayId],
@@ -612,9 +584,6 @@ impl Router {
     pub(super) fn record_signal(&self, id: RelayId, signal: &Signal, now: u64) {
         let relay = &self.relays[id];
         let transition = relay.state().health.record(signal, now, &relay.policy);
-        if transition != Transition::None {
-            self.steer();
-        }
         let (name, endpoint) = (&relay.name, &relay.endpoint);
         let error = signal.error().unwrap_or_default();
         match transition {
@@ -664,13 +633,10 @@ impl Router {
                 tokens.retry_now();
             }
         }
-        self.steer();
     }
 
     /// Probes every relay whose probe is due (see `health`).
     pub async fn probe_due(self: &Arc<Self>) {
-        // Outages reach `failover_after` and pauses end with time.
-        self.steer();
         let now = self.clock.now_ms();
         for id in 0..self.relays.len() {
             if !self.relays[id].state().health.take_probe(now) {
@@ -702,85 +668,56 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn relay(name: &str, concurrency: usize) -> String {
-        format!(
-            "[relay.{name}]\nhost = \"127.0.0.1\"\nport = 2525\ntls = \"none\"\nconcurrency = {concurrency}\n"
-        )
+    fn relay(name: &str) -> String {
+        format!("[relay.{name}]\nhost = \"127.0.0.1\"\nport = 2525\ntls = \"none\"\n")
     }
 
-    /// The passes the gate hands out, and which relays count.
-    fn counted(r: &Router) -> (usize, Vec<bool>) {
-        let g = r.gate();
-        (g.size(), (0..r.relays.len()).map(|i| g.counts(i)).collect())
+    /// Where `route`'s mail goes by health, and the relays skipped.
+    fn goes(r: &Router, route: &[RelayId]) -> (Option<(RelayId, Availability)>, Vec<RelayId>) {
+        let (to, skipped) = r.by_health(route, r.clock.now_ms());
+        (to, skipped.iter().map(|s| s.relay).collect())
     }
 
     #[test]
-    fn only_relays_mail_goes_to_take_passes_as_outages_move_it() {
-        // Route x: a, then b, then c. Every other message: b, then c (b is
-        // x's first fallback and the other route's primary). d: no route.
+    fn failover_mail_goes_to_the_first_usable_relay_as_time_passes() {
+        // a, then b, then c (the messages a fallback's connection may take
+        // behind the one it carries are those this picks it for).
         let text = [
             "hostname = \"relayq.test\"\n".to_string(),
-            relay("a", 2),
-            relay("b", 3),
-            relay("c", 5),
-            relay("d", 7),
-            "[[route]]\nsender_domain = \"x.example\"\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n"
-                .into(),
-            "[[route]]\nrelay = \"b\"\nfallback = [\"c\"]\n".into(),
+            relay("a"),
+            relay("b"),
+            relay("c"),
+            "[[route]]\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n".into(),
         ]
         .concat();
         let config = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
         let clock = Clock::new();
         let r = Router::new(&config, clock.clone(), None).unwrap();
-        let past_failover = || {
-            clock.advance(Duration::from_secs(61));
-            r.steer();
-        };
+        let route = [0, 1, 2];
         let down =
             |id: RelayId| r.record_signal(id, &Signal::Down("refused".into()), clock.now_ms());
-        // Every relay up: the primaries only (c and d get no mail).
-        assert_eq!(counted(&r), (5, vec![true, true, false, false]));
-        // a is down, but its mail waits for it until failover_after.
+        assert_eq!(goes(&r, &route), (Some((0, Availability::Use)), vec![]));
+        // a is down: its mail keeps trying it until failover_after.
         down(0);
-        assert_eq!(counted(&r), (5, vec![true, true, false, false]));
-        // Past it, x's mail goes to b, which takes it with its own passes.
-        past_failover();
-        assert_eq!(counted(&r), (3, vec![false, true, false, false]));
-        // b down too: both routes' mail goes to c.
-        down(1);
-        past_failover();
-        assert_eq!(counted(&r), (5, vec![false, false, true, false]));
-        // All down: each route tries its first relay as a last resort.
-        down(2);
-        past_failover();
-        assert_eq!(counted(&r), (5, vec![true, true, false, false]));
-        // a is back: x's mail to a; the other route's still to b, last resort.
-        r.record_signal(0, &Signal::Ok, clock.now_ms());
-        assert_eq!(counted(&r), (5, vec![true, true, false, false]));
-        // b and c back: c gets nothing again.
-        r.record_signal(1, &Signal::Ok, clock.now_ms());
-        r.record_signal(2, &Signal::Ok, clock.now_ms());
-        assert_eq!(counted(&r), (5, vec![true, true, false, false]));
-    }
-
-    #[test]
-    fn a_paused_relay_keeps_its_mail_waiting_until_failover_after() {
-        let text = [
-            "hostname = \"relayq.test\"\n".to_string(),
-            relay("a", 2),
-            relay("b", 3),
-            "[[route]]\nrelay = \"a\"\nfallback = [\"b\"]\n".into(),
-        ]
-        .concat();
-        let config = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
-        let clock = Clock::new();
-        let r = Router::new(&config, clock.clone(), None).unwrap();
-        assert_eq!(counted(&r), (2, vec![true, false]));
-        // "421 too many connections" with no other connection: paused.
-        r.record_signal(0, &Signal::Throttled("421 busy".into()), clock.now_ms());
-        assert_eq!(counted(&r), (2, vec![true, false]), "its mail waits for it");
+        assert_eq!(goes(&r, &route), (Some((0, Availability::Use)), vec![]));
         clock.advance(Duration::from_secs(61));
-        r.steer();
-        assert_eq!(counted(&r), (3, vec![false, true]), "failover");
+        assert_eq!(goes(&r, &route), (Some((1, Availability::Use)), vec![0]));
+        // b throttles us: paused, its mail waits for it until failover_after.
+        r.record_signal(1, &Signal::Throttled("421 busy".into()), clock.now_ms());
+        let (to, skipped) = goes(&r, &route);
+        assert!(
+            matches!(to, Some((1, Availability::WaitFor { .. }))) && skipped == [0],
+            "{to:?} {skipped:?}"
+        );
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(goes(&r, &route), (Some((2, Availability::Use)), vec![0, 1]));
+        // c down past failover_after too: nothing is usable (the router
+        // then tries a down relay as a last resort, alone).
+        down(2);
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(goes(&r, &route), (None, vec![0, 1, 2]));
+        // a is back: everything goes to it again.
+        r.record_signal(0, &Signal::Ok, clock.now_ms());
+        assert_eq!(goes(&r, &route), (Some((0, Availability::Use)), vec![]));
     }
 }

@@ -474,15 +474,19 @@ mod tests {
     #[tokio::test]
     async fn checkouts_follow_the_concurrency_and_the_gate_follows_too() {
         let gate = Gate::new(1);
-        gate.steer(&[true]);
         let pool = pool(
             "host = \"127.0.0.1\"\nport = 2525\nmax_connections = 6\n",
             Some((gate.clone(), 0)),
         );
-        assert_eq!(gate.free(), crate::routing::concurrency::INITIAL);
+        assert_eq!(gate.free(), 1, "no mail on it yet: one worker looks");
+        // A probe's connection carries no mail: the gate doesn't count it.
+        let probe = pool.try_lend().ok().unwrap();
+        assert_eq!(gate.free(), 1);
+        pool.checkin(probe);
         assert!(pool.is_adaptive());
         let mut leases: Vec<Lease> = (0..4).map(|_| pool.try_checkout().ok().unwrap()).collect();
         assert!(pool.try_checkout().is_err(), "four to start with");
+        assert_eq!(gate.free(), 4, "mail on it: its concurrency counts");
         // Delivered with every connection busy and mail waiting: one more.
         pool.delivered(&mut leases[0], 1, true);
         assert_eq!(pool.limit(), 5);
@@ -509,5 +513,6 @@ mod tests {
         for lease in leases {
             pool.checkin(lease);
         }
+        assert_eq!(gate.free(), 1, "every connection back: it carries no mail");
     }
 }

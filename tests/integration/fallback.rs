@@ -23,17 +23,19 @@ use crate::pipelining::{arrived_once, body, queue_then_flow_with};
 use crate::support::daemon::Daemon;
 use crate::support::upstream::{FakeUpstream, Received, Script};
 
-/// The primary (at `primary`) with `fallback` as its route's fallback;
-/// both adaptive. The primary's outage while the test queues its mail
-/// stays shorter than `failover_after`, unless `failover_after` is short.
+/// A named relay, adaptive, up to 8 connections.
+fn relay(name: &str, addr: SocketAddr, extra: &str) -> String {
+    format!(
+        "[relay.{name}]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"5s\"\nidle_timeout = \"60s\"\nmax_connections = 8\n{extra}\n",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// The primary (at `primary`) with `fallback` as its route's fallback.
+/// The primary's outage while the test queues its mail stays shorter than
+/// `failover_after`, unless `failover_after` is short.
 fn config(primary: SocketAddr, fallback: SocketAddr, failover_after: &str) -> String {
-    let relay = |name: &str, addr: SocketAddr, extra: &str| {
-        format!(
-            "[relay.{name}]\nhost = \"{}\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"5s\"\nidle_timeout = \"60s\"\nmax_connections = 8\n{extra}\n",
-            addr.ip(),
-            addr.port()
-        )
-    };
     format!(
         "hostname = \"relayq.test\"\n{}{}[[route]]\nrelay = \"primary\"\nfallback = [\"second\"]\n",
         relay(
@@ -69,15 +71,23 @@ fn byte_for_byte(d: &Daemon, up: &FakeUpstream, ids: &[String]) {
     assert_eq!(d.queued(), 0, "nothing left queued");
 }
 
-/// A burst of `n` for a healthy primary speaking `script`, with an idle
-/// fallback configured: everything goes to the primary, streamed as
-/// without the fallback, and the fallback sees nothing, not even a
-/// connection.
-async fn idle_fallback_costs_nothing(n: usize, script: Script) {
-    let second = FakeUpstream::start_with(script.clone()).await;
-    let fallback = second.addr();
+/// A burst of `n` for a healthy relay speaking `script`, with other relays
+/// configured that get none of it: everything goes to that relay, streamed
+/// as with no others, and the others see nothing, not even a connection.
+/// `config` gets the busy relay's address and the idle ones'.
+async fn idle_relays_cost_nothing(
+    n: usize,
+    script: Script,
+    idle: usize,
+    config: impl Fn(SocketAddr, &[SocketAddr]) -> String,
+) {
+    let mut others = Vec::new();
+    for _ in 0..idle {
+        others.push(FakeUpstream::start_with(script.clone()).await);
+    }
+    let addrs: Vec<SocketAddr> = others.iter().map(FakeUpstream::addr).collect();
     let (d, primary, ids, mark) = queue_then_flow_with(
-        |addr| config(addr, fallback, "10m"),
+        |addr| config(addr, &addrs),
         n,
         script,
         |_| "app@example.com",
@@ -87,12 +97,14 @@ async fn idle_fallback_costs_nothing(n: usize, script: Script) {
     byte_for_byte(&d, &primary, &ids);
     let after = d.log()[mark..].to_string();
     assert!(!after.contains("status=deferred"), "{after}");
-    assert!(
-        second.messages().is_empty() && second.connections() == 0,
-        "the fallback of a healthy primary was used: {} messages on {} connections",
-        second.messages().len(),
-        second.connections()
-    );
+    for (i, other) in others.iter().enumerate() {
+        assert!(
+            other.messages().is_empty() && other.connections() == 0,
+            "idle relay {i} was used: {} messages on {} connections",
+            other.messages().len(),
+            other.connections()
+        );
+    }
     let (per_conn, followed) = streaming(&primary.messages());
     eprintln!("primary: {followed} of {n} with the next one behind; per connection {per_conn:?}");
     // Without a fallback nearly every message but each connection's last
@@ -113,13 +125,34 @@ async fn an_idle_fallback_takes_no_share_of_a_bdat_stream() {
     let script = Script::default()
         .chunking()
         .reply_delay(Duration::from_millis(10));
-    idle_fallback_costs_nothing(80, script).await;
+    idle_relays_cost_nothing(80, script, 1, |p, f| config(p, f[0], "10m")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_fallback_takes_no_share_of_data_pipelining() {
     let script = Script::default().reply_delay(Duration::from_millis(10));
-    idle_fallback_costs_nothing(60, script).await;
+    idle_relays_cost_nothing(60, script, 1, |p, f| config(p, f[0], "10m")).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_of_routes_that_get_no_mail_take_no_share() {
+    // Mail from x.example goes to a, then b, then c; all other mail to
+    // main, then a. The burst is all "other" mail: a (a route's primary
+    // and another's fallback), b and c (second and third fallbacks) get
+    // none of it.
+    let script = Script::default()
+        .chunking()
+        .reply_delay(Duration::from_millis(10));
+    idle_relays_cost_nothing(80, script, 3, |main, idle| {
+        format!(
+            "hostname = \"relayq.test\"\n{}{}{}{}[[route]]\nsender_domain = \"x.example\"\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n[[route]]\nrelay = \"main\"\nfallback = [\"a\"]\n",
+            relay("main", main, "failover_after = \"10m\""),
+            relay("a", idle[0], ""),
+            relay("b", idle[1], ""),
+            relay("c", idle[2], ""),
+        )
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
