@@ -23,12 +23,21 @@
 //! message to it: the route's primary, or a fallback once the relays
 //! before it are skipped) until its last connection comes back, so the
 //! passes follow wherever the routes send mail, with each relay's own
-//! concurrency. When no relay carries mail, one pass is out, so a worker
-//! looks at the queue and the relay its next message goes to starts
-//! counting. When the count drops, passes in use are not taken back; they
-//! are retired as they are returned.
+//! concurrency.
+//!
+//! Mail for a relay that carries none yet must still be found in the one
+//! queue all workers share, behind mail for a busy relay (a slow relay
+//! must hold up no other). So while a relay the routes would send mail to
+//! now ([`Gate::steer`]: a route's first usable relay, by health) carries
+//! none, one more pass is out, for all such relays together: its worker
+//! may park a message of a busy relay on the way, but at most one worker
+//! does. A fallback while its primary takes the mail is not such a relay:
+//! the primary alone then has workers, exactly its concurrency. When no
+//! relay carries mail, that one pass is all there is. When the count
+//! drops, passes in use are not taken back; they are retired as they are
+//! returned.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -47,6 +56,8 @@ pub struct Gate {
 struct Share {
     limit: AtomicUsize,
     lent: AtomicUsize,
+    /// The routes would send mail to it now.
+    routed: AtomicBool,
 }
 
 /// A worker's leave to take messages; given back when dropped.
@@ -100,6 +111,25 @@ impl Gate {
         self.resize();
     }
 
+    /// The relays the routes would send mail to now (by index).
+    pub fn steer(&self, routed: &[bool]) {
+        let mut changed = false;
+        for (i, s) in self.relays.iter().enumerate() {
+            let r = routed.get(i).copied().unwrap_or(false);
+            changed |= s.routed.swap(r, Ordering::SeqCst) != r;
+        }
+        if changed {
+            self.resize();
+        }
+    }
+
+    /// Whether the routes would send mail to relay `relay` now.
+    pub fn is_routed(&self, relay: usize) -> bool {
+        self.relays
+            .get(relay)
+            .is_some_and(|s| s.routed.load(Ordering::SeqCst))
+    }
+
     /// The passes there are (out or free).
     pub fn size(&self) -> usize {
         *self.size.lock().unwrap_or_else(|e| e.into_inner())
@@ -112,16 +142,19 @@ impl Gate {
             .is_some_and(|s| s.lent.load(Ordering::SeqCst) > 0)
     }
 
-    /// Brings the passes to what the relays that count allow together (one
-    /// when none does). Reads every relay's numbers under the lock:
+    /// Brings the passes to what the relays that count allow together, and
+    /// one to find mail for relays routed to that carry none (one when no
+    /// relay counts). Reads every relay's numbers under the lock:
     /// whichever change came last, the last resize sees it.
     fn resize(&self) {
         let mut size = self.size.lock().unwrap_or_else(|e| e.into_inner());
-        let want: usize = (0..self.relays.len())
+        let carrying: usize = (0..self.relays.len())
             .filter(|&i| self.counts(i))
             .map(|i| self.relays[i].limit.load(Ordering::SeqCst))
             .sum();
-        let want = want.max(1);
+        let unfound = (0..self.relays.len())
+            .any(|i| self.relays[i].routed.load(Ordering::SeqCst) && !self.counts(i));
+        let want = (carrying + usize::from(unfound)).max(1);
         if want > *size {
             self.grow(want - *size);
         } else {
@@ -213,6 +246,7 @@ mod tests {
         for (relay, limit) in [(0, 4), (1, 4), (2, 20)] {
             gate.set_limit(relay, limit);
         }
+        gate.steer(&[true, false, false]);
         assert_eq!(gate.size(), 1, "no mail yet: one worker looks");
         // Mail takes a connection of the primary: its passes, no others.
         gate.lent(0, true);
@@ -227,6 +261,7 @@ mod tests {
         // Its mail goes to the fallback (the primary is down): both count
         // while both carry mail, then the fallback alone, with its own
         // concurrency.
+        gate.steer(&[false, true, false]);
         gate.lent(1, true);
         gate.lent(1, true);
         assert_eq!(gate.size(), 15);
@@ -236,5 +271,15 @@ mod tests {
         assert_eq!(gate.size(), 9, "one is still lent");
         gate.lent(1, false);
         assert_eq!(gate.size(), 1, "no mail: one pass again");
+        // Two routes' primaries (0 and 2), one carrying mail: one more pass
+        // finds the other's, whatever its concurrency.
+        gate.steer(&[true, false, true]);
+        gate.lent(0, true);
+        assert_eq!(gate.size(), 7);
+        gate.lent(2, true);
+        assert_eq!(gate.size(), 26, "both carry mail: no more looking");
+        gate.lent(2, false);
+        gate.lent(0, false);
+        assert_eq!(gate.size(), 1);
     }
 }

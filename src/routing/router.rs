@@ -159,7 +159,7 @@ impl Router {
             .as_ref()
             .map(|url| Fleet::new(&url.0))
             .transpose()?;
-        Ok(Router {
+        let router = Router {
             relays,
             table: RouteTable::new(&config.relays, &config.route),
             clock,
@@ -172,12 +172,37 @@ impl Router {
             dirty: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             gate,
-        })
+        };
+        router.steer();
+        Ok(router)
     }
 
     /// The workers' gate (see `delivery::gate`).
     pub fn gate(&self) -> Arc<Gate> {
         self.gate.clone()
+    }
+
+    /// Tells the workers' gate which relays the routes would send mail to
+    /// now, by health, as [`Router::deliver_ahead`] picks them: for each
+    /// route mail can take, its first usable relay or the one its mail
+    /// waits for, else its first down one (tried as a last resort), else
+    /// (all paused) its primary. A fallback of a healthy primary is not
+    /// one of them.
+    pub fn steer(&self) {
+        let now = self.clock.now_ms();
+        let mut routed = vec![false; self.relays.len()];
+        for list in self.table.reachable() {
+            let (to, skipped) = self.by_health(list, now);
+            let last_resort = skipped.iter().find(|s| s.until.is_none()).map(|s| s.relay);
+            let to = to
+                .map(|(id, _)| id)
+                .or(last_resort)
+                .or(list.first().copied());
+            if let Some(r) = to.and_then(|id| routed.get_mut(id)) {
+                *r = true;
+            }
+        }
+        self.gate.steer(&routed);
     }
 
     /// Connections all relays may have open together: the number of
@@ -210,6 +235,7 @@ impl Router {
         rcpts: &[usize],
         ahead: &mut Lookahead,
     ) -> (Delivery, Option<Follow>) {
+        self.steer();
         let routed = self.table.route(&meta.sender, body);
         let mut skipped: Vec<Skipped> = Vec::new();
         // (relay, tried as a last resort despite being down)
@@ -584,6 +610,9 @@ impl Router {
     pub(super) fn record_signal(&self, id: RelayId, signal: &Signal, now: u64) {
         let relay = &self.relays[id];
         let transition = relay.state().health.record(signal, now, &relay.policy);
+        if transition != Transition::None {
+            self.steer();
+        }
         let (name, endpoint) = (&relay.name, &relay.endpoint);
         let error = signal.error().unwrap_or_default();
         match transition {
@@ -633,10 +662,13 @@ impl Router {
                 tokens.retry_now();
             }
         }
+        self.steer();
     }
 
     /// Probes every relay whose probe is due (see `health`).
     pub async fn probe_due(self: &Arc<Self>) {
+        // Outages reach failover_after and pauses end as time passes.
+        self.steer();
         let now = self.clock.now_ms();
         for id in 0..self.relays.len() {
             if !self.relays[id].state().health.take_probe(now) {
@@ -676,6 +708,60 @@ mod tests {
     fn goes(r: &Router, route: &[RelayId]) -> (Option<(RelayId, Availability)>, Vec<RelayId>) {
         let (to, skipped) = r.by_health(route, r.clock.now_ms());
         (to, skipped.iter().map(|s| s.relay).collect())
+    }
+
+    /// The relays the gate is told mail goes to now.
+    fn routed(r: &Router) -> Vec<bool> {
+        (0..r.relays.len()).map(|i| r.gate.is_routed(i)).collect()
+    }
+
+    #[test]
+    fn the_gate_hears_where_each_route_sends_mail_as_outages_move_it() {
+        // Route x: a, then b, then c. Every other message: b, then c (b is
+        // x's first fallback and the other route's primary). d: no route.
+        let text = [
+            "hostname = \"relayq.test\"\n".to_string(),
+            relay("a"),
+            relay("b"),
+            relay("c"),
+            relay("d"),
+            "[[route]]\nsender_domain = \"x.example\"\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n"
+                .into(),
+            "[[route]]\nrelay = \"b\"\nfallback = [\"c\"]\n".into(),
+        ]
+        .concat();
+        let config = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let clock = Clock::new();
+        let r = Router::new(&config, clock.clone(), None).unwrap();
+        let past_failover = || {
+            clock.advance(Duration::from_secs(61));
+            r.steer();
+        };
+        let down =
+            |id: RelayId| r.record_signal(id, &Signal::Down("refused".into()), clock.now_ms());
+        // Every relay up: the primaries only (c and d get no mail).
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // a is down, but its mail keeps trying it until failover_after.
+        down(0);
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // Past it, x's mail goes to b.
+        past_failover();
+        assert_eq!(routed(&r), [false, true, false, false]);
+        // b down too: both routes' mail goes to c.
+        down(1);
+        past_failover();
+        assert_eq!(routed(&r), [false, false, true, false]);
+        // All down: each route tries its first relay as a last resort.
+        down(2);
+        past_failover();
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // Back up: c gets nothing again.
+        for id in 0..3 {
+            r.record_signal(id, &Signal::Ok, clock.now_ms());
+        }
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // Nothing carries mail: one worker looks for it.
+        assert_eq!(r.gate.size(), 1);
     }
 
     #[test]

@@ -80,6 +80,7 @@ async fn idle_relays_cost_nothing(
     script: Script,
     idle: usize,
     config: impl Fn(SocketAddr, &[SocketAddr]) -> String,
+    sender: impl Fn(usize) -> &'static str,
 ) {
     let mut others = Vec::new();
     for _ in 0..idle {
@@ -90,7 +91,7 @@ async fn idle_relays_cost_nothing(
         |addr| config(addr, &addrs),
         n,
         script,
-        |_| "app@example.com",
+        sender,
         |_| vec!["bob@example.net"],
     )
     .await;
@@ -125,33 +126,46 @@ async fn an_idle_fallback_takes_no_share_of_a_bdat_stream() {
     let script = Script::default()
         .chunking()
         .reply_delay(Duration::from_millis(10));
-    idle_relays_cost_nothing(80, script, 1, |p, f| config(p, f[0], "10m")).await;
+    idle_relays_cost_nothing(
+        80,
+        script,
+        1,
+        |p, f| config(p, f[0], "10m"),
+        |_| "app@example.com",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_fallback_takes_no_share_of_data_pipelining() {
     let script = Script::default().reply_delay(Duration::from_millis(10));
-    idle_relays_cost_nothing(60, script, 1, |p, f| config(p, f[0], "10m")).await;
+    idle_relays_cost_nothing(
+        60,
+        script,
+        1,
+        |p, f| config(p, f[0], "10m"),
+        |_| "app@example.com",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relays_of_routes_that_get_no_mail_take_no_share() {
-    // Mail from x.example goes to a, then b, then c; all other mail to
-    // main, then a. The burst is all "other" mail: a (a route's primary
-    // and another's fallback), b and c (second and third fallbacks) get
-    // none of it.
+async fn several_fallbacks_shared_by_routes_take_no_share() {
+    // Two routes share the primary and both fallbacks, in different
+    // orders: mail from x.example goes to main, then a, then b; all other
+    // mail to main, then b, then a. The burst is of both kinds; a and b
+    // get none of it.
     let script = Script::default()
         .chunking()
         .reply_delay(Duration::from_millis(10));
-    idle_relays_cost_nothing(80, script, 3, |main, idle| {
+    idle_relays_cost_nothing(80, script, 2, |main, idle| {
         format!(
-            "hostname = \"relayq.test\"\n{}{}{}{}[[route]]\nsender_domain = \"x.example\"\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n[[route]]\nrelay = \"main\"\nfallback = [\"a\"]\n",
+            "hostname = \"relayq.test\"\n{}{}{}[[route]]\nsender_domain = \"x.example\"\nrelay = \"main\"\nfallback = [\"a\", \"b\"]\n[[route]]\nrelay = \"main\"\nfallback = [\"b\", \"a\"]\n",
             relay("main", main, "failover_after = \"10m\""),
             relay("a", idle[0], ""),
             relay("b", idle[1], ""),
-            relay("c", idle[2], ""),
         )
-    })
+    }, |i| if i % 2 == 0 { "app@x.example" } else { "app@example.com" })
     .await;
 }
 
