@@ -16,9 +16,9 @@
 //! shrinks, connections over it are closed as they come back (one carrying
 //! message after message comes back once what it carries is answered:
 //! [`RelayPool::over_limit`]), and the workers' gate (`delivery::gate`)
-//! follows it. The gate also hears of every connection lent and returned:
-//! a relay the routes don't send mail to counts there only while it
-//! carries some.
+//! follows it. The gate also hears of every connection lent for mail and
+//! returned: a relay's concurrency counts there only while it carries
+//! mail (a probe's connection carries none).
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
