@@ -364,8 +364,9 @@ impl Router {
         }
     }
 
-    /// The worker's next ready message, if the router would send it to
-    /// relay `id` now anyway; it is then counted against the relay's limits.
+    /// The worker's next ready message (one handed over to the relay's
+    /// connections first), if the router would send it to relay `id` now
+    /// anyway; it is then counted against the relay's limits.
     /// Not while a message is parked waiting for one of the relay's
     /// connections: this one then goes back to the pool after the current
     /// message, so a worker can't keep it from others for long. Nor while
@@ -378,7 +379,7 @@ impl Router {
         if pool.is_wanted() || pool.over_limit() {
             return None;
         }
-        let cand = ahead.candidate().await?;
+        let cand = ahead.candidate_after(|| pool.take_handed()).await?;
         let routed = self.table.route(&cand.meta.sender, &cand.body);
         let now = self.clock.now_ms();
         let skipped = match self.by_health(&routed.relays, now) {

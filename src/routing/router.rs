@@ -290,6 +290,14 @@ impl Router {
                 Ok(lease) => lease,
                 Err(seen) => {
                     self.give_back(id, ticket).await;
+                    // A busy connection takes it next, as it would take the
+                    // next message from the queue: parked, it would make
+                    // them all stop taking more (one worker looking for
+                    // another relay's mail would cut this relay's streams).
+                    if ahead.is_on() && relay.pool.hand_over(&meta.id, seen) {
+                        return (Delivery::HandedOver, None);
+                    }
+                    relay.pool.want(seen);
                     let parked = Delivery::Parked {
                         relay: relay.name.clone(),
                         seen,
@@ -420,7 +428,7 @@ impl Router {
             return (Delivery::Attempted(report), follow);
         }
         if fresh {
-            let backlog = relay.pool.is_wanted() || ahead.waiting();
+            let backlog = relay.pool.is_wanted() || relay.pool.has_handed() || ahead.waiting();
             relay.pool.connected(backlog);
         }
         let msg = Outgoing {
@@ -518,7 +526,8 @@ impl Router {
                 Carry::Stream(flight) => (flight.len() + 1, false),
                 Carry::Nothing => (1, false),
             };
-            let backlog = taken || relay.pool.is_wanted() || ahead.waiting();
+            let backlog =
+                taken || relay.pool.is_wanted() || relay.pool.has_handed() || ahead.waiting();
             relay.pool.delivered(&mut lease, in_flight, backlog);
         }
         // A 421 on one connection while others work: fewer connections,

@@ -5,13 +5,21 @@
 //! and feeds: deliveries, pushback, idleness).
 //!
 //! Workers never wait on a pool. A worker that finds every connection busy
-//! hands its message back to the scheduler as parked on this relay, and
-//! the pool tells the scheduler each time a connection comes back
-//! (`relay_free`), with a release count that only grows: a worker reads the
-//! count *before* it looks for a connection, so a connection returned in
-//! between is never missed. That way a slow relay occupies only its own
-//! connections, never the workers other relays need (Postfix's qmgr
-//! keeps per-destination concurrency for the same reason). When the
+//! hands its message over to the pool ([`RelayPool::hand_over`]): a
+//! connection sending message after message takes it next, as it would
+//! the next message in the queue, so a message that came to a worker
+//! without a connection costs the relay's streams nothing. Whatever is
+//! still handed over when a connection comes back goes back to the
+//! scheduler, to be tried at once. A worker that cannot hand its message
+//! over gives it back to the scheduler as parked on this relay; the
+//! relay's connections then take no more messages behind the ones they
+//! carry ([`RelayPool::is_wanted`]) until one comes back. The pool tells
+//! the scheduler each time a connection comes back (`relay_free`), with a
+//! release count that only grows: a worker reads the count *before* it
+//! looks for a connection, so a connection returned in between is never
+//! missed. That way a slow relay occupies only its own connections, never
+//! the workers other relays need (Postfix's qmgr keeps per-destination
+//! concurrency for the same reason). When the
 //! concurrency grows, that counts as a connection coming back; when it
 //! shrinks, connections over it are closed as they come back (one carrying
 //! message after message comes back once what it carries is answered:
@@ -20,6 +28,7 @@
 //! returned: a relay's concurrency counts there only while it carries
 //! mail (a probe's connection carries none).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -32,6 +41,7 @@ use crate::clock::Clock;
 use crate::config::RelayConfig;
 use crate::delivery::SchedulerHandle;
 use crate::delivery::gate::Gate;
+use crate::delivery::scheduler::Next;
 use crate::routing::concurrency::{Change, Concurrency, Delivered, Pushback};
 use crate::routing::health::Signal;
 
@@ -92,10 +102,13 @@ pub struct RelayPool {
     last_used_ms: AtomicU64,
     /// Grows by one every time a slot or an idle connection comes back.
     releases: AtomicU64,
-    /// One more than the release count a refused checkout saw (the highest
-    /// such): while `releases` is below it, a message waits for a
-    /// connection to this relay.
+    /// One more than the release count a parked message's refused checkout
+    /// saw (the highest such): while `releases` is below it, a message
+    /// waits for a connection to this relay.
     wanted_until: AtomicU64,
+    /// Messages handed over to ride the relay's busy connections, oldest
+    /// first (the scheduler has them in flight).
+    handed: Mutex<VecDeque<Box<str>>>,
     /// Told about releases, so parked messages go out.
     scheduler: Option<SchedulerHandle>,
     /// The workers' gate and this relay's place in it, told of the
@@ -111,6 +124,13 @@ pub struct PoolContext {
     /// The workers' gate and the relay's index in it.
     pub gate: Option<(Arc<Gate>, usize)>,
     pub clock: Clock,
+}
+
+impl Drop for RelayPool {
+    /// A pool left behind (a reload) strands nothing handed over to it.
+    fn drop(&mut self) {
+        self.give_back_handed();
+    }
 }
 
 impl RelayPool {
@@ -140,6 +160,7 @@ impl RelayPool {
             last_used_ms: AtomicU64::new(now),
             releases: AtomicU64::new(0),
             wanted_until: AtomicU64::new(0),
+            handed: Mutex::new(VecDeque::new()),
             scheduler: ctx.scheduler,
             gate: ctx.gate,
         })
@@ -256,11 +277,50 @@ impl RelayPool {
                 busy_since: Instant::now(),
                 _lent: None,
             }),
-            None => {
-                self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
-                Err(seen)
-            }
+            None => Err(seen),
         }
+    }
+
+    /// Message `id` found every connection busy (at release count `seen`):
+    /// kept for a connection sending message after message to take next
+    /// ([`RelayPool::take_handed`]); what is still here when a connection
+    /// comes back goes back to the scheduler, to be tried at once. Not
+    /// kept (`false`) when a connection came back meanwhile, or with no
+    /// scheduler to give it back to.
+    pub fn hand_over(&self, id: &str, seen: u64) -> bool {
+        if self.scheduler.is_none() {
+            return false;
+        }
+        // `released` counts before it takes what is here: under this lock
+        // either it has counted (and this is not kept) or it will take it.
+        let mut handed = self.handed();
+        if self.releases.load(Ordering::SeqCst) != seen {
+            return false;
+        }
+        handed.push_back(id.into());
+        true
+    }
+
+    /// The oldest message handed over, for a busy connection to take next;
+    /// it is the taker's from then on.
+    pub fn take_handed(&self) -> Option<Box<str>> {
+        self.handed().pop_front()
+    }
+
+    /// Whether a message handed over waits for a connection.
+    pub fn has_handed(&self) -> bool {
+        !self.handed().is_empty()
+    }
+
+    fn handed(&self) -> MutexGuard<'_, VecDeque<Box<str>>> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A message found every connection busy (at release count `seen`) and
+    /// waits parked: the connections take no more messages behind the ones
+    /// they carry until one comes back.
+    pub fn want(&self, seen: u64) {
+        self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
     }
 
     fn touch(&self) {
@@ -389,6 +449,18 @@ impl RelayPool {
         if let Some(s) = &self.scheduler {
             s.relay_free(&self.name, n);
         }
+        self.give_back_handed();
+    }
+
+    /// Messages handed over and not taken go back to the scheduler, due now.
+    fn give_back_handed(&self) {
+        let back = std::mem::take(&mut *self.handed());
+        if let Some(s) = &self.scheduler {
+            let now = self.clock.now_ms();
+            for id in back {
+                s.finished(&id, Next::RetryAt(now));
+            }
+        }
     }
 
     /// Closes connections idle for longer than `idle_timeout`; once none
@@ -449,11 +521,19 @@ mod tests {
     use super::*;
 
     fn pool(relay: &str, gate: Option<(Arc<Gate>, usize)>) -> Arc<RelayPool> {
+        pool_with(relay, gate, None)
+    }
+
+    fn pool_with(
+        relay: &str,
+        gate: Option<(Arc<Gate>, usize)>,
+        scheduler: Option<SchedulerHandle>,
+    ) -> Arc<RelayPool> {
         let relay: RelayConfig = toml::from_str(relay).unwrap();
         let ctx = PoolContext {
             helo: "client.test".into(),
             tokens: None,
-            scheduler: None,
+            scheduler,
             gate,
             clock: Clock::new(),
         };
@@ -465,10 +545,64 @@ mod tests {
         let pool = pool("host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n", None);
         let lease = pool.try_checkout().ok().unwrap();
         assert!(!pool.is_wanted(), "nobody waits yet");
-        assert!(pool.try_checkout().is_err());
+        let seen = pool.try_checkout().err().unwrap();
+        assert!(!pool.is_wanted(), "the message may yet be handed over");
+        assert!(
+            !pool.hand_over("x", seen),
+            "no scheduler to give it back to: not kept"
+        );
+        pool.want(seen);
         assert!(pool.is_wanted(), "a message waits for the only connection");
         pool.checkin(lease);
         assert!(!pool.is_wanted(), "the connection came back");
+    }
+
+    #[tokio::test]
+    async fn mail_handed_over_rides_a_busy_connection_or_goes_back_when_one_returns() {
+        use crate::spool::{Envelope, Spool};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let (scheduler, handle, jobs) =
+            crate::delivery::scheduler::Scheduler::new(spool.clone(), Clock::new(), 1);
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(scheduler.run(shutdown));
+        let env = Envelope {
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.net".into()],
+            ..Envelope::default()
+        };
+        let id = spool
+            .commit(Spool::new_id(), env, b"Subject: x\r\n\r\nx\r\n".to_vec(), 1)
+            .await
+            .unwrap();
+        handle.queued(&id);
+        let next_job = || async {
+            let job = tokio::time::timeout(Duration::from_secs(10), async {
+                jobs.lock().await.recv().await
+            });
+            job.await.expect("a job").expect("queue open").id
+        };
+        assert_eq!(&*next_job().await, id, "a worker has it");
+        let pool = pool_with(
+            "host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n",
+            None,
+            Some(handle),
+        );
+        let lease = pool.try_checkout().ok().unwrap();
+        let seen = pool.try_checkout().err().unwrap();
+        assert!(pool.hand_over("a", seen) && pool.hand_over(&id, seen));
+        assert!(pool.has_handed() && !pool.is_wanted(), "streams go on");
+        assert_eq!(pool.take_handed().as_deref(), Some("a"), "oldest first");
+        // The connection comes back: what is left goes to the scheduler,
+        // which hands it out again at once.
+        pool.checkin(lease);
+        assert!(!pool.has_handed());
+        assert_eq!(&*next_job().await, id, "tried again");
+        // A checkout that saw the count before that return keeps nothing:
+        // the message is tried again instead.
+        let lease = pool.try_checkout().ok().unwrap();
+        assert!(!pool.hand_over("c", seen));
+        pool.checkin(lease);
     }
 
     #[tokio::test]

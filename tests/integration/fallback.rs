@@ -13,15 +13,21 @@
 //! share took the primary's mail, found its connections busy and parked
 //! it; the primary then looked contended and stopped sending messages
 //! behind each other (6 of 80 followed, against 58 of 80 without the
-//! fallback).
+//! fallback). The same for another route's primary that gets none of a
+//! burst: the one worker looking for its mail took the busy relay's and
+//! parked it (22 of 80 followed); handed to the busy relay's connections
+//! instead, it rides their streams.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::pipelining::{arrived_once, body, queue_then_flow_with};
+const WAIT: Duration = Duration::from_secs(30);
+
+use crate::pipelining::{arrived_once, body, index, queue_then_flow_with};
+use crate::support::client::{dot_stuff, queue_id, send_mail};
 use crate::support::daemon::Daemon;
-use crate::support::upstream::{FakeUpstream, Received, Script};
+use crate::support::upstream::{FakeUpstream, Script};
 
 /// A named relay, adaptive, up to 8 connections.
 fn relay(name: &str, addr: SocketAddr, extra: &str) -> String {
@@ -47,14 +53,38 @@ fn config(primary: SocketAddr, fallback: SocketAddr, failover_after: &str) -> St
     )
 }
 
-/// Messages carried per connection, and how many had the next message's
-/// commands behind their end of data.
-fn streaming(got: &[Received]) -> (BTreeMap<usize, usize>, usize) {
+/// The fake upstream's `n` messages were sent as message after message
+/// on each connection: at least half had the next message's commands
+/// behind their end of data (with no other relay configured nearly all
+/// but each connection's last do; a connection that gave its mail up to
+/// parked messages carries one at a time). Returns the messages carried
+/// per connection.
+fn streamed(who: &str, up: &FakeUpstream, n: usize) -> BTreeMap<usize, usize> {
+    let got = up.messages();
     let mut per_conn = BTreeMap::new();
-    for m in got {
+    for m in &got {
         *per_conn.entry(m.conn).or_default() += 1;
     }
-    (per_conn, got.iter().filter(|m| m.followed).count())
+    let followed = got.iter().filter(|m| m.followed).count();
+    eprintln!("{who}: {followed} of {n} with the next one behind; per connection {per_conn:?}");
+    assert!(
+        followed * 2 >= n,
+        "{who}: only {followed} of {n} messages had the next one behind them (per connection {per_conn:?})"
+    );
+    per_conn
+}
+
+/// An upstream offering CHUNKING, each reply 10 ms late (so connections
+/// are busy while the queue is full).
+fn bdat() -> Script {
+    Script::default()
+        .chunking()
+        .reply_delay(Duration::from_millis(10))
+}
+
+/// An upstream offering PIPELINING only, each reply 10 ms late.
+fn data() -> Script {
+    Script::default().reply_delay(Duration::from_millis(10))
 }
 
 /// Each message arrived once, byte for byte (what the client wrote, after
@@ -106,15 +136,7 @@ async fn idle_relays_cost_nothing(
             other.connections()
         );
     }
-    let (per_conn, followed) = streaming(&primary.messages());
-    eprintln!("primary: {followed} of {n} with the next one behind; per connection {per_conn:?}");
-    // Without a fallback nearly every message but each connection's last
-    // has the next one behind it; a connection that gave its mail up to
-    // parked messages carries one at a time.
-    assert!(
-        followed * 2 >= n,
-        "only {followed} of {n} messages had the next one behind them (per connection {per_conn:?})"
-    );
+    let per_conn = streamed("busy relay", &primary, n);
     assert!(
         per_conn.len() <= 8 && per_conn.values().all(|&k| k >= 2),
         "connections carrying one message each: {per_conn:?}"
@@ -123,9 +145,7 @@ async fn idle_relays_cost_nothing(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_fallback_takes_no_share_of_a_bdat_stream() {
-    let script = Script::default()
-        .chunking()
-        .reply_delay(Duration::from_millis(10));
+    let script = bdat();
     idle_relays_cost_nothing(
         80,
         script,
@@ -138,7 +158,7 @@ async fn an_idle_fallback_takes_no_share_of_a_bdat_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_fallback_takes_no_share_of_data_pipelining() {
-    let script = Script::default().reply_delay(Duration::from_millis(10));
+    let script = data();
     idle_relays_cost_nothing(
         60,
         script,
@@ -155,9 +175,7 @@ async fn several_fallbacks_shared_by_routes_take_no_share() {
     // orders: mail from x.example goes to main, then a, then b; all other
     // mail to main, then b, then a. The burst is of both kinds; a and b
     // get none of it.
-    let script = Script::default()
-        .chunking()
-        .reply_delay(Duration::from_millis(10));
+    let script = bdat();
     idle_relays_cost_nothing(80, script, 2, |main, idle| {
         format!(
             "hostname = \"relayq.test\"\n{}{}{}[[route]]\nsender_domain = \"x.example\"\nrelay = \"main\"\nfallback = [\"a\", \"b\"]\n[[route]]\nrelay = \"main\"\nfallback = [\"b\", \"a\"]\n",
@@ -179,9 +197,7 @@ async fn a_primary_refusing_connections_drains_to_the_fallback_once_each() {
     let closed = FakeUpstream::start().await;
     let primary = closed.addr();
     closed.stop().await;
-    let script = Script::default()
-        .chunking()
-        .reply_delay(Duration::from_millis(10));
+    let script = bdat();
     let (d, second, ids, mark) = queue_then_flow_with(
         |fallback| config(primary, fallback, "1s"),
         n,
@@ -202,18 +218,107 @@ async fn a_primary_refusing_connections_drains_to_the_fallback_once_each() {
         after.contains(&format!("relay=second[127.0.0.1]:{}", second.port())),
         "{after}"
     );
-    let (per_conn, followed) = streaming(&second.messages());
-    eprintln!(
-        "fallback: {followed} of {n} with the next one behind; per connection {per_conn:?}; at most {} at once",
-        second.peak_sessions()
-    );
-    assert!(
-        followed * 2 >= n,
-        "only {followed} of {n} messages had the next one behind them (per connection {per_conn:?})"
-    );
+    streamed("fallback", &second, n);
     assert!(
         second.peak_sessions() <= 8,
         "{} connections at once, max_connections is 8",
         second.peak_sessions()
     );
+}
+
+/// Two routes by sender domain: a.example's mail to relay a, every other
+/// message to relay b (each route's primary).
+fn two_routes(a: SocketAddr, b: SocketAddr) -> String {
+    format!(
+        "hostname = \"relayq.test\"\n{}{}[[route]]\nsender_domain = \"a.example\"\nrelay = \"a\"\n[[route]]\nrelay = \"b\"\n",
+        relay("a", a, ""),
+        relay("b", b, ""),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_routes_idle_primary_takes_no_share_of_a_bdat_stream() {
+    // b is a primary too, but its route gets none of the burst: the one
+    // worker that looks for b's mail meanwhile takes a's, finds a's
+    // connections busy, and must not cut a's streams (about 20 of 80
+    // followed when it parked them, against about 57 without route b).
+    idle_relays_cost_nothing(
+        80,
+        bdat(),
+        1,
+        |a, b| two_routes(a, b[0]),
+        |_| "app@a.example",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_routes_idle_primary_takes_no_share_of_data_pipelining() {
+    idle_relays_cost_nothing(
+        60,
+        data(),
+        1,
+        |a, b| two_routes(a, b[0]),
+        |_| "app@a.example",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
+    // A burst for a; once a has some of it, mail for b comes in. Both
+    // drain, each message once, byte for byte, each at its own relay.
+    let n = 120;
+    let script = Script::default()
+        .chunking()
+        .reply_delay(Duration::from_millis(20));
+    let b = FakeUpstream::start_with(script.clone()).await;
+    let (d, a, ids, mark) = queue_then_flow_with(
+        |a| two_routes(a, b.addr()),
+        n,
+        script,
+        |_| "app@a.example",
+        |_| vec!["bob@example.net"],
+    )
+    .await;
+    a.wait_for_messages(10, WAIT).await;
+    let mut for_b = Vec::new();
+    for i in 0..5 {
+        let r = send_mail(
+            d.addr,
+            "app@b.example",
+            &["carol@example.org"],
+            &dot_stuff(&body(n + i)),
+        )
+        .await;
+        assert!(r.starts_with("250"), "{r}");
+        for_b.push(queue_id(&r));
+    }
+    b.wait_for_messages(5, WAIT).await;
+    eprintln!("b's 5 arrived when a had {} of {n}", a.messages().len());
+    byte_for_byte(&d, &a, &ids);
+    for id in &for_b {
+        d.wait_log(&format!("{id}: removed"), WAIT);
+    }
+    let got_b = b.messages();
+    let mut seen: Vec<usize> = got_b.iter().map(index).collect();
+    seen.sort();
+    assert_eq!(seen, (n..n + 5).collect::<Vec<_>>(), "b's mail once each");
+    for m in &got_b {
+        let i = index(m);
+        assert!(
+            m.data.ends_with(&body(i)) && m.data.starts_with(b"Received: "),
+            "message {i} changed in transit: {:?}",
+            m.text()
+        );
+    }
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=deferred"), "{after}");
+    assert!(!after.contains("status=bounced"), "{after}");
+    assert_eq!(
+        after.matches("status=sent").count(),
+        n + 5,
+        "each sent once: {after}"
+    );
+    streamed("a", &a, n);
 }
