@@ -613,6 +613,29 @@ impl SmtpError {
         )
     }
 
+    /// A `421` to the RSET or MAIL that opens a transaction: the relay
+    /// ended the session before the transaction began, so nothing of the
+    /// message was taken and the message is not to blame (the `421` is
+    /// the relay pushing back on the connection). Said to a message that
+    /// went out behind another, it is that message's no more than the
+    /// connection's.
+    pub fn closed_before_transaction(&self) -> bool {
+        matches!(
+            self,
+            SmtpError::Rejected {
+                stage: Stage::Rset | Stage::Mail,
+                reply,
+            } if reply.code == 421
+        )
+    }
+
+    /// No reply came, not even to the RSET heading the transaction: the
+    /// connection was dead (closed or reset while idle) before anything
+    /// was read from it, so nothing of the transaction was taken.
+    pub fn connection_was_stale(&self) -> bool {
+        is_stale(self)
+    }
+
     /// Errors after which the server and we still agree where we are.
     fn leaves_session_in_sync(&self) -> bool {
         match self {

@@ -148,6 +148,12 @@ pub struct Script {
     /// with "421 4.7.0 Too many messages, slow down" and close: a
     /// provider throttling a connection in use.
     pub throttle_body: Option<usize>,
+    /// Answer the Nth body (counted like `fail_first_n_transactions`)
+    /// normally, then the RSET (`true`) or MAIL (`false`) that follows it
+    /// on that connection with "421 4.7.0 Too many messages, closing",
+    /// and close: pushback on the message *behind* the Nth, whose
+    /// transaction never began.
+    pub throttle_after_body: Option<(usize, bool)>,
 }
 
 impl Default for Script {
@@ -179,6 +185,7 @@ impl Default for Script {
             max_sessions: None,
             over_limit_at_auth: None,
             throttle_body: None,
+            throttle_after_body: None,
         }
     }
 }
@@ -272,6 +279,11 @@ impl Script {
     }
     /// `n` logins at once; one more is refused at AUTH with `code` and
     /// `text`.
+    pub fn throttle_after_body(mut self, n: usize, at_rset: bool) -> Self {
+        self.throttle_after_body = Some((n, at_rset));
+        self
+    }
+
     pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
         self.max_sessions = Some(n);
         self.over_limit_at_auth = Some((code, text.to_string()));
@@ -664,6 +676,7 @@ where
         tls,
         authenticated: None,
         chunks: Vec::new(),
+        closing: None,
     };
     match session.run(greet).await {
         Err(Closed::StartTls) => Some(session.into_stream()),
@@ -685,6 +698,8 @@ struct Session<S> {
     authenticated: Option<String>,
     /// BDAT chunks of the transaction so far.
     chunks: Vec<u8>,
+    /// `throttle_after_body`: the next RSET (`true`) or MAIL gets 421.
+    closing: Option<bool>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -748,6 +763,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await;
         }
         match verb.as_str() {
+            "RSET" if self.closing == Some(true) => self.throttle_now().await,
+            "MAIL" if self.closing.is_some() => self.throttle_now().await,
             "EHLO" | "HELO" => {
                 if script.drop_at == Some(Stage::Ehlo) {
                     return Err(Closed::ByUs);
@@ -958,6 +975,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (failing, throttled, close) = {
             let mut state = self.shared.lock();
             state.bodies_seen += 1;
+            if let Some((n, at_rset)) = script.throttle_after_body
+                && n == state.bodies_seen
+            {
+                self.closing = Some(at_rset);
+            }
             state.followed_seen += usize::from(followed);
             let throttled = script.throttle_body == Some(state.bodies_seen);
             (
@@ -1032,6 +1054,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             return Err(Closed::ByUs);
         }
         Ok(())
+    }
+
+    /// `throttle_after_body`: 421 to the command after the body, and close.
+    async fn throttle_now(&mut self) -> Result<(), Closed> {
+        {
+            let mut state = self.shared.lock();
+            let opened = state.connections;
+            state.throttled = Some((std::time::Instant::now(), opened));
+        }
+        self.reply(421, "4.7.0 Too many messages, closing").await?;
+        self.hang_up().await;
+        Err(Closed::ByUs)
     }
 
     /// Ends the session after what was answered: closes our side (the
