@@ -551,6 +551,7 @@ impl Router {
                     if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
                         break (not.report, not.signal, Flight::new());
                     }
+                    lease.set_up();
                     continue;
                 }
                 Pushed::Back => {
@@ -591,6 +592,7 @@ impl Router {
                     if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
                         break (not.report, not.signal, Flight::new());
                     }
+                    lease.set_up();
                 }
                 Answered::Closed(e) | Answered::No(e) => {
                     let rest = flight.into_iter().map(|m| m.ahead);
