@@ -342,3 +342,86 @@ async fn a_drop_after_a_message_was_taken_before_its_reply_in_a_window() {
 async fn a_drop_after_the_reply_in_a_window() {
     a_drop_in_a_window_at(TxnDrop::AfterReply).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunking_without_pipelining_is_not_streamed_and_arrives_byte_exact() {
+    // BDAT without PIPELINING would cost a round trip per command: relayq
+    // sends the usual way (one command, one reply), each message exactly.
+    let n = 12;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        Script::default().chunking().no_pipelining(),
+        |_| "app@example.com",
+        |i| {
+            if i % 2 == 0 {
+                vec!["bob@example.net", "carol@example.org"]
+            } else {
+                vec!["bob@example.net"]
+            }
+        },
+    )
+    .await;
+    let by_index = arrived_once(&d, &up, &ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit"
+        );
+        assert!(!m.followed, "message {i} had commands written behind it");
+        assert_eq!(m.rcpts.len(), if i % 2 == 0 { 2 } else { 1 });
+    }
+    assert!(
+        !up.commands()
+            .iter()
+            .any(|c| c.to_ascii_uppercase().starts_with("BDAT")),
+        "BDAT streamed to a server without PIPELINING: {:?}",
+        up.commands()
+    );
+    let after = &d.log()[mark..];
+    assert_eq!(after.matches("status=sent").count(), n + n.div_ceil(2));
+    assert!(!deferred_by_the_relay(after), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_to_a_message_inside_a_bdat_window_is_its_own_and_loses_nothing() {
+    // The relay answers one streamed message's BDAT with 421 and closes:
+    // that message is deferred (its own outcome) and goes again; those
+    // written behind it were never processed and go again untouched.
+    // Two connections: with no other one working, a 421 pauses the relay.
+    let n = 24;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        Script::default()
+            .chunking()
+            .reply_delay(Duration::from_millis(10))
+            .throttle_body(8),
+        |_| "app@example.com",
+        |_| vec!["bob@example.net"],
+    )
+    .await;
+    let by_index = arrived_once(&d, &up, &ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit"
+        );
+    }
+    let after = d.log()[mark..].to_string();
+    let deferred: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("status=deferred"))
+        .collect();
+    assert_eq!(deferred.len(), 1, "only the message answered 421:\n{after}");
+    assert!(
+        deferred[0].contains("421 4.7.0 Too many messages, slow down"),
+        "{}",
+        deferred[0]
+    );
+    assert!(
+        up.messages().iter().any(|m| m.followed),
+        "nothing was in flight behind a chunk"
+    );
+    assert_eq!(after.matches("status=sent").count(), n);
+}
