@@ -367,3 +367,51 @@ async fn a_421_before_the_transaction_of_a_message_behind_another_is_not_its_att
         assert_eq!(to, (from / 2).max(1), "{case}: halved: {halved}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connects_while_others_work_cut_concurrency_and_defer_nothing() {
+    // The upstream takes the four connections relayq starts with, then
+    // its port refuses more (the kernel answers RST): each connect refused
+    // while the four work is pushback on the concurrency ("failed"), not
+    // an outage, and the message it was for waits for a working one.
+    let n = 60;
+    let script = Script::default()
+        .reply_delay(Duration::from_millis(10))
+        .accept_at_most(4);
+    let (d, up, ids, mark) = backlog(n, "max_connections = 8", script).await;
+    arrived_once(&d, &up, &ids);
+    assert_eq!(up.connections(), 4, "only four were ever let in");
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=deferred"), "{after}");
+    assert!(!after.contains("status=bounced"), "{after}");
+    assert!(
+        !after.contains("paused by the circuit breaker") && !after.contains("is down"),
+        "others work: not an outage:\n{after}"
+    );
+    let cut = after
+        .lines()
+        .find(|l| {
+            l.contains(": concurrency ") && l.contains("a connection failed while others worked (")
+        })
+        .unwrap_or_else(|| panic!("no cut for the refused connects:\n{after}"));
+    assert!(cut.contains("Connection refused"), "{cut}");
+    // On /metrics, the last change: that cut, or a step up after it (the
+    // two working connections busy with mail waiting), never more than
+    // the cap; never an outage's reason.
+    let metrics = get(status_addr(&d), "/metrics").await.body;
+    let endpoint = format!("127.0.0.1:{}", up.port());
+    let last = ["failed", "backlog"].iter().any(|reason| {
+        metrics.contains(&format!(
+            "relayq_relay_concurrency_reason{{relay=\"{endpoint}\",name=\"default\",reason=\"{reason}\"}} 1"
+        ))
+    });
+    assert!(last, "{metrics}");
+    let v = relay_state(&d);
+    assert!(
+        v["concurrency"]
+            .as_u64()
+            .is_some_and(|c| (1..=8).contains(&c)),
+        "{v}"
+    );
+    assert_eq!(v["state"], "up", "{v}");
+}

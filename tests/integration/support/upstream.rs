@@ -178,6 +178,9 @@ pub struct Script {
     /// Drop the line at this point of the Nth transaction (the Nth MAIL
     /// received, counted like `fail_first_n_transactions`).
     pub drop_in_txn: Option<(usize, TxnDrop)>,
+    /// Stop listening once this many connections were accepted (those go
+    /// on): a connection after them is refused by the kernel.
+    pub accept_at_most: Option<usize>,
 }
 
 impl Default for Script {
@@ -211,6 +214,7 @@ impl Default for Script {
             throttle_body: None,
             throttle_after_body: None,
             drop_in_txn: None,
+            accept_at_most: None,
         }
     }
 }
@@ -306,6 +310,11 @@ impl Script {
     /// `text`.
     pub fn throttle_after_body(mut self, n: usize, at_rset: bool) -> Self {
         self.throttle_after_body = Some((n, at_rset));
+        self
+    }
+
+    pub fn accept_at_most(mut self, n: usize) -> Self {
+        self.accept_at_most = Some(n);
         self
     }
 
@@ -638,13 +647,16 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
+    // `None` once `accept_at_most` connections came: the port refuses more.
+    let mut listener = Some(listener);
     loop {
+        let accepting = listener.is_some();
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             // Reap finished sessions so the set does not grow without bound.
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            accepted = listener.accept() => {
+            accepted = async { listener.as_ref().expect("accepting").accept().await }, if accepting => {
                 let Ok((stream, _peer)) = accepted else { continue };
                 // Replies are written one by one as commands arrive; with
                 // Nagle on, a pipelined batch stalls for the peer's delayed
@@ -659,6 +671,9 @@ async fn accept_loop(
                     if state.script.max_sessions.is_some_and(|max| state.active > max) {
                         let conn = state.connections;
                         state.over_limit.insert(conn);
+                    }
+                    if state.script.accept_at_most.is_some_and(|max| state.connections >= max) {
+                        listener = None;
                     }
                     state.connections
                 };
