@@ -335,6 +335,7 @@ impl Router {
                 return None;
             }
         };
+        self.ended_with(id, &signal, &mut flight, ahead).await;
         // The next message goes on the wire before this one is recorded.
         if signal == Signal::Ok {
             self.top_up(id, &mut lease, &mut flight, (0, 0), ahead)
@@ -569,6 +570,7 @@ impl Router {
             match lease.sender.settle_pushed(chunked, msg.rcpts, since).await {
                 Answered::Yes(mut report, signal) => {
                     report.conn_time = since.saturating_duration_since(started);
+                    self.ended_with(id, &signal, &mut flight, ahead).await;
                     break (report, signal, flight);
                 }
                 Answered::Closed(e) | Answered::No(e) if !alone && (kept || !flight.is_empty()) => {
@@ -616,6 +618,24 @@ impl Router {
             .conclude(done, routed, skipped, Carry::Stream(flight), ahead)
             .await;
         (Delivery::Attempted(report), follow)
+    }
+
+    /// A message answered with 421 (to a recipient or its BDAT): the relay
+    /// ends the session and processes nothing after it, so the messages
+    /// behind it were taken by no one (no doubt): back, untouched.
+    async fn ended_with(
+        &self,
+        id: RelayId,
+        signal: &Signal,
+        flight: &mut Flight,
+        ahead: &mut Lookahead,
+    ) {
+        if !matches!(signal, Signal::Throttled(_)) || flight.is_empty() {
+            return;
+        }
+        let reason = signal.error().unwrap_or_default().to_string();
+        let rest = std::mem::take(flight).into_iter().map(|m| m.ahead);
+        self.unanswered(id, rest, &reason, false, ahead).await;
     }
 
     /// The line dropped (or the connection was stale, or the relay said
