@@ -578,7 +578,9 @@ impl Router {
                     // its transaction began, or the line dropped (maybe
                     // because of a message behind it). Again, alone.
                     let reason = e.to_string();
-                    if e.closed_before_transaction() {
+                    // A 421 to the RSET of a kept connection is the relay's
+                    // idle timeout, read only now: no pushback.
+                    if e.closed_before_transaction() && !(kept && e.connection_was_stale()) {
                         self.closed_by_relay(id, &lease, &e);
                     }
                     let doubt = in_doubt(&e);
