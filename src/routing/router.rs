@@ -365,6 +365,7 @@ impl Router {
             return (Delivery::Attempted(report), follow);
         }
         if fresh {
+            lease.set_up();
             let backlog = relay.pool.is_wanted() || ahead.waiting();
             relay.pool.connected(backlog);
         }
