@@ -27,7 +27,9 @@
 //!   does a delivery on a connection the cut has not closed yet (TCP
 //!   reacts once per window of losses the same way). The rate is measured
 //!   per round of a connection: a stream's replies come together, the
-//!   first after a round trip, the others at once.
+//!   first after a round trip, the others at once. A new connection's
+//!   rounds count from when it is ready (`Lease::set_up`): its connect,
+//!   TLS and login are not a slow delivery.
 //! - **Idle**: once a relay has had no connection open for a while (its
 //!   connections close after `idle_timeout`), the next burst starts again
 //!   from [`INITIAL`], down from growth or up from a cut, as Postfix

@@ -31,12 +31,24 @@
 //! answered are handed back to the worker to be retried alone, on a new
 //! connection with nothing behind them, so a message that breaks the
 //! connection can only break its own attempts; what was answered before
-//! stays recorded and is never sent again.
+//! stays recorded and is never sent again. A streamed message whose reply
+//! is lost was written whole, so the relay may have taken it: it is sent
+//! again all the same (never lost) and logged as possibly sent twice;
+//! [`STREAM_WINDOW`] bounds how many can be in that doubt at once. Only a
+//! line found closed before even the RSET heading a message was answered
+//! (or a 421) proves the relay took nothing of it.
+//!
+//! A `421` to the RSET or MAIL of a message that went out behind another
+//! ends the session before that message's transaction began: it is handed
+//! back untouched (no attempt counted, no deferral logged), with those
+//! behind it, to go again at once on another connection, and the 421
+//! counts once, as pushback on the connection.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::concurrency::Pushback;
 use super::headers;
 use super::health::{Availability, Signal};
 use super::reserve::Ticket;
@@ -48,10 +60,20 @@ use crate::transport::pool::Lease;
 use crate::transport::relay::{Answered, Outgoing, Pushed, Wrote};
 use crate::transport::smtp::{Chunked, NextTxn, Opened, Pending, SmtpError, TxnReport, Written};
 
-/// Messages written on one connection and not yet answered, at most.
-pub const STREAM_WINDOW: usize = 8;
+/// Messages written whole on one connection and not yet answered, at
+/// most. Each one's `BDAT ... LAST` is written, so if the line drops
+/// before its reply the relay may have taken it: it is sent again (never
+/// lost), and may arrive twice, as after any end of data whose reply is
+/// lost (Postfix: "message may be sent more than once"). The window is
+/// therefore the most messages a dropped line can leave in that doubt.
+/// It is also how many messages a connection carries per round trip,
+/// against one with DATA; 3 keeps CHUNKING above twice the drain of
+/// DATA per connection (the target) while bounding the doubt to 3. One
+/// would bound it to 1 but carry no more than DATA does.
+pub const STREAM_WINDOW: usize = 3;
 /// Bytes of message written on one connection and not yet answered, at
-/// most (one larger message still goes, alone).
+/// most, counting every message in flight (one larger message still goes,
+/// alone).
 pub const STREAM_BYTES: usize = 1024 * 1024;
 
 /// The next message, admitted to go out behind the current one.
@@ -199,8 +221,11 @@ impl Router {
             State::Pending(pending) => match lease.sender.settle_next(pending).await {
                 NextTxn::Open(opened) => Ready::Open(opened),
                 NextTxn::Done(result) => Ready::Over(result),
-                txn @ (NextTxn::NotSent | NextTxn::Lost(_) | NextTxn::Pending(_)) => {
-                    log_unanswered(&this.cand.id, &txn);
+                txn @ (NextTxn::NotSent
+                | NextTxn::Lost(_)
+                | NextTxn::Pending(_)
+                | NextTxn::Closed(_)) => {
+                    self.log_unanswered(id, &lease, &this.cand.id, &txn);
                     self.relays[id].pool.checkin(lease);
                     self.give_back(id, this.ticket).await;
                     ahead.hand_back(this.cand);
@@ -305,16 +330,22 @@ impl Router {
             .await;
         let (report, signal) = match answered {
             Answered::Yes(report, signal) => (report, signal),
-            Answered::No(e) => {
+            Answered::Closed(e) | Answered::No(e) => {
+                if e.closed_before_transaction() {
+                    self.closed_by_relay(id, &lease, &e);
+                }
                 self.relays[id].pool.checkin(lease);
+                let doubt = in_doubt(&e);
                 let all = std::iter::once(this).chain(flight.into_iter().map(|m| m.ahead));
-                self.unanswered(id, all, &e.to_string(), ahead).await;
+                self.unanswered(id, all, &e.to_string(), doubt, ahead).await;
                 return None;
             }
         };
+        self.ended_with(id, &signal, &mut flight, ahead).await;
         // The next message goes on the wire before this one is recorded.
         if signal == Signal::Ok {
-            self.top_up(id, &mut lease, &mut flight, 0, ahead).await;
+            self.top_up(id, &mut lease, &mut flight, (0, 0), ahead)
+                .await;
         }
         let ended = (report, signal, since);
         let carry = Carry::Stream(flight);
@@ -322,17 +353,19 @@ impl Router {
     }
 
     /// Writes the worker's next ready messages behind those in flight, while
-    /// the window has room. `more`: messages written and unanswered besides
-    /// `flight` (the one being sent, in the first attempt).
+    /// the window has room. `more`: messages (and their bytes) written and
+    /// unanswered besides `flight` (the one being sent, in the first
+    /// attempt).
     pub(super) async fn top_up(
         &self,
         id: RelayId,
         lease: &mut Lease,
         flight: &mut Flight,
-        more: usize,
+        (more, more_bytes): (usize, usize),
         ahead: &mut Lookahead,
     ) {
-        let mut bytes: usize = flight.iter().map(|m| m.ahead.body.len()).sum();
+        let mut bytes: usize =
+            more_bytes + flight.iter().map(|m| m.ahead.body.len()).sum::<usize>();
         while flight.len() + more < STREAM_WINDOW
             && bytes < STREAM_BYTES
             && lease.sender.can_stream()
@@ -436,8 +469,8 @@ impl Router {
                             .await
                     }
                     NextTxn::Done(result) => (State::Over(result), None),
-                    NextTxn::NotSent | NextTxn::Lost(_) => {
-                        log_unanswered(&this.cand.id, &txn);
+                    NextTxn::NotSent | NextTxn::Lost(_) | NextTxn::Closed(_) => {
+                        self.log_unanswered(id, &lease, &this.cand.id, &txn);
                         self.give_back(id, this.ticket).await;
                         ahead.hand_back(this.cand);
                         return (Some(lease), None);
@@ -489,7 +522,7 @@ impl Router {
                 if let Some(next) = next {
                     // Its envelope never went out, or went out on a line
                     // that failed: nothing of it was taken.
-                    log_unanswered(&next.cand.id, &txn);
+                    self.log_unanswered(id, lease, &next.cand.id, &txn);
                     self.give_back(id, next.ticket).await;
                     ahead.hand_back(next.cand);
                 }
@@ -527,6 +560,7 @@ impl Router {
                     if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
                         break (not.report, not.signal, Flight::new());
                     }
+                    lease.set_up();
                     continue;
                 }
                 Pushed::Back => {
@@ -538,27 +572,45 @@ impl Router {
             };
             let mut flight = Flight::new();
             if !alone {
-                self.top_up(id, &mut lease, &mut flight, 1, ahead).await;
+                let first = (1, msg.body.len());
+                self.top_up(id, &mut lease, &mut flight, first, ahead).await;
             }
             match lease.sender.settle_pushed(chunked, msg.rcpts, since).await {
                 Answered::Yes(mut report, signal) => {
                     report.conn_time = since.saturating_duration_since(started);
+                    self.ended_with(id, &signal, &mut flight, ahead).await;
                     break (report, signal, flight);
                 }
-                Answered::No(e) if !alone && (kept || !flight.is_empty()) => {
+                Answered::Closed(e) | Answered::No(e) if !alone && (kept || !flight.is_empty()) => {
+                    // Not its attempt: the relay ended the session before
+                    // its transaction began, or the line dropped (maybe
+                    // because of a message behind it). Again, alone.
                     let reason = e.to_string();
-                    tracing::debug!(target: "relayq::delivery", "{}: no reply on the stream ({reason}); trying it again alone", msg.meta.id);
+                    // A 421 to the RSET of a kept connection is the relay's
+                    // idle timeout, read only now: no pushback.
+                    if e.closed_before_transaction() && !(kept && e.connection_was_stale()) {
+                        self.closed_by_relay(id, &lease, &e);
+                    }
+                    let doubt = in_doubt(&e);
+                    if doubt {
+                        tracing::info!(target: "relayq::delivery", "{}: relay={}, {}; trying it again alone", msg.meta.id, self.relays[id].endpoint, doubt_text(&reason));
+                    } else {
+                        tracing::debug!(target: "relayq::delivery", "{}: nothing taken on the stream ({reason}); trying it again alone", msg.meta.id);
+                    }
                     let rest = flight.into_iter().map(|m| m.ahead);
-                    self.unanswered(id, rest, &reason, ahead).await;
+                    self.unanswered(id, rest, &reason, doubt, ahead).await;
                     alone = true;
                     // The lease keeps its slot; a new connection on it.
                     if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
                         break (not.report, not.signal, Flight::new());
                     }
+                    lease.set_up();
                 }
-                Answered::No(e) => {
+                Answered::Closed(e) | Answered::No(e) => {
                     let rest = flight.into_iter().map(|m| m.ahead);
-                    self.unanswered(id, rest, &e.to_string(), ahead).await;
+                    let doubt = in_doubt(&e);
+                    self.unanswered(id, rest, &e.to_string(), doubt, ahead)
+                        .await;
                     let (report, signal) = lease.sender.report_done(Err(e), msg.rcpts, since);
                     break (report, signal, Flight::new());
                 }
@@ -578,19 +630,45 @@ impl Router {
         (Delivery::Attempted(report), follow)
     }
 
-    /// The line dropped (or the connection was stale) before the relay
-    /// answered these: each goes back to the worker, to be retried alone.
+    /// A message answered with 421 (to a recipient or its BDAT): the relay
+    /// ends the session and processes nothing after it, so the messages
+    /// behind it were taken by no one (no doubt): back, untouched.
+    async fn ended_with(
+        &self,
+        id: RelayId,
+        signal: &Signal,
+        flight: &mut Flight,
+        ahead: &mut Lookahead,
+    ) {
+        if !matches!(signal, Signal::Throttled(_)) || flight.is_empty() {
+            return;
+        }
+        let reason = signal.error().unwrap_or_default().to_string();
+        let rest = std::mem::take(flight).into_iter().map(|m| m.ahead);
+        self.unanswered(id, rest, &reason, false, ahead).await;
+    }
+
+    /// The line dropped (or the connection was stale, or the relay said
+    /// 421) before the relay answered these: each goes back to the worker,
+    /// untouched, to be retried alone. `doubt`: they were written whole
+    /// and the relay may have taken them (see [`STREAM_WINDOW`]).
     async fn unanswered(
         &self,
         id: RelayId,
         messages: impl IntoIterator<Item = Ahead>,
         reason: &str,
+        doubt: bool,
         ahead: &mut Lookahead,
     ) {
         for m in messages {
+            let what = if doubt {
+                doubt_text(reason)
+            } else {
+                format!("the connection ended before the relay took anything of it ({reason})")
+            };
             tracing::info!(
                 target: "relayq::delivery",
-                "{}: relay={}, the connection ended before the relay answered ({reason}); trying it again alone",
+                "{}: relay={}, {what}; trying it again alone",
                 m.cand.id,
                 self.relays[id].endpoint,
             );
@@ -600,11 +678,55 @@ impl Router {
     }
 }
 
-fn log_unanswered(id: &str, txn: &NextTxn) {
-    if let NextTxn::Lost(reason) = txn {
-        tracing::debug!(
-            target: "relayq::delivery",
-            "{id}: envelope sent behind the previous message was not answered ({reason}); trying it again"
-        );
+impl Router {
+    /// A message that went out behind another comes back untried: says
+    /// why, and counts a 421 that ended the connection before its
+    /// transaction began as the connection's pushback (once: nothing else
+    /// on that connection is answered after it).
+    fn log_unanswered(&self, id: RelayId, lease: &Lease, msg: &str, txn: &NextTxn) {
+        match txn {
+            NextTxn::Lost(reason) => tracing::debug!(
+                target: "relayq::delivery",
+                "{msg}: envelope sent behind the previous message was not answered ({reason}); trying it again"
+            ),
+            NextTxn::Closed(e) => {
+                tracing::info!(
+                    target: "relayq::delivery",
+                    "{msg}: relay={}, the relay ended the session before this message's transaction began ({e}); trying it again",
+                    self.relays[id].endpoint,
+                );
+                self.closed_by_relay(id, lease, e);
+            }
+            _ => {}
+        }
     }
+
+    /// A 421 ended a connection before a message's transaction began: the
+    /// relay pushing back on the connection, as a 421 to a message is
+    /// (`Router::conclude`), but no message's attempt.
+    fn closed_by_relay(&self, id: RelayId, lease: &Lease, e: &SmtpError) {
+        let relay = &self.relays[id];
+        let error = e.to_string();
+        if relay.pool.established() > 0 {
+            relay.pool.pushback(lease, Pushback::Throttled { error });
+        } else {
+            self.record_signal(id, &Signal::Throttled(error), self.clock.now_ms());
+        }
+    }
+}
+
+/// Whether a streamed message whose replies ended with `e` (and those
+/// behind it) may have been taken: it was written whole, and neither a
+/// connection found dead at its RSET nor a 421 before its transaction
+/// proves otherwise.
+fn in_doubt(e: &SmtpError) -> bool {
+    !e.connection_was_stale() && !e.closed_before_transaction()
+}
+
+/// A streamed message whose reply was lost: written whole, so the relay
+/// may have taken it.
+fn doubt_text(reason: &str) -> String {
+    format!(
+        "the connection ended after the message was sent, before the relay answered ({reason}): it may have been delivered, and may arrive twice"
+    )
 }

@@ -428,6 +428,7 @@ impl Router {
             return (Delivery::Attempted(report), follow);
         }
         if fresh {
+            lease.set_up();
             let backlog = relay.pool.is_wanted() || relay.pool.has_handed() || ahead.waiting();
             relay.pool.connected(backlog);
         }

@@ -81,6 +81,17 @@ impl Drop for Lent {
     }
 }
 
+impl Lease {
+    /// The connection is ready for mail (connected, greeted, logged in):
+    /// the time a message takes on it counts from now, so that opening a
+    /// connection (a round trip or more, TLS, AUTH) is not taken for a
+    /// slow delivery, which would make new connections look slow and cut
+    /// the concurrency ("rate").
+    pub fn set_up(&mut self) {
+        self.busy_since = Instant::now();
+    }
+}
+
 pub struct RelayPool {
     name: Arc<str>,
     relay: RelayConfig,
@@ -538,6 +549,20 @@ mod tests {
             clock: Clock::new(),
         };
         RelayPool::new("a".into(), relay, ctx)
+    }
+
+    #[tokio::test]
+    async fn a_connections_setup_is_not_counted_as_its_first_delivery() {
+        let pool = pool("host = \"127.0.0.1\"\nport = 2525\n", None);
+        for setup in [0u64, 5, 50] {
+            let mut lease = pool.try_checkout().ok().unwrap();
+            let checked_out = lease.busy_since;
+            std::thread::sleep(Duration::from_millis(setup));
+            let ready = Instant::now();
+            lease.set_up();
+            assert!(lease.busy_since >= ready && lease.busy_since >= checked_out);
+            pool.checkin(lease);
+        }
     }
 
     #[tokio::test]

@@ -87,8 +87,14 @@ pub enum Wrote {
 pub enum Answered {
     /// The relay answered it: its report.
     Yes(AttemptReport, Signal),
-    /// Its replies were never read (the line dropped, or the connection
-    /// had gone stale): why. The relay may have taken it or not.
+    /// The relay answered its RSET or MAIL with 421 and ended the
+    /// session: nothing of it was taken, and none of those behind it
+    /// either (a server processes nothing after a 421). The 421, to be
+    /// counted once, as the connection's pushback.
+    Closed(SmtpError),
+    /// Its replies were never read (the line dropped, a timeout, or the
+    /// connection had gone stale): why. Unless the connection was stale
+    /// ([`SmtpError::connection_was_stale`]) the relay may have taken it.
     No(SmtpError),
 }
 
@@ -452,6 +458,12 @@ impl RelaySender {
             return Answered::No(SmtpError::Unusable);
         };
         let result = conn.settle_chunked(chunked).await;
+        if let Err(e) = &result
+            && e.closed_before_transaction()
+        {
+            self.drop_conn();
+            return Answered::Closed(result.err().unwrap_or(SmtpError::Unusable));
+        }
         // No reply, or one out of step: the relay said nothing about this
         // message that can be trusted (a 421 is an answer).
         if matches!(

@@ -613,6 +613,30 @@ impl SmtpError {
         )
     }
 
+    /// A `421` to the RSET or MAIL that opens a transaction: the relay
+    /// ended the session before the transaction began, so nothing of the
+    /// message was taken and the message is not to blame (the `421` is
+    /// the relay pushing back on the connection). Said to a message that
+    /// went out behind another, it is that message's no more than the
+    /// connection's.
+    pub fn closed_before_transaction(&self) -> bool {
+        matches!(
+            self,
+            SmtpError::Rejected {
+                stage: Stage::Rset | Stage::Mail,
+                reply,
+            } if reply.code == 421
+        )
+    }
+
+    /// No reply came, not even to the RSET heading the transaction (or a
+    /// 421 came in its place): the connection was dead (closed, reset or
+    /// timed out by the relay while idle) before anything was read from
+    /// it, so nothing of the transaction was taken.
+    pub fn connection_was_stale(&self) -> bool {
+        is_stale(self)
+    }
+
     /// Errors after which the server and we still agree where we are.
     fn leaves_session_in_sync(&self) -> bool {
         match self {
@@ -675,16 +699,22 @@ impl Step {
 }
 
 /// An error reading the reply to a pipelined RSET: the connection was dead
-/// before this transaction began.
+/// before this transaction began. A 421 in its place is the same: on a
+/// kept connection it is nearly always the relay's idle timeout ("421
+/// 4.4.2 Timeout exceeded"), said while the connection sat idle and read
+/// only now, not an answer to this message.
 fn is_stale(e: &SmtpError) -> bool {
-    matches!(
-        e,
+    match e {
         SmtpError::Closed { stage: Stage::Rset }
-            | SmtpError::Io {
-                stage: Stage::Rset,
-                ..
-            }
-    )
+        | SmtpError::Io {
+            stage: Stage::Rset, ..
+        } => true,
+        SmtpError::Rejected {
+            stage: Stage::Rset,
+            reply,
+        } => reply.code == 421,
+        _ => false,
+    }
 }
 
 /// An envelope ready to go out.
@@ -944,8 +974,9 @@ impl Connection {
         {
             // The connection died while idle (the upstream timed it out or
             // restarted); nothing of this transaction was accepted, since
-            // not even the RSET was answered (and `next` was not written,
-            // as it only follows a body). Open a fresh one and retry.
+            // not even the RSET was answered, or it was answered 421 (and
+            // `next` was not written, as it only follows a body). Open a
+            // fresh one and retry.
             tracing::debug!(parent: &self.span, "connection went stale ({e}); reconnecting");
             let cfg = self.cfg.clone();
             *self = match Connection::open(&cfg).await {

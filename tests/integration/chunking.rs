@@ -9,8 +9,10 @@ use std::time::Duration;
 
 use crate::pipelining::{
     arrived_once, body, index, max_messages_per_connection_holds, queue_then_flow,
+    queue_then_flow_with,
 };
-use crate::support::upstream::Script;
+use crate::support::daemon::relay_config;
+use crate::support::upstream::{Script, TxnDrop};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -228,4 +230,201 @@ async fn a_line_dropped_in_a_bdat_window_loses_nothing_and_sends_nothing_twice()
 async fn max_messages_per_connection_counts_streamed_messages() {
     let up = max_messages_per_connection_holds(Script::default().chunking()).await;
     assert!(up.messages().iter().all(|m| m.via == "BDAT"));
+}
+
+/// One connection at a time, so the transactions of a stream arrive in
+/// the order written and the Nth is at a known place in its window.
+fn one_connection(addr: std::net::SocketAddr) -> String {
+    relay_config(addr, "").replace("concurrency = 2", "concurrency = 1")
+}
+
+/// The line drops at `at` in the Kth transaction of a stream of 8, for K
+/// at the head, inside and past the first window. Per message: recorded
+/// sent exactly once (never lost); arrived exactly once, except a message
+/// the upstream took without its reply getting through, which may arrive
+/// twice and only after relayq logged that doubt; at most a window of
+/// messages in doubt; an acknowledged message is never sent again.
+async fn a_drop_in_a_window_at(at: TxnDrop) {
+    let n = 8;
+    for k in [1, 2, 3, 5] {
+        let script = Script::default()
+            .chunking()
+            .reply_delay(Duration::from_millis(10))
+            .drop_in_txn(k, at);
+        let (d, up, ids, mark) = queue_then_flow_with(
+            one_connection,
+            n,
+            script,
+            |_| "app@example.com",
+            |_| vec!["bob@example.net"],
+        )
+        .await;
+        for id in &ids {
+            d.wait_log(&format!("{id}: removed"), WAIT);
+        }
+        let case = format!("drop {at:?} in transaction {k}");
+        let after = d.log()[mark..].to_string();
+        assert!(up.connections() >= 2, "{case}: the line never dropped");
+        let mut arrived = vec![0usize; n];
+        for m in up.messages() {
+            assert!(m.data.ends_with(&body(index(&m))), "{case}: changed");
+            arrived[index(&m)] += 1;
+        }
+        let doubted: Vec<usize> = (0..n)
+            .filter(|&i| {
+                after.lines().any(|l| {
+                    l.contains(&format!("{}: relay=", ids[i])) && l.contains("may arrive twice")
+                })
+            })
+            .collect();
+        assert!(
+            doubted.len() <= relayq_window(),
+            "{case}: more messages in doubt than a window: {doubted:?}"
+        );
+        for (i, id) in ids.iter().enumerate() {
+            let sent = after
+                .lines()
+                .filter(|l| l.contains(&format!("{id}: to=<")) && l.contains("status=sent"))
+                .count();
+            assert_eq!(sent, 1, "{case}: message {i} recorded sent once:\n{after}");
+            let twice_ok = at == TxnDrop::AfterLastTaken && doubted.contains(&i);
+            match arrived[i] {
+                1 => {}
+                2 if twice_ok => {}
+                got => panic!(
+                    "{case}: message {i} arrived {got} times (in doubt: {doubted:?}):\n{after}"
+                ),
+            }
+        }
+        if at == TxnDrop::AfterLastTaken {
+            assert_eq!(
+                arrived.iter().filter(|&&a| a == 2).count(),
+                1,
+                "{case}: the message taken without a reply is sent again"
+            );
+        }
+        assert!(!deferred_by_the_relay(&after), "{case}:\n{after}");
+        assert_eq!(d.queued(), 0);
+    }
+}
+
+/// relayq's BDAT window (`routing::follow::STREAM_WINDOW`).
+fn relayq_window() -> usize {
+    3
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_after_mail_in_a_window() {
+    a_drop_in_a_window_at(TxnDrop::AfterMail).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_after_rcpt_in_a_window() {
+    a_drop_in_a_window_at(TxnDrop::AfterRcpt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_mid_chunk_in_a_window() {
+    a_drop_in_a_window_at(TxnDrop::MidChunk).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_after_last_before_the_reply_in_a_window() {
+    a_drop_in_a_window_at(TxnDrop::AfterLast).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_after_a_message_was_taken_before_its_reply_in_a_window() {
+    a_drop_in_a_window_at(TxnDrop::AfterLastTaken).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_after_the_reply_in_a_window() {
+    a_drop_in_a_window_at(TxnDrop::AfterReply).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunking_without_pipelining_is_not_streamed_and_arrives_byte_exact() {
+    // BDAT without PIPELINING would cost a round trip per command: relayq
+    // sends the usual way (one command, one reply), each message exactly.
+    let n = 12;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        Script::default().chunking().no_pipelining(),
+        |_| "app@example.com",
+        |i| {
+            if i % 2 == 0 {
+                vec!["bob@example.net", "carol@example.org"]
+            } else {
+                vec!["bob@example.net"]
+            }
+        },
+    )
+    .await;
+    let by_index = arrived_once(&d, &up, &ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit"
+        );
+        assert!(!m.followed, "message {i} had commands written behind it");
+        assert_eq!(m.rcpts.len(), if i % 2 == 0 { 2 } else { 1 });
+    }
+    assert!(
+        !up.commands()
+            .iter()
+            .any(|c| c.to_ascii_uppercase().starts_with("BDAT")),
+        "BDAT streamed to a server without PIPELINING: {:?}",
+        up.commands()
+    );
+    let after = &d.log()[mark..];
+    assert_eq!(after.matches("status=sent").count(), n + n.div_ceil(2));
+    assert!(!deferred_by_the_relay(after), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_to_a_message_inside_a_bdat_window_is_its_own_and_loses_nothing() {
+    // The relay answers one streamed message's BDAT with 421 and closes:
+    // that message is deferred (its own outcome) and goes again; those
+    // written behind it were never processed and go again untouched.
+    // Two connections: with no other one working, a 421 pauses the relay.
+    let n = 24;
+    let (d, up, ids, mark) = queue_then_flow(
+        n,
+        "",
+        Script::default()
+            .chunking()
+            .reply_delay(Duration::from_millis(10))
+            .throttle_body(8),
+        |_| "app@example.com",
+        |_| vec!["bob@example.net"],
+    )
+    .await;
+    let by_index = arrived_once(&d, &up, &ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit"
+        );
+    }
+    let after = d.log()[mark..].to_string();
+    let deferred: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("status=deferred"))
+        .collect();
+    assert_eq!(deferred.len(), 1, "only the message answered 421:\n{after}");
+    assert!(
+        deferred[0].contains("421 4.7.0 Too many messages, slow down"),
+        "{}",
+        deferred[0]
+    );
+    assert!(
+        up.messages().iter().any(|m| m.followed),
+        "nothing was in flight behind a chunk"
+    );
+    // The relay processes nothing after its 421: those behind it are not
+    // in doubt.
+    assert!(!after.contains("may arrive twice"), "{after}");
+    assert_eq!(after.matches("status=sent").count(), n);
 }

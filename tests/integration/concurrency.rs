@@ -323,3 +323,95 @@ async fn connections_over_a_cut_take_no_more_mail_while_mail_waits() {
         "{went_on} connections open before the cut to {to} went on taking mail: {carried:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_before_the_transaction_of_a_message_behind_another_is_not_its_attempt() {
+    // The relay answers a message normally, then the RSET or MAIL of the
+    // message behind it on that connection with 421 and closes. That
+    // message's transaction never began: it goes back untouched (no
+    // deferral logged, no attempt counted) and arrives once; the 421 cuts
+    // the concurrency once, for the connection. With DATA (the envelope
+    // pipelined behind the dot: MAIL) and in a BDAT window (RSET or MAIL).
+    for (chunking, at_rset) in [(false, false), (true, true), (true, false)] {
+        let mut script = Script::default()
+            .reply_delay(Duration::from_millis(10))
+            .throttle_after_body(30, at_rset);
+        if chunking {
+            script = script.chunking();
+        }
+        let case = format!("chunking {chunking}, 421 at RSET {at_rset}");
+        let (d, up, ids, mark) = backlog(60, "max_connections = 8", script).await;
+        arrived_once(&d, &up, &ids);
+        assert!(up.throttled().is_some(), "{case}: the 421 went out");
+        let after = d.log()[mark..].to_string();
+        assert!(
+            !after.contains("status=deferred"),
+            "{case}: a message the relay never began was logged deferred:\n{after}"
+        );
+        assert!(!after.contains("status=bounced"), "{case}:\n{after}");
+        assert!(
+            after.contains("the relay ended the session before this message's transaction began")
+                || after.contains("the connection ended before the relay took anything of it"),
+            "{case}: the message behind the 421 was not handed back:\n{after}"
+        );
+        let cuts = after
+            .lines()
+            .filter(|l| l.contains(": the relay throttled a connection ("))
+            .count();
+        assert_eq!(cuts, 1, "{case}: one cut for one 421:\n{after}");
+        let (halved, from, to) = throttle_cut(&after);
+        assert!(
+            halved.contains("421 4.7.0 Too many messages, closing"),
+            "{case}: {halved}"
+        );
+        assert_eq!(to, (from / 2).max(1), "{case}: halved: {halved}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_connects_while_others_work_cut_concurrency_and_defer_nothing() {
+    // The upstream takes the four connections relayq starts with, then
+    // its port refuses more (the kernel answers RST): each connect refused
+    // while the four work is pushback on the concurrency ("failed"), not
+    // an outage, and the message it was for waits for a working one.
+    let n = 60;
+    let script = Script::default()
+        .reply_delay(Duration::from_millis(10))
+        .accept_at_most(4);
+    let (d, up, ids, mark) = backlog(n, "max_connections = 8", script).await;
+    arrived_once(&d, &up, &ids);
+    assert_eq!(up.connections(), 4, "only four were ever let in");
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=deferred"), "{after}");
+    assert!(!after.contains("status=bounced"), "{after}");
+    assert!(
+        !after.contains("paused by the circuit breaker") && !after.contains("is down"),
+        "others work: not an outage:\n{after}"
+    );
+    let cut = after
+        .lines()
+        .find(|l| {
+            l.contains(": concurrency ") && l.contains("a connection failed while others worked (")
+        })
+        .unwrap_or_else(|| panic!("no cut for the refused connects:\n{after}"));
+    assert!(cut.contains("Connection refused"), "{cut}");
+    // On /metrics, the last change: that cut, or a step up after it (the
+    // two working connections busy with mail waiting), never more than
+    // the cap; never an outage's reason.
+    let metrics = get(status_addr(&d), "/metrics").await.body;
+    let endpoint = format!("127.0.0.1:{}", up.port());
+    let last = ["failed", "backlog"].iter().any(|reason| {
+        metrics.contains(&format!(
+            "relayq_relay_concurrency_reason{{relay=\"{endpoint}\",name=\"default\",reason=\"{reason}\"}} 1"
+        ))
+    });
+    assert!(last, "{metrics}");
+    let v = relay_state(&d);
+    assert!(
+        v["concurrency"]
+            .as_u64()
+            .is_some_and(|c| (1..=8).contains(&c)),
+        "{v}"
+    );
+    assert_eq!(v["state"], "up", "{v}");
+}

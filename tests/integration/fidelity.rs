@@ -446,39 +446,45 @@ async fn eight_bit_is_converted_for_an_upstream_without_8bitmime() {
             vec![format!("<p>{}</p>", text.trim_end()).into_bytes(), vec![0xff, 0xfe, 0x80, b'a']],
         ),
     ];
-    let up = FakeUpstream::start_with(Script::default().no_8bitmime()).await;
-    let d = Daemon::start(&relay_config(up.addr(), ""));
-    for (i, (msg, _)) in cases.iter().enumerate() {
-        let r = smtplib(
-            d.addr,
-            "app@example.com",
-            &[&format!("r{i}@example.net")],
-            msg,
-            &["BODY=8BITMIME"],
-            &[],
-        );
-        assert_eq!(r, "ok");
-        ok(&sendmail(&d.config, &[&format!("s{i}@example.net")], msg));
-    }
-    let got = up.wait_for_messages(2 * cases.len(), WAIT).await;
-    for (i, (_, want)) in cases.iter().enumerate() {
-        for rcpt in [format!("r{i}@example.net"), format!("s{i}@example.net")] {
-            let m = for_rcpt(&got, &rcpt);
-            assert!(
-                m.data.is_ascii(),
-                "8-bit octets to a 7-bit upstream: {}",
-                m.text()
+    // Over DATA, and over BDAT (CHUNKING with PIPELINING) too: the chunk
+    // is the converted message, counted exactly.
+    for chunking in [false, true] {
+        let script = Script::default().no_8bitmime();
+        let up = FakeUpstream::start_with(if chunking { script.chunking() } else { script }).await;
+        let d = Daemon::start(&relay_config(up.addr(), ""));
+        for (i, (msg, _)) in cases.iter().enumerate() {
+            let r = smtplib(
+                d.addr,
+                "app@example.com",
+                &[&format!("r{i}@example.net")],
+                msg,
+                &["BODY=8BITMIME"],
+                &[],
             );
-            assert!(!m.mail_params.contains("8BITMIME"), "{}", m.mail_params);
-            mime::assert_conformant(&m.data);
-            assert_eq!(
-                payloads(&mime::decode(&m.data)),
-                *want,
-                "case {i} for {rcpt}"
-            );
+            assert_eq!(r, "ok");
+            ok(&sendmail(&d.config, &[&format!("s{i}@example.net")], msg));
         }
+        let got = up.wait_for_messages(2 * cases.len(), WAIT).await;
+        for (i, (_, want)) in cases.iter().enumerate() {
+            for rcpt in [format!("r{i}@example.net"), format!("s{i}@example.net")] {
+                let m = for_rcpt(&got, &rcpt);
+                assert!(
+                    m.data.is_ascii(),
+                    "8-bit octets to a 7-bit upstream: {}",
+                    m.text()
+                );
+                assert!(!m.mail_params.contains("8BITMIME"), "{}", m.mail_params);
+                assert_eq!(m.via, if chunking { "BDAT" } else { "DATA" });
+                mime::assert_conformant(&m.data);
+                assert_eq!(
+                    payloads(&mime::decode(&m.data)),
+                    *want,
+                    "case {i} for {rcpt}, chunking {chunking}"
+                );
+            }
+        }
+        drop(d);
     }
-    drop(d);
     // An upstream that offers 8BITMIME gets the octets as they are.
     let up = FakeUpstream::start().await;
     let d = Daemon::start(&relay_config(up.addr(), ""));

@@ -300,3 +300,47 @@ async fn recipients_over_the_upstreams_limit_go_in_the_next_transaction_at_once(
     );
     assert_eq!(d.count_log("status=sent"), 5, "{}", d.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_to_the_rset_of_a_kept_connection_is_its_idle_timeout_not_the_messages() {
+    // The relay ends a kept connection with 421 (as servers do when it
+    // sat idle too long), read only when the next message's RSET goes
+    // out: that message's transaction never began. It goes on a new
+    // connection at once, not deferred, and the relay is not paused.
+    // With DATA, and with BDAT streaming.
+    for chunking in [false, true] {
+        let mut script = crate::support::upstream::Script::default().throttle_after_body(1, true);
+        if chunking {
+            script = script.chunking();
+        }
+        let up = FakeUpstream::start_with(script).await;
+        let d = Daemon::start(
+            &relay_config(up.addr(), "")
+                .replace("idle_timeout = \"2s\"", "idle_timeout = \"60s\"")
+                .replace("concurrency = 2", "concurrency = 1"),
+        );
+        for (i, subject) in ["one", "two"].iter().enumerate() {
+            let r = send_mail(
+                d.addr,
+                "app@example.com",
+                &["bob@example.net"],
+                format!("Subject: {subject}\r\n\r\n{i}\r\n").as_bytes(),
+            )
+            .await;
+            d.wait_log(&format!("{}: removed", queue_id(&r)), WAIT);
+        }
+        assert!(
+            up.throttled().is_some(),
+            "chunking {chunking}: the 421 went out"
+        );
+        let got = up.wait_for_messages(2, WAIT).await;
+        assert_eq!(got.len(), 2, "chunking {chunking}: each once");
+        assert!(got[1].text().contains("Subject: two"));
+        assert_eq!(got[1].via, if chunking { "BDAT" } else { "DATA" });
+        let log = d.log();
+        assert!(
+            !log.contains("status=deferred") && !log.contains("paused by the circuit breaker"),
+            "chunking {chunking}: the 421 to a kept connection's RSET was taken for the message's:\n{log}"
+        );
+    }
+}

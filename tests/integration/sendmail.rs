@@ -671,9 +671,17 @@ pub fn drop_message_as_nobody(d: &Daemon, name: &str, rcpt: &str, extra: &str, b
         b"end\n",
     ]
     .concat();
-    let path = d.spool().join("maildrop").join(name);
+    // Written under the unfinished name and renamed, as `sendmail` does:
+    // a scan that meets the final name while `cat` still writes would
+    // refuse a half-written file (seen as a flake under load, where the
+    // daemon's start-up scan came late enough to meet it).
+    let dir = d.spool().join("maildrop");
+    let (tmp, path) = (dir.join(format!(".tmp.{name}")), dir.join(name));
     let mut cmd = as_nobody("sh");
-    cmd.args(["-c", &format!("cat > {}", path.display())]);
+    cmd.args([
+        "-c",
+        &format!("cat > {0} && mv {0} {1}", tmp.display(), path.display()),
+    ]);
     let o = run(cmd, &file);
     assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -167,7 +167,11 @@ impl Connection {
         }
         self.in_flight -= 1;
         let span = self.span.clone();
-        let result = self.read_chunked(chunked).instrument(span).await;
+        let result = self
+            .read_chunked(chunked)
+            .instrument(span)
+            .await
+            .map_err(in_doubt);
         if let Err(e) = &result
             && !e.leaves_session_in_sync()
         {
@@ -201,5 +205,28 @@ impl Connection {
             // delivered nothing.
             data: if accepted { data } else { None },
         })
+    }
+}
+
+/// The whole transaction was written before any of its replies was read,
+/// so a reply lost after the RSET's (or, with no RSET, any reply lost)
+/// leaves the doubt of one lost after the end of data: the server may have
+/// taken the message, and it says so ("may be sent more than once"). Only
+/// a line found closed at the RSET (the connection went stale while idle)
+/// proves nothing was taken.
+fn in_doubt(e: SmtpError) -> SmtpError {
+    match e {
+        SmtpError::Closed { stage } if stage != Stage::Rset => {
+            SmtpError::Closed { stage: Stage::Dot }
+        }
+        SmtpError::Io { stage, source } if stage != Stage::Rset => SmtpError::Io {
+            stage: Stage::Dot,
+            source,
+        },
+        SmtpError::Timeout { after, .. } => SmtpError::Timeout {
+            stage: Stage::Dot,
+            after,
+        },
+        e => e,
     }
 }

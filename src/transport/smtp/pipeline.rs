@@ -64,8 +64,14 @@ pub enum NextTxn {
     Lost(String),
     /// Answered, and no body goes out: its report, exactly as
     /// [`Connection::send`] would have given it (MAIL refused, every
-    /// recipient refused, DATA refused, 421). A RSET is owed.
+    /// recipient refused, DATA refused, 421 once MAIL was accepted). A
+    /// RSET is owed.
     Done(Result<TxnReport, SmtpError>),
+    /// The relay answered its MAIL with 421 and ended the session: the
+    /// transaction never began, so nothing of it was taken and it is not
+    /// to blame. Send it again at once, the usual way, on another
+    /// connection; the 421 is the connection's pushback, counted once.
+    Closed(SmtpError),
     /// 354: the server waits for its body. Hand this to
     /// [`Connection::send_opened`].
     Open(Opened),
@@ -111,6 +117,10 @@ impl Connection {
     async fn read_next(&mut self, pending: Pending) -> NextTxn {
         let Pending { steps, mut replies } = pending;
         match self.read_group(&steps, &mut replies).await {
+            Err(e) if e.closed_before_transaction() => {
+                self.broken = true;
+                NextTxn::Closed(e)
+            }
             Err(e @ SmtpError::Rejected { .. }) => {
                 // 421: an answer about this transaction, as send() gives it.
                 self.broken = true;

@@ -76,6 +76,26 @@ pub enum Stage {
     DataEnd,
 }
 
+/// Where in the Nth transaction [`Script::drop_in_txn`] drops the line.
+/// Every drop is a hang-up (see `Session::hang_up`): the replies written
+/// before it arrive, nothing after it is processed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxnDrop {
+    /// MAIL answered, then the line drops.
+    AfterMail,
+    /// The first RCPT answered, then the line drops.
+    AfterRcpt,
+    /// One octet of the BDAT chunk (or of the DATA body) read.
+    MidChunk,
+    /// The whole message in (BDAT LAST or the dot), not taken, no reply.
+    AfterLast,
+    /// The whole message in and taken (recorded), but the line drops
+    /// before the reply: the client can't know it was delivered.
+    AfterLastTaken,
+    /// The message taken and answered 250, then the line drops.
+    AfterReply,
+}
+
 /// How the fake server behaves. `Script::default()` is a well-behaved server
 /// advertising PIPELINING, 8BITMIME, SMTPUTF8 and ENHANCEDSTATUSCODES.
 #[derive(Clone, Debug)]
@@ -148,6 +168,19 @@ pub struct Script {
     /// with "421 4.7.0 Too many messages, slow down" and close: a
     /// provider throttling a connection in use.
     pub throttle_body: Option<usize>,
+    /// Answer the Nth body (counted like `fail_first_n_transactions`)
+    /// normally, then the next RSET (`true`) or MAIL (`false`) that comes
+    /// on a connection after a body (on any such connection, should the
+    /// Nth's not carry another message) with "421 4.7.0 Too many
+    /// messages, closing", and close: pushback on a message *behind*
+    /// another, whose transaction never began.
+    pub throttle_after_body: Option<(usize, bool)>,
+    /// Drop the line at this point of the Nth transaction (the Nth MAIL
+    /// received, counted like `fail_first_n_transactions`).
+    pub drop_in_txn: Option<(usize, TxnDrop)>,
+    /// Stop listening once this many connections were accepted (those go
+    /// on): a connection after them is refused by the kernel.
+    pub accept_at_most: Option<usize>,
 }
 
 impl Default for Script {
@@ -179,6 +212,9 @@ impl Default for Script {
             max_sessions: None,
             over_limit_at_auth: None,
             throttle_body: None,
+            throttle_after_body: None,
+            drop_in_txn: None,
+            accept_at_most: None,
         }
     }
 }
@@ -272,6 +308,21 @@ impl Script {
     }
     /// `n` logins at once; one more is refused at AUTH with `code` and
     /// `text`.
+    pub fn throttle_after_body(mut self, n: usize, at_rset: bool) -> Self {
+        self.throttle_after_body = Some((n, at_rset));
+        self
+    }
+
+    pub fn accept_at_most(mut self, n: usize) -> Self {
+        self.accept_at_most = Some(n);
+        self
+    }
+
+    pub fn drop_in_txn(mut self, n: usize, at: TxnDrop) -> Self {
+        self.drop_in_txn = Some((n, at));
+        self
+    }
+
     pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
         self.max_sessions = Some(n);
         self.over_limit_at_auth = Some((code, text.to_string()));
@@ -341,6 +392,10 @@ struct State {
     bodies_seen: usize,
     /// Of those, the ones with commands already behind them.
     followed_seen: usize,
+    /// MAIL commands received, counted like `bodies_seen`.
+    mails_seen: usize,
+    /// `throttle_after_body` is due: at the next RSET (`true`) or MAIL.
+    throttle_due: Option<bool>,
     /// For the "queued as FAKE<n>" ids.
     queued: usize,
     /// Set by `start_tls`/`set_tls`: read at each new connection.
@@ -437,6 +492,8 @@ impl FakeUpstream {
         state.script = script;
         state.bodies_seen = 0;
         state.followed_seen = 0;
+        state.mails_seen = 0;
+        state.throttle_due = None;
     }
 
     /// Completed transactions so far.
@@ -590,13 +647,16 @@ async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut sessions = JoinSet::new();
+    // `None` once `accept_at_most` connections came: the port refuses more.
+    let mut listener = Some(listener);
     loop {
+        let accepting = listener.is_some();
         tokio::select! {
             biased;
             _ = shutdown.changed() => break,
             // Reap finished sessions so the set does not grow without bound.
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            accepted = listener.accept() => {
+            accepted = async { listener.as_ref().expect("accepting").accept().await }, if accepting => {
                 let Ok((stream, _peer)) = accepted else { continue };
                 // Replies are written one by one as commands arrive; with
                 // Nagle on, a pipelined batch stalls for the peer's delayed
@@ -611,6 +671,9 @@ async fn accept_loop(
                     if state.script.max_sessions.is_some_and(|max| state.active > max) {
                         let conn = state.connections;
                         state.over_limit.insert(conn);
+                    }
+                    if state.script.accept_at_most.is_some_and(|max| state.connections >= max) {
+                        listener = None;
                     }
                     state.connections
                 };
@@ -664,6 +727,8 @@ where
         tls,
         authenticated: None,
         chunks: Vec::new(),
+        had_body: false,
+        dropping: None,
     };
     match session.run(greet).await {
         Err(Closed::StartTls) => Some(session.into_stream()),
@@ -685,6 +750,10 @@ struct Session<S> {
     authenticated: Option<String>,
     /// BDAT chunks of the transaction so far.
     chunks: Vec<u8>,
+    /// A body was answered on this session (a message can come behind it).
+    had_body: bool,
+    /// `drop_in_txn`: this session's transaction is the one to drop in.
+    dropping: Option<TxnDrop>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -748,6 +817,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await;
         }
         match verb.as_str() {
+            "RSET" | "MAIL" if self.throttle_due(&verb) => self.throttle_now().await,
             "EHLO" | "HELO" => {
                 if script.drop_at == Some(Stage::Ehlo) {
                     return Err(Closed::ByUs);
@@ -858,8 +928,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 rcpts: Vec::new(),
                 rcpt_params: Vec::new(),
             });
+            let mut state = self.shared.lock();
+            state.mails_seen += 1;
+            if let Some((n, at)) = script.drop_in_txn
+                && n == state.mails_seen
+            {
+                self.dropping = Some(at);
+            }
         }
-        self.reply(code, &text).await
+        self.reply(code, &text).await?;
+        self.drop_if(TxnDrop::AfterMail).await
+    }
+
+    /// Hangs up if the transaction is the one to drop in, at `at`.
+    async fn drop_if(&mut self, at: TxnDrop) -> Result<(), Closed> {
+        if self.dropping != Some(at) {
+            return Ok(());
+        }
+        self.hang_up().await;
+        Err(Closed::ByUs)
     }
 
     async fn rcpt(&mut self, script: &Script, arg: &str) -> Result<(), Closed> {
@@ -896,7 +983,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             tx.rcpts.push(address);
             tx.rcpt_params.push(params);
         }
-        self.reply(code, &text).await
+        self.reply(code, &text).await?;
+        self.drop_if(TxnDrop::AfterRcpt).await
     }
 
     async fn data(&mut self, script: &Script) -> Result<(), Closed> {
@@ -931,6 +1019,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if script.drop_at == Some(Stage::DataBody) {
                 return Err(Closed::ByUs);
             }
+            self.drop_if(TxnDrop::MidChunk).await?;
         };
         self.end_of_message(data, "DATA", followed).await
     }
@@ -951,6 +1040,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if script.drop_at == Some(Stage::DataEnd) {
             return Err(Closed::ByUs);
         }
+        self.drop_if(TxnDrop::AfterLast).await?;
         let Some(tx) = self.tx.take() else {
             return Err(Closed::ByUs);
         };
@@ -958,6 +1048,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         let (failing, throttled, close) = {
             let mut state = self.shared.lock();
             state.bodies_seen += 1;
+            if let Some((n, at_rset)) = script.throttle_after_body
+                && n == state.bodies_seen
+            {
+                state.throttle_due = Some(at_rset);
+            }
             state.followed_seen += usize::from(followed);
             let throttled = script.throttle_body == Some(state.bodies_seen);
             (
@@ -1021,17 +1116,48 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
         }
+        self.drop_if(TxnDrop::AfterLastTaken).await?;
         if throttled {
             let mut state = self.shared.lock();
             let opened = state.connections;
             state.throttled = Some((std::time::Instant::now(), opened));
         }
         self.write_reply(code, &text).await?;
+        self.had_body = true;
+        self.drop_if(TxnDrop::AfterReply).await?;
         if close {
             self.hang_up().await;
             return Err(Closed::ByUs);
         }
         Ok(())
+    }
+
+    /// Whether `verb` (RSET or MAIL) is to get `throttle_after_body`'s
+    /// 421; it is then no longer due.
+    fn throttle_due(&self, verb: &str) -> bool {
+        let mut state = self.shared.lock();
+        let due = self.had_body
+            && match state.throttle_due {
+                Some(true) => verb == "RSET",
+                Some(false) => verb == "MAIL",
+                None => false,
+            };
+        if due {
+            state.throttle_due = None;
+        }
+        due
+    }
+
+    /// `throttle_after_body`: 421 to the command after a body, and close.
+    async fn throttle_now(&mut self) -> Result<(), Closed> {
+        {
+            let mut state = self.shared.lock();
+            let opened = state.connections;
+            state.throttled = Some((std::time::Instant::now(), opened));
+        }
+        self.reply(421, "4.7.0 Too many messages, closing").await?;
+        self.hang_up().await;
+        Err(Closed::ByUs)
     }
 
     /// Ends the session after what was answered: closes our side (the

@@ -299,6 +299,64 @@ async fn a_421_in_the_window_answers_that_message_and_ends_the_stream() {
 }
 
 #[tokio::test]
+async fn a_421_before_the_next_transaction_began_is_the_sessions_end_not_its_report() {
+    // The second message's RSET or MAIL answered 421: its transaction
+    // never began. Once its MAIL was accepted, a 421 is its own outcome.
+    let one = "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n";
+    for (second, began) in [
+        ("421 4.7.0 too many\r\n", false),
+        ("250 ok\r\n421 4.3.2 shutting down\r\n", false),
+        ("250 ok\r\n250 ok\r\n421 4.7.0 too many\r\n", true),
+        (
+            "250 ok\r\n250 ok\r\n250 ok\r\n421 4.7.0 slow down\r\n",
+            true,
+        ),
+    ] {
+        let (mut conn, [a, b, c]) = three_then(&format!("{one}{second}")).await;
+        assert!(conn.settle_chunked(a).await.is_ok());
+        let b = conn.settle_chunked(b).await.unwrap_err();
+        assert!(
+            matches!(&b, SmtpError::Rejected { reply, .. } if reply.code == 421),
+            "{b:?}"
+        );
+        assert_eq!(b.closed_before_transaction(), !began, "{second:?}: {b:?}");
+        assert!(matches!(
+            conn.settle_chunked(c).await,
+            Err(SmtpError::Unusable)
+        ));
+    }
+}
+
+#[tokio::test]
+async fn a_reply_lost_after_the_rset_leaves_the_message_in_doubt() {
+    // Everything of the second message was written before its first
+    // reply: unless the line was found closed at its RSET (nothing taken),
+    // the relay may have taken it, whichever reply was lost.
+    let one = "250 ok\r\n250 ok\r\n250 2.0.0 one\r\n";
+    for (second, stale) in [
+        ("", true),
+        ("250 ok\r\n", false),
+        ("250 ok\r\n250 ok\r\n", false),
+        ("250 ok\r\n250 ok\r\n250 ok\r\n", false),
+    ] {
+        let (mut conn, [a, b, c]) = three_then(&format!("{one}{second}")).await;
+        assert!(conn.settle_chunked(a).await.is_ok());
+        let b = conn.settle_chunked(b).await.unwrap_err();
+        assert_eq!(b.connection_was_stale(), stale, "{second:?}: {b:?}");
+        if !stale {
+            assert!(
+                b.to_string().contains("may be sent more than once"),
+                "{second:?}: {b}"
+            );
+        }
+        assert!(matches!(
+            conn.settle_chunked(c).await,
+            Err(SmtpError::Unusable)
+        ));
+    }
+}
+
+#[tokio::test]
 async fn a_rset_owed_goes_first_and_only_streaming_servers_stream() {
     // After a transaction ended without a body, the kept connection owes a
     // RSET: it heads the first streamed transaction.

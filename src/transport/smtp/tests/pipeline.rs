@@ -269,20 +269,56 @@ async fn dropped_line_after_the_dot_reply_keeps_the_first_delivered() {
 }
 
 #[tokio::test]
-async fn reply_421_to_the_next_mail_is_its_report() {
-    let server = TestServer::start(opening().tx("250 first\r\n421 4.7.0 too many\r\n")).await;
-    let mut conn = Connection::open(&client(server.addr)).await.unwrap();
-    let sent = send_first(&mut conn).await;
-    assert_eq!(sent.this.unwrap().data.unwrap().text, "first");
-    let NextTxn::Done(Err(err)) = sent.next else {
-        panic!("expected the 421, got {:?}", sent.next)
-    };
-    assert!(
-        matches!(&err, SmtpError::Rejected { stage: Stage::Mail, reply } if reply.code == 421),
-        "{err:?}"
-    );
-    assert!(!conn.is_usable());
-    server.finish().await;
+async fn reply_421_to_the_next_mail_closes_before_its_transaction() {
+    // The relay ends the session at the next message's MAIL: no
+    // transaction of it began, so it is not its report but the
+    // connection's end (whatever the 421 says, and whatever the replies
+    // to the commands behind MAIL are, if any came).
+    for replies in [
+        "250 first\r\n421 4.7.0 too many\r\n",
+        "250 first\r\n421 4.3.2 shutting down\r\n503 5.5.1 x\r\n503 5.5.1 x\r\n",
+        "250 first\r\n421 closing\r\n",
+    ] {
+        let server = TestServer::start(opening().tx(replies)).await;
+        let mut conn = Connection::open(&client(server.addr)).await.unwrap();
+        let sent = send_first(&mut conn).await;
+        assert_eq!(sent.this.unwrap().data.unwrap().text, "first");
+        let NextTxn::Closed(err) = sent.next else {
+            panic!("expected the session closed, got {:?}", sent.next)
+        };
+        assert!(
+            matches!(&err, SmtpError::Rejected { stage: Stage::Mail, reply } if reply.code == 421),
+            "{err:?}"
+        );
+        assert!(err.closed_before_transaction());
+        assert!(!conn.is_usable());
+        server.finish().await;
+    }
+}
+
+#[tokio::test]
+async fn reply_421_once_the_next_mail_was_accepted_is_its_report() {
+    // MAIL accepted: its transaction began, and a 421 to a recipient or
+    // to DATA is its outcome, as send() reports it.
+    for replies in [
+        "250 first\r\n250 ok\r\n421 4.7.0 too many\r\n",
+        "250 first\r\n250 ok\r\n250 ok\r\n250 ok\r\n421 4.7.0 too many\r\n",
+    ] {
+        let server = TestServer::start(opening().tx(replies)).await;
+        let mut conn = Connection::open(&client(server.addr)).await.unwrap();
+        let sent = send_first(&mut conn).await;
+        assert_eq!(sent.this.unwrap().data.unwrap().text, "first");
+        let NextTxn::Done(Err(err)) = sent.next else {
+            panic!("expected the 421 as its report, got {:?}", sent.next)
+        };
+        assert!(
+            matches!(&err, SmtpError::Rejected { reply, .. } if reply.code == 421),
+            "{err:?}"
+        );
+        assert!(!err.closed_before_transaction());
+        assert!(!conn.is_usable());
+        server.finish().await;
+    }
 }
 
 #[tokio::test]

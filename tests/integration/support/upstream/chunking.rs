@@ -25,6 +25,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let _ = self.io.read_exact(&mut chunk[..1]).await;
             return Err(Closed::ByUs);
         }
+        if size > 0 && self.dropping == Some(super::TxnDrop::MidChunk) {
+            let _ = self.io.read_exact(&mut chunk[..1]).await;
+            self.drop_if(super::TxnDrop::MidChunk).await?;
+        }
         self.io
             .read_exact(&mut chunk)
             .await
