@@ -431,11 +431,22 @@ impl Shared {
 }
 
 impl FakeUpstream {
-    /// Starts on 127.0.0.1 on a free port.
+    /// Starts on 127.0.0.1 on a free port below the kernel's ephemeral
+    /// range. Tests stop the upstream and start it again on its port
+    /// ([`Self::start_on`]); a port from the ephemeral range can meanwhile
+    /// become the local port of any client connection on the machine, and
+    /// the restart fails with "address in use" (seen as a flake under
+    /// load). Below the range only an explicit bind can take it.
     pub async fn start() -> FakeUpstream {
-        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .await
-            .expect("bind the fake upstream on 127.0.0.1:0")
+        for _ in 0..1000 {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, below_ephemeral_port()));
+            match Self::start_on(addr).await {
+                Ok(up) => return up,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("bind the fake upstream on {addr}: {e}"),
+            }
+        }
+        panic!("no free port below the ephemeral range for the fake upstream")
     }
 
     /// Starts with `script` already in place, so even the first connection
@@ -639,6 +650,28 @@ impl Drop for FakeUpstream {
             task.abort();
         }
     }
+}
+
+/// The next candidate port in `10000..low`, where `low` starts the
+/// kernel's ephemeral range; each call gives another, from a base set by
+/// the process id so that test processes running at once rarely try the
+/// same ones.
+fn below_ephemeral_port() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    static LOW: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = *LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .filter(|&low: &u32| low > FIRST + 1000)
+            .unwrap_or(32_768)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let base = std::process::id().wrapping_mul(7_919);
+    (FIRST + base.wrapping_add(n) % (low - FIRST)) as u16
 }
 
 async fn accept_loop(
