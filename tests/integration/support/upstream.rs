@@ -394,8 +394,6 @@ struct State {
     followed_seen: usize,
     /// MAIL commands received, counted like `bodies_seen`.
     mails_seen: usize,
-    /// `throttle_after_body` is due: at the next RSET (`true`) or MAIL.
-    throttle_due: Option<bool>,
     /// For the "queued as FAKE<n>" ids.
     queued: usize,
     /// Set by `start_tls`/`set_tls`: read at each new connection.
@@ -504,7 +502,6 @@ impl FakeUpstream {
         state.bodies_seen = 0;
         state.followed_seen = 0;
         state.mails_seen = 0;
-        state.throttle_due = None;
     }
 
     /// Completed transactions so far.
@@ -761,6 +758,7 @@ where
         authenticated: None,
         chunks: Vec::new(),
         had_body: false,
+        throttle_due: None,
         dropping: None,
     };
     match session.run(greet).await {
@@ -785,6 +783,11 @@ struct Session<S> {
     chunks: Vec<u8>,
     /// A body was answered on this session (a message can come behind it).
     had_body: bool,
+    /// `throttle_after_body` is due on this session (the Nth body came on
+    /// it): at the next RSET (`true`) or MAIL. Per session, so that the
+    /// 421 answers the command behind that body, never another
+    /// connection's first command.
+    throttle_due: Option<bool>,
     /// `drop_in_txn`: this session's transaction is the one to drop in.
     dropping: Option<TxnDrop>,
 }
@@ -1084,7 +1087,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Some((n, at_rset)) = script.throttle_after_body
                 && n == state.bodies_seen
             {
-                state.throttle_due = Some(at_rset);
+                self.throttle_due = Some(at_rset);
             }
             state.followed_seen += usize::from(followed);
             let throttled = script.throttle_body == Some(state.bodies_seen);
@@ -1167,16 +1170,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Whether `verb` (RSET or MAIL) is to get `throttle_after_body`'s
     /// 421; it is then no longer due.
-    fn throttle_due(&self, verb: &str) -> bool {
-        let mut state = self.shared.lock();
+    fn throttle_due(&mut self, verb: &str) -> bool {
         let due = self.had_body
-            && match state.throttle_due {
+            && match self.throttle_due {
                 Some(true) => verb == "RSET",
                 Some(false) => verb == "MAIL",
                 None => false,
             };
         if due {
-            state.throttle_due = None;
+            self.throttle_due = None;
         }
         due
     }
