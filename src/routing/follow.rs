@@ -586,9 +586,11 @@ impl Router {
                     // its transaction began, or the line dropped (maybe
                     // because of a message behind it). Again, alone.
                     let reason = e.to_string();
-                    // A 421 to the RSET of a kept connection is the relay's
-                    // idle timeout, read only now: no pushback.
-                    if e.closed_before_transaction() && !(kept && e.connection_was_stale()) {
+                    // A 421 to the RSET or MAIL of a kept connection is the
+                    // relay's idle timeout or its limit of messages per
+                    // connection, read only now: no pushback (as the DATA
+                    // path, which opens a fresh connection for it).
+                    if e.closed_before_transaction() && !kept {
                         self.closed_by_relay(id, &lease, &e);
                     }
                     let doubt = in_doubt(&e);

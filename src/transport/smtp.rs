@@ -970,13 +970,16 @@ impl Connection {
         let mut sent = self.transaction(env, body, next).instrument(span).await;
         if owed_rset
             && let Err(e) = &sent.this
-            && is_stale(e)
+            && (is_stale(e) || e.closed_before_transaction())
         {
             // The connection died while idle (the upstream timed it out or
             // restarted); nothing of this transaction was accepted, since
             // not even the RSET was answered, or it was answered 421 (and
-            // `next` was not written, as it only follows a body). Open a
-            // fresh one and retry.
+            // `next` was not written, as it only follows a body). Or the
+            // relay answered the MAIL of a kept connection 421: it ended the
+            // session before this message's transaction began (as Postfix,
+            // a cached connection's failure is not the message's; a fresh
+            // connection's 421 is). Open a fresh one and retry.
             tracing::debug!(parent: &self.span, "connection went stale ({e}); reconnecting");
             let cfg = self.cfg.clone();
             *self = match Connection::open(&cfg).await {

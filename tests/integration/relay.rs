@@ -307,9 +307,14 @@ async fn a_421_to_the_rset_of_a_kept_connection_is_its_idle_timeout_not_the_mess
     // sat idle too long), read only when the next message's RSET goes
     // out: that message's transaction never began. It goes on a new
     // connection at once, not deferred, and the relay is not paused.
-    // With DATA, and with BDAT streaming.
-    for chunking in [false, true] {
-        let mut script = crate::support::upstream::Script::default().throttle_after_body(1, true);
+    // With DATA, and with BDAT streaming. Also a 421 to the MAIL behind
+    // an accepted RSET (a relay that ends a connection after so many
+    // messages): the transaction never began either, and a fresh
+    // connection takes the message.
+    for (chunking, at_rset) in [(false, true), (true, true), (false, false), (true, false)] {
+        let case = format!("chunking {chunking}, 421 at RSET {at_rset}");
+        let mut script =
+            crate::support::upstream::Script::default().throttle_after_body(1, at_rset);
         if chunking {
             script = script.chunking();
         }
@@ -329,18 +334,15 @@ async fn a_421_to_the_rset_of_a_kept_connection_is_its_idle_timeout_not_the_mess
             .await;
             d.wait_log(&format!("{}: removed", queue_id(&r)), WAIT);
         }
-        assert!(
-            up.throttled().is_some(),
-            "chunking {chunking}: the 421 went out"
-        );
+        assert!(up.throttled().is_some(), "{case}: the 421 went out");
         let got = up.wait_for_messages(2, WAIT).await;
-        assert_eq!(got.len(), 2, "chunking {chunking}: each once");
+        assert_eq!(got.len(), 2, "{case}: each once");
         assert!(got[1].text().contains("Subject: two"));
         assert_eq!(got[1].via, if chunking { "BDAT" } else { "DATA" });
         let log = d.log();
         assert!(
             !log.contains("status=deferred") && !log.contains("paused by the circuit breaker"),
-            "chunking {chunking}: the 421 to a kept connection's RSET was taken for the message's:\n{log}"
+            "{case}: the 421 to a kept connection was taken for the message's:\n{log}"
         );
     }
 }

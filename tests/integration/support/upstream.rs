@@ -394,8 +394,6 @@ struct State {
     followed_seen: usize,
     /// MAIL commands received, counted like `bodies_seen`.
     mails_seen: usize,
-    /// `throttle_after_body` is due: at the next RSET (`true`) or MAIL.
-    throttle_due: Option<bool>,
     /// For the "queued as FAKE<n>" ids.
     queued: usize,
     /// Set by `start_tls`/`set_tls`: read at each new connection.
@@ -431,11 +429,22 @@ impl Shared {
 }
 
 impl FakeUpstream {
-    /// Starts on 127.0.0.1 on a free port.
+    /// Starts on 127.0.0.1 on a free port below the kernel's ephemeral
+    /// range. Tests stop the upstream and start it again on its port
+    /// ([`Self::start_on`]); a port from the ephemeral range can meanwhile
+    /// become the local port of any client connection on the machine, and
+    /// the restart fails with "address in use" (seen as a flake under
+    /// load). Below the range only an explicit bind can take it.
     pub async fn start() -> FakeUpstream {
-        Self::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
-            .await
-            .expect("bind the fake upstream on 127.0.0.1:0")
+        for _ in 0..1000 {
+            let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, below_ephemeral_port()));
+            match Self::start_on(addr).await {
+                Ok(up) => return up,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("bind the fake upstream on {addr}: {e}"),
+            }
+        }
+        panic!("no free port below the ephemeral range for the fake upstream")
     }
 
     /// Starts with `script` already in place, so even the first connection
@@ -493,7 +502,6 @@ impl FakeUpstream {
         state.bodies_seen = 0;
         state.followed_seen = 0;
         state.mails_seen = 0;
-        state.throttle_due = None;
     }
 
     /// Completed transactions so far.
@@ -641,6 +649,28 @@ impl Drop for FakeUpstream {
     }
 }
 
+/// The next candidate port in `10000..low`, where `low` starts the
+/// kernel's ephemeral range; each call gives another, from a base set by
+/// the process id so that test processes running at once rarely try the
+/// same ones.
+fn below_ephemeral_port() -> u16 {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 10_000;
+    static LOW: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = *LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse().ok())
+            .filter(|&low: &u32| low > FIRST + 1000)
+            .unwrap_or(32_768)
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let base = std::process::id().wrapping_mul(7_919);
+    (FIRST + base.wrapping_add(n) % (low - FIRST)) as u16
+}
+
 async fn accept_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -728,6 +758,7 @@ where
         authenticated: None,
         chunks: Vec::new(),
         had_body: false,
+        throttle_due: None,
         dropping: None,
     };
     match session.run(greet).await {
@@ -752,6 +783,11 @@ struct Session<S> {
     chunks: Vec<u8>,
     /// A body was answered on this session (a message can come behind it).
     had_body: bool,
+    /// `throttle_after_body` is due on this session (the Nth body came on
+    /// it): at the next RSET (`true`) or MAIL. Per session, so that the
+    /// 421 answers the command behind that body, never another
+    /// connection's first command.
+    throttle_due: Option<bool>,
     /// `drop_in_txn`: this session's transaction is the one to drop in.
     dropping: Option<TxnDrop>,
 }
@@ -1051,7 +1087,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             if let Some((n, at_rset)) = script.throttle_after_body
                 && n == state.bodies_seen
             {
-                state.throttle_due = Some(at_rset);
+                self.throttle_due = Some(at_rset);
             }
             state.followed_seen += usize::from(followed);
             let throttled = script.throttle_body == Some(state.bodies_seen);
@@ -1134,16 +1170,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// Whether `verb` (RSET or MAIL) is to get `throttle_after_body`'s
     /// 421; it is then no longer due.
-    fn throttle_due(&self, verb: &str) -> bool {
-        let mut state = self.shared.lock();
+    fn throttle_due(&mut self, verb: &str) -> bool {
         let due = self.had_body
-            && match state.throttle_due {
+            && match self.throttle_due {
                 Some(true) => verb == "RSET",
                 Some(false) => verb == "MAIL",
                 None => false,
             };
         if due {
-            state.throttle_due = None;
+            self.throttle_due = None;
         }
         due
     }
