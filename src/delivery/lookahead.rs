@@ -4,7 +4,9 @@
 //!
 //! The worker takes the next ready job only if one is waiting (never
 //! waiting for one, and never when another worker is idle: that one is
-//! already waiting for the work queue and holds it). The job is the
+//! already waiting for the work queue and holds it); first one another
+//! worker handed over to the relay's busy connections, if any
+//! (`transport::pool`). The job is the
 //! worker's from then on, exactly as if it had been handed over next:
 //! the scheduler has it in flight, so no queue operation moves its file
 //! meanwhile. A job the transport can't send on the same connection is
@@ -56,6 +58,12 @@ impl Lookahead {
         }
     }
 
+    /// Whether it takes jobs ahead: its worker can take one over that
+    /// another worker hands to the relay's connections.
+    pub fn is_on(&self) -> bool {
+        self.source.is_some()
+    }
+
     /// Takes no more jobs ahead (shutdown, or a new configuration to take
     /// up); one already held stays held.
     pub fn stop(&mut self) {
@@ -66,29 +74,42 @@ impl Lookahead {
     /// One that can't be loaded or has nothing pending is held for the
     /// usual path, which knows how to report it.
     pub async fn candidate(&mut self) -> Option<Candidate> {
+        self.candidate_after(|| None).await
+    }
+
+    /// [`Lookahead::candidate`], taking first the message `handed` gives
+    /// (one handed over to this relay's busy connections, see
+    /// `transport::pool`), which is then this worker's like any job.
+    pub async fn candidate_after(
+        &mut self,
+        handed: impl FnOnce() -> Option<Box<str>>,
+    ) -> Option<Candidate> {
         if !self.held.is_empty() {
             return None;
         }
         let (jobs, spool) = self.source.as_ref()?;
-        let job = {
-            let mut rx = jobs.try_lock().ok()?;
-            rx.try_recv().ok()?
+        let id = match handed() {
+            Some(id) => id,
+            None => {
+                let mut rx = jobs.try_lock().ok()?;
+                rx.try_recv().ok()?.id
+            }
         };
         let started = Instant::now();
         let spool = spool.clone();
-        let owned = job.id.to_string();
+        let owned = id.to_string();
         let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
         let Ok(Ok((meta, body))) = loaded else {
-            self.held.push_back((job.id, false));
+            self.held.push_back((id, false));
             return None;
         };
         let rcpts: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
         if rcpts.is_empty() {
-            self.held.push_back((job.id, false));
+            self.held.push_back((id, false));
             return None;
         }
         Some(Candidate {
-            id: job.id,
+            id,
             meta,
             body,
             rcpts,

@@ -106,6 +106,10 @@ pub enum Delivery {
     /// pool's release count when that was found, so the scheduler can tell
     /// whether a connection has come back since.
     Parked { relay: Arc<str>, seen: u64 },
+    /// Not tried: every connection to the relay is busy, and the relay's
+    /// pool has it, for one of them to carry next (`transport::pool`). It
+    /// is no longer the worker's.
+    HandedOver,
 }
 
 /// Exponential backoff with jitter: `min * 2^(attempts-1)`, capped at

@@ -2,8 +2,9 @@
 //! messages to the delivery workers.
 //!
 //! Besides timers, two things wake a message early: a message *parked* on
-//! a relay (every connection busy) goes out when the relay's pool returns
-//! a connection, and a message *waiting for* a relay (down, paused) goes
+//! a relay (every connection busy; one handed over to the relay's pool
+//! instead is the pool's until a connection takes it or comes back, see
+//! `transport::pool`) goes out when the relay's pool returns a connection, and a message *waiting for* a relay (down, paused) goes
 //! out when the relay comes back up. Parked messages have no timer: the
 //! pool's release count tells whether a connection came back between the
 //! worker finding none and the scheduler parking the message.

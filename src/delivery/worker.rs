@@ -160,7 +160,11 @@ async fn chain(
         ahead.stop();
     }
     let (next, mut follow) = attempt_ahead(ctx, sender, &id, &mut ahead).await;
-    ctx.scheduler.finished(&id, next);
+    // None: handed over to the relay's busy connections, whose worker
+    // reports it.
+    if let Some(next) = next {
+        ctx.scheduler.finished(&id, next);
+    }
     while let Some(f) = follow {
         if must_stop() {
             ahead.stop();
@@ -181,22 +185,17 @@ async fn chain(
     ahead.take_held()
 }
 
-/// One attempt at one message. Never loses it: on any doubt the message
-/// stays queued with a retry time.
-pub async fn attempt(ctx: &WorkerContext, sender: &mut Sender, id: &str) -> Next {
-    attempt_ahead(ctx, sender, id, &mut Lookahead::off())
-        .await
-        .0
-}
-
-/// [`attempt`], with the next ready message from `ahead` possibly sent
-/// behind this one: returned open, to resume.
+/// One attempt at one message, with the next ready message from `ahead`
+/// possibly sent behind this one: returned open, to resume. Never loses
+/// it: on any doubt the message stays queued with a retry time. `None`:
+/// not tried, handed over to the relay's busy connections (see
+/// `transport::pool`), which carry it next; it is no longer this worker's.
 async fn attempt_ahead(
     ctx: &WorkerContext,
     sender: &mut Sender,
     id: &str,
     ahead: &mut Lookahead,
-) -> (Next, Option<Follow>) {
+) -> (Option<Next>, Option<Follow>) {
     let spool = ctx.spool.clone();
     let owned = id.to_string();
     let loaded = tokio::task::spawn_blocking(move || spool.load(&owned)).await;
@@ -206,7 +205,7 @@ async fn attempt_ahead(
             // Nothing takes a queued file away behind the scheduler's back
             // (operations wait for the attempt): say so if it happened.
             events::queue_warning(id, "queue file not found; nothing to deliver");
-            return (Next::Gone, None);
+            return (Some(Next::Gone), None);
         }
         Ok(Err(SpoolError::Corrupt { reason, .. })) => {
             events::queue_error(
@@ -214,24 +213,25 @@ async fn attempt_ahead(
                 &format!("queue file is corrupt ({reason}); moved to corrupt/"),
             );
             let _ = ctx.spool.move_to(id, Area::Queue, Area::Corrupt);
-            return (Next::Gone, None);
+            return (Some(Next::Gone), None);
         }
         Ok(Err(e)) => {
             events::queue_error(id, &format!("cannot read queue file: {e}"));
-            return (retry_later(ctx), None);
+            return (Some(retry_later(ctx)), None);
         }
         Err(e) => {
             events::queue_error(id, &format!("cannot read queue file: {e}"));
-            return (retry_later(ctx), None);
+            return (Some(retry_later(ctx)), None);
         }
     };
     let pending: Vec<usize> = meta.pending().map(|(i, _)| i).collect();
     if pending.is_empty() {
-        return (finish(ctx, id, Vec::new()).await, None);
+        return (Some(finish(ctx, id, Vec::new()).await), None);
     }
     let started = Instant::now();
     let (delivery, follow) = sender.deliver_ahead(&meta, &body, &pending, ahead).await;
     let next = match delivery {
+        Delivery::HandedOver => return (None, follow),
         Delivery::Attempted(report) => record(ctx, &meta, &body, report, started).await,
         Delivery::Wait {
             until,
@@ -256,7 +256,7 @@ async fn attempt_ahead(
         }
         Delivery::Parked { relay, seen } => Next::Parked { relay, seen },
     };
-    (next, follow)
+    (Some(next), follow)
 }
 
 /// Whether the message has been queued for `max_lifetime` or longer.

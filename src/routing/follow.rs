@@ -1,9 +1,11 @@
 //! Several messages on one connection at once, at the router: when a
 //! relay's connection pipelines, the worker's next ready messages (see
 //! `delivery::lookahead`) go out behind the current one, if the router
-//! would send them to the same relay anyway: their route starts with this
-//! relay, the relay is usable, and its limits admit one more message now
-//! (counted before it is written, given back if the relay takes nothing).
+//! would send them to the same relay anyway: it is the first usable relay
+//! of their route (its primary, or a fallback while the relays before it
+//! are down or paused past `failover_after`: failover mail streams too),
+//! and its limits admit one more message now (counted before it is
+//! written, given back if the relay takes nothing).
 //! Anything else and the message is handed back to the worker, to be tried
 //! the usual way.
 //!
@@ -51,7 +53,7 @@ use super::headers;
 use super::health::{Availability, Signal};
 use super::reserve::Ticket;
 use super::route::{RelayId, Routed};
-use super::router::{Carry, Router};
+use super::router::{Carry, Router, Skipped};
 use crate::delivery::lookahead::{Candidate, Lookahead};
 use crate::delivery::outcome::{AttemptReport, Delivery};
 use crate::transport::pool::Lease;
@@ -81,6 +83,9 @@ pub(super) struct Ahead {
     body: Vec<u8>,
     ticket: Ticket,
     routed: Routed,
+    /// The relays of its route passed over for their health (for its log
+    /// line's failover note).
+    skipped: Vec<Skipped>,
 }
 
 impl Ahead {
@@ -287,6 +292,7 @@ impl Router {
             cand,
             ticket,
             routed,
+            skipped,
             ..
         } = this;
         let done = Done {
@@ -297,7 +303,7 @@ impl Router {
             signal,
             since,
         };
-        let (report, follow) = self.conclude(done, &routed, &[], carry, ahead).await;
+        let (report, follow) = self.conclude(done, &routed, &skipped, carry, ahead).await;
         Resumed {
             job: cand,
             report,
@@ -391,8 +397,9 @@ impl Router {
         }
     }
 
-    /// The worker's next ready message, if the router would send it to
-    /// relay `id` now anyway; it is then counted against the relay's limits.
+    /// The worker's next ready message (one handed over to the relay's
+    /// connections first), if the router would send it to relay `id` now
+    /// anyway; it is then counted against the relay's limits.
     /// Not while a message is parked waiting for one of the relay's
     /// connections: this one then goes back to the pool after the current
     /// message, so a worker can't keep it from others for long. Nor while
@@ -405,16 +412,16 @@ impl Router {
         if pool.is_wanted() || pool.over_limit() {
             return None;
         }
-        let cand = ahead.candidate().await?;
+        let cand = ahead.candidate_after(|| pool.take_handed()).await?;
         let routed = self.table.route(&cand.meta.sender, &cand.body);
-        let relay = &self.relays[id];
         let now = self.clock.now_ms();
-        let usable = routed.relays.first() == Some(&id)
-            && relay.state().health.availability(now, &relay.policy) == Availability::Use;
-        if !usable {
-            ahead.hand_back(cand);
-            return None;
-        }
+        let skipped = match self.by_health(&routed.relays, now) {
+            (Some((to, Availability::Use)), skipped) if to == id => skipped,
+            _ => {
+                ahead.hand_back(cand);
+                return None;
+            }
+        };
         let Ok(ticket) = self.reserve_once(id, now).await else {
             ahead.hand_back(cand);
             return None;
@@ -425,6 +432,7 @@ impl Router {
             body,
             ticket,
             routed,
+            skipped,
         })
     }
 
@@ -536,7 +544,7 @@ impl Router {
         ticket: Ticket,
         msg: Outgoing<'_>,
         routed: &Routed,
-        skipped: &[super::router::Skipped],
+        skipped: &[Skipped],
         ahead: &mut Lookahead,
         started: Instant,
     ) -> (Delivery, Option<Follow>) {

@@ -9,7 +9,7 @@
 //!              quota::Quota          per second / hour / day, rolling or calendar
 //!              fleet::Fleet          the same counts in Redis, atomically (Lua)
 //!              transport::pool       at most max_connections per relay
-//!           <- Attempted(report) | Wait { until, reason } | Parked { relay }
+//!           <- Attempted(report) | Wait { until, reason } | Parked { relay } | HandedOver
 //!              follow::Follow        + the next message, sent behind this one's end of data
 //! ```
 //!

@@ -66,6 +66,21 @@ impl RouteTable {
         }
     }
 
+    /// The relay lists mail can be routed to: each route's up to the first
+    /// that matches every message (no match keys), and the default's when
+    /// no such route hides it.
+    pub fn reachable(&self) -> Vec<&[RelayId]> {
+        let mut lists = Vec::new();
+        for route in &self.routes {
+            lists.push(route.relays.as_slice());
+            if route.domains.is_empty() && route.senders.is_empty() && route.header.is_none() {
+                return lists;
+            }
+        }
+        lists.push(self.default.as_slice());
+        lists
+    }
+
     /// The first route whose every match key matches; else the default.
     pub fn route(&self, sender: &str, message: &[u8]) -> Routed {
         let sender_lc = sender.to_lowercase();
@@ -175,6 +190,22 @@ fallback = "b"
         // A header in the body is not a header.
         let r = t.route("app@b.example", b"Subject: x\r\n\r\nX-Relayq-Relay: c\r\n");
         assert_eq!(r.relays, [1, 0]);
+    }
+
+    #[test]
+    fn reachable_lists_stop_at_a_route_for_every_message() {
+        let t = table(CONFIG);
+        assert_eq!(
+            t.reachable(),
+            [&[2][..], &[1, 0], &[2, 1, 0], &[0, 1]],
+            "the last route takes every message: the default is never used"
+        );
+        let single = table("[relay]\nhost = \"127.0.0.1\"\ntls = \"none\"\n");
+        assert_eq!(
+            single.reachable(),
+            [&[0][..]],
+            "the default takes everything"
+        );
     }
 
     #[test]

@@ -117,11 +117,12 @@ impl Router {
         scheduler: Option<SchedulerHandle>,
     ) -> Result<Router, String> {
         let named_form = config.relay.is_none();
-        let gate = Gate::new(0);
+        let gate = Gate::new(config.relays.len());
         let relays: Vec<RelayEntry> = config
             .relays
             .iter()
-            .map(|named| {
+            .enumerate()
+            .map(|(index, named)| {
                 let name: Arc<str> = named.name.as_str().into();
                 let specs = WindowSpec::of(&named.relay);
                 let endpoint = format!("{}:{}", named.relay.host, named.relay.port);
@@ -135,7 +136,7 @@ impl Router {
                     helo: config.hostname.clone(),
                     tokens,
                     scheduler: scheduler.clone(),
-                    gate: Some(gate.clone()),
+                    gate: Some((gate.clone(), index)),
                     clock: clock.clone(),
                 };
                 RelayEntry {
@@ -153,13 +154,12 @@ impl Router {
                 }
             })
             .collect();
-        gate.grow(relays.iter().map(|r| r.pool.limit()).sum());
         let fleet = config
             .limits_backend
             .as_ref()
             .map(|url| Fleet::new(&url.0))
             .transpose()?;
-        Ok(Router {
+        let router = Router {
             relays,
             table: RouteTable::new(&config.relays, &config.route),
             clock,
@@ -172,12 +172,37 @@ impl Router {
             dirty: AtomicBool::new(false),
             seq: AtomicU64::new(0),
             gate,
-        })
+        };
+        router.steer();
+        Ok(router)
     }
 
     /// The workers' gate (see `delivery::gate`).
     pub fn gate(&self) -> Arc<Gate> {
         self.gate.clone()
+    }
+
+    /// Tells the workers' gate which relays the routes would send mail to
+    /// now, by health, as [`Router::deliver_ahead`] picks them: for each
+    /// route mail can take, its first usable relay or the one its mail
+    /// waits for, else its first down one (tried as a last resort), else
+    /// (all paused) its primary. A fallback of a healthy primary is not
+    /// one of them.
+    pub fn steer(&self) {
+        let now = self.clock.now_ms();
+        let mut routed = vec![false; self.relays.len()];
+        for list in self.table.reachable() {
+            let (to, skipped) = self.by_health(list, now);
+            let last_resort = skipped.iter().find(|s| s.until.is_none()).map(|s| s.relay);
+            let to = to
+                .map(|(id, _)| id)
+                .or(last_resort)
+                .or(list.first().copied());
+            if let Some(r) = to.and_then(|id| routed.get_mut(id)) {
+                *r = true;
+            }
+        }
+        self.gate.steer(&routed);
     }
 
     /// Connections all relays may have open together: the number of
@@ -210,6 +235,7 @@ impl Router {
         rcpts: &[usize],
         ahead: &mut Lookahead,
     ) -> (Delivery, Option<Follow>) {
+        self.steer();
         let routed = self.table.route(&meta.sender, body);
         let mut skipped: Vec<Skipped> = Vec::new();
         // (relay, tried as a last resort despite being down)
@@ -264,6 +290,14 @@ impl Router {
                 Ok(lease) => lease,
                 Err(seen) => {
                     self.give_back(id, ticket).await;
+                    // A busy connection takes it next, as it would take the
+                    // next message from the queue: parked, it would make
+                    // them all stop taking more (one worker looking for
+                    // another relay's mail would cut this relay's streams).
+                    if ahead.is_on() && relay.pool.hand_over(&meta.id, seen) {
+                        return (Delivery::HandedOver, None);
+                    }
+                    relay.pool.want(seen);
                     let parked = Delivery::Parked {
                         relay: relay.name.clone(),
                         seen,
@@ -284,6 +318,35 @@ impl Router {
                 .await;
         }
         (self.wait(&skipped, self.clock.now_ms()), None)
+    }
+
+    /// Where a route's mail goes now by the relays' health alone (not their
+    /// limits), as [`Router::deliver_ahead`] decides it: the first relay
+    /// that is usable or that the mail must wait for, and the relays
+    /// skipped before it (none: every relay is skipped).
+    pub(super) fn by_health(
+        &self,
+        list: &[RelayId],
+        now: u64,
+    ) -> (Option<(RelayId, Availability)>, Vec<Skipped>) {
+        let mut skipped = Vec::new();
+        for &id in list {
+            let Some(relay) = self.relays.get(id) else {
+                continue;
+            };
+            // Not locked in the match: health_text locks it again.
+            let availability = relay.state().health.availability(now, &relay.policy);
+            match availability {
+                Availability::Skip { until } => skipped.push(Skipped {
+                    relay: id,
+                    text: self.health_text(relay, now),
+                    until,
+                    health: true,
+                }),
+                a => return (Some((id, a)), skipped),
+            }
+        }
+        (None, skipped)
     }
 
     /// Not now: until the earliest reopening, or a recovery.
@@ -366,7 +429,7 @@ impl Router {
         }
         if fresh {
             lease.set_up();
-            let backlog = relay.pool.is_wanted() || ahead.waiting();
+            let backlog = relay.pool.is_wanted() || relay.pool.has_handed() || ahead.waiting();
             relay.pool.connected(backlog);
         }
         let msg = Outgoing {
@@ -464,7 +527,8 @@ impl Router {
                 Carry::Stream(flight) => (flight.len() + 1, false),
                 Carry::Nothing => (1, false),
             };
-            let backlog = taken || relay.pool.is_wanted() || ahead.waiting();
+            let backlog =
+                taken || relay.pool.is_wanted() || relay.pool.has_handed() || ahead.waiting();
             relay.pool.delivered(&mut lease, in_flight, backlog);
         }
         // A 421 on one connection while others work: fewer connections,
@@ -556,6 +620,9 @@ impl Router {
     pub(super) fn record_signal(&self, id: RelayId, signal: &Signal, now: u64) {
         let relay = &self.relays[id];
         let transition = relay.state().health.record(signal, now, &relay.policy);
+        if transition != Transition::None {
+            self.steer();
+        }
         let (name, endpoint) = (&relay.name, &relay.endpoint);
         let error = signal.error().unwrap_or_default();
         match transition {
@@ -605,10 +672,13 @@ impl Router {
                 tokens.retry_now();
             }
         }
+        self.steer();
     }
 
     /// Probes every relay whose probe is due (see `health`).
     pub async fn probe_due(self: &Arc<Self>) {
+        // Outages reach failover_after and pauses end as time passes.
+        self.steer();
         let now = self.clock.now_ms();
         for id in 0..self.relays.len() {
             if !self.relays[id].state().health.take_probe(now) {
@@ -632,5 +702,118 @@ impl Router {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn relay(name: &str) -> String {
+        format!("[relay.{name}]\nhost = \"127.0.0.1\"\nport = 2525\ntls = \"none\"\n")
+    }
+
+    /// Where `route`'s mail goes by health, and the relays skipped.
+    fn goes(r: &Router, route: &[RelayId]) -> (Option<(RelayId, Availability)>, Vec<RelayId>) {
+        let (to, skipped) = r.by_health(route, r.clock.now_ms());
+        (to, skipped.iter().map(|s| s.relay).collect())
+    }
+
+    /// The relays the gate is told mail goes to now.
+    fn routed(r: &Router) -> Vec<bool> {
+        (0..r.relays.len()).map(|i| r.gate.is_routed(i)).collect()
+    }
+
+    #[test]
+    fn the_gate_hears_where_each_route_sends_mail_as_outages_move_it() {
+        // Route x: a, then b, then c. Every other message: b, then c (b is
+        // x's first fallback and the other route's primary). d: no route.
+        let text = [
+            "hostname = \"relayq.test\"\n".to_string(),
+            relay("a"),
+            relay("b"),
+            relay("c"),
+            relay("d"),
+            "[[route]]\nsender_domain = \"x.example\"\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n"
+                .into(),
+            "[[route]]\nrelay = \"b\"\nfallback = [\"c\"]\n".into(),
+        ]
+        .concat();
+        let config = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let clock = Clock::new();
+        let r = Router::new(&config, clock.clone(), None).unwrap();
+        let past_failover = || {
+            clock.advance(Duration::from_secs(61));
+            r.steer();
+        };
+        let down =
+            |id: RelayId| r.record_signal(id, &Signal::Down("refused".into()), clock.now_ms());
+        // Every relay up: the primaries only (c and d get no mail).
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // a is down, but its mail keeps trying it until failover_after.
+        down(0);
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // Past it, x's mail goes to b.
+        past_failover();
+        assert_eq!(routed(&r), [false, true, false, false]);
+        // b down too: both routes' mail goes to c.
+        down(1);
+        past_failover();
+        assert_eq!(routed(&r), [false, false, true, false]);
+        // All down: each route tries its first relay as a last resort.
+        down(2);
+        past_failover();
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // Back up: c gets nothing again.
+        for id in 0..3 {
+            r.record_signal(id, &Signal::Ok, clock.now_ms());
+        }
+        assert_eq!(routed(&r), [true, true, false, false]);
+        // Nothing carries mail: one worker looks for it.
+        assert_eq!(r.gate.size(), 1);
+    }
+
+    #[test]
+    fn failover_mail_goes_to_the_first_usable_relay_as_time_passes() {
+        // a, then b, then c (the messages a fallback's connection may take
+        // behind the one it carries are those this picks it for).
+        let text = [
+            "hostname = \"relayq.test\"\n".to_string(),
+            relay("a"),
+            relay("b"),
+            relay("c"),
+            "[[route]]\nrelay = \"a\"\nfallback = [\"b\", \"c\"]\n".into(),
+        ]
+        .concat();
+        let config = Config::parse(&text, std::path::Path::new("t.toml")).unwrap();
+        let clock = Clock::new();
+        let r = Router::new(&config, clock.clone(), None).unwrap();
+        let route = [0, 1, 2];
+        let down =
+            |id: RelayId| r.record_signal(id, &Signal::Down("refused".into()), clock.now_ms());
+        assert_eq!(goes(&r, &route), (Some((0, Availability::Use)), vec![]));
+        // a is down: its mail keeps trying it until failover_after.
+        down(0);
+        assert_eq!(goes(&r, &route), (Some((0, Availability::Use)), vec![]));
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(goes(&r, &route), (Some((1, Availability::Use)), vec![0]));
+        // b throttles us: paused, its mail waits for it until failover_after.
+        r.record_signal(1, &Signal::Throttled("421 busy".into()), clock.now_ms());
+        let (to, skipped) = goes(&r, &route);
+        assert!(
+            matches!(to, Some((1, Availability::WaitFor { .. }))) && skipped == [0],
+            "{to:?} {skipped:?}"
+        );
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(goes(&r, &route), (Some((2, Availability::Use)), vec![0, 1]));
+        // c down past failover_after too: nothing is usable (the router
+        // then tries a down relay as a last resort, alone).
+        down(2);
+        clock.advance(Duration::from_secs(61));
+        assert_eq!(goes(&r, &route), (None, vec![0, 1, 2]));
+        // a is back: everything goes to it again.
+        r.record_signal(0, &Signal::Ok, clock.now_ms());
+        assert_eq!(goes(&r, &route), (Some((0, Availability::Use)), vec![]));
     }
 }

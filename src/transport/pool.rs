@@ -5,19 +5,30 @@
 //! and feeds: deliveries, pushback, idleness).
 //!
 //! Workers never wait on a pool. A worker that finds every connection busy
-//! hands its message back to the scheduler as parked on this relay, and
-//! the pool tells the scheduler each time a connection comes back
-//! (`relay_free`), with a release count that only grows: a worker reads the
-//! count *before* it looks for a connection, so a connection returned in
-//! between is never missed. That way a slow relay occupies only its own
-//! connections, never the workers other relays need (Postfix's qmgr
-//! keeps per-destination concurrency for the same reason). When the
+//! hands its message over to the pool ([`RelayPool::hand_over`]): a
+//! connection sending message after message takes it next, as it would
+//! the next message in the queue, so a message that came to a worker
+//! without a connection costs the relay's streams nothing. Whatever is
+//! still handed over when a connection comes back goes back to the
+//! scheduler, to be tried at once. A worker that cannot hand its message
+//! over gives it back to the scheduler as parked on this relay; the
+//! relay's connections then take no more messages behind the ones they
+//! carry ([`RelayPool::is_wanted`]) until one comes back. The pool tells
+//! the scheduler each time a connection comes back (`relay_free`), with a
+//! release count that only grows: a worker reads the count *before* it
+//! looks for a connection, so a connection returned in between is never
+//! missed. That way a slow relay occupies only its own connections, never
+//! the workers other relays need (Postfix's qmgr keeps per-destination
+//! concurrency for the same reason). When the
 //! concurrency grows, that counts as a connection coming back; when it
 //! shrinks, connections over it are closed as they come back (one carrying
 //! message after message comes back once what it carries is answered:
 //! [`RelayPool::over_limit`]), and the workers' gate (`delivery::gate`)
-//! follows it.
+//! follows it. The gate also hears of every connection lent for mail and
+//! returned: a relay's concurrency counts there only while it carries
+//! mail (a probe's connection carries none).
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -30,6 +41,7 @@ use crate::clock::Clock;
 use crate::config::RelayConfig;
 use crate::delivery::SchedulerHandle;
 use crate::delivery::gate::Gate;
+use crate::delivery::scheduler::Next;
 use crate::routing::concurrency::{Change, Concurrency, Delivered, Pushback};
 use crate::routing::health::Signal;
 
@@ -47,6 +59,26 @@ pub struct Lease {
     generation: u64,
     /// Since when the connection works on its current message.
     busy_since: Instant,
+    /// Tells the workers' gate when the connection comes back (none for
+    /// a probe: it carries no mail).
+    _lent: Option<Lent>,
+}
+
+/// A connection lent for mail, as the workers' gate counts it.
+struct Lent(Arc<Gate>, usize);
+
+impl Lent {
+    fn new(gate: &Option<(Arc<Gate>, usize)>) -> Option<Lent> {
+        let (gate, relay) = gate.as_ref()?;
+        gate.lent(*relay, true);
+        Some(Lent(gate.clone(), *relay))
+    }
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        self.0.lent(self.1, false);
+    }
 }
 
 impl Lease {
@@ -81,14 +113,18 @@ pub struct RelayPool {
     last_used_ms: AtomicU64,
     /// Grows by one every time a slot or an idle connection comes back.
     releases: AtomicU64,
-    /// One more than the release count a refused checkout saw (the highest
-    /// such): while `releases` is below it, a message waits for a
-    /// connection to this relay.
+    /// One more than the release count a parked message's refused checkout
+    /// saw (the highest such): while `releases` is below it, a message
+    /// waits for a connection to this relay.
     wanted_until: AtomicU64,
+    /// Messages handed over to ride the relay's busy connections, oldest
+    /// first (the scheduler has them in flight).
+    handed: Mutex<VecDeque<Box<str>>>,
     /// Told about releases, so parked messages go out.
     scheduler: Option<SchedulerHandle>,
-    /// The workers' gate, resized with this relay's concurrency.
-    gate: Option<Arc<Gate>>,
+    /// The workers' gate and this relay's place in it, told of the
+    /// relay's concurrency and of connections lent.
+    gate: Option<(Arc<Gate>, usize)>,
 }
 
 /// What a pool needs besides the relay's settings.
@@ -96,8 +132,16 @@ pub struct PoolContext {
     pub helo: String,
     pub tokens: Option<Arc<TokenSource>>,
     pub scheduler: Option<SchedulerHandle>,
-    pub gate: Option<Arc<Gate>>,
+    /// The workers' gate and the relay's index in it.
+    pub gate: Option<(Arc<Gate>, usize)>,
     pub clock: Clock,
+}
+
+impl Drop for RelayPool {
+    /// A pool left behind (a reload) strands nothing handed over to it.
+    fn drop(&mut self) {
+        self.give_back_handed();
+    }
 }
 
 impl RelayPool {
@@ -109,6 +153,9 @@ impl RelayPool {
         } else {
             Concurrency::fixed(max, now)
         };
+        if let Some((gate, id)) = &ctx.gate {
+            gate.set_limit(*id, concurrency.limit());
+        }
         Arc::new(RelayPool {
             name,
             relay,
@@ -124,6 +171,7 @@ impl RelayPool {
             last_used_ms: AtomicU64::new(now),
             releases: AtomicU64::new(0),
             wanted_until: AtomicU64::new(0),
+            handed: Mutex::new(VecDeque::new()),
             scheduler: ctx.scheduler,
             gate: ctx.gate,
         })
@@ -195,6 +243,13 @@ impl RelayPool {
     /// An idle connection, or a free slot to open one; `Err` with the
     /// release count when the concurrency allows no more.
     pub fn try_checkout(self: &Arc<Self>) -> Result<Lease, u64> {
+        let mut lease = self.try_lend()?;
+        lease._lent = Lent::new(&self.gate);
+        Ok(lease)
+    }
+
+    /// [`RelayPool::try_checkout`], not counted by the workers' gate.
+    fn try_lend(self: &Arc<Self>) -> Result<Lease, u64> {
         let seen = self.releases.load(Ordering::SeqCst);
         let (limit, generation) = {
             let c = self.concurrency();
@@ -213,6 +268,7 @@ impl RelayPool {
                 permit: idle.permit,
                 generation,
                 busy_since: Instant::now(),
+                _lent: None,
             });
         }
         let permit = match self.open_connections() < limit {
@@ -230,12 +286,52 @@ impl RelayPool {
                 permit,
                 generation,
                 busy_since: Instant::now(),
+                _lent: None,
             }),
-            None => {
-                self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
-                Err(seen)
-            }
+            None => Err(seen),
         }
+    }
+
+    /// Message `id` found every connection busy (at release count `seen`):
+    /// kept for a connection sending message after message to take next
+    /// ([`RelayPool::take_handed`]); what is still here when a connection
+    /// comes back goes back to the scheduler, to be tried at once. Not
+    /// kept (`false`) when a connection came back meanwhile, or with no
+    /// scheduler to give it back to.
+    pub fn hand_over(&self, id: &str, seen: u64) -> bool {
+        if self.scheduler.is_none() {
+            return false;
+        }
+        // `released` counts before it takes what is here: under this lock
+        // either it has counted (and this is not kept) or it will take it.
+        let mut handed = self.handed();
+        if self.releases.load(Ordering::SeqCst) != seen {
+            return false;
+        }
+        handed.push_back(id.into());
+        true
+    }
+
+    /// The oldest message handed over, for a busy connection to take next;
+    /// it is the taker's from then on.
+    pub fn take_handed(&self) -> Option<Box<str>> {
+        self.handed().pop_front()
+    }
+
+    /// Whether a message handed over waits for a connection.
+    pub fn has_handed(&self) -> bool {
+        !self.handed().is_empty()
+    }
+
+    fn handed(&self) -> MutexGuard<'_, VecDeque<Box<str>>> {
+        self.handed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A message found every connection busy (at release count `seen`) and
+    /// waits parked: the connections take no more messages behind the ones
+    /// they carry until one comes back.
+    pub fn want(&self, seen: u64) {
+        self.wanted_until.fetch_max(seen + 1, Ordering::SeqCst);
     }
 
     fn touch(&self) {
@@ -294,8 +390,7 @@ impl RelayPool {
             backlog,
         };
         let now = self.clock.now_ms();
-        let change = self.concurrency().delivered(now, d);
-        self.apply(change);
+        self.adjust(|c| c.delivered(now, d));
     }
 
     /// `lease` opened a connection and the relay let it in (greeting,
@@ -310,34 +405,37 @@ impl RelayPool {
             backlog,
         };
         let now = self.clock.now_ms();
-        let change = self.concurrency().delivered(now, d);
-        self.apply(change);
+        self.adjust(|c| c.delivered(now, d));
     }
 
     /// The relay pushed back on `lease`'s attempt while other connections
     /// to it worked.
     pub fn pushback(&self, lease: &Lease, signal: Pushback) {
         let now = self.clock.now_ms();
-        let change = self.concurrency().pushback(now, signal, lease.generation);
-        self.apply(change);
+        self.adjust(|c| c.pushback(now, signal, lease.generation));
     }
 
-    /// Logs a change of concurrency, resizes the workers' gate, and lets
-    /// parked mail go when it grew.
-    fn apply(&self, change: Option<Change>) {
+    /// Changes the concurrency with `f`; on a change, resizes the
+    /// workers' gate (under the concurrency's lock, so the gate's last
+    /// word is the concurrency's last), logs it, and lets parked mail go
+    /// when it grew.
+    fn adjust(&self, f: impl FnOnce(&mut Concurrency) -> Option<Change>) {
+        let change = {
+            let mut c = self.concurrency();
+            let change = f(&mut c);
+            if change.is_some()
+                && let Some((gate, id)) = &self.gate
+            {
+                gate.set_limit(*id, c.limit());
+            }
+            change
+        };
         let Some(change) = change else { return };
         let endpoint = format!("{}:{}", self.relay.host, self.relay.port);
         if change.to < change.from {
             tracing::info!(target: "relayq::routing", "relay {} ({endpoint}): concurrency {}", self.name, change.text);
         } else {
             tracing::debug!(target: "relayq::routing", "relay {} ({endpoint}): concurrency {}", self.name, change.text);
-        }
-        if let Some(gate) = &self.gate {
-            if change.to > change.from {
-                gate.grow(change.to - change.from);
-            } else {
-                gate.shrink(change.from - change.to);
-            }
         }
         if change.to > change.from {
             self.released();
@@ -362,6 +460,18 @@ impl RelayPool {
         if let Some(s) = &self.scheduler {
             s.relay_free(&self.name, n);
         }
+        self.give_back_handed();
+    }
+
+    /// Messages handed over and not taken go back to the scheduler, due now.
+    fn give_back_handed(&self) {
+        let back = std::mem::take(&mut *self.handed());
+        if let Some(s) = &self.scheduler {
+            let now = self.clock.now_ms();
+            for id in back {
+                s.finished(&id, Next::RetryAt(now));
+            }
+        }
     }
 
     /// Closes connections idle for longer than `idle_timeout`; once none
@@ -371,8 +481,7 @@ impl RelayPool {
         let now = self.clock.now_ms();
         let quiet = now.saturating_sub(self.last_used_ms.load(Ordering::SeqCst));
         if self.open_connections() == 0 && u128::from(quiet) >= limit.as_millis() {
-            let change = self.concurrency().idle(now);
-            self.apply(change);
+            self.adjust(|c| c.idle(now));
         }
         let stale: Vec<Idle> = {
             let mut idle = self.idle();
@@ -391,7 +500,7 @@ impl RelayPool {
     /// `None` when no slot is free to do so. A good connection stays in
     /// the pool for the next message.
     pub async fn probe(self: &Arc<Self>) -> Option<Signal> {
-        let mut lease = self.try_checkout().ok()?;
+        let mut lease = self.try_lend().ok()?;
         let signal = lease.sender.probe().await;
         self.checkin(lease);
         Some(signal)
@@ -422,12 +531,20 @@ async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(
 mod tests {
     use super::*;
 
-    fn pool(relay: &str, gate: Option<Arc<Gate>>) -> Arc<RelayPool> {
+    fn pool(relay: &str, gate: Option<(Arc<Gate>, usize)>) -> Arc<RelayPool> {
+        pool_with(relay, gate, None)
+    }
+
+    fn pool_with(
+        relay: &str,
+        gate: Option<(Arc<Gate>, usize)>,
+        scheduler: Option<SchedulerHandle>,
+    ) -> Arc<RelayPool> {
         let relay: RelayConfig = toml::from_str(relay).unwrap();
         let ctx = PoolContext {
             helo: "client.test".into(),
             tokens: None,
-            scheduler: None,
+            scheduler,
             gate,
             clock: Clock::new(),
         };
@@ -453,22 +570,82 @@ mod tests {
         let pool = pool("host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n", None);
         let lease = pool.try_checkout().ok().unwrap();
         assert!(!pool.is_wanted(), "nobody waits yet");
-        assert!(pool.try_checkout().is_err());
+        let seen = pool.try_checkout().err().unwrap();
+        assert!(!pool.is_wanted(), "the message may yet be handed over");
+        assert!(
+            !pool.hand_over("x", seen),
+            "no scheduler to give it back to: not kept"
+        );
+        pool.want(seen);
         assert!(pool.is_wanted(), "a message waits for the only connection");
         pool.checkin(lease);
         assert!(!pool.is_wanted(), "the connection came back");
     }
 
     #[tokio::test]
+    async fn mail_handed_over_rides_a_busy_connection_or_goes_back_when_one_returns() {
+        use crate::spool::{Envelope, Spool};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let (scheduler, handle, jobs) =
+            crate::delivery::scheduler::Scheduler::new(spool.clone(), Clock::new(), 1);
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        tokio::spawn(scheduler.run(shutdown));
+        let env = Envelope {
+            sender: "a@example.com".into(),
+            recipients: vec!["b@example.net".into()],
+            ..Envelope::default()
+        };
+        let id = spool
+            .commit(Spool::new_id(), env, b"Subject: x\r\n\r\nx\r\n".to_vec(), 1)
+            .await
+            .unwrap();
+        handle.queued(&id);
+        let next_job = || async {
+            let job = tokio::time::timeout(Duration::from_secs(10), async {
+                jobs.lock().await.recv().await
+            });
+            job.await.expect("a job").expect("queue open").id
+        };
+        assert_eq!(&*next_job().await, id, "a worker has it");
+        let pool = pool_with(
+            "host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n",
+            None,
+            Some(handle),
+        );
+        let lease = pool.try_checkout().ok().unwrap();
+        let seen = pool.try_checkout().err().unwrap();
+        assert!(pool.hand_over("a", seen) && pool.hand_over(&id, seen));
+        assert!(pool.has_handed() && !pool.is_wanted(), "streams go on");
+        assert_eq!(pool.take_handed().as_deref(), Some("a"), "oldest first");
+        // The connection comes back: what is left goes to the scheduler,
+        // which hands it out again at once.
+        pool.checkin(lease);
+        assert!(!pool.has_handed());
+        assert_eq!(&*next_job().await, id, "tried again");
+        // A checkout that saw the count before that return keeps nothing:
+        // the message is tried again instead.
+        let lease = pool.try_checkout().ok().unwrap();
+        assert!(!pool.hand_over("c", seen));
+        pool.checkin(lease);
+    }
+
+    #[tokio::test]
     async fn checkouts_follow_the_concurrency_and_the_gate_follows_too() {
-        let gate = Gate::new(crate::routing::concurrency::INITIAL);
+        let gate = Gate::new(1);
         let pool = pool(
             "host = \"127.0.0.1\"\nport = 2525\nmax_connections = 6\n",
-            Some(gate.clone()),
+            Some((gate.clone(), 0)),
         );
+        assert_eq!(gate.free(), 1, "no mail on it yet: one worker looks");
+        // A probe's connection carries no mail: the gate doesn't count it.
+        let probe = pool.try_lend().ok().unwrap();
+        assert_eq!(gate.free(), 1);
+        pool.checkin(probe);
         assert!(pool.is_adaptive());
         let mut leases: Vec<Lease> = (0..4).map(|_| pool.try_checkout().ok().unwrap()).collect();
         assert!(pool.try_checkout().is_err(), "four to start with");
+        assert_eq!(gate.free(), 4, "mail on it: its concurrency counts");
         // Delivered with every connection busy and mail waiting: one more.
         pool.delivered(&mut leases[0], 1, true);
         assert_eq!(pool.limit(), 5);
@@ -495,5 +672,6 @@ mod tests {
         for lease in leases {
             pool.checkin(lease);
         }
+        assert_eq!(gate.free(), 1, "every connection back: it carries no mail");
     }
 }

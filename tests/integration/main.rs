@@ -11,6 +11,7 @@ mod chunking;
 mod concurrency;
 mod dev_mode;
 mod durability;
+mod fallback;
 mod fidelity;
 mod front_door;
 mod hostile_content;
