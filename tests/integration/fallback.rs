@@ -275,12 +275,12 @@ async fn another_routes_idle_primary_takes_no_share_of_data_pipelining() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
-    // A burst for a; once a has some of it, mail for b comes in. Both
-    // drain, each message once, byte for byte, each at its own relay.
-    let n = 120;
-    let up = bdat();
+/// A burst of `n` for relay a (like `up`), queued and flowing, with b
+/// (like `up` too) the primary of the other route, idle.
+async fn burst_for_a(
+    n: usize,
+    up: &Upstream,
+) -> (Daemon, FakeUpstream, FakeUpstream, Vec<String>, usize) {
     let b = FakeUpstream::start_with(up.script.clone()).await;
     let (d, a, ids, mark) = queue_then_flow_with(
         |a| two_routes(a, b.addr()),
@@ -290,6 +290,15 @@ async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
         |_| vec!["bob@example.net"],
     )
     .await;
+    (d, a, b, ids, mark)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
+    // A burst for a; once a has some of it, mail for b comes in. Both
+    // drain, each message once, byte for byte, each at its own relay.
+    let (n, up) = (120, bdat());
+    let (d, a, b, ids, mark) = burst_for_a(n, &up).await;
     a.wait_for_messages(10, WAIT).await;
     let mut for_b = Vec::new();
     for i in 0..5 {
@@ -335,24 +344,15 @@ async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_handed_over_to_a_relay_that_goes_down_is_neither_stranded_nor_lost() {
     // A burst for a, streamed, with b's route idle: its one worker hands
-    // a's mail over to a's busy connections. Then every connection of a
-    // dies at its next MAIL and new ones die at the greeting (a goes down
-    // with mail handed over to it); later a comes back and the queue is
+    // a's mail over to a's busy connections. Then every connection of a,
+    // open or new, dies at its next MAIL (a goes down with mail handed
+    // over to it); later a comes back and the queue is
     // flushed. Nothing is stranded (the queue drains), each message is
     // recorded sent once, arrives at least once, and twice only if relayq
     // logged that doubt.
     use crate::support::upstream::Stage;
-    let n = 120;
-    let up = bdat();
-    let b = FakeUpstream::start_with(up.script.clone()).await;
-    let (d, a, ids, mark) = queue_then_flow_with(
-        |a| two_routes(a, b.addr()),
-        n,
-        up.script.clone(),
-        |_| "app@a.example",
-        |_| vec!["bob@example.net"],
-    )
-    .await;
+    let (n, up) = (120, bdat());
+    let (d, a, b, ids, mark) = burst_for_a(n, &up).await;
     a.wait_for_messages(15, WAIT).await;
     a.set_script(up.script.clone().drop_at(Stage::Mail));
     d.wait_log("status=deferred", WAIT);
