@@ -28,7 +28,9 @@
 //! [`MAX_REPORT`] bytes is read from it within [`REPORT_WAIT`], a few
 //! connections at a time and at most [`REPORTS_PER_USER`] of one user (so
 //! that nobody can keep the others' reports out; counted by
-//! [`crate::anvil`]): a refusal report, parsed strictly and logged as the
+//! [`crate::anvil`]; a user's connections beyond that, up to
+//! [`WAITING_PER_USER`], wait [`REPORT_WAIT`] for a slot rather than
+//! lose their report): a refusal report, parsed strictly and logged as the
 //! user the kernel says connected (`SO_PEERCRED`), never as anyone the
 //! report names, without control characters. A local user can thus add
 //! refusals (and counts) only under their own uid, as they could by
@@ -70,6 +72,10 @@ const REPORTS_AT_ONCE: usize = 64;
 /// Reports read at once from one user, so that one user holding
 /// connections open cannot keep everyone else's refusals out of the log.
 const REPORTS_PER_USER: usize = 2;
+/// Connections of one user (and of all) that wait for a reading slot, at
+/// most [`REPORT_WAIT`]; beyond them a connection only wakes the pickup.
+const WAITING_PER_USER: usize = 16;
+const WAITING_AT_ONCE: usize = 256;
 /// The line a report starts with, then the [`Rejection`] as JSON.
 pub const REPORT_PREFIX: &[u8] = b"reject ";
 /// Lines one local user can make the daemon log per [`LOCAL_PERIOD`].
@@ -235,6 +241,7 @@ pub fn bind_wake(path: &std::path::Path) -> anyhow::Result<UnixListener> {
 /// one refusal report.
 pub async fn serve_wake(listener: UnixListener, wake: Arc<Notify>) -> anyhow::Result<()> {
     let readers = Arc::new(crate::anvil::Anvil::default());
+    let waiters = Arc::new(crate::anvil::Anvil::default());
     loop {
         if let Ok((stream, _)) = listener.accept().await {
             wake.notify_one();
@@ -243,6 +250,30 @@ pub async fn serve_wake(listener: UnixListener, wake: Arc<Notify>) -> anyhow::Re
             };
             if let Some(reading) = readers.take(uid, REPORTS_PER_USER, REPORTS_AT_ONCE) {
                 tokio::spawn(async move {
+                    read_report(stream, uid).await;
+                    drop(reading);
+                });
+            } else if let Some(waiting) = waiters.take(uid, WAITING_PER_USER, WAITING_AT_ONCE) {
+                // The user's reading slots are taken, most often by their
+                // own reports of a moment ago that the daemon has not got
+                // to yet (a script running sendmail in a loop, a loaded
+                // machine): dropping this one would lose a refusal from
+                // the log. It waits for a slot instead, as long as a
+                // report may take; a user holding connections open only
+                // makes their own wait.
+                let readers = readers.clone();
+                tokio::spawn(async move {
+                    let deadline = tokio::time::Instant::now() + REPORT_WAIT;
+                    let reading = loop {
+                        if let Some(r) = readers.take(uid, REPORTS_PER_USER, REPORTS_AT_ONCE) {
+                            break r;
+                        }
+                        if tokio::time::Instant::now() >= deadline {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    };
+                    drop(waiting);
                     read_report(stream, uid).await;
                     drop(reading);
                 });

@@ -619,6 +619,41 @@ async fn one_user_cannot_keep_other_refusals_out_of_the_log() {
     wait_metric(&d, &rejected("nul"), 5.0).await;
 }
 
+/// Many `sendmail` runs refused at once (a script in a loop, cron jobs
+/// firing together): each refusal report reaches the daemon's log, though
+/// one user's reports are read two at a time; the others wait for a slot
+/// instead of being dropped (lost from the log before, seen under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_of_many_sendmail_runs_at_once_are_each_logged() {
+    let up = FakeUpstream::start().await;
+    let d = Daemon::start(&relay_config(up.addr(), "status_listen = \"127.0.0.1:0\""));
+    // Within the log budget of one user (10 lines per 10 minutes).
+    let n = 9;
+    std::thread::scope(|s| {
+        for i in 0..n {
+            let config = &d.config;
+            s.spawn(move || {
+                let o = sendmail(
+                    config,
+                    &[&format!("many{i}@example.net")],
+                    b"Subject: x\n\na\0b\n",
+                );
+                assert_eq!(o.status.code(), Some(65), "{}", stderr(&o));
+            });
+        }
+    });
+    for i in 0..n {
+        d.wait_log(&format!("to=<many{i}@example.net>"), WAIT);
+    }
+    assert_eq!(
+        d.count_log("NOQUEUE: reject: sendmail from uid="),
+        n,
+        "{}",
+        d.log()
+    );
+    wait_metric(&d, &rejected("nul"), n as f64).await;
+}
+
 /// Short of disk space (below `smtp.min_free_space`), every way in
 /// refuses new mail the same way: SMTP and `-bs` with `452 4.3.1`, the
 /// `sendmail` command with exit 75 (try again later) instead of filling
