@@ -311,8 +311,7 @@ impl Script {
         self.throttle_body = Some(n);
         self
     }
-    /// `n` logins at once; one more is refused at AUTH with `code` and
-    /// `text`.
+    /// See [`Script::throttle_after_body`] (the field).
     pub fn throttle_after_body(mut self, n: usize, at_rset: bool) -> Self {
         self.throttle_after_body = Some((n, at_rset));
         self
@@ -328,6 +327,8 @@ impl Script {
         self
     }
 
+    /// `n` logins at once; one more is refused at AUTH with `code` and
+    /// `text`.
     pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
         self.max_sessions = Some(n);
         self.over_limit_at_auth = Some((code, text.to_string()));
