@@ -332,7 +332,7 @@ impl Router {
             Answered::Yes(report, signal) => (report, signal),
             Answered::Closed(e) | Answered::No(e) => {
                 if e.closed_before_transaction() {
-                    self.closed_by_relay(id, &lease, &e);
+                    self.closed_by_relay(id, &lease, &e, true);
                 }
                 self.relays[id].pool.checkin(lease);
                 let doubt = in_doubt(&e);
@@ -591,7 +591,7 @@ impl Router {
                     // connection, read only now: no pushback (as the DATA
                     // path, which opens a fresh connection for it).
                     if e.closed_before_transaction() && !kept {
-                        self.closed_by_relay(id, &lease, &e);
+                        self.closed_by_relay(id, &lease, &e, false);
                     }
                     let doubt = in_doubt(&e);
                     if doubt {
@@ -697,7 +697,7 @@ impl Router {
                     "{msg}: relay={}, the relay ended the session before this message's transaction began ({e}); trying it again",
                     self.relays[id].endpoint,
                 );
-                self.closed_by_relay(id, lease, e);
+                self.closed_by_relay(id, lease, e, true);
             }
             _ => {}
         }
@@ -705,11 +705,18 @@ impl Router {
 
     /// A 421 ended a connection before a message's transaction began: the
     /// relay pushing back on the connection, as a 421 to a message is
-    /// (`Router::conclude`), but no message's attempt.
-    fn closed_by_relay(&self, id: RelayId, lease: &Lease, e: &SmtpError) {
+    /// (`Router::conclude`), but no message's attempt. `served`: the relay
+    /// answered a message on that connection before (the 421 came behind
+    /// it): it is up and serving, and this is its limit per connection or
+    /// its pushback, never a reason to pause it, even when no other
+    /// connection of it is open (one connection, or the concurrency cut
+    /// to one): the message goes on a new connection at once. A 421 on a
+    /// connection that was served nothing, with no other open, pauses the
+    /// relay as one to a message does.
+    fn closed_by_relay(&self, id: RelayId, lease: &Lease, e: &SmtpError, served: bool) {
         let relay = &self.relays[id];
         let error = e.to_string();
-        if relay.pool.established() > 0 {
+        if served || relay.pool.established() > 0 {
             relay.pool.pushback(lease, Pushback::Throttled { error });
         } else {
             self.record_signal(id, &Signal::Throttled(error), self.clock.now_ms());

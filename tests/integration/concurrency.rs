@@ -332,28 +332,7 @@ async fn a_421_before_the_transaction_of_a_message_behind_another_is_not_its_att
     // deferral logged, no attempt counted) and arrives once; the 421 cuts
     // the concurrency once, for the connection. With DATA (the envelope
     // pipelined behind the dot: MAIL) and in a BDAT window (RSET or MAIL).
-    for (chunking, at_rset) in [(false, false), (true, true), (true, false)] {
-        let mut script = Script::default()
-            .reply_delay(Duration::from_millis(10))
-            .throttle_after_body(30, at_rset);
-        if chunking {
-            script = script.chunking();
-        }
-        let case = format!("chunking {chunking}, 421 at RSET {at_rset}");
-        let (d, up, ids, mark) = backlog(60, "max_connections = 8", script).await;
-        arrived_once(&d, &up, &ids);
-        assert!(up.throttled().is_some(), "{case}: the 421 went out");
-        let after = d.log()[mark..].to_string();
-        assert!(
-            !after.contains("status=deferred"),
-            "{case}: a message the relay never began was logged deferred:\n{after}"
-        );
-        assert!(!after.contains("status=bounced"), "{case}:\n{after}");
-        assert!(
-            after.contains("the relay ended the session before this message's transaction began")
-                || after.contains("the connection ended before the relay took anything of it"),
-            "{case}: the message behind the 421 was not handed back:\n{after}"
-        );
+    for (case, after) in behind_a_body_421(60, 30, "max_connections = 8").await {
         let cuts = after
             .lines()
             .filter(|l| l.contains(": the relay throttled a connection ("))
@@ -414,4 +393,53 @@ async fn refused_connects_while_others_work_cut_concurrency_and_defer_nothing() 
         "{v}"
     );
     assert_eq!(v["state"], "up", "{v}");
+}
+
+/// For DATA (the envelope pipelined behind the dot: MAIL) and in a BDAT
+/// window (RSET or MAIL): `n` messages to a relay (`extra`) that answers
+/// the `kth` body, then the RSET or MAIL behind it with 421 and closes.
+/// Each arrived once, none deferred or bounced, the one behind the 421
+/// handed back untouched; the case and the log since the flush.
+async fn behind_a_body_421(n: usize, kth: usize, extra: &str) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    for (chunking, at_rset) in [(false, false), (true, true), (true, false)] {
+        let mut script = Script::default()
+            .reply_delay(Duration::from_millis(10))
+            .throttle_after_body(kth, at_rset);
+        if chunking {
+            script = script.chunking();
+        }
+        let case = format!("{extra}, chunking {chunking}, 421 at RSET {at_rset}");
+        let (d, up, ids, mark) = backlog(n, extra, script).await;
+        arrived_once(&d, &up, &ids);
+        assert!(up.throttled().is_some(), "{case}: the 421 went out");
+        let after = d.log()[mark..].to_string();
+        assert!(
+            !after.contains("status=deferred"),
+            "{case}: a message the relay never began was logged deferred:\n{after}"
+        );
+        assert!(!after.contains("status=bounced"), "{case}:\n{after}");
+        assert!(
+            after.contains("the relay ended the session before this message's transaction began")
+                || after.contains("the connection ended before the relay took anything of it"),
+            "{case}: the message behind the 421 was not handed back:\n{after}"
+        );
+        seen.push((case, after));
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_behind_a_body_on_a_relays_only_connection_pauses_nothing() {
+    // As above, with one connection: the relay served it a message just
+    // before, so the 421 is its limit per connection or its pushback on
+    // that connection, not an outage: a new connection takes the message
+    // at once, and the relay is not paused (which would hold and defer
+    // every message for the circuit breaker's pause).
+    for (case, after) in behind_a_body_421(30, 10, "max_connections = 1").await {
+        assert!(
+            !after.contains("paused by the circuit breaker"),
+            "{case}: one connection's 421 paused the relay:\n{after}"
+        );
+    }
 }

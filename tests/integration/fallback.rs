@@ -275,12 +275,12 @@ async fn another_routes_idle_primary_takes_no_share_of_data_pipelining() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
-    // A burst for a; once a has some of it, mail for b comes in. Both
-    // drain, each message once, byte for byte, each at its own relay.
-    let n = 120;
-    let up = bdat();
+/// A burst of `n` for relay a (like `up`), queued and flowing, with b
+/// (like `up` too) the primary of the other route, idle.
+async fn burst_for_a(
+    n: usize,
+    up: &Upstream,
+) -> (Daemon, FakeUpstream, FakeUpstream, Vec<String>, usize) {
     let b = FakeUpstream::start_with(up.script.clone()).await;
     let (d, a, ids, mark) = queue_then_flow_with(
         |a| two_routes(a, b.addr()),
@@ -290,6 +290,15 @@ async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
         |_| vec!["bob@example.net"],
     )
     .await;
+    (d, a, b, ids, mark)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
+    // A burst for a; once a has some of it, mail for b comes in. Both
+    // drain, each message once, byte for byte, each at its own relay.
+    let (n, up) = (120, bdat());
+    let (d, a, b, ids, mark) = burst_for_a(n, &up).await;
     a.wait_for_messages(10, WAIT).await;
     let mut for_b = Vec::new();
     for i in 0..5 {
@@ -330,4 +339,77 @@ async fn mail_for_the_idle_route_in_the_middle_of_a_burst_goes_out_once() {
         "each sent once: {after}"
     );
     streamed("a", &a, n, up.part);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_handed_over_to_a_relay_that_goes_down_is_neither_stranded_nor_lost() {
+    // A burst for a, streamed, with b's route idle: its one worker hands
+    // a's mail over to a's busy connections. Then every connection of a,
+    // open or new, dies at its next MAIL (a goes down with mail handed
+    // over to it); later a comes back and the queue is
+    // flushed. Nothing is stranded (the queue drains), each message is
+    // recorded sent once, arrives at least once, and twice only if relayq
+    // logged that doubt.
+    use crate::support::upstream::Stage;
+    let (n, up) = (120, bdat());
+    let (d, a, b, ids, mark) = burst_for_a(n, &up).await;
+    a.wait_for_messages(15, WAIT).await;
+    a.set_script(up.script.clone().drop_at(Stage::Mail));
+    d.wait_log("status=deferred", WAIT);
+    a.set_script(up.script.clone());
+    d.flush();
+    drained_once(&d, &a, &ids, mark);
+    assert!(b.messages().is_empty());
+}
+
+/// Every message of the burst left the queue (none stranded), was
+/// recorded sent once and bounced never, and arrived at `a` once, or
+/// twice only if relayq logged that doubt.
+fn drained_once(d: &Daemon, a: &FakeUpstream, ids: &[String], mark: usize) {
+    let n = ids.len();
+    for id in ids {
+        d.wait_log(&format!("{id}: removed"), Duration::from_secs(90));
+    }
+    assert_eq!(d.queued(), 0, "nothing stranded");
+    let after = d.log()[mark..].to_string();
+    let mut arrived = vec![0usize; n];
+    for m in a.messages() {
+        arrived[index(&m)] += 1;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        let sent = after
+            .lines()
+            .filter(|l| l.contains(&format!("{id}: to=<")) && l.contains("status=sent"))
+            .count();
+        assert_eq!(sent, 1, "message {i} recorded sent {sent} times:\n{after}");
+        let doubted = after
+            .lines()
+            .any(|l| l.contains(&format!("{id}: relay=")) && l.contains("may arrive twice"));
+        match arrived[i] {
+            1 => {}
+            2 if doubted => {}
+            got => panic!("message {i} arrived {got} times (in doubt: {doubted}):\n{after}"),
+        }
+    }
+    assert!(!after.contains("status=bounced"), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mail_handed_over_across_reloads_is_neither_stranded_nor_lost() {
+    // Reloads (SIGHUP) in the middle of a burst for a while b's route is
+    // idle: each one leaves the old relays' pools, with any mail handed
+    // over to them, behind. All of it still goes, once.
+    let (n, up) = (120, bdat());
+    let (d, a, b, ids, mark) = burst_for_a(n, &up).await;
+    let pid = d.pid().expect("daemon running") as i32;
+    for (i, at) in [10, 40, 70].into_iter().enumerate() {
+        a.wait_for_messages(at, WAIT).await;
+        let text = std::fs::read_to_string(&d.config).unwrap();
+        std::fs::write(&d.config, format!("{text}\n# reload {i}\n")).unwrap();
+        let since = d.log().len();
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+        d.wait_log_since(since, "reloaded ", WAIT);
+    }
+    drained_once(&d, &a, &ids, mark);
+    assert!(b.messages().is_empty());
 }

@@ -43,6 +43,10 @@ use tracing::Instrument;
 pub struct Chunked {
     steps: Vec<Step>,
     replies: EnvelopeReplies,
+    /// Written while another transaction was unanswered: the connection
+    /// was alive then, so even a reply lost at its RSET leaves the doubt
+    /// (see [`in_doubt`]).
+    behind: bool,
 }
 
 /// What [`Connection::send_chunked`] did with a message.
@@ -120,8 +124,13 @@ impl Connection {
             self.broken = true;
             return Streamed::Lost(e);
         }
+        let behind = self.in_flight > 0;
         self.in_flight += 1;
-        Streamed::InFlight(Chunked { steps, replies })
+        Streamed::InFlight(Chunked {
+            steps,
+            replies,
+            behind,
+        })
     }
 
     /// The commands and the chunk (`size` octets), in pieces of about
@@ -167,11 +176,12 @@ impl Connection {
         }
         self.in_flight -= 1;
         let span = self.span.clone();
+        let behind = chunked.behind;
         let result = self
             .read_chunked(chunked)
             .instrument(span)
             .await
-            .map_err(in_doubt);
+            .map_err(|e| in_doubt(e, behind));
         if let Err(e) = &result
             && !e.leaves_session_in_sync()
         {
@@ -182,7 +192,9 @@ impl Connection {
     }
 
     async fn read_chunked(&mut self, chunked: Chunked) -> Result<TxnReport, SmtpError> {
-        let Chunked { steps, mut replies } = chunked;
+        let Chunked {
+            steps, mut replies, ..
+        } = chunked;
         self.read_group(&steps, &mut replies).await?;
         let accepted = replies.any_rcpt_accepted();
         let data = replies.data.take();
@@ -212,14 +224,17 @@ impl Connection {
 /// so a reply lost after the RSET's (or, with no RSET, any reply lost)
 /// leaves the doubt of one lost after the end of data: the server may have
 /// taken the message, and it says so ("may be sent more than once"). Only
-/// a line found closed at the RSET (the connection went stale while idle)
-/// proves nothing was taken.
-fn in_doubt(e: SmtpError) -> SmtpError {
+/// a line found closed at the RSET of a transaction written on its own
+/// (the connection went stale while idle) proves nothing was taken. One
+/// written `behind` another went on a line that was alive: a server that
+/// flushes its replies only once it has read all that came (Postfix with
+/// PIPELINING) may have taken it before the line dropped with even its
+/// RSET's reply unsent.
+fn in_doubt(e: SmtpError, behind: bool) -> SmtpError {
+    let stale = |stage: Stage| stage == Stage::Rset && !behind;
     match e {
-        SmtpError::Closed { stage } if stage != Stage::Rset => {
-            SmtpError::Closed { stage: Stage::Dot }
-        }
-        SmtpError::Io { stage, source } if stage != Stage::Rset => SmtpError::Io {
+        SmtpError::Closed { stage } if !stale(stage) => SmtpError::Closed { stage: Stage::Dot },
+        SmtpError::Io { stage, source } if !stale(stage) => SmtpError::Io {
             stage: Stage::Dot,
             source,
         },

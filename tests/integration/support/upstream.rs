@@ -94,6 +94,11 @@ pub enum TxnDrop {
     AfterLastTaken,
     /// The message taken and answered 250, then the line drops.
     AfterReply,
+    /// The whole message in and taken, but none of its transaction's
+    /// replies went out (the RSET's heading it included) before the line
+    /// dropped: a server that, like Postfix with PIPELINING, flushes its
+    /// replies only once it has read all the client sent.
+    TakenUnflushed,
 }
 
 /// How the fake server behaves. `Script::default()` is a well-behaved server
@@ -306,8 +311,7 @@ impl Script {
         self.throttle_body = Some(n);
         self
     }
-    /// `n` logins at once; one more is refused at AUTH with `code` and
-    /// `text`.
+    /// See [`Script::throttle_after_body`] (the field).
     pub fn throttle_after_body(mut self, n: usize, at_rset: bool) -> Self {
         self.throttle_after_body = Some((n, at_rset));
         self
@@ -323,6 +327,8 @@ impl Script {
         self
     }
 
+    /// `n` logins at once; one more is refused at AUTH with `code` and
+    /// `text`.
     pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
         self.max_sessions = Some(n);
         self.over_limit_at_auth = Some((code, text.to_string()));
@@ -760,6 +766,7 @@ where
         had_body: false,
         throttle_due: None,
         dropping: None,
+        unflushed: None,
     };
     match session.run(greet).await {
         Err(Closed::StartTls) => Some(session.into_stream()),
@@ -790,6 +797,8 @@ struct Session<S> {
     throttle_due: Option<bool>,
     /// `drop_in_txn`: this session's transaction is the one to drop in.
     dropping: Option<TxnDrop>,
+    /// `TxnDrop::TakenUnflushed`: the replies held back, never sent.
+    unflushed: Option<String>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -905,6 +914,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "RSET" => {
                 self.tx = None;
                 self.chunks.clear();
+                let next = self.shared.lock().mails_seen + 1;
+                if script.drop_in_txn == Some((next, TxnDrop::TakenUnflushed)) {
+                    self.unflushed = Some(String::new());
+                }
                 self.std_reply(&script, 250, "2.0.0", "Ok").await
             }
             "NOOP" => self.std_reply(&script, 250, "2.0.0", "Ok").await,
@@ -970,6 +983,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 && n == state.mails_seen
             {
                 self.dropping = Some(at);
+                if at == TxnDrop::TakenUnflushed && self.unflushed.is_none() {
+                    self.unflushed = Some(String::new());
+                }
             }
         }
         self.reply(code, &text).await?;
@@ -1153,6 +1169,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             self.shared.changed.notify_waiters();
         }
         self.drop_if(TxnDrop::AfterLastTaken).await?;
+        self.drop_if(TxnDrop::TakenUnflushed).await?;
         if throttled {
             let mut state = self.shared.lock();
             let opened = state.connections;
@@ -1236,6 +1253,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         for (i, line) in lines.iter().enumerate() {
             let sep = if i + 1 == lines.len() { ' ' } else { '-' };
             let _ = write!(out, "{code}{sep}{line}\r\n");
+        }
+        if let Some(held) = &mut self.unflushed {
+            held.push_str(&out);
+            return Ok(());
         }
         let io = self.io.get_mut();
         io.write_all(out.as_bytes())
