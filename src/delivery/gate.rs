@@ -32,8 +32,9 @@
 //! none, one more pass is out, for all such relays together. A message
 //! of a busy relay its worker takes on the way is handed to that relay's
 //! busy connections, to go behind what they carry (`transport::pool`):
-//! parked, it would make them stop taking more. A fallback while its primary takes the mail is not such a relay:
-//! the primary alone then has workers, exactly its concurrency. When no
+//! parked, it would make them stop taking more. A fallback while its
+//! primary takes the mail is not such a relay: the primary alone then has
+//! workers, exactly its concurrency. When no
 //! relay carries mail, that one pass is all there is. When the count
 //! drops, passes in use are not taken back; they are retired as they are
 //! returned.
