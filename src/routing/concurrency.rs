@@ -22,7 +22,10 @@
 //!   trying one more. A connection that cannot be opened (refused, timed
 //!   out), a `421` on a connection in use, or a delivery rate per
 //!   connection that fell by more than concurrency rose (more connections,
-//!   less mail delivered in total) halves it. Only one halving per round:
+//!   less mail delivered in total) halves it; for the rate, only down to
+//!   the level that delivered the most, if that is higher (a total that
+//!   wobbles on a busy machine looks like a fall from the level just
+//!   below). Only one halving per round:
 //!   an attempt that started before the last cut does not cut again, nor
 //!   does a delivery on a connection the cut has not closed yet (TCP
 //!   reacts once per window of losses the same way). The rate is measured
@@ -278,8 +281,16 @@ impl Concurrency {
         // not cut again before the cut took effect (once per round).
         if let Some(spent) = spent.filter(|_| busy <= before) {
             self.sample(now, busy, spent.as_secs_f64() * 1000.0, in_flight);
-            if let Some(text) = self.rate_fell(now, busy) {
-                return self.cut(now, before, Reason::Rate, text);
+            if let Some((best, text)) = self.rate_fell(now, busy) {
+                // Back to the level that delivered the most, at most half:
+                // the rate says where the relay did best. A total that only
+                // wobbles (a machine busy with other work, mail arriving
+                // unevenly) can look like a fall from the best level just
+                // below; halving for that gave away half the connections
+                // again and again (96 cuts in a 20,000-message burst 5 ms
+                // away), going back to that level costs one.
+                let to = (best as f64).max(self.window * BACKOFF).max(1.0);
+                return self.lower_to(now, before, to, Reason::Rate, text);
             }
         }
         let cap = match self.ceiling {
@@ -383,7 +394,21 @@ impl Concurrency {
     }
 
     fn cut(&mut self, now: u64, before: usize, reason: Reason, text: String) -> Option<Change> {
-        self.window = (self.window * BACKOFF).max(1.0);
+        let to = (self.window * BACKOFF).max(1.0);
+        self.lower_to(now, before, to, reason, text)
+    }
+
+    /// Lowers the concurrency to `window` (below the current one) for
+    /// `reason`: growth resumes one connection per round from there.
+    fn lower_to(
+        &mut self,
+        now: u64,
+        before: usize,
+        window: f64,
+        reason: Reason,
+        text: String,
+    ) -> Option<Change> {
+        self.window = window.min(self.window);
         self.threshold = self.window;
         self.generation += 1;
         // Rates at the levels given up on are measured afresh if they are
@@ -445,7 +470,7 @@ impl Concurrency {
     /// Whether the relay delivers less in total at `level` connections
     /// than it did at fewer: its rate per connection fell by more than
     /// the connections rose.
-    fn rate_fell(&self, now: u64, level: usize) -> Option<String> {
+    fn rate_fell(&self, now: u64, level: usize) -> Option<(usize, String)> {
         let trusted = |l: usize| {
             let r = self.rates.get(l)?;
             (l > 0
@@ -464,13 +489,14 @@ impl Concurrency {
                 _ => Some((l, t)),
             })?;
         (total < RATE_MARGIN * best_total).then(|| {
-            format!(
+            let text = format!(
                 "the delivery rate per connection fell from {:.1}/s at {best} connections to {:.1}/s at {level} ({:.0}/s in total, down from {:.0}/s)",
                 best_total / best as f64,
                 total / level as f64,
                 total,
                 best_total
-            )
+            );
+            (best, text)
         })
     }
 }
@@ -707,6 +733,46 @@ mod tests {
             assert_eq!(c.delivered(clock.now_ms(), at(24, RTT * 5, false)), None);
         }
         assert_eq!(c.limit(), 12);
+    }
+
+    #[test]
+    fn a_total_that_wobbles_at_the_top_costs_one_connection_not_half() {
+        // On a machine busy with other work (or with mail arriving
+        // unevenly) the total at one more connection can come out a
+        // little lower than at the level below it: going back to that
+        // level is the answer, not halving (which at 5 ms gave away half
+        // the connections again and again).
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        while c.limit() < 20 {
+            deliver(&mut c, &clock, 1, RTT);
+        }
+        let top = c.limit();
+        for _ in 0..(2 * top) {
+            clock.advance(Duration::from_millis(1));
+            assert_eq!(c.delivered(clock.now_ms(), at(top, RTT, false)), None);
+        }
+        deliver(&mut c, &clock, 1, RTT);
+        assert_eq!(c.limit(), top + 1);
+        // 21 connections, each 21% slower: 347/s in total against 400/s.
+        let mut cut = None;
+        for _ in 0..100 {
+            clock.advance(Duration::from_millis(1));
+            let d = at(top + 1, RTT.mul_f64(1.21), false);
+            if let Some(ch) = c.delivered(clock.now_ms(), d) {
+                cut = Some(ch);
+                break;
+            }
+        }
+        let cut = cut.expect("a cut for the falling rate");
+        assert_eq!((cut.reason, cut.from, cut.to), (Reason::Rate, top + 1, top));
+        assert!(
+            cut.text.contains(&format!("at {top} connections")),
+            "{}",
+            cut.text
+        );
+        // Growth resumes from there, one connection per round.
+        assert_eq!(c.limit(), top);
     }
 
     #[test]
