@@ -126,6 +126,7 @@ impl Gate {
     }
 
     /// Whether the routes would send mail to relay `relay` now.
+    #[cfg(test)]
     pub fn is_routed(&self, relay: usize) -> bool {
         self.relays
             .get(relay)
@@ -133,6 +134,7 @@ impl Gate {
     }
 
     /// The passes there are (out or free).
+    #[cfg(test)]
     pub fn size(&self) -> usize {
         *self.size.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -191,13 +191,22 @@ impl Router {
     pub fn steer(&self) {
         let now = self.clock.now_ms();
         let mut routed = vec![false; self.relays.len()];
+        // Called for every message: health only, no skip texts formatted.
         for list in self.table.reachable() {
-            let (to, skipped) = self.by_health(list, now);
-            let last_resort = skipped.iter().find(|s| s.until.is_none()).map(|s| s.relay);
-            let to = to
-                .map(|(id, _)| id)
-                .or(last_resort)
-                .or(list.first().copied());
+            let (mut to, mut last_resort) = (None, None);
+            for (id, _, availability) in self.availabilities(list, now) {
+                match availability {
+                    Availability::Skip { until: None } => {
+                        last_resort.get_or_insert(id);
+                    }
+                    Availability::Skip { .. } => {}
+                    _ => {
+                        to = Some(id);
+                        break;
+                    }
+                }
+            }
+            let to = to.or(last_resort).or(list.first().copied());
             if let Some(r) = to.and_then(|id| routed.get_mut(id)) {
                 *r = true;
             }
@@ -330,12 +339,7 @@ impl Router {
         now: u64,
     ) -> (Option<(RelayId, Availability)>, Vec<Skipped>) {
         let mut skipped = Vec::new();
-        for &id in list {
-            let Some(relay) = self.relays.get(id) else {
-                continue;
-            };
-            // Not locked in the match: health_text locks it again.
-            let availability = relay.state().health.availability(now, &relay.policy);
+        for (id, relay, availability) in self.availabilities(list, now) {
             match availability {
                 Availability::Skip { until } => skipped.push(Skipped {
                     relay: id,
@@ -347,6 +351,21 @@ impl Router {
             }
         }
         (None, skipped)
+    }
+
+    /// The relays of `list` with their availability by health now, in
+    /// order (each relay's state is unlocked again before it is yielded:
+    /// `health_text` locks it).
+    fn availabilities<'a>(
+        &'a self,
+        list: &'a [RelayId],
+        now: u64,
+    ) -> impl Iterator<Item = (RelayId, &'a RelayEntry, Availability)> + 'a {
+        list.iter().filter_map(move |&id| {
+            let relay = self.relays.get(id)?;
+            let availability = relay.state().health.availability(now, &relay.policy);
+            Some((id, relay, availability))
+        })
     }
 
     /// Not now: until the earliest reopening, or a recovery.
