@@ -118,6 +118,23 @@ pub(crate) fn arrived_once(
     by_index
 }
 
+/// [`arrived_once`], and each as it was written ([`body`]).
+pub(crate) fn arrived_intact(
+    d: &Daemon,
+    up: &FakeUpstream,
+    ids: &[String],
+) -> HashMap<usize, Received> {
+    let by_index = arrived_once(d, up, ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit: {:?}",
+            m.text()
+        );
+    }
+    by_index
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_mail_flows_pipelined_and_arrives_once_each() {
     let n = 40;
