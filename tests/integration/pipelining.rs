@@ -76,6 +76,19 @@ pub(crate) async fn queue_then_flow_on(
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    queue_bodies_then_flow(config, n, back, sender, rcpts, body).await
+}
+
+/// [`queue_then_flow_on`] with message `i`'s body `body(i)` (whose
+/// subject must name it as [`body`]'s does, for [`index`]).
+pub(crate) async fn queue_bodies_then_flow(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    back: impl FnOnce(&FakeUpstream),
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
