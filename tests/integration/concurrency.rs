@@ -17,7 +17,7 @@ use crate::support::pki::{CertKind, TestCa};
 use crate::support::upstream::{FakeUpstream, Script, UpstreamTls};
 
 /// Adaptive (no `concurrency` key), with `extra` in `[relay]`.
-fn config(port: u16, extra: &str) -> String {
+pub(crate) fn config(port: u16, extra: &str) -> String {
     format!(
         "hostname = \"relayq.test\"\nstatus_listen = \"127.0.0.1:0\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"5s\"\nidle_timeout = \"60s\"\n{extra}\n",
         port
@@ -43,7 +43,7 @@ async fn backlog(
 }
 
 /// The relay's line of `queue list --json`.
-fn relay_state(d: &Daemon) -> serde_json::Value {
+pub(crate) fn relay_state(d: &Daemon) -> serde_json::Value {
     let out = d.cli(&["queue", "list", "--json"]);
     let json = String::from_utf8_lossy(&out.stdout);
     let line = json
