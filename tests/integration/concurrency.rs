@@ -274,7 +274,7 @@ fn throttle_cut(after: &str) -> (String, usize, usize) {
 
 /// The first change of the concurrency whose reason says `why`, from the
 /// log: its line, and the concurrency before and after.
-fn cut_for(after: &str, why: &str) -> (String, usize, usize) {
+pub(crate) fn cut_for(after: &str, why: &str) -> (String, usize, usize) {
     let line = after
         .lines()
         .find(|l| l.contains(": concurrency ") && l.contains(why))

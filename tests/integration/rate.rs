@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use crate::concurrency::{config, relay_state};
+use crate::concurrency::{config, cut_for, relay_state};
 use crate::pipelining::{arrived_intact, body};
 use crate::support::client::{dot_stuff, queue_id, send_mail};
 use crate::support::daemon::Daemon;
@@ -30,6 +30,37 @@ async fn submit(d: &Daemon, i: usize) -> String {
     .await;
     assert!(r.starts_with("250"), "{r}");
     queue_id(&r)
+}
+
+/// Submits messages `range` from sixteen clients at once, faster than
+/// one connection upstream delivers them: a backlog. Their queue ids.
+async fn burst(d: &Daemon, range: std::ops::Range<usize>) -> Vec<String> {
+    let addr = d.addr;
+    let clients: Vec<_> = (0..16)
+        .map(|k| {
+            let mine: Vec<usize> = range.clone().filter(|i| i % 16 == k).collect();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in mine {
+                    let r = send_mail(
+                        addr,
+                        "app@example.com",
+                        &["bob@example.net"],
+                        &dot_stuff(&body(i)),
+                    )
+                    .await;
+                    assert!(r.starts_with("250"), "{r}");
+                    ids.push(queue_id(&r));
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for c in clients {
+        ids.extend(c.await.expect("a client"));
+    }
+    ids
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -72,4 +103,34 @@ async fn a_slow_login_on_each_new_connection_is_not_a_falling_rate() {
     let v = relay_state(&d);
     assert_eq!(v["concurrency"], 4, "{v}");
     assert_ne!(v["concurrency_change"]["reason"], "rate", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_delivers_less_at_more_connections_gets_fewer() {
+    // Each message's reply waits 20 ms times the square of the connections
+    // open: one connection delivers about 40 a second, four about 12 in
+    // total, two about 25. Mail trickles first, one message at a time, so
+    // the rate of one connection is known; then a burst: relayq starts it
+    // on four, the total falls to a third for as long as they stay, and
+    // the concurrency is cut for the rate. Nothing is lost.
+    let up = FakeUpstream::start_with(Script::default().crowding(Duration::from_millis(20))).await;
+    let d = Daemon::start(&config(up.port(), "max_connections = 8"));
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let id = submit(&d, i).await;
+        d.wait_log(&format!("{id}: removed"), WAIT);
+        ids.push(id);
+    }
+    let mark = d.log_mark();
+    ids.extend(burst(&d, 10..90).await);
+    d.wait_log_since(mark, RATE_CUT, WAIT);
+    arrived_intact(&d, &up, &ids);
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=deferred"), "{after}");
+    assert!(!after.contains("status=bounced"), "{after}");
+    let (cut, from, to) = cut_for(&after, RATE_CUT);
+    eprintln!("{cut}");
+    assert!(to < from && to >= 1, "{cut}");
+    // Measured against the one connection of the trickle.
+    assert!(cut.contains(" at 1 connections to "), "{cut}");
 }

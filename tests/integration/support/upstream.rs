@@ -205,6 +205,10 @@ pub struct Script {
     /// bodies still unanswered when its MAIL came
     /// ([`Received::unanswered_before`]).
     pub hold_body_replies: Option<Duration>,
+    /// Each body's reply waits this times the square of the connections
+    /// open at the time: a provider that slows down steeply as more
+    /// connections come, so that more of them deliver less in total.
+    pub crowding: Duration,
 }
 
 impl Default for Script {
@@ -242,6 +246,7 @@ impl Default for Script {
             stall_accept_after: None,
             setup_delay: Duration::ZERO,
             hold_body_replies: None,
+            crowding: Duration::ZERO,
         }
     }
 }
@@ -352,6 +357,12 @@ impl Script {
 
     pub fn setup_delay(mut self, delay: Duration) -> Self {
         self.setup_delay = delay;
+        self
+    }
+
+    /// See [`Script::crowding`] (the field).
+    pub fn crowding(mut self, base: Duration) -> Self {
+        self.crowding = base;
         self
     }
 
@@ -1263,6 +1274,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
         if !script.reply_delay.is_zero() {
             tokio::time::sleep(script.reply_delay).await;
+        }
+        if !script.crowding.is_zero() {
+            let open = self.shared.lock().active as u32;
+            tokio::time::sleep(script.crowding * open * open).await;
         }
         if is_positive(code) {
             // Recorded just before the reply: whoever has seen the 250 can
