@@ -434,8 +434,9 @@ impl RelaySender {
                 Pushed::InFlight(chunked)
             }
             Streamed::Lost(_) => {
-                // Nothing of it was taken; the replies to those written
-                // before it can still be read.
+                // Nothing of it was taken (a kept connection found dead at
+                // its RSET, or a write cut short); the replies to those
+                // written before it can still be read.
                 if conn.is_spent() {
                     self.drop_conn();
                 }
