@@ -41,6 +41,10 @@
 //! on it, and the message goes on a new connection at once, nothing
 //! logged, no attempt counted.
 //!
+//! A `421` to the first MAIL on a connection opened for the message is
+//! the relay refusing it service: a deferral, its attempt counted, as on
+//! the DATA path; the messages written behind it go back untouched.
+//!
 //! A `421` to the RSET or MAIL of a message that went out behind another
 //! ends the session before that message's transaction began: it is handed
 //! back untouched (no attempt counted, no deferral logged), with those
@@ -538,7 +542,7 @@ impl Router {
     /// and the worker's next ready messages behind it, are written whole;
     /// its outcome is read, the rest are held in the [`Follow`]. When the
     /// kept connection had gone stale, or its replies never come (the line
-    /// dropped), it is tried once more at once on a
+    /// dropped; see [`free_retry`]), it is tried once more at once on a
     /// new connection (alone, after a lost line).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn stream(
@@ -590,18 +594,17 @@ impl Router {
                     self.ended_with(id, &signal, &mut flight, ahead).await;
                     break (report, signal, flight);
                 }
-                Answered::Closed(e) | Answered::No(e) if !alone && (kept || !flight.is_empty()) => {
-                    // Not its attempt: the relay ended the session before
-                    // its transaction began, or the line dropped (maybe
-                    // because of a message behind it). Again, alone.
+                Answered::Closed(e) | Answered::No(e)
+                    if !alone && free_retry(&e, kept, &flight) =>
+                {
+                    // Not its attempt: the relay ended a kept connection
+                    // before its transaction began, or the line dropped
+                    // (maybe because of a message behind it). Again, alone.
+                    // A 421 to the MAIL of a kept connection is the relay's
+                    // idle timeout or its limit of messages per connection,
+                    // read only now: no pushback (as the DATA path, which
+                    // opens a fresh connection for it).
                     let reason = e.to_string();
-                    // A 421 to the RSET or MAIL of a kept connection is the
-                    // relay's idle timeout or its limit of messages per
-                    // connection, read only now: no pushback (as the DATA
-                    // path, which opens a fresh connection for it).
-                    if e.closed_before_transaction() && !kept {
-                        self.closed_by_relay(id, &lease, &e, false);
-                    }
                     let doubt = in_doubt(&e);
                     if doubt {
                         tracing::info!(target: "relayq::delivery", "{}: relay={}, {}; trying it again alone", msg.meta.id, self.relays[id].endpoint, doubt_text(&reason));
@@ -731,6 +734,18 @@ impl Router {
             self.record_signal(id, &Signal::Throttled(error), self.clock.now_ms());
         }
     }
+}
+
+/// Whether the first message of a stream whose replies ended with `e` goes
+/// again at once, alone, without counting as its attempt: on a kept
+/// connection, whatever ended it; on one opened for it, only a lost line
+/// with messages behind it (one of them may have broken it). A 421 to the
+/// first MAIL on a new connection is the relay refusing service to this
+/// message, a deferral with its attempt counted, exactly as on the DATA
+/// path (`Connection::send_then` retries only a kept connection's); the
+/// messages written behind it go back untouched.
+fn free_retry(e: &SmtpError, kept: bool, flight: &Flight) -> bool {
+    kept || (!flight.is_empty() && !e.closed_before_transaction())
 }
 
 /// Whether a streamed message whose replies ended with `e` (and those
