@@ -17,7 +17,9 @@
 //! the scheduler each time a connection comes back (`relay_free`), with a
 //! release count that only grows: a worker reads the count *before* it
 //! looks for a connection, so a connection returned in between is never
-//! missed. That way a slow relay occupies only its own connections, never
+//! missed. Release counts come from one count for the whole process
+//! ([`RELEASED`]), so a relay's new pool after a reload starts above
+//! anything its old pool told the scheduler. That way a slow relay occupies only its own connections, never
 //! the workers other relays need (Postfix's qmgr keeps per-destination
 //! concurrency for the same reason). When the
 //! concurrency grows, that counts as a connection coming back; when it
@@ -111,7 +113,8 @@ pub struct RelayPool {
     clock: Clock,
     /// When a connection was last lent or returned (unix ms).
     last_used_ms: AtomicU64,
-    /// Grows by one every time a slot or an idle connection comes back.
+    /// Grows every time a slot or an idle connection comes back (the
+    /// number that release drew from [`RELEASED`]).
     releases: AtomicU64,
     /// One more than the release count a parked message's refused checkout
     /// saw (the highest such): while `releases` is below it, a message
@@ -126,6 +129,12 @@ pub struct RelayPool {
     /// relay's concurrency and of connections lent.
     gate: Option<(Arc<Gate>, usize)>,
 }
+
+/// Every release of every pool draws its number here. The scheduler keeps
+/// the highest number it heard per relay name, and a pool built by a
+/// reload has the old one's name: counting from zero, its parked messages
+/// would look released at once, over and over, until it caught up.
+static RELEASED: AtomicU64 = AtomicU64::new(0);
 
 /// What a pool needs besides the relay's settings.
 pub struct PoolContext {
@@ -169,7 +178,7 @@ impl RelayPool {
             concurrency: Mutex::new(concurrency),
             clock: ctx.clock,
             last_used_ms: AtomicU64::new(now),
-            releases: AtomicU64::new(0),
+            releases: AtomicU64::new(RELEASED.load(Ordering::SeqCst)),
             wanted_until: AtomicU64::new(0),
             handed: Mutex::new(VecDeque::new()),
             scheduler: ctx.scheduler,
@@ -456,7 +465,10 @@ impl RelayPool {
     }
 
     fn released(&self) {
-        let n = self.releases.fetch_add(1, Ordering::SeqCst) + 1;
+        let n = RELEASED.fetch_add(1, Ordering::SeqCst) + 1;
+        // Two releases at once may store out of order: the count never
+        // goes back.
+        self.releases.fetch_max(n, Ordering::SeqCst);
         if let Some(s) = &self.scheduler {
             s.relay_free(&self.name, n);
         }
@@ -563,6 +575,27 @@ mod tests {
             assert!(lease.busy_since >= ready && lease.busy_since >= checked_out);
             pool.checkin(lease);
         }
+    }
+
+    #[tokio::test]
+    async fn a_pool_built_by_a_reload_counts_releases_above_the_old_ones() {
+        // The scheduler keeps the highest release count per relay name: a
+        // message parked on the new pool must not look released already.
+        let relay = "host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n";
+        let old = pool(relay, None);
+        for _ in 0..5 {
+            let lease = old.try_checkout().ok().unwrap();
+            old.checkin(lease);
+        }
+        let told_the_scheduler = old.releases();
+        let new = pool(relay, None);
+        let lease = new.try_checkout().ok().unwrap();
+        let seen = new.try_checkout().err().unwrap();
+        assert!(seen >= told_the_scheduler, "{seen} < {told_the_scheduler}");
+        new.want(seen);
+        assert!(new.is_wanted());
+        new.checkin(lease);
+        assert!(new.releases() > seen && !new.is_wanted());
     }
 
     #[tokio::test]
