@@ -749,9 +749,10 @@ fn free_retry(e: &SmtpError, kept: bool, flight: &Flight) -> bool {
 }
 
 /// Whether a streamed message whose replies ended with `e` (and those
-/// behind it) may have been taken: it was written whole, and neither a
-/// connection found dead at its RSET nor a 421 before its transaction
-/// proves otherwise.
+/// behind it) may have been taken: it was written whole, on a connection
+/// that had answered, and only a 421 before its transaction proves
+/// otherwise (a kept connection found dead is found so before anything of
+/// the message is written).
 fn in_doubt(e: &SmtpError) -> bool {
     !e.closed_before_transaction()
 }

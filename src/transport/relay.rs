@@ -95,9 +95,10 @@ pub enum Answered {
     /// either (a server processes nothing after a 421). The 421, to be
     /// counted once, as the connection's pushback.
     Closed(SmtpError),
-    /// Its replies were never read (the line dropped, a timeout, or the
-    /// connection had gone stale): why. Unless the connection was stale
-    /// ([`SmtpError::connection_was_stale`]) the relay may have taken it.
+    /// Its replies were never read (the line dropped, a timeout, or an
+    /// earlier one's were lost): why. Written whole on a connection that
+    /// had answered, it may have been taken (a kept connection found dead
+    /// is found so before anything is written: [`Pushed::Back`]).
     No(SmtpError),
 }
 
