@@ -76,6 +76,23 @@ pub(crate) async fn queue_then_flow_on(
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    let (d, addr, ids) = queue_while_down(config, n, sender, rcpts).await;
+    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    back(&up);
+    let mark = d.log_mark();
+    d.flush();
+    (d, up, ids, mark)
+}
+
+/// The first half of [`queue_then_flow_on`]: `n` messages queued, each
+/// tried once while the upstream is down. Returns the daemon, the
+/// upstream's address and the queue ids.
+pub(crate) async fn queue_while_down(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+) -> (Daemon, SocketAddr, Vec<String>) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
@@ -90,11 +107,7 @@ pub(crate) async fn queue_then_flow_on(
     for id in &ids {
         d.wait_log(&format!("{id}: to=<"), WAIT);
     }
-    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
-    back(&up);
-    let mark = d.log_mark();
-    d.flush();
-    (d, up, ids, mark)
+    (d, addr, ids)
 }
 
 /// Waits until every queued message is done, checks that each arrived
