@@ -27,16 +27,23 @@
 //!   worker records it, so the connection never waits for the disk.
 //!
 //! Every message is recorded from its own replies. When the line drops
-//! (or the connection turns out to have gone stale) the messages not yet
-//! answered are handed back to the worker to be retried alone, on a new
-//! connection with nothing behind them, so a message that breaks the
-//! connection can only break its own attempts; what was answered before
-//! stays recorded and is never sent again. A streamed message whose reply
-//! is lost was written whole, so the relay may have taken it: it is sent
-//! again all the same (never lost) and logged as possibly sent twice;
-//! [`STREAM_WINDOW`] bounds how many can be in that doubt at once. Only a
-//! line found closed before even the RSET heading a message was answered
-//! (or a 421) proves the relay took nothing of it.
+//! the messages not yet answered are handed back to the worker to be
+//! retried alone, on a new connection with nothing behind them, so a
+//! message that breaks the connection can only break its own attempts;
+//! what was answered before stays recorded and is never sent again. A
+//! streamed message whose reply is lost was written whole, so the relay
+//! may have taken it: it is sent again all the same (never lost) and
+//! logged as possibly sent twice; [`STREAM_WINDOW`] bounds how many can be
+//! in that doubt at once. Only a 421 before its transaction began proves
+//! the relay took nothing of a message written. A kept connection is
+//! proven alive (its RSET answered) before the first message goes on it
+//! (`transport::smtp::chunking`): one found dead then had nothing written
+//! on it, and the message goes on a new connection at once, nothing
+//! logged, no attempt counted.
+//!
+//! A `421` to the first MAIL on a connection opened for the message is
+//! the relay refusing it service: a deferral, its attempt counted, as on
+//! the DATA path; the messages written behind it go back untouched.
 //!
 //! A `421` to the RSET or MAIL of a message that went out behind another
 //! ends the session before that message's transaction began: it is handed
@@ -533,9 +540,10 @@ impl Router {
 
     /// A message sent on a streaming connection ([`Router::attempt`]): it,
     /// and the worker's next ready messages behind it, are written whole;
-    /// its outcome is read, the rest are held in the [`Follow`]. When its
-    /// replies never come (the line dropped, or the kept connection had gone
-    /// stale), it is tried once more at once, alone, on a new connection.
+    /// its outcome is read, the rest are held in the [`Follow`]. When the
+    /// kept connection had gone stale, or its replies never come (the line
+    /// dropped; see [`free_retry`]), it is tried once more at once on a
+    /// new connection (alone, after a lost line).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn stream(
         self: &Arc<Self>,
@@ -549,14 +557,19 @@ impl Router {
         started: Instant,
     ) -> (Delivery, Option<Follow>) {
         let mut alone = false;
+        // A kept connection found dead was replaced once already.
+        let mut replaced = false;
         let (report, signal, flight) = loop {
             let kept = lease.sender.is_kept();
             let since = Instant::now();
             let chunked = match lease.sender.push(msg).await {
                 Pushed::InFlight(chunked) => chunked,
-                Pushed::Back if !lease.sender.is_connected() && !alone => {
-                    // A kept connection that died while idle: a new one.
-                    alone = true;
+                Pushed::Back if !lease.sender.is_connected() && !replaced && !alone => {
+                    // A kept connection that died while idle (its RSET got
+                    // no reply, or a 421, before anything of the message
+                    // was written): nothing taken, nothing counted; a new
+                    // one, which streams as any new one does.
+                    replaced = true;
                     if let Err(not) = lease.sender.ready(msg.rcpts, started).await {
                         break (not.report, not.signal, Flight::new());
                     }
@@ -581,18 +594,17 @@ impl Router {
                     self.ended_with(id, &signal, &mut flight, ahead).await;
                     break (report, signal, flight);
                 }
-                Answered::Closed(e) | Answered::No(e) if !alone && (kept || !flight.is_empty()) => {
-                    // Not its attempt: the relay ended the session before
-                    // its transaction began, or the line dropped (maybe
-                    // because of a message behind it). Again, alone.
+                Answered::Closed(e) | Answered::No(e)
+                    if !alone && free_retry(&e, kept, &flight) =>
+                {
+                    // Not its attempt: the relay ended a kept connection
+                    // before its transaction began, or the line dropped
+                    // (maybe because of a message behind it). Again, alone.
+                    // A 421 to the MAIL of a kept connection is the relay's
+                    // idle timeout or its limit of messages per connection,
+                    // read only now: no pushback (as the DATA path, which
+                    // opens a fresh connection for it).
                     let reason = e.to_string();
-                    // A 421 to the RSET or MAIL of a kept connection is the
-                    // relay's idle timeout or its limit of messages per
-                    // connection, read only now: no pushback (as the DATA
-                    // path, which opens a fresh connection for it).
-                    if e.closed_before_transaction() && !kept {
-                        self.closed_by_relay(id, &lease, &e, false);
-                    }
                     let doubt = in_doubt(&e);
                     if doubt {
                         tracing::info!(target: "relayq::delivery", "{}: relay={}, {}; trying it again alone", msg.meta.id, self.relays[id].endpoint, doubt_text(&reason));
@@ -724,12 +736,25 @@ impl Router {
     }
 }
 
+/// Whether the first message of a stream whose replies ended with `e` goes
+/// again at once, alone, without counting as its attempt: on a kept
+/// connection, whatever ended it; on one opened for it, only a lost line
+/// with messages behind it (one of them may have broken it). A 421 to the
+/// first MAIL on a new connection is the relay refusing service to this
+/// message, a deferral with its attempt counted, exactly as on the DATA
+/// path (`Connection::send_then` retries only a kept connection's); the
+/// messages written behind it go back untouched.
+fn free_retry(e: &SmtpError, kept: bool, flight: &Flight) -> bool {
+    kept || (!flight.is_empty() && !e.closed_before_transaction())
+}
+
 /// Whether a streamed message whose replies ended with `e` (and those
-/// behind it) may have been taken: it was written whole, and neither a
-/// connection found dead at its RSET nor a 421 before its transaction
-/// proves otherwise.
+/// behind it) may have been taken: it was written whole, on a connection
+/// that had answered, and only a 421 before its transaction proves
+/// otherwise (a kept connection found dead is found so before anything of
+/// the message is written).
 fn in_doubt(e: &SmtpError) -> bool {
-    !e.connection_was_stale() && !e.closed_before_transaction()
+    !e.closed_before_transaction()
 }
 
 /// A streamed message whose reply was lost: written whole, so the relay

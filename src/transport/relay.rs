@@ -46,6 +46,9 @@ pub struct RelaySender {
     /// The pool's count of established connections, kept while `conn` is
     /// open.
     established: Option<Arc<AtomicUsize>>,
+    /// The address of the last connection, kept once it is dropped: the
+    /// relay a message written on it is reported as having been tried at.
+    last_peer: Option<SocketAddr>,
 }
 
 impl Drop for RelaySender {
@@ -92,9 +95,10 @@ pub enum Answered {
     /// either (a server processes nothing after a 421). The 421, to be
     /// counted once, as the connection's pushback.
     Closed(SmtpError),
-    /// Its replies were never read (the line dropped, a timeout, or the
-    /// connection had gone stale): why. Unless the connection was stale
-    /// ([`SmtpError::connection_was_stale`]) the relay may have taken it.
+    /// Its replies were never read (the line dropped, a timeout, or an
+    /// earlier one's were lost): why. Written whole on a connection that
+    /// had answered, it may have been taken (a kept connection found dead
+    /// is found so before anything is written: [`Pushed::Back`]).
     No(SmtpError),
 }
 
@@ -137,6 +141,7 @@ impl RelaySender {
             conn: None,
             sent: 0,
             established: None,
+            last_peer: None,
         }
     }
 
@@ -152,6 +157,7 @@ impl RelaySender {
         {
             n.fetch_add(1, Ordering::SeqCst);
         }
+        self.last_peer = Some(conn.peer());
         self.conn = Some(conn);
     }
 
@@ -415,10 +421,14 @@ impl RelaySender {
                 .is_none_or(|max| self.sent < max)
     }
 
-    /// Whether the connection was used for a message before (a stream on
-    /// it may find it went stale while idle).
+    /// Whether the connection was kept from before this attempt (it owes
+    /// the RSET that ends the previous transaction, or a probe's): a 421
+    /// before its first transaction began is then the relay's idle
+    /// timeout or limit, not the message's, as on the DATA path
+    /// (`Connection::send_then`). A connection opened for this attempt
+    /// is not kept.
     pub fn is_kept(&self) -> bool {
-        self.sent > 0
+        self.conn.as_ref().is_some_and(Connection::owes_rset)
     }
 
     /// Writes `msg` as a whole transaction behind those in flight.
@@ -434,8 +444,9 @@ impl RelaySender {
                 Pushed::InFlight(chunked)
             }
             Streamed::Lost(_) => {
-                // Nothing of it was taken; the replies to those written
-                // before it can still be read.
+                // Nothing of it was taken (a kept connection found dead at
+                // its RSET, or a write cut short); the replies to those
+                // written before it can still be read.
                 if conn.is_spent() {
                     self.drop_conn();
                 }
@@ -624,14 +635,17 @@ impl RelaySender {
     }
 
     /// The report of a transaction pipelined behind the previous message
-    /// that ended without a body ([`NextTxn::Done`]).
+    /// that ended without a body ([`NextTxn::Done`]), or of a streamed one
+    /// whose connection ended (logged with the relay's address, as the
+    /// same outcome on a connection still open is).
     pub fn report_done(
         &mut self,
         result: Result<TxnReport, SmtpError>,
         rcpts: &[usize],
         since: Instant,
     ) -> (AttemptReport, Signal) {
-        let relay = self.describe(self.conn.as_ref().map(|c| c.peer()));
+        let peer = self.conn.as_ref().map(|c| c.peer()).or(self.last_peer);
+        let relay = self.describe(peer);
         self.sent += 1;
         self.report(relay, result, rcpts, since)
     }

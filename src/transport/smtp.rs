@@ -632,7 +632,9 @@ impl SmtpError {
     /// No reply came, not even to the RSET heading the transaction (or a
     /// 421 came in its place): the connection was dead (closed, reset or
     /// timed out by the relay while idle) before anything was read from
-    /// it, so nothing of the transaction was taken.
+    /// it, so nothing of the transaction was taken. Only where no body
+    /// could go before that reply: DATA waits for 354, and a BDAT stream
+    /// sends that RSET alone first (`chunking`).
     pub fn connection_was_stale(&self) -> bool {
         is_stale(self)
     }
@@ -935,6 +937,12 @@ impl Connection {
     /// The mechanism used to log in, if we did.
     pub fn auth_mechanism(&self) -> Option<AuthMechanism> {
         self.auth_mechanism
+    }
+
+    /// A RSET is owed before the next transaction: the connection was
+    /// kept from before (see [`Connection::reset`]).
+    pub fn owes_rset(&self) -> bool {
+        self.pending_rset
     }
 
     /// False after an error that left the session out of step; the worker

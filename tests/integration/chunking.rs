@@ -308,7 +308,7 @@ fn taken(at: TxnDrop) -> bool {
 }
 
 /// relayq's BDAT window (`routing::follow::STREAM_WINDOW`).
-fn relayq_window() -> usize {
+pub(crate) fn relayq_window() -> usize {
     3
 }
 

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::pipelining::{arrived_intact, arrived_once, queue_then_flow_on, queue_then_flow_with};
+use crate::pipelining::{
+    arrived_intact, arrived_once, body, queue_then_flow_on, queue_then_flow_with, queue_while_down,
+};
 use crate::support::daemon::Daemon;
 use crate::support::http::{get, status_addr};
 use crate::support::pki::{CertKind, TestCa};
@@ -514,4 +516,144 @@ async fn a_421_behind_a_body_on_a_relays_only_connection_pauses_nothing() {
             "{case}: one connection's 421 paused the relay:\n{after}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_421_to_the_first_mail_on_a_new_connection_is_that_messages_attempt_with_data_and_bdat() {
+    // The relay answers the first MAIL on the first connection relayq
+    // opens with 421 and closes: it refuses service, and the message
+    // whose MAIL it was is deferred, its attempt counted, the same with
+    // DATA as in a BDAT stream (where messages were written behind it:
+    // they go back untouched, no attempt counted). Once the relay takes
+    // mail, every message arrives once.
+    let mut seen = Vec::new();
+    for chunking in [false, true] {
+        let case = format!("chunking {chunking}");
+        let mut script = Script::default()
+            .reply_delay(Duration::from_millis(10))
+            .refuse_first_mail_on(1);
+        if chunking {
+            script = script.chunking();
+        }
+        let config = |addr: SocketAddr| {
+            crate::support::daemon::relay_config(addr, "")
+                .replace("idle_timeout = \"2s\"", "idle_timeout = \"60s\"")
+                .replace("concurrency = 2", "concurrency = 1")
+        };
+        let (d, addr, ids) = queue_while_down(
+            config,
+            6,
+            |_| "app@example.com",
+            |_| vec!["bob@example.net"],
+            body,
+        )
+        .await;
+        // Attempts counted while the relay was down, before it serves.
+        let before = attempts(&d, &ids);
+        let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+        up.set_script(script);
+        let mark = d.log_mark();
+        d.flush();
+        for id in &ids {
+            d.wait_log_since(mark, &format!("{id}: to=<"), Duration::from_secs(30));
+        }
+        let after = d.log()[mark..].to_string();
+        let refused: Vec<&str> = after
+            .lines()
+            .filter(|l| l.contains("status=deferred") && !l.contains("relay=none"))
+            .collect();
+        assert_eq!(
+            refused.len(),
+            1,
+            "{case}: the message refused service is deferred, once:\n{after}"
+        );
+        let first = ids
+            .iter()
+            .find(|id| refused[0].contains(&format!("{id}: ")))
+            .expect("a queued message");
+        // Attempts counted by the 421, per message: (the first?, how many).
+        let attempts: Vec<(bool, u32)> = ids
+            .iter()
+            .zip(attempts(&d, &ids).iter().zip(&before))
+            .map(|(id, (now, then))| (id == first, now - then))
+            .collect();
+        for (is_first, counted) in &attempts {
+            assert_eq!(
+                *counted,
+                u32::from(*is_first),
+                "{case}: attempts {attempts:?}\n{after}"
+            );
+        }
+        assert!(
+            !after.contains("may arrive twice"),
+            "{case}: a 421 before the transaction leaves no doubt:\n{after}"
+        );
+        if chunking {
+            assert!(
+                after.contains("the connection ended before the relay took anything of it"),
+                "{case}: nothing was written behind it:\n{after}"
+            );
+        }
+        // The relay serves again: the deferred message's retry time and
+        // the pause the 421 caused pass.
+        d.advance_clock(600);
+        let by_index = arrived_once(&d, &up, &ids);
+        assert!(
+            by_index
+                .values()
+                .all(|m| m.via == if chunking { "BDAT" } else { "DATA" }),
+            "{case}"
+        );
+        let after = d.log()[mark..].to_string();
+        let first_lines: Vec<&str> = after
+            .lines()
+            .filter(|l| l.contains(&format!("{first}: to=<")) && !l.contains("relay=none"))
+            .collect();
+        assert_eq!(
+            first_lines.len(),
+            2,
+            "{case}: deferred, then sent:\n{after}"
+        );
+        assert!(
+            first_lines[1].contains("status=sent"),
+            "{case}: {}",
+            first_lines[1]
+        );
+        seen.push((case, outcome_fields(refused[0], up.port()), attempts));
+    }
+    // DATA and BDAT agree: the same deferral, logged the same way, and
+    // the same attempts counted.
+    let mut attempts: Vec<Vec<(bool, u32)>> = seen.iter().map(|s| s.2.clone()).collect();
+    for a in &mut attempts {
+        a.sort();
+    }
+    assert_eq!(attempts[0], attempts[1], "{seen:?}");
+    assert_eq!(seen[0].1, seen[1].1, "{seen:?}");
+}
+
+/// Each message's attempts, from `relayq queue show`.
+fn attempts(d: &Daemon, ids: &[String]) -> Vec<u32> {
+    ids.iter()
+        .map(|id| {
+            let show = d.cli(&["queue", "show", id]);
+            let show = String::from_utf8_lossy(&show.stdout).to_string();
+            show.lines()
+                .find_map(|l| l.strip_prefix("attempts:"))
+                .and_then(|a| a.trim().split(',').next()?.parse().ok())
+                .unwrap_or_else(|| panic!("{id} not queued: {show}"))
+        })
+        .collect()
+}
+
+/// An attempt's log line without its queue id, times and port: relay,
+/// dsn and status.
+fn outcome_fields(line: &str, port: u16) -> String {
+    let relay = line
+        .split("relay=")
+        .nth(1)
+        .and_then(|r| r.split(',').next())
+        .unwrap_or("")
+        .replace(&port.to_string(), "PORT");
+    let rest = line.split(", dsn=").nth(1).unwrap_or("");
+    format!("relay={relay}, dsn={rest}")
 }

@@ -18,6 +18,7 @@ mod hostile_content;
 mod inbound;
 mod install;
 mod interop;
+mod kept;
 mod oauth2;
 mod observe;
 mod pipelining;

@@ -89,6 +89,24 @@ pub(crate) async fn queue_bodies_then_flow(
     rcpts: impl Fn(usize) -> Vec<&'static str>,
     body: impl Fn(usize) -> Vec<u8>,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    let (d, addr, ids) = queue_while_down(config, n, sender, rcpts, body).await;
+    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
+    back(&up);
+    let mark = d.log_mark();
+    d.flush();
+    (d, up, ids, mark)
+}
+
+/// The first half of [`queue_bodies_then_flow`]: `n` messages queued,
+/// each tried once while the upstream is down. Returns the daemon, the
+/// upstream's address and the queue ids.
+pub(crate) async fn queue_while_down(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> (Daemon, SocketAddr, Vec<String>) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
     up.stop().await;
@@ -103,11 +121,7 @@ pub(crate) async fn queue_bodies_then_flow(
     for id in &ids {
         d.wait_log(&format!("{id}: to=<"), WAIT);
     }
-    let up = FakeUpstream::start_on(addr).await.expect("upstream back");
-    back(&up);
-    let mark = d.log_mark();
-    d.flush();
-    (d, up, ids, mark)
+    (d, addr, ids)
 }
 
 /// Waits until every queued message is done, checks that each arrived

@@ -20,6 +20,25 @@
 //! transaction goes out before that is known, every transaction written
 //! while another is unanswered starts with RSET.
 //!
+//! A transaction that owes a RSET with nothing in flight (the first on a
+//! connection kept from the idle pool, or the next after a refused one
+//! on a connection whose replies are all read) sends that RSET alone and
+//! waits for its reply before writing anything of the message, as
+//! Postfix's RSET probe does before it reuses a cached connection
+//! (`smtp_reuse_common` in `smtp_reuse.c`: `smtp_rset`, one round trip,
+//! and the session is dropped if the RSET fails). Pipelined with the
+//! message instead, a lost RSET reply would not tell a connection that
+//! went stale while idle (nothing taken, retry at once) from one the
+//! relay read to the end, took the message on and then dropped without
+//! flushing its replies, as Postfix's smtpd with PIPELINING does (it
+//! flushes only once it has read all that came): the message would
+//! arrive twice with nobody told. Proven alive first, a connection that
+//! then loses a reply leaves the message in doubt, said so; one found
+//! dead at the RSET took nothing, and costs a new connection only. The
+//! round trip is paid once per reuse (DATA pays it for every message,
+//! waiting for 354); messages written behind one in flight go out
+//! without waiting, as before.
+//!
 //! A reply that can't be read (the line dropped, a timeout, garbage) or a
 //! 421 ends the stream: the transactions behind it are unanswered, and
 //! [`Connection::settle_chunked`] says so ([`SmtpError::Unusable`]) without
@@ -43,10 +62,6 @@ use tracing::Instrument;
 pub struct Chunked {
     steps: Vec<Step>,
     replies: EnvelopeReplies,
-    /// Written while another transaction was unanswered: the connection
-    /// was alive then, so even a reply lost at its RSET leaves the doubt
-    /// (see [`in_doubt`]).
-    behind: bool,
 }
 
 /// What [`Connection::send_chunked`] did with a message.
@@ -62,9 +77,12 @@ pub enum Streamed {
     /// PIPELINING, or its envelope is more than one group of commands):
     /// send it with [`Connection::send`] once nothing is in flight.
     NotStreamable,
-    /// The write failed part way: the server discards a chunk cut short, so
-    /// nothing of it was taken. The session is over; the replies to the
-    /// transactions written before it may still be read.
+    /// Nothing of it was taken, and the session is over: the RSET owed
+    /// before it got no reply, or a 421 or a refusal, before anything of
+    /// the message was written (a kept connection that went stale while
+    /// idle, [`SmtpError::connection_was_stale`]), or the write failed
+    /// part way (the server discards a chunk cut short). The replies to
+    /// the transactions written before it may still be read.
     Lost(SmtpError),
 }
 
@@ -101,8 +119,18 @@ impl Connection {
             return Streamed::NotStreamable;
         }
         let size = DataEncoder::chunk_len(body);
+        if self.pending_rset && self.in_flight == 0 {
+            // Prove the connection alive before a body goes on it (see the
+            // module comment): the RSET alone, and its reply.
+            self.pending_rset = false;
+            let span = self.span.clone();
+            if let Err(e) = self.rset_now().instrument(span).await {
+                tracing::debug!(parent: &self.span, "no good reply to the RSET before a stream ({e}); nothing written");
+                return Streamed::Lost(e);
+            }
+        }
         // What is unanswered may leave a transaction open (a refused BDAT).
-        let rset = self.pending_rset || self.in_flight > 0;
+        let rset = self.in_flight > 0;
         let (mut steps, replies) = match self.plan(env, size, rset) {
             Err(e) => return Streamed::Known(Err(e)),
             Ok(Planned::Nothing(report)) => return Streamed::Known(Ok(report)),
@@ -124,13 +152,8 @@ impl Connection {
             self.broken = true;
             return Streamed::Lost(e);
         }
-        let behind = self.in_flight > 0;
         self.in_flight += 1;
-        Streamed::InFlight(Chunked {
-            steps,
-            replies,
-            behind,
-        })
+        Streamed::InFlight(Chunked { steps, replies })
     }
 
     /// The commands and the chunk (`size` octets), in pieces of about
@@ -176,12 +199,11 @@ impl Connection {
         }
         self.in_flight -= 1;
         let span = self.span.clone();
-        let behind = chunked.behind;
         let result = self
             .read_chunked(chunked)
             .instrument(span)
             .await
-            .map_err(|e| in_doubt(e, behind));
+            .map_err(in_doubt);
         if let Err(e) = &result
             && !e.leaves_session_in_sync()
         {
@@ -192,9 +214,7 @@ impl Connection {
     }
 
     async fn read_chunked(&mut self, chunked: Chunked) -> Result<TxnReport, SmtpError> {
-        let Chunked {
-            steps, mut replies, ..
-        } = chunked;
+        let Chunked { steps, mut replies } = chunked;
         self.read_group(&steps, &mut replies).await?;
         let accepted = replies.any_rcpt_accepted();
         let data = replies.data.take();
@@ -221,20 +241,18 @@ impl Connection {
 }
 
 /// The whole transaction was written before any of its replies was read,
-/// so a reply lost after the RSET's (or, with no RSET, any reply lost)
-/// leaves the doubt of one lost after the end of data: the server may have
-/// taken the message, and it says so ("may be sent more than once"). Only
-/// a line found closed at the RSET of a transaction written on its own
-/// (the connection went stale while idle) proves nothing was taken. One
-/// written `behind` another went on a line that was alive: a server that
-/// flushes its replies only once it has read all that came (Postfix with
-/// PIPELINING) may have taken it before the line dropped with even its
-/// RSET's reply unsent.
-fn in_doubt(e: SmtpError, behind: bool) -> SmtpError {
-    let stale = |stage: Stage| stage == Stage::Rset && !behind;
+/// on a connection that had just answered (the RSET probe, the login, or
+/// the transactions before it), so any reply lost, even a RSET's, leaves
+/// the doubt of one lost after the end of data: the server may have taken
+/// the message (a server that flushes its replies only once it has read
+/// all that came, as Postfix does with PIPELINING, sends none of them
+/// before the line drops), and it says so ("may be sent more than once").
+/// No transaction written on its own starts with RSET (`send_chunked`
+/// waits for that reply first), so none of these is a stale connection's.
+fn in_doubt(e: SmtpError) -> SmtpError {
     match e {
-        SmtpError::Closed { stage } if !stale(stage) => SmtpError::Closed { stage: Stage::Dot },
-        SmtpError::Io { stage, source } if !stale(stage) => SmtpError::Io {
+        SmtpError::Closed { .. } => SmtpError::Closed { stage: Stage::Dot },
+        SmtpError::Io { source, .. } => SmtpError::Io {
             stage: Stage::Dot,
             source,
         },

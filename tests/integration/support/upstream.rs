@@ -30,6 +30,11 @@
 //! refuse connections over a number open at once with "421 4.7.0 Too many
 //! concurrent SMTP connections", as providers do.
 //!
+//! [`Script::drop_kept`] drops the line in a kept connection's next
+//! transaction after reading all of it or part of it, with no reply sent
+//! (`upstream/kept.rs`); [`Script::refuse_first_mail_on`] answers the
+//! first MAIL of a new connection 421.
+//!
 //! The script is read afresh for every decision, so `set_script` takes effect
 //! on the next command, also on connections already open.
 
@@ -48,7 +53,9 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 mod chunking;
+mod kept;
 mod secure;
+pub use kept::KeptDrop;
 pub use secure::{AuthAttempt, Handshake, Seen, TokenCheck, UpstreamTls};
 
 /// The name the fake server gives itself in its greeting and EHLO reply.
@@ -209,6 +216,13 @@ pub struct Script {
     /// open at the time: a provider that slows down steeply as more
     /// connections come, so that more of them deliver less in total.
     pub crowding: Duration,
+    /// Drop the line in the first transaction on a kept connection (one
+    /// that carried a body before) after `set_script`, with its replies
+    /// held (see [`KeptDrop`]).
+    pub drop_kept: Option<KeptDrop>,
+    /// Answer the first MAIL on the Nth connection with "421 4.3.2
+    /// Service not available, closing" and close.
+    pub refuse_first_mail_on: Option<usize>,
 }
 
 impl Default for Script {
@@ -247,6 +261,8 @@ impl Default for Script {
             setup_delay: Duration::ZERO,
             hold_body_replies: None,
             crowding: Duration::ZERO,
+            drop_kept: None,
+            refuse_first_mail_on: None,
         }
     }
 }
@@ -377,6 +393,16 @@ impl Script {
         self
     }
 
+    pub fn drop_kept(mut self, at: KeptDrop) -> Self {
+        self.drop_kept = Some(at);
+        self
+    }
+
+    pub fn refuse_first_mail_on(mut self, conn: usize) -> Self {
+        self.refuse_first_mail_on = Some(conn);
+        self
+    }
+
     /// `n` logins at once; one more is refused at AUTH with `code` and
     /// `text`.
     pub fn max_logins(mut self, n: usize, code: u16, text: &str) -> Self {
@@ -476,6 +502,8 @@ struct State {
     /// When the [`Script::throttle_body`] 421 went out, and how many
     /// connections had been accepted by then.
     throttled: Option<(std::time::Instant, usize)>,
+    /// [`Script::drop_kept`] dropped a line since the last `set_script`.
+    kept_dropped: bool,
 }
 
 impl Shared {
@@ -563,6 +591,7 @@ impl FakeUpstream {
         state.bodies_seen = 0;
         state.followed_seen = 0;
         state.mails_seen = 0;
+        state.kept_dropped = false;
     }
 
     /// Completed transactions so far.
@@ -870,6 +899,7 @@ where
         dropping: None,
         unflushed: None,
         held: None,
+        kept_drop: None,
     };
     let ended = session.run(greet).await;
     // Replies held back still go out before the session ends (a 221 to
@@ -904,8 +934,11 @@ struct Session<S> {
     throttle_due: Option<bool>,
     /// `drop_in_txn`: this session's transaction is the one to drop in.
     dropping: Option<TxnDrop>,
-    /// `TxnDrop::TakenUnflushed`: the replies held back, never sent.
+    /// `TxnDrop::TakenUnflushed`: the replies held back, never sent; with
+    /// `kept_drop`, sent when the client has sent all it had.
     unflushed: Option<String>,
+    /// `drop_kept`: this session's transaction is the one to drop in.
+    kept_drop: Option<KeptDrop>,
     /// `Script::hold_body_replies`: replies held back since a body's.
     held: Option<Held>,
 }
@@ -1031,6 +1064,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             "RCPT" => self.rcpt(&script, arg).await,
             "DATA" => self.data(&script).await,
             "BDAT" if script.chunking => self.bdat(&script, arg).await,
+            "RSET" if self.kept_drop_starts(&script) => self.kept_rset(&script).await,
             "RSET" => {
                 self.tx = None;
                 self.chunks.clear();
@@ -1053,6 +1087,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     async fn mail(&mut self, script: &Script, arg: &str) -> Result<(), Closed> {
         if script.drop_at == Some(Stage::Mail) {
             return Err(Closed::ByUs);
+        }
+        if self.refuses_first_mail(script) {
+            return self.refuse_mail().await;
         }
         if self.helo.is_none() {
             return self
@@ -1168,6 +1205,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if script.drop_at == Some(Stage::Data) {
             return Err(Closed::ByUs);
         }
+        self.kept_drop_if(KeptDrop::BeforeBody).await?;
         match &self.tx {
             None => {
                 return self
@@ -1301,6 +1339,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.drop_if(TxnDrop::AfterLastTaken).await?;
         self.drop_if(TxnDrop::TakenUnflushed).await?;
+        self.kept_drop_if(KeptDrop::AfterLastTaken).await?;
         if throttled {
             let mut state = self.shared.lock();
             let opened = state.connections;
@@ -1437,6 +1476,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
 
     /// One line including its line ending; end of stream ends the session.
     async fn read_line(&mut self) -> Result<Vec<u8>, Closed> {
+        self.flush_if_dry().await?;
         self.flush_when_quiet().await?;
         let mut line = Vec::new();
         match self.io.read_until(b'\n', &mut line).await {

@@ -20,6 +20,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await?;
             return Err(Closed::ByUs);
         };
+        self.kept_drop_if(super::KeptDrop::BeforeBody).await?;
         let mut chunk = vec![0u8; size];
         if script.drop_at == Some(Stage::DataBody) && size > 0 {
             let _ = self.io.read_exact(&mut chunk[..1]).await;
@@ -29,6 +30,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let _ = self.io.read_exact(&mut chunk[..1]).await;
             self.drop_if(super::TxnDrop::MidChunk).await?;
         }
+        self.flush_if_dry().await?;
         self.io
             .read_exact(&mut chunk)
             .await
