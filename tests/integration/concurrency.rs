@@ -1,10 +1,12 @@
 //! Adaptive concurrency against a real relayq: it opens more connections
 //! while mail waits (up to `max_connections`), settles at what an upstream
-//! allows when that upstream refuses one more connection with 421, loses
-//! and bounces nothing doing so, and shows its concurrency and the reason
-//! for the last change in `queue list --json` and `/metrics`. (The
+//! allows when that upstream refuses one more connection with 421, halves
+//! it when connects are refused or time out while other connections work,
+//! loses and bounces nothing doing so, and shows its concurrency and the
+//! reason for the last change in `queue list --json` and `/metrics`. (The
 //! controller's decisions step by step, with an injected clock, are unit
-//! tests in `src/routing/concurrency.rs`.)
+//! tests in `src/routing/concurrency.rs`; the falling-rate signal is in
+//! `rate.rs`.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -28,7 +28,12 @@
 //! With [`Script::chunking`] it offers CHUNKING and takes BDAT (RFC 3030) as
 //! well as DATA (`upstream/chunking.rs`); [`Script::max_sessions`] makes it
 //! refuse connections over a number open at once with "421 4.7.0 Too many
-//! concurrent SMTP connections", as providers do.
+//! concurrent SMTP connections", as providers do. [`Script::accept_at_most`]
+//! and [`Script::stall_accept_after`] make connections after a number be
+//! refused or time out; [`Script::setup_delay`] makes it slow to let a
+//! connection in, [`Script::crowding`] slower with every connection open;
+//! [`Script::hold_body_replies`] shows what a client wrote behind a body
+//! it had no reply to.
 //!
 //! [`Script::drop_kept`] drops the line in a kept connection's next
 //! transaction after reading all of it or part of it, with no reply sent
