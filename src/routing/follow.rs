@@ -395,7 +395,7 @@ impl Router {
                         since,
                     });
                 }
-                Pushed::Back => {
+                Pushed::Back | Pushed::Stale(_) | Pushed::Failed(_) => {
                     self.give_back(id, next.ticket).await;
                     ahead.hand_back(next.cand);
                     break;
@@ -565,7 +565,7 @@ impl Router {
             let since = Instant::now();
             let chunked = match lease.sender.push(msg).await {
                 Pushed::InFlight(chunked) => chunked,
-                Pushed::Back if !lease.sender.is_connected() && !replaced && !alone => {
+                Pushed::Stale(_) if !replaced && !alone => {
                     // A kept connection that died while idle (its RSET got
                     // no reply, or a 421, before anything of the message
                     // was written): nothing taken, nothing counted; a new
@@ -576,6 +576,14 @@ impl Router {
                     }
                     lease.set_up();
                     continue;
+                }
+                Pushed::Stale(e) | Pushed::Failed(e) => {
+                    // The write failed part way (or a connection opened
+                    // for it was found dead): its attempt, the cause
+                    // said, as DATA's failed body is; no new connection
+                    // for it now.
+                    let (report, signal) = lease.sender.report_done(Err(e), msg.rcpts, since);
+                    break (report, signal, Flight::new());
                 }
                 Pushed::Back => {
                     // Not streamable (a huge envelope, or nothing can be
