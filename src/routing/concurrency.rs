@@ -1100,7 +1100,7 @@ mod tests {
             i += 1;
             clock.advance(Duration::from_millis(5));
             // Nine rounds in ten at 12, the tenth at 11 (holding).
-            let d = if i % 10 == 0 {
+            let d = if i.is_multiple_of(10) {
                 at(11, RTT * 11 / 8, false)
             } else {
                 at(12, RTT * 2, false)
