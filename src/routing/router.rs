@@ -425,7 +425,13 @@ impl Router {
                 tracing::debug!(target: "relayq::delivery", "{}: relay {} pushed back on one more connection ({}); waiting for one of its connections", meta.id, relay.name, not.signal.error().unwrap_or_default());
                 relay.pool.pushback(&lease, pushback);
                 relay.pool.checkin(lease);
-                let seen = relay.pool.releases();
+                // A connection idle already will not come back to wake it
+                // (a timed-out connect can outlast the work the others had):
+                // then it goes again at once, on that one.
+                let seen = relay
+                    .pool
+                    .releases()
+                    .saturating_sub(u64::from(relay.pool.has_idle()));
                 self.give_back(id, ticket).await;
                 let parked = Delivery::Parked {
                     relay: relay.name.clone(),

@@ -233,6 +233,11 @@ impl RelayPool {
         self.max - self.slots.available_permits()
     }
 
+    /// Whether a connection waits idle in the pool now.
+    pub fn has_idle(&self) -> bool {
+        !self.idle().is_empty()
+    }
+
     /// Connections open and logged in now, busy or idle.
     pub fn established(&self) -> usize {
         self.established.load(Ordering::SeqCst)

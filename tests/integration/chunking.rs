@@ -8,8 +8,8 @@
 use std::time::Duration;
 
 use crate::pipelining::{
-    arrived_once, body, index, max_messages_per_connection_holds, queue_then_flow,
-    queue_then_flow_with,
+    arrived_intact, arrived_once, body, index, max_messages_per_connection_holds,
+    queue_bodies_then_flow, queue_then_flow, queue_then_flow_with,
 };
 use crate::support::daemon::relay_config;
 use crate::support::upstream::{Script, TxnDrop};
@@ -189,13 +189,7 @@ async fn a_line_dropped_in_a_bdat_window_loses_nothing_and_sends_nothing_twice()
         |_| vec!["bob@example.net"],
     )
     .await;
-    let by_index = arrived_once(&d, &up, &ids);
-    for (i, m) in &by_index {
-        assert!(
-            m.data.ends_with(&body(*i)),
-            "message {i} changed in transit"
-        );
-    }
+    let by_index = arrived_intact(&d, &up, &ids);
     let after = d.log()[mark..].to_string();
     let retried: Vec<usize> = ids
         .iter()
@@ -491,4 +485,66 @@ async fn a_relay_that_drops_the_line_inside_every_large_body_defers_it_alike_wit
         "BDAT's deferral names no cause: {:?}",
         seen[0].1
     );
+}
+
+/// Message `i` of about `size` octets: [`body`]'s headers, then lines of
+/// text.
+fn sized_body(i: usize, size: usize) -> Vec<u8> {
+    let mut b = format!("Subject: pipelined {i}\r\nFrom: app@example.com\r\n\r\n").into_bytes();
+    let mut line = 0;
+    while b.len() < size {
+        b.extend_from_slice(format!("{i:04} {line:06} {}\r\n", "y".repeat(64)).as_bytes());
+        line += 1;
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_has_at_most_a_megabyte_of_bodies_in_flight_the_first_included() {
+    // The upstream holds each body's reply back while relayq writes more
+    // (flushing once nothing came for a second), so every message shows
+    // the bodies relayq had written and had no reply to when it wrote this
+    // one. Bodies in flight on a connection, the one that opened the
+    // stream included, stay within STREAM_BYTES (1 MiB): a message that
+    // would take them over waits for replies, unless nothing is in flight.
+    // 600 kB each: never two at once. 400 kB each: two, never three.
+    // 5 kB each: the window of three.
+    const STREAM_BYTES: usize = 1024 * 1024;
+    for (size, most) in [(600_000, 1), (400_000, 2), (5_000, 3)] {
+        let n = 6;
+        let script = Script::default()
+            .chunking()
+            .hold_body_replies(Duration::from_secs(1));
+        let (d, up, ids, mark) = queue_bodies_then_flow(
+            one_connection,
+            n,
+            |up| up.set_script(script),
+            |_| "app@example.com",
+            |_| vec!["bob@example.net"],
+            |i| sized_body(i, size),
+        )
+        .await;
+        let by_index = arrived_once(&d, &up, &ids);
+        let mut seen_most = 0;
+        for (i, m) in &by_index {
+            assert!(
+                m.data.ends_with(&sized_body(*i, size)),
+                "{size}: message {i} changed in transit"
+            );
+            assert_eq!(m.via, "BDAT");
+            let before: usize = m.unanswered_before.iter().sum();
+            assert!(
+                m.unanswered_before.is_empty() || before + m.data.len() <= STREAM_BYTES,
+                "{size}: message {i} ({} octets) went behind {:?} octets unanswered",
+                m.data.len(),
+                m.unanswered_before
+            );
+            seen_most = seen_most.max(m.unanswered_before.len() + 1);
+        }
+        // Not a window that never opens: as many as fit went at once.
+        assert_eq!(seen_most, most, "{size}: most messages in flight at once");
+        let after = &d.log()[mark..];
+        assert_eq!(after.matches("status=sent").count(), n, "{after}");
+        assert!(!deferred_by_the_relay(after), "{after}");
+    }
 }

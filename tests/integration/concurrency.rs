@@ -1,23 +1,27 @@
 //! Adaptive concurrency against a real relayq: it opens more connections
 //! while mail waits (up to `max_connections`), settles at what an upstream
-//! allows when that upstream refuses one more connection with 421, loses
-//! and bounces nothing doing so, and shows its concurrency and the reason
-//! for the last change in `queue list --json` and `/metrics`. (The
+//! allows when that upstream refuses one more connection with 421, halves
+//! it when connects are refused or time out while other connections work,
+//! loses and bounces nothing doing so, and shows its concurrency and the
+//! reason for the last change in `queue list --json` and `/metrics`. (The
 //! controller's decisions step by step, with an injected clock, are unit
-//! tests in `src/routing/concurrency.rs`.)
+//! tests in `src/routing/concurrency.rs`; the falling-rate signal is in
+//! `rate.rs`.)
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::pipelining::{arrived_once, queue_then_flow_on, queue_then_flow_with, queue_while_down};
+use crate::pipelining::{
+    arrived_intact, arrived_once, body, queue_then_flow_on, queue_then_flow_with, queue_while_down,
+};
 use crate::support::daemon::Daemon;
 use crate::support::http::{get, status_addr};
 use crate::support::pki::{CertKind, TestCa};
 use crate::support::upstream::{FakeUpstream, Script, UpstreamTls};
 
 /// Adaptive (no `concurrency` key), with `extra` in `[relay]`.
-fn config(port: u16, extra: &str) -> String {
+pub(crate) fn config(port: u16, extra: &str) -> String {
     format!(
         "hostname = \"relayq.test\"\nstatus_listen = \"127.0.0.1:0\"\n[relay]\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\nconnect_timeout = \"5s\"\nidle_timeout = \"60s\"\n{extra}\n",
         port
@@ -43,7 +47,7 @@ async fn backlog(
 }
 
 /// The relay's line of `queue list --json`.
-fn relay_state(d: &Daemon) -> serde_json::Value {
+pub(crate) fn relay_state(d: &Daemon) -> serde_json::Value {
     let out = d.cli(&["queue", "list", "--json"]);
     let json = String::from_utf8_lossy(&out.stdout);
     let line = json
@@ -269,12 +273,16 @@ async fn a_421_on_a_connection_in_use_halves_concurrency_and_loses_nothing() {
 /// The cut a 421 on a connection in use made, from the log: its line, and
 /// the concurrency before and after.
 fn throttle_cut(after: &str) -> (String, usize, usize) {
+    cut_for(after, ": the relay throttled a connection (")
+}
+
+/// The first change of the concurrency whose reason says `why`, from the
+/// log: its line, and the concurrency before and after.
+pub(crate) fn cut_for(after: &str, why: &str) -> (String, usize, usize) {
     let line = after
         .lines()
-        .find(|l| {
-            l.contains(": concurrency ") && l.contains(": the relay throttled a connection (")
-        })
-        .unwrap_or_else(|| panic!("no cut for the 421 in the log:\n{after}"));
+        .find(|l| l.contains(": concurrency ") && l.contains(why))
+        .unwrap_or_else(|| panic!("no change for {why:?} in the log:\n{after}"));
     let (from, to) = line
         .split(": concurrency ")
         .nth(1)
@@ -361,18 +369,7 @@ async fn refused_connects_while_others_work_cut_concurrency_and_defer_nothing() 
     arrived_once(&d, &up, &ids);
     assert_eq!(up.connections(), 4, "only four were ever let in");
     let after = d.log()[mark..].to_string();
-    assert!(!after.contains("status=deferred"), "{after}");
-    assert!(!after.contains("status=bounced"), "{after}");
-    assert!(
-        !after.contains("paused by the circuit breaker") && !after.contains("is down"),
-        "others work: not an outage:\n{after}"
-    );
-    let cut = after
-        .lines()
-        .find(|l| {
-            l.contains(": concurrency ") && l.contains("a connection failed while others worked (")
-        })
-        .unwrap_or_else(|| panic!("no cut for the refused connects:\n{after}"));
+    let (cut, _, _) = failed_connects_cut_only(&after, "");
     assert!(cut.contains("Connection refused"), "{cut}");
     // On /metrics, the last change: that cut, or a step up after it (the
     // two working connections busy with mail waiting), never more than
@@ -393,6 +390,85 @@ async fn refused_connects_while_others_work_cut_concurrency_and_defer_nothing() 
         "{v}"
     );
     assert_eq!(v["state"], "up", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timed_out_connects_while_others_work_cut_concurrency_and_defer_nothing() {
+    // The upstream serves the four connections relayq starts with, then
+    // stops accepting with its listen queue full: a connection after them
+    // gets no answer (its SYNs are dropped) and times out after
+    // connect_timeout. Each timeout while the four work is pushback on the
+    // concurrency ("failed"), not an outage: nothing deferred, nothing
+    // paused, every message arrives once, byte for byte. With DATA and
+    // with BDAT streams.
+    for chunking in [false, true] {
+        let n = 60;
+        let mut script = Script::default()
+            .reply_delay(Duration::from_millis(10))
+            .stall_accept_after(4);
+        if chunking {
+            script = script.chunking();
+        }
+        // A short connect timeout, so the timeouts come while mail flows.
+        let config = |addr: SocketAddr| {
+            config(addr.port(), "max_connections = 8")
+                .replace("connect_timeout = \"5s\"", "connect_timeout = \"1s\"")
+        };
+        let (d, up, ids, mark) = queue_then_flow_with(
+            config,
+            n,
+            script,
+            |_| "app@example.com",
+            |_| vec!["bob@example.net"],
+        )
+        .await;
+        let case = format!("chunking {chunking}");
+        for m in arrived_intact(&d, &up, &ids).values() {
+            assert_eq!(m.via, if chunking { "BDAT" } else { "DATA" }, "{case}");
+        }
+        assert_eq!(up.connections(), 4, "{case}: only four were ever let in");
+        let after = d.log()[mark..].to_string();
+        let (cut, from, to) = failed_connects_cut_only(&after, &case);
+        eprintln!("{case}: {cut}");
+        let endpoint = format!("127.0.0.1:{}", up.port());
+        assert!(
+            cut.contains(&format!("(connect to {endpoint} timed out after 1s)")),
+            "{case}: {cut}"
+        );
+        assert_eq!(to, (from / 2).max(1), "{case}: halved: {cut}");
+        let v = relay_state(&d);
+        assert_eq!(v["state"], "up", "chunking {chunking}: {v}");
+        assert!(
+            v["concurrency"]
+                .as_u64()
+                .is_some_and(|c| (1..=8).contains(&c)),
+            "{v}"
+        );
+        // /status says the same: the relay up, and its last change that
+        // cut or a step up after it (never an outage's reason).
+        let json = get(status_addr(&d), "/status").await.body;
+        let v: serde_json::Value = serde_json::from_str(&json).expect("/status is JSON");
+        let relay = v["routing"]
+            .as_array()
+            .and_then(|r| r.iter().find(|r| r["name"] == "default"))
+            .unwrap_or_else(|| panic!("no relay \"default\" in /status routing: {json}"));
+        let reason = relay["concurrency_change"]["reason"].as_str().unwrap_or("");
+        assert!(["failed", "backlog"].contains(&reason), "{relay}");
+    }
+}
+
+/// Connections that could not be opened while others worked (the log
+/// since the flush: `after`) cut the concurrency and did nothing else:
+/// nothing deferred or bounced, the relay neither paused nor down. The
+/// cut's line, and the concurrency before and after.
+fn failed_connects_cut_only(after: &str, case: &str) -> (String, usize, usize) {
+    assert!(!after.contains("status=deferred"), "{case}:\n{after}");
+    assert!(!after.contains("status=bounced"), "{case}:\n{after}");
+    assert!(
+        !after.contains("paused by the circuit breaker") && !after.contains("is down"),
+        "{case}: others work: not an outage:\n{after}"
+    );
+    cut_for(after, "a connection failed while others worked (")
 }
 
 /// For DATA (the envelope pipelined behind the dot: MAIL) and in a BDAT
@@ -471,6 +547,7 @@ async fn a_421_to_the_first_mail_on_a_new_connection_is_that_messages_attempt_wi
             6,
             |_| "app@example.com",
             |_| vec!["bob@example.net"],
+            body,
         )
         .await;
         // Attempts counted while the relay was down, before it serves.

@@ -26,6 +26,7 @@ mod postfix_sink;
 mod powerloss;
 mod powerloss_ops;
 mod queue;
+mod rate;
 mod readme;
 mod relay;
 mod reload;

@@ -76,7 +76,20 @@ pub(crate) async fn queue_then_flow_on(
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
 ) -> (Daemon, FakeUpstream, Vec<String>, usize) {
-    let (d, addr, ids) = queue_while_down(config, n, sender, rcpts).await;
+    queue_bodies_then_flow(config, n, back, sender, rcpts, body).await
+}
+
+/// [`queue_then_flow_on`] with message `i`'s body `body(i)` (whose
+/// subject must name it as [`body`]'s does, for [`index`]).
+pub(crate) async fn queue_bodies_then_flow(
+    config: impl Fn(SocketAddr) -> String,
+    n: usize,
+    back: impl FnOnce(&FakeUpstream),
+    sender: impl Fn(usize) -> &'static str,
+    rcpts: impl Fn(usize) -> Vec<&'static str>,
+    body: impl Fn(usize) -> Vec<u8>,
+) -> (Daemon, FakeUpstream, Vec<String>, usize) {
+    let (d, addr, ids) = queue_while_down(config, n, sender, rcpts, body).await;
     let up = FakeUpstream::start_on(addr).await.expect("upstream back");
     back(&up);
     let mark = d.log_mark();
@@ -84,14 +97,15 @@ pub(crate) async fn queue_then_flow_on(
     (d, up, ids, mark)
 }
 
-/// The first half of [`queue_then_flow_on`]: `n` messages queued, each
-/// tried once while the upstream is down. Returns the daemon, the
+/// The first half of [`queue_bodies_then_flow`]: `n` messages queued,
+/// each tried once while the upstream is down. Returns the daemon, the
 /// upstream's address and the queue ids.
 pub(crate) async fn queue_while_down(
     config: impl Fn(SocketAddr) -> String,
     n: usize,
     sender: impl Fn(usize) -> &'static str,
     rcpts: impl Fn(usize) -> Vec<&'static str>,
+    body: impl Fn(usize) -> Vec<u8>,
 ) -> (Daemon, SocketAddr, Vec<String>) {
     let up = FakeUpstream::start().await;
     let addr = up.addr();
@@ -128,6 +142,23 @@ pub(crate) fn arrived_once(
         (n, n),
         "each message exactly once"
     );
+    by_index
+}
+
+/// [`arrived_once`], and each as it was written ([`body`]).
+pub(crate) fn arrived_intact(
+    d: &Daemon,
+    up: &FakeUpstream,
+    ids: &[String],
+) -> HashMap<usize, Received> {
+    let by_index = arrived_once(d, up, ids);
+    for (i, m) in &by_index {
+        assert!(
+            m.data.ends_with(&body(*i)),
+            "message {i} changed in transit: {:?}",
+            m.text()
+        );
+    }
     by_index
 }
 

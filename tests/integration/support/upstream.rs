@@ -28,7 +28,12 @@
 //! With [`Script::chunking`] it offers CHUNKING and takes BDAT (RFC 3030) as
 //! well as DATA (`upstream/chunking.rs`); [`Script::max_sessions`] makes it
 //! refuse connections over a number open at once with "421 4.7.0 Too many
-//! concurrent SMTP connections", as providers do.
+//! concurrent SMTP connections", as providers do. [`Script::accept_at_most`]
+//! and [`Script::stall_accept_after`] make connections after a number be
+//! refused or time out; [`Script::setup_delay`] makes it slow to let a
+//! connection in, [`Script::crowding`] slower with every connection open;
+//! [`Script::hold_body_replies`] shows what a client wrote behind a body
+//! it had no reply to.
 //!
 //! [`Script::drop_kept`] drops the line in a kept connection's next
 //! transaction after reading all of it or part of it, with no reply sent
@@ -193,6 +198,29 @@ pub struct Script {
     /// Stop listening once this many connections were accepted (those go
     /// on): a connection after them is refused by the kernel.
     pub accept_at_most: Option<usize>,
+    /// Stop accepting once this many connections were accepted (those go
+    /// on), with the listen queue full: a connection after them gets no
+    /// answer at all (the kernel drops its SYNs), so it times out, as
+    /// behind an overwhelmed listener or a firewall that drops. The first
+    /// ones are greeted only once the queue is full, so that none of the
+    /// client's can slip into it.
+    pub stall_accept_after: Option<usize>,
+    /// Waited before the greeting and before the EHLO reply, besides
+    /// `reply_delay`: a provider slow to let a connection in (its DNS and
+    /// reputation checks, TLS, AUTH) but quick with mail.
+    pub setup_delay: Duration,
+    /// The reply to each body is held back while the client sends more,
+    /// and flushed with whatever followed it once nothing came for this
+    /// long (Postfix with PIPELINING flushes its replies only once it has
+    /// read all the client sent). What a client writes behind a body it
+    /// has no reply to is then seen as such: each message records the
+    /// bodies still unanswered when its MAIL came
+    /// ([`Received::unanswered_before`]).
+    pub hold_body_replies: Option<Duration>,
+    /// Each body's reply waits this times the square of the connections
+    /// open at the time: a provider that slows down steeply as more
+    /// connections come, so that more of them deliver less in total.
+    pub crowding: Duration,
     /// Drop the line in the first transaction on a kept connection (one
     /// that carried a body before) after `set_script`, with its replies
     /// held (see [`KeptDrop`]).
@@ -234,6 +262,10 @@ impl Default for Script {
             throttle_after_body: None,
             drop_in_txn: None,
             accept_at_most: None,
+            stall_accept_after: None,
+            setup_delay: Duration::ZERO,
+            hold_body_replies: None,
+            crowding: Duration::ZERO,
             drop_kept: None,
             refuse_first_mail_on: None,
         }
@@ -338,6 +370,29 @@ impl Script {
         self
     }
 
+    /// See [`Script::stall_accept_after`] (the field).
+    pub fn stall_accept_after(mut self, n: usize) -> Self {
+        self.stall_accept_after = Some(n);
+        self
+    }
+
+    pub fn setup_delay(mut self, delay: Duration) -> Self {
+        self.setup_delay = delay;
+        self
+    }
+
+    /// See [`Script::crowding`] (the field).
+    pub fn crowding(mut self, base: Duration) -> Self {
+        self.crowding = base;
+        self
+    }
+
+    /// See [`Script::hold_body_replies`] (the field).
+    pub fn hold_body_replies(mut self, quiet: Duration) -> Self {
+        self.hold_body_replies = Some(quiet);
+        self
+    }
+
     pub fn drop_in_txn(mut self, n: usize, at: TxnDrop) -> Self {
         self.drop_in_txn = Some((n, at));
         self
@@ -389,6 +444,11 @@ pub struct Received {
     pub followed: bool,
     /// When it was recorded, just before the final reply.
     pub at: std::time::Instant,
+    /// With [`Script::hold_body_replies`]: the sizes (octets received) of
+    /// the bodies on its connection whose replies were still held back
+    /// when its MAIL came, oldest first: messages the client had no reply
+    /// to when it wrote this one.
+    pub unanswered_before: Vec<usize>,
 }
 
 impl Received {
@@ -714,6 +774,12 @@ async fn accept_loop(
     let mut sessions = JoinSet::new();
     // `None` once `accept_at_most` connections came: the port refuses more.
     let mut listener = Some(listener);
+    // `stall_accept_after`: the connections held ungreeted until the queue
+    // is full, then the listener no longer accepted from, and what fills
+    // its queue.
+    let mut waiting = Vec::new();
+    let mut stalled = None;
+    let mut _fillers = Vec::new();
     loop {
         let accepting = listener.is_some();
         tokio::select! {
@@ -743,17 +809,56 @@ async fn accept_loop(
                     state.connections
                 };
                 shared.changed.notify_waiters();
-                let shared = shared.clone();
-                sessions.spawn(async move {
-                    secure::serve_connection(stream, conn, shared.clone()).await;
-                    shared.lock().active -= 1;
-                });
+                let stall = shared.script().stall_accept_after;
+                waiting.push((stream, conn));
+                if stall.is_some_and(|n| conn < n) {
+                    continue;
+                }
+                if stall.is_some() {
+                    let full = listener.take().expect("accepting");
+                    _fillers = fill_listen_queue(&full).await;
+                    stalled = Some(full);
+                }
+                for (stream, conn) in waiting.drain(..) {
+                    let shared = shared.clone();
+                    sessions.spawn(async move {
+                        secure::serve_connection(stream, conn, shared.clone()).await;
+                        shared.lock().active -= 1;
+                    });
+                }
             }
         }
     }
     drop(listener);
+    drop(stalled);
     // Abort every session and wait until each has dropped its socket.
     sessions.shutdown().await;
+}
+
+/// Makes `listener`'s queue of connections waiting for accept() full, so
+/// that the kernel drops further SYNs (Linux drops a SYN while the accept
+/// queue is full): its backlog set to 0 (listen() again on a listening
+/// socket only changes that) and one connection of our own queued. With
+/// SYN cookies off, a backlog of 0 drops SYNs at once, ours included: a
+/// connect that gets no answer within a second is taken as that. Returns
+/// the connections that fill it, to be kept open.
+async fn fill_listen_queue(listener: &TcpListener) -> Vec<tokio::net::TcpStream> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: listen() on a socket this listener owns.
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), 0) };
+    assert_eq!(rc, 0, "listen(0): {}", std::io::Error::last_os_error());
+    let addr = listener.local_addr().expect("listener address");
+    let mut fillers = Vec::new();
+    // One fills a queue of backlog 0; a kernel that keeps one more needs two.
+    for _ in 0..2 {
+        match tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+            .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    fillers
 }
 
 /// The envelope of the transaction in progress, from MAIL to the end of DATA.
@@ -762,6 +867,8 @@ struct Transaction {
     mail_params: String,
     rcpts: Vec<String>,
     rcpt_params: Vec<String>,
+    /// See [`Received::unanswered_before`].
+    unanswered_before: Vec<usize>,
 }
 
 /// Why a session ended early; all of them just close the socket.
@@ -796,9 +903,14 @@ where
         throttle_due: None,
         dropping: None,
         unflushed: None,
+        held: None,
         kept_drop: None,
     };
-    match session.run(greet).await {
+    let ended = session.run(greet).await;
+    // Replies held back still go out before the session ends (a 221 to
+    // QUIT among them).
+    let _ = session.flush_held().await;
+    match ended {
         Err(Closed::StartTls) => Some(session.into_stream()),
         _ => None,
     }
@@ -832,6 +944,17 @@ struct Session<S> {
     unflushed: Option<String>,
     /// `drop_kept`: this session's transaction is the one to drop in.
     kept_drop: Option<KeptDrop>,
+    /// `Script::hold_body_replies`: replies held back since a body's.
+    held: Option<Held>,
+}
+
+/// Replies held back by [`Script::hold_body_replies`], to be flushed
+/// together once the client sends nothing more for a while.
+#[derive(Default)]
+struct Held {
+    out: String,
+    /// The sizes of the bodies whose replies are in `out`.
+    bodies: Vec<usize>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
@@ -863,6 +986,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 .await?;
             return Err(Closed::ByUs);
         }
+        tokio::time::sleep(script.setup_delay).await;
         match script.greeting {
             Some((code, text)) => {
                 self.reply(code, &text).await?;
@@ -905,6 +1029,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         .std_reply(&script, 501, "5.5.4", "Syntax: EHLO hostname")
                         .await;
                 }
+                tokio::time::sleep(script.setup_delay).await;
                 if verb == "EHLO"
                     && let Some((code, text)) = &script.ehlo_reply
                 {
@@ -1013,6 +1138,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 mail_params,
                 rcpts: Vec::new(),
                 rcpt_params: Vec::new(),
+                unanswered_before: self
+                    .held
+                    .as_ref()
+                    .map(|h| h.bodies.clone())
+                    .unwrap_or_default(),
             });
             let mut state = self.shared.lock();
             state.mails_seen += 1;
@@ -1125,6 +1255,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if followed {
             self.shared.lock().sent_behind_dot += 1;
         }
+        let size = data.len();
         // The script may have changed while the body was arriving.
         let script = self.shared.script();
         if script.drop_at == Some(Stage::DataEnd) {
@@ -1187,6 +1318,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if !script.reply_delay.is_zero() {
             tokio::time::sleep(script.reply_delay).await;
         }
+        if !script.crowding.is_zero() {
+            let open = self.shared.lock().active as u32;
+            tokio::time::sleep(script.crowding * open * open).await;
+        }
         if is_positive(code) {
             // Recorded just before the reply: whoever has seen the 250 can
             // also see the message.
@@ -1202,6 +1337,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 via,
                 followed,
                 at: std::time::Instant::now(),
+                unanswered_before: tx.unanswered_before,
             };
             self.shared.lock().messages.push(received);
             self.shared.changed.notify_waiters();
@@ -1213,6 +1349,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             let mut state = self.shared.lock();
             let opened = state.connections;
             state.throttled = Some((std::time::Instant::now(), opened));
+        }
+        if script.hold_body_replies.is_some() {
+            self.held
+                .get_or_insert_with(Held::default)
+                .bodies
+                .push(size);
         }
         self.write_reply(code, &text).await?;
         self.had_body = true;
@@ -1251,6 +1393,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         Err(Closed::ByUs)
     }
 
+    /// `Script::hold_body_replies`: replies held back go out once the
+    /// client has sent nothing more for the scripted while (it waits for
+    /// them); while it sends more, they stay held.
+    async fn flush_when_quiet(&mut self) -> Result<(), Closed> {
+        let Some(quiet) = self.shared.script().hold_body_replies else {
+            return self.flush_held().await;
+        };
+        if self.held.is_none() || !self.io.buffer().is_empty() {
+            return Ok(());
+        }
+        match tokio::time::timeout(quiet, self.io.fill_buf()).await {
+            Ok(Ok(more)) if !more.is_empty() => Ok(()),
+            _ => self.flush_held().await,
+        }
+    }
+
+    /// Writes the replies held back, if any.
+    async fn flush_held(&mut self) -> Result<(), Closed> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        let io = self.io.get_mut();
+        io.write_all(held.out.as_bytes())
+            .await
+            .map_err(|_| Closed::Peer)?;
+        io.flush().await.map_err(|_| Closed::Peer)
+    }
+
     /// Ends the session after what was answered: closes our side (the
     /// replies already written arrive, then end of stream) and processes
     /// nothing more, discarding what the client still sends until it hangs
@@ -1259,6 +1429,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// line this models dropping.
     async fn hang_up(&mut self) {
         use tokio::io::AsyncReadExt;
+        let _ = self.flush_held().await;
         let _ = self.io.get_mut().shutdown().await;
         let mut sink = [0u8; 4096];
         let drain = async { while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {} };
@@ -1297,6 +1468,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
             held.push_str(&out);
             return Ok(());
         }
+        if let Some(held) = &mut self.held {
+            held.out.push_str(&out);
+            return Ok(());
+        }
         let io = self.io.get_mut();
         io.write_all(out.as_bytes())
             .await
@@ -1307,6 +1482,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
     /// One line including its line ending; end of stream ends the session.
     async fn read_line(&mut self) -> Result<Vec<u8>, Closed> {
         self.flush_if_dry().await?;
+        self.flush_when_quiet().await?;
         let mut line = Vec::new();
         match self.io.read_until(b'\n', &mut line).await {
             Ok(0) | Err(_) => Err(Closed::Peer),
