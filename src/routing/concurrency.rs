@@ -189,8 +189,9 @@ pub struct Concurrency {
     last: Change,
     /// Per number of busy connections.
     rates: Vec<Rate>,
-    /// Since when (unix ms) the rate has shown a fall, round after round.
-    falling_since: Option<u64>,
+    /// Since when (unix ms) the rate has shown a fall, round after round,
+    /// and when it last did.
+    falling: Option<(u64, u64)>,
 }
 
 impl Concurrency {
@@ -246,7 +247,7 @@ impl Concurrency {
                 text,
             },
             rates: vec![Rate::default(); max + 1],
-            falling_since: None,
+            falling: None,
         }
     }
 
@@ -291,7 +292,7 @@ impl Concurrency {
             self.sample(now, busy, spent.as_secs_f64() * 1000.0, in_flight);
             match self.rate_fell(now, busy) {
                 Verdict::Unknown => {}
-                Verdict::Holds => self.falling_since = None,
+                Verdict::Holds => self.falling = None,
                 Verdict::Fell { best, text } => {
                     // A fall must last: on a machine busy with other work
                     // the rate per connection swings from one round to the
@@ -300,7 +301,17 @@ impl Concurrency {
                     // a 20,000-message burst 5 ms away from 25 connections
                     // down to 7. Growth waits meanwhile: more connections
                     // would only deepen a real fall.
-                    let since = *self.falling_since.get_or_insert(now);
+                    //
+                    // A fall not seen for longer than a round of the level
+                    // (a lull: deliveries only at levels not measured) starts
+                    // its hold again: a dip long ago must not make the next
+                    // one cut at once.
+                    let gap = (RATE_HOLD_MS as f64).max(2.0 * self.rates[busy].ms) as u64;
+                    let since = match self.falling {
+                        Some((since, seen)) if now.saturating_sub(seen) <= gap => since,
+                        _ => now,
+                    };
+                    self.falling = Some((since, now));
                     if now.saturating_sub(since) < RATE_HOLD_MS {
                         return None;
                     }
@@ -407,7 +418,7 @@ impl Concurrency {
         self.window = start as f64;
         self.threshold = self.max as f64;
         self.rates.fill(Rate::default());
-        self.falling_since = None;
+        self.falling = None;
         self.changed(
             now,
             before,
@@ -434,7 +445,7 @@ impl Concurrency {
         self.window = window.min(self.window);
         self.threshold = self.window;
         self.generation += 1;
-        self.falling_since = None;
+        self.falling = None;
         // Rates at the levels given up on are measured afresh if they are
         // reached again.
         let keep = self.limit() + 1;
@@ -1040,5 +1051,67 @@ mod tests {
         // per round.
         deliver(&mut c, &clock, 9, RTT);
         assert_eq!(c.limit(), 9);
+    }
+
+    #[test]
+    fn a_fall_seen_long_ago_does_not_skip_the_hold_of_a_new_one() {
+        // A dip at 12 shorter than the hold, then a lull (few connections
+        // busy, a level never measured) long enough that the dip is old
+        // news: back at 12 the relay answers as fast as ever, and the level's
+        // average, still lifted by the dip, must show a fall for a full hold
+        // again before it cuts, not at once because the dip began long ago.
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        grow_to(&mut c, &clock, 8);
+        assert_eq!(until_change(&mut c, &clock, 8, RTT, 5 * SEC), None);
+        grow_to(&mut c, &clock, 12);
+        assert_eq!(until_change(&mut c, &clock, 12, RTT, 5 * SEC), None);
+        assert_eq!(until_change(&mut c, &clock, 12, RTT * 3, HOLD / 2), None);
+        // The lull: five connections busy, nothing to compare with.
+        assert_eq!(until_change(&mut c, &clock, 5, RTT, 3 * SEC), None);
+        // Back at 12, as fast as before the dip.
+        let change = until_change(&mut c, &clock, 12, RTT, 10 * SEC);
+        assert_eq!(change, None, "cut at once for a dip 3 s old");
+        assert_eq!(c.limit(), 12);
+    }
+
+    #[test]
+    #[ignore = "a fall is forgotten whenever any level holds; per-level falls cut once in a_flat_total_that_swings_from_round_to_round_never_cuts: needs a noise rule that tells them apart"]
+    fn a_lasting_fall_at_the_top_cuts_though_the_level_below_holds() {
+        // Connections between messages make deliveries one level below the
+        // limit now and then. 11 delivers as much as 8 did; 12 delivers a
+        // third less, for good. The fall at 12 lasts: it must cut, not be
+        // forgotten every time 11 reports that it holds (which also kept
+        // growth waiting for ever: stuck at a level that delivers less).
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(64, clock.now_ms());
+        grow_to(&mut c, &clock, 8);
+        assert_eq!(until_change(&mut c, &clock, 8, RTT, 5 * SEC), None);
+        grow_to(&mut c, &clock, 11);
+        assert_eq!(
+            until_change(&mut c, &clock, 11, RTT * 11 / 8, 5 * SEC),
+            None
+        );
+        grow_to(&mut c, &clock, 12);
+        let start = clock.now_ms();
+        let mut cut = None;
+        let mut i = 0u32;
+        while clock.now_ms() - start < 30_000 && cut.is_none() {
+            i += 1;
+            clock.advance(Duration::from_millis(5));
+            // Nine rounds in ten at 12, the tenth at 11 (holding).
+            let d = if i.is_multiple_of(10) {
+                at(11, RTT * 11 / 8, false)
+            } else {
+                at(12, RTT * 2, false)
+            };
+            cut = c.delivered(clock.now_ms(), d);
+        }
+        let cut = cut.expect("a cut for a fall at 12 lasting 30 s");
+        let after = clock.now_ms() - start;
+        // Trusted after a few rounds of its connections, then the hold.
+        assert!(after < 5_000, "cut only after {after} ms: {cut:?}");
+        assert_eq!(cut.reason, Reason::Rate, "{cut:?}");
+        assert!(c.limit() < 12);
     }
 }

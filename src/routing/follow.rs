@@ -395,7 +395,7 @@ impl Router {
                         since,
                     });
                 }
-                Pushed::Back => {
+                Pushed::Back | Pushed::Stale(_) | Pushed::Failed(_) => {
                     self.give_back(id, next.ticket).await;
                     ahead.hand_back(next.cand);
                     break;
@@ -541,8 +541,9 @@ impl Router {
     /// A message sent on a streaming connection ([`Router::attempt`]): it,
     /// and the worker's next ready messages behind it, are written whole;
     /// its outcome is read, the rest are held in the [`Follow`]. When the
-    /// kept connection had gone stale, or its replies never come (the line
-    /// dropped; see [`free_retry`]), it is tried once more at once on a
+    /// kept connection had gone stale (found at its RSET, or a 421 before
+    /// the transaction), or its replies never come with messages written
+    /// behind it (see [`free_retry`]), it is tried once more at once on a
     /// new connection (alone, after a lost line).
     #[allow(clippy::too_many_arguments)]
     pub(super) async fn stream(
@@ -564,7 +565,7 @@ impl Router {
             let since = Instant::now();
             let chunked = match lease.sender.push(msg).await {
                 Pushed::InFlight(chunked) => chunked,
-                Pushed::Back if !lease.sender.is_connected() && !replaced && !alone => {
+                Pushed::Stale(_) if !replaced && !alone => {
                     // A kept connection that died while idle (its RSET got
                     // no reply, or a 421, before anything of the message
                     // was written): nothing taken, nothing counted; a new
@@ -575,6 +576,14 @@ impl Router {
                     }
                     lease.set_up();
                     continue;
+                }
+                Pushed::Stale(e) | Pushed::Failed(e) => {
+                    // The write failed part way (or a connection opened
+                    // for it was found dead): its attempt, the cause
+                    // said, as DATA's failed body is; no new connection
+                    // for it now.
+                    let (report, signal) = lease.sender.report_done(Err(e), msg.rcpts, since);
+                    break (report, signal, Flight::new());
                 }
                 Pushed::Back => {
                     // Not streamable (a huge envelope, or nothing can be
@@ -737,15 +746,23 @@ impl Router {
 }
 
 /// Whether the first message of a stream whose replies ended with `e` goes
-/// again at once, alone, without counting as its attempt: on a kept
-/// connection, whatever ended it; on one opened for it, only a lost line
-/// with messages behind it (one of them may have broken it). A 421 to the
-/// first MAIL on a new connection is the relay refusing service to this
-/// message, a deferral with its attempt counted, exactly as on the DATA
-/// path (`Connection::send_then` retries only a kept connection's); the
-/// messages written behind it go back untouched.
+/// again at once, alone, without counting as its attempt: a 421 before its
+/// transaction on a kept connection (the relay's idle timeout or limit per
+/// connection, as `Connection::send_then` retries on the DATA path), or a
+/// lost line with messages behind it (one of them may have broken it). A
+/// 421 to the first MAIL on a new connection is the relay refusing service
+/// to this message, a deferral with its attempt counted, exactly as on the
+/// DATA path; the messages written behind it go back untouched. A lost
+/// line with nothing behind is the message's attempt on a kept connection
+/// too: its RSET was answered before it was written (the connection was
+/// alive), so it is in doubt exactly as after DATA's end of data, which
+/// defers it and counts the attempt.
 fn free_retry(e: &SmtpError, kept: bool, flight: &Flight) -> bool {
-    kept || (!flight.is_empty() && !e.closed_before_transaction())
+    if e.closed_before_transaction() {
+        kept
+    } else {
+        !flight.is_empty()
+    }
 }
 
 /// Whether a streamed message whose replies ended with `e` (and those

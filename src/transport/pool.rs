@@ -19,7 +19,10 @@
 //! looks for a connection, so a connection returned in between is never
 //! missed. Release counts come from one count for the whole process
 //! ([`RELEASED`]), so a relay's new pool after a reload starts above
-//! anything its old pool told the scheduler. That way a slow relay occupies only its own connections, never
+//! anything its old pool told the scheduler, and a refused checkout
+//! returns that count, not the pool's own, so what the old pool releases
+//! after the reload (mail in flight then) wakes mail parked on the new one
+//! once, not over and over. That way a slow relay occupies only its own connections, never
 //! the workers other relays need (Postfix's qmgr keeps per-destination
 //! concurrency for the same reason). When the
 //! concurrency grows, that counts as a connection coming back; when it
@@ -264,7 +267,13 @@ impl RelayPool {
 
     /// [`RelayPool::try_checkout`], not counted by the workers' gate.
     fn try_lend(self: &Arc<Self>) -> Result<Lease, u64> {
-        let seen = self.releases.load(Ordering::SeqCst);
+        // The process-wide count, not this pool's: the scheduler keeps the
+        // highest count it heard per relay name, and after a reload the
+        // old pool of that name goes on releasing (mail in flight then),
+        // with numbers above this pool's own. A refused checkout that
+        // returned this pool's count was released by those at once, over
+        // and over, until this pool released something itself.
+        let seen = RELEASED.load(Ordering::SeqCst);
         let (limit, generation) = {
             let c = self.concurrency();
             (c.limit(), c.generation())
@@ -319,7 +328,7 @@ impl RelayPool {
         // `released` counts before it takes what is here: under this lock
         // either it has counted (and this is not kept) or it will take it.
         let mut handed = self.handed();
-        if self.releases.load(Ordering::SeqCst) != seen {
+        if self.releases.load(Ordering::SeqCst) > seen {
             return false;
         }
         handed.push_back(id.into());
@@ -600,6 +609,38 @@ mod tests {
         new.want(seen);
         assert!(new.is_wanted());
         new.checkin(lease);
+        assert!(new.releases() > seen && !new.is_wanted());
+    }
+
+    #[tokio::test]
+    async fn a_release_of_the_old_pool_after_a_reload_does_not_wake_the_new_ones_parked_mail_for_ever()
+     {
+        // Mail in flight when the reload came goes back to the old pool,
+        // which tells the scheduler (by relay name) a release count above
+        // the new pool's. A message parked on the new pool with the new
+        // pool's count looked released at once, over and over (a busy loop
+        // until the new pool released something itself): what a refused
+        // checkout saw must cover every count the scheduler heard before.
+        let relay = "host = \"127.0.0.1\"\nport = 2525\nconcurrency = 1\n";
+        let old = pool(relay, None);
+        let in_flight = old.try_checkout().ok().unwrap();
+        let new = pool(relay, None);
+        let busy = new.try_checkout().ok().unwrap();
+        old.checkin(in_flight);
+        let told_the_scheduler = old.releases();
+        let seen = new.try_checkout().err().unwrap();
+        assert!(seen >= told_the_scheduler, "{seen} < {told_the_scheduler}");
+        // Parked on the new pool, it is wanted until the new pool gives a
+        // connection back, not before.
+        new.want(seen);
+        assert!(new.is_wanted());
+        let again = old.try_checkout().ok().unwrap();
+        old.checkin(again);
+        assert!(
+            new.is_wanted(),
+            "the old pool's release frees none of the new's"
+        );
+        new.checkin(busy);
         assert!(new.releases() > seen && !new.is_wanted());
     }
 

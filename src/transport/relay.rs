@@ -70,9 +70,18 @@ pub struct NotReady {
 pub enum Pushed {
     /// On the wire: settle it in turn.
     InFlight(Chunked),
+    /// Nothing written: the kept connection was found dead at the RSET it
+    /// owed (no reply, or a 421), and is dropped. Nothing of the message
+    /// was taken; a new connection may carry it at once.
+    Stale(SmtpError),
+    /// The write failed part way (the relay hung up inside the body), on
+    /// a connection that had answered: nothing taken (a chunk cut short
+    /// is discarded), but this was the message's attempt, as a body
+    /// DATA could not write is.
+    Failed(SmtpError),
     /// Not written: send it the usual way (its envelope is too large for
     /// the stream, its report is known without the relay, or the stream
-    /// broke).
+    /// broke before it).
     Back,
 }
 
@@ -443,14 +452,18 @@ impl RelaySender {
                 self.sent += 1;
                 Pushed::InFlight(chunked)
             }
-            Streamed::Lost(_) => {
+            Streamed::Lost(e) => {
                 // Nothing of it was taken (a kept connection found dead at
                 // its RSET, or a write cut short); the replies to those
                 // written before it can still be read.
                 if conn.is_spent() {
                     self.drop_conn();
                 }
-                Pushed::Back
+                match e {
+                    e if e.connection_was_stale() => Pushed::Stale(e),
+                    SmtpError::Unusable => Pushed::Back,
+                    e => Pushed::Failed(e),
+                }
             }
             Streamed::Known(_) | Streamed::NotStreamable => Pushed::Back,
         }

@@ -438,6 +438,55 @@ async fn a_421_to_a_message_inside_a_bdat_window_is_its_own_and_loses_nothing() 
     assert_eq!(after.matches("status=sent").count(), n);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_drops_the_line_inside_every_large_body_defers_it_alike_with_data_and_bdat() {
+    // The relay reads one octet of the body and hangs up, on every
+    // connection; the message is large enough that relayq's write fails.
+    // The same relay behaviour gives the same deferral (why, and the
+    // connections spent on the attempt) with DATA and with BDAT.
+    use crate::support::client::{queue_id, send_mail};
+    use crate::support::daemon::Daemon;
+    use crate::support::upstream::{FakeUpstream, Stage};
+    let mut seen = Vec::new();
+    for chunking in [true, false] {
+        let script = Script::default().drop_at(Stage::DataBody);
+        let script = if chunking { script.chunking() } else { script };
+        let up = FakeUpstream::start_with(script).await;
+        let d = Daemon::start(&relay_config(up.addr(), ""));
+        let mut big = b"Subject: large\r\n\r\n".to_vec();
+        for i in 0..60_000 {
+            big.extend_from_slice(
+                format!("line {i:06} of a large message, filler filler\r\n").as_bytes(),
+            );
+        }
+        let r = send_mail(d.addr, "app@example.com", &["bob@example.net"], &big).await;
+        let id = queue_id(&r);
+        d.wait_log(&format!("{id}: to=<bob@example.net>"), WAIT);
+        let line = d
+            .log()
+            .lines()
+            .find(|l| l.contains(&format!("{id}: to=<bob@example.net>")))
+            .map(str::to_string)
+            .unwrap_or_default();
+        assert!(line.contains("status=deferred"), "{line}");
+        let why = line[line.find("status=deferred").unwrap_or(0)..].to_string();
+        eprintln!(
+            "chunking {chunking}: {} connections; {why}",
+            up.connections()
+        );
+        seen.push((up.connections(), why.replace("BDAT", "DATA")));
+    }
+    assert_eq!(
+        seen[0].0, seen[1].0,
+        "connections per attempt: BDAT {seen:?}"
+    );
+    assert!(
+        !seen[0].1.contains("no connection"),
+        "BDAT's deferral names no cause: {:?}",
+        seen[0].1
+    );
+}
+
 /// Message `i` of about `size` octets: [`body`]'s headers, then lines of
 /// text.
 fn sized_body(i: usize, size: usize) -> Vec<u8> {

@@ -659,3 +659,44 @@ fn outcome_fields(line: &str, port: u16) -> String {
     let rest = line.split(", dsn=").nth(1).unwrap_or("");
     format!("relay={relay}, dsn={rest}")
 }
+
+/// A relay with a limit of messages per connection (it answers the MAIL
+/// after the fifth message on a connection "421 ... Too many messages in
+/// this session" and closes, as a kept connection's idle timeout does):
+/// that is no pushback, whether the next message came on the connection
+/// after it sat idle (relayq says so) or went out behind the fifth's end
+/// of data under a backlog. With DATA and with BDAT: nothing deferred,
+/// nothing lost, and the concurrency never cut for it.
+async fn a_limit_of_messages_per_connection(chunking: bool) {
+    let n = 120;
+    let script = Script::default()
+        .reply_delay(Duration::from_millis(5))
+        .messages_per_connection(5);
+    let script = if chunking { script.chunking() } else { script };
+    let (d, up, ids, mark) = backlog(n, "max_connections = 8", script).await;
+    arrived_once(&d, &up, &ids);
+    let after = d.log()[mark..].to_string();
+    let cuts: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains("concurrency") && l.contains("throttled"))
+        .collect();
+    assert!(
+        cuts.is_empty(),
+        "chunking {chunking}: {} cuts for the relay's limit per connection, the first: {:?}",
+        cuts.len(),
+        cuts.first()
+    );
+    assert!(!after.contains("status=deferred"), "{after}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "design: a 421 to the MAIL of a message behind another counts as pushback (README), so a relay's limit of messages per connection halves the concurrency again and again (5-7 cuts in 120 messages); on a kept connection the same 421 is none"]
+async fn a_relays_limit_of_messages_per_connection_is_no_pushback_with_data() {
+    a_limit_of_messages_per_connection(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "design: a 421 to the MAIL of a message behind another counts as pushback (README), so a relay's limit of messages per connection halves the concurrency again and again (5-7 cuts in 120 messages); on a kept connection the same 421 is none"]
+async fn a_relays_limit_of_messages_per_connection_is_no_pushback_with_bdat() {
+    a_limit_of_messages_per_connection(true).await;
+}

@@ -240,3 +240,52 @@ async fn a_kept_connection_the_relay_closed_while_idle_costs_no_attempt_and_no_d
         assert!(!after.contains("status=deferred"), "{case}:\n{after}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_taken_then_its_reply_lost_on_a_kept_connection_is_recorded_alike_with_data_and_bdat()
+ {
+    // The same relay behaviour (it reads the whole message on a kept
+    // connection, its RSET answered, takes it, and drops the line with its
+    // replies unsent) gives the same log lines and attempts with DATA and
+    // with BDAT: deferred in doubt, its attempt counted, then sent. BDAT
+    // retried it at once, no attempt counted, as if the kept connection
+    // had been stale.
+    let mut seen = Vec::new();
+    for chunking in [true, false] {
+        let case = format!("taken then dropped, chunking {chunking}");
+        let (d, up, ids, mark) = after_a_kept_connection(chunking, async |up: FakeUpstream| {
+            up.set_script(script(chunking).drop_kept(KeptDrop::AfterLastTaken));
+            up
+        })
+        .await;
+        let (_, doubted) = each_once_unless_in_doubt(&case, &d, &up, &ids, mark);
+        assert_eq!(doubted.len(), 1, "{case}: one message in doubt");
+        let id = &ids[doubted[0]];
+        let after = d.log()[mark..].to_string();
+        // Per line of the message: what it says.
+        let said: Vec<String> = after
+            .lines()
+            .filter_map(|l| l.find(&format!("{id}: ")).map(|at| &l[at..]))
+            .map(|l| {
+                let mut what = Vec::new();
+                for (needle, word) in [
+                    ("status=sent", "sent"),
+                    ("status=deferred", "deferred"),
+                    ("trying it again", "again at once"),
+                ] {
+                    if l.contains(needle) {
+                        what.push(word);
+                    }
+                }
+                if l.contains("may arrive twice") || l.contains("may be sent more than once") {
+                    what.push("in doubt");
+                }
+                what.join(",")
+            })
+            .filter(|s| !s.is_empty())
+            .collect();
+        seen.push(said);
+    }
+    assert_eq!(seen[0], seen[1], "BDAT (left) and DATA (right) disagree");
+    assert_eq!(seen[1], ["deferred,in doubt", "sent"]);
+}

@@ -228,6 +228,11 @@ pub struct Script {
     /// Answer the first MAIL on the Nth connection with "421 4.3.2
     /// Service not available, closing" and close.
     pub refuse_first_mail_on: Option<usize>,
+    /// Messages taken per connection: the MAIL after that many bodies on a
+    /// connection gets "421 4.7.0 Too many messages in this session,
+    /// closing" and the connection closes (a provider's limit per
+    /// connection, as Exchange's `MaxMessagesPerConnection`).
+    pub messages_per_connection: Option<usize>,
 }
 
 impl Default for Script {
@@ -268,6 +273,7 @@ impl Default for Script {
             crowding: Duration::ZERO,
             drop_kept: None,
             refuse_first_mail_on: None,
+            messages_per_connection: None,
         }
     }
 }
@@ -400,6 +406,12 @@ impl Script {
 
     pub fn drop_kept(mut self, at: KeptDrop) -> Self {
         self.drop_kept = Some(at);
+        self
+    }
+
+    /// See [`Script::messages_per_connection`] (the field).
+    pub fn messages_per_connection(mut self, n: usize) -> Self {
+        self.messages_per_connection = Some(n);
         self
     }
 
@@ -900,6 +912,7 @@ where
         authenticated: None,
         chunks: Vec::new(),
         had_body: false,
+        bodies_here: 0,
         throttle_due: None,
         dropping: None,
         unflushed: None,
@@ -932,6 +945,8 @@ struct Session<S> {
     chunks: Vec<u8>,
     /// A body was answered on this session (a message can come behind it).
     had_body: bool,
+    /// Bodies answered on this session.
+    bodies_here: usize,
     /// `throttle_after_body` is due on this session (the Nth body came on
     /// it): at the next RSET (`true`) or MAIL. Per session, so that the
     /// 421 answers the command behind that body, never another
@@ -1020,6 +1035,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         match verb.as_str() {
             "RSET" | "MAIL" if self.throttle_due(&verb) => self.throttle_now().await,
+            "MAIL"
+                if script
+                    .messages_per_connection
+                    .is_some_and(|n| self.bodies_here >= n) =>
+            {
+                self.reply(421, "4.7.0 Too many messages in this session, closing")
+                    .await?;
+                self.hang_up().await;
+                Err(Closed::ByUs)
+            }
             "EHLO" | "HELO" => {
                 if script.drop_at == Some(Stage::Ehlo) {
                     return Err(Closed::ByUs);
@@ -1358,6 +1383,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         }
         self.write_reply(code, &text).await?;
         self.had_body = true;
+        self.bodies_here += 1;
         self.drop_if(TxnDrop::AfterReply).await?;
         if close {
             self.hang_up().await;
