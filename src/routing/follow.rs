@@ -48,14 +48,15 @@
 //! A `421` to the RSET or MAIL of a message that went out behind another
 //! ends the session before that message's transaction began: it is handed
 //! back untouched (no attempt counted, no deferral logged), with those
-//! behind it, to go again at once on another connection, and the 421
-//! counts once, as pushback on the connection.
+//! behind it, to go again at once on another connection. The relay had
+//! just served that connection: the 421 is its limit of messages per
+//! connection, no pushback (the next connection hears it if the relay
+//! throttles).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::concurrency::Pushback;
 use super::headers;
 use super::health::{Availability, Signal};
 use super::reserve::Ticket;
@@ -232,7 +233,7 @@ impl Router {
                 | NextTxn::Lost(_)
                 | NextTxn::Pending(_)
                 | NextTxn::Closed(_)) => {
-                    self.log_unanswered(id, &lease, &this.cand.id, &txn);
+                    self.log_unanswered(id, &this.cand.id, &txn);
                     self.relays[id].pool.checkin(lease);
                     self.give_back(id, this.ticket).await;
                     ahead.hand_back(this.cand);
@@ -338,9 +339,9 @@ impl Router {
         let (report, signal) = match answered {
             Answered::Yes(report, signal) => (report, signal),
             Answered::Closed(e) | Answered::No(e) => {
-                if e.closed_before_transaction() {
-                    self.closed_by_relay(id, &lease, &e, true);
-                }
+                // A 421 before its transaction began ends a connection the
+                // relay served: its limit per connection, not pushback
+                // (`Router::log_unanswered`).
                 self.relays[id].pool.checkin(lease);
                 let doubt = in_doubt(&e);
                 let all = std::iter::once(this).chain(flight.into_iter().map(|m| m.ahead));
@@ -477,7 +478,7 @@ impl Router {
                     }
                     NextTxn::Done(result) => (State::Over(result), None),
                     NextTxn::NotSent | NextTxn::Lost(_) | NextTxn::Closed(_) => {
-                        self.log_unanswered(id, &lease, &this.cand.id, &txn);
+                        self.log_unanswered(id, &this.cand.id, &txn);
                         self.give_back(id, this.ticket).await;
                         ahead.hand_back(this.cand);
                         return (Some(lease), None);
@@ -529,7 +530,7 @@ impl Router {
                 if let Some(next) = next {
                     // Its envelope never went out, or went out on a line
                     // that failed: nothing of it was taken.
-                    self.log_unanswered(id, lease, &next.cand.id, &txn);
+                    self.log_unanswered(id, &next.cand.id, &txn);
                     self.give_back(id, next.ticket).await;
                     ahead.hand_back(next.cand);
                 }
@@ -703,10 +704,17 @@ impl Router {
 
 impl Router {
     /// A message that went out behind another comes back untried: says
-    /// why, and counts a 421 that ended the connection before its
-    /// transaction began as the connection's pushback (once: nothing else
-    /// on that connection is answered after it).
-    fn log_unanswered(&self, id: RelayId, lease: &Lease, msg: &str, txn: &NextTxn) {
+    /// why. A 421 that ended the connection before its transaction began
+    /// is no pushback: the relay had just served that connection, so it
+    /// is its limit of messages per connection (or a session it ends for
+    /// its own reasons), as a 421 to a kept connection's RSET is its idle
+    /// timeout. Counted, a relay that allows five messages a connection
+    /// halved the concurrency five to seven times in 120 messages. If the
+    /// relay is throttling, the new connection the message goes on hears
+    /// it (a 421 to its greeting, or to its first MAIL), and that counts.
+    /// Nor does it pause the relay, even when no other connection is
+    /// open: the relay is up and serving.
+    fn log_unanswered(&self, id: RelayId, msg: &str, txn: &NextTxn) {
         match txn {
             NextTxn::Lost(reason) => tracing::debug!(
                 target: "relayq::delivery",
@@ -718,29 +726,8 @@ impl Router {
                     "{msg}: relay={}, the relay ended the session before this message's transaction began ({e}); trying it again",
                     self.relays[id].endpoint,
                 );
-                self.closed_by_relay(id, lease, e, true);
             }
             _ => {}
-        }
-    }
-
-    /// A 421 ended a connection before a message's transaction began: the
-    /// relay pushing back on the connection, as a 421 to a message is
-    /// (`Router::conclude`), but no message's attempt. `served`: the relay
-    /// answered a message on that connection before (the 421 came behind
-    /// it): it is up and serving, and this is its limit per connection or
-    /// its pushback, never a reason to pause it, even when no other
-    /// connection of it is open (one connection, or the concurrency cut
-    /// to one): the message goes on a new connection at once. A 421 on a
-    /// connection that was served nothing, with no other open, pauses the
-    /// relay as one to a message does.
-    fn closed_by_relay(&self, id: RelayId, lease: &Lease, e: &SmtpError, served: bool) {
-        let relay = &self.relays[id];
-        let error = e.to_string();
-        if served || relay.pool.established() > 0 {
-            relay.pool.pushback(lease, Pushback::Throttled { error });
-        } else {
-            self.record_signal(id, &Signal::Throttled(error), self.clock.now_ms());
         }
     }
 }
