@@ -289,21 +289,29 @@ async fn microsoft_delegated_refresh_token_rotates_into_the_file() {
     // After a restart the file is all relayq knows: it works.
     s.endpoint.expire_all();
     d.restart();
-    send(&d, 2).await;
+    let id = send(&d, 2).await;
     s.up.wait_for_messages(3, WAIT).await;
     assert_eq!(s.endpoint.issued(), 3, "{:?}", s.endpoint.seen());
     assert_all_logins_ok(&s.up);
+    // Each message is done with (its sent line logged) before the clock
+    // jumps: counted only by what reached the upstream, a message still
+    // finishing across a jump was twice seen under load to be counted in
+    // place of the next one (the check of a renewal below then failed with
+    // one token too few). Not explained yet: see the issue note.
+    status_line(&d, &id, "sent", 1).await;
 
     // Short-lived tokens (five minutes) are renewed a minute early.
     s.endpoint.set_lifetime(300);
     s.endpoint.expire_all();
     d.advance_clock(3600);
-    send(&d, 3).await;
+    let id = send(&d, 3).await;
     s.up.wait_for_messages(4, WAIT).await;
     assert_eq!(s.endpoint.issued(), 4);
+    status_line(&d, &id, "sent", 1).await;
     d.advance_clock(250);
-    send(&d, 4).await;
+    let id = send(&d, 4).await;
     s.up.wait_for_messages(5, WAIT).await;
+    status_line(&d, &id, "sent", 1).await;
     assert_eq!(s.endpoint.issued(), 5, "renewed 50s before expiry");
 
     // Revoked (AADSTS70008): deferred, with Microsoft's code and the fix.
