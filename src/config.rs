@@ -397,7 +397,7 @@ pub struct RelayConfig {
     /// The most connections open at once (a hard cap: the provider's
     /// limit). Default: [`DEFAULT_MAX_CONNECTIONS`] when adaptive, else
     /// `concurrency`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "connections")]
     pub max_connections: Option<usize>,
     /// Close a connection after this many messages (providers cap it).
     #[serde(default)]
@@ -468,6 +468,22 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 25;
 /// may ask for: each is a delivery worker and an open file, and no
 /// provider takes more than a few dozen from one client.
 pub const MAX_RELAY_CONNECTIONS: usize = 1000;
+
+/// `max_connections`: a whole number of connections, at least 1 (serde's
+/// own error, "expected usize", names neither the range nor the fix).
+fn connections<'de, D: Deserializer<'de>>(d: D) -> Result<Option<usize>, D::Error> {
+    let n = i64::deserialize(d).map_err(|_| {
+        serde::de::Error::custom(
+            "max_connections must be a whole number of connections, at least 1 (leave it out for the default)",
+        )
+    })?;
+    match usize::try_from(n) {
+        Ok(n) if n >= 1 => Ok(Some(n)),
+        _ => Err(serde::de::Error::custom(format!(
+            "max_connections must be at least 1, not {n} (leave it out for the default, {DEFAULT_MAX_CONNECTIONS} when adaptive)"
+        ))),
+    }
+}
 
 /// `concurrency`: "adaptive" or a fixed number of connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -1336,9 +1352,16 @@ mod tests {
         let r = relay("concurrency = 8\n").unwrap();
         assert!(!r.adaptive());
         assert_eq!(r.connections(), 8);
-        // Both numbers: the cap wins.
+        // Both numbers, at odds: said, with the fix.
+        let e = relay("concurrency = 8\nmax_connections = 4\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("relay.concurrency: 8 is more than max_connections = 4: lower concurrency, or raise or remove max_connections"),
+            "{e}"
+        );
         assert_eq!(
-            relay("concurrency = 8\nmax_connections = 4\n")
+            relay("concurrency = 4\nmax_connections = 8\n")
                 .unwrap()
                 .connections(),
             4
@@ -1355,11 +1378,28 @@ mod tests {
             );
             assert!(e.contains("line 4"), "{bad}: {e}");
         }
-        let e = relay("max_connections = 0").unwrap_err().to_string();
-        assert!(
-            e.contains("relay.max_connections: must be at least 1"),
-            "{e}"
-        );
+        for (bad, says) in [
+            (
+                "max_connections = 0",
+                "max_connections must be at least 1, not 0",
+            ),
+            (
+                "max_connections = -1",
+                "max_connections must be at least 1, not -1",
+            ),
+            (
+                "max_connections = \"many\"",
+                "max_connections must be a whole number of connections, at least 1",
+            ),
+            (
+                "max_connections = 2.5",
+                "max_connections must be a whole number of connections, at least 1",
+            ),
+        ] {
+            let e = relay(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+            assert!(e.contains("line 4"), "{bad}: {e}");
+        }
         // A worker and an open file per connection: a number no provider
         // allows is a mistake, said at load, not a daemon that starts a
         // billion workers (or can't allocate them).

@@ -280,6 +280,18 @@ pub fn check_relay_limits(relay: &RelayConfig) -> Result<(), (&'static str, Stri
     if matches!(relay.concurrency, ConcurrencyConfig::Fixed(n) if n > MAX_RELAY_CONNECTIONS) {
         return Err(("concurrency", too_many));
     }
+    // Both set and at odds: the status page would show a number nobody
+    // wrote ("4: fixed by concurrency = 4" for concurrency = 8).
+    if let (ConcurrencyConfig::Fixed(n), Some(max)) = (relay.concurrency, relay.max_connections)
+        && n > max
+    {
+        return Err((
+            "concurrency",
+            format!(
+                "{n} is more than max_connections = {max}: lower concurrency, or raise or remove max_connections"
+            ),
+        ));
+    }
     if relay.max_messages_per_connection == Some(0) {
         return Err((
             "max_messages_per_connection",
