@@ -427,11 +427,15 @@ impl Router {
                 relay.pool.checkin(lease);
                 // A connection idle already will not come back to wake it
                 // (a timed-out connect can outlast the work the others had):
-                // then it goes again at once, on that one.
-                let seen = relay
-                    .pool
-                    .releases()
-                    .saturating_sub(u64::from(relay.pool.has_idle()));
+                // then it goes again at once, on that one (any release of
+                // the relay is past 0). Else it waits for a release past
+                // the process-wide count, as a refused checkout does: after
+                // a reload the old pool's releases must not wake it over
+                // and over.
+                let seen = match relay.pool.has_idle() {
+                    true => 0,
+                    false => relay.pool.release_mark(),
+                };
                 self.give_back(id, ticket).await;
                 let parked = Delivery::Parked {
                     relay: relay.name.clone(),

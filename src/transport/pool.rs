@@ -369,9 +369,15 @@ impl RelayPool {
         self.wanted_until.load(Ordering::SeqCst) > self.releases.load(Ordering::SeqCst)
     }
 
-    /// The release count now (see [`RelayPool::try_checkout`]).
+    /// This pool's release count now.
     pub fn releases(&self) -> u64 {
         self.releases.load(Ordering::SeqCst)
+    }
+
+    /// What a message parked now waits to see exceeded: the process-wide
+    /// count, as a refused checkout returns (see [`RelayPool::try_checkout`]).
+    pub fn release_mark(&self) -> u64 {
+        RELEASED.load(Ordering::SeqCst)
     }
 
     /// Takes a connection back: kept for the next message if it is open,
