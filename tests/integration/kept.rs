@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::pipelining::{body, index};
-use crate::support::client::{dot_stuff, queue_id, send_mail};
+use crate::support::client::{queue_id, send_mail};
 use crate::support::daemon::{Daemon, relay_config};
 use crate::support::upstream::{FakeUpstream, KeptDrop, Script};
 
@@ -64,15 +64,7 @@ async fn after_a_kept_connection(
     let mark = d.log_mark();
     let mut ids = Vec::new();
     for i in 0..N {
-        let r = send_mail(
-            d.addr,
-            "app@example.com",
-            &["bob@example.net"],
-            &dot_stuff(&body(i)),
-        )
-        .await;
-        assert!(r.starts_with("250"), "{r}");
-        ids.push(queue_id(&r));
+        ids.push(crate::rate::submit(&d, i).await);
     }
     let deadline = Instant::now() + WAIT;
     while !ids.iter().all(|id| outcome_logged(&d, mark, id)) {

@@ -20,7 +20,7 @@ const WAIT: Duration = Duration::from_secs(60);
 const RATE_CUT: &str = ": the delivery rate per connection fell from ";
 
 /// Submits message `i` ([`body`]); its queue id.
-async fn submit(d: &Daemon, i: usize) -> String {
+pub(crate) async fn submit(d: &Daemon, i: usize) -> String {
     let r = send_mail(
         d.addr,
         "app@example.com",
@@ -123,14 +123,7 @@ async fn a_relay_that_delivers_less_at_more_connections_gets_fewer() {
     }
     let mark = d.log_mark();
     ids.extend(burst(&d, 10..90).await);
-    d.wait_log_since(mark, RATE_CUT, WAIT);
-    arrived_intact(&d, &up, &ids);
-    let after = d.log()[mark..].to_string();
-    assert!(!after.contains("status=deferred"), "{after}");
-    assert!(!after.contains("status=bounced"), "{after}");
-    let (cut, from, to) = cut_for(&after, RATE_CUT);
-    eprintln!("{cut}");
-    assert!(to < from && to >= 1, "{cut}");
+    let cut = rate_cut_losing_nothing(&d, &up, &ids, mark);
     // Measured against the one connection of the trickle.
     assert!(cut.contains(" at 1 connections to "), "{cut}");
 }
@@ -146,12 +139,20 @@ async fn a_burst_to_a_relay_that_delivers_less_at_more_connections_gets_fewer() 
     let d = Daemon::start(&config(up.port(), "max_connections = 8"));
     let mark = d.log_mark();
     let ids = burst(&d, 0..120).await;
+    rate_cut_losing_nothing(&d, &up, &ids, mark);
+}
+
+/// Waits for a cut for the rate after `mark`, checks that every message
+/// in `ids` arrived intact and none was deferred or bounced, and that the
+/// cut lowered the concurrency: its log line.
+fn rate_cut_losing_nothing(d: &Daemon, up: &FakeUpstream, ids: &[String], mark: usize) -> String {
     d.wait_log_since(mark, RATE_CUT, WAIT);
-    arrived_intact(&d, &up, &ids);
+    arrived_intact(d, up, ids);
     let after = d.log()[mark..].to_string();
     assert!(!after.contains("status=deferred"), "{after}");
     assert!(!after.contains("status=bounced"), "{after}");
     let (cut, from, to) = cut_for(&after, RATE_CUT);
     eprintln!("{cut}");
     assert!(to < from && to >= 1, "{cut}");
+    cut
 }
