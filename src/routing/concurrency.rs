@@ -12,9 +12,12 @@
 //!   connection (a message delivered; with BDAT streams, as many as were
 //!   in flight on it; or a new connection let in) while every allowed
 //!   connection is busy (and no more: connections a cut has not closed
-//!   yet don't count) and more mail is ready adds one connection, so the
-//!   count doubles every round trip, until the first sign of pushback;
-//!   after that, one connection per round of all of them.
+//!   yet don't count) and more mail is ready earns one connection, until
+//!   the first sign of pushback; after that, one connection per round of
+//!   all of them. Until then (slow start) the connections a level earned
+//!   are opened together once its rate is measured (8 rounds, one of
+//!   each connection at least): 4, 12, 24, about doubling per round
+//!   trip, and each level passed is one the next can be compared with.
 //! - **Back off** on pushback. A relay that refuses one more connection
 //!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
 //!   open has said what it allows: concurrency drops to the connections it
@@ -23,7 +26,9 @@
 //!   out), a `421` on a connection in use, or a delivery rate per
 //!   connection that fell by more than concurrency rose (more connections,
 //!   less mail delivered in total) halves it; for the rate, only once the
-//!   fall has lasted [`RATE_HOLD_MS`] (growth waits meanwhile), and only
+//!   fall has lasted [`RATE_HOLD_MS`] (growth waits meanwhile) and is
+//!   bigger than the noise of the rounds measured (a level measured over
+//!   a few rounds is a rough figure), and only
 //!   down to the level that delivered the most, if that is higher (the
 //!   rate swings on a busy machine, and a total that wobbles looks like a
 //!   fall from the level just below). Only one halving per round:
@@ -70,6 +75,10 @@ const RATE_ROUNDS: f64 = 5.0;
 /// How long a fall must last, every round at the level showing it, before
 /// it cuts.
 pub const RATE_HOLD_MS: u64 = 1_000;
+/// Standard errors by which a fall must exceed [`RATE_MARGIN`]: a level
+/// measured over a few noisy rounds is compared only for a fall bigger
+/// than its noise.
+const RATE_CONFIDENCE: f64 = 2.0;
 
 /// Why concurrency last changed, as a short word for metrics labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -165,6 +174,8 @@ pub struct Delivered {
 struct Rate {
     /// Average time a connection spent per message, ms.
     ms: f64,
+    /// Variance of a round's time about `ms`, weighted as `ms` is, ms².
+    var: f64,
     /// Rounds averaged into `ms`.
     samples: u32,
     /// The last message's time (unix ms; 0: none yet).
@@ -192,6 +203,12 @@ pub struct Concurrency {
     /// Since when (unix ms) the rate has shown a fall, round after round,
     /// and when it last did.
     falling: Option<(u64, u64)>,
+    /// The level being measured in slow start, and the rounds of its
+    /// connections measured at it so far.
+    measuring: (usize, f64),
+    /// Growth earned in slow start at that level, applied once it is
+    /// measured.
+    credit: f64,
 }
 
 impl Concurrency {
@@ -248,6 +265,8 @@ impl Concurrency {
             },
             rates: vec![Rate::default(); max + 1],
             falling: None,
+            measuring: (start, 0.0),
+            credit: 0.0,
         }
     }
 
@@ -285,11 +304,20 @@ impl Concurrency {
             return None;
         }
         let before = self.limit();
+        // Whatever changed the level (growth, a cut, idleness), what was
+        // measured and earned at the old one is not this one's.
+        if self.measuring.0 != before {
+            self.measuring = (before, 0.0);
+            self.credit = 0.0;
+        }
         // Connections over the limit are the ones a cut has not closed
         // yet: what they deliver measures a level given up on, and must
         // not cut again before the cut took effect (once per round).
         if let Some(spent) = spent.filter(|_| busy <= before) {
             self.sample(now, busy, spent.as_secs_f64() * 1000.0, in_flight);
+            if busy == before {
+                self.measuring.1 += 1.0 / in_flight.max(1) as f64;
+            }
             // Only the level allowed now is judged: a delivery while a
             // connection is between messages (one level below) says how
             // that level does, not whether this one fell. Judged, it
@@ -348,11 +376,24 @@ impl Concurrency {
         // One step per round of each connection: a connection that
         // carries several messages at once takes that many deliveries.
         let step = 1.0 / in_flight.max(1) as f64;
-        self.window += if self.window < self.threshold {
-            step
+        if self.window < self.threshold {
+            // Slow start, in measured steps: the steps a level earns are
+            // taken together once its rate is measured (as many rounds as
+            // the rate needs to be trusted: a round of each connection, 8
+            // at least), so each level it passes can be compared with the
+            // next. Taken one per delivery, the levels of a first burst
+            // passed in under a round each, and a relay that delivers less
+            // in total at more connections went unnoticed. The count still
+            // about doubles per round: 4, 12, 24 (a connection let in
+            // earns a step too, but measures nothing).
+            self.credit += step;
+            if self.measuring.1 < RATE_SAMPLES.max(before as u32) as f64 {
+                return None;
+            }
+            self.window += std::mem::take(&mut self.credit);
         } else {
-            step / self.window
-        };
+            self.window += step / self.window;
+        }
         self.window = self.window.min(cap as f64);
         self.changed(
             now,
@@ -511,7 +552,23 @@ impl Concurrency {
         // one moment to the next at 5 ms on a busy machine, as much as
         // the margin of a fall.
         let weight = (1.0 / r.samples as f64).max(1.0 / (RATE_ROUNDS * level as f64));
-        r.ms += weight * (round - r.ms);
+        // The variance about the same weighted mean (for the plain mean
+        // of the first samples, exactly theirs).
+        let d = round - r.ms;
+        r.var = (1.0 - weight) * (r.var + weight * d * d);
+        r.ms += weight * d;
+    }
+
+    /// The standard error of `level`'s average, relative to it: the
+    /// noise of its rounds over the rounds averaged (at most the span
+    /// of the running average, whose older rounds weigh less: an error
+    /// a little too large, so a fall is judged with caution).
+    fn noise(&self, level: usize) -> f64 {
+        let Some(r) = self.rates.get(level).filter(|r| r.ms > 0.0) else {
+            return 0.0;
+        };
+        let n = (r.samples as f64).min(RATE_ROUNDS * level as f64).max(1.0);
+        (r.var / n).sqrt() / r.ms
     }
 
     /// Whether the relay delivers less in total at `level` connections
@@ -530,19 +587,31 @@ impl Concurrency {
             return Verdict::Unknown;
         };
         let total = level as f64 * 1000.0 / ms;
-        // The best total, at the fewest connections that reached it.
-        let best = (1..level)
+        let below: Vec<(usize, f64)> = (1..level)
             .filter_map(|l| trusted(l).map(|ms| (l, l as f64 * 1000.0 / ms)))
+            .collect();
+        if below.is_empty() {
+            return Verdict::Unknown;
+        }
+        // A fall counts only if it is bigger than the margin by more than
+        // the noise of both measures: a level below measured over a few
+        // rounds of a first burst (or the luckiest of several) is a rough
+        // figure, and on a busy machine its luck looks like a fall.
+        // The best total among the levels below that the fall is sure
+        // against, at the fewest connections that reached it.
+        let best = below
+            .into_iter()
+            .filter(|&(l, t)| {
+                let noise = self.noise(level).hypot(self.noise(l));
+                total * (1.0 + RATE_CONFIDENCE * noise) < RATE_MARGIN * t
+            })
             .fold(None, |best: Option<(usize, f64)>, (l, t)| match best {
                 Some((_, b)) if b >= t => best,
                 _ => Some((l, t)),
             });
         let Some((best, best_total)) = best else {
-            return Verdict::Unknown;
-        };
-        if total >= RATE_MARGIN * best_total {
             return Verdict::Holds;
-        }
+        };
         let text = format!(
             "the delivery rate per connection fell from {:.1}/s at {best} connections to {:.1}/s at {level} ({:.0}/s in total, down from {:.0}/s)",
             best_total / best as f64,
@@ -600,17 +669,23 @@ mod tests {
         let mut c = Concurrency::adaptive(20, clock.now_ms());
         assert_eq!(c.limit(), INITIAL);
         assert_eq!(c.last_change().reason, Reason::Start);
-        // Slow start: one more connection per delivery.
-        let changes = deliver(&mut c, &clock, 3, RTT);
-        assert_eq!(c.limit(), INITIAL + 3);
-        assert_eq!(changes.len(), 3);
+        // Slow start: one more connection per delivery, taken together
+        // once the level is measured (8 rounds, one of each connection at
+        // least): 4 for two rounds, then 12, then 20.
+        assert!(deliver(&mut c, &clock, 7, RTT).is_empty());
+        let changes = deliver(&mut c, &clock, 1, RTT);
+        assert_eq!(changes.len(), 1);
         assert_eq!(
             changes[0].text,
-            "4 -> 5: mail waiting and the relay answering well"
+            "4 -> 12: mail waiting and the relay answering well"
         );
-        assert!(changes.iter().all(|ch| ch.reason == Reason::Backlog));
-        deliver(&mut c, &clock, 100, RTT);
-        assert_eq!(c.limit(), 20, "capped at max_connections");
+        assert_eq!(changes[0].reason, Reason::Backlog);
+        assert!(deliver(&mut c, &clock, 11, RTT).is_empty());
+        assert_eq!(
+            deliver(&mut c, &clock, 1, RTT)[0].to,
+            20,
+            "capped at max_connections"
+        );
         assert!(deliver(&mut c, &clock, 50, RTT).is_empty());
     }
 
@@ -619,19 +694,20 @@ mod tests {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(20, clock.now_ms());
         // Eight messages in flight on each connection: eight deliveries are
-        // one round of a connection, one step.
+        // one round of a connection, one step; the level is measured after
+        // 8 rounds, 64 deliveries.
         let streamed = Delivered {
             busy: INITIAL,
             spent: Some(RTT / 8),
             in_flight: 8,
             backlog: true,
         };
-        for _ in 0..7 {
+        for _ in 0..63 {
             assert_eq!(c.delivered(clock.now_ms(), streamed), None);
         }
         assert_eq!(
             c.delivered(clock.now_ms(), streamed).map(|ch| ch.to),
-            Some(INITIAL + 1)
+            Some(INITIAL + 8)
         );
     }
 
@@ -705,8 +781,8 @@ mod tests {
     fn failures_and_421_halve_once_per_round() {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(32, clock.now_ms());
-        deliver(&mut c, &clock, 12, RTT);
-        assert_eq!(c.limit(), 16);
+        deliver(&mut c, &clock, 8 + 12, RTT);
+        assert_eq!(c.limit(), 24);
         // Four connections opened in the same round time out: one halving.
         let g = c.generation();
         let failed = || Pushback::Failed {
@@ -715,12 +791,12 @@ mod tests {
         let change = c.pushback(clock.now_ms(), failed(), g).expect("a cut");
         assert_eq!(
             (change.from, change.to, change.reason),
-            (16, 8, Reason::Failed)
+            (24, 12, Reason::Failed)
         );
         for _ in 0..3 {
             assert_eq!(c.pushback(clock.now_ms(), failed(), g), None, "same round");
         }
-        assert_eq!(c.limit(), 8);
+        assert_eq!(c.limit(), 12);
         // A 421 on a connection opened after the cut halves again.
         let throttled = Pushback::Throttled {
             error: "421 4.7.0 slow down".into(),
@@ -728,7 +804,7 @@ mod tests {
         let change = c
             .pushback(clock.now_ms(), throttled, c.generation())
             .expect("a cut");
-        assert_eq!((change.to, change.reason), (4, Reason::Throttled));
+        assert_eq!((change.to, change.reason), (6, Reason::Throttled));
         // Never below one.
         for _ in 0..5 {
             c.pushback(clock.now_ms(), failed(), c.generation());
@@ -744,19 +820,10 @@ mod tests {
         assert_eq!(deliveries, 1 + 3 + 3, "1 -> 2 -> 3 -> 4");
     }
 
-    /// Grows to `n` connections under backlog without measuring (times
-    /// not known), so no level's rate is set on the way.
-    fn grow_to(c: &mut Concurrency, clock: &Clock, n: usize) {
-        while c.limit() < n {
-            clock.advance(Duration::from_millis(1));
-            let d = Delivered {
-                busy: c.limit(),
-                spent: None,
-                in_flight: 1,
-                backlog: true,
-            };
-            c.delivered(clock.now_ms(), d);
-        }
+    /// Puts the concurrency at `n` connections, still in slow start, as
+    /// growth would without measuring: no level's rate is set on the way.
+    fn grow_to(c: &mut Concurrency, n: usize) {
+        c.window = n as f64;
         assert_eq!(c.limit(), n);
     }
 
@@ -789,15 +856,15 @@ mod tests {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(64, clock.now_ms());
         // 8 connections, 20/s each: 160/s in total.
-        grow_to(&mut c, &clock, 8);
+        grow_to(&mut c, 8);
         assert_eq!(until_change(&mut c, &clock, 8, RTT, 5 * SEC), None);
         // Saturated: at 16 each connection takes twice as long, so the
         // total stays the same. No back-off for that, however long.
-        grow_to(&mut c, &clock, 16);
+        grow_to(&mut c, 16);
         assert_eq!(until_change(&mut c, &clock, 16, RTT * 2, 10 * SEC), None);
         // At 24 each takes five times as long: less in total. Back off,
         // once the fall has lasted.
-        grow_to(&mut c, &clock, 24);
+        grow_to(&mut c, 24);
         let (cut, after) = until_change(&mut c, &clock, 24, RTT * 5, 10 * SEC)
             .expect("a cut for the falling rate");
         assert_eq!(cut.reason, Reason::Rate);
@@ -822,9 +889,9 @@ mod tests {
     fn a_fall_shorter_than_the_hold_costs_nothing_and_growth_waits_it_out() {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(64, clock.now_ms());
-        grow_to(&mut c, &clock, 8);
+        grow_to(&mut c, 8);
         assert_eq!(until_change(&mut c, &clock, 8, RTT, 5 * SEC), None);
-        grow_to(&mut c, &clock, 12);
+        grow_to(&mut c, 12);
         assert_eq!(until_change(&mut c, &clock, 12, RTT, 5 * SEC), None);
         // Half a second of every connection at 12 three times as slow
         // (less in total than 8 delivered), then back to normal.
@@ -904,6 +971,66 @@ mod tests {
     }
 
     #[test]
+    fn a_first_burst_to_a_relay_that_delivers_less_at_more_connections_is_cut() {
+        // No lighter traffic before: the burst starts at 4 connections
+        // with mail waiting. Each message takes 2 ms times the square of
+        // the connections busy: the total falls as they rise (4 deliver
+        // 125/s, 12 about 42/s). Slow start measures 4 before it goes
+        // on, so the fall at 12 shows and cuts back to 4, long before
+        // the burst could end.
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(25, clock.now_ms());
+        let mut changes = Vec::new();
+        let start = clock.now_ms();
+        while clock.now_ms() - start < 30_000 {
+            let busy = c.limit();
+            let spent = Duration::from_millis(2 * (busy * busy) as u64);
+            clock.advance(spent / busy as u32);
+            changes.extend(c.delivered(clock.now_ms(), at(busy, spent, true)));
+            if changes.last().is_some_and(|ch| ch.reason == Reason::Rate) {
+                break;
+            }
+        }
+        let seen: Vec<_> = changes
+            .iter()
+            .map(|ch| (ch.from, ch.to, ch.reason))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![(4, 12, Reason::Backlog), (12, 6, Reason::Rate)],
+            "{changes:?}"
+        );
+        let cut = changes.last().expect("a cut");
+        assert!(cut.text.contains(" at 4 connections to "), "{}", cut.text);
+        // Measured over 8 rounds of 4 connections, then a round of 12
+        // (1.5 s), then the hold.
+        assert!(clock.now_ms() - start < 5_000, "{cut:?}");
+    }
+
+    #[test]
+    fn a_fall_within_the_noise_of_a_level_measured_over_few_rounds_does_not_cut() {
+        // 8 connections measured over 8 rounds whose time swings from
+        // 0.4 to 1.6 round trips (1 on average), then 12 connections
+        // each taking 1.8 round trips: 17 % less in total, but the 8
+        // rounds could as well have averaged 1.3 round trips, and then
+        // 12 deliver more. No cut. The same fall after 8 steady rounds
+        // at 8 cuts.
+        for (swing, cuts) in [(0.6, false), (0.0, true)] {
+            let clock = Clock::new();
+            let mut c = Concurrency::adaptive(64, clock.now_ms());
+            grow_to(&mut c, 8);
+            for i in 0..8 {
+                let spent = RTT.mul_f64(if i % 2 == 0 { 1.0 - swing } else { 1.0 + swing });
+                clock.advance(spent / 8);
+                assert_eq!(c.delivered(clock.now_ms(), at(8, spent, false)), None);
+            }
+            grow_to(&mut c, 12);
+            let change = until_change(&mut c, &clock, 12, RTT.mul_f64(1.8), 10 * SEC);
+            assert_eq!(change.is_some(), cuts, "swing {swing}: {change:?}");
+        }
+    }
+
+    #[test]
     fn a_total_that_wobbles_at_the_top_costs_one_connection_not_half() {
         // A total at one more connection that stays a little lower than
         // at the level below it: going back to that level is the answer,
@@ -911,9 +1038,9 @@ mod tests {
         // and again).
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(64, clock.now_ms());
-        grow_to(&mut c, &clock, 20);
+        grow_to(&mut c, 20);
         assert_eq!(until_change(&mut c, &clock, 20, RTT, 5 * SEC), None);
-        grow_to(&mut c, &clock, 21);
+        grow_to(&mut c, 21);
         // 21 connections, each 21% slower: 347/s in total against 400/s.
         let (cut, _) = until_change(&mut c, &clock, 21, RTT.mul_f64(1.21), 10 * SEC)
             .expect("a cut for the falling rate");
@@ -927,7 +1054,7 @@ mod tests {
     fn replies_to_a_stream_arriving_together_measure_the_rate_of_the_round() {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(64, clock.now_ms());
-        grow_to(&mut c, &clock, 8);
+        grow_to(&mut c, 8);
         // Each connection carries 8 messages a round trip; their replies
         // come together: the first took the round trip, the others no
         // time. At 8 connections that is twice the total of 4: no cut,
@@ -1011,9 +1138,10 @@ mod tests {
             (1, INITIAL, Reason::Idle)
         );
         assert_eq!(c.idle(clock.now_ms()), None);
-        // The next burst grows as the first did: one more per delivery.
-        deliver(&mut c, &clock, 3, RTT);
-        assert_eq!(c.limit(), INITIAL + 3);
+        // The next burst grows as the first did: one more per delivery,
+        // taken once the level is measured.
+        deliver(&mut c, &clock, 8, RTT);
+        assert_eq!(c.limit(), INITIAL + 8);
         // A limit the relay stated holds through idleness while it lasts.
         let refused = Pushback::Refused {
             open: 2,
@@ -1032,8 +1160,7 @@ mod tests {
     fn connections_a_cut_has_not_closed_yet_do_not_grow_it_back() {
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(32, clock.now_ms());
-        deliver(&mut c, &clock, 12, RTT);
-        assert_eq!(c.limit(), 16);
+        grow_to(&mut c, 16);
         let throttled = Pushback::Throttled {
             error: "421 4.7.0 slow down".into(),
         };
@@ -1070,9 +1197,9 @@ mod tests {
         // again before it cuts, not at once because the dip began long ago.
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(64, clock.now_ms());
-        grow_to(&mut c, &clock, 8);
+        grow_to(&mut c, 8);
         assert_eq!(until_change(&mut c, &clock, 8, RTT, 5 * SEC), None);
-        grow_to(&mut c, &clock, 12);
+        grow_to(&mut c, 12);
         assert_eq!(until_change(&mut c, &clock, 12, RTT, 5 * SEC), None);
         assert_eq!(until_change(&mut c, &clock, 12, RTT * 3, HOLD / 2), None);
         // The lull: five connections busy, nothing to compare with.
@@ -1092,14 +1219,14 @@ mod tests {
         // growth waiting for ever: stuck at a level that delivers less).
         let clock = Clock::new();
         let mut c = Concurrency::adaptive(64, clock.now_ms());
-        grow_to(&mut c, &clock, 8);
+        grow_to(&mut c, 8);
         assert_eq!(until_change(&mut c, &clock, 8, RTT, 5 * SEC), None);
-        grow_to(&mut c, &clock, 11);
+        grow_to(&mut c, 11);
         assert_eq!(
             until_change(&mut c, &clock, 11, RTT * 11 / 8, 5 * SEC),
             None
         );
-        grow_to(&mut c, &clock, 12);
+        grow_to(&mut c, 12);
         let start = clock.now_ms();
         let mut cut = None;
         let mut i = 0u32;
