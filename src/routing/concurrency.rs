@@ -156,8 +156,11 @@ pub enum Pushback {
 /// A message delivered, as the concurrency sees it.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivered {
-    /// Connections in use, this one included.
+    /// Connections in use, this one included, and those being opened.
     pub busy: usize,
+    /// Connections at work on mail, this one included: in use and ready
+    /// (logged in), not being opened. The level whose rate this measures.
+    pub working: usize,
     /// The time its connection spent on it, if the connection worked on
     /// nothing else meanwhile (with several in flight, the time since the
     /// connection's previous message was answered).
@@ -296,6 +299,7 @@ impl Concurrency {
     pub fn delivered(&mut self, now: u64, d: Delivered) -> Option<Change> {
         let Delivered {
             busy,
+            working,
             spent,
             in_flight,
             backlog,
@@ -314,16 +318,23 @@ impl Concurrency {
         // yet: what they deliver measures a level given up on, and must
         // not cut again before the cut took effect (once per round).
         if let Some(spent) = spent.filter(|_| busy <= before) {
-            self.sample(now, busy, spent.as_secs_f64() * 1000.0, in_flight);
-            if busy == before {
+            // The level is the connections at work: ones being opened
+            // carry nothing yet. Counted, the connections slow start opens
+            // together made the ones at work look like a higher level,
+            // delivering as fast as fewer do, and the level reached then
+            // looked like a fall from it (Postfix's smtpd 5 ms away:
+            // "1260/s at 16, 606/s at 25", a cut in two rounds of six).
+            let level = working.clamp(1, busy);
+            self.sample(now, level, spent.as_secs_f64() * 1000.0, in_flight);
+            if level == before {
                 self.measuring.1 += 1.0 / in_flight.max(1) as f64;
             }
             // Only the level allowed now is judged: a delivery while a
             // connection is between messages (one level below) says how
             // that level does, not whether this one fell. Judged, it
             // forgot a lasting fall at the top each time it held.
-            let verdict = match busy == before {
-                true => self.rate_fell(now, busy),
+            let verdict = match level == before {
+                true => self.rate_fell(now, level),
                 false => Verdict::Unknown,
             };
             match verdict {
@@ -342,7 +353,7 @@ impl Concurrency {
                     // (a lull: deliveries only at levels not measured) starts
                     // its hold again: a dip long ago must not make the next
                     // one cut at once.
-                    let gap = (RATE_HOLD_MS as f64).max(2.0 * self.rates[busy].ms) as u64;
+                    let gap = (RATE_HOLD_MS as f64).max(2.0 * self.rates[level].ms) as u64;
                     let since = match self.falling {
                         Some((since, seen)) if now.saturating_sub(seen) <= gap => since,
                         _ => now,
@@ -645,6 +656,7 @@ mod tests {
     fn at(busy: usize, spent: Duration, backlog: bool) -> Delivered {
         Delivered {
             busy,
+            working: busy,
             spent: Some(spent),
             in_flight: 1,
             backlog,
@@ -698,6 +710,7 @@ mod tests {
         // 8 rounds, 64 deliveries.
         let streamed = Delivered {
             busy: INITIAL,
+            working: INITIAL,
             spent: Some(RTT / 8),
             in_flight: 8,
             backlog: true,
@@ -951,6 +964,7 @@ mod tests {
             clock.advance((base * busy as u32) / busy as u32);
             let d = Delivered {
                 busy,
+                working: busy,
                 spent: Some(spent),
                 in_flight: 1,
                 backlog: true,
@@ -1005,6 +1019,38 @@ mod tests {
         // Measured over 8 rounds of 4 connections, then a round of 12
         // (1.5 s), then the hold.
         assert!(clock.now_ms() - start < 5_000, "{cut:?}");
+    }
+
+    #[test]
+    fn connections_being_opened_do_not_make_the_ones_at_work_a_higher_level() {
+        // 12 connections, 3 round trips a message each: 80/s in total, the
+        // relay's limit. Slow start goes to 24; for two seconds 4 of the
+        // new connections are being opened (busy 16) and the 12 at work go
+        // on as before. Taken for 16 at work, that was 107/s at 16, and
+        // 24 delivering the same 80/s then looked like a fall. The 24 at
+        // work, 6 round trips each, deliver what 12 did: no cut. A real
+        // fall at 24 (9 round trips each) still cuts.
+        for (each, cuts) in [(6, false), (9, true)] {
+            let clock = Clock::new();
+            let mut c = Concurrency::adaptive(64, clock.now_ms());
+            grow_to(&mut c, 12);
+            assert_eq!(until_change(&mut c, &clock, 12, RTT * 3, 5 * SEC), None);
+            grow_to(&mut c, 24);
+            let start = clock.now_ms();
+            while clock.now_ms() - start < 2_000 {
+                clock.advance(RTT * 3 / 12);
+                let d = Delivered {
+                    busy: 16,
+                    working: 12,
+                    spent: Some(RTT * 3),
+                    in_flight: 1,
+                    backlog: false,
+                };
+                assert_eq!(c.delivered(clock.now_ms(), d), None);
+            }
+            let change = until_change(&mut c, &clock, 24, RTT * each, 10 * SEC);
+            assert_eq!(change.is_some(), cuts, "{each} round trips: {change:?}");
+        }
     }
 
     #[test]
@@ -1066,6 +1112,7 @@ mod tests {
                 clock.advance(spent / busy as u32 + Duration::from_micros(10));
                 let d = Delivered {
                     busy,
+                    working: busy,
                     spent: Some(spent),
                     in_flight: 8,
                     backlog: false,
@@ -1175,6 +1222,7 @@ mod tests {
             clock.advance(Duration::from_millis(1));
             let d = Delivered {
                 busy: 16,
+                working: 16,
                 spent: Some(RTT),
                 in_flight: 8,
                 backlog: true,
