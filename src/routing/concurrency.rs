@@ -38,7 +38,8 @@
 //!   per round of a connection: a stream's replies come together, the
 //!   first after a round trip, the others at once. A new connection's
 //!   rounds count from when it is ready (`Lease::set_up`): its connect,
-//!   TLS and login are not a slow delivery.
+//!   TLS and login are not a slow delivery; nor is it one of the level
+//!   (connections at work) whose rate the others measure until then.
 //! - **Idle**: once a relay has had no connection open for a while (its
 //!   connections close after `idle_timeout`), the next burst starts again
 //!   from [`INITIAL`], down from growth or up from a cut, as Postfix
