@@ -17,7 +17,9 @@
 //!   all of them. Until then (slow start) the connections a level earned
 //!   are opened together once its rate is measured (8 rounds, one of
 //!   each connection at least): 4, 12, 24, about doubling per round
-//!   trip, and each level passed is one the next can be compared with.
+//!   trip, and each level passed is one the next can be compared with
+//!   (a connection let in measures nothing, and in slow start earns
+//!   nothing).
 //! - **Back off** on pushback. A relay that refuses one more connection
 //!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
 //!   open has said what it allows: concurrency drops to the connections it
@@ -396,8 +398,11 @@ impl Concurrency {
             // next. Taken one per delivery, the levels of a first burst
             // passed in under a round each, and a relay that delivers less
             // in total at more connections went unnoticed. The count still
-            // about doubles per round: 4, 12, 24 (a connection let in
-            // earns a step too, but measures nothing).
+            // about doubles per round: 4, 12, 24. A connection let in
+            // measures nothing and earns nothing here: the level's logins
+            // counted too made the steps 4, 16, 44, opening three times
+            // the connections a level had before its rate was known.
+            spent?;
             self.credit += step;
             if self.measuring.1 < RATE_SAMPLES.max(before as u32) as f64 {
                 return None;
@@ -434,9 +439,13 @@ impl Concurrency {
                 self.ceiling = Some((allowed, now + CEILING_HOLD_MS));
                 if (allowed as f64) < self.window {
                     self.window = allowed as f64;
-                    self.threshold = self.window;
                     self.generation += 1;
                 }
+                // Pushback ends slow start even when it cuts nothing (the
+                // relay counted one closing, or another client's): past
+                // the limit it stated, once that expires, one more per
+                // round, not a step that opens as many again at once.
+                self.threshold = self.threshold.min(allowed as f64);
                 let text = format!(
                     "the relay refused one more connection ({error}) while {open} were open; at most {allowed} for {} min",
                     CEILING_HOLD_MS / 60_000
@@ -480,6 +489,11 @@ impl Concurrency {
         self.threshold = self.max as f64;
         self.rates.fill(Rate::default());
         self.falling = None;
+        // The start's rate is forgotten with the others: what it counted
+        // as measured (and earned) before is not the new burst's, even
+        // at the same level.
+        self.measuring = (start, 0.0);
+        self.credit = 0.0;
         self.changed(
             now,
             before,
@@ -1020,6 +1034,113 @@ mod tests {
         // Measured over 8 rounds of 4 connections, then a round of 12
         // (1.5 s), then the hold.
         assert!(clock.now_ms() - start < 5_000, "{cut:?}");
+    }
+
+    /// A connection let in (the pool's `connected`): an answer from the
+    /// relay, no time measured.
+    fn let_in(busy: usize) -> Delivered {
+        Delivered {
+            busy,
+            spent: None,
+            in_flight: 1,
+            backlog: true,
+        }
+    }
+
+    #[test]
+    fn slow_start_steps_are_the_rounds_measured_not_the_connections_let_in() {
+        // As the pool feeds it in a burst: each connection a level opens
+        // is let in with mail waiting, then the level delivers. The steps
+        // are 4 -> 12 -> 24 as documented; counting the logins too made
+        // them 4 -> 16 -> 25 (44), a bigger overshoot past a level that
+        // delivers less, and more connections opened at once at a relay
+        // that allows only a few.
+        for max in [25, 64] {
+            let clock = Clock::new();
+            let mut c = Concurrency::adaptive(max, clock.now_ms());
+            let mut seen = Vec::new();
+            let mut opened = INITIAL;
+            while c.limit() < 24 && seen.len() < 5 {
+                for _ in 0..opened {
+                    clock.advance(Duration::from_millis(1));
+                    assert_eq!(c.delivered(clock.now_ms(), let_in(c.limit())), None);
+                }
+                let level = c.limit();
+                let changes = deliver(&mut c, &clock, level.max(8), RTT);
+                seen.extend(changes.iter().map(|ch| (ch.from, ch.to)));
+                opened = c.limit() - level;
+            }
+            assert_eq!(seen, vec![(4, 12), (12, 24)], "max {max}");
+        }
+    }
+
+    #[test]
+    fn after_idleness_slow_start_measures_the_start_again() {
+        // Idleness forgets every level's rate: what the start counted as
+        // measured before (a burst cut short, or congestion avoidance at
+        // 4 after a cut) is not the new burst's, whose first step must
+        // wait for 4 to be measured again (8 rounds), so the next level
+        // has it to compare with.
+        for case in ["burst cut short", "congestion avoidance at 4"] {
+            let clock = Clock::new();
+            let mut c = Concurrency::adaptive(25, clock.now_ms());
+            let failed = || Pushback::Failed {
+                error: "connect to 127.0.0.1:25 timed out after 30s".into(),
+            };
+            if case == "burst cut short" {
+                assert!(deliver(&mut c, &clock, 7, RTT).is_empty());
+                c.pushback(clock.now_ms(), failed(), c.generation())
+                    .expect("a cut");
+            } else {
+                grow_to(&mut c, 8);
+                c.pushback(clock.now_ms(), failed(), c.generation())
+                    .expect("a cut");
+                assert_eq!(c.limit(), INITIAL);
+                assert_eq!(until_change(&mut c, &clock, 4, RTT, 2 * SEC), None);
+            }
+            c.idle(clock.now_ms());
+            assert_eq!(c.limit(), INITIAL, "{case}");
+            assert_eq!(deliver(&mut c, &clock, 7, RTT), vec![], "{case}");
+            let changes = deliver(&mut c, &clock, 1, RTT);
+            assert_eq!(
+                changes
+                    .iter()
+                    .map(|ch| (ch.from, ch.to))
+                    .collect::<Vec<_>>(),
+                vec![(4, 12)],
+                "{case}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_limit_stated_at_the_level_allowed_ends_slow_start() {
+        // The relay refuses one more while as many are open as allowed
+        // now (it counted one closing, or one of another client's): a
+        // ceiling and no cut. Once the ceiling expires, growth past it is
+        // one connection per round, not a slow-start step that opens as
+        // many again at a relay that said where its limit was.
+        for level in [8, 16] {
+            let clock = Clock::new();
+            let mut c = Concurrency::adaptive(64, clock.now_ms());
+            grow_to(&mut c, level);
+            let refused = Pushback::Refused {
+                open: level,
+                error: "421 4.7.0 Too many connections".into(),
+            };
+            c.pushback(clock.now_ms(), refused, c.generation())
+                .expect("a ceiling");
+            assert_eq!(c.limit(), level);
+            assert!(deliver(&mut c, &clock, 100, RTT).is_empty());
+            clock.advance(Duration::from_millis(CEILING_HOLD_MS));
+            deliver(&mut c, &clock, 3 * level, RTT);
+            assert!(
+                c.limit() <= level + 3,
+                "{level} -> {}: {:?}",
+                c.limit(),
+                c.last_change()
+            );
+        }
     }
 
     #[test]

@@ -431,8 +431,9 @@ impl RelayPool {
 
     /// `lease` opened a connection and the relay let it in (greeting,
     /// EHLO, TLS, login): an answer as good as a delivery for the
-    /// concurrency, so a burst need not wait for first deliveries to
-    /// open more. `backlog` as for [`RelayPool::delivered`].
+    /// concurrency once past slow start (in slow start a level grows by
+    /// the rounds it measured, and a login measures nothing). `backlog`
+    /// as for [`RelayPool::delivered`].
     pub fn connected(&self, backlog: bool) {
         let busy = self.busy().max(1);
         let d = Delivered {
