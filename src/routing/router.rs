@@ -417,8 +417,11 @@ impl Router {
         let started = Instant::now();
         let relay = &self.relays[id];
         let fresh = !lease.sender.is_connected();
-        if let Err(not) = lease.sender.ready(rcpts, started).await {
-            if let Some(pushback) = self.connect_pushback(id, &not) {
+        let opening = fresh.then(|| relay.pool.opening());
+        let ready = lease.sender.ready(rcpts, started).await;
+        let later = opening.map_or(0, |o| o.end());
+        if let Err(not) = ready {
+            if let Some(pushback) = self.connect_pushback(id, &not, later) {
                 // Others work: this one waits for one of them to come back
                 // (not for this slot: a new connection now would be counted
                 // by the relay with the one it just refused).
@@ -500,13 +503,15 @@ impl Router {
     /// connection while others were open, or did not answer while others
     /// work. Then only the concurrency backs off; with no other connection,
     /// it is the relay's health (down, or throttling us).
-    fn connect_pushback(&self, id: RelayId, not: &NotReady) -> Option<Pushback> {
+    /// `later`: connections begun after this one and still being opened.
+    fn connect_pushback(&self, id: RelayId, not: &NotReady, later: usize) -> Option<Pushback> {
         let pool = &self.relays[id].pool;
         match &not.signal {
             Signal::Throttled(error) => {
                 // Ours count, even those still logging in or closing: the
-                // relay counted them when it refused this one.
-                let open = pool.held_slots().saturating_sub(1);
+                // relay counted them when it refused this one. Not those
+                // begun after it: they reached the relay after it answered.
+                let open = pool.held_slots().saturating_sub(1 + later);
                 (open > 0).then(|| Pushback::Refused {
                     open,
                     error: error.clone(),
