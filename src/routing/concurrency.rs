@@ -1041,6 +1041,7 @@ mod tests {
     fn let_in(busy: usize) -> Delivered {
         Delivered {
             busy,
+            working: busy,
             spent: None,
             in_flight: 1,
             backlog: true,
