@@ -329,7 +329,13 @@ impl Concurrency {
             // "1260/s at 16, 606/s at 25", a cut in two rounds of six).
             let level = working.clamp(1, busy);
             self.sample(now, level, spent.as_secs_f64() * 1000.0, in_flight);
-            if level == before {
+            // Slow start's rounds at the level count whenever all it allows
+            // are in use, as growth itself needs, some still being opened
+            // or not: counting only those with every connection at work,
+            // a burst that the connections drain about as fast as it comes
+            // (5 ms away) seldom had them all at work at once, and sat
+            // at 12 for part of it.
+            if busy == before {
                 self.measuring.1 += 1.0 / in_flight.max(1) as f64;
             }
             // Only the level allowed now is judged: a delivery while a
@@ -588,13 +594,22 @@ impl Concurrency {
     /// The standard error of `level`'s average, relative to it: the
     /// noise of its rounds over the rounds averaged (at most the span
     /// of the running average, whose older rounds weigh less: an error
-    /// a little too large, so a fall is judged with caution).
+    /// a little too large, so a fall is judged with caution). Over the
+    /// first rounds, a plain mean, their variance is the sample's
+    /// (divided by n - 1): a few rounds' spread about their own mean
+    /// understates the noise.
     fn noise(&self, level: usize) -> f64 {
         let Some(r) = self.rates.get(level).filter(|r| r.ms > 0.0) else {
             return 0.0;
         };
-        let n = (r.samples as f64).min(RATE_ROUNDS * level as f64).max(1.0);
-        (r.var / n).sqrt() / r.ms
+        let span = RATE_ROUNDS * level as f64;
+        let samples = r.samples as f64;
+        let var = match samples > 1.0 && samples <= span {
+            true => r.var * samples / (samples - 1.0),
+            false => r.var,
+        };
+        let n = samples.min(span).max(1.0);
+        (var / n).sqrt() / r.ms
     }
 
     /// Whether the relay delivers less in total at `level` connections
@@ -1142,6 +1157,32 @@ mod tests {
                 c.last_change()
             );
         }
+    }
+
+    #[test]
+    fn slow_start_goes_on_while_some_allowed_connections_are_not_at_work() {
+        // A burst drained about as fast as it comes: every allowed
+        // connection is in use, but one or two of them are always still
+        // being opened or between logins, so never all 12 at work at
+        // once. Slow start must not wait for a moment that never comes.
+        let clock = Clock::new();
+        let mut c = Concurrency::adaptive(25, clock.now_ms());
+        deliver(&mut c, &clock, 8, RTT);
+        assert_eq!(c.limit(), 12);
+        let mut changes = Vec::new();
+        for i in 0..12 {
+            clock.advance(RTT / 12);
+            let d = Delivered {
+                busy: 12,
+                working: 10 + i % 2,
+                spent: Some(RTT),
+                in_flight: 1,
+                backlog: true,
+            };
+            changes.extend(c.delivered(clock.now_ms(), d));
+        }
+        let seen: Vec<_> = changes.iter().map(|ch| (ch.from, ch.to)).collect();
+        assert_eq!(seen, vec![(12, 24)]);
     }
 
     #[test]
