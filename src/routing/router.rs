@@ -417,11 +417,8 @@ impl Router {
         let started = Instant::now();
         let relay = &self.relays[id];
         let fresh = !lease.sender.is_connected();
-        let opening = fresh.then(|| relay.pool.opening());
-        let ready = lease.sender.ready(rcpts, started).await;
-        let later = opening.map_or(0, |o| o.end());
-        if let Err(not) = ready {
-            if let Some(pushback) = self.connect_pushback(id, &not, later) {
+        if let Err(not) = lease.sender.ready(rcpts, started).await {
+            if let Some(pushback) = self.connect_pushback(id, &not) {
                 // Others work: this one waits for one of them to come back
                 // (not for this slot: a new connection now would be counted
                 // by the relay with the one it just refused).
@@ -503,15 +500,13 @@ impl Router {
     /// connection while others were open, or did not answer while others
     /// work. Then only the concurrency backs off; with no other connection,
     /// it is the relay's health (down, or throttling us).
-    /// `later`: connections begun after this one and still being opened.
-    fn connect_pushback(&self, id: RelayId, not: &NotReady, later: usize) -> Option<Pushback> {
+    fn connect_pushback(&self, id: RelayId, not: &NotReady) -> Option<Pushback> {
         let pool = &self.relays[id].pool;
         match &not.signal {
             Signal::Throttled(error) => {
                 // Ours count, even those still logging in or closing: the
-                // relay counted them when it refused this one. Not those
-                // begun after it: they reached the relay after it answered.
-                let open = pool.held_slots().saturating_sub(1 + later);
+                // relay counted them when it refused this one.
+                let open = pool.held_slots().saturating_sub(1);
                 (open > 0).then(|| Pushback::Refused {
                     open,
                     error: error.clone(),

@@ -33,7 +33,7 @@
 //! returned: a relay's concurrency counts there only while it carries
 //! mail (a probe's connection carries none).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -67,29 +67,6 @@ pub struct Lease {
     /// Tells the workers' gate when the connection comes back (none for
     /// a probe: it carries no mail).
     _lent: Option<Lent>,
-}
-
-/// A connection being opened ([`RelayPool::opening`]).
-pub struct Opening<'a> {
-    pool: &'a RelayPool,
-    seq: u64,
-}
-
-impl Opening<'_> {
-    /// It is open, or was refused: the connections begun after it and
-    /// still being opened. When the relay refused this one for too many,
-    /// it had not counted those: they reached it later. (Slow start opens
-    /// several at once; counted, a relay allowing 8 that refused the 9th
-    /// of 12 seemed to allow 11, and came down one refusal a round.)
-    pub fn end(self) -> usize {
-        self.pool.opened().range(self.seq + 1..).count()
-    }
-}
-
-impl Drop for Opening<'_> {
-    fn drop(&mut self) {
-        self.pool.opened().remove(&self.seq);
-    }
 }
 
 /// A connection lent for mail, as the workers' gate counts it.
@@ -135,10 +112,6 @@ pub struct RelayPool {
     closing: AtomicUsize,
     /// Connections open and logged in, busy or idle (kept by the senders).
     established: Arc<AtomicUsize>,
-    /// Connections being opened for mail, by the order they were begun
-    /// in (see [`Opening`]), and the next number.
-    opening: Mutex<BTreeSet<u64>>,
-    next_opening: AtomicU64,
     concurrency: Mutex<Concurrency>,
     clock: Clock,
     /// When a connection was last lent or returned (unix ms).
@@ -205,8 +178,6 @@ impl RelayPool {
             idle: Mutex::new(Vec::new()),
             closing: AtomicUsize::new(0),
             established: Arc::new(AtomicUsize::new(0)),
-            opening: Mutex::new(BTreeSet::new()),
-            next_opening: AtomicU64::new(0),
             concurrency: Mutex::new(concurrency),
             clock: ctx.clock,
             last_used_ms: AtomicU64::new(now),
@@ -270,18 +241,6 @@ impl RelayPool {
     /// Connections open and logged in now, busy or idle.
     pub fn established(&self) -> usize {
         self.established.load(Ordering::SeqCst)
-    }
-
-    /// A connection is being opened: until [`Opening::end`], it counts as
-    /// begun before every one begun after it.
-    pub fn opening(&self) -> Opening<'_> {
-        let seq = self.next_opening.fetch_add(1, Ordering::SeqCst);
-        self.opened().insert(seq);
-        Opening { pool: self, seq }
-    }
-
-    fn opened(&self) -> MutexGuard<'_, BTreeSet<u64>> {
-        self.opening.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn busy(&self) -> usize {
