@@ -247,6 +247,12 @@ impl RelayPool {
         self.open_connections().saturating_sub(self.idle().len())
     }
 
+    /// Connections logged in and at work on mail (not idle, not being
+    /// opened).
+    fn working(&self) -> usize {
+        self.established().saturating_sub(self.idle().len())
+    }
+
     /// More connections at work (logged in, not idle) than the concurrency
     /// allows now: a cut has not taken effect yet. A connection carrying
     /// message after message then takes no more and comes back once what
@@ -414,6 +420,7 @@ impl RelayPool {
         lease.busy_since = Instant::now();
         let d = Delivered {
             busy: self.busy().max(1),
+            working: self.working().max(1),
             spent: Some(spent),
             in_flight,
             backlog,
@@ -424,11 +431,14 @@ impl RelayPool {
 
     /// `lease` opened a connection and the relay let it in (greeting,
     /// EHLO, TLS, login): an answer as good as a delivery for the
-    /// concurrency, so a burst need not wait for first deliveries to
-    /// open more. `backlog` as for [`RelayPool::delivered`].
+    /// concurrency once past slow start (in slow start a level grows by
+    /// the rounds it measured, and a login measures nothing). `backlog`
+    /// as for [`RelayPool::delivered`].
     pub fn connected(&self, backlog: bool) {
+        let busy = self.busy().max(1);
         let d = Delivered {
-            busy: self.busy().max(1),
+            busy,
+            working: busy,
             spent: None,
             in_flight: 1,
             backlog,
@@ -731,18 +741,21 @@ mod tests {
         let mut leases: Vec<Lease> = (0..4).map(|_| pool.try_checkout().ok().unwrap()).collect();
         assert!(pool.try_checkout().is_err(), "four to start with");
         assert_eq!(gate.free(), 4, "mail on it: its concurrency counts");
-        // Delivered with every connection busy and mail waiting: one more.
+        // Delivered with every connection busy (logged in: no relay here,
+        // so counted by hand) and mail waiting: more, once the four are
+        // measured (8 rounds), up to the cap.
+        pool.established.store(4, Ordering::SeqCst);
+        for _ in 0..7 {
+            pool.delivered(&mut leases[0], 1, true);
+        }
+        assert_eq!(pool.limit(), 4);
         pool.delivered(&mut leases[0], 1, true);
-        assert_eq!(pool.limit(), 5);
-        assert_eq!(gate.free(), 5);
+        assert_eq!(pool.limit(), 6);
+        assert_eq!(gate.free(), 6);
         leases.push(pool.try_checkout().ok().unwrap());
         // The relay refuses a sixth with "421 too many" while five are open:
-        // four it is, and the gate shrinks with it.
-        let sixth = {
-            pool.delivered(&mut leases[0], 1, true);
-            pool.try_checkout().ok().unwrap()
-        };
-        assert_eq!(gate.free(), 6);
+        // five it is, and the gate shrinks with it.
+        let sixth = pool.try_checkout().ok().unwrap();
         pool.pushback(
             &sixth,
             Pushback::Refused {

@@ -165,6 +165,40 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known gap: a refusal counts the connections still being opened with it (held slots), which the relay never counted, and the others refused with it are taken as stale; seen: 10 refused (12 -> 11 -> 10 -> 9 -> 8, one round each), 36 when slow start counted logins (16 -> 15 -> ... -> 8)"]
+async fn an_upstream_allowing_eight_connections_learns_it_from_the_first_refusals() {
+    // Slow start opens the connections a level earned together (4 -> 12):
+    // the upstream serves four more and refuses the rest at the greeting.
+    // Each refusal must say how many it allowed, not count the others
+    // still being opened with it (the relay never counted those): else
+    // the first says 11, the others are taken as stale, and relayq comes
+    // down one refusal a round, opening more connections it is refused
+    // (a provider may block a client that keeps trying).
+    let n = 200;
+    let script = Script::default()
+        .max_sessions(8)
+        .reply_delay(Duration::from_millis(10));
+    let (d, up, ids, mark) = backlog(n, "", script).await;
+    arrived_once(&d, &up, &ids);
+    let after = d.log()[mark..].to_string();
+    assert!(!after.contains("status=deferred"), "{after}");
+    let v = relay_state(&d);
+    assert_eq!(v["concurrency"], 8, "{v}");
+    let changes: Vec<&str> = after
+        .lines()
+        .filter(|l| l.contains(": concurrency "))
+        .collect();
+    assert!(
+        up.refused_sessions() <= 8,
+        "{} connections refused ({} served, {} at once at most); changes:\n{}",
+        up.refused_sessions(),
+        up.connections() - up.refused_sessions(),
+        up.peak_sessions(),
+        changes.join("\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrency_grows_while_mail_waits_up_to_max_connections() {
     let n = 80;
     // Replies take a while, as from a provider far away: more connections
@@ -188,8 +222,10 @@ async fn concurrency_grows_while_mail_waits_up_to_max_connections() {
     assert_eq!(v["max_connections"], 7, "{v}");
     assert_eq!(v["concurrency"], 7, "{v}");
     assert_eq!(v["concurrency_change"]["reason"], "backlog", "{v}");
+    // Slow start opens what the four earned once they are measured: all
+    // the way to the cap at once.
     assert_eq!(
-        v["concurrency_change"]["text"], "6 -> 7: mail waiting and the relay answering well",
+        v["concurrency_change"]["text"], "4 -> 7: mail waiting and the relay answering well",
         "{v}"
     );
 }
