@@ -628,28 +628,28 @@ impl Concurrency {
             return Verdict::Unknown;
         };
         let total = level as f64 * 1000.0 / ms;
-        let below: Vec<(usize, f64)> = (1..level)
-            .filter_map(|l| trusted(l).map(|ms| (l, l as f64 * 1000.0 / ms)))
-            .collect();
-        if below.is_empty() {
-            return Verdict::Unknown;
-        }
         // A fall counts only if it is bigger than the margin by more than
         // the noise of both measures: a level below measured over a few
         // rounds of a first burst (or the luckiest of several) is a rough
         // figure, and on a busy machine its luck looks like a fall.
         // The best total among the levels below that the fall is sure
         // against, at the fewest connections that reached it.
-        let best = below
-            .into_iter()
+        let noise = self.noise(level);
+        let mut measured_below = false;
+        let best = (1..level)
+            .filter_map(|l| trusted(l).map(|ms| (l, l as f64 * 1000.0 / ms)))
+            .inspect(|_| measured_below = true)
             .filter(|&(l, t)| {
-                let noise = self.noise(level).hypot(self.noise(l));
+                let noise = noise.hypot(self.noise(l));
                 total * (1.0 + RATE_CONFIDENCE * noise) < RATE_MARGIN * t
             })
             .fold(None, |best: Option<(usize, f64)>, (l, t)| match best {
                 Some((_, b)) if b >= t => best,
                 _ => Some((l, t)),
             });
+        if !measured_below {
+            return Verdict::Unknown;
+        }
         let Some((best, best_total)) = best else {
             return Verdict::Holds;
         };
