@@ -168,8 +168,8 @@ async fn an_upstream_allowing_three_connections_gets_three_and_loses_nothing() {
 /// more than slow start's first four and fewer than its first step opens
 /// together (4 -> 12), with `script` (its limit set) and `config`: each
 /// connection the step opened beyond `allowed` is refused once, no more,
-/// and relayq settles at `allowed` from the first refusals, losing and
-/// deferring nothing. Each refusal must count the connections the
+/// and relayq settles at `allowed` from the first refusals, keeping the
+/// connections it was served and losing and deferring nothing. Each refusal must count the connections the
 /// upstream let as far as the refused one got, not those refused with it
 /// (the relay never counted those): else the first says 11, the others
 /// are taken as stale, and relayq comes down one refusal a round, opening
@@ -212,6 +212,12 @@ async fn learns_from_the_first_refusals(
     assert!(
         up.refused_sessions() >= 1 && up.refused_sessions() <= step - allowed,
         "{}",
+        told()
+    );
+    assert_eq!(
+        up.connections() - up.refused_sessions(),
+        allowed,
+        "it kept the connections it was served: {}",
         told()
     );
     let refused: Vec<&&str> = changes
