@@ -268,6 +268,24 @@ async fn an_upstream_allowing_ten_connections_learns_it_from_the_first_refusals(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_refusing_at_ehlo_allowing_eight_learns_it_from_the_first_refusals() {
+    // Greeted, then refused at EHLO: what counts is how far the others
+    // got when it was answered, past their greeting.
+    let allowed = 8;
+    let refusal = "4.7.0 Too many connections from your host";
+    let script = Script::default()
+        .max_sessions_at_ehlo(allowed, 421, refusal)
+        .reply_delay(Duration::from_millis(10));
+    learns_from_the_first_refusals(
+        allowed,
+        |addr| config(addr.port(), ""),
+        |up| up.set_script(script),
+        &format!("ehlo rejected: 421 {refusal}"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_allowing_eight_logins_learns_it_from_the_first_refusals() {
     // A provider counting logins refuses at AUTH, once every connection
     // opened with the refused one was greeted: what counts is how far
