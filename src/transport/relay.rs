@@ -13,7 +13,9 @@
 //! it is up. (While other connections to the relay work, the router takes
 //! a refused or unanswered connection as pushback on its concurrency
 //! instead: see `routing::concurrency`; [`NotReady::no_answer`] and the
-//! pool's count of established connections tell it.)
+//! pool's count of established connections tell it, and
+//! `transport::openings`, told how far each attempt to open a connection
+//! got, how many the relay served when it refused one.)
 //!
 //! To a relay that offers CHUNKING with PIPELINING, [`RelaySender::push`]
 //! writes whole messages one behind the other and
