@@ -25,11 +25,12 @@
 //!   open has said what it allows: concurrency drops to the connections it
 //!   still serves (as it counted them: not those being opened and refused
 //!   with it, `transport::openings`) and stays at most there for
-//!   [`CEILING_HOLD_MS`] before trying one more. A connection that cannot be opened (refused, timed
-//!   out), a `421` on a connection in use, or a delivery rate per
-//!   connection that fell by more than concurrency rose (more connections,
-//!   less mail delivered in total) halves it; for the rate, only once the
-//!   fall has lasted [`RATE_HOLD_MS`] (growth waits meanwhile) and is
+//!   [`CEILING_HOLD_MS`] before trying one more. A connection that cannot
+//!   be opened (refused, timed out), a `421` on a connection in use, or a
+//!   delivery rate per connection that fell by more than concurrency rose
+//!   (more connections, less mail delivered in total) halves it; for the
+//!   rate, only once the fall has lasted [`RATE_HOLD_MS`] (growth waits
+//!   meanwhile) and is
 //!   bigger than the noise of the rounds measured (a level measured over
 //!   a few rounds is a rough figure), and only
 //!   down to the level that delivered the most, if that is higher (the
