@@ -23,12 +23,14 @@
 //! - **Back off** on pushback. A relay that refuses one more connection
 //!   ("421 4.7.0 Too many connections", a `454` to AUTH) while others are
 //!   open has said what it allows: concurrency drops to the connections it
-//!   still serves and stays at most there for [`CEILING_HOLD_MS`] before
-//!   trying one more. A connection that cannot be opened (refused, timed
-//!   out), a `421` on a connection in use, or a delivery rate per
-//!   connection that fell by more than concurrency rose (more connections,
-//!   less mail delivered in total) halves it; for the rate, only once the
-//!   fall has lasted [`RATE_HOLD_MS`] (growth waits meanwhile) and is
+//!   still serves (as it counted them: not those being opened and refused
+//!   with it, `transport::openings`) and stays at most there for
+//!   [`CEILING_HOLD_MS`] before trying one more. A connection that cannot
+//!   be opened (refused, timed out), a `421` on a connection in use, or a
+//!   delivery rate per connection that fell by more than concurrency rose
+//!   (more connections, less mail delivered in total) halves it; for the
+//!   rate, only once the fall has lasted [`RATE_HOLD_MS`] (growth waits
+//!   meanwhile) and is
 //!   bigger than the noise of the rounds measured (a level measured over
 //!   a few rounds is a rough figure), and only
 //!   down to the level that delivered the most, if that is higher (the
@@ -148,7 +150,8 @@ pub struct Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pushback {
     /// It refused one more connection (`421`, `454`, "too many ...") while
-    /// `open` others were open: what it allows.
+    /// `open` others were open (as it counted them: those let as far as
+    /// the refused one got): what it allows.
     Refused { open: usize, error: String },
     /// A connection could not be opened (refused, timed out).
     Failed { error: String },

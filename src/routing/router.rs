@@ -418,7 +418,7 @@ impl Router {
         let relay = &self.relays[id];
         let fresh = !lease.sender.is_connected();
         if let Err(not) = lease.sender.ready(rcpts, started).await {
-            if let Some(pushback) = self.connect_pushback(id, &not) {
+            if let Some(pushback) = self.connect_pushback(id, &lease, &not).await {
                 // Others work: this one waits for one of them to come back
                 // (not for this slot: a new connection now would be counted
                 // by the relay with the one it just refused).
@@ -497,16 +497,24 @@ impl Router {
 
     /// Whether a connection that could not be opened is the relay pushing
     /// back on our concurrency rather than failing: it refused one more
-    /// connection while others were open, or did not answer while others
-    /// work. Then only the concurrency backs off; with no other connection,
-    /// it is the relay's health (down, or throttling us).
-    fn connect_pushback(&self, id: RelayId, not: &NotReady) -> Option<Pushback> {
+    /// connection while it served others, or did not answer while others
+    /// work. Then only the concurrency backs off; with no other connection
+    /// (refused all together, say), it is the relay's health (down, or
+    /// throttling us).
+    async fn connect_pushback(
+        &self,
+        id: RelayId,
+        lease: &Lease,
+        not: &NotReady,
+    ) -> Option<Pushback> {
         let pool = &self.relays[id].pool;
         match &not.signal {
             Signal::Throttled(error) => {
-                // Ours count, even those still logging in or closing: the
-                // relay counted them when it refused this one.
-                let open = pool.held_slots().saturating_sub(1);
+                // Ours count, even those closing, and those being opened
+                // that get as far as this one did: the relay counted them
+                // when it refused this one. Not those it refused with it
+                // (slow start opens several at once).
+                let open = pool.served_with(lease).await;
                 (open > 0).then(|| Pushback::Refused {
                     open,
                     error: error.clone(),

@@ -5,6 +5,7 @@
 
 pub mod capture;
 pub mod oauth2;
+pub mod openings;
 pub mod pool;
 pub mod relay;
 pub mod smtp;

@@ -31,7 +31,11 @@
 //! [`RelayPool::over_limit`]), and the workers' gate (`delivery::gate`)
 //! follows it. The gate also hears of every connection lent for mail and
 //! returned: a relay's concurrency counts there only while it carries
-//! mail (a probe's connection carries none).
+//! mail (a probe's connection carries none). The connections being opened
+//! and how far each got are kept in `transport::openings`, so that a
+//! relay's refusal of one more counts what the relay served
+//! ([`RelayPool::served_with`]); a failed attempt leaves that count with
+//! its slot.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -41,6 +45,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::oauth2::TokenSource;
+use super::openings::Openings;
 use super::relay::RelaySender;
 use crate::clock::Clock;
 use crate::config::RelayConfig;
@@ -112,6 +117,9 @@ pub struct RelayPool {
     closing: AtomicUsize,
     /// Connections open and logged in, busy or idle (kept by the senders).
     established: Arc<AtomicUsize>,
+    /// Connections being opened, and how far each got (told by the
+    /// senders): what a refusal of one more counts.
+    openings: Arc<Openings>,
     concurrency: Mutex<Concurrency>,
     clock: Clock,
     /// When a connection was last lent or returned (unix ms).
@@ -178,6 +186,7 @@ impl RelayPool {
             idle: Mutex::new(Vec::new()),
             closing: AtomicUsize::new(0),
             established: Arc::new(AtomicUsize::new(0)),
+            openings: Openings::new(),
             concurrency: Mutex::new(concurrency),
             clock: ctx.clock,
             last_used_ms: AtomicU64::new(now),
@@ -311,7 +320,7 @@ impl RelayPool {
                     self.helo.clone(),
                     self.tokens.clone(),
                 )
-                .counted(self.established.clone()),
+                .counted(self.established.clone(), self.openings.clone()),
                 permit,
                 generation,
                 busy_since: Instant::now(),
@@ -406,8 +415,29 @@ impl RelayPool {
         } else if lease.sender.is_connected() {
             self.close_later(lease.sender, lease.permit);
         } else {
-            drop(lease);
+            // A failed attempt leaves the relay's count with its slot.
+            let mut lease = lease;
+            match lease.sender.take_failed_opening() {
+                Some(failed) => failed.end_with(lease),
+                None => drop(lease),
+            }
             self.released();
+        }
+    }
+
+    /// The connections the relay served when it refused `lease`'s attempt
+    /// to open one more, which failed: held ones, but not those refused
+    /// with it (see `transport::openings`). Waits for the others being
+    /// opened to get as far, at most `connect_timeout`.
+    pub async fn served_with(&self, lease: &Lease) -> usize {
+        match lease.sender.failed_opening() {
+            Some(refused) => {
+                let within = self.relay.connect_timeout.0;
+                self.openings
+                    .served_with(refused, || self.held_slots(), within)
+                    .await
+            }
+            None => self.held_slots().saturating_sub(1),
         }
     }
 

@@ -13,7 +13,9 @@
 //! it is up. (While other connections to the relay work, the router takes
 //! a refused or unanswered connection as pushback on its concurrency
 //! instead: see `routing::concurrency`; [`NotReady::no_answer`] and the
-//! pool's count of established connections tell it.)
+//! pool's count of established connections tell it, and
+//! `transport::openings`, told how far each attempt to open a connection
+//! got, how many the relay served when it refused one.)
 //!
 //! To a relay that offers CHUNKING with PIPELINING, [`RelaySender::push`]
 //! writes whole messages one behind the other and
@@ -26,6 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use super::oauth2::TokenSource;
+use super::openings::{Opening, Openings};
 use super::smtp::{
     AuthMechanism, Chunked, ClientConfig, Connection, Credentials, Envelope, NextTxn, Opened,
     Pending, Reply, Secret, SmtpError, Streamed, TlsMode, TlsOptions, TxnReport, Written,
@@ -49,6 +52,13 @@ pub struct RelaySender {
     /// The address of the last connection, kept once it is dropped: the
     /// relay a message written on it is reported as having been tried at.
     last_peer: Option<SocketAddr>,
+    /// The pool's connections being opened, told how far each attempt of
+    /// this sender gets.
+    openings: Option<Arc<Openings>>,
+    /// The last attempt, when it failed: kept until the slot is given
+    /// back or the next attempt, so that a refusal counts it as held and
+    /// not served ([`RelaySender::failed_opening`]).
+    failed: Option<Opening>,
 }
 
 impl Drop for RelaySender {
@@ -151,13 +161,32 @@ impl RelaySender {
             sent: 0,
             established: None,
             last_peer: None,
+            openings: None,
+            failed: None,
         }
     }
 
-    /// Keeps `established` counting this sender's open connection.
-    pub fn counted(mut self, established: Arc<AtomicUsize>) -> RelaySender {
+    /// Keeps `established` counting this sender's open connection, and
+    /// `openings` told how far each attempt to open one gets.
+    pub fn counted(
+        mut self,
+        established: Arc<AtomicUsize>,
+        openings: Arc<Openings>,
+    ) -> RelaySender {
         self.established = Some(established);
+        self.openings = Some(openings);
         self
+    }
+
+    /// The last attempt to open a connection, if it failed (the relay
+    /// refused it, say): for [`Openings::served_with`].
+    pub fn failed_opening(&self) -> Option<&Opening> {
+        self.failed.as_ref()
+    }
+
+    /// [`RelaySender::failed_opening`], taken to end it with the slot.
+    pub fn take_failed_opening(&mut self) -> Option<Opening> {
+        self.failed.take()
     }
 
     fn put_conn(&mut self, conn: Connection) {
@@ -267,7 +296,22 @@ impl RelaySender {
                     return Err(down(self.describe(None), e, "4.3.5"));
                 }
             };
-            match Connection::open(&cfg).await {
+            // The last attempt's failure is over: this one is counted now.
+            self.failed = None;
+            let opening = self.openings.as_ref().map(|o| o.begin());
+            let step = || {
+                if let Some(o) = &opening {
+                    o.step();
+                }
+            };
+            let opened = Connection::open_noting(&cfg, &step).await;
+            if opened.is_err()
+                && let Some(o) = opening
+            {
+                o.fail();
+                self.failed = Some(o);
+            }
+            match opened {
                 Ok(c) => {
                     crate::observe::events::relay_connected(&self.describe(None));
                     self.put_conn(c);

@@ -824,11 +824,28 @@ pub struct Connection {
 impl Connection {
     /// Connects and gets the session ready for mail: TLS, EHLO, AUTH.
     pub async fn open(cfg: &ClientConfig) -> Result<Connection, SmtpError> {
-        let span = tracing::debug_span!("smtp", host = %cfg.host, peer = %cfg.addr);
-        Self::open_inner(cfg, span.clone()).instrument(span).await
+        Self::open_noting(cfg, &|| {}).await
     }
 
-    async fn open_inner(cfg: &ClientConfig, span: tracing::Span) -> Result<Connection, SmtpError> {
+    /// [`Connection::open`], calling `step` each time the server lets the
+    /// session past one more step (TCP, TLS, greeting, EHLO, STARTTLS,
+    /// AUTH): how far an attempt got, which a refusal of one more
+    /// connection is counted by (`transport::openings`).
+    pub async fn open_noting(
+        cfg: &ClientConfig,
+        step: &(dyn Fn() + Sync),
+    ) -> Result<Connection, SmtpError> {
+        let span = tracing::debug_span!("smtp", host = %cfg.host, peer = %cfg.addr);
+        Self::open_inner(cfg, span.clone(), step)
+            .instrument(span)
+            .await
+    }
+
+    async fn open_inner(
+        cfg: &ClientConfig,
+        span: tracing::Span,
+        step: &(dyn Fn() + Sync),
+    ) -> Result<Connection, SmtpError> {
         if cfg.auth.is_some() && cfg.tls == TlsMode::None && !cfg.allow_plaintext_auth {
             return Err(SmtpError::CredentialsWithoutTls);
         }
@@ -852,9 +869,11 @@ impl Connection {
         };
         let limit = cfg.command_timeout;
         let tcp = connect(cfg.addr, cfg.connect_timeout).await?;
+        step();
         let (mut wire, mut tls_version) = match (&tls, cfg.tls) {
             (Some(setup), TlsMode::Implicit) => {
                 let stream = setup.handshake(tcp, limit).await?;
+                step();
                 let version = tls::version_name(&stream);
                 (Wire::new(Stream::Tls(Box::new(stream))), version)
             }
@@ -867,8 +886,10 @@ impl Connection {
                 reply: greeting,
             });
         }
+        step();
         check_loop(&greeting, cfg, "greeted me")?;
         let mut caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+        step();
         check_loop(&caps.greeting_line(), cfg, "answered EHLO")?;
         if let (Some(setup), TlsMode::StartTls) = (&tls, cfg.tls) {
             if !caps.starttls {
@@ -883,20 +904,25 @@ impl Connection {
                     reply,
                 });
             }
+            step();
             let stream = setup
                 .handshake(wire.into_tcp_for_starttls()?, limit)
                 .await?;
+            step();
             tls_version = tls::version_name(&stream);
             wire = Wire::new(Stream::Tls(Box::new(stream)));
             // RFC 3207: forget what was said in clear text and ask again.
             caps = hello(&mut wire, &cfg.helo_name, limit).await?;
+            step();
         }
         let auth_mechanism = match &cfg.auth {
             Some(creds) => {
                 if !wire.is_tls() && !cfg.allow_plaintext_auth {
                     return Err(SmtpError::CredentialsWithoutTls);
                 }
-                Some(auth::login(&mut wire, creds, token, &caps.auth, limit).await?)
+                let mechanism = auth::login(&mut wire, creds, token, &caps.auth, limit).await?;
+                step();
+                Some(mechanism)
             }
             None => None,
         };

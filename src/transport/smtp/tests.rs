@@ -1397,6 +1397,59 @@ async fn auth_over_starttls() {
 }
 
 #[tokio::test]
+async fn each_step_the_server_lets_a_session_past_is_told() {
+    // TCP, greeting, EHLO, STARTTLS, TLS, EHLO, AUTH: a refusal of one
+    // more connection is counted by how far the others got
+    // (`transport::openings`), so each step is told once, and none the
+    // server refused.
+    let steps = std::sync::atomic::AtomicU32::new(0);
+    let step = || {
+        steps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    };
+    let told = || steps.swap(0, std::sync::atomic::Ordering::SeqCst);
+    let ca = TestCa::new("steps");
+    let (tls, _) = ca.server(&["relay.test"]);
+    for (reply, ok, want) in [
+        ("235 ok", true, 7),
+        ("454 4.7.0 Temporary failure", false, 6),
+    ] {
+        let script = starttls_script(&["AUTH PLAIN"])
+            .rx("AUTH PLAIN AGFsaWNlQGV4YW1wbGUudGVzdABzM2NyZXQtcHc=\r\n")
+            .tx(&format!("{reply}\r\n"));
+        let script = match ok {
+            true => script.quit(),
+            false => script,
+        };
+        let server = TestServer::start_tls(script, Some(tls.clone())).await;
+        let mut cfg = tls_client(server.addr, TlsMode::StartTls, &ca);
+        cfg.auth = Some(Credentials {
+            username: USER.into(),
+            secret: password(),
+            mechanism: None,
+        });
+        match Connection::open_noting(&cfg, &step).await {
+            Ok(conn) => conn.quit().await,
+            Err(e) => assert!(!ok, "{e}"),
+        }
+        server.finish().await;
+        assert_eq!(told(), want, "AUTH answered {reply}");
+    }
+    // Refused at the greeting: past TCP only.
+    let script = Script::default().tx("421 4.7.0 Too many concurrent SMTP connections\r\n");
+    let server = TestServer::start(script).await;
+    let err = Connection::open_noting(&client(server.addr), &step).await;
+    server.finish().await;
+    assert!(err.is_err());
+    assert_eq!(told(), 1);
+    // Refused at the TCP connect: none.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    assert!(Connection::open_noting(&client(addr), &step).await.is_err());
+    assert_eq!(told(), 0);
+}
+
+#[tokio::test]
 async fn credentials_without_tls_are_refused_before_connecting() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let mut cfg = auth_client(listener.local_addr().unwrap(), password(), None);

@@ -181,6 +181,9 @@ pub struct Script {
     /// With `max_sessions`: one more connection is greeted and refused at
     /// AUTH instead, with this reply (a provider counting logins).
     pub over_limit_at_auth: Option<(u16, String)>,
+    /// With `max_sessions`: one more connection is greeted and its EHLO
+    /// answered with this reply instead (closed after a 421).
+    pub over_limit_at_ehlo: Option<(u16, String)>,
     /// Answer the Nth body (counted like `fail_first_n_transactions`)
     /// with "421 4.7.0 Too many messages, slow down" and close: a
     /// provider throttling a connection in use.
@@ -263,6 +266,7 @@ impl Default for Script {
             chunking: false,
             max_sessions: None,
             over_limit_at_auth: None,
+            over_limit_at_ehlo: None,
             throttle_body: None,
             throttle_after_body: None,
             drop_in_txn: None,
@@ -427,6 +431,14 @@ impl Script {
         self.over_limit_at_auth = Some((code, text.to_string()));
         self
     }
+
+    /// `n` sessions at once; one more is greeted and refused at EHLO with
+    /// `code` and `text`.
+    pub fn max_sessions_at_ehlo(mut self, n: usize, code: u16, text: &str) -> Self {
+        self.max_sessions = Some(n);
+        self.over_limit_at_ehlo = Some((code, text.to_string()));
+        self
+    }
 }
 
 /// One completed transaction: the server answered 2xx to its body.
@@ -531,6 +543,14 @@ impl Shared {
     }
     fn script(&self) -> Script {
         self.lock().script.clone()
+    }
+    /// Whether connection `conn` came over `max_sessions`, counted as
+    /// refused if so (the caller refuses it now).
+    fn refuse_over_limit(&self, conn: usize) -> bool {
+        let mut state = self.lock();
+        let over = state.over_limit.contains(&conn);
+        state.refused_sessions += usize::from(over);
+        over
     }
 }
 
@@ -990,13 +1010,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         if script.drop_at == Some(Stage::Greeting) {
             return Err(Closed::ByUs);
         }
-        let over = {
-            let mut state = self.shared.lock();
-            let over = state.over_limit.contains(&self.conn) && script.over_limit_at_auth.is_none();
-            state.refused_sessions += usize::from(over);
-            over
-        };
-        if over {
+        let later = script.over_limit_at_auth.is_some() || script.over_limit_at_ehlo.is_some();
+        if !later && self.shared.refuse_over_limit(self.conn) {
             self.reply(421, "4.7.0 Too many concurrent SMTP connections")
                 .await?;
             return Err(Closed::ByUs);
@@ -1055,6 +1070,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                         .await;
                 }
                 tokio::time::sleep(script.setup_delay).await;
+                if let Some((code, text)) = &script.over_limit_at_ehlo
+                    && self.shared.refuse_over_limit(self.conn)
+                {
+                    self.reply(*code, text).await?;
+                    if *code == 421 {
+                        self.hang_up().await;
+                        return Err(Closed::ByUs);
+                    }
+                    return Ok(());
+                }
                 if verb == "EHLO"
                     && let Some((code, text)) = &script.ehlo_reply
                 {

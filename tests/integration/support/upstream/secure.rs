@@ -316,16 +316,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
                 )
                 .await;
         }
-        if let Some((code, text)) = &script.over_limit_at_auth {
-            let over = {
-                let mut state = self.shared.lock();
-                let over = state.over_limit.contains(&self.conn);
-                state.refused_sessions += usize::from(over);
-                over
-            };
-            if over {
-                return self.reply(*code, text).await;
-            }
+        if let Some((code, text)) = &script.over_limit_at_auth
+            && self.shared.refuse_over_limit(self.conn)
+        {
+            return self.reply(*code, text).await;
         }
         let (mechanism, initial) = match arg.split_once(' ') {
             Some((m, i)) => (m.to_ascii_uppercase(), Some(i.trim().to_string())),
