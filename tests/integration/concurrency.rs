@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::pipelining::{
     arrived_intact, arrived_once, body, queue_then_flow_on, queue_then_flow_with, queue_while_down,
 };
+use crate::support::client::{queue_id, send_mail};
 use crate::support::daemon::Daemon;
 use crate::support::http::{get, status_addr};
 use crate::support::pki::{CertKind, TestCa};
@@ -870,4 +871,64 @@ async fn a_relays_limit_of_messages_per_connection_is_no_pushback_with_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relays_limit_of_messages_per_connection_is_no_pushback_with_bdat() {
     a_limit_of_messages_per_connection(true).await;
+}
+
+/// A relay that allows one connection, and ends a kept one with a 421
+/// (`script`): relayq closes the connection it ended before it opens the
+/// one that replaces it, so the relay, which counts a connection until
+/// the client closes it, never sees two and refuses none, and every
+/// message goes out at once, none deferred. `chunking`: the relay offers
+/// CHUNKING (the stream replaces the connection; else DATA does).
+async fn a_kept_connection_the_relay_ended_is_closed_first(script: Script, chunking: bool) {
+    let wait = Duration::from_secs(30);
+    let script = if chunking { script.chunking() } else { script };
+    let up = FakeUpstream::start_with(script.max_sessions(1)).await;
+    let d = Daemon::start(&config(up.port(), "max_connections = 1"));
+    for i in 0..3 {
+        let body = format!("Subject: {i}\r\n\r\nmessage {i}\r\n");
+        let r = send_mail(
+            d.addr,
+            "app@example.com",
+            &["bob@example.net"],
+            body.as_bytes(),
+        )
+        .await;
+        let id = queue_id(&r);
+        let line = d.wait_log(&format!("{id}: to=<bob@example.net>"), wait);
+        assert!(
+            line.contains("status=sent"),
+            "chunking {chunking}, message {i}: {line}\n{}",
+            d.log()
+        );
+    }
+    assert_eq!(
+        (
+            up.refused_sessions(),
+            up.peak_sessions(),
+            up.messages().len()
+        ),
+        (0, 1, 3),
+        "chunking {chunking}: (refused, most at once, taken)"
+    );
+    assert!(!d.log().contains("status=deferred"), "{}", d.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_ended_at_its_limit_of_messages_is_closed_before_another_opens() {
+    // The MAIL after its one message gets "421 4.7.0 Too many messages
+    // in this session".
+    for chunking in [false, true] {
+        let script = Script::default().messages_per_connection(1);
+        a_kept_connection_the_relay_ended_is_closed_first(script, chunking).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_ended_at_its_rset_is_closed_before_another_opens() {
+    // The RSET after the first message gets "421 4.7.0 Too many messages,
+    // closing".
+    for chunking in [false, true] {
+        let script = Script::default().throttle_after_body(1, true);
+        a_kept_connection_the_relay_ended_is_closed_first(script, chunking).await;
+    }
 }
