@@ -539,6 +539,9 @@ impl Live {
                 let _ = tokio::task::spawn_blocking(move || old.save_limits(&path)).await;
                 router.load_limits(&self.limits_file);
                 crate::routing::install(&router);
+                if let Some(old) = &self.router {
+                    old.retire();
+                }
                 let _ = self.upkeep_stop.send(true);
                 let (stop, stopped) = watch::channel(false);
                 self.upkeep_stop = stop;

@@ -495,6 +495,15 @@ impl Router {
         (Delivery::Attempted(report), follow)
     }
 
+    /// A reload replaced this router: its pools' connections finish the
+    /// mail they carry, and the new pools count them
+    /// ([`RelayPool::retire`]).
+    pub fn retire(&self) {
+        for relay in &self.relays {
+            relay.pool.retire();
+        }
+    }
+
     /// Whether a connection that could not be opened is the relay pushing
     /// back on our concurrency rather than failing: it refused one more
     /// connection while it served others, or did not answer while others
@@ -520,7 +529,9 @@ impl Router {
                     error: error.clone(),
                 })
             }
-            Signal::Down(error) if not.no_answer && pool.established() > 0 => {
+            Signal::Down(error)
+                if not.no_answer && pool.established() + pool.left_behind().1 > 0 =>
+            {
                 Some(Pushback::Failed {
                     error: error.clone(),
                 })

@@ -35,11 +35,14 @@
 //! and how far each got are kept in `transport::openings`, so that a
 //! relay's refusal of one more counts what the relay served
 //! ([`RelayPool::served_with`]); a failed attempt leaves that count with
-//! its slot.
+//! its slot, and the concurrency does not grow while a refusal is
+//! counted. A pool a reload replaced is retired ([`RelayPool::retire`]):
+//! its connections close once their mail is done, and until then the new
+//! pool counts them as the relay does.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -139,6 +142,37 @@ pub struct RelayPool {
     /// The workers' gate and this relay's place in it, told of the
     /// relay's concurrency and of connections lent.
     gate: Option<(Arc<Gate>, usize)>,
+    /// A reload replaced it: its connections finish the mail they carry
+    /// (see [`RelayPool::retire`]).
+    retired: AtomicBool,
+    /// Refusals of one more connection being counted now
+    /// ([`RelayPool::served_with`]): the concurrency does not grow
+    /// meanwhile.
+    counting: AtomicUsize,
+}
+
+/// One refusal being counted, for as long as it is.
+struct Counting<'a>(&'a AtomicUsize);
+
+impl<'a> Counting<'a> {
+    fn new(n: &'a AtomicUsize) -> Counting<'a> {
+        n.fetch_add(1, Ordering::SeqCst);
+        Counting(n)
+    }
+}
+
+impl Drop for Counting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Every pool alive, so that a reload's new pool can count the
+/// connections the one it replaced still holds to the same relay.
+static POOLS: Mutex<Vec<Weak<RelayPool>>> = Mutex::new(Vec::new());
+
+fn pools() -> MutexGuard<'static, Vec<Weak<RelayPool>>> {
+    POOLS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Every release of every pool draws its number here. The scheduler keeps
@@ -176,7 +210,7 @@ impl RelayPool {
         if let Some((gate, id)) = &ctx.gate {
             gate.set_limit(*id, concurrency.limit());
         }
-        Arc::new(RelayPool {
+        let pool = Arc::new(RelayPool {
             name,
             relay,
             helo: ctx.helo,
@@ -195,6 +229,48 @@ impl RelayPool {
             handed: Mutex::new(VecDeque::new()),
             scheduler: ctx.scheduler,
             gate: ctx.gate,
+            retired: AtomicBool::new(false),
+            counting: AtomicUsize::new(0),
+        });
+        let mut all = pools();
+        all.retain(|p| p.strong_count() > 0);
+        all.push(Arc::downgrade(&pool));
+        pool
+    }
+
+    /// A reload replaced this pool: its idle connections close now, and
+    /// those carrying mail once it is done (nobody reaps this pool any
+    /// more, and the relay counts them against the new pool's). Until
+    /// then the new pool counts them as the relay's other connections
+    /// ([`RelayPool::left_behind`]) when the relay refuses one more of
+    /// its own. Kept open and not counted, they made the new pool's first
+    /// connections, all refused, look like a relay refusing every
+    /// connection (its health: the circuit breaker paused it, and again
+    /// at each probe, while they stayed open).
+    pub fn retire(self: &Arc<Self>) {
+        self.retired.store(true, Ordering::SeqCst);
+        let idle = std::mem::take(&mut *self.idle());
+        for i in idle {
+            self.close_later(i.sender, i.permit);
+        }
+    }
+
+    /// Connections held to this pool's relay (same host and port) by the
+    /// pools a reload replaced: (held slots, established).
+    pub fn left_behind(&self) -> (usize, usize) {
+        let retired: Vec<Arc<RelayPool>> = pools()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|p| {
+                p.retired.load(Ordering::SeqCst)
+                    && !std::ptr::eq(Arc::as_ptr(p), self)
+                    && p.relay.host == self.relay.host
+                    && p.relay.port == self.relay.port
+            })
+            .collect();
+        // Summed (and dropped, maybe the last owner) outside the lock.
+        retired.iter().fold((0, 0), |(held, up), p| {
+            (held + p.held_slots(), up + p.established())
         })
     }
 
@@ -404,7 +480,7 @@ impl RelayPool {
             .relay
             .max_messages_per_connection
             .is_some_and(|max| lease.sender.sent_on_connection() >= max);
-        let over = self.open_connections() > self.limit();
+        let over = self.open_connections() > self.limit() || self.retired.load(Ordering::SeqCst);
         if lease.sender.is_connected() && !spent && !over {
             self.idle().push(Idle {
                 sender: lease.sender,
@@ -429,8 +505,14 @@ impl RelayPool {
     /// to open one more, which failed: held ones, but not those refused
     /// with it (see `transport::openings`). Waits for the others being
     /// opened to get as far, at most `connect_timeout`.
+    ///
+    /// The concurrency does not grow while it waits: slow start would
+    /// open more connections on the deliveries of those at work while the
+    /// relay, slow to greet the ones it serves, says how many it allows
+    /// (seen: 4 -> 12 -> 24 against a relay allowing 8, 16 refused).
     pub async fn served_with(&self, lease: &Lease) -> usize {
-        match lease.sender.failed_opening() {
+        let _counting = Counting::new(&self.counting);
+        let ours = match lease.sender.failed_opening() {
             Some(refused) => {
                 let within = self.relay.connect_timeout.0;
                 self.openings
@@ -438,7 +520,8 @@ impl RelayPool {
                     .await
             }
             None => self.held_slots().saturating_sub(1),
-        }
+        };
+        ours + self.left_behind().0
     }
 
     /// A message went out on `lease` and the relay took it: feeds the
@@ -453,7 +536,7 @@ impl RelayPool {
             working: self.working().max(1),
             spent: Some(spent),
             in_flight,
-            backlog,
+            backlog: self.grows(backlog),
         };
         let now = self.clock.now_ms();
         self.adjust(|c| c.delivered(now, d));
@@ -471,10 +554,16 @@ impl RelayPool {
             working: busy,
             spent: None,
             in_flight: 1,
-            backlog,
+            backlog: self.grows(backlog),
         };
         let now = self.clock.now_ms();
         self.adjust(|c| c.delivered(now, d));
+    }
+
+    /// Whether mail waiting (`backlog`) may grow the concurrency now: not
+    /// while a refusal of one more connection is being counted.
+    fn grows(&self, backlog: bool) -> bool {
+        backlog && self.counting.load(Ordering::SeqCst) == 0
     }
 
     /// The relay pushed back on `lease`'s attempt while other connections

@@ -1015,6 +1015,10 @@ impl Connection {
             // a cached connection's failure is not the message's; a fresh
             // connection's 421 is). Open a fresh one and retry.
             tracing::debug!(parent: &self.span, "connection went stale ({e}); reconnecting");
+            // Closed before the new one opens: a relay may count this one
+            // until we close it, and then refuse the new one as one too
+            // many (it must never see more than `max_connections`).
+            let _ = timeout(QUIT_TIMEOUT, self.wire.stream.shutdown()).await;
             let cfg = self.cfg.clone();
             *self = match Connection::open(&cfg).await {
                 Ok(c) => c,

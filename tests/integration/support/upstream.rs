@@ -524,6 +524,12 @@ struct State {
     /// Sessions open now, and the most open at once.
     active: usize,
     peak_active: usize,
+    /// Sessions the server ended ([`Session::hang_up`]) whose client has
+    /// not closed them yet: still open, and counted in `active`.
+    hanging_up: usize,
+    /// Sessions no longer counted in `active` since their client closed
+    /// them after the server hung up (their task may still be ending).
+    closed_by_client: std::collections::HashSet<usize>,
     /// Connections refused for `max_sessions` (at the greeting or AUTH).
     pub(super) refused_sessions: usize,
     /// The connections that arrived over `max_sessions`.
@@ -829,17 +835,20 @@ async fn accept_loop(
                     let mut state = shared.lock();
                     state.connections += 1;
                     state.active += 1;
-                    state.peak_active = state.peak_active.max(state.active);
-                    // Decided in order of arrival, as a server counts.
-                    if state.script.max_sessions.is_some_and(|max| state.active > max) {
-                        let conn = state.connections;
-                        state.over_limit.insert(conn);
-                    }
                     if state.script.accept_at_most.is_some_and(|max| state.connections >= max) {
                         listener = None;
                     }
                     state.connections
                 };
+                // Decided in order of arrival, as a server counts.
+                let over = over_max_sessions(&shared).await;
+                {
+                    let mut state = shared.lock();
+                    if over {
+                        state.over_limit.insert(conn);
+                    }
+                    state.peak_active = state.peak_active.max(state.active);
+                }
                 shared.changed.notify_waiters();
                 let stall = shared.script().stall_accept_after;
                 waiting.push((stream, conn));
@@ -855,7 +864,13 @@ async fn accept_loop(
                     let shared = shared.clone();
                     sessions.spawn(async move {
                         secure::serve_connection(stream, conn, shared.clone()).await;
-                        shared.lock().active -= 1;
+                        {
+                            let mut state = shared.lock();
+                            if !state.closed_by_client.remove(&conn) {
+                                state.active -= 1;
+                            }
+                        }
+                        shared.changed.notify_waiters();
                     });
                 }
             }
@@ -865,6 +880,41 @@ async fn accept_loop(
     drop(stalled);
     // Abort every session and wait until each has dropped its socket.
     sessions.shutdown().await;
+}
+
+/// How long a connection over `max_sessions` waits, at most, for the
+/// sessions the server hung up on to be closed by their client.
+const HANG_UP_GRACE: Duration = Duration::from_secs(5);
+
+/// Whether the connection just accepted (counted in `active`) is over
+/// [`Script::max_sessions`]. A session the server ended (421 and close)
+/// counts until its client closes it, as at a relay that counts its
+/// connections: a client that closes it before it connects again is not
+/// refused for it, one that keeps it open while it connects again is.
+/// The client's close arrives before its next connect, but each is read
+/// by its own task here, so the count waits for those sessions to be
+/// closed (or [`HANG_UP_GRACE`]), as a server reading its events in the
+/// order they came would have.
+async fn over_max_sessions(shared: &Shared) -> bool {
+    let deadline = Instant::now() + HANG_UP_GRACE;
+    loop {
+        let changed = shared.changed.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
+        {
+            let state = shared.lock();
+            let Some(max) = state.script.max_sessions else {
+                return false;
+            };
+            if state.active <= max {
+                return false;
+            }
+            if state.hanging_up == 0 || Instant::now() >= deadline {
+                return true;
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, changed).await;
+    }
 }
 
 /// Makes `listener`'s queue of connections waiting for accept() full, so
@@ -1482,9 +1532,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<S> {
         use tokio::io::AsyncReadExt;
         let _ = self.flush_held().await;
         let _ = self.io.get_mut().shutdown().await;
+        self.shared.lock().hanging_up += 1;
         let mut sink = [0u8; 4096];
         let drain = async { while matches!(self.io.read(&mut sink).await, Ok(n) if n > 0) {} };
         let _ = tokio::time::timeout(Duration::from_secs(10), drain).await;
+        // Closed (or given up on): no longer one of the relay's sessions.
+        {
+            let mut state = self.shared.lock();
+            state.hanging_up -= 1;
+            if state.closed_by_client.insert(self.conn) {
+                state.active -= 1;
+            }
+        }
+        self.shared.changed.notify_waiters();
     }
 
     /// A reply whose text gets the enhanced code when the script advertises it.
