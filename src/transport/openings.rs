@@ -24,7 +24,11 @@
 //! others refused with it have long been greeted. An attempt still short
 //! of that step once the wait is over (a relay that holds a greeting back)
 //! counts if it was begun before the refused one (it reached the relay
-//! first), not if begun after it.
+//! first), not if begun after it. Connections closed while the refused
+//! one was being opened count too: our close reaches the relay after our
+//! next connect may have, and a reload's old pools close theirs just as
+//! the new pool opens its own (counted as none open, the refusal looked
+//! like a relay refusing everything, and the circuit breaker paused it).
 //!
 //! An established connection is no longer here (it counts as held); an
 //! attempt that failed stays until its slot is given back
@@ -52,6 +56,12 @@ struct Reached {
 #[derive(Default)]
 pub struct Openings {
     next: AtomicU64,
+    /// Connections to the relay's host and port closed so far, by every
+    /// pool (a reload's old ones too): a refusal counts those closed
+    /// while it was being opened, which the relay may still have counted
+    /// when it refused (our close reaches it later than our next
+    /// connect, and the old pools of a reload close theirs then).
+    closed: Arc<AtomicU64>,
     open: Mutex<BTreeMap<u64, Reached>>,
     /// Told of every step, failure and end, for a refusal waiting on them.
     moved: Notify,
@@ -62,11 +72,27 @@ pub struct Openings {
 pub struct Opening {
     openings: Arc<Openings>,
     seq: u64,
+    /// [`Openings::closed`] when it began.
+    closed: u64,
 }
 
 impl Openings {
     pub fn new() -> Arc<Openings> {
         Arc::new(Openings::default())
+    }
+
+    /// Counting in `closed` the connections to the relay closed (shared
+    /// by every pool to the same host and port).
+    pub fn closing_into(closed: Arc<AtomicU64>) -> Arc<Openings> {
+        Arc::new(Openings {
+            closed,
+            ..Openings::default()
+        })
+    }
+
+    /// A connection to the relay was closed.
+    pub fn closed(&self) {
+        self.closed.fetch_add(1, Ordering::SeqCst);
     }
 
     fn open(&self) -> MutexGuard<'_, BTreeMap<u64, Reached>> {
@@ -80,6 +106,7 @@ impl Openings {
         Opening {
             openings: self.clone(),
             seq,
+            closed: self.closed.load(Ordering::SeqCst),
         }
     }
 
@@ -93,8 +120,11 @@ impl Openings {
     /// The connections the relay served when it refused `refused` (which
     /// failed): every connection held (`held`, the relay's slots in use,
     /// this one's included) but this one and those that failed or were
-    /// begun after it without getting further than it did. Waits up to
-    /// `within` for the others being opened to get further or fail.
+    /// begun after it without getting further than it did, and those
+    /// closed since it began (gone from `held`, maybe not yet from the
+    /// relay's count: too many is a refusal more later, too few pauses
+    /// the relay as if it refused everything). Waits up to `within` for
+    /// the others being opened to get further or fail.
     pub async fn served_with(
         &self,
         refused: &Opening,
@@ -121,7 +151,8 @@ impl Openings {
                     let uncounted = others
                         .filter(|(s, r)| short(r) && (r.failed || **s > refused.seq))
                         .count();
-                    return held().saturating_sub(1 + uncounted);
+                    let closed = self.closed.load(Ordering::SeqCst) - refused.closed;
+                    return held().saturating_sub(1 + uncounted) + closed as usize;
                 }
             }
             // Past the deadline, the loop counts what it has.
@@ -396,6 +427,30 @@ mod tests {
         let count = counting(&relay, 1, within);
         assert_eq!(count.await.unwrap(), 3);
         assert!(started.elapsed() >= within, "waited for them");
+    }
+
+    #[tokio::test]
+    async fn connections_closed_while_the_refused_one_was_opened_count() {
+        // Three at work; one closes (a reload's old pool, an idle one
+        // reaped) while a new one is opened: the relay, which had not
+        // seen that close yet, refuses the new one as a fourth. It served
+        // three, not two. A close before the attempt began is not counted.
+        for closed_during in [1, 2] {
+            let mut relay = Relay::new(3);
+            relay.begin(1);
+            for _ in 0..closed_during {
+                relay.established -= 1;
+                relay.openings.closed();
+            }
+            relay.failed(0, GREETING);
+            assert_eq!(relay.served_with(0).await, 3, "{closed_during} closed");
+        }
+        let mut relay = Relay::new(3);
+        relay.established -= 1;
+        relay.openings.closed();
+        relay.begin(1);
+        relay.failed(0, GREETING);
+        assert_eq!(relay.served_with(0).await, 2);
     }
 
     #[tokio::test]

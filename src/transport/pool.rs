@@ -175,6 +175,22 @@ fn pools() -> MutexGuard<'static, Vec<Weak<RelayPool>>> {
     POOLS.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Connections closed to each relay host and port, by every pool to it
+/// (kept across reloads, whose old pools close theirs as the new ones
+/// open): see `transport::openings`. One entry per endpoint ever
+/// configured.
+static CLOSED: Mutex<Vec<(String, u16, Arc<AtomicU64>)>> = Mutex::new(Vec::new());
+
+fn closed_to(host: &str, port: u16) -> Arc<AtomicU64> {
+    let mut all = CLOSED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, n)) = all.iter().find(|(h, p, _)| h == host && *p == port) {
+        return n.clone();
+    }
+    let n = Arc::new(AtomicU64::new(0));
+    all.push((host.to_string(), port, n.clone()));
+    n
+}
+
 /// Every release of every pool draws its number here. The scheduler keeps
 /// the highest number it heard per relay name, and a pool built by a
 /// reload has the old one's name: counting from zero, its parked messages
@@ -210,6 +226,7 @@ impl RelayPool {
         if let Some((gate, id)) = &ctx.gate {
             gate.set_limit(*id, concurrency.limit());
         }
+        let openings = Openings::closing_into(closed_to(&relay.host, relay.port));
         let pool = Arc::new(RelayPool {
             name,
             relay,
@@ -220,7 +237,7 @@ impl RelayPool {
             idle: Mutex::new(Vec::new()),
             closing: AtomicUsize::new(0),
             established: Arc::new(AtomicUsize::new(0)),
-            openings: Openings::new(),
+            openings,
             concurrency: Mutex::new(concurrency),
             clock: ctx.clock,
             last_used_ms: AtomicU64::new(now),
@@ -608,6 +625,7 @@ impl RelayPool {
         tokio::spawn(async move {
             sender.close().await;
             pool.closing.fetch_sub(1, Ordering::SeqCst);
+            pool.openings.closed();
             drop(permit);
             pool.released();
         });

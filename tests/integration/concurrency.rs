@@ -985,9 +985,11 @@ async fn a_reload_while_the_relay_is_at_its_limit_does_not_stop_the_mail() {
     arrived_once(&d, &up, &ids);
     let after = d.log()[mark..].to_string();
     assert!(!after.contains("status=bounced"), "{after}");
-    // Not asserted (known gap): a new connection that reaches the relay
-    // while the old ones are being closed (QUIT) is refused; counted once
-    // they are closed, it finds none open, and the circuit breaker may
-    // pause the relay once (here for 1 s): a refusal counts what is held
-    // when it is counted, not what was open when the relay refused.
+    // A new connection that reaches the relay while the old ones are
+    // being closed (QUIT) is refused: the old ones are gone from what
+    // relayq holds by the time it counts, so it must count those closed
+    // while the refused one was being opened, or it finds none open and
+    // the circuit breaker pauses the relay, deferring the whole queue
+    // (seen in 6 runs of 7 before).
+    assert!(!after.contains("paused by the circuit breaker"), "{after}");
 }
