@@ -149,6 +149,8 @@ pub struct RelayPool {
     /// ([`RelayPool::served_with`]): the concurrency does not grow
     /// meanwhile.
     counting: AtomicUsize,
+    /// The relay's host and port, shared with the other pools to it.
+    endpoint: Arc<Endpoint>,
 }
 
 /// One refusal being counted, for as long as it is.
@@ -167,28 +169,39 @@ impl Drop for Counting<'_> {
     }
 }
 
-/// Every pool alive, so that a reload's new pool can count the
-/// connections the one it replaced still holds to the same relay.
-static POOLS: Mutex<Vec<Weak<RelayPool>>> = Mutex::new(Vec::new());
-
-fn pools() -> MutexGuard<'static, Vec<Weak<RelayPool>>> {
-    POOLS.lock().unwrap_or_else(|e| e.into_inner())
+/// One relay host and port, shared by every pool to it (a reload's new
+/// pools and the old ones it replaced): the pools alive, so that a new
+/// pool can count the connections an old one still holds, and the
+/// connections closed to it by any of them (see `transport::openings`).
+struct Endpoint {
+    host: String,
+    port: u16,
+    pools: Mutex<Vec<Weak<RelayPool>>>,
+    closed: Arc<AtomicU64>,
 }
 
-/// Connections closed to each relay host and port, by every pool to it
-/// (kept across reloads, whose old pools close theirs as the new ones
-/// open): see `transport::openings`. One entry per endpoint ever
-/// configured.
-static CLOSED: Mutex<Vec<(String, u16, Arc<AtomicU64>)>> = Mutex::new(Vec::new());
+/// One entry per endpoint ever configured.
+static ENDPOINTS: Mutex<Vec<Arc<Endpoint>>> = Mutex::new(Vec::new());
 
-fn closed_to(host: &str, port: u16) -> Arc<AtomicU64> {
-    let mut all = CLOSED.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some((_, _, n)) = all.iter().find(|(h, p, _)| h == host && *p == port) {
-        return n.clone();
+fn endpoint(host: &str, port: u16) -> Arc<Endpoint> {
+    let mut all = ENDPOINTS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(e) = all.iter().find(|e| e.host == host && e.port == port) {
+        return e.clone();
     }
-    let n = Arc::new(AtomicU64::new(0));
-    all.push((host.to_string(), port, n.clone()));
-    n
+    let e = Arc::new(Endpoint {
+        host: host.to_string(),
+        port,
+        pools: Mutex::new(Vec::new()),
+        closed: Arc::new(AtomicU64::new(0)),
+    });
+    all.push(e.clone());
+    e
+}
+
+impl Endpoint {
+    fn pools(&self) -> MutexGuard<'_, Vec<Weak<RelayPool>>> {
+        self.pools.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Every release of every pool draws its number here. The scheduler keeps
@@ -226,7 +239,8 @@ impl RelayPool {
         if let Some((gate, id)) = &ctx.gate {
             gate.set_limit(*id, concurrency.limit());
         }
-        let openings = Openings::closing_into(closed_to(&relay.host, relay.port));
+        let endpoint = endpoint(&relay.host, relay.port);
+        let openings = Openings::closing_into(endpoint.closed.clone());
         let pool = Arc::new(RelayPool {
             name,
             relay,
@@ -248,10 +262,12 @@ impl RelayPool {
             gate: ctx.gate,
             retired: AtomicBool::new(false),
             counting: AtomicUsize::new(0),
+            endpoint,
         });
-        let mut all = pools();
+        let mut all = pool.endpoint.pools();
         all.retain(|p| p.strong_count() > 0);
         all.push(Arc::downgrade(&pool));
+        drop(all);
         pool
     }
 
@@ -275,15 +291,12 @@ impl RelayPool {
     /// Connections held to this pool's relay (same host and port) by the
     /// pools a reload replaced: (held slots, established).
     pub fn left_behind(&self) -> (usize, usize) {
-        let retired: Vec<Arc<RelayPool>> = pools()
+        let retired: Vec<Arc<RelayPool>> = self
+            .endpoint
+            .pools()
             .iter()
             .filter_map(Weak::upgrade)
-            .filter(|p| {
-                p.retired.load(Ordering::SeqCst)
-                    && !std::ptr::eq(Arc::as_ptr(p), self)
-                    && p.relay.host == self.relay.host
-                    && p.relay.port == self.relay.port
-            })
+            .filter(|p| p.retired.load(Ordering::SeqCst) && !std::ptr::eq(Arc::as_ptr(p), self))
             .collect();
         // Summed (and dropped, maybe the last owner) outside the lock.
         retired.iter().fold((0, 0), |(held, up), p| {
